@@ -1,0 +1,291 @@
+"""CoordinateAttention (Hou et al., 2021) with the ten switchable add-ons of the seed."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fused import axis_scale
+from .observation import ObservableMixin
+from .validation import check_choice, check_finite_float, check_input, check_int
+
+__all__ = ["CoordinateAttention", "CoordinateAtt", "HSwish"]
+
+
+class HSwish(nn.Module):
+    """``x * relu6(x + 3) / 6``, written as the seed writes it (same rounding)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * F.relu6(x + 3.0) / 6.0
+
+
+def _scalar(module: nn.Module, name: str, value: float, learnable: bool, persistent: bool = True):
+    tensor = torch.tensor(float(value))
+    if learnable:
+        setattr(module, name, nn.Parameter(tensor))
+    else:
+        module.register_buffer(name, tensor, persistent=persistent)
+
+
+class CoordinateAttention(ObservableMixin, nn.Module):
+    """Coordinate attention: a per-row mask times a per-column mask, blended with ``alpha``.
+
+    Base formula (every add-on off): ``mid = max(min_mid_channels, C // reduction)``;
+    ``x_h = mean_W(x) (B,C,H,1)``, ``x_w = mean_H(x) (B,C,W,1)``; a shared
+    ``Conv1x1(C->mid) -> BN -> act`` on both; ``a_h = sigmoid(conv_h(.)) (B,C,H,1)``,
+    ``a_w = sigmoid(conv_w(.)) (B,C,1,W)``; ``y = x * ((1 - alpha) + alpha * a_h * a_w)``.
+
+    Add-ons (numbers as in SPEC.md), each independent:
+        1. ``pool="mean_max"``: axis pooling ``(mean + max) / 2``.
+        2. ``axis_kernel=k``: depthwise ``(k,1)``/``(1,k)`` convs ``dw_h``/``dw_w`` on the
+           pooled axes (the seed uses 3).
+        3. ``axis_dilation=d``: dilation of those convs (needs ``axis_kernel``).
+        4. ``per_axis_alpha=True``: ``scale = ((1-alpha_h) + alpha_h a_h) ((1-alpha_w) +
+           alpha_w a_w)``; both start at ``alpha``, learnable with ``learnable_alpha``.
+        5. ``gate="hardsigmoid"`` for ``a_h``, ``a_w``.
+        6. ``beta=b``: attention residual ``att = 1 + beta (a_h a_w - 1)`` before the alpha
+           blend; ``learnable_beta`` makes it a parameter. With add-on 4 the residual acts
+           on the per-axis product: ``scale = 1 + beta (s_h s_w - 1)`` where
+           ``s_h = (1-alpha_h) + alpha_h a_h``; ``beta=1`` gives add-on 4 exactly and
+           ``alpha_h = alpha_w = 1`` gives add-on 6 with ``alpha = 1`` exactly.
+        7. ``bottleneck_layers=2``: ``conv1a/bn1a/act/conv1b/bn1b/act`` instead of
+           ``conv1/bn1/act``.
+        8. ``head_groups=g``: ``conv_h``/``conv_w`` grouped; ``g`` divides ``C`` and ``mid``.
+        9. ``spatial_gate=True``: ``y = out * sigmoid(spatial_pw(spatial_dw(out)))`` with
+           ``out = x * scale``.
+        10. :meth:`last_mask_stats` and :func:`~lightning_attn.blocks.quick_mask_check`.
+
+    Args:
+        fused: compute ``x * scale`` with one fused autograd function that never builds
+            ``att`` or ``scale`` at full size (default). ``False`` runs the seed's ops.
+
+    Shapes: ``x (B,C,H,W) -> y (B,C,H,W)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        reduction: int = 32,
+        min_mid_channels: int = 8,
+        act: str = "hswish",
+        alpha: float = 1.0,
+        learnable_alpha: bool = False,
+        pool: str = "mean",
+        axis_kernel: int | None = None,
+        axis_dilation: int = 1,
+        per_axis_alpha: bool = False,
+        gate: str = "sigmoid",
+        beta: float | None = None,
+        learnable_beta: bool = False,
+        bottleneck_layers: int = 1,
+        head_groups: int = 1,
+        spatial_gate: bool = False,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        self._init_observers()
+        in_channels = check_int("in_channels", in_channels, 1)
+        reduction = check_int("reduction", reduction, 1)
+        min_mid_channels = check_int("min_mid_channels", min_mid_channels, 1)
+        act = check_choice("act", act, ("hswish", "relu"))
+        alpha = check_finite_float("alpha", alpha)
+        self.pool = check_choice("pool", pool, ("mean", "mean_max"))
+        self.gate = check_choice("gate", gate, ("sigmoid", "hardsigmoid"))
+        axis_dilation = check_int("axis_dilation", axis_dilation, 1)
+        if axis_kernel is not None:
+            axis_kernel = check_int("axis_kernel", axis_kernel, 1)
+            if axis_kernel % 2 == 0:
+                raise ValueError(f"axis_kernel must be odd, got {axis_kernel}")
+        elif axis_dilation != 1:
+            raise ValueError(
+                f"axis_dilation={axis_dilation} needs the axis convolutions: set axis_kernel "
+                "(the seed uses 3)"
+            )
+        if bottleneck_layers not in (1, 2) or isinstance(bottleneck_layers, bool):
+            raise ValueError(f"bottleneck_layers must be 1 or 2, got {bottleneck_layers!r}")
+        head_groups = check_int("head_groups", head_groups, 1)
+        if learnable_beta and beta is None:
+            raise ValueError("learnable_beta=True needs a starting value: set beta")
+        if beta is not None:
+            beta = check_finite_float("beta", beta)
+
+        mid = max(min_mid_channels, in_channels // reduction)
+        if in_channels % head_groups or mid % head_groups:
+            raise ValueError(
+                f"head_groups={head_groups} must divide both in_channels={in_channels} and "
+                f"the middle width mid={mid} (max(min_mid_channels, in_channels // reduction))"
+            )
+
+        self.in_channels = in_channels
+        self.mid_channels = mid
+        self.axis_kernel = axis_kernel
+        self.axis_dilation = axis_dilation
+        self.per_axis_alpha = bool(per_axis_alpha)
+        self.learnable_alpha = bool(learnable_alpha)
+        self.learnable_beta = bool(learnable_beta)
+        self.bottleneck_layers = bottleneck_layers
+        self.head_groups = head_groups
+        self.spatial_gate = bool(spatial_gate)
+        self.fused = bool(fused)
+        self.act_name = act
+
+        if axis_kernel is not None:
+            k, d = axis_kernel, axis_dilation
+            pad = d * (k - 1) // 2
+            self.dw_h = nn.Conv2d(
+                in_channels, in_channels, (k, 1), padding=(pad, 0), dilation=(d, 1),
+                groups=in_channels, bias=False,
+            )
+            self.dw_w = nn.Conv2d(
+                in_channels, in_channels, (1, k), padding=(0, pad), dilation=(1, d),
+                groups=in_channels, bias=False,
+            )
+
+        if bottleneck_layers == 1:
+            self.conv1 = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(mid)
+        else:
+            self.conv1a = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False)
+            self.bn1a = nn.BatchNorm2d(mid)
+            self.conv1b = nn.Conv2d(mid, mid, kernel_size=1, bias=False)
+            self.bn1b = nn.BatchNorm2d(mid)
+        self.act = HSwish() if act == "hswish" else nn.ReLU(inplace=True)
+
+        self.conv_h = nn.Conv2d(mid, in_channels, kernel_size=1, groups=head_groups, bias=True)
+        self.conv_w = nn.Conv2d(mid, in_channels, kernel_size=1, groups=head_groups, bias=True)
+
+        if self.per_axis_alpha:
+            _scalar(self, "alpha_h", alpha, self.learnable_alpha)
+            _scalar(self, "alpha_w", alpha, self.learnable_alpha)
+        else:
+            _scalar(self, "alpha", alpha, self.learnable_alpha)
+        self.use_beta = beta is not None
+        if self.use_beta:
+            # The seed keeps a fixed beta as a plain attribute, outside the state dict.
+            _scalar(self, "beta", beta, self.learnable_beta, persistent=False)
+
+        if self.spatial_gate:
+            self.spatial_dw = nn.Conv2d(
+                in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False
+            )
+            self.spatial_pw = nn.Conv2d(in_channels, in_channels, 1, bias=True)
+
+        self.gate_fn = torch.sigmoid if self.gate == "sigmoid" else F.hardsigmoid
+        self._last_ah: torch.Tensor | None = None
+        self._last_aw: torch.Tensor | None = None
+
+    # -- parameters seen by diagnostics -------------------------------------------------
+    def _scalar_names(self) -> tuple[str, ...]:
+        names = ("alpha_h", "alpha_w") if self.per_axis_alpha else ("alpha",)
+        return names + (("beta",) if self.use_beta else ())
+
+    def attention_parameters(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).detach() for name in self._scalar_names()}
+
+    def trainable_attention_parameters(self) -> dict[str, nn.Parameter]:
+        out = {}
+        for name in self._scalar_names():
+            value = getattr(self, name)
+            if isinstance(value, nn.Parameter):
+                out[name] = value
+        return out
+
+    # -- forward -------------------------------------------------------------------------
+    def _axis_pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B,C,H,W) -> x_h (B,C,H,1), x_w (B,C,1,W)``."""
+        x_h = x.mean(dim=3, keepdim=True)
+        x_w = x.mean(dim=2, keepdim=True)
+        if self.pool == "mean_max":
+            x_h = 0.5 * (x_h + x.amax(dim=3, keepdim=True))
+            x_w = 0.5 * (x_w + x.amax(dim=2, keepdim=True))
+        if self.axis_kernel is not None:
+            x_h = self.dw_h(x_h)
+            x_w = self.dw_w(x_w)
+        return x_h, x_w
+
+    def _bottleneck(self, y: torch.Tensor) -> torch.Tensor:
+        if self.bottleneck_layers == 1:
+            return self.act(self.bn1(self.conv1(y)))
+        y = self.act(self.bn1a(self.conv1a(y)))
+        return self.act(self.bn1b(self.conv1b(y)))
+
+    def _masks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a_h (B,C,H,1)`` and ``a_w (B,C,1,W)``."""
+        _, _, h, w = x.shape
+        x_h, x_w = self._axis_pool(x)
+        y = torch.cat([x_h, x_w.permute(0, 1, 3, 2)], dim=2)  # (B,C,H+W,1)
+        y = self._bottleneck(y)
+        y_h, y_w = torch.split(y, [h, w], dim=2)
+        a_h = self.gate_fn(self.conv_h(y_h))
+        a_w = self.gate_fn(self.conv_w(y_w.permute(0, 1, 3, 2)))
+        return a_h, a_w
+
+    def _apply_plain(self, x, a_h, a_w):
+        # The seed's ops, in the seed's order.
+        if self.per_axis_alpha:
+            scale_h = (1.0 - self.alpha_h) + self.alpha_h * a_h
+            scale_w = (1.0 - self.alpha_w) + self.alpha_w * a_w
+            scale = scale_h * scale_w
+            if self.use_beta:
+                scale = 1.0 + self.beta * (scale - 1.0)
+        else:
+            att = a_h * a_w
+            if self.use_beta:
+                att = 1.0 + self.beta * (att - 1.0)
+            scale = (1.0 - self.alpha) + self.alpha * att
+        return x * scale
+
+    def _apply_fused(self, x, a_h, a_w):
+        # Every variant is x * (c + k * u_h * u_w) with small u_h, u_w and scalar c, k.
+        if self.per_axis_alpha:
+            u_h = (1.0 - self.alpha_h) + self.alpha_h * a_h
+            u_w = (1.0 - self.alpha_w) + self.alpha_w * a_w
+            k = self.beta if self.use_beta else torch.ones_like(self.alpha_h)
+        else:
+            u_h, u_w = a_h, a_w
+            k = self.alpha * self.beta if self.use_beta else self.alpha
+        return axis_scale(x, u_h, u_w, 1.0 - k, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, type(self).__name__, self.in_channels)
+        a_h, a_w = self._masks(x)
+        self._last_ah, self._last_aw = a_h.detach(), a_w.detach()
+        fused = self.fused and not torch.compiler.is_compiling()
+        out = self._apply_fused(x, a_h, a_w) if fused else self._apply_plain(x, a_h, a_w)
+        if self.spatial_gate:
+            out = out * torch.sigmoid(self.spatial_pw(self.spatial_dw(out)))
+        if self._observers:
+            self._notify_observers({"mask_h": a_h, "mask_w": a_w})
+        return out
+
+    @torch.no_grad()
+    def last_mask_stats(self) -> dict[str, dict[str, float]] | None:
+        """min/mean/max/std of ``a_h`` and ``a_w`` from the last forward (``None`` before).
+
+        Only detached references to the two small axis masks are kept between forwards,
+        never the autograd graph. Reading the statistics syncs with the device.
+        """
+        if self._last_ah is None or self._last_aw is None:
+            return None
+        return {
+            name: {
+                "min": float(m.min()), "mean": float(m.mean()),
+                "max": float(m.max()), "std": float(m.float().std()),
+            }
+            for name, m in (("a_h", self._last_ah), ("a_w", self._last_aw))
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, mid={self.mid_channels}, act={self.act_name!r}, "
+            f"pool={self.pool!r}, axis_kernel={self.axis_kernel}, "
+            f"axis_dilation={self.axis_dilation}, per_axis_alpha={self.per_axis_alpha}, "
+            f"gate={self.gate!r}, beta={self.use_beta}, bottleneck_layers="
+            f"{self.bottleneck_layers}, head_groups={self.head_groups}, "
+            f"spatial_gate={self.spatial_gate}, fused={self.fused}"
+        )
+
+
+#: The seed's class name.
+CoordinateAtt = CoordinateAttention

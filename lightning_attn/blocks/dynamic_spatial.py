@@ -1,0 +1,214 @@
+"""DynamicSpatialAttention: multi-branch spatial attention with an input-dependent router."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fused import SpatialGradStash, apply_spatial_mask, spatial_summary
+from .observation import ObservableMixin
+from .validation import check_choice, check_input, check_int, check_positive_float
+
+__all__ = ["DynamicSpatialAttention"]
+
+_GATES = ("sigmoid", "hardsigmoid")
+
+
+def _odd_kernel(name: str, k: object) -> int:
+    # The seed raises an even size by one so that padding k // 2 keeps H and W.
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or int(k) != k:
+        raise TypeError(f"{name} must be an integer kernel size, got {k!r}")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"{name} must be >= 1, got {k}")
+    return k + 1 if k % 2 == 0 else k
+
+
+def _inverse_softplus(t: float, eps: float) -> float:
+    """``t_raw`` with ``softplus(t_raw) + eps == t``, stable for large ``t``.
+
+    The seed's ``log(exp(t) - 1 + eps)`` overflows to inf for ``t`` above ~88 in float32;
+    ``t + log(-expm1(-t))`` is the same value and never overflows. ``eps`` is subtracted
+    first so the learnable temperature starts at exactly ``temperature`` (the seed's
+    formula adds it inside the log instead, a difference below 1e-6 for moderate ``t``).
+    """
+    target = t - eps if t > eps else t
+    return target + math.log(-math.expm1(-target))
+
+
+class DynamicSpatialAttention(ObservableMixin, nn.Module):
+    """Spatial attention whose mask mixes K convolution branches with per-sample weights.
+
+    From ``x (B,C,H,W)``: ``s = [mean_c(x), max_c(x)]`` ``(B,2,H,W)``; a router
+    ``softmax(Conv1x1(ReLU(Conv1x1(avgpool(s)))))`` gives ``rw (B,K)``; each branch is a
+    ``Conv2d(2->1, k)`` on ``s``; ``mask = gate(sum_k rw[:,k] * branch_k(s) / T)``
+    ``(B,1,H,W)``; ``y = x * mask``.
+
+    Args:
+        kernels: kernel sizes of the plain branches. An even size is raised by one, as in
+            the seed (``4`` becomes ``5``), so that padding ``k // 2`` keeps ``H, W``.
+        use_dilated: add one dilated branch.
+        dilated_kernel: its kernel size (even sizes raised by one).
+        dilated_d: its dilation (``>= 1``).
+        gate: ``"sigmoid"`` or ``"hardsigmoid"``.
+        temperature: ``T > 0``; the mask is ``gate(wlogit / T)``.
+        learnable_temperature: learn ``T = softplus(t_raw) + eps`` (parameter ``t_raw``);
+            otherwise ``T`` is a buffer.
+        eps: lower bound of a learnable ``T``.
+        router_hidden: hidden width of the router.
+        bias: biases in the router's convolutions.
+        return_router_weights: return ``(y, mask, rw)`` instead of ``(y, mask)``.
+        fused: use the fused fast path (default). ``False`` runs the seed's formulation
+            op for op; both give the same values and gradients up to rounding. The fused
+            path supports first derivatives only.
+
+    Shapes: ``x (B,C,H,W) -> y (B,C,H,W), mask (B,1,H,W)[, rw (B,K)]``.
+    """
+
+    def __init__(
+        self,
+        kernels: Sequence[int] = (3, 7),
+        use_dilated: bool = True,
+        dilated_kernel: int = 7,
+        dilated_d: int = 2,
+        gate: str = "sigmoid",
+        temperature: float = 1.0,
+        learnable_temperature: bool = False,
+        eps: float = 1e-6,
+        router_hidden: int = 8,
+        bias: bool = True,
+        return_router_weights: bool = False,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        self._init_observers()
+        temperature = check_positive_float("temperature", temperature)
+        gate = check_choice("gate", gate, _GATES)
+        router_hidden = check_int("router_hidden", router_hidden, 1)
+        eps = float(eps)
+        if not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        if isinstance(kernels, (str, bytes)) or not isinstance(kernels, Sequence):
+            raise TypeError(f"kernels must be a sequence of ints, got {kernels!r}")
+        ks = [_odd_kernel(f"kernels[{i}]", k) for i, k in enumerate(kernels)]
+        if use_dilated:
+            dk = _odd_kernel("dilated_kernel", dilated_kernel)
+            dilated_d = check_int("dilated_d", dilated_d, 1)
+        if not ks and not use_dilated:
+            raise ValueError(
+                "DynamicSpatialAttention needs at least one branch: kernels=() with "
+                "use_dilated=False leaves none"
+            )
+
+        self.eps = eps
+        self.return_router_weights = bool(return_router_weights)
+        self.fused = bool(fused)
+        self.gate = gate
+        self.kernel_sizes = tuple(ks)
+        self.use_dilated = bool(use_dilated)
+
+        self.branches = nn.ModuleList(
+            nn.Conv2d(2, 1, kernel_size=k, padding=k // 2, bias=False) for k in ks
+        )
+        if use_dilated:
+            self.branches.append(
+                nn.Conv2d(
+                    2, 1, kernel_size=dk, padding=dilated_d * (dk - 1) // 2,
+                    dilation=dilated_d, bias=False,
+                )
+            )
+        self.num_branches = len(self.branches)
+        self.gate_fn = torch.sigmoid if gate == "sigmoid" else F.hardsigmoid
+
+        self.learnable_temperature = bool(learnable_temperature)
+        if self.learnable_temperature:
+            self.t_raw = nn.Parameter(torch.tensor(_inverse_softplus(temperature, eps)))
+        else:
+            self.register_buffer("T", torch.tensor(temperature))
+
+        self.router = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(2, router_hidden, 1, bias=bias),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(router_hidden, self.num_branches, 1, bias=bias),
+        )
+
+    def _get_T(self) -> torch.Tensor:
+        if self.learnable_temperature:
+            return F.softplus(self.t_raw) + self.eps
+        return self.T
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """Current temperature ``T`` (0-d tensor, differentiable when learnable)."""
+        return self._get_T()
+
+    def attention_parameters(self) -> dict[str, torch.Tensor]:
+        return {"temperature": self._get_T().detach()}
+
+    def trainable_attention_parameters(self) -> dict[str, nn.Parameter]:
+        return {"temperature": self.t_raw} if self.learnable_temperature else {}
+
+    def _merged_plain_weight(self) -> torch.Tensor:
+        # All plain branches as one conv: zero-pad each kernel to the largest size.
+        n_plain = len(self.kernel_sizes)
+        kmax = max(self.kernel_sizes)
+        weights = []
+        for branch in list(self.branches)[:n_plain]:
+            pad = (kmax - branch.kernel_size[0]) // 2
+            weights.append(F.pad(branch.weight, (pad, pad, pad, pad)) if pad else branch.weight)
+        return weights[0] if n_plain == 1 else torch.cat(weights, dim=0)
+
+    def _mix_fused(self, s: torch.Tensor, rw: torch.Tensor) -> torch.Tensor:
+        n_plain = len(self.kernel_sizes)
+        wlogit = None
+        if n_plain:
+            kmax = max(self.kernel_sizes)
+            z = F.conv2d(s, self._merged_plain_weight(), padding=kmax // 2)  # (B,Kp,H,W)
+            wlogit = torch.einsum("bk,bkhw->bhw", rw[:, :n_plain], z).unsqueeze(1)
+        if self.use_dilated:
+            zd = self.branches[-1](s)  # (B,1,H,W)
+            term = rw[:, n_plain:, None, None] * zd
+            wlogit = term if wlogit is None else wlogit + term
+        return wlogit
+
+    def forward(self, x: torch.Tensor):
+        check_input(x, type(self).__name__)
+        # torch.compile traces the plain ops and fuses them itself.
+        fused = self.fused and not torch.compiler.is_compiling()
+        if fused:
+            stash = SpatialGradStash()
+            s = spatial_summary(x, stash)
+        else:
+            avg_map = torch.mean(x, dim=1, keepdim=True)
+            max_map, _ = torch.max(x, dim=1, keepdim=True)
+            s = torch.cat([avg_map, max_map], dim=1)  # (B,2,H,W)
+
+        logits = self.router(s).flatten(1)  # (B,K)
+        rw = torch.softmax(logits, dim=1)
+
+        if fused:
+            wlogit = self._mix_fused(s, rw)
+        else:
+            z = torch.stack([br(s) for br in self.branches], dim=1)  # (B,K,1,H,W)
+            wlogit = (rw[:, :, None, None, None] * z).sum(dim=1)  # (B,1,H,W)
+
+        mask = self.gate_fn(wlogit / self._get_T())  # (B,1,H,W)
+        y = apply_spatial_mask(x, mask, stash) if fused else x * mask
+
+        if self._observers:
+            self._notify_observers({"mask": mask}, rw)
+        if self.return_router_weights:
+            return y, mask, rw
+        return y, mask
+
+    def extra_repr(self) -> str:
+        return (
+            f"kernels={self.kernel_sizes}, use_dilated={self.use_dilated}, "
+            f"num_branches={self.num_branches}, gate={self.gate!r}, "
+            f"learnable_temperature={self.learnable_temperature}, fused={self.fused}"
+        )
