@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import axis_scale
+from .fused import AxisGradStash, axis_mean_pool, axis_scale
 from .observation import ObservableMixin
 from .validation import check_choice, check_finite_float, check_input, check_int
 
@@ -192,10 +192,15 @@ class CoordinateAttention(ObservableMixin, nn.Module):
         return out
 
     # -- forward -------------------------------------------------------------------------
-    def _axis_pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _axis_pool(
+        self, x: torch.Tensor, stash: AxisGradStash | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B,C,H,W) -> x_h (B,C,H,1), x_w (B,C,1,W)``."""
-        x_h = x.mean(dim=3, keepdim=True)
-        x_w = x.mean(dim=2, keepdim=True)
+        if stash is not None:
+            x_h, x_w = axis_mean_pool(x, stash)
+        else:
+            x_h = x.mean(dim=3, keepdim=True)
+            x_w = x.mean(dim=2, keepdim=True)
         if self.pool == "mean_max":
             x_h = 0.5 * (x_h + x.amax(dim=3, keepdim=True))
             x_w = 0.5 * (x_w + x.amax(dim=2, keepdim=True))
@@ -210,10 +215,12 @@ class CoordinateAttention(ObservableMixin, nn.Module):
         y = self.act(self.bn1a(self.conv1a(y)))
         return self.act(self.bn1b(self.conv1b(y)))
 
-    def _masks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _masks(
+        self, x: torch.Tensor, stash: AxisGradStash | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``a_h (B,C,H,1)`` and ``a_w (B,C,1,W)``."""
         _, _, h, w = x.shape
-        x_h, x_w = self._axis_pool(x)
+        x_h, x_w = self._axis_pool(x, stash)
         y = torch.cat([x_h, x_w.permute(0, 1, 3, 2)], dim=2)  # (B,C,H+W,1)
         y = self._bottleneck(y)
         y_h, y_w = torch.split(y, [h, w], dim=2)
@@ -236,7 +243,7 @@ class CoordinateAttention(ObservableMixin, nn.Module):
             scale = (1.0 - self.alpha) + self.alpha * att
         return x * scale
 
-    def _apply_fused(self, x, a_h, a_w):
+    def _apply_fused(self, x, a_h, a_w, stash):
         # Every variant is x * (c + k * u_h * u_w) with small u_h, u_w and scalar c, k.
         if self.per_axis_alpha:
             u_h = (1.0 - self.alpha_h) + self.alpha_h * a_h
@@ -245,14 +252,18 @@ class CoordinateAttention(ObservableMixin, nn.Module):
         else:
             u_h, u_w = a_h, a_w
             k = self.alpha * self.beta if self.use_beta else self.alpha
-        return axis_scale(x, u_h, u_w, 1.0 - k, k)
+        return axis_scale(x, u_h, u_w, 1.0 - k, k, stash)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, type(self).__name__, self.in_channels)
-        a_h, a_w = self._masks(x)
-        self._last_ah, self._last_aw = a_h.detach(), a_w.detach()
         fused = self.fused and not torch.compiler.is_compiling()
-        out = self._apply_fused(x, a_h, a_w) if fused else self._apply_plain(x, a_h, a_w)
+        stash = AxisGradStash() if fused else None
+        a_h, a_w = self._masks(x, stash)
+        self._last_ah, self._last_aw = a_h.detach(), a_w.detach()
+        if fused:
+            out = self._apply_fused(x, a_h, a_w, stash)
+        else:
+            out = self._apply_plain(x, a_h, a_w)
         if self.spatial_gate:
             out = out * torch.sigmoid(self.spatial_pw(self.spatial_dw(out)))
         if self._observers:

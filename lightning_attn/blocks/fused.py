@@ -15,7 +15,15 @@ import torch
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-__all__ = ["spatial_summary", "apply_spatial_mask", "SpatialGradStash", "axis_scale"]
+__all__ = [
+    "AxisGradStash",
+    "SpatialGradStash",
+    "apply_spatial_mask",
+    "axis_mean_pool",
+    "axis_scale",
+    "first_argmax",
+    "spatial_summary",
+]
 
 
 class SpatialGradStash:
@@ -44,29 +52,46 @@ class _SpatialSummary(Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, stash: SpatialGradStash) -> torch.Tensor:
         avg = x.mean(dim=1, keepdim=True)
-        # torch.max (not amax): one index per position, so the gradient goes to one channel
-        # among tied maxima, as in the seed.
-        mx, idx = torch.max(x, dim=1, keepdim=True)
-        ctx.save_for_backward(idx)
+        # amax is ~20x faster than torch.max(dim) with indices; the index torch.max would
+        # pick (the first maximal channel) is recovered in backward, only when needed.
+        mx = x.amax(dim=1, keepdim=True)
+        ctx.save_for_backward(x, mx)
         ctx.stash = stash
-        ctx.x_shape = x.shape
-        ctx.x_dtype = x.dtype
         # channels_last makes the input-gradient of the 2->1 convolutions ~4x faster.
         return torch.cat([avg, mx], dim=1).contiguous(memory_format=torch.channels_last)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_s: torch.Tensor):
-        (idx,) = ctx.saved_tensors
-        b, c, h, w = ctx.x_shape
+        x, mx = ctx.saved_tensors
+        c = x.shape[1]
         grad_mean = grad_s[:, 0:1] / c
         grad_y, mask = ctx.stash.take()
         if grad_y is not None:
             grad_x = torch.addcmul(grad_mean, grad_y, mask)
         else:  # y took no part in the loss: only the summary path carries gradient
-            grad_x = grad_mean.expand(b, c, h, w).to(ctx.x_dtype, copy=True)
-        grad_x.scatter_add_(1, idx, grad_s[:, 1:2].to(grad_x.dtype))
+            grad_x = grad_mean.expand_as(x).to(x.dtype, copy=True)
+        grad_x.scatter_add_(1, first_argmax(x, mx), grad_s[:, 1:2].to(grad_x.dtype))
         return grad_x, None
+
+
+def first_argmax(x: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
+    """Index of the first channel where ``x`` equals its max ``mx``: ``(B,1,H,W)`` int64.
+
+    Matches the index ``torch.max(x, 1)`` returns, so the max gradient goes to one channel
+    among tied maxima (ReLU zeros tie often), as in the seed. A position holding NaN maps
+    to the last channel (torch.max would name the NaN's channel); never out of range.
+    """
+    c = x.shape[1]
+    # key = rank where x == max (rank c for channel 0 down to 1), rank - c <= 0 elsewhere;
+    # its amax is the first maximal channel. Four vectorised passes instead of the slow
+    # index-tracking reduction of torch.max / argmax (~5x faster on CPU).
+    rank = torch.arange(c, 0, -1, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
+    # sign in x's own dtype: a float64 gap below float32's range is still a gap.
+    key = (x - mx).sign_().float()
+    key.mul_(c).add_(rank)
+    first = c - key.amax(dim=1, keepdim=True)
+    return first.nan_to_num_(nan=c - 1).long().clamp_(0, c - 1)
 
 
 class _ApplySpatialMask(Function):
@@ -105,12 +130,53 @@ def apply_spatial_mask(
     return _ApplySpatialMask.apply(x.detach(), mask, stash, x.requires_grad)
 
 
+class AxisGradStash:
+    """Hands the full-size ``x``-gradient of :func:`axis_scale` to :func:`axis_mean_pool`.
+
+    The mean pooling's backward then adds its two broadcast terms in place instead of
+    autograd materialising each as a full-size tensor and summing three of them.
+    """
+
+    __slots__ = ("grad_x",)
+
+    def __init__(self) -> None:
+        self.grad_x: torch.Tensor | None = None
+
+
+class _AxisMeanPool(Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, stash: AxisGradStash):
+        ctx.stash = stash
+        ctx.x_meta = (x.shape, x.dtype, x.device)
+        return x.mean(dim=3, keepdim=True), x.mean(dim=2, keepdim=True)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_h: torch.Tensor, grad_w: torch.Tensor):
+        (b, c, h, w), dtype, device = ctx.x_meta
+        grad_x, ctx.stash.grad_x = ctx.stash.grad_x, None
+        if grad_x is None:
+            grad_x = torch.zeros((b, c, h, w), dtype=dtype, device=device)
+        grad_x.add_(grad_h / w).add_(grad_w / h)
+        return grad_x, None
+
+
+def axis_mean_pool(
+    x: torch.Tensor, stash: AxisGradStash
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x (B,C,H,W) -> (mean_W x (B,C,H,1), mean_H x (B,C,1,W))``; its backward adds
+    the ``x``-gradient :func:`axis_scale` left in ``stash`` (same ``x``, same ``stash``)."""
+    return _AxisMeanPool.apply(x, stash)
+
+
 class _AxisScale(Function):
     """``y = x * (c + k * u_h * u_w)`` without a full-size ``att`` or ``scale``."""
 
     @staticmethod
-    def forward(ctx, x, u_h, u_w, c, k):
+    def forward(ctx, x, u_h, u_w, c, k, stash, x_needs_grad):
         ctx.save_for_backward(x, u_h, u_w, c, k)
+        ctx.stash = stash
+        ctx.x_needs_grad = x_needs_grad
         y = x * (k * u_h)
         y.mul_(u_w)
         y.addcmul_(x, c)
@@ -120,12 +186,13 @@ class _AxisScale(Function):
     @once_differentiable
     def backward(ctx, grad_y):
         x, u_h, u_w, c, k = ctx.saved_tensors
-        need_x, need_h, need_w, need_c, need_k = ctx.needs_input_grad
-        grad_x = grad_h = grad_w = grad_c = grad_k = None
-        if need_x:
+        _, need_h, need_w, need_c, need_k, _, _ = ctx.needs_input_grad
+        grad_h = grad_w = grad_c = grad_k = None
+        if ctx.x_needs_grad:
             grad_x = grad_y * (k * u_h)
             grad_x.mul_(u_w)
             grad_x.addcmul_(grad_y, c)
+            ctx.stash.grad_x = grad_x
         if need_h or need_w or need_c or need_k:
             g = grad_y * x
             # sum_w g[b,c,h,w] * u_w[b,c,w] and sum_h u_h[b,c,h] * g[b,c,h,w] are batched
@@ -139,11 +206,20 @@ class _AxisScale(Function):
                 grad_k = (gh * u_h).sum().reshape(k.shape)
             if need_c:
                 grad_c = g.sum().reshape(c.shape)
-        return grad_x, grad_h, grad_w, grad_c, grad_k
+        return None, grad_h, grad_w, grad_c, grad_k, None, None
 
 
 def axis_scale(
-    x: torch.Tensor, u_h: torch.Tensor, u_w: torch.Tensor, c: torch.Tensor, k: torch.Tensor
+    x: torch.Tensor,
+    u_h: torch.Tensor,
+    u_w: torch.Tensor,
+    c: torch.Tensor,
+    k: torch.Tensor,
+    stash: AxisGradStash,
 ) -> torch.Tensor:
-    """``x (B,C,H,W) * (c + k * u_h (B,C,H,1) * u_w (B,C,1,W))``, ``c`` and ``k`` 0-d."""
-    return _AxisScale.apply(x, u_h, u_w, c, k)
+    """``x (B,C,H,W) * (c + k * u_h (B,C,H,1) * u_w (B,C,1,W))``, ``c`` and ``k`` 0-d.
+
+    The ``x``-gradient is delivered by :func:`axis_mean_pool`'s backward through ``stash``;
+    ``x`` must be the tensor given to it.
+    """
+    return _AxisScale.apply(x.detach(), u_h, u_w, c, k, stash, x.requires_grad)
