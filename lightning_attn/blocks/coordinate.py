@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import AxisGradStash, axis_mean_pool, axis_scale
+from .fused import GradStash, axis_mean_pool, axis_scale
 from .observation import ObservableMixin
 from .validation import check_choice, check_finite_float, check_input, check_int
 
@@ -20,12 +20,12 @@ class HSwish(nn.Module):
         return x * F.relu6(x + 3.0) / 6.0
 
 
-def _scalar(module: nn.Module, name: str, value: float, learnable: bool, persistent: bool = True):
+def _scalar(module: nn.Module, name: str, value: float, learnable: bool) -> None:
     tensor = torch.tensor(float(value))
     if learnable:
         setattr(module, name, nn.Parameter(tensor))
     else:
-        module.register_buffer(name, tensor, persistent=persistent)
+        module.register_buffer(name, tensor)
 
 
 class CoordinateAttention(ObservableMixin, nn.Module):
@@ -161,9 +161,11 @@ class CoordinateAttention(ObservableMixin, nn.Module):
         else:
             _scalar(self, "alpha", alpha, self.learnable_alpha)
         self.use_beta = beta is not None
-        if self.use_beta:
-            # The seed keeps a fixed beta as a plain attribute, outside the state dict.
-            _scalar(self, "beta", beta, self.learnable_beta, persistent=False)
+        if self.learnable_beta:
+            _scalar(self, "beta", beta, learnable=True)
+        elif self.use_beta:
+            # As in the seed: a plain float, outside the state dict, exact in float64.
+            self.beta = beta
 
         if self.spatial_gate:
             self.spatial_dw = nn.Conv2d(
@@ -181,7 +183,11 @@ class CoordinateAttention(ObservableMixin, nn.Module):
         return names + (("beta",) if self.use_beta else ())
 
     def attention_parameters(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).detach() for name in self._scalar_names()}
+        out = {}
+        for name in self._scalar_names():
+            value = getattr(self, name)
+            out[name] = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)
+        return out
 
     def trainable_attention_parameters(self) -> dict[str, nn.Parameter]:
         out = {}
@@ -193,7 +199,7 @@ class CoordinateAttention(ObservableMixin, nn.Module):
 
     # -- forward -------------------------------------------------------------------------
     def _axis_pool(
-        self, x: torch.Tensor, stash: AxisGradStash | None
+        self, x: torch.Tensor, stash: GradStash | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B,C,H,W) -> x_h (B,C,H,1), x_w (B,C,1,W)``."""
         if stash is not None:
@@ -216,7 +222,7 @@ class CoordinateAttention(ObservableMixin, nn.Module):
         return self.act(self.bn1b(self.conv1b(y)))
 
     def _masks(
-        self, x: torch.Tensor, stash: AxisGradStash | None
+        self, x: torch.Tensor, stash: GradStash | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``a_h (B,C,H,1)`` and ``a_w (B,C,1,W)``."""
         _, _, h, w = x.shape
@@ -248,16 +254,17 @@ class CoordinateAttention(ObservableMixin, nn.Module):
         if self.per_axis_alpha:
             u_h = (1.0 - self.alpha_h) + self.alpha_h * a_h
             u_w = (1.0 - self.alpha_w) + self.alpha_w * a_w
-            k = self.beta if self.use_beta else torch.ones_like(self.alpha_h)
+            k = self.beta if self.use_beta else 1.0
         else:
             u_h, u_w = a_h, a_w
             k = self.alpha * self.beta if self.use_beta else self.alpha
+        k = torch.as_tensor(k, dtype=x.dtype, device=x.device) if not torch.is_tensor(k) else k
         return axis_scale(x, u_h, u_w, 1.0 - k, k, stash)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, type(self).__name__, self.in_channels)
         fused = self.fused and not torch.compiler.is_compiling()
-        stash = AxisGradStash() if fused else None
+        stash = GradStash() if fused else None
         a_h, a_w = self._masks(x, stash)
         self._last_ah, self._last_aw = a_h.detach(), a_w.detach()
         if fused:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import SpatialGradStash, apply_spatial_mask, spatial_summary
+from .fused import GradStash, apply_spatial_mask, spatial_summary
 from .observation import ObservableMixin
 from .validation import check_choice, check_input, check_int, check_positive_float
 
@@ -20,8 +20,10 @@ _GATES = ("sigmoid", "hardsigmoid")
 
 def _odd_kernel(name: str, k: object) -> int:
     # The seed raises an even size by one so that padding k // 2 keeps H and W.
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or int(k) != k:
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
         raise TypeError(f"{name} must be an integer kernel size, got {k!r}")
+    if not math.isfinite(k) or int(k) != k:
+        raise ValueError(f"{name} must be a whole number, got {k!r}")
     k = int(k)
     if k < 1:
         raise ValueError(f"{name} must be >= 1, got {k}")
@@ -36,7 +38,7 @@ def _inverse_softplus(t: float, eps: float) -> float:
     first so the learnable temperature starts at exactly ``temperature`` (the seed's
     formula adds it inside the log instead, a difference below 1e-6 for moderate ``t``).
     """
-    target = t - eps if t > eps else t
+    target = t - eps
     return target + math.log(-math.expm1(-target))
 
 
@@ -92,6 +94,11 @@ class DynamicSpatialAttention(ObservableMixin, nn.Module):
         eps = float(eps)
         if not math.isfinite(eps) or eps < 0:
             raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        if learnable_temperature and temperature <= eps:
+            raise ValueError(
+                f"temperature={temperature!r} must exceed eps={eps!r} when "
+                "learnable_temperature=True: T = softplus(t_raw) + eps is always above eps"
+            )
         if isinstance(kernels, (str, bytes)) or not isinstance(kernels, Sequence):
             raise TypeError(f"kernels must be a sequence of ints, got {kernels!r}")
         ks = [_odd_kernel(f"kernels[{i}]", k) for i, k in enumerate(kernels)]
@@ -181,7 +188,7 @@ class DynamicSpatialAttention(ObservableMixin, nn.Module):
         # torch.compile traces the plain ops and fuses them itself.
         fused = self.fused and not torch.compiler.is_compiling()
         if fused:
-            stash = SpatialGradStash()
+            stash = GradStash()
             s = spatial_summary(x, stash)
         else:
             avg_map = torch.mean(x, dim=1, keepdim=True)

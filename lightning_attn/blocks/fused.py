@@ -11,13 +11,61 @@ for double backward.
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from torch.autograd import Function
-from torch.autograd.function import once_differentiable
+from torch.autograd import Function, Variable
+
+_DOUBLE_BACKWARD = (
+    "the fused fast path of lightning-attn blocks supports first derivatives only; "
+    "build the block with fused=False for double backward (create_graph=True)"
+)
+
+
+def first_derivative_only(backward):
+    """Like ``once_differentiable``, but raise at once under ``create_graph=True``.
+
+    ``once_differentiable`` defers its error to a second backward that, with gradients
+    handed between functions through a stash, may never reach it: a wrong second
+    derivative would follow silently.
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(_DOUBLE_BACKWARD)
+        return backward(ctx, *grads)
+
+    return wrapper
+
+
+class GradStash:
+    """Hands a full-size gradient from one fused function's backward to another's.
+
+    The receiving function consumes it in the same backward pass. Whatever is left at the
+    end of a pass (the receiver did not run, e.g. ``autograd.grad`` w.r.t. parameters only)
+    is dropped then, so it can never leak into a later pass.
+    """
+
+    __slots__ = ("tensors",)
+
+    def __init__(self) -> None:
+        self.tensors: tuple[torch.Tensor, ...] | None = None
+
+    def put(self, *tensors: torch.Tensor) -> None:
+        self.tensors = tensors
+        Variable._execution_engine.queue_callback(self.clear)
+
+    def take(self) -> tuple[torch.Tensor, ...] | None:
+        tensors, self.tensors = self.tensors, None
+        return tensors
+
+    def clear(self) -> None:
+        self.tensors = None
+
 
 __all__ = [
-    "AxisGradStash",
-    "SpatialGradStash",
+    "GradStash",
     "apply_spatial_mask",
     "axis_mean_pool",
     "axis_scale",
@@ -26,31 +74,9 @@ __all__ = [
 ]
 
 
-class SpatialGradStash:
-    """Hands ``grad_y`` from the mask product's backward to the channel summary's backward.
-
-    ``y = x * mask`` and ``s = [mean_c(x), max_c(x)]`` both send a full-size gradient to
-    ``x``. Autograd would build each one and add them (three full-size writes). Because
-    ``mask`` is computed from ``s``, the product's backward always runs first; it stores
-    ``grad_y`` here and the summary's backward writes
-    ``grad_x = grad_y * mask + grad_mean / C`` in one pass, then scatters the max gradient.
-    """
-
-    __slots__ = ("grad_y", "mask")
-
-    def __init__(self) -> None:
-        self.grad_y: torch.Tensor | None = None
-        self.mask: torch.Tensor | None = None
-
-    def take(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        grad_y, mask = self.grad_y, self.mask
-        self.grad_y = self.mask = None
-        return grad_y, mask
-
-
 class _SpatialSummary(Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, stash: SpatialGradStash) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, stash: GradStash) -> torch.Tensor:
         avg = x.mean(dim=1, keepdim=True)
         # amax is ~20x faster than torch.max(dim) with indices; the index torch.max would
         # pick (the first maximal channel) is recovered in backward, only when needed.
@@ -61,13 +87,16 @@ class _SpatialSummary(Function):
         return torch.cat([avg, mx], dim=1).contiguous(memory_format=torch.channels_last)
 
     @staticmethod
-    @once_differentiable
+    @first_derivative_only
     def backward(ctx, grad_s: torch.Tensor):
         x, mx = ctx.saved_tensors
         c = x.shape[1]
         grad_mean = grad_s[:, 0:1] / c
-        grad_y, mask = ctx.stash.take()
-        if grad_y is not None:
+        # y = x * mask sends grad_y * mask to x; its backward always runs first (the mask
+        # is computed from s) and left grad_y here, so both terms are written in one pass.
+        stashed = ctx.stash.take()
+        if stashed is not None:
+            grad_y, mask = stashed
             grad_x = torch.addcmul(grad_mean, grad_y, mask)
         else:  # y took no part in the loss: only the summary path carries gradient
             grad_x = grad_mean.expand_as(x).to(x.dtype, copy=True)
@@ -97,7 +126,7 @@ def first_argmax(x: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
 class _ApplySpatialMask(Function):
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, mask: torch.Tensor, stash: SpatialGradStash, x_needs_grad: bool
+        ctx, x: torch.Tensor, mask: torch.Tensor, stash: GradStash, x_needs_grad: bool
     ) -> torch.Tensor:
         ctx.save_for_backward(x, mask)
         ctx.stash = stash
@@ -105,24 +134,24 @@ class _ApplySpatialMask(Function):
         return x * mask
 
     @staticmethod
-    @once_differentiable
+    @first_derivative_only
     def backward(ctx, grad_y: torch.Tensor):
         x, mask = ctx.saved_tensors
         grad_mask = None
         if ctx.needs_input_grad[1]:
             grad_mask = (grad_y * x).sum(dim=1, keepdim=True)
         if ctx.x_needs_grad:
-            ctx.stash.grad_y, ctx.stash.mask = grad_y, mask
+            ctx.stash.put(grad_y, mask)
         return None, grad_mask, None, None
 
 
-def spatial_summary(x: torch.Tensor, stash: SpatialGradStash) -> torch.Tensor:
+def spatial_summary(x: torch.Tensor, stash: GradStash) -> torch.Tensor:
     """``(B,C,H,W) -> (B,2,H,W)`` channels_last ``[mean_c(x), max_c(x)]``."""
     return _SpatialSummary.apply(x, stash)
 
 
 def apply_spatial_mask(
-    x: torch.Tensor, mask: torch.Tensor, stash: SpatialGradStash
+    x: torch.Tensor, mask: torch.Tensor, stash: GradStash
 ) -> torch.Tensor:
     """``y = x * mask`` with ``mask`` ``(B,1,H,W)``; its ``x``-gradient is delivered by the
     summary's backward through ``stash`` (``x`` must be the tensor given to
@@ -130,39 +159,28 @@ def apply_spatial_mask(
     return _ApplySpatialMask.apply(x.detach(), mask, stash, x.requires_grad)
 
 
-class AxisGradStash:
-    """Hands the full-size ``x``-gradient of :func:`axis_scale` to :func:`axis_mean_pool`.
-
-    The mean pooling's backward then adds its two broadcast terms in place instead of
-    autograd materialising each as a full-size tensor and summing three of them.
-    """
-
-    __slots__ = ("grad_x",)
-
-    def __init__(self) -> None:
-        self.grad_x: torch.Tensor | None = None
-
-
 class _AxisMeanPool(Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, stash: AxisGradStash):
+    def forward(ctx, x: torch.Tensor, stash: GradStash):
         ctx.stash = stash
         ctx.x_meta = (x.shape, x.dtype, x.device)
         return x.mean(dim=3, keepdim=True), x.mean(dim=2, keepdim=True)
 
     @staticmethod
-    @once_differentiable
+    @first_derivative_only
     def backward(ctx, grad_h: torch.Tensor, grad_w: torch.Tensor):
         (b, c, h, w), dtype, device = ctx.x_meta
-        grad_x, ctx.stash.grad_x = ctx.stash.grad_x, None
-        if grad_x is None:
+        stashed = ctx.stash.take()
+        if stashed is not None:
+            (grad_x,) = stashed
+        else:
             grad_x = torch.zeros((b, c, h, w), dtype=dtype, device=device)
         grad_x.add_(grad_h / w).add_(grad_w / h)
         return grad_x, None
 
 
 def axis_mean_pool(
-    x: torch.Tensor, stash: AxisGradStash
+    x: torch.Tensor, stash: GradStash
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x (B,C,H,W) -> (mean_W x (B,C,H,1), mean_H x (B,C,1,W))``; its backward adds
     the ``x``-gradient :func:`axis_scale` left in ``stash`` (same ``x``, same ``stash``)."""
@@ -183,7 +201,7 @@ class _AxisScale(Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_derivative_only
     def backward(ctx, grad_y):
         x, u_h, u_w, c, k = ctx.saved_tensors
         _, need_h, need_w, need_c, need_k, _, _ = ctx.needs_input_grad
@@ -192,9 +210,10 @@ class _AxisScale(Function):
             grad_x = grad_y * (k * u_h)
             grad_x.mul_(u_w)
             grad_x.addcmul_(grad_y, c)
-            ctx.stash.grad_x = grad_x
+            ctx.stash.put(grad_x)
         if need_h or need_w or need_c or need_k:
             g = grad_y * x
+            u_h, u_w = u_h.to(g.dtype), u_w.to(g.dtype)  # autocast may leave them in bf16
             # sum_w g[b,c,h,w] * u_w[b,c,w] and sum_h u_h[b,c,h] * g[b,c,h,w] are batched
             # matrix products over (B, C).
             gh = torch.matmul(g, u_w.transpose(-1, -2))  # (B,C,H,1)
@@ -215,7 +234,7 @@ def axis_scale(
     u_w: torch.Tensor,
     c: torch.Tensor,
     k: torch.Tensor,
-    stash: AxisGradStash,
+    stash: GradStash,
 ) -> torch.Tensor:
     """``x (B,C,H,W) * (c + k * u_h (B,C,H,1) * u_w (B,C,1,W))``, ``c`` and ``k`` 0-d.
 

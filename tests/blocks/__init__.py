@@ -1,0 +1,1 @@
+"""Tests of ``lightning_attn.blocks`` (a package so helper modules import relatively)."""

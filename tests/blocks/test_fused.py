@@ -1,0 +1,226 @@
+"""The fused fast path against the plain (seed) formulation: values, gradients, double backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+
+from ._util import COORD_C, COORD_CASES, DSA_CASES, TOL, assert_close, assert_runs_match, run_block
+
+DTYPES = [torch.float32, torch.float64]
+
+DSA_FUSED_CASES = ["default", "all", "only_dilated", "single_even_kernel_no_dilated",
+                   "learnable_temperature"]
+COORD_FUSED_CASES = ["base", "all", "per_axis_alpha", "per_axis_alpha_beta",
+                     "all_single_alpha_fixed_beta", "beta_learnable", "alpha_0.7_learnable",
+                     "spatial_gate"]
+
+
+def _pair(block):
+    """``block`` (fused) and an exact copy running the plain path."""
+    assert block.fused is True  # the default
+    plain = copy.deepcopy(block)
+    plain.fused = False
+    return block, plain
+
+
+def _variants(x):
+    yield "contiguous", x
+    yield "channels_last", x.contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------------------
+# 3. Fused == plain, values and every gradient
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", DSA_FUSED_CASES)
+def test_dsa_fused_matches_plain(case, dtype):
+    fused, plain = _pair(DynamicSpatialAttention(**DSA_CASES[case]).to(dtype))
+    x0 = torch.randn(3, 6, 9, 8, dtype=dtype)
+    n_out = 3 if DSA_CASES[case].get("return_router_weights") else 2
+    uses = {"all": None, "y_only": [0], "mask_only": [1]}
+    for layout, x in _variants(x0):
+        for x_grad in (True, False):
+            for use_name, use in uses.items():
+                label = f"{case} {layout} x_grad={x_grad} loss={use_name}"
+                got = run_block(fused, x, x_grad=x_grad, use=use)
+                want = run_block(plain, x, x_grad=x_grad, use=use)
+                assert len(got[0]) == n_out
+                assert_runs_match(got, want, TOL[dtype], label)
+                if x_grad:
+                    assert got[1] is not None and float(got[1].abs().max()) > 0, label
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", COORD_FUSED_CASES)
+def test_coord_fused_matches_plain(case, dtype):
+    lib_kw, _ = COORD_CASES[case]
+    fused, plain = _pair(CoordinateAttention(COORD_C, **lib_kw).to(dtype))
+    x0 = torch.randn(3, COORD_C, 6, 7, dtype=dtype)
+    for mode in ("train", "eval"):
+        fused.train(mode == "train")
+        plain.train(mode == "train")
+        for layout, x in _variants(x0):
+            for x_grad in (True, False):
+                label = f"{case} {mode} {layout} x_grad={x_grad}"
+                got = run_block(fused, x, x_grad=x_grad)
+                want = run_block(plain, x, x_grad=x_grad)
+                assert_runs_match(got, want, TOL[dtype], label)
+
+
+def test_fused_is_default_and_plain_is_selectable():
+    assert DynamicSpatialAttention().fused is True
+    assert CoordinateAttention(8).fused is True
+    assert DynamicSpatialAttention(fused=False).fused is False
+    assert CoordinateAttention(8, fused=False).fused is False
+
+
+def test_dsa_fused_gradients_do_not_leak_between_backward_passes():
+    """The fused DSA hands grad_y from the product's backward to the summary's backward
+    through a per-forward stash. A backward that reaches the product but not the summary
+    (gradients for the parameters only, graph retained) leaves grad_y in the stash; a later
+    backward that only goes through the summary (mask-only loss w.r.t. x) then adds that
+    stale grad_y * mask to grad_x."""
+    fused, plain = _pair(DynamicSpatialAttention())
+    x = torch.randn(2, 8, 6, 7, requires_grad=True)
+    results = []
+    for block in (fused, plain):
+        y, mask = block(x)
+        torch.autograd.grad(y.sum(), list(block.parameters()), retain_graph=True)
+        (gx,) = torch.autograd.grad(mask.sum(), x)
+        results.append(gx)
+    assert_close(results[0], results[1], 1e-5, "grad x of mask.sum() after a params-only pass")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: DynamicSpatialAttention(),
+    lambda: CoordinateAttention(COORD_C).eval(),
+], ids=["dsa", "coord"])
+def test_fused_retain_graph_twice_gives_same_grads(make):
+    fused, plain = _pair(make())
+    x = torch.randn(2, COORD_C, 5, 6, requires_grad=True)
+    out = fused(x)
+    y = out[0] if isinstance(out, tuple) else out
+    (g1,) = torch.autograd.grad(y.square().mean(), x, retain_graph=True)
+    (g2,) = torch.autograd.grad(y.square().mean(), x)
+    out_p = plain(x)
+    y_p = out_p[0] if isinstance(out_p, tuple) else out_p
+    (gp,) = torch.autograd.grad(y_p.square().mean(), x)
+    assert_close(g1, gp, 1e-5, "first pass")
+    assert_close(g2, gp, 1e-5, "second pass")
+
+
+# --------------------------------------------------------------------------------------
+# Double backward: fused refuses clearly, plain supports it
+# --------------------------------------------------------------------------------------
+
+_BLOCKS = {
+    "dsa": lambda fused: DynamicSpatialAttention(fused=fused),
+    "coord": lambda fused: CoordinateAttention(COORD_C, fused=fused).eval(),
+    # every add-on, with the sigmoid gate (torch has no second derivative of hardsigmoid)
+    "coord_all": lambda fused: CoordinateAttention(
+        COORD_C, **{**COORD_CASES["all"][0], "gate": "sigmoid"}, fused=fused
+    ).eval(),
+}
+_CLEAR = r"(?i)twice|once_differentiable|double backward|second derivative|fused"
+
+
+def _y(block, x):
+    out = block(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("name", list(_BLOCKS))
+def test_fused_double_backward_via_backward_raises(name):
+    block = _BLOCKS[name](True)
+    x = torch.randn(2, COORD_C, 5, 6, requires_grad=True)
+    # The fused path refuses create_graph=True at once, so no second derivative can follow.
+    with pytest.raises(RuntimeError, match=_CLEAR):
+        (gx,) = torch.autograd.grad(_y(block, x).square().mean(), x, create_graph=True)
+        gx.square().sum().backward()
+
+
+@pytest.mark.parametrize("name", list(_BLOCKS))
+def test_fused_grad_of_grad_wrt_x_raises_clearly(name):
+    """``autograd.grad(grad_x, x)`` must say that the fused path is first-order only; today it
+    says 'the differentiated Tensor appears to not have been used in the graph' (and with
+    allow_unused=True silently returns None)."""
+    block = _BLOCKS[name](True)
+    x = torch.randn(2, COORD_C, 5, 6, requires_grad=True)
+    with pytest.raises(RuntimeError, match=_CLEAR):
+        (gx,) = torch.autograd.grad(_y(block, x).square().mean(), x, create_graph=True)
+        torch.autograd.grad(gx.square().sum(), x)
+
+
+@pytest.mark.parametrize("name", list(_BLOCKS))
+def test_fused_grad_of_grad_wrt_params_raises(name):
+    """A gradient penalty on the parameters (grad with create_graph, then grad of it w.r.t.
+    the parameters) must raise on the fused path, not return a silently wrong value."""
+    block = _BLOCKS[name](True)
+    params = list(block.parameters())
+    x = torch.randn(2, COORD_C, 5, 6)
+    with pytest.raises(RuntimeError, match=_CLEAR):
+        grads = torch.autograd.grad(_y(block, x).square().mean(), params, create_graph=True)
+        penalty = sum(g.square().sum() for g in grads)
+        torch.autograd.grad(penalty, params, allow_unused=True)
+
+
+@pytest.mark.parametrize("name", list(_BLOCKS))
+def test_plain_supports_double_backward(name):
+    torch.manual_seed(3)
+    block = _BLOCKS[name](False).double()
+    params = list(block.parameters())
+    x = torch.randn(2, COORD_C, 5, 6, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(_y(block, x).square().mean(), x, create_graph=True)
+    gg = torch.autograd.grad(gx.square().sum(), [x] + params, allow_unused=True)
+    assert gg[0] is not None and torch.isfinite(gg[0]).all() and float(gg[0].abs().max()) > 0
+    assert any(g is not None and float(g.abs().max()) > 0 for g in gg[1:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_dsa_fused_channel_max_ties_follow_torch_max(dtype):
+    """Tied channel maxima (ReLU zeros, duplicated channels): the max gradient goes to one
+    channel, the one torch.max picks, exactly as in the seed and the plain path."""
+    from ._util import lib_dsa_from, seed_dsa
+
+    ref = seed_dsa({}).to(dtype)
+    fused = lib_dsa_from(ref, {}, fused=True).to(dtype)
+    x = torch.relu(torch.randn(3, 4, 8, 9, dtype=dtype) - 0.5)  # many all-zero positions
+    x[:, 2] = x[:, 0]  # exact ties between channels 0 and 2
+    x[0, :, :2, :2] = 0.25  # all channels tied
+    assert (x.amax(dim=1) == 0).any()
+    got = run_block(fused, x)
+    want = run_block(ref, x)
+    assert_runs_match(got, want, TOL[dtype], "ties")
+    for layout, xv in _variants(x):
+        assert_runs_match(run_block(fused, xv), want, TOL[dtype], f"ties {layout}")
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: DynamicSpatialAttention(return_router_weights=True),
+             lambda: CoordinateAttention(COORD_C, **COORD_CASES["all"][0]).eval()],
+    ids=["dsa", "coord_all"],
+)
+def test_fused_matches_plain_on_odd_layouts_and_sizes(make):
+    fused, plain = _pair(make())
+    big = torch.randn(2, COORD_C, 12, 7)
+    inputs = {
+        "strided": big[:, :, ::2],
+        "transposed": big.transpose(2, 3),
+        "expanded_batch": torch.randn(1, COORD_C, 6, 7).expand(3, -1, -1, -1),
+        "1x1": torch.randn(2, COORD_C, 1, 1),
+        "1xW": torch.randn(2, COORD_C, 1, 9),
+        "Hx1": torch.randn(2, COORD_C, 9, 1),
+        "batch_1": torch.randn(1, COORD_C, 5, 4),
+    }
+    for label, x in inputs.items():
+        got = run_block(fused, x)
+        want = run_block(plain, x)
+        assert got[0][0].shape == x.shape, label
+        assert_runs_match(got, want, 1e-5, label)

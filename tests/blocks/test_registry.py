@@ -1,0 +1,125 @@
+"""create_attention / attention_names / register_attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_attn
+from lightning_attn import (
+    CoordinateAttention,
+    DynamicSpatialAttention,
+    IdentityAttention,
+    attention_names,
+    create_attention,
+    register_attention,
+)
+from lightning_attn.blocks import registry as registry_module
+
+
+def test_known_names():
+    names = attention_names()
+    assert {"dsa", "coord", "none"} <= set(names)
+    assert names == sorted(names)
+
+
+def test_create_dsa_with_kwargs():
+    block = create_attention("dsa", 64, kernels=(5,), gate="hardsigmoid", temperature=2.0,
+                             use_dilated=False, return_router_weights=True, fused=False)
+    assert type(block) is DynamicSpatialAttention
+    assert block.kernel_sizes == (5,) and block.num_branches == 1
+    assert block.gate == "hardsigmoid" and float(block.temperature) == 2.0
+    assert block.fused is False
+    x = torch.randn(2, 64, 6, 6)
+    y, mask, rw = block(x)
+    assert y.shape == x.shape and rw.shape == (2, 1)
+
+
+def test_create_dsa_does_not_depend_on_channels():
+    a = create_attention("dsa", 8)
+    b = create_attention("dsa", 256)
+    assert {k: v.shape for k, v in a.state_dict().items()} == {
+        k: v.shape for k, v in b.state_dict().items()
+    }
+
+
+def test_create_coord_with_kwargs():
+    block = create_attention("coord", 32, reduction=4, per_axis_alpha=True, alpha=0.5,
+                             learnable_alpha=True, head_groups=2)
+    assert type(block) is CoordinateAttention
+    assert block.in_channels == 32 and block.mid_channels == 8
+    assert block.per_axis_alpha and set(block.trainable_attention_parameters()) == {
+        "alpha_h", "alpha_w"
+    }
+    assert block.conv_h.groups == 2
+    x = torch.randn(2, 32, 5, 6)
+    assert block(x).shape == x.shape
+    with pytest.raises(ValueError, match="in_channels"):
+        block(torch.randn(2, 16, 5, 6))
+
+
+def test_create_none_returns_input_unchanged():
+    block = create_attention("none", 16)
+    assert isinstance(block, IdentityAttention) and isinstance(block, nn.Module)
+    assert list(block.parameters()) == [] and len(block.state_dict()) == 0
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)
+    assert block(x) is x
+
+
+def test_unknown_name_lists_known_names():
+    with pytest.raises(ValueError) as err:
+        create_attention("cbam", 16)
+    message = str(err.value)
+    assert "cbam" in message
+    for name in attention_names():
+        assert name in message
+    with pytest.raises(ValueError):
+        create_attention(None, 16)
+    with pytest.raises(ValueError):
+        create_attention("DSA ", 16)
+
+
+@pytest.mark.parametrize("channels", [0, -3, 1.5, True, "16"])
+def test_bad_channels(channels):
+    with pytest.raises(ValueError, match="channels"):
+        create_attention("coord", channels)
+
+
+def test_constructor_errors_pass_through():
+    with pytest.raises(ValueError, match="head_groups"):
+        create_attention("coord", 16, head_groups=3)
+    with pytest.raises(ValueError, match="gate"):
+        create_attention("dsa", 16, gate="tanh")
+    with pytest.raises(TypeError):
+        create_attention("dsa", 16, no_such_option=1)
+
+
+def test_register_attention(monkeypatch):
+    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
+
+    class Mine(nn.Module):
+        def __init__(self, channels, scale=1.0):
+            super().__init__()
+            self.channels, self.scale = channels, scale
+
+        def forward(self, x):
+            return x * self.scale
+
+    register_attention("mine", Mine)
+    assert "mine" in attention_names()
+    block = create_attention("mine", 12, scale=2.0)
+    assert isinstance(block, Mine) and block.channels == 12 and block.scale == 2.0
+    with pytest.raises(ValueError, match="mine"):
+        register_attention("mine", Mine)
+    with pytest.raises(ValueError, match="dsa"):
+        register_attention("dsa", Mine)
+    with pytest.raises(ValueError):
+        register_attention("", Mine)
+
+
+def test_top_level_exports():
+    for name in ("create_attention", "attention_names", "DynamicSpatialAttention",
+                 "CoordinateAttention", "CoordinateAtt", "quick_mask_check",
+                 "MaskCollapseWarning", "AttentionObservation"):
+        assert hasattr(lightning_attn, name), name
