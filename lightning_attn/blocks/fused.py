@@ -170,20 +170,25 @@ class _AxisMeanPool(Function):
     @first_derivative_only
     def backward(ctx, grad_h: torch.Tensor, grad_w: torch.Tensor):
         (b, c, h, w), dtype, device = ctx.x_meta
+        grad_h, grad_w = grad_h / w, grad_w / h
         stashed = ctx.stash.take()
-        if stashed is not None:
-            (grad_x,) = stashed
-        else:
-            grad_x = torch.zeros((b, c, h, w), dtype=dtype, device=device)
-        grad_x.add_(grad_h / w).add_(grad_w / h)
+        if stashed is None:  # y took no part in the loss
+            return (grad_h + grad_w).to(dtype), None
+        # grad_x = grad_y * (k u_h) * u_w + c * grad_y + grad_h / W + grad_w / H, written in
+        # four passes into one buffer.
+        grad_y, ku_h, u_w, scale_c = stashed
+        grad_x = grad_y * ku_h
+        torch.addcmul(grad_w.to(grad_x.dtype), grad_x, u_w, out=grad_x)
+        grad_x.addcmul_(grad_y, scale_c)
+        grad_x.add_(grad_h)
         return grad_x, None
 
 
 def axis_mean_pool(
     x: torch.Tensor, stash: GradStash
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x (B,C,H,W) -> (mean_W x (B,C,H,1), mean_H x (B,C,1,W))``; its backward adds
-    the ``x``-gradient :func:`axis_scale` left in ``stash`` (same ``x``, same ``stash``)."""
+    """``x (B,C,H,W) -> (mean_W x (B,C,H,1), mean_H x (B,C,1,W))``; its backward also writes
+    the ``x``-gradient of :func:`axis_scale` (same ``x``, same ``stash``) into one buffer."""
     return _AxisMeanPool.apply(x, stash)
 
 
@@ -206,11 +211,8 @@ class _AxisScale(Function):
         x, u_h, u_w, c, k = ctx.saved_tensors
         _, need_h, need_w, need_c, need_k, _, _ = ctx.needs_input_grad
         grad_h = grad_w = grad_c = grad_k = None
-        if ctx.x_needs_grad:
-            grad_x = grad_y * (k * u_h)
-            grad_x.mul_(u_w)
-            grad_x.addcmul_(grad_y, c)
-            ctx.stash.put(grad_x)
+        if ctx.x_needs_grad:  # the pooling's backward writes grad_x (see axis_mean_pool)
+            ctx.stash.put(grad_y, k * u_h, u_w, c)
         if need_h or need_w or need_c or need_k:
             g = grad_y * x
             u_h, u_w = u_h.to(g.dtype), u_w.to(g.dtype)  # autocast may leave them in bf16
@@ -220,7 +222,12 @@ class _AxisScale(Function):
             if need_h:
                 grad_h = gh * k
             if need_w:
-                grad_w = torch.matmul(u_h.transpose(-1, -2), g) * k  # (B,C,1,W)
+                # A (1,H)x(H,W) product per (b, c) runs slowly for small maps on CPU.
+                if g.shape[-2] < 32:
+                    gw = (g * u_h).sum(dim=-2, keepdim=True)
+                else:
+                    gw = torch.matmul(u_h.transpose(-1, -2), g)
+                grad_w = gw * k  # (B,C,1,W)
             if need_k:
                 grad_k = (gh * u_h).sum().reshape(k.shape)
             if need_c:
