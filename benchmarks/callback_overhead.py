@@ -1,0 +1,180 @@
+"""Training speed with and without AttentionDiagnostics (not a test).
+
+Trains a small CNN (DynamicSpatialAttention + CoordinateAttention) on in-memory data, one run
+per ``log_every_n_steps`` (50 and 1). Within the run the two arms are interleaved: the
+training steps are cut into chunks of ``chunk`` steps, and AttentionDiagnostics is active in
+every other chunk only (when inactive its hooks are not called at all, so the model has no
+observer, exactly as without the callback). Each active chunk is compared with the mean of
+the two inactive chunks around it, which cancels slow drifts of a shared machine; the median
+of these ratios is reported with the median steps/s of each arm. Both arms log to a
+TensorBoardLogger with the same ``log_every_n_steps`` (chunks are multiples of it), so only
+the callback's own cost differs.
+
+    python benchmarks/callback_overhead.py [--pairs 12] [--intervals 50 1]
+
+Targets on a 2-core CPU: <= 2 % slower at 50, <= 10 % slower at every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_attn import create_attention
+from lightning_attn.callbacks import AttentionDiagnostics
+
+
+class SmallNet(LightningModule):
+    """conv(1->16) -> DSA -> conv(16->32, stride 2) -> CoordAtt -> pool -> linear, 32x32 input."""
+
+    def __init__(self, size: int = 32, n: int = 2048, batch_size: int = 32) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.dsa = create_attention("dsa", 16, learnable_temperature=True)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, stride=2)
+        self.coord = create_attention("coord", 32, learnable_alpha=True)
+        self.head = nn.Linear(32, 10)
+        g = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(
+            torch.rand(n, 1, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
+        )
+        self.batch_size = batch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x))
+        h = self.dsa(h)[0]
+        h = F.relu(self.conv2(h))
+        h = self.coord(h)
+        return self.head(h.mean(dim=(2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+
+class Interleave(Callback):
+    """Calls ``inner``'s training-batch hooks in odd chunks only; times every chunk.
+
+    Chunk ``k`` covers the steps ``warmup + k*chunk .. warmup + (k+1)*chunk - 1``; chunk 0
+    is without, chunk 1 with, and so on. The other hooks (setup, teardown, ...) always run.
+    """
+
+    def __init__(self, inner: Callback, chunk: int, warmup: int) -> None:
+        self.inner, self.chunk, self.warmup = inner, chunk, warmup
+        self.boundaries: list[float] = []
+        self._active = False
+
+    def __getattribute__(self, name: str) -> Any:
+        # Forward every hook we do not define to the inner callback.
+        own = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
+        if name.startswith(("on_", "setup", "teardown")) and name not in own:
+            return getattr(object.__getattribute__(self, "inner"), name)
+        return object.__getattribute__(self, name)
+
+    @property
+    def state_key(self) -> str:
+        return self.inner.state_key
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step - self.warmup
+        if step >= 0 and step % self.chunk == 0:
+            self.boundaries.append(time.perf_counter())
+        self._active = step >= 0 and (step // self.chunk) % 2 == 1
+        if self._active:
+            self.inner.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self._active:
+            self.inner.on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._active:
+            self.inner.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step == trainer.max_steps:
+            self.boundaries.append(time.perf_counter())  # end of the last chunk
+
+    def chunk_speeds(self) -> list[float]:
+        """Steps/s of each chunk, in order (even: without, odd: with)."""
+        times = [b - a for a, b in zip(self.boundaries, self.boundaries[1:], strict=False)]
+        return [self.chunk / t for t in times]
+
+
+def measure(every: int, chunk: int, pairs: int, warmup: int, root: str) -> list[float]:
+    torch.manual_seed(0)
+    diag = AttentionDiagnostics(num_images=0, on_problem="ignore", summary=False)
+    timer = Interleave(diag, chunk, warmup)
+    n_chunks = 2 * pairs + 1  # without, with, without, ..., without
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=warmup + n_chunks * chunk,
+        log_every_n_steps=every,
+        logger=TensorBoardLogger(root, name=f"every{every}"),
+        callbacks=[timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(SmallNet())
+    return timer.chunk_speeds()[:n_chunks]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=12, help="chunks with the callback")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps first")
+    parser.add_argument("--intervals", type=int, nargs="+", default=[50, 1])
+    args = parser.parse_args()
+
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    print(f"load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for every in args.intervals:
+            chunk = every * max(1, 10 // every)  # whole logging intervals, >= 10 steps
+            speeds = measure(every, chunk, args.pairs, args.warmup, root)
+            without, with_ = speeds[0::2], speeds[1::2]
+            # each chunk with the callback against the mean of its two neighbours without
+            neighbours = zip(with_, without, without[1:], strict=False)
+            ratios = [w / ((a + b) / 2) for w, a, b in neighbours]
+            rows.append((every, chunk, statistics.median(without), statistics.median(with_),
+                         statistics.median(ratios)))
+            print(f"log_every_n_steps={every}, chunks of {chunk} steps: ratios "
+                  f"{[round(r, 3) for r in ratios]}", flush=True)
+
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.pairs} chunks "
+          f"with the callback per interval; medians")
+    print()
+    print("| log_every_n_steps | without (steps/s) | with (steps/s) | ratio | slower |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for every, _, base, diag, ratio in rows:
+        print(f"| {every} | {base:.1f} | {diag:.1f} | {ratio:.3f} | {(1 - ratio) * 100:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()

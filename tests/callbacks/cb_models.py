@@ -1,0 +1,242 @@
+"""Tiny LightningModules and a fake observable block for the callback tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_attn import create_attention
+from lightning_attn.blocks import ObservableMixin
+
+
+def make_data(n: int = 32, channels: int = 1, size: int = 8, classes: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, channels, size, size, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return TensorDataset(x, y)
+
+
+class TinyAttnNet(LightningModule):
+    """conv stem -> DynamicSpatialAttention -> CoordinateAttention -> linear head."""
+
+    def __init__(
+        self,
+        channels: int = 4,
+        size: int = 8,
+        n: int = 32,
+        batch_size: int = 8,
+        per_axis_alpha: bool = False,
+        lr: float = 0.05,
+        fail_at_step: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, channels, 3, padding=1)
+        self.dsa = create_attention("dsa", channels, learnable_temperature=True, kernels=(3,))
+        self.coord = create_attention(
+            "coord", channels, learnable_alpha=True, per_axis_alpha=per_axis_alpha,
+            beta=0.5, min_mid_channels=4,
+        )
+        self.head = nn.Linear(channels, 3)
+        self.size, self.n, self.batch_size, self.lr = size, n, batch_size, lr
+        self.fail_at_step = fail_at_step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.stem(x))
+        h = self.dsa(h)[0]
+        h = self.coord(h)
+        return self.head(h.mean(dim=(2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        if self.fail_at_step is not None and self.global_step >= self.fail_at_step:
+            raise RuntimeError("planned failure")
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self):
+        return DataLoader(make_data(self.n, size=self.size), batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(make_data(16, size=self.size, seed=1), batch_size=self.batch_size)
+
+
+def offline_stats(xs: torch.Tensor, k: int, scale: float = 1.0, low=0.05, high=0.95):
+    """What the callbacks must log for a FakeBlock that saw the batches ``xs`` (concatenated)."""
+    mask = xs[:, :1].double().flatten()
+    rw = torch.softmax(scale * xs[:, 0, 0, :k], dim=1).double()
+    ent = -(rw * rw.log()).sum(1)
+    return {
+        "mask/mean": mask.mean().item(),
+        "mask/std": mask.std().item(),
+        "mask/sat_low": (mask < low).double().mean().item(),
+        "mask/sat_high": (mask > high).double().mean().item(),
+        "router/entropy": ent.mean().item(),
+        "router/entropy_norm": ent.mean().item() / math.log(k),
+        **{f"router/usage_{i}": rw[:, i].mean().item() for i in range(k)},
+    }
+
+
+class FakeBlock(ObservableMixin, nn.Module):
+    """An ObservableAttention whose mask and router weights are known functions of the input.
+
+    ``mask = x[:, :1]`` (the input itself, ``(B,1,H,W)``) and ``rw = softmax(x[:, 0, 0, :K])``
+    ``(B,K)``, so tests can compute every statistic offline from the data. ``gain`` is a
+    learnable scalar reported as ``temperature``.
+    """
+
+    mask_names = ("mask",)
+
+    def __init__(self, num_branches: int = 3, router_scale: float = 1.0) -> None:
+        super().__init__()
+        self._init_observers()
+        self.num_branches = num_branches
+        self.router_scale = router_scale
+        self.gain = nn.Parameter(torch.tensor(1.0))
+
+    @staticmethod
+    def mask_of(x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1]
+
+    def router_of(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.router_scale * x[:, 0, 0, : self.num_branches], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask, rw = self.mask_of(x), self.router_of(x)
+        if self._observers:
+            self._notify_observers({"mask": mask}, rw)
+        return x * mask * self.gain
+
+    def attention_parameters(self) -> dict[str, torch.Tensor]:
+        return {"temperature": self.gain.detach()}
+
+    def trainable_attention_parameters(self) -> dict[str, nn.Parameter]:
+        return {"temperature": self.gain}
+
+
+class FakeNet(LightningModule):
+    """FakeBlock -> linear head, on data whose batches the test can replay.
+
+    ``data`` is the training set; ``transform`` maps a batch ``x`` before the block (tests use
+    it to feed constant, saturated or NaN masks).
+    """
+
+    def __init__(
+        self,
+        data: TensorDataset | None = None,
+        batch_size: int = 8,
+        num_branches: int = 3,
+        router_scale: float = 1.0,
+        transform=None,
+        record: bool = False,
+        lr: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.data = data if data is not None else make_data(32)
+        self.batch_size = batch_size
+        self.block = FakeBlock(num_branches, router_scale)
+        self.head = nn.Linear(self.data.tensors[0][0].numel(), 3)
+        self.transform = transform
+        self.record = record
+        self.seen: list[tuple[int, torch.Tensor]] = []
+        self.observer_counts: list[int] = []
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transform is not None:
+            x = self.transform(x)
+        return self.head(self.block(x).flatten(1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.observer_counts.append(len(self.block._observers))
+        if self.record:
+            xt = self.transform(x) if self.transform is not None else x
+            self.seen.append((self.global_step, xt.detach().clone()))
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+
+class PlainNet(LightningModule):
+    """No attention block at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.lin(x.flatten(1)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return DataLoader(make_data(16), batch_size=8)
+
+
+class MemoryLogger(Logger):
+    """Keeps every ``log_metrics`` call: ``records`` is a list of ``(step, metrics)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.records.append((step, dict(metrics)))
+
+    def attn(self, tag: str | None = None) -> list[tuple[int | None, dict[str, float]]]:
+        """Records holding ``attn/`` tags (only ``tag`` if given)."""
+        out = []
+        for step, metrics in self.records:
+            m = {k: v for k, v in metrics.items() if k.startswith("attn/")}
+            if tag is not None:
+                m = {tag: m[tag]} if tag in m else {}
+            if m:
+                out.append((step, m))
+        return out
+
+
+def make_trainer(tmp_path, callbacks, max_steps: int = 4, logger=False, **kwargs) -> Trainer:
+    """A quiet CPU Trainer for the tests."""
+    kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("limit_val_batches", 0)
+    kwargs.setdefault("num_sanity_val_steps", 0)
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=str(tmp_path),
+        **kwargs,
+    )

@@ -1,0 +1,74 @@
+"""2-process CPU DDP run for test_cb_ddp.py (Lightning's launcher re-executes this script).
+
+Usage: ``python tests/callbacks/ddp_script.py OUT_DIR``. Each rank writes ``OUT_DIR/rank<r>.pt``
+with the batches its blocks saw and the statistics its callback computed; rank 0's CSVLogger
+writes what was logged.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from cb_models import FakeBlock, FakeNet, make_data  # noqa: E402
+from lightning.pytorch import Callback, Trainer  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+
+from lightning_attn.callbacks import AttentionDiagnostics  # noqa: E402
+
+
+class TwoBlockNet(FakeNet):
+    """FakeNet plus ``extra``, a block that runs a forward on rank 0 only.
+
+    Rank 1 must still join every reduction with zeros for it (no deadlock), and its
+    statistics are those of rank 0's batches alone.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(data=make_data(64), batch_size=4, record=True)
+        self.extra = FakeBlock(num_branches=2)
+        self.extra.gain.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.global_rank == 0:
+            self.extra(x)
+        return out
+
+
+class Dump(Callback):
+    def __init__(self, diag: AttentionDiagnostics, out_dir: str) -> None:
+        self.diag, self.out_dir, self.stats = diag, out_dir, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        last = self.diag.last_stats
+        if last is not None and (not self.stats or self.stats[-1].step != last.step):
+            self.stats.append(last)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt")
+        torch.save({"seen": pl_module.seen, "stats": self.stats}, path)
+
+
+def main(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    diag = AttentionDiagnostics(log_every_n_steps=2, num_images=0, summary=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=4,
+        logger=CSVLogger(out_dir, name="csv", version=0),
+        callbacks=[diag, Dump(diag, out_dir)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(TwoBlockNet())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,112 @@
+"""Health rules on constructed statistics: each fires on its bad case, none on a healthy one."""
+
+import math
+import warnings
+
+import pytest
+
+from lightning_attn.callbacks import (
+    AttentionProblemError,
+    DeadBranchWarning,
+    HealthThresholds,
+    MaskCollapseWarning,
+    MaskSaturationWarning,
+    NonFiniteWarning,
+    RouterCollapseWarning,
+    RouterIndifferenceWarning,
+    find_problems,
+)
+from lightning_attn.callbacks.health import PROBLEM_KINDS, ProblemReporter
+from lightning_attn.callbacks.statistics import BlockStats, GlobalStats, MaskStats, RouterStats
+
+ALL = frozenset({"mask", "router", "param"})
+HEALTHY_MASK = MaskStats(count=100, mean=0.5, std=0.2, sat_low=0.1, sat_high=0.1, nonfinite=0)
+HEALTHY_ROUTER = RouterStats(
+    count=8, entropy=0.8, entropy_norm=0.73, usage=(0.5, 0.3, 0.2), nonfinite=0
+)
+
+
+def _stats(step=1000, mask=HEALTHY_MASK, router=HEALTHY_ROUTER, params=None):
+    block = BlockStats(
+        masks={"mask": mask}, router=router, params=params or {"temperature": 1.0}
+    )
+    return GlobalStats(step=step, blocks={"net.attn": block})
+
+
+def _kinds(stats, thresholds=None):
+    problems = find_problems(stats, thresholds or HealthThresholds(), PROBLEM_KINDS, ALL)
+    return [p.kind for p in problems]
+
+
+def test_healthy_block_has_no_problem():
+    assert _kinds(_stats()) == []
+
+
+@pytest.mark.parametrize(
+    ("stats", "kind"),
+    [
+        (_stats(mask=MaskStats(100, 0.5, 0.01, 0.0, 0.0, 0)), "mask_collapse"),
+        (_stats(mask=MaskStats(100, 0.5, 0.45, 0.3, 0.3, 0)), "mask_saturation"),
+        (_stats(router=RouterStats(8, 0.05, 0.05, (0.4, 0.3, 0.3), 0)), "router_collapse"),
+        (_stats(router=RouterStats(8, 1.09, 0.99, (0.34, 0.33, 0.33), 0)), "router_indifference"),
+        (_stats(router=RouterStats(8, 0.69, 0.63, (0.5, 0.49, 0.01), 0)), "dead_branch"),
+        (_stats(mask=MaskStats(100, math.nan, math.nan, 0.0, 0.0, 3)), "nonfinite"),
+        (_stats(router=RouterStats(8, math.nan, math.nan, (0.5, 0.5, math.nan), 2)), "nonfinite"),
+        (_stats(params={"temperature": math.inf}), "nonfinite"),
+    ],
+)
+def test_each_rule_fires_on_its_case(stats, kind):
+    assert _kinds(stats) == [kind]
+
+
+def test_indifference_waits_for_warmup_and_thresholds_are_arguments():
+    stats = _stats(step=10, router=RouterStats(8, 1.09, 0.99, (0.34, 0.33, 0.33), 0))
+    assert _kinds(stats) == []  # default warm-up 500 steps
+    assert _kinds(stats, HealthThresholds(indifference_warmup_steps=10)) == [
+        "router_indifference"
+    ]
+    assert _kinds(_stats(), HealthThresholds(std_threshold=0.3)) == ["mask_collapse"]
+    assert _kinds(_stats(), HealthThresholds(dead_branch_factor=1.0)) == ["dead_branch"]
+
+
+def test_message_names_block_value_threshold_step_and_hint():
+    stats = _stats(step=42, mask=MaskStats(100, 0.5, 0.0123, 0.0, 0.0, 0))
+    (p,) = find_problems(stats, HealthThresholds(), PROBLEM_KINDS, ALL)
+    for part in ("'net.attn'", "0.0123", "std_threshold=0.02", "step 42", "Try:"):
+        assert part in p.message
+
+
+def test_reporter_warns_once_per_block_and_kind():
+    reporter = ProblemReporter("warn")
+    bad = _stats(mask=MaskStats(100, 0.5, 0.01, 0.0, 0.0, 0))
+    problems = find_problems(bad, HealthThresholds(), PROBLEM_KINDS, ALL)
+    with pytest.warns(MaskCollapseWarning) as record:
+        reporter.report(problems)
+        reporter.report(problems)
+    assert len(record) == 1
+    assert reporter.state_dict() == {"net.attn|mask_collapse": 1000}
+
+
+@pytest.mark.parametrize(
+    ("kind", "category"),
+    [
+        ("mask_saturation", MaskSaturationWarning),
+        ("router_collapse", RouterCollapseWarning),
+        ("router_indifference", RouterIndifferenceWarning),
+        ("dead_branch", DeadBranchWarning),
+        ("nonfinite", NonFiniteWarning),
+    ],
+)
+def test_categories(kind, category):
+    assert PROBLEM_KINDS[kind].category is category
+
+
+def test_raise_and_ignore():
+    bad = _stats(mask=MaskStats(100, 0.5, 0.01, 0.0, 0.0, 0))
+    problems = find_problems(bad, HealthThresholds(), PROBLEM_KINDS, ALL)
+    with pytest.raises(AttentionProblemError) as info:
+        ProblemReporter("raise").report(problems)
+    assert info.value.kind == "mask_collapse" and info.value.block == "net.attn"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ProblemReporter("ignore").report(problems)

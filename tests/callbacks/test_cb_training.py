@@ -1,0 +1,279 @@
+"""The callbacks inside real (tiny) training runs: schedule, values, warnings, hooks, resume."""
+
+import warnings
+
+import pytest
+import torch
+from cb_models import (
+    FakeBlock,
+    FakeNet,
+    MemoryLogger,
+    PlainNet,
+    TinyAttnNet,
+    make_data,
+    make_trainer,
+    offline_stats,
+)
+from torch.utils.data import TensorDataset
+
+import lightning_attn.callbacks.statistics as S
+from lightning_attn.callbacks import (
+    AttentionDiagnostics,
+    AttentionProblemError,
+    AttentionWarning,
+    DeadBranchWarning,
+    MaskCollapseWarning,
+    MaskHealthMonitor,
+    MaskSaturationWarning,
+    NonFiniteWarning,
+    ParameterTrajectoryMonitor,
+    RouterCollapseWarning,
+    RouterEntropyMonitor,
+    RouterIndifferenceWarning,
+)
+
+
+def _attn_warnings(record):
+    return [w for w in record if issubclass(w.category, AttentionWarning)]
+
+
+def _diag(**kwargs):
+    kwargs.setdefault("num_images", 0)
+    kwargs.setdefault("summary", False)
+    return AttentionDiagnostics(**kwargs)
+
+
+# -- schedule ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("trainer_every", "own_every", "expected"), [(3, None, [3, 6, 9]), (3, 4, [4, 8])]
+)
+def test_points_follow_log_every_n_steps(tmp_path, trainer_every, own_every, expected):
+    logger = MemoryLogger()
+    cb = _diag(log_every_n_steps=own_every, on_problem="ignore")
+    trainer = make_trainer(
+        tmp_path, [cb], max_steps=10, logger=logger, log_every_n_steps=trainer_every
+    )
+    trainer.fit(FakeNet())
+    steps = [step for step, _ in logger.attn()]
+    assert steps == expected
+    assert len(steps) == trainer.global_step // (own_every or trainer_every) == cb.num_points
+
+
+def test_nothing_is_computed_when_interval_exceeds_run(tmp_path, monkeypatch):
+    calls = {"mask": 0, "router": 0, "attach": 0}
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(S, "mask_sums", count("mask", S.mask_sums))
+    monkeypatch.setattr(S, "router_sums", count("router", S.router_sums))
+    monkeypatch.setattr(FakeBlock, "attach_observer", count("attach", FakeBlock.attach_observer))
+    logger = MemoryLogger()
+    cb = _diag(histogram_every_n_steps=100)
+    model = FakeNet()
+    make_trainer(tmp_path, [cb], max_steps=6, logger=logger, log_every_n_steps=50).fit(model)
+    assert calls == {"mask": 0, "router": 0, "attach": 0}
+    assert logger.attn() == [] and cb.last_stats is None
+    assert set(model.observer_counts) == {0}
+
+
+def test_validation_and_sanity_forwards_are_not_training_statistics(tmp_path, monkeypatch):
+    calls = []
+    original = S.mask_sums
+    monkeypatch.setattr(S, "mask_sums", lambda *a, **k: calls.append(1) or original(*a, **k))
+    cb = _diag(log_every_n_steps=1, on_problem="ignore", num_images=2)
+    trainer = make_trainer(
+        tmp_path, [cb], max_steps=4, limit_val_batches=2, val_check_interval=2,
+        num_sanity_val_steps=2,
+    )
+    trainer.fit(TinyAttnNet())
+    assert len(calls) == 4 * 3  # 4 training forwards x (mask, mask_h, mask_w)
+    assert cb.last_stats.blocks["dsa"].masks["mask"].count == 8 * 8 * 8  # one batch, B*H*W
+
+
+# -- values --------------------------------------------------------------------------------
+def _check_against_offline(logger, seen, k, accumulate=1):
+    for step, metrics in logger.attn():
+        xs = torch.cat([x for s, x in seen if s == step - 1])
+        assert xs.shape[0] == 8 * accumulate
+        for name, value in offline_stats(xs, k).items():
+            assert metrics[f"attn/block/{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6)
+
+
+def test_logged_values_equal_offline_computation(tmp_path):
+    logger = MemoryLogger()
+    model = FakeNet(record=True, num_branches=4)
+    trainer = make_trainer(tmp_path, [_diag(log_every_n_steps=2)], max_steps=6, logger=logger)
+    trainer.fit(model)
+    assert [s for s, _ in logger.attn()] == [2, 4, 6]
+    _check_against_offline(logger, model.seen, k=4)
+    last = logger.attn()[-1][1]
+    assert last["attn/block/param/temperature"] == pytest.approx(model.block.gain.item())
+    assert last["attn/block/param/temperature_grad_norm"] > 0
+
+
+def test_gradient_accumulation_gives_one_point_per_optimizer_step(tmp_path):
+    logger = MemoryLogger()
+    model = FakeNet(record=True)
+    trainer = make_trainer(
+        tmp_path, [_diag(log_every_n_steps=1)], max_steps=3, logger=logger,
+        accumulate_grad_batches=2,
+    )
+    trainer.fit(model)
+    assert [s for s, _ in logger.attn()] == [1, 2, 3]
+    _check_against_offline(logger, model.seen, k=3, accumulate=2)
+
+
+def test_parameter_monitor_logs_every_parameter(tmp_path):
+    logger = MemoryLogger()
+    cb = ParameterTrajectoryMonitor(log_every_n_steps=1)
+    make_trainer(tmp_path, [cb], max_steps=2, logger=logger).fit(TinyAttnNet(per_axis_alpha=True))
+    tags = set(logger.attn()[-1][1])
+    assert tags == {
+        "attn/dsa/param/temperature", "attn/dsa/param/temperature_grad_norm",
+        "attn/coord/param/alpha_h", "attn/coord/param/alpha_h_grad_norm",
+        "attn/coord/param/alpha_w", "attn/coord/param/alpha_w_grad_norm",
+        "attn/coord/param/beta",  # fixed: value only
+    }
+
+
+# -- warnings ------------------------------------------------------------------------------
+def _constant(x):
+    return torch.full_like(x, 0.5)
+
+
+def _binary(x):
+    return (x > 0.5).float()
+
+
+def _dead_first_branch(x):
+    x = x.clone()
+    x[:, 0, 0, 0] = -30.0
+    return x
+
+
+def _one_hot_router(x):
+    # sample i puts all its router logit on branch i % 3: every branch used, none mixed
+    x = x.clone()
+    x[:, 0, 0, :3] = 0.0
+    x[torch.arange(len(x)), 0, 0, torch.arange(len(x)) % 3] = 1.0
+    return x
+
+
+def _nan_pixel(x):
+    x = x.clone()
+    x[:, 0, 3, 3] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize(
+    ("callback", "model_kwargs", "category"),
+    [
+        (MaskHealthMonitor, {"transform": _constant}, MaskCollapseWarning),
+        (MaskHealthMonitor, {"transform": _binary}, MaskSaturationWarning),
+        (MaskHealthMonitor, {"transform": _nan_pixel}, NonFiniteWarning),
+        (
+            RouterEntropyMonitor,
+            {"router_scale": 200.0, "transform": _one_hot_router},
+            RouterCollapseWarning,
+        ),
+        (RouterEntropyMonitor, {"transform": _dead_first_branch}, DeadBranchWarning),
+        (
+            lambda **kw: RouterEntropyMonitor(indifference_warmup_steps=2, **kw),
+            {"router_scale": 0.0},
+            RouterIndifferenceWarning,
+        ),
+    ],
+)
+def test_each_warning_fires_exactly_once(tmp_path, callback, model_kwargs, category):
+    cb = callback(log_every_n_steps=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [cb], max_steps=4).fit(FakeNet(**model_kwargs))
+    found = _attn_warnings(record)
+    assert [w.category for w in found] == [category]
+    assert "'block'" in str(found[0].message) and "Try:" in str(found[0].message)
+    if category is RouterIndifferenceWarning:
+        assert "at step 2" in str(found[0].message)  # not before the warm-up
+
+
+def test_healthy_run_gives_no_warning(tmp_path):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [_diag(log_every_n_steps=1)], max_steps=4).fit(FakeNet())
+    assert _attn_warnings(record) == []
+
+
+def test_raise_stops_training_and_leaves_no_hook(tmp_path):
+    model = FakeNet(transform=_constant)
+    cb = MaskHealthMonitor(log_every_n_steps=2, on_problem="raise")
+    with pytest.raises(AttentionProblemError, match="std_threshold"):
+        make_trainer(tmp_path, [cb], max_steps=6).fit(model)
+    assert model.block._observers == {} and not cb._collector.active
+
+
+# -- hooks -----------------------------------------------------------------------------
+def test_no_hooks_after_exception(tmp_path):
+    model = TinyAttnNet(fail_at_step=2)
+    cb = _diag(log_every_n_steps=1, on_problem="ignore")
+    with pytest.raises(RuntimeError, match="planned failure"):
+        make_trainer(tmp_path, [cb], max_steps=5).fit(model)
+    assert not model.dsa.has_observers and not model.coord.has_observers
+    assert not cb._collector.active
+
+
+def test_one_callback_two_fits_and_two_callbacks_one_model(tmp_path):
+    model = FakeNet()
+    cb = _diag(log_every_n_steps=1, on_problem="ignore")
+    other = MaskHealthMonitor(log_every_n_steps=2)
+    make_trainer(tmp_path, [cb, other], max_steps=4).fit(model)
+    assert model.observer_counts == [1, 2, 1, 2]  # one per callback, on their logging steps
+    assert not model.block.has_observers
+    model.observer_counts.clear()
+    make_trainer(tmp_path, [cb], max_steps=8).fit(model)
+    assert set(model.observer_counts) == {1} and not model.block.has_observers
+
+
+# -- resume -----------------------------------------------------------------------------
+def test_resume_continues_curves_without_duplicate_warning(tmp_path):
+    ckpt = tmp_path / "run1.ckpt"
+    first = MemoryLogger()
+    cb1 = _diag(log_every_n_steps=2)
+    with pytest.warns(MaskCollapseWarning):
+        trainer = make_trainer(tmp_path, [cb1], max_steps=4, logger=first)
+        trainer.fit(FakeNet(transform=_constant))
+    trainer.save_checkpoint(ckpt)
+    second = MemoryLogger()
+    cb2 = _diag(log_every_n_steps=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [cb2], max_steps=8, logger=second).fit(
+            FakeNet(transform=_constant), ckpt_path=ckpt
+        )
+    assert [s for s, _ in first.attn()] == [2, 4]
+    assert [s for s, _ in second.attn()] == [6, 8]
+    assert _attn_warnings(record) == []
+    assert cb2.num_points == 4
+    assert cb2._reporter.reported == {"block|mask_collapse": 2}
+
+
+# -- no blocks, no loggers ----------------------------------------------------------------
+def test_module_without_attention_block_warns_once(tmp_path):
+    with pytest.warns(UserWarning, match="no attention block") as record:
+        make_trainer(tmp_path, [_diag()], max_steps=2).fit(PlainNet())
+    assert len([w for w in record if "no attention block" in str(w.message)]) == 1
+
+
+def test_no_logger_still_warns_and_prints_summary(tmp_path, capsys):
+    cb = AttentionDiagnostics(log_every_n_steps=1, num_images=0)
+    data = TensorDataset(*make_data(16).tensors)
+    with pytest.warns(MaskCollapseWarning):
+        make_trainer(tmp_path, [cb], max_steps=2, logger=False).fit(
+            FakeNet(data=data, transform=_constant)
+        )
+    out = capsys.readouterr().out
+    assert "Attention summary" in out and "block" in out and "ACTIVE" in out
