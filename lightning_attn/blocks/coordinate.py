@@ -63,6 +63,8 @@ class CoordinateAttention(ObservableMixin, nn.Module):
     Shapes: ``x (B,C,H,W) -> y (B,C,H,W)``.
     """
 
+    mask_names = ("mask_h", "mask_w")
+
     def __init__(
         self,
         in_channels: int,

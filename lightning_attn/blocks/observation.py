@@ -14,7 +14,11 @@ only computes statistics should do so under ``torch.no_grad()`` right away.
 
 A user's own block joins the diagnostics by implementing :class:`ObservableAttention`
 (easiest: inherit :class:`ObservableMixin`, call ``self._notify_observers(...)`` at the end
-of ``forward`` when ``self.has_observers``, and override the two parameter methods).
+of ``forward`` when ``self.has_observers``, and override the two parameter methods). It
+declares up front, as class or instance attributes, the names of the masks it reports
+(``mask_names``, default ``("mask",)``) and, if it routes, its number of branches
+(``num_branches``): under DDP every process must agree on the statistics' layout before any
+forward has run.
 """
 
 from __future__ import annotations
@@ -86,6 +90,10 @@ class ObservableAttention(Protocol):
 class ObservableMixin:
     """Observer bookkeeping for an ``nn.Module``; call ``_init_observers()`` in ``__init__``."""
 
+    #: Names of the masks this block reports in its observations.
+    mask_names: tuple[str, ...] = ("mask",)
+    #: ``K`` of the block's router, or ``None`` for a block without one.
+    num_branches: int | None = None
     _observers: OrderedDict[int, Observer]
 
     def _init_observers(self) -> None:

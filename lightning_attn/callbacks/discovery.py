@@ -100,15 +100,10 @@ class BlockLayout:
 
 def describe_block(name: str, block: nn.Module) -> BlockLayout:
     """The :class:`BlockLayout` of ``block`` (reads its parameters once, no forward)."""
-    if isinstance(block, DynamicSpatialAttention):
-        masks: tuple[str, ...] = ("mask",)
-        k: int | None = int(block.num_branches)
-    elif isinstance(block, CoordinateAttention):
-        masks, k = ("mask_h", "mask_w"), None
-    else:
-        masks = tuple(getattr(block, "mask_names", ("mask",)))
-        declared = getattr(block, "num_branches", None)
-        k = declared if isinstance(declared, int) and not isinstance(declared, bool) else None
+    # Declared by the observation protocol (ObservableMixin gives the defaults).
+    masks = tuple(getattr(block, "mask_names", ("mask",)))
+    declared = getattr(block, "num_branches", None)
+    k = declared if isinstance(declared, int) and not isinstance(declared, bool) else None
     params = tuple(block.attention_parameters())
     trainable = tuple(n for n in block.trainable_attention_parameters() if n in params)
     return BlockLayout(name, masks, k if k and k > 0 else None, params, trainable)
