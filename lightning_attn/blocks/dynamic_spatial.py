@@ -195,7 +195,14 @@ class DynamicSpatialAttention(ObservableMixin, nn.Module):
             max_map, _ = torch.max(x, dim=1, keepdim=True)
             s = torch.cat([avg_map, max_map], dim=1)  # (B,2,H,W)
 
-        logits = self.router(s).flatten(1)  # (B,K)
+        if fused:
+            # Pool, then continue in the default layout: a channels_last (B,2,1,1) input
+            # would give the router's weights channels_last gradients, which DDP's
+            # gradient buckets (laid out like the parameters) have to copy every step.
+            pooled = self.router[0](s).flatten(1)[:, :, None, None]
+            logits = self.router[3](self.router[2](self.router[1](pooled))).flatten(1)
+        else:
+            logits = self.router(s).flatten(1)  # (B,K)
         rw = torch.softmax(logits, dim=1)
 
         if fused:

@@ -123,6 +123,10 @@ class AttentionStatsCallback(Callback):
             "exclude": self.exclude,
             "log_every_n_steps": self.log_every_n_steps,
             "histogram_every_n_steps": self.histogram_every_n_steps,
+            # Two instances that differ only in thresholds or on_problem must not share a
+            # key: Lightning refuses duplicate keys of stateful callbacks.
+            "thresholds": self.thresholds,
+            "on_problem": self.on_problem,
         }
 
     @property
@@ -225,6 +229,14 @@ class AttentionStatsCallback(Callback):
         if self._log_scalars and any(bs.histograms for bs in stats.blocks.values()):
             write_histograms(trainer, stats)
         self._reporter.report(problems)  # last: with on_problem="raise" the values are logged
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A batch whose LightningModule.on_train_batch_start returned -1 ends the epoch
+        # without on_train_batch_end: take the observers off so that nothing between here
+        # and the next training batch (epoch-end hooks, validation) is observed.
+        if self._collecting:
+            self._collecting = False
+            self._collector.detach()
 
     # -- cleanup ---------------------------------------------------------------------------
     def _release(self) -> None:

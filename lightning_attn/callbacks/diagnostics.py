@@ -146,6 +146,7 @@ class AttentionDiagnostics(AttentionStatsCallback):
 
     # -- summary ---------------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
         if self.summary:
             print_summary(self, trainer)
 

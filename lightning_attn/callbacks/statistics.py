@@ -93,8 +93,11 @@ def histogram_counts(values: torch.Tensor, bins: int = HISTOGRAM_BINS) -> torch.
     v = torch.nan_to_num(v, nan=-1.0, posinf=-1.0, neginf=-1.0)
     inside = (v >= 0.0) & (v <= 1.0)
     index = (v * bins).long().clamp_(0, bins - 1)
-    # bincount with weights, not histc: histc's parallel loop stalls on busy CPUs
-    return torch.bincount(index, weights=inside.float(), minlength=bins)[:bins]
+    # index_add_, not histc (its parallel loop stalls on busy CPUs) nor bincount (on CUDA it
+    # reads the index's min and max back to the host: a sync per forward)
+    dtype = torch.float32 if v.device.type == "mps" else torch.float64  # exact counts
+    counts = torch.zeros(bins, dtype=dtype, device=v.device)
+    return counts.index_add_(0, index, inside.to(dtype))
 
 
 @dataclass(frozen=True)

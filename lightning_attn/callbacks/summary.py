@@ -118,6 +118,7 @@ class AttentionSummary(AttentionStatsCallback):
         )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
         print_summary(self, trainer)
 
 

@@ -1,0 +1,82 @@
+"""``lightning-attn``: LightningCLI for :class:`AttentionClassifier` on cluttered digits.
+
+Subcommands ``fit``, ``validate``, ``test``, ``predict``. Examples::
+
+    lightning-attn fit --config examples/configs/dsa.yaml
+    lightning-attn fit --config examples/configs/dsa.yaml \\
+        --trainer.accelerator cpu --trainer.devices 2 --trainer.strategy ddp
+    lightning-attn fit --config examples/configs/dsa.yaml --ckpt_path <checkpoint>  # resume
+    lightning-attn test --config examples/configs/dsa.yaml --ckpt_path <checkpoint>
+
+Defaults added to LightningCLI's: a ``TensorBoardLogger`` under ``runs/`` (``--trainer.logger``),
+a ``RichProgressBar`` (always on), a ``ModelCheckpoint`` (``--checkpoint.*``) keeping the
+best ``val/acc`` and saving one more checkpoint when a run is interrupted (Ctrl-C or an error;
+resume it with ``--ckpt_path``) and, when the package has it,
+``lightning_attn.callbacks.AttentionDiagnostics`` (``--diagnostics.*``).
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_attn.callbacks import AttentionDiagnostics
+from lightning_attn.data import ClutteredDigitsDataModule
+from lightning_attn.modules import AttentionClassifier
+
+__all__ = ["AttentionCLI", "build_cli", "main", "trainer_defaults"]
+
+
+def trainer_defaults() -> dict:
+    """Trainer defaults: a TensorBoard logger under ``runs/`` (override with
+    ``--trainer.logger.*``) and a persistent ``RichProgressBar`` (fresh per call)."""
+    return {
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": "runs", "name": "lightning_attn"},
+        },
+        "callbacks": [RichProgressBar()],
+    }
+
+
+class AttentionCLI(LightningCLI):
+    """LightningCLI with a best-``val/acc`` checkpoint and the attention diagnostics always on.
+
+    Checkpoints go to ``<logger.log_dir>/checkpoints`` (``runs/<name>/version_N/``).
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_on_exception": True,
+            }
+        )
+        parser.add_lightning_class_args(AttentionDiagnostics, "diagnostics")
+
+
+def build_cli(args: list[str] | dict | None = None, **kwargs) -> AttentionCLI:
+    """Parse ``args`` (default ``sys.argv[1:]``), build and run; returns the CLI object.
+
+    ``kwargs`` go to :class:`~lightning.pytorch.cli.LightningCLI` (e.g. ``run=False``).
+    """
+    return AttentionCLI(
+        AttentionClassifier,
+        ClutteredDigitsDataModule,
+        trainer_defaults=trainer_defaults(),
+        seed_everything_default=0,
+        auto_configure_optimizers=False,
+        args=args,
+        **kwargs,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console-script entry point ``lightning-attn``."""
+    build_cli(args)
+
+
+if __name__ == "__main__":
+    main()

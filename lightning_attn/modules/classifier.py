@@ -1,0 +1,205 @@
+"""``AttentionClassifier``: a LightningModule around :class:`AttentionCNN`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_attn.metrics import LocalisationScore
+
+from .backbone import AttentionCNN
+from .mask_collector import MaskCollector, observable_blocks
+
+__all__ = ["AttentionClassifier"]
+
+Batch = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
+
+
+def _describe(obj: object) -> str:
+    if isinstance(obj, Tensor):
+        return f"shape {tuple(obj.shape)} dtype {obj.dtype}"
+    return type(obj).__name__
+
+
+class AttentionClassifier(pl.LightningModule):
+    """Image classifier: a small CNN with an attention block after every stage.
+
+    The network is :class:`~lightning_attn.modules.AttentionCNN` (``self.net``). Batches are
+    ``(images (B,C,H,W) float, labels (B,) int64[, boxes (B,4) float])``; with boxes,
+    validation and test also score how well each attention block's spatial mask localises
+    the object (:class:`~lightning_attn.metrics.LocalisationScore`).
+
+    Logged: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``,
+    ``test/acc`` and, per block with a spatial mask, ``val/loc/<block>`` and
+    ``test/loc/<block>`` (``<block>`` is its ``named_modules()`` path, e.g.
+    ``net.features.attn1.block``). Accuracy and localisation are torchmetrics objects
+    logged as such, so they are reduced across processes.
+
+    Args:
+        num_classes: number of classes (``>= 2``).
+        in_channels: image channels.
+        stage_widths: output width of each stage (one stage per entry, each ``>= 1``).
+        depth: ConvBNAct layers per stage.
+        attention: ``"dsa"``, ``"coord"`` or ``"none"`` (see ``attention_names()``).
+        attention_kwargs: constructor arguments of that block (same for every stage).
+        activation: ``"relu"``, ``"gelu"`` or ``"silu"``.
+        downsample: between stages: ``"maxpool"``, ``"avgpool"`` or ``"stride"``.
+        dropout: before the linear head, in ``[0, 1)``.
+        stem_stride: stride of the very first conv (2 makes every stage 4x cheaper).
+        optimizer: ``params -> Optimizer`` (LightningCLI dependency injection:
+            ``--model.optimizer SGD --model.optimizer.lr 0.1``).
+        lr_scheduler: ``optimizer -> LRScheduler`` or ``None``; ``ReduceLROnPlateau``
+            monitors ``val/loss``.
+
+    ``save_hyperparameters`` keeps everything except ``optimizer`` and ``lr_scheduler``
+    (callables do not load with ``torch.load(weights_only=True)``; the CLI writes them to
+    the run's ``config.yaml``), so ``AttentionClassifier.load_from_checkpoint(path)`` rebuilds
+    the network.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        stage_widths: Sequence[int] = (16, 32, 64),
+        depth: int = 1,
+        attention: str = "dsa",
+        attention_kwargs: dict[str, Any] | None = None,
+        activation: str = "relu",
+        downsample: str = "maxpool",
+        dropout: float = 0.0,
+        stem_stride: int = 1,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.net = AttentionCNN(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            stage_widths=stage_widths,
+            depth=depth,
+            attention=attention,
+            attention_kwargs=attention_kwargs,
+            activation=activation,
+            downsample=downsample,
+            dropout=dropout,
+            stem_stride=stem_stride,
+        )
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.block_names: list[str] = list(observable_blocks(self))
+        self.val_loc = nn.ModuleList(LocalisationScore() for _ in self.block_names)
+        self.test_loc = nn.ModuleList(LocalisationScore() for _ in self.block_names)
+        self._masks = MaskCollector()
+
+    # -- forward and batch checks -------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """``images (B,C,H,W) -> logits (B,num_classes)``."""
+        return self.net(x)
+
+    def _unpack(self, batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Check a batch and return ``(images, labels, boxes or None)``."""
+        if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+            got = _describe(batch) + (
+                f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+            )
+            raise TypeError(
+                "expected a batch (images (B,C,H,W) float, labels (B,) int64"
+                f"[, boxes (B,4) float]), got {got}"
+            )
+        x, y = batch[0], batch[1]
+        boxes = batch[2] if len(batch) == 3 else None
+        self.net.check_input(x)
+        b = x.shape[0]
+        if not isinstance(y, Tensor) or y.shape != (b,) or y.dtype != torch.int64:
+            raise ValueError(
+                f"expected labels as an int64 tensor of shape ({b},), got {_describe(y)}"
+            )
+        if boxes is not None and (
+            not isinstance(boxes, Tensor) or boxes.shape != (b, 4) or not boxes.is_floating_point()
+        ):
+            raise ValueError(
+                f"expected boxes as a float tensor of shape ({b}, 4), got {_describe(boxes)}"
+            )
+        return x, y, boxes
+
+    # -- steps ------------------------------------------------------------------------
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        x, y, _ = self._unpack(batch)
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True, batch_size=x.shape[0])
+        return loss
+
+    def _eval_step(self, batch: Batch, stage: str) -> None:
+        x, y, boxes = self._unpack(batch)
+        self._masks.pop()  # forget masks of any forward outside this step
+        logits = self(x)
+        if stage == "val":
+            acc, loc = self.val_acc, self.val_loc
+        else:
+            acc, loc = self.test_acc, self.test_loc
+        acc(logits, y)
+        kw = {"on_step": False, "on_epoch": True, "batch_size": x.shape[0]}
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True, prog_bar=True, **kw)
+        self.log(f"{stage}/acc", acc, prog_bar=True, **kw)
+        masks = self._masks.pop()
+        if boxes is None:
+            return
+        for i, name in enumerate(self.block_names):
+            if name in masks:
+                loc[i].update(masks[name], boxes, tuple(x.shape[-2:]))
+                self.log(f"{stage}/loc/{name}", loc[i], **kw)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        """Class probabilities ``(B, num_classes)``."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        self.net.check_input(x)
+        return self(x).softmax(dim=-1)
+
+    # -- mask collection (validation and test only) -------------------------------------
+    def _attach(self) -> None:
+        blocks = dict(self.named_modules())
+        self._masks.attach({name: blocks[name] for name in self.block_names})
+
+    def on_validation_epoch_start(self) -> None:
+        self._attach()
+
+    def on_validation_epoch_end(self) -> None:
+        self._masks.detach()
+
+    def on_test_epoch_start(self) -> None:
+        self._attach()
+
+    def on_test_epoch_end(self) -> None:
+        self._masks.detach()
+
+    # -- optimisation -----------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}

@@ -1,0 +1,94 @@
+"""The ``lightning-attn`` CLI: example configs parse; 2-process CPU DDP fit and resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_attn.cli import build_cli
+from lightning_attn.modules import AttentionClassifier
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "examples" / "configs"
+TINY_DATA = [
+    "--data.canvas_size", "24", "--data.digit_size", "[10,16]", "--data.num_train", "64",
+    "--data.num_val", "32", "--data.num_test", "32", "--data.batch_size", "16",
+    "--model.stage_widths", "[4,8]",
+]
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).with_name("lightning-attn")
+    exe = str(script) if script.exists() else shutil.which("lightning-attn")
+    return [exe] if exe else [sys.executable, "-m", "lightning_attn.cli"]
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["lightning-attn"])  # not pytest's own arguments
+
+
+@pytest.mark.parametrize("name", ["baseline", "dsa", "coord"])
+def test_example_configs_build(name: str, tmp_path) -> None:
+    cli = build_cli(
+        ["--config", str(CONFIGS / f"{name}.yaml"), *TINY_DATA,
+         "--trainer.logger.init_args.save_dir", str(tmp_path)],
+        run=False,
+    )
+    assert isinstance(cli.model, AttentionClassifier)
+    assert cli.model.hparams.attention == {"baseline": "none"}.get(name, name)
+    names = {type(cb).__name__ for cb in cli.trainer.callbacks}
+    assert {"ModelCheckpoint", "RichProgressBar"} <= names
+    assert cli.trainer.logger.save_dir == str(tmp_path)
+
+
+def test_ddp_config_builds(tmp_path) -> None:
+    cli = build_cli(
+        ["--config", str(CONFIGS / "dsa.yaml"), "--config", str(CONFIGS / "ddp.yaml"),
+         *TINY_DATA, "--trainer.logger.init_args.save_dir", str(tmp_path)],
+        run=False,
+    )
+    assert type(cli.trainer.strategy).__name__ == "DDPStrategy"
+    assert cli.trainer.num_devices == 2
+
+
+def _fit(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        *_command(), "fit", "--config", str(CONFIGS / "dsa.yaml"), *TINY_DATA,
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.max_epochs", "-1", "--trainer.num_sanity_val_steps", "0",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.default_root_dir", str(tmp_path), *extra,
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def test_ddp_fit_then_resume(tmp_path) -> None:
+    first = _fit(tmp_path, "--trainer.max_steps", "4")
+    assert "Starting with 2 processes" in first.stdout + first.stderr
+    runs = tmp_path / "runs" / "dsa"
+    ckpts = sorted(runs.rglob("*.ckpt"))
+    events = sorted(runs.rglob("events.out.tfevents.*"))
+    assert len(ckpts) == 1, ckpts
+    assert len(events) == 1, events
+    step = torch.load(ckpts[0], weights_only=True)["global_step"]
+    assert 0 < step <= 4
+
+    # Resume; with no monitor the checkpoint kept is the latest one.
+    _fit(tmp_path, "--trainer.max_steps", "8", "--checkpoint.monitor", "null",
+         "--ckpt_path", str(ckpts[0]))
+    (resumed,) = set(runs.rglob("*.ckpt")) - set(ckpts)
+    assert resumed.parent.parent != ckpts[0].parent.parent  # a new TensorBoard version
+    assert torch.load(resumed, weights_only=True)["global_step"] == 8 > step
