@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ._checks import check_interval
 from .attention_map import AttentionMapLogger
@@ -108,6 +108,10 @@ class AttentionDiagnostics(AttentionStatsCallback):
                 f"{type(self).__name__}: the Trainer has no TensorBoardLogger, so it writes no "
                 f"{', '.join(parts)} (scalars still go to every logger; warnings and the "
                 "summary still work)"
+            )
+        if self._schedule.interval(trainer) == 0:
+            rank_zero_warn(
+                f"{type(self).__name__}: log_every_n_steps is 0, so no statistics are gathered"
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
