@@ -218,20 +218,15 @@ class _AxisScale(Function):
             u_h, u_w = u_h.to(g.dtype), u_w.to(g.dtype)  # autocast may leave them in bf16
             # sum_w g[b,c,h,w] * u_w[b,c,w] and sum_h u_h[b,c,h] * g[b,c,h,w] are batched
             # matrix products over (B, C).
+            if need_c:
+                grad_c = g.sum().reshape(c.shape)
             gh = torch.matmul(g, u_w.transpose(-1, -2))  # (B,C,H,1)
             if need_h:
                 grad_h = gh * k
-            if need_w:
-                # A (1,H)x(H,W) product per (b, c) runs slowly for small maps on CPU.
-                if g.shape[-2] < 32:
-                    gw = (g * u_h).sum(dim=-2, keepdim=True)
-                else:
-                    gw = torch.matmul(u_h.transpose(-1, -2), g)
-                grad_w = gw * k  # (B,C,1,W)
             if need_k:
                 grad_k = (gh * u_h).sum().reshape(k.shape)
-            if need_c:
-                grad_c = g.sum().reshape(c.shape)
+            if need_w:
+                grad_w = torch.matmul(u_h.transpose(-1, -2), g) * k  # (B,C,1,W)
         return None, grad_h, grad_w, grad_c, grad_k, None, None
 
 
