@@ -217,23 +217,39 @@ class CoordinateAttention(ObservableMixin, nn.Module):
             x_w = self.dw_w(x_w)
         return x_h, x_w
 
-    def _bottleneck(self, y: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _pointwise(conv: nn.Conv2d, y: torch.Tensor, fast: bool) -> torch.Tensor:
+        """A 1x1 convolution on an axis map ``(B,Cin,L,1)``/``(B,Cin,1,L)``.
+
+        On the fast path an ungrouped one runs as a matrix product: the same weights and
+        values, without the convolution overhead that dominates on such thin maps.
+        """
+        if not fast or conv.groups != 1:
+            return conv(y)
+        b, _, *spatial = y.shape
+        out = torch.matmul(conv.weight.flatten(1), y.flatten(2))  # (B,Cout,L)
+        if conv.bias is not None:
+            out = out + conv.bias[:, None]
+        return out.view(b, -1, *spatial)
+
+    def _bottleneck(self, y: torch.Tensor, fast: bool) -> torch.Tensor:
         if self.bottleneck_layers == 1:
-            return self.act(self.bn1(self.conv1(y)))
-        y = self.act(self.bn1a(self.conv1a(y)))
-        return self.act(self.bn1b(self.conv1b(y)))
+            return self.act(self.bn1(self._pointwise(self.conv1, y, fast)))
+        y = self.act(self.bn1a(self._pointwise(self.conv1a, y, fast)))
+        return self.act(self.bn1b(self._pointwise(self.conv1b, y, fast)))
 
     def _masks(
         self, x: torch.Tensor, stash: GradStash | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``a_h (B,C,H,1)`` and ``a_w (B,C,1,W)``."""
+        """``a_h (B,C,H,1)`` and ``a_w (B,C,1,W)``; ``stash`` is given on the fast path."""
         _, _, h, w = x.shape
+        fast = stash is not None
         x_h, x_w = self._axis_pool(x, stash)
         y = torch.cat([x_h, x_w.permute(0, 1, 3, 2)], dim=2)  # (B,C,H+W,1)
-        y = self._bottleneck(y)
+        y = self._bottleneck(y, fast)
         y_h, y_w = torch.split(y, [h, w], dim=2)
-        a_h = self.gate_fn(self.conv_h(y_h))
-        a_w = self.gate_fn(self.conv_w(y_w.permute(0, 1, 3, 2)))
+        a_h = self.gate_fn(self._pointwise(self.conv_h, y_h, fast))
+        a_w = self.gate_fn(self._pointwise(self.conv_w, y_w.permute(0, 1, 3, 2), fast))
         return a_h, a_w
 
     def _apply_plain(self, x, a_h, a_w):

@@ -196,11 +196,12 @@ class DynamicSpatialAttention(ObservableMixin, nn.Module):
             s = torch.cat([avg_map, max_map], dim=1)  # (B,2,H,W)
 
         if fused:
-            # Pool, then continue in the default layout: a channels_last (B,2,1,1) input
-            # would give the router's weights channels_last gradients, which DDP's
-            # gradient buckets (laid out like the parameters) have to copy every step.
-            pooled = self.router[0](s).flatten(1)[:, :, None, None]
-            logits = self.router[3](self.router[2](self.router[1](pooled))).flatten(1)
+            # The router's 1x1 convolutions on a (B,2,1,1) map are linear layers; as such
+            # they skip the convolution overhead, and their weight gradients keep the
+            # parameters' layout (DDP's gradient buckets would copy channels_last ones).
+            _, conv1, _, conv2 = self.router
+            hidden = F.relu(F.linear(s.mean(dim=(2, 3)), conv1.weight.flatten(1), conv1.bias))
+            logits = F.linear(hidden, conv2.weight.flatten(1), conv2.bias)  # (B,K)
         else:
             logits = self.router(s).flatten(1)  # (B,K)
         rw = torch.softmax(logits, dim=1)

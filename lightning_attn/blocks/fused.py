@@ -92,15 +92,21 @@ class _SpatialSummary(Function):
         x, mx = ctx.saved_tensors
         c = x.shape[1]
         grad_mean = grad_s[:, 0:1] / c
+        idx, scratch = _first_argmax(x, mx)
+        # The float32 scratch of the index search becomes grad_x when dtypes allow: one
+        # full-size buffer for both.
+        out = scratch if scratch.dtype == x.dtype else None
         # y = x * mask sends grad_y * mask to x; its backward always runs first (the mask
         # is computed from s) and left grad_y here, so both terms are written in one pass.
         stashed = ctx.stash.take()
         if stashed is not None:
             grad_y, mask = stashed
-            grad_x = torch.addcmul(grad_mean, grad_y, mask)
+            if out is not None and torch.result_type(grad_y, mask) != out.dtype:
+                out = None
+            grad_x = torch.addcmul(grad_mean, grad_y, mask, out=out)
         else:  # y took no part in the loss: only the summary path carries gradient
             grad_x = grad_mean.expand_as(x).to(x.dtype, copy=True)
-        grad_x.scatter_add_(1, first_argmax(x, mx), grad_s[:, 1:2].to(grad_x.dtype))
+        grad_x.scatter_add_(1, idx, grad_s[:, 1:2].to(grad_x.dtype))
         return grad_x, None
 
 
@@ -111,6 +117,11 @@ def first_argmax(x: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
     among tied maxima (ReLU zeros tie often), as in the seed. A position holding NaN maps
     to the last channel (torch.max would name the NaN's channel); never out of range.
     """
+    return _first_argmax(x, mx)[0]
+
+
+def _first_argmax(x: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`first_argmax` and its full-size float32 scratch, free for the caller."""
     c = x.shape[1]
     # key = rank where x == max (rank c for channel 0 down to 1), rank - c <= 0 elsewhere;
     # its amax is the first maximal channel. Four vectorised passes instead of the slow
@@ -120,7 +131,7 @@ def first_argmax(x: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
     key = (x - mx).sign_().float()
     key.mul_(c).add_(rank)
     first = c - key.amax(dim=1, keepdim=True)
-    return first.nan_to_num_(nan=c - 1).long().clamp_(0, c - 1)
+    return first.nan_to_num_(nan=c - 1).long().clamp_(0, c - 1), key
 
 
 class _ApplySpatialMask(Function):
