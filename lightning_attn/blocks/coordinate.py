@@ -267,8 +267,21 @@ class CoordinateAttention(ObservableMixin, nn.Module):
             scale = (1.0 - self.alpha) + self.alpha * att
         return x * scale
 
+    def _k_is_one(self) -> bool:
+        """Whether ``k`` (below) is exactly 1 without reading a device tensor: then the
+        ``c * x`` term is zero and the fused function skips a full-size pass each way."""
+        if self.learnable_beta or (self.use_beta and self.beta != 1.0):
+            return False
+        if self.per_axis_alpha:
+            return True
+        # A fixed alpha on the host is read for free; on an accelerator that would sync.
+        return (
+            not self.learnable_alpha and self.alpha.device.type == "cpu"
+            and float(self.alpha) == 1.0
+        )
+
     def _apply_fused(self, x, a_h, a_w, stash):
-        # Every variant is x * (c + k * u_h * u_w) with small u_h, u_w and scalar c, k.
+        # Every variant is x * (c + k * u_h * u_w) with small u_h, u_w and scalar c = 1 - k.
         if self.per_axis_alpha:
             u_h = (1.0 - self.alpha_h) + self.alpha_h * a_h
             u_w = (1.0 - self.alpha_w) + self.alpha_w * a_w
@@ -277,7 +290,7 @@ class CoordinateAttention(ObservableMixin, nn.Module):
             u_h, u_w = a_h, a_w
             k = self.alpha * self.beta if self.use_beta else self.alpha
         k = torch.as_tensor(k, dtype=x.dtype, device=x.device) if not torch.is_tensor(k) else k
-        return axis_scale(x, u_h, u_w, 1.0 - k, k, stash)
+        return axis_scale(x, u_h, u_w, None if self._k_is_one() else 1.0 - k, k, stash)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, type(self).__name__, self.in_channels)

@@ -190,7 +190,8 @@ class _AxisMeanPool(Function):
         grad_y, ku_h, u_w, scale_c = stashed
         grad_x = grad_y * ku_h
         torch.addcmul(grad_w.to(grad_x.dtype), grad_x, u_w, out=grad_x)
-        grad_x.addcmul_(grad_y, scale_c)
+        if scale_c is not None:
+            grad_x.addcmul_(grad_y, scale_c)
         grad_x.add_(grad_h)
         return grad_x, None
 
@@ -213,7 +214,8 @@ class _AxisScale(Function):
         ctx.x_needs_grad = x_needs_grad
         y = x * (k * u_h)
         y.mul_(u_w)
-        y.addcmul_(x, c)
+        if c is not None:
+            y.addcmul_(x, c)
         return y
 
     @staticmethod
@@ -245,11 +247,12 @@ def axis_scale(
     x: torch.Tensor,
     u_h: torch.Tensor,
     u_w: torch.Tensor,
-    c: torch.Tensor,
+    c: torch.Tensor | None,
     k: torch.Tensor,
     stash: GradStash,
 ) -> torch.Tensor:
-    """``x (B,C,H,W) * (c + k * u_h (B,C,H,1) * u_w (B,C,1,W))``, ``c`` and ``k`` 0-d.
+    """``x (B,C,H,W) * (c + k * u_h (B,C,H,1) * u_w (B,C,1,W))``, ``c`` and ``k`` 0-d;
+    ``c=None`` stands for an exact zero (its full-size pass is skipped).
 
     The ``x``-gradient is delivered by :func:`axis_mean_pool`'s backward through ``stash``;
     ``x`` must be the tensor given to it.

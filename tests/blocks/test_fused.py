@@ -224,3 +224,23 @@ def test_fused_matches_plain_on_odd_layouts_and_sizes(make):
         want = run_block(plain, x)
         assert got[0][0].shape == x.shape, label
         assert_runs_match(got, want, 1e-5, label)
+
+
+@pytest.mark.parametrize("per_axis", [False, True])
+def test_fused_coord_follows_alpha_and_beta_changed_in_place(per_axis):
+    """The fused path skips the ``c * x`` term when alpha (and beta) is exactly 1; a value
+    changed in place afterwards must be read again, not assumed."""
+    torch.manual_seed(5)
+    kw = {"per_axis_alpha": per_axis, "beta": 1.0}
+    fused, plain = CoordinateAttention(8, **kw), CoordinateAttention(8, fused=False, **kw)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 8, 5, 6)
+    before = fused(x)
+    torch.testing.assert_close(before, plain(x), rtol=0, atol=1e-6)
+    for block in (fused, plain):
+        for name in ("alpha_h", "alpha_w") if per_axis else ("alpha",):
+            getattr(block, name).fill_(0.6)
+        block.beta = 0.5
+    after = fused(x)
+    torch.testing.assert_close(after, plain(x), rtol=0, atol=1e-6)
+    assert not torch.allclose(after, before)
