@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -18,12 +19,16 @@ __all__ = [
 
 
 def check_int(name: str, value: object, minimum: int) -> int:
-    """Return ``value`` as an int, or raise if it is not an integer ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Return ``value`` as an int, or raise if it is not an integer ``>= minimum``.
+
+    Any integral number counts (NumPy integers too, as config loaders produce them); a
+    ``bool`` does not.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def _as_float(name: str, value: object) -> float:

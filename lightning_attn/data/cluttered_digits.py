@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_attn.blocks.validation import check_int
+
 __all__ = [
     "SPLITS",
     "ClutteredDigitsConfig",
@@ -48,14 +50,6 @@ _SOURCE_SIZE = 8
 # --------------------------------------------------------------------------------------------
 # argument checks: every error names the argument and the value
 # --------------------------------------------------------------------------------------------
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_float(name: str, value: object) -> float:
@@ -135,14 +129,14 @@ class ClutteredDigitsConfig:
     noise_std: float = 0.05
 
     def __post_init__(self) -> None:
-        canvas = _check_int("canvas_size", self.canvas_size, 8)
+        canvas = check_int("canvas_size", self.canvas_size, 8)
         digit = _check_size_range("digit_size", self.digit_size, 4)
         if digit[1] > canvas:
             raise ValueError(
                 f"canvas_size={canvas} is smaller than the largest digit size {digit[1]} "
                 f"(digit_size={self.digit_size!r})"
             )
-        clutter_n = _check_int("num_clutter", self.num_clutter, 0)
+        clutter_n = check_int("num_clutter", self.num_clutter, 0)
         clutter = _check_size_range("clutter_size", self.clutter_size, 1)
         if clutter[1] > digit[0]:
             raise ValueError(
@@ -198,7 +192,7 @@ def split_source_indices(
     (at least 1) go to val and to test, the rest to train. Returns sorted int64 index tensors.
     """
     val_fraction, test_fraction = _check_fractions(val_fraction, test_fraction)
-    seed = _check_int("seed", seed, 0)
+    seed = check_int("seed", seed, 0)
     _, labels = _load_source_digits_cached()
     g = _generator(seed, _PARTITION_STREAM)
     parts: dict[str, list[Tensor]] = {s: [] for s in SPLITS}
@@ -369,8 +363,8 @@ class ClutteredDigitsDataset(Dataset):
         seed: int = 0,
         split: str = "train",
     ) -> None:
-        num_samples = _check_int("num_samples", num_samples, 1)
-        seed = _check_int("seed", seed, 0)
+        num_samples = check_int("num_samples", num_samples, 1)
+        seed = check_int("seed", seed, 0)
         split = _check_split(split)
         if config is None:
             config = ClutteredDigitsConfig()
@@ -476,15 +470,15 @@ class ClutteredDigitsDataModule(pl.LightningDataModule):
             noise_std=noise_std,
         )
         self.num_samples = {
-            "train": _check_int("num_train", num_train, 1),
-            "val": _check_int("num_val", num_val, 1),
-            "test": _check_int("num_test", num_test, 1),
+            "train": check_int("num_train", num_train, 1),
+            "val": check_int("num_val", num_val, 1),
+            "test": check_int("num_test", num_test, 1),
         }
         self.val_fraction, self.test_fraction = _check_fractions(val_fraction, test_fraction)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.num_workers = _check_int("num_workers", num_workers, 0)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.num_workers = check_int("num_workers", num_workers, 0)
         self.pin_memory = _check_bool("pin_memory", pin_memory)
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
         self.save_hyperparameters()
         # cheap (cached sklearn load + per-class shuffle); fails here if a class has no train scan
         self._source_splits = split_source_indices(self.val_fraction, self.test_fraction, self.seed)

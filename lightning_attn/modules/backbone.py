@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_attn.blocks import attention_names, create_attention
+from lightning_attn.blocks.validation import check_choice, check_int
 
 from .wrappers import OutputOnly
 
@@ -17,20 +18,6 @@ __all__ = ["ACTIVATIONS", "DOWNSAMPLING", "AttentionCNN", "ConvBNAct"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 DOWNSAMPLING: tuple[str, ...] = ("maxpool", "avgpool", "stride")
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
 
 
 def check_config(
@@ -46,22 +33,22 @@ def check_config(
     stem_stride: int = 1,
 ) -> None:
     """Raise a ``ValueError`` / ``TypeError`` naming the first bad argument and its value."""
-    _check_int("in_channels", in_channels, 1)
-    _check_int("num_classes", num_classes, 2)
+    check_int("in_channels", in_channels, 1)
+    check_int("num_classes", num_classes, 2)
     if isinstance(stage_widths, (str, bytes)) or not isinstance(stage_widths, Sequence):
         raise TypeError(f"stage_widths must be a sequence of ints, got {stage_widths!r}")
     if len(stage_widths) == 0:
         raise ValueError("stage_widths must name at least one stage, got []")
     for i, w in enumerate(stage_widths):
-        _check_int(f"stage_widths[{i}]", w, 1)
-    _check_int("depth", depth, 1)
-    _check_int("stem_stride", stem_stride, 1)
+        check_int(f"stage_widths[{i}]", w, 1)
+    check_int("depth", depth, 1)
+    check_int("stem_stride", stem_stride, 1)
     if not isinstance(attention, str) or attention not in attention_names():
         raise ValueError(f"unknown attention {attention!r}; known names: {attention_names()}")
     if attention_kwargs is not None and not isinstance(attention_kwargs, Mapping):
         raise TypeError(f"attention_kwargs must be a dict or None, got {attention_kwargs!r}")
-    _check_choice("activation", activation, tuple(ACTIVATIONS))
-    _check_choice("downsample", downsample, DOWNSAMPLING)
+    check_choice("activation", activation, tuple(ACTIVATIONS))
+    check_choice("downsample", downsample, DOWNSAMPLING)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
 
