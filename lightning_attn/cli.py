@@ -17,7 +17,8 @@ resume it with ``--ckpt_path``) and, when the package has it,
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_attn.callbacks import AttentionDiagnostics
@@ -29,13 +30,12 @@ __all__ = ["AttentionCLI", "build_cli", "main", "trainer_defaults"]
 
 def trainer_defaults() -> dict:
     """Trainer defaults: a TensorBoard logger under ``runs/`` (override with
-    ``--trainer.logger.*``) and a persistent ``RichProgressBar`` (fresh per call)."""
+    ``--trainer.logger.*``). A ``RichProgressBar`` is added by :class:`AttentionCLI`."""
     return {
         "logger": {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": "runs", "name": "lightning_attn"},
         },
-        "callbacks": [RichProgressBar()],
     }
 
 
@@ -55,6 +55,17 @@ class AttentionCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(AttentionDiagnostics, "diagnostics")
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        # A RichProgressBar unless the run turns the bar off or brings its own: the Trainer
+        # refuses `enable_progress_bar=False` next to a progress-bar callback.
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in given + list(callbacks)
+        ):
+            callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def build_cli(args: list[str] | dict | None = None, **kwargs) -> AttentionCLI:

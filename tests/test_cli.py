@@ -48,6 +48,24 @@ def test_example_configs_build(name: str, tmp_path) -> None:
     assert cli.trainer.logger.save_dir == str(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("extra", "bar"),
+    [
+        ([], "RichProgressBar"),
+        (["--trainer.enable_progress_bar", "false"], None),
+        (["--trainer.callbacks+=TQDMProgressBar"], "TQDMProgressBar"),
+    ],
+)
+def test_progress_bar_follows_the_trainer_options(extra, bar, tmp_path) -> None:
+    cli = build_cli(
+        ["--config", str(CONFIGS / "dsa.yaml"), *TINY_DATA,
+         "--trainer.logger.init_args.save_dir", str(tmp_path), *extra],
+        run=False,
+    )
+    bars = [type(cb).__name__ for cb in cli.trainer.callbacks if "ProgressBar" in type(cb).__name__]
+    assert bars == ([bar] if bar else [])
+
+
 def test_ddp_config_builds(tmp_path) -> None:
     cli = build_cli(
         ["--config", str(CONFIGS / "dsa.yaml"), "--config", str(CONFIGS / "ddp.yaml"),
