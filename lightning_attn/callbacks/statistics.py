@@ -54,10 +54,14 @@ def mask_sums(
 
     Returns:
         ``(5,)``: sum, sum of squares, count below ``low``, count above ``high``, count finite
-        (``MASK_SLOTS[1:]``). Computed in float32; NaN or Inf make the two sums non-finite.
+        (``MASK_SLOTS[1:]``). Values in float32, the two sums accumulated in ``dtype``: the
+        std comes from ``E[x^2] - E[x]^2``, which loses digits to cancellation when the
+        mask barely varies, exactly where the collapse warning decides. NaN or Inf make the
+        two sums non-finite.
     """
     m = mask.detach().reshape(-1).float()
-    sums = torch.stack((m.sum(), m.square().sum()))  # not torch.dot: BLAS threads stall
+    # not torch.dot: BLAS threads stall
+    sums = torch.stack((m.sum(dtype=dtype), m.square().sum(dtype=dtype)))
     counts = torch.stack(((m < low).sum(), (m > high).sum(), torch.isfinite(m).sum()))
     return torch.cat((sums.to(dtype), counts.to(dtype)))
 
