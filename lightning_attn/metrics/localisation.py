@@ -53,6 +53,8 @@ def _check_inputs(mask: Tensor, boxes: Tensor, image_size: Sequence[int]) -> tup
     if not isinstance(boxes, Tensor) or boxes.shape != (mask.shape[0], 4):
         shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
         raise ValueError(f"boxes must be a (B, 4) tensor with B={mask.shape[0]}, got {shape}")
+    if not bool(torch.isfinite(boxes).all()):
+        raise ValueError(f"boxes must be finite, got {boxes.tolist()!r}")
     if (
         not isinstance(image_size, Sequence)
         or len(image_size) != 2
@@ -78,6 +80,8 @@ def localisation_ratio(mask: Tensor, boxes: Tensor, image_size: Sequence[int]) -
     b = boxes.to(device=m.device, dtype=torch.float32)
     x0, x1 = (b[:, 0] * (w / width)).clamp(0, w), (b[:, 2] * (w / width)).clamp(0, w)
     y0, y1 = (b[:, 1] * (h / height)).clamp(0, h), (b[:, 3] * (h / height)).clamp(0, h)
+    # an inverted box (x1 < x0 or y1 < y0) is empty, also when both axes are inverted
+    x1, y1 = torch.maximum(x1, x0), torch.maximum(y1, y0)
     cover_x = _axis_coverage(x0, x1, w)  # (B, w)
     cover_y = _axis_coverage(y0, y1, h)  # (B, h)
     inside = torch.einsum("bhw,bh,bw->b", m, cover_y, cover_x)

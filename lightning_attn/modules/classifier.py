@@ -28,6 +28,16 @@ def _describe(obj: object) -> str:
     return type(obj).__name__
 
 
+class _DetachMasksOnException(pl.Callback):
+    """Removes the mask observers when a run stops on an exception (the epoch-end hooks
+    that normally detach them never run then)."""
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception) -> None:
+        masks = getattr(pl_module, "_masks", None)
+        if isinstance(masks, MaskCollector):
+            masks.detach()
+
+
 class AttentionClassifier(pl.LightningModule):
     """Image classifier: a small CNN with an attention block after every stage.
 
@@ -192,6 +202,9 @@ class AttentionClassifier(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._masks.detach()
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [_DetachMasksOnException()]
 
     # -- optimisation -----------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -149,6 +149,10 @@ def insert_attention(
     if not isinstance(name, str) or name not in attention_names():
         raise ValueError(f"unknown attention {name!r}; known names: {attention_names()}")
     names = _check_names(model, after)
+    if channels is not None and (
+        isinstance(channels, bool) or not isinstance(channels, (int, Mapping))
+    ):
+        raise TypeError(f"channels must be an int, a dict name -> int or None, got {channels!r}")
     if isinstance(channels, int) and not isinstance(channels, bool):
         chans = dict.fromkeys(names, channels)
     else:

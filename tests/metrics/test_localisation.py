@@ -71,6 +71,13 @@ def test_zero_mask_or_empty_box_scores_one() -> None:
     torch.testing.assert_close(localisation_ratio(mask, boxes, (16, 16)), torch.ones(2))
 
 
+def test_inverted_box_is_empty_and_scores_one() -> None:
+    # x1 < x0 and y1 < y0 together: no area, not a positive "share" with zero mass inside.
+    mask = torch.rand(2, 1, 4, 4)
+    boxes = torch.tensor([[12.0, 12.0, 4.0, 4.0], [12.0, 4.0, 4.0, 12.0]])
+    torch.testing.assert_close(localisation_ratio(mask, boxes, (16, 16)), torch.ones(2))
+
+
 def test_spatial_mask_from_observations() -> None:
     dsa = torch.rand(2, 1, 6, 6)
     assert spatial_mask({"mask": dsa}) is dsa
@@ -109,6 +116,7 @@ def test_metric_mean_of_per_sample_ratios_and_merge() -> None:
         (torch.rand(2, 1, 4, 4), torch.zeros(3, 4), (8, 8), "boxes must be"),
         (torch.rand(2, 1, 4, 4), torch.zeros(2, 4), (8,), "image_size"),
         (torch.rand(2, 1, 4, 4), torch.zeros(2, 4), (0, 8), "image_size"),
+        (torch.rand(1, 1, 4, 4), torch.tensor([[float("nan"), 0, 4, 4]]), (8, 8), "finite"),
     ],
 )
 def test_bad_inputs_raise(mask, boxes, size, match) -> None:

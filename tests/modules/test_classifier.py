@@ -117,6 +117,19 @@ def test_no_mask_collection_during_training() -> None:
     assert seen == [False, False]
 
 
+def test_observers_detached_when_validation_raises() -> None:
+    model = _model("dsa")
+
+    class Boom(pl.Callback):
+        def on_validation_batch_end(self, *args, **kwargs) -> None:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _trainer(callbacks=[Boom()]).validate(model, DataLoader(_data(8), batch_size=4))
+    assert not any(b.has_observers for b in observable_blocks(model).values())
+    assert model._masks.pop() == {}
+
+
 def test_test_step_logs_accuracy_and_localisation() -> None:
     model = _model("dsa")
     trainer = _trainer()

@@ -90,6 +90,8 @@ def test_unknown_name_lists_valid_names() -> None:
         (["layer1", "layer1.0"], {}, ValueError, "its submodule"),
         (["layer1"], {"channels": {"layer9": 3}}, ValueError, "layer9"),
         (["head.1"], {"name": "coord"}, ValueError, "cannot infer"),
+        (["layer1"], {"channels": 4.0}, TypeError, "channels must be"),
+        (["layer1"], {"channels": True}, TypeError, "channels must be"),
     ],
 )
 def test_bad_arguments(after, kwargs, error, match) -> None:
