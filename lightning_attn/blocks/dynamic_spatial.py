@@ -11,7 +11,13 @@ from torch import nn
 
 from .fused import GradStash, apply_spatial_mask, spatial_summary
 from .observation import ObservableMixin
-from .validation import check_choice, check_input, check_int, check_positive_float
+from .validation import (
+    check_choice,
+    check_input,
+    check_int,
+    check_nonnegative_float,
+    check_positive_float,
+)
 
 __all__ = ["DynamicSpatialAttention"]
 
@@ -91,9 +97,7 @@ class DynamicSpatialAttention(ObservableMixin, nn.Module):
         temperature = check_positive_float("temperature", temperature)
         gate = check_choice("gate", gate, _GATES)
         router_hidden = check_int("router_hidden", router_hidden, 1)
-        eps = float(eps)
-        if not math.isfinite(eps) or eps < 0:
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        eps = check_nonnegative_float("eps", eps)
         if learnable_temperature and temperature <= eps:
             raise ValueError(
                 f"temperature={temperature!r} must exceed eps={eps!r} when "

@@ -226,3 +226,11 @@ def test_error_values_are_readable():
     msg = _raises(ValueError, lambda: DynamicSpatialAttention(temperature=NAN), "temperature")
     assert "nan" in msg.lower()
     assert math.isnan(NAN)
+
+
+@pytest.mark.parametrize(
+    ("eps", "exc"), [("x", TypeError), (-1e-3, ValueError), (float("nan"), ValueError)]
+)
+def test_dsa_bad_eps_names_the_argument(eps, exc):
+    with pytest.raises(exc, match="eps"):
+        DynamicSpatialAttention(eps=eps)
