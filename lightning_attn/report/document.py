@@ -126,7 +126,10 @@ class RunReport:
     def notes(self) -> list[str]:
         out = list(self.log.notes) + list(self.tags.notes) + list(self.health.notes)
         if not self.has_attention:
-            out.append(f"no attn/ tags in this run: {CALLBACK_HINT}")
+            out.append(
+                "no attn/ tags in this run: a model without attention blocks (a baseline), "
+                f"or {CALLBACK_HINT}"
+            )
         return out
 
 

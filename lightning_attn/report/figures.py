@@ -93,7 +93,8 @@ class _Panel:
     """One chart of a block: curves per stage, threshold lines, the section it belongs to."""
 
     title: str
-    section: str  # "router", "mask" or "param": which warnings are marked on it
+    section: str  # "router", "mask" or "param"
+    marks: tuple[str, ...] = ()  # problem kinds whose warnings are marked on it
     curves: list[tuple[str, str, Series]] = field(default_factory=list)  # (label, stage, s)
     # (label, low, high, label of the curve whose colour the band takes)
     bands: list[tuple[str, Series, Series, str]] = field(default_factory=list)
@@ -111,8 +112,10 @@ def _panels(
     ordered = sorted(stages.items(), key=lambda kv: (kv[0] != "train", kv[0]))
     train = stages.get("train")
 
-    entropy = _Panel("router entropy", "router", ylim=(0.0, None))
-    usage = _Panel("branch usage (mean router weight)", "router", ylim=(0.0, 1.0))
+    entropy = _Panel("router entropy", "router", ("router_collapse", "router_indifference"),
+                     ylim=(0.0, None))
+    usage = _Panel("branch usage (mean router weight)", "router", ("dead_branch",),
+                   ylim=(0.0, 1.0))
     for stage, bs in ordered:
         if bs.entropy_norm is not None:
             entropy.curves.append(("normalised (0: one branch, 1: uniform)", stage,
@@ -138,8 +141,9 @@ def _panels(
     many = len(masks) > 1
     mean = _Panel("mask mean" + (" (band: min to max)" if _has_extremes(stages) else ""),
                   "mask", ylim=(0.0, 1.0))
-    std = _Panel("mask std", "mask", ylim=(0.0, None))
-    sat = _Panel("mask saturation (share of values)", "mask", ylim=(0.0, 1.0))
+    std = _Panel("mask std", "mask", ("mask_collapse",), ylim=(0.0, None))
+    sat = _Panel("mask saturation (share of values)", "mask", ("mask_saturation",),
+                 ylim=(0.0, 1.0))
     for stage, bs in ordered:
         for mask in masks:
             stats = bs.masks.get(mask, {})
@@ -167,7 +171,7 @@ def _panels(
         (f"saturation: below + above > {t.saturation_threshold:g}", t.saturation_threshold, 0)
     )
 
-    params = _Panel("parameters", "param")
+    params = _Panel("parameters", "param", ("parameter_drift",))
     grads = _Panel("gradient norms of the learnable parameters", "param", log=True)
     for stage, bs in ordered:
         for name, s in bs.params.items():
@@ -197,6 +201,24 @@ def _sum(a: Series, b: Series) -> Series:
     steps = [s for s in a.steps if s in other]
     values = dict(zip(a.steps, a.values, strict=True))
     return Series(steps, [values[s] + other[s] for s in steps])
+
+
+def _marks(panel: _Panel, kind: str) -> bool:
+    """Whether a warning of ``kind`` is marked on ``panel``: on the panel showing its
+    statistic; a kind no panel names (non-finite, a new kind) on every panel of the sections
+    it reads (every panel when unknown)."""
+    if kind in panel.marks:
+        return True
+    if kind in _NAMED_KINDS:
+        return False
+    sections = PROBLEM_KINDS[kind].sections if kind in PROBLEM_KINDS else None
+    return sections is None or panel.section in sections
+
+
+_NAMED_KINDS = frozenset({
+    "router_collapse", "router_indifference", "dead_branch", "mask_collapse",
+    "mask_saturation", "parameter_drift",
+})
 
 
 def _draw(ax, panel: _Panel, warnings: Sequence[Problem]) -> None:
@@ -234,8 +256,7 @@ def _draw(ax, panel: _Panel, warnings: Sequence[Problem]) -> None:
         ax.hlines(y, max(x0, x_start), x_end, colors=THRESHOLD_COLOR, linestyles=(0, (1.5, 2)),
                   linewidth=1.1, label=label)
     for p in warnings:
-        sections = PROBLEM_KINDS[p.kind].sections if p.kind in PROBLEM_KINDS else None
-        if sections is None or panel.section in sections:
+        if _marks(panel, p.kind):
             ax.axvline(p.step, color=WARNING_COLOR, linewidth=1.0, alpha=0.6,
                        label=f"warning: {verdict_phrase(p.kind)} (step {p.step})")
     if panel.ylim is not None:
@@ -398,8 +419,9 @@ def metrics_figure(
     with rc_context(STYLE):
         fig = Figure(figsize=(PANEL_WIDTH * cols, PANEL_HEIGHT * rows + 0.4),
                      layout="constrained")
-        axes = fig.subplots(rows, cols, squeeze=False)
+        axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
         for i, ax in enumerate(axes.flat):
+            ax.xaxis.set_tick_params(labelbottom=True)
             if i >= len(present):
                 ax.set_visible(False)
                 continue

@@ -232,9 +232,7 @@ def _html_run(run: RunReport, several: bool) -> str:
         out.append("<p>No warning.</p>")
     if run.attention_map is not None:
         out.append(f"<{head}>Attention maps</{head}>")
-        m = run.attention_map
-        width = max(480, min(3 * _png_width(m.png), 1200))
-        out.append(_img(m, "maps", width))
+        out.append(_img(run.attention_map, "maps", _map_width(run.attention_map.png)))
     for block in blocks:
         v = run.health.verdicts[block]
         out.append(f'<h3 id="{_anchor(run.name, block)}">{_e(block)}</h3>')
@@ -245,11 +243,18 @@ def _html_run(run: RunReport, several: bool) -> str:
     return "\n".join(out)
 
 
-def _png_width(png: bytes) -> int:
-    # IHDR: 8-byte signature, 4-byte length, "IHDR", then the width (big-endian).
+def _png_size(png: bytes) -> tuple[int, int]:
+    # IHDR: 8-byte signature, 4-byte length, "IHDR", then width and height (big-endian).
     if png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) >= 24:
-        return int.from_bytes(png[16:20], "big")
-    return 400
+        return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    return 400, 400
+
+
+def _map_width(png: bytes, height: int = 820, width: int = 1200) -> int:
+    """Display width of the map grid: enlarged (pixels stay sharp) up to 3x, at most
+    ``width`` wide and ``height`` tall."""
+    w, h = _png_size(png)
+    return int(max(min(3 * w, width, height * w / max(h, 1)), min(w, width)))
 
 
 def render_html(report: Report) -> str:
