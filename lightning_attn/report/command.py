@@ -94,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for note in files.notes:
         print(f"{PROG}: note: {note}", file=sys.stderr)
+    for run in files.report.runs:
+        if not run.has_attention:
+            print(f"{PROG}: note: {run.name}: {run.absence}", file=sys.stderr)
     problems = sum(
         v.status == "problem" for run in files.report.runs for v in run.health.verdicts.values()
     )

@@ -125,12 +125,17 @@ class RunReport:
 
     def notes(self) -> list[str]:
         out = list(self.log.notes) + list(self.tags.notes) + list(self.health.notes)
-        if not self.has_attention:
-            out.append(
-                "no attn/ tags in this run: a model without attention blocks (a baseline), "
-                f"or {CALLBACK_HINT}"
-            )
         return out
+
+    @property
+    def absence(self) -> str:
+        """What the page says about a run without attention statistics."""
+        if self.has_attention:
+            return ""
+        return (
+            "No attention statistics in this run (no attn/ tags): a model without attention "
+            f"blocks, such as a baseline; otherwise {CALLBACK_HINT}."
+        )
 
 
 @dataclass
@@ -143,6 +148,8 @@ class Report:
     metrics: list[MetricSpec]
     metrics_figure: FigureFile | None = None
     comparisons: list[FigureFile] = field(default_factory=list)
+    #: runs left out of the comparisons: no training statistics (e.g. a baseline)
+    not_compared: list[str] = field(default_factory=list)
     tables: list[ReportTable] = field(default_factory=list)
 
     def figures(self) -> list[FigureFile]:
@@ -234,8 +241,10 @@ def build_report(
             if png is not None:
                 report.metrics_figure = FigureFile(names("metrics"), "metrics", png)
         bar.advance(task)
-        if len(runs) > 1:
-            columns = [(r.name, r.tags.train, r.health.thresholds) for r in runs]
+        compared = [r for r in runs if r.tags.train]
+        report.not_compared = [r.name for r in runs if not r.tags.train]
+        if len(compared) > 1:
+            columns = [(r.name, r.tags.train, r.health.thresholds) for r in compared]
             for comparison in COMPARISONS:
                 png = comparison_figure(comparison, columns)
                 if png is not None:

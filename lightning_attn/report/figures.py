@@ -302,32 +302,35 @@ def block_figure(
 
 
 # -- comparisons ---------------------------------------------------------------------------
+#: A curve of a comparison: (block, what of it: "" or a mask / parameter name, series).
+Curve = tuple[str, str, Series]
+LINESTYLES = ("-", "--", ":", "-.")
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """A statistic compared across runs: ``curves(block_series)`` -> ``[(label, series)]``."""
+    """A statistic compared across runs: ``curves(block_series)`` -> ``[Curve]``."""
 
     title: str
     section: str
-    curves: Callable[[BlockSeries], list[tuple[str, Series]]]
+    curves: Callable[[BlockSeries], list[Curve]]
     threshold: Callable[[HealthThresholds], tuple[str, float] | None] = lambda t: None
     ylim: tuple[float, float] | None = None
 
 
-def _mask_curves(stat: str) -> Callable[[BlockSeries], list[tuple[str, Series]]]:
-    def curves(bs: BlockSeries) -> list[tuple[str, Series]]:
+def _mask_curves(stat: str) -> Callable[[BlockSeries], list[Curve]]:
+    def curves(bs: BlockSeries) -> list[Curve]:
         many = len(bs.masks) > 1
-        return [
-            (f"{bs.name} {mask}" if many else bs.name, stats[stat])
-            for mask, stats in bs.masks.items() if stat in stats
-        ]
+        return [(bs.name, mask if many else "", stats[stat])
+                for mask, stats in bs.masks.items() if stat in stats]
 
     return curves
 
 
-def _saturated(bs: BlockSeries) -> list[tuple[str, Series]]:
+def _saturated(bs: BlockSeries) -> list[Curve]:
     many = len(bs.masks) > 1
     return [
-        (f"{bs.name} {mask}" if many else bs.name, _sum(stats["sat_low"], stats["sat_high"]))
+        (bs.name, mask if many else "", _sum(stats["sat_low"], stats["sat_high"]))
         for mask, stats in bs.masks.items() if "sat_low" in stats and "sat_high" in stats
     ]
 
@@ -335,7 +338,7 @@ def _saturated(bs: BlockSeries) -> list[tuple[str, Series]]:
 COMPARISONS: tuple[Comparison, ...] = (
     Comparison(
         "normalised router entropy", "router",
-        lambda bs: [(bs.name, bs.entropy_norm)] if bs.entropy_norm is not None else [],
+        lambda bs: [(bs.name, "", bs.entropy_norm)] if bs.entropy_norm is not None else [],
         lambda t: (f"collapse < {t.router_collapse_threshold:g}", t.router_collapse_threshold),
         (0.0, 1.05),
     ),
@@ -345,22 +348,36 @@ COMPARISONS: tuple[Comparison, ...] = (
         lambda t: (f"collapse < {t.std_threshold:g}", t.std_threshold),
     ),
     Comparison(
-        "saturated share of mask values", "mask", _saturated,
+        "saturated share of mask values (below + above)", "mask", _saturated,
         lambda t: (f"saturation > {t.saturation_threshold:g}", t.saturation_threshold),
         (0.0, 1.0),
     ),
     Comparison(
         "attention parameters", "param",
-        lambda bs: [(f"{bs.name} {n}", s) for n, s in bs.params.items()],
+        lambda bs: [(bs.name, n, s) for n, s in bs.params.items()],
     ),
 )
+
+
+def short_names(names: Sequence[str]) -> tuple[dict[str, str], str]:
+    """Block names without the dotted prefix they all share (``net.features.attn1.block``
+    -> ``attn1.block``), and that prefix."""
+    parts = [n.split(".") for n in names]
+    common = 0
+    if parts:
+        shortest = min(len(p) for p in parts)
+        while common < shortest - 1 and len({p[common] for p in parts}) == 1:
+            common += 1
+    prefix = ".".join(parts[0][:common]) + "." if common else ""
+    return {n: ".".join(p[common:]) for n, p in zip(names, parts, strict=True)}, prefix
 
 
 def comparison_figure(
     comparison: Comparison,
     runs: Sequence[tuple[str, dict[str, BlockSeries], HealthThresholds]],
 ) -> bytes | None:
-    """One panel per run (training statistics), shared x and y axes, one legend.
+    """One panel per run (training statistics), shared x and y axes, one legend: a block has
+    the same colour in every run; masks / parameters of a block differ by line style.
 
     ``runs``: ``(name, training blocks, thresholds)`` in column order. ``None`` when no run
     has the statistic.
@@ -370,23 +387,27 @@ def comparison_figure(
     ]
     if not any(per_run):
         return None
-    labels: list[str] = []
-    for curves in per_run:
-        labels += [label for label, _ in curves if label not in labels]
-    colors = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
+    # first appearance order, each once
+    blocks = list(dict.fromkeys(b for curves in per_run for b, _, _ in curves))
+    subs = list(dict.fromkeys(sub for curves in per_run for _, sub, _ in curves))
+    short, prefix = short_names(blocks)
+    colors = {b: PALETTE[i % len(PALETTE)] for i, b in enumerate(blocks)}
+    styles = {sub: LINESTYLES[i % len(LINESTYLES)] for i, sub in enumerate(subs)}
     cols = len(runs)
     with rc_context(STYLE):
-        fig = Figure(figsize=(max(3.6 * cols, 7.0), 3.0), layout="constrained")
+        fig = Figure(figsize=(max(4.2 * cols, 7.0), 3.0), layout="constrained")
         axes = fig.subplots(1, cols, squeeze=False, sharex=True, sharey=True)[0]
         for ax, (name, _, thresholds), curves in zip(axes, runs, per_run, strict=True):
             ax.set_title(name)
             ax.set_xlabel("step")
+            ax.yaxis.set_tick_params(labelleft=True)
             if not curves:
                 ax.text(0.5, 0.5, f"no {comparison.section} statistics",
                         transform=ax.transAxes, ha="center", va="center", color="#888888")
                 continue
-            for label, s in curves:
-                ax.plot(s.steps, _clean(s.values), color=colors[label], label=label,
+            for block, sub, s in curves:
+                ax.plot(s.steps, _clean(s.values), color=colors[block],
+                        linestyle=styles[sub], label=f"{short[block]} {sub}".strip(),
                         marker="o" if len(s) == 1 else None)
             line = comparison.threshold(thresholds)
             if line is not None:
@@ -400,8 +421,9 @@ def comparison_figure(
             for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
                 handles.setdefault(label, h)
         fig.legend(handles.values(), handles.keys(), loc="outside lower center",
-                   ncols=min(4, len(handles)))
-        fig.suptitle(comparison.title, fontsize=10.5, fontweight="bold", x=0.01, ha="left")
+                   ncols=min(5, len(handles)))
+        title = comparison.title + (f"   (blocks {prefix}*)" if prefix else "")
+        fig.suptitle(title, fontsize=10.5, fontweight="bold", x=0.01, ha="left")
         return _png(fig)
 
 
@@ -409,7 +431,8 @@ def metrics_figure(
     metrics: Sequence[str], runs: Sequence[tuple[str, dict[str, Series]]]
 ) -> bytes | None:
     """One panel per metric, every run that has it overlaid (a run's colour is the same in
-    every panel). ``runs``: ``(name, {metric: series})``."""
+    every panel); a metric logged once per run (a test score) as horizontal bars.
+    ``runs``: ``(name, {metric: series})``."""
     present = [m for m in metrics if any(m in series for _, series in runs)]
     if not present:
         return None
@@ -419,26 +442,42 @@ def metrics_figure(
     with rc_context(STYLE):
         fig = Figure(figsize=(PANEL_WIDTH * cols, PANEL_HEIGHT * rows + 0.4),
                      layout="constrained")
-        axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
+        axes = fig.subplots(rows, cols, squeeze=False)
         for i, ax in enumerate(axes.flat):
-            ax.xaxis.set_tick_params(labelbottom=True)
             if i >= len(present):
                 ax.set_visible(False)
                 continue
             metric = present[i]
-            for name, series in runs:
-                s = series.get(metric)
-                if s is None:
-                    continue
-                few = len(s) <= 30
-                ax.plot(s.steps, _clean(s.values), color=colors[name], label=name,
-                        marker="o" if few else None, markersize=4 if len(s) > 1 else 7)
             ax.set_title(metric)
+            logged = [(name, series[metric]) for name, series in runs if metric in series]
+            if all(len(s) == 1 for _, s in logged):
+                _bars(ax, logged, colors)
+                continue
+            for name, s in logged:
+                ax.plot(s.steps, _clean(s.values), color=colors[name], label=name,
+                        marker="o" if len(s) <= 30 else None, markersize=4)
             ax.set_xlabel("step")
         handles: dict[str, object] = {}
         for ax in axes.flat:
             for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
                 handles.setdefault(label, h)
-        fig.legend(handles.values(), handles.keys(), loc="outside lower center",
-                   ncols=min(4, len(handles)))
+        if handles:
+            fig.legend(handles.values(), handles.keys(), loc="outside lower center",
+                       ncols=min(4, len(handles)))
         return _png(fig)
+
+
+def _bars(ax, logged: Sequence[tuple[str, Series]], colors: dict[str, str]) -> None:
+    names = [name for name, _ in logged][::-1]  # first run on top
+    values = [s.last for _, s in logged][::-1]
+    shown = _clean(values)
+    ax.barh(names, [0.0 if math.isnan(v) else v for v in shown],
+            color=[colors[n] for n in names], height=0.6)
+    for y, v in enumerate(values):
+        ax.text(0 if not math.isfinite(v) else v, y, f" {v:.4g}", va="center", fontsize=8)
+    ax.grid(axis="y", visible=False)
+    ax.set_xlabel(f"value at step {logged[0][1].steps[-1]}" if len(
+        {s.steps[-1] for _, s in logged}) == 1 else "value")
+    finite = [v for v in shown if not math.isnan(v)]
+    if finite and min(finite) >= 0:
+        ax.set_xlim(0, max(finite) * 1.18 or 1.0)

@@ -16,14 +16,11 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..callbacks.health import Problem
-from .document import FigureFile, MetricSummary, Report, ReportTable, RunReport
+from .document import FigureFile, MetricSummary, Report, ReportTable, RunReport, slug
 from .verdicts import split_remedy, verdict_phrase
 
 __all__ = ["render_html", "render_markdown"]
 
-STATUS_LABEL = {
-    "healthy": "healthy", "problem": "problem", "recovered": "recovered", "no data": "no data",
-}
 
 CSS = """
 :root { --fg:#1d2125; --muted:#5f6b76; --line:#d9dee3; --bg:#ffffff; --soft:#f5f7f9;
@@ -95,8 +92,6 @@ def _verdict_counts(run: RunReport) -> dict[str, int]:
 
 
 def _anchor(*parts: str) -> str:
-    from .document import slug
-
     return "-".join(slug(p) for p in parts)
 
 
@@ -123,7 +118,7 @@ def _img(fig: FigureFile, cls: str = "", width: int | None = None) -> str:
 
 def _badge(status: str, text: str | None = None) -> str:
     cls = status.replace(" ", "")
-    return f'<span class="badge {cls}">{_e(text or STATUS_LABEL.get(status, status))}</span>'
+    return f'<span class="badge {cls}">{_e(text or status)}</span>'
 
 
 def _html_table(columns: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
@@ -142,7 +137,7 @@ def _html_summary(report: Report) -> str:
     for run in report.runs:
         counts = _verdict_counts(run)
         verdicts = " ".join(
-            _badge(status, f"{n} {STATUS_LABEL.get(status, status)}")
+            _badge(status, f"{n} {status}")
             for status, n in sorted(counts.items())
         ) or '<span class="note">no attention statistics</span>'
         row = [
@@ -209,6 +204,7 @@ def _html_run(run: RunReport, several: bool) -> str:
     )
     out.append(_html_notes(run.notes()))
     if not run.has_attention:
+        out.append(f"<p>{_e(run.absence)}</p>")
         return "\n".join(out)
     blocks = run.tags.block_names()
     rows = []
@@ -279,8 +275,12 @@ def render_html(report: Report) -> str:
         body += ['<h2 id="metrics">Metrics</h2>', _img(report.metrics_figure)]
     if report.comparisons:
         body.append('<h2 id="comparison">Attention statistics side by side</h2>')
+        left_out = (
+            f" Not shown (no attention statistics): {', '.join(report.not_compared)}."
+            if report.not_compared else ""
+        )
         body.append('<p class="note">Training statistics of every block, one panel per run, '
-                    "same axes.</p>")
+                    f"same axes; a block has the same colour in every run.{_e(left_out)}</p>")
         body += [_img(f) for f in report.comparisons]
     body += [_html_run(run, several) for run in report.runs]
     body.append(
@@ -341,6 +341,9 @@ def render_markdown(report: Report) -> str:
         out += ["## Metrics", "", _md_img(report.metrics_figure), ""]
     if report.comparisons:
         out += ["## Attention statistics side by side", ""]
+        if report.not_compared:
+            out += [f"Not shown (no attention statistics): {', '.join(report.not_compared)}.",
+                    ""]
         for fig in report.comparisons:
             out += [_md_img(fig), ""]
     for run in report.runs:
@@ -351,6 +354,7 @@ def render_markdown(report: Report) -> str:
         if notes:
             out += ["> **Notes**"] + [f"> - {n}" for n in notes] + [""]
         if not run.has_attention:
+            out += [run.absence, ""]
             continue
         rows = [[f"`{b}`", f"**{v.status}**: {v.text}", len(run.health.block_warnings(b))]
                 for b, v in ((b, run.health.verdicts[b]) for b in run.tags.block_names())]

@@ -17,7 +17,6 @@ damage are kept, as TensorBoard keeps them.
 from __future__ import annotations
 
 import csv
-import math
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -163,7 +162,7 @@ def find_runs(logdir: str | os.PathLike, name: str | None = None) -> list[RunSou
         )
     events: dict[Path, list[Path]] = {}
     tables: dict[Path, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(root, onerror=None):
+    for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         here = Path(dirpath)
         found = sorted(here / f for f in filenames if _is_event_file(f))
@@ -362,8 +361,3 @@ def read_runs(sources: Iterable[RunSource], progress: bool = True) -> list[RunLo
             read = _read_events if source.kind == "tensorboard" else _read_csv
             runs.append(read(source, advance))
     return runs
-
-
-def finite(values: Iterable[float]) -> list[float]:
-    """The finite values among ``values``."""
-    return [v for v in values if math.isfinite(v)]

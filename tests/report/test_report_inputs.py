@@ -139,3 +139,18 @@ def test_a_logdir_with_several_runs(tmp_path):
         tags = parse_tags(log)
         verdicts.append(judge_run(log, tags).verdicts[BLOCK].status)
     assert verdicts == ["healthy", "problem"]
+
+
+def test_progress_counts_every_byte_of_good_and_damaged_files(tmp_path):
+    from lightning_attn.report.reading import _EventRecords
+
+    run = write_run(tmp_path / "run")
+    (good,) = run.glob("events.out.tfevents.*")
+    damaged = run / "events.out.tfevents.9.damaged"
+    damaged.write_bytes(good.read_bytes()[:-7])
+    advanced: list[int] = []
+    notes: list[str] = []
+    events = list(_EventRecords([good, damaged], advanced.append, notes).Load())
+    assert sum(advanced) == good.stat().st_size + damaged.stat().st_size  # the bar ends full
+    assert len(notes) == 1 and damaged.name in notes[0]
+    assert len(events) > 1

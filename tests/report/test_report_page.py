@@ -90,7 +90,7 @@ def test_several_runs_side_by_side(compared_report):
     titles = [f.title for f in report.comparisons]
     assert titles == [
         "normalised router entropy", "mask mean", "mask std",
-        "saturated share of mask values", "attention parameters",
+        "saturated share of mask values (below + above)", "attention parameters",
     ]
     assert report.metrics_figure is not None
     assert [s.mode for s in report.metrics] == ["max", "min"]  # loss: lower is better
