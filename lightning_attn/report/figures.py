@@ -394,6 +394,7 @@ def comparison_figure(
     colors = {b: PALETTE[i % len(PALETTE)] for i, b in enumerate(blocks)}
     styles = {sub: LINESTYLES[i % len(LINESTYLES)] for i, sub in enumerate(subs)}
     cols = len(runs)
+    thresholds_shown: set[str] = set()
     with rc_context(STYLE):
         fig = Figure(figsize=(max(4.2 * cols, 7.0), 3.0), layout="constrained")
         axes = fig.subplots(1, cols, squeeze=False, sharex=True, sharey=True)[0]
@@ -411,6 +412,7 @@ def comparison_figure(
                         marker="o" if len(s) == 1 else None)
             line = comparison.threshold(thresholds)
             if line is not None:
+                thresholds_shown.add(line[0])
                 ax.axhline(line[1], color=THRESHOLD_COLOR, linestyle=(0, (1.5, 2)),
                            linewidth=1.1, label=line[0])
         if comparison.ylim is not None:
@@ -420,8 +422,10 @@ def comparison_figure(
         for ax in axes:
             for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
                 handles.setdefault(label, h)
-        fig.legend(handles.values(), handles.keys(), loc="outside lower center",
-                   ncols=min(5, len(handles)))
+        lines = {k: h for k, h in handles.items() if k not in thresholds_shown}
+        lines.update({k: h for k, h in handles.items() if k in thresholds_shown})  # last
+        fig.legend(lines.values(), lines.keys(), loc="outside lower center",
+                   ncols=min(5, len(lines)))
         title = comparison.title + (f"   (blocks {prefix}*)" if prefix else "")
         fig.suptitle(title, fontsize=10.5, fontweight="bold", x=0.01, ha="left")
         return _png(fig)

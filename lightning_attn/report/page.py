@@ -33,7 +33,13 @@ main { max-width: 1320px; margin: 0 auto; padding: 28px 32px 64px; }
 h1 { font-size: 26px; margin: 0 0 4px; }
 h2 { font-size: 21px; margin: 40px 0 10px; padding-bottom: 6px;
      border-bottom: 2px solid var(--line); }
-h3 { font-size: 17px; margin: 28px 0 6px; font-family: ui-monospace, Menlo, Consolas, monospace; }
+h3 { font-size: 17px; margin: 28px 0 6px; }
+h3.block { font-family: ui-monospace, Menlo, Consolas, monospace; }
+.overview { display: flex; flex-wrap: wrap; gap: 8px 48px; align-items: flex-start; }
+.overview .verdicts { flex: 0 1 auto; min-width: 0; }
+.overview .maps { flex: 0 0 auto; max-width: 100%; }
+.overview .maps figure { display: table; margin-top: 0; }
+.overview .maps figcaption { display: table-caption; caption-side: bottom; }
 p { margin: 6px 0; }
 .meta, .caption, .note { color: var(--muted); font-size: 13.5px; }
 code, .mono { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; }
@@ -107,7 +113,7 @@ def _e(text: object) -> str:
 
 def _img(fig: FigureFile, cls: str = "", width: int | None = None) -> str:
     data = base64.b64encode(fig.png).decode("ascii")
-    style = f' style="width:min(100%,{width}px)"' if width else ""
+    style = f' style="width:{width}px"' if width else ""
     klass = f' class="{cls}"' if cls else ""
     caption = f"<figcaption>{_e(fig.caption)}</figcaption>" if fig.caption else ""
     return (
@@ -216,22 +222,25 @@ def _html_run(run: RunReport, several: bool) -> str:
             f"<td>{_badge(v.status)} {_e(v.text)}</td>",
             f'<td class="num">{n}</td>',
         ])
-    out.append("<h3>Verdicts</h3>" if several else "<h2>Verdicts</h2>")
-    out.append(_html_table(["block", "verdict", "warnings"], rows))
-    out.append(_html_thresholds(run))
     head = "h3" if several else "h2"
+    # verdicts and the attention maps side by side (they wrap on a narrow window)
+    left = [f"<{head}>Verdicts</{head}>", _html_table(["block", "verdict", "warnings"], rows),
+            _html_thresholds(run)]
+    right = []
+    if run.attention_map is not None:
+        right = [f"<{head}>Attention maps</{head}>",
+                 _img(run.attention_map, "maps", _map_width(run.attention_map.png))]
+    out.append(f'<div class="overview"><div class="verdicts">{"".join(left)}</div>'
+               f'<div class="maps">{"".join(right)}</div></div>')
     out.append(f"<{head}>Warnings</{head}>")
     out.append(f'<p class="note">{_e(run.health.warnings_source)}.</p>')
     if run.health.warnings:
         out.append(_html_warnings(run.health.warnings, with_block=True))
     else:
         out.append("<p>No warning.</p>")
-    if run.attention_map is not None:
-        out.append(f"<{head}>Attention maps</{head}>")
-        out.append(_img(run.attention_map, "maps", _map_width(run.attention_map.png)))
     for block in blocks:
         v = run.health.verdicts[block]
-        out.append(f'<h3 id="{_anchor(run.name, block)}">{_e(block)}</h3>')
+        out.append(f'<h3 class="block" id="{_anchor(run.name, block)}">{_e(block)}</h3>')
         out.append(f'<p class="verdict">{_badge(v.status)} {_e(v.text)}</p>')
         fig = run.block_figures.get(block)
         if fig is not None:

@@ -210,8 +210,8 @@ def _verdict(
     if warned:
         earlier = ", ".join(f"{verdict_phrase(p.kind)} at step {p.step}" for p in warned)
         return Verdict(
-            block, "recovered", f"healthy at the last step ({step}); warned earlier: {earlier}",
+            block, "recovered", f"fine at the last step ({step}); warned earlier: {earlier}",
             (), step,
         )
-    text = f"healthy (no problem at any logged step up to {step})"
+    text = f"no problem at any logged step (up to step {step})"
     return Verdict(block, "healthy", text, (), step)

@@ -44,7 +44,7 @@ def test_verdicts_match_the_planted_problems(planted_report):
     assert v["dead"].text.startswith("dead branch (branch weight")
     # the page says the same, one line per block, in module order
     page = read_page(planted_report.html.read_text())
-    assert page.verdicts[0].startswith("healthy healthy (no problem")
+    assert page.verdicts[0].startswith("healthy no problem at any logged step")
     assert page.verdicts[1].startswith("problem collapsed (mask std 0 < 0.02")
     assert page.verdicts[2].startswith("problem dead branch (branch weight")
 

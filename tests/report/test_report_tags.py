@@ -51,7 +51,7 @@ def test_logged_problems_are_the_warnings(tmp_path):
     ]
     assert health.verdicts[BLOCK].status == "recovered"
     assert health.verdicts[BLOCK].text == (
-        "healthy at the last step (30); warned earlier: drifting parameter at step 20, "
+        "fine at the last step (30); warned earlier: drifting parameter at step 20, "
         "a kind from the future at step 30"
     )
 
