@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
 from .figures import COMPARISONS, block_figure, comparison_figure, metrics_figure
-from .reading import ReportError, RunLog, Series
+from .reading import ReportError, RunLog, Series, progress_bar
 from .series import RunTags, parse_tags
 from .verdicts import RunHealth, judge_run
 
@@ -230,8 +230,8 @@ def build_report(
         tables=list(tables),
     )
     total = sum(len(r.tags.block_names()) for r in runs) + len(COMPARISONS) + 1
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   transient=True, disable=not progress)
+    bar = progress_bar(progress, TextColumn("{task.description}"), BarColumn(),
+                       MofNCompleteColumn())
     with bar:
         task = bar.add_task("drawing figures", total=total)
         if specs:

@@ -97,6 +97,11 @@ def _verdict_counts(run: RunReport) -> dict[str, int]:
     return counts
 
 
+def _count(status: str, n: int) -> str:
+    """``"1 healthy"``, ``"2 problems"``."""
+    return f"{n} {status}{'s' if status == 'problem' and n > 1 else ''}"
+
+
 def _anchor(*parts: str) -> str:
     return "-".join(slug(p) for p in parts)
 
@@ -143,7 +148,7 @@ def _html_summary(report: Report) -> str:
     for run in report.runs:
         counts = _verdict_counts(run)
         verdicts = " ".join(
-            _badge(status, f"{n} {status}")
+            _badge(status, _count(status, n))
             for status, n in sorted(counts.items())
         ) or '<span class="note">no attention statistics</span>'
         row = [
@@ -255,11 +260,11 @@ def _png_size(png: bytes) -> tuple[int, int]:
     return 400, 400
 
 
-def _map_width(png: bytes, height: int = 820, width: int = 1200) -> int:
-    """Display width of the map grid: enlarged (pixels stay sharp) up to 3x, at most
-    ``width`` wide and ``height`` tall."""
+def _map_width(png: bytes, height: int = 820, width: int = 1200, least: int = 360) -> int:
+    """Display width of the map grid: enlarged (its pixels stay sharp) to 3x, or to ``least``
+    pixels for a tiny grid, but at most ``width`` wide and ``height`` tall."""
     w, h = _png_size(png)
-    return int(max(min(3 * w, width, height * w / max(h, 1)), min(w, width)))
+    return int(min(max(3 * w, least), width, height * w / max(h, 1)))
 
 
 def render_html(report: Report) -> str:
@@ -335,7 +340,7 @@ def render_markdown(report: Report) -> str:
     rows = []
     for run in report.runs:
         counts = _verdict_counts(run)
-        verdicts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        verdicts = ", ".join(_count(s, n) for s, n in sorted(counts.items()))
         row = [run.name, len(run.tags.block_names()), verdicts or "no attention statistics",
                len(run.health.warnings) if run.has_attention else "-", _steps(run)]
         for spec in report.metrics:

@@ -23,10 +23,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeRemainingColumn,
 )
@@ -337,17 +339,20 @@ def natural_key(text: str) -> tuple:
 
 
 # -- all runs --------------------------------------------------------------------------------
+def progress_bar(enabled: bool, *columns: ProgressColumn) -> Progress:
+    """A transient ``rich`` bar on stderr, only on a terminal (no blank lines in CI logs)."""
+    console = Console(stderr=True)
+    return Progress(*columns, console=console, transient=True,
+                    disable=not (enabled and console.is_terminal))
+
+
 def read_runs(sources: Iterable[RunSource], progress: bool = True) -> list[RunLog]:
     """Read every run, with one ``rich`` progress bar over all their bytes."""
     sources = list(sources)
     total = sum(s.size for s in sources)
-    bar = Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        transient=True,
-        disable=not progress,
+    bar = progress_bar(
+        progress, TextColumn("[progress.description]{task.description}"), BarColumn(),
+        DownloadColumn(), TimeRemainingColumn(),
     )
     runs = []
     with bar:
