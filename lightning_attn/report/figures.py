@@ -480,6 +480,9 @@ def _bars(ax, logged: Sequence[tuple[str, Series]], colors: dict[str, str]) -> N
     for y, v in enumerate(values):
         ax.text(0 if not math.isfinite(v) else v, y, f" {v:.4g}", va="center", fontsize=8)
     ax.grid(axis="y", visible=False)
+    ax.set_axisbelow(True)
+    pad = max(0.75, (3 - len(names)) / 2 + 0.5)  # a lone bar stays slim
+    ax.set_ylim(-pad, len(names) - 1 + pad)
     ax.set_xlabel(f"value at step {logged[0][1].steps[-1]}" if len(
         {s.steps[-1] for _, s in logged}) == 1 else "value")
     finite = [v for v in shown if not math.isnan(v)]
