@@ -1,6 +1,6 @@
 """A tiny network with three attention blocks, two of them broken on purpose (via init).
 
-* ``healthy``: a CoordinateAttention with a learnable alpha: its masks vary (std ~0.1).
+* ``healthy``: a CoordinateAttention with a learnable alpha (0.5): its masks vary (std ~0.1).
 * ``collapsed``: a DSA whose branch convolutions are zero and frozen: its mask is
   ``sigmoid(0) = 0.5`` everywhere (std 0 < 0.02): mask collapse at every step.
 * ``dead``: a DSA whose router's last bias sends branch 1 a weight of ~e^-30 (frozen): a dead
@@ -37,8 +37,8 @@ class PlantedNet(LightningModule):
     def __init__(self, channels: int = 4, n: int = 32, batch_size: int = 8) -> None:
         super().__init__()
         self.stem = nn.Conv2d(1, channels, 3, padding=1)
-        self.healthy = create_attention(
-            "coord", channels, learnable_alpha=True, min_mid_channels=4
+        self.healthy = create_attention(  # alpha mid-range: far from any drift limit
+            "coord", channels, alpha=0.5, learnable_alpha=True, min_mid_channels=4
         )
         self.collapsed = create_attention("dsa", channels, learnable_temperature=True)
         self.dead = create_attention("dsa", channels, temperature=0.1)
