@@ -21,9 +21,17 @@ from lightning_attn import (
 )
 
 from . import seed_reference as seed
-from ._util import COORD_C, COORD_CASES, assert_close, lib_coord_from, run_block, seed_coord
+from ._util import (
+    BACKENDS,
+    COORD_C,
+    COORD_CASES,
+    assert_close,
+    lib_coord_from,
+    run_block,
+    seed_coord,
+)
 
-FUSED = pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+EACH_BACKEND = pytest.mark.parametrize("backend", BACKENDS)
 
 
 class Recorder:
@@ -46,12 +54,12 @@ def _all_tensors(obs: AttentionObservation):
 # --------------------------------------------------------------------------------------
 
 
-@FUSED
+@EACH_BACKEND
 @pytest.mark.parametrize("learnable", [False, True], ids=["fixed_T", "learnable_T"])
-def test_dsa_observation(fused, learnable):
+def test_dsa_observation(backend, learnable):
     block = DynamicSpatialAttention(
         temperature=1.7, learnable_temperature=learnable, return_router_weights=True,
-        fused=fused,
+        backend=backend,
     )
     rec = Recorder()
     block.attach_observer(rec)
@@ -86,17 +94,17 @@ def test_dsa_observation_has_router_weights_when_not_returned():
     assert torch.equal(rec.calls[0][1].router_weights, rw.detach())
 
 
-@FUSED
+@EACH_BACKEND
 @pytest.mark.parametrize(
     "case, names",
     [("base", {"alpha"}), ("alpha_0.7_learnable", {"alpha"}),
      ("per_axis_alpha", {"alpha_h", "alpha_w"}), ("beta", {"alpha", "beta"}),
      ("all", {"alpha_h", "alpha_w", "beta"})],
 )
-def test_coord_observation(case, names, fused):
+def test_coord_observation(case, names, backend):
     lib_kw, seed_kw = COORD_CASES[case]
     ref = seed_coord(seed_kw)
-    block = lib_coord_from(ref, lib_kw, fused)
+    block = lib_coord_from(ref, lib_kw, backend)
     rec = Recorder()
     block.attach_observer(rec)
     x = torch.randn(2, COORD_C, 6, 7, requires_grad=True)
@@ -122,15 +130,15 @@ def test_coord_observation(case, names, fused):
 
 @pytest.mark.parametrize(
     "make",
-    [lambda f: DynamicSpatialAttention(learnable_temperature=True, fused=f,
+    [lambda f: DynamicSpatialAttention(learnable_temperature=True, backend=f,
                                        return_router_weights=True),
-     lambda f: CoordinateAttention(COORD_C, **COORD_CASES["all"][0], fused=f)],
+     lambda f: CoordinateAttention(COORD_C, **COORD_CASES["all"][0], backend=f)],
     ids=["dsa", "coord_all"],
 )
-@FUSED
-def test_observers_do_not_change_outputs_or_gradients(make, fused):
+@EACH_BACKEND
+def test_observers_do_not_change_outputs_or_gradients(make, backend):
     torch.manual_seed(5)
-    block = make(fused)
+    block = make(backend)
     watched = copy.deepcopy(block)
     seen = []
     watched.attach_observer(lambda b, o: seen.append(o.masks))
@@ -278,7 +286,7 @@ def _collapse_warnings(record):
 @pytest.mark.parametrize("mode", [True, False], ids=["train", "eval"])
 def test_quick_mask_check_coord_healthy(mode):
     ref = seed_coord({})
-    block = lib_coord_from(ref, {}, fused=True).train(mode)
+    block = lib_coord_from(ref, {}, backend="torch").train(mode)
     before = {k: v.clone() for k, v in block.state_dict().items()}
     x = 3 * torch.randn(4, COORD_C, 8, 8)
     with warnings.catch_warnings(record=True) as record:
