@@ -18,7 +18,7 @@ from .kernels import (
     resolve_backend,
 )
 from .kernels.torch_fused import GradStash, axis_mean_pool, axis_scale
-from .observation import ObservableMixin
+from .recording import RecordingMixin
 from .validation import (
     check_choice,
     check_finite_float,
@@ -81,7 +81,7 @@ def _timm_aliases(reduction, act, gate, rd_ratio, act_layer, gate_layer):
     return reduction, act, gate
 
 
-class CoordinateAttention(ObservableMixin, nn.Module):
+class CoordinateAttention(RecordingMixin, nn.Module):
     """Coordinate attention: a per-row mask times a per-column mask, blended with ``alpha``.
 
     Base formula (every add-on off): ``mid = max(min_mid_channels, C // reduction)``;
@@ -107,7 +107,10 @@ class CoordinateAttention(ObservableMixin, nn.Module):
         8. ``head_groups=g``: ``conv_h``/``conv_w`` grouped; ``g`` divides ``C`` and ``mid``.
         9. ``spatial_gate=True``: ``y = out * sigmoid(spatial_pw(spatial_dw(out)))`` with
            ``out = x * scale``.
-        10. :meth:`last_mask_stats` and :func:`~lightning_attn.blocks.quick_mask_check`.
+        10. :func:`~lightning_attn.blocks.quick_mask_check`: statistics (mean, std, min,
+            max, saturation) of ``a_h`` and ``a_w`` from the blocks' own recording, and a
+            :class:`~lightning_attn.blocks.MaskCollapseWarning` below a std threshold. Nothing
+            is kept between forwards (the seed keeps ``a_h``/``a_w`` on the module).
 
     Args:
         in_channels: ``C`` of the input.
@@ -160,7 +163,6 @@ class CoordinateAttention(ObservableMixin, nn.Module):
         gate_layer: str | type[nn.Module] | None = None,
     ) -> None:
         super().__init__()
-        self._init_observers()
         owner = type(self).__name__
         backend = check_choice("backend", backend_from_fused(fused, backend, owner), BACKENDS)
         if backend == "triton":
@@ -257,8 +259,6 @@ class CoordinateAttention(ObservableMixin, nn.Module):
             self.spatial_pw = nn.Conv2d(in_channels, in_channels, 1, bias=True)
 
         self.gate_fn = torch.sigmoid if self.gate == "sigmoid" else F.hardsigmoid
-        self._last_ah: torch.Tensor | None = None
-        self._last_aw: torch.Tensor | None = None
 
     # -- parameters seen by diagnostics -------------------------------------------------
     def _scalar_names(self) -> tuple[str, ...]:
@@ -389,33 +389,14 @@ class CoordinateAttention(ObservableMixin, nn.Module):
             check_triton_input(x, owner)
         stash = GradStash() if backend == "torch" else None
         a_h, a_w = self._masks(x, backend, stash)
-        self._last_ah, self._last_aw = a_h.detach(), a_w.detach()
         if backend == "plain":
             out = self._apply_plain(x, a_h, a_w)
         else:
             out = self._apply_fused(x, a_h, a_w, backend, stash)
         if self.spatial_gate:
             out = out * torch.sigmoid(self.spatial_pw(self.spatial_dw(out)))
-        if self._observers:
-            self._notify_observers({"mask_h": a_h, "mask_w": a_w})
+        self.record({"mask_h": a_h, "mask_w": a_w})
         return out
-
-    @torch.no_grad()
-    def last_mask_stats(self) -> dict[str, dict[str, float]] | None:
-        """min/mean/max/std of ``a_h`` and ``a_w`` from the last forward (``None`` before).
-
-        Only detached references to the two small axis masks are kept between forwards,
-        never the autograd graph. Reading the statistics syncs with the device.
-        """
-        if self._last_ah is None or self._last_aw is None:
-            return None
-        return {
-            name: {
-                "min": float(m.min()), "mean": float(m.mean()),
-                "max": float(m.max()), "std": float(m.float().std()),
-            }
-            for name, m in (("a_h", self._last_ah), ("a_w", self._last_aw))
-        }
 
     def extra_repr(self) -> str:
         return (

@@ -19,7 +19,7 @@ from .kernels import (
     resolve_backend,
 )
 from .kernels.torch_fused import GradStash, apply_spatial_mask, spatial_summary
-from .observation import ObservableMixin
+from .recording import RecordingMixin
 from .validation import (
     check_choice,
     check_float32_temperature,
@@ -59,7 +59,7 @@ def _inverse_softplus(t: float, eps: float) -> float:
     return target + math.log(-math.expm1(-target))
 
 
-class DynamicSpatialAttention(ObservableMixin, nn.Module):
+class DynamicSpatialAttention(RecordingMixin, nn.Module):
     """Spatial attention whose mask mixes K convolution branches with per-sample weights.
 
     From ``x (B,C,H,W)``: ``s = [mean_c(x), max_c(x)]`` ``(B,2,H,W)``; a router
@@ -111,7 +111,6 @@ class DynamicSpatialAttention(ObservableMixin, nn.Module):
         fused: bool | None = None,
     ) -> None:
         super().__init__()
-        self._init_observers()
         owner = type(self).__name__
         backend = check_choice("backend", backend_from_fused(fused, backend, owner), BACKENDS)
         if backend == "triton":
@@ -161,6 +160,9 @@ class DynamicSpatialAttention(ObservableMixin, nn.Module):
                 )
             )
         self.num_branches = len(self.branches)
+        self.branch_names = tuple(f"{k}x{k}" for k in ks) + (
+            (f"{dk}x{dk} d{dilated_d}",) if use_dilated else ()
+        )
         self.gate_fn = torch.sigmoid if gate == "sigmoid" else F.hardsigmoid
 
         self.learnable_temperature = bool(learnable_temperature)
@@ -256,8 +258,7 @@ class DynamicSpatialAttention(ObservableMixin, nn.Module):
         else:
             y = x * mask
 
-        if self._observers:
-            self._notify_observers({"mask": mask}, rw)
+        self.record({"mask": mask}, rw)
         if not self.return_mask:
             return y
         if self.return_router_weights:

@@ -1,15 +1,21 @@
-"""Argument and input checks shared by the blocks: every error names the argument and value."""
+"""Argument and input checks of the whole package: every error names the argument and value.
+
+Blocks, callbacks and modules all check their arguments here (the blocks import nothing else
+of the package, so this is where the checks live).
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
 __all__ = [
     "check_choice",
+    "check_fraction",
+    "check_patterns",
     "check_int",
     "check_finite_float",
     "check_nonnegative_float",
@@ -59,6 +65,27 @@ def check_finite_float(name: str, value: object) -> float:
     if not math.isfinite(v):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return v
+
+
+def check_fraction(name: str, value: object) -> float:
+    """A finite number in ``[0, 1]`` (a threshold on a share or a mask value)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return value
+
+
+def check_patterns(name: str, value: object, allow_none: bool) -> tuple[str, ...] | None:
+    """A sequence of fnmatch patterns (a single string is taken as one pattern)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, Sequence) or not all(isinstance(p, str) and p for p in value):
+        raise ValueError(f"{name} must be a sequence of non-empty fnmatch patterns, got {value!r}")
+    return tuple(value)
 
 
 def check_unit_interval(name: str, value: object) -> float:

@@ -9,7 +9,6 @@
 from .backbone import AttentionCNN, ConvBNAct
 from .classifier import AttentionClassifier
 from .insert import infer_out_channels, insert_attention
-from .mask_collector import MaskCollector, observable_blocks
 from .wrappers import AttentionAfter, OutputOnly, first_tensor
 
 __all__ = [
@@ -17,10 +16,8 @@ __all__ = [
     "AttentionCNN",
     "AttentionClassifier",
     "ConvBNAct",
-    "MaskCollector",
     "OutputOnly",
     "first_tensor",
     "infer_out_channels",
     "insert_attention",
-    "observable_blocks",
 ]

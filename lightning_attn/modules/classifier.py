@@ -12,10 +12,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_attn.blocks import find_attention_blocks
 from lightning_attn.metrics import LocalisationScore
 
 from .backbone import AttentionCNN
-from .mask_collector import MaskCollector, observable_blocks
 
 __all__ = ["AttentionClassifier"]
 
@@ -26,16 +26,6 @@ def _describe(obj: object) -> str:
     if isinstance(obj, Tensor):
         return f"shape {tuple(obj.shape)} dtype {obj.dtype}"
     return type(obj).__name__
-
-
-class _DetachMasksOnException(pl.Callback):
-    """Removes the mask observers when a run stops on an exception (the epoch-end hooks
-    that normally detach them never run then)."""
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception) -> None:
-        masks = getattr(pl_module, "_masks", None)
-        if isinstance(masks, MaskCollector):
-            masks.detach()
 
 
 class AttentionClassifier(pl.LightningModule):
@@ -108,10 +98,9 @@ class AttentionClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.block_names: list[str] = list(observable_blocks(self))
+        self.block_names: list[str] = list(find_attention_blocks(self)[0])
         self.val_loc = nn.ModuleList(LocalisationScore() for _ in self.block_names)
         self.test_loc = nn.ModuleList(LocalisationScore() for _ in self.block_names)
-        self._masks = MaskCollector()
 
     # -- forward and batch checks -------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -156,8 +145,7 @@ class AttentionClassifier(pl.LightningModule):
 
     def _eval_step(self, batch: Batch, stage: str) -> None:
         x, y, boxes = self._unpack(batch)
-        self._masks.pop()  # forget masks of any forward outside this step
-        logits = self(x)
+        logits, masks = self._forward_capturing(x) if boxes is not None else (self(x), {})
         if stage == "val":
             acc, loc = self.val_acc, self.val_loc
         else:
@@ -166,7 +154,6 @@ class AttentionClassifier(pl.LightningModule):
         kw = {"on_step": False, "on_epoch": True, "batch_size": x.shape[0]}
         self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True, prog_bar=True, **kw)
         self.log(f"{stage}/acc", acc, prog_bar=True, **kw)
-        masks = self._masks.pop()
         if boxes is None:
             return
         for i, name in enumerate(self.block_names):
@@ -186,25 +173,19 @@ class AttentionClassifier(pl.LightningModule):
         self.net.check_input(x)
         return self(x).softmax(dim=-1)
 
-    # -- mask collection (validation and test only) -------------------------------------
-    def _attach(self) -> None:
-        blocks = dict(self.named_modules())
-        self._masks.attach({name: blocks[name] for name in self.block_names})
-
-    def on_validation_epoch_start(self) -> None:
-        self._attach()
-
-    def on_validation_epoch_end(self) -> None:
-        self._masks.detach()
-
-    def on_test_epoch_start(self) -> None:
-        self._attach()
-
-    def on_test_epoch_end(self) -> None:
-        self._masks.detach()
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        return [_DetachMasksOnException()]
+    # -- spatial masks for the localisation score (validation and test only) ----------
+    def _forward_capturing(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``self(x)`` and each block's spatial map ``(B,1,h,w)`` from that forward."""
+        blocks = [(name, self.get_submodule(name)) for name in self.block_names]
+        for _, block in blocks:
+            block.start_capture(self)
+        try:
+            logits = self(x)
+            masks = {n: b.captured_map for n, b in blocks if b.captured_map is not None}
+        finally:  # never leave capture on: the next training forward would pay for it
+            for _, block in blocks:
+                block.stop_capture(self)
+        return logits, masks
 
     # -- optimisation -----------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -232,3 +232,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def isclose_rel(a: float, b: float, rel: float) -> bool:
     return math.isfinite(a) and abs(a - b) <= rel * abs(b)
+
+
+def spy_masks(block) -> dict[str, torch.Tensor]:
+    """The ``a_h``, ``a_w`` of the block's next forwards (the last one wins)."""
+    seen: dict[str, torch.Tensor] = {}
+    compute = block._masks
+
+    def spy(*args, **kwargs):
+        a_h, a_w = compute(*args, **kwargs)
+        seen["a_h"], seen["a_w"] = a_h.detach(), a_w.detach()
+        return a_h, a_w
+
+    block._masks = spy
+    return seen

@@ -121,5 +121,5 @@ def test_register_attention(monkeypatch):
 def test_top_level_exports():
     for name in ("create_attention", "attention_names", "DynamicSpatialAttention",
                  "CoordinateAttention", "CoordinateAtt", "quick_mask_check",
-                 "MaskCollapseWarning", "AttentionObservation"):
+                 "MaskCollapseWarning", "RecordingMixin", "AttentionBlock"):
         assert hasattr(lightning_attn, name), name

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+from lightning_attn.blocks import find_attention_blocks
 from lightning_attn.modules import AttentionAfter, infer_out_channels, insert_attention
-from lightning_attn.modules.mask_collector import observable_blocks
 
 
 class BasicBlock(nn.Module):
@@ -47,7 +47,7 @@ def test_insert_dsa_after_layers() -> None:
     assert isinstance(model.layer1, AttentionAfter)
     assert isinstance(model.layer2.attention, DynamicSpatialAttention)
     assert model.layer2.attention.kernel_sizes == (3,)
-    assert list(observable_blocks(model)) == ["layer1.attention", "layer2.attention"]
+    assert list(find_attention_blocks(model)[0]) == ["layer1.attention", "layer2.attention"]
     assert model(X).shape == (2, 5)
     model(X).sum().backward()
     assert model.layer1.attention.branches[0].weight.grad is not None
@@ -61,7 +61,7 @@ def test_insert_coord_infers_channels_every_way() -> None:
     assert infer_out_channels(model, ["layer1.0"], X) == {"layer1.0": 8}
     insert_attention(model, after=["stem", "layer1.0", "layer2"], name="coord",
                      example_input=X, reduction=4)
-    chans = {n: b.in_channels for n, b in observable_blocks(model).items()}
+    chans = {n: b.in_channels for n, b in find_attention_blocks(model)[0].items()}
     assert chans == {"stem.attention": 8, "layer1.0.attention": 8, "layer2.attention": 16}
     assert isinstance(model.layer2.attention, CoordinateAttention)
     assert model.training  # the dummy pass restored train mode
