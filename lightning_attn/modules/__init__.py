@@ -2,13 +2,14 @@
 
 - :class:`AttentionClassifier`: LightningModule (small CNN + attention after each stage).
 - :class:`AttentionCNN`: the same network as a plain ``nn.Module``.
-- :func:`insert_attention`: add attention blocks after named submodules of any model.
+- :func:`insert_attention`: add attention blocks after named submodules of any model,
+  keeping its state-dict keys (:func:`remove_attention`, :func:`inserted_attention`).
 - :class:`OutputOnly` / :class:`AttentionAfter`: wrappers that keep only ``y``.
 """
 
 from .backbone import AttentionCNN, ConvBNAct
 from .classifier import AttentionClassifier
-from .insert import infer_out_channels, insert_attention
+from .insert import infer_out_channels, insert_attention, inserted_attention, remove_attention
 from .mask_collector import MaskCollector, observable_blocks
 from .wrappers import AttentionAfter, OutputOnly, first_tensor
 
@@ -22,5 +23,7 @@ __all__ = [
     "first_tensor",
     "infer_out_channels",
     "insert_attention",
+    "inserted_attention",
     "observable_blocks",
+    "remove_attention",
 ]
