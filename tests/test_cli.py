@@ -93,6 +93,7 @@ def _fit(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_ddp_fit_then_resume(tmp_path) -> None:
     first = _fit(tmp_path, "--trainer.max_steps", "4")
     assert "Starting with 2 processes" in first.stdout + first.stderr
