@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_attn.cli import build_cli
+from lightning_attn import __version__
+from lightning_attn.cli import build_cli, main
 from lightning_attn.modules import AttentionClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,19 @@ def _command() -> list[str]:
 @pytest.fixture(autouse=True)
 def _plain_argv(monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["lightning-attn"])  # not pytest's own arguments
+
+
+def test_help_describes_the_tool_and_version_prints(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "usage: lightning-attn" in out and "AttentionClassifier" in out
+    assert "Lightning Trainer command line tool" not in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lightning-attn {__version__}"
 
 
 @pytest.mark.parametrize("name", ["baseline", "dsa", "coord"])
