@@ -29,7 +29,7 @@ from rich.table import Table
 
 from lightning_attn.callbacks import AttentionDiagnostics
 from lightning_attn.data import ClutteredDigitsDataModule
-from lightning_attn.modules import AttentionClassifier
+from lightning_attn.modules import AttentionClassifier, DSAOptions
 
 #: The demo's budget: ~1.5 min in all on one thread of this 2-core machine (86 s measured),
 #: ~1 min with --threads 2 when the machine is otherwise idle.
@@ -66,7 +66,7 @@ def build(
     model = AttentionClassifier(
         stage_widths=(16, 32, 64),  # stages at 48, 24 and 12 pixels
         attention="dsa",
-        attention_kwargs={"kernels": (3, 7), "learnable_temperature": True},
+        dsa=DSAOptions(kernels=(3, 7), learnable_temperature=True),
         optimizer=partial(torch.optim.AdamW, lr=3e-3, weight_decay=1e-4),
         lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=budget["epochs"]),
     )
