@@ -21,7 +21,8 @@ SMALL = {"stage_widths": (4, 8), "num_classes": 3}
 
 
 @pytest.mark.parametrize(
-    ("options", "block"), [(DSAOptions, DynamicSpatialAttention), (CoordOptions, CoordinateAttention)]
+    ("options", "block"),
+    [(DSAOptions, DynamicSpatialAttention), (CoordOptions, CoordinateAttention)],
 )
 def test_options_mirror_the_block_constructor(options, block) -> None:
     params = [
