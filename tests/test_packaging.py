@@ -26,6 +26,8 @@ FLOORS = {
     "torch": ("2.4", "torch.library.custom_op / register_autograd (torch.compiler."
                      "is_compiling: 2.3)"),
     "lightning": ("2.5.3", "ModelCheckpoint(save_on_exception=...) in the CLI"),
+    "jsonargparse": ("4.39", "LightningCLI of lightning 2.5.3 passes applied_instantiation_links"),
+    "torchmetrics": ("1.6", "Metric.merge_state (the localisation metric's merge test)"),
     "numpy": ("1.22", "first feature release supporting Python 3.10 (requires-python)"),
 }
 
