@@ -9,9 +9,9 @@ digit fragments and noise), with the attention diagnostics, then reports:
   box divided by the box's share of the image (1.0 = no better than a uniform mask);
 - where TensorBoard finds the run.
 
-    python examples/demo.py            # ~1.5 min on one CPU thread
-    python examples/demo.py --quick    # a smoke run in seconds
-    tensorboard --logdir runs
+    .venv/bin/python examples/demo.py            # ~1.5 min on one CPU thread (= make demo)
+    .venv/bin/python examples/demo.py --quick    # a smoke run in seconds
+    make tensorboard                             # TensorBoard on runs/
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def report(
     console.print("(1.00 = no better than a uniform mask; higher = more mass on the digit)")
     console.print(f"test accuracy: [bold]{results['test/acc']:.3f}[/bold]")
     console.print(f"total time: {seconds:.0f} s")
-    console.print(f"tensorboard --logdir {logdir}")
+    console.print("make tensorboard" + ("" if logdir == "runs" else f" LOGDIR={logdir}"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
