@@ -41,15 +41,15 @@ def _last_channels(module: nn.Module) -> int | None:
 def _output_shapes(
     model: nn.Module, names: Sequence[str], example_input: torch.Tensor
 ) -> dict[str, tuple[int, ...] | str]:
-    """Shape of each named submodule's output (its first tensor; else the output's type name)
-    on one ``eval``/no-grad pass of the model; names never called are absent."""
+    """Shape of each named submodule's output (the type's name when it is not a tensor: the
+    block would receive it as it is) on one ``eval``/no-grad pass of the model; names never
+    called are absent."""
     seen: dict[str, tuple[int, ...] | str] = {}
     handles = []
     for name in names:
 
         def hook(_mod, _inp, out, name=name):
-            t = first_tensor(out)
-            seen[name] = tuple(t.shape) if isinstance(t, torch.Tensor) else type(out).__name__
+            seen[name] = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
 
         handles.append(model.get_submodule(name).register_forward_hook(hook))
     was_training = model.training

@@ -266,6 +266,10 @@ def test_non_feature_map_output_names_its_shape() -> None:
     model.unused = nn.Conv2d(3, 3, 1)
     with pytest.raises(ValueError, match=r"'unused' was not called during the forward pass"):
         insert_attention(model, after=["unused"], example_input=X)
+    model.pair = nn.Identity()
+    model.forward = lambda x: model.head(model.layer2(model.pair((model.stem(x), x))[0]))
+    with pytest.raises(ValueError, match=r"output of 'pair' is not .* an output of type tuple"):
+        insert_attention(model, after=["pair"], example_input=X)
     with pytest.raises(ValueError, match=r"channels\['layer1'\]=4 but the output of 'layer1'.* 8"):
         insert_attention(ResNetLike(), after=["layer1"], channels=4, example_input=X)
 
