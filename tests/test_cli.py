@@ -94,7 +94,7 @@ def test_help_lists_choices_and_every_block_argument(capsys) -> None:
         (["--model.downsample", "fft"], "model.downsample"),
         (["--model.dsa.temperature", "warm"], "model.dsa.temperature"),
         (["--model.dsa.kernels", "[3,x]"], "model.dsa.kernels"),
-        (["--model.coord.rd_ratio", "8"], "--model.coord.rd_ratio"),
+        (["--model.coord.no_such_argument", "8"], "--model.coord.no_such_argument"),
     ],
 )
 def test_bad_values_are_rejected_before_anything_is_built(bad, key, capsys) -> None:

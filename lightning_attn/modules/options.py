@@ -22,6 +22,7 @@ __all__ = [
     "Activation",
     "AttentionName",
     "BLOCK_OPTIONS",
+    "DEPRECATED_ARGUMENTS",
     "CoordOptions",
     "DSAOptions",
     "Downsample",
@@ -36,10 +37,23 @@ Activation = Literal["relu", "gelu", "silu"]
 Downsample = Literal["maxpool", "avgpool", "stride"]
 
 
-def options_dataclass(block: type, name: str) -> type:
-    """A frozen dataclass with one field per keyword argument of ``block.__init__`` that has
-    a default (same name, type and default; required arguments such as ``in_channels`` are
-    left to the caller), documented by the block's docstring."""
+# Deprecated spellings stay out of the typed config (Python callers may still pass them).
+DEPRECATED_ARGUMENTS = ("fused",)  # -> backend=
+
+
+def _constructor_parameters(block: type) -> list[inspect.Parameter]:
+    return [p for p in inspect.signature(block.__init__).parameters.values() if p.name != "self"]
+
+
+def options_dataclass(block: type, name: str, exclude: tuple[str, ...] = ()) -> type:
+    """A frozen dataclass with one field per argument of ``block.__init__`` that has a
+    default and can be given by position (same name, type and default), documented by the
+    block's docstring.
+
+    Left out: required arguments (``in_channels``: the network gives it), keyword-only ones
+    (aliases such as timm's ``rd_ratio`` / ``act_layer``: one spelling per setting in a
+    config) and ``exclude``.
+    """
     init = block.__init__
     try:
         hints = typing.get_type_hints(init)
@@ -47,10 +61,10 @@ def options_dataclass(block: type, name: str) -> type:
         hints = {}
     fields = [
         (p.name, hints.get(p.name, Any), dataclasses.field(default=p.default))
-        for p in inspect.signature(init).parameters.values()
-        if p.name != "self"
-        and p.default is not inspect.Parameter.empty
-        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        for p in _constructor_parameters(block)
+        if p.default is not inspect.Parameter.empty
+        and p.kind is p.POSITIONAL_OR_KEYWORD
+        and p.name not in exclude
     ]
     cls = dataclasses.make_dataclass(name, fields, frozen=True)
     cls.__module__ = __name__  # importable (pickling) and named in --help
@@ -62,17 +76,21 @@ def options_dataclass(block: type, name: str) -> type:
     return cls
 
 
-DSAOptions = options_dataclass(DynamicSpatialAttention, "DSAOptions")
-CoordOptions = options_dataclass(CoordinateAttention, "CoordOptions")
+DSAOptions = options_dataclass(DynamicSpatialAttention, "DSAOptions", DEPRECATED_ARGUMENTS)
+CoordOptions = options_dataclass(CoordinateAttention, "CoordOptions", DEPRECATED_ARGUMENTS)
 BLOCK_OPTIONS: dict[str, type] = {"dsa": DSAOptions, "coord": CoordOptions}
 """Attention name -> its options dataclass."""
+_BLOCKS: dict[str, type] = {"dsa": DynamicSpatialAttention, "coord": CoordinateAttention}
+
+
+def _check_keys(values: Mapping[str, Any], valid: list[str], argument: str) -> None:
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise TypeError(f"{argument} has unknown keys {unknown}; valid keys: {valid}")
 
 
 def _make(cls: type, values: Mapping[str, Any], argument: str) -> Any:
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise TypeError(f"{argument} has unknown keys {unknown}; valid keys: {names}")
+    _check_keys(values, [f.name for f in dataclasses.fields(cls)], argument)
     return cls(**values)
 
 
@@ -103,14 +121,16 @@ def block_kwargs(
     attention_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Constructor keywords for block ``attention``: its entry of ``options`` (name -> options,
-    see :func:`block_options`) with ``attention_kwargs`` on top. Blocks without an options
-    dataclass (``"none"``, names added with ``register_attention``) get ``attention_kwargs``
-    alone."""
+    see :func:`block_options`) with ``attention_kwargs`` on top (any keyword of the block's
+    constructor, aliases and deprecated ones included; an unknown key is a ``TypeError``).
+    Blocks without an options dataclass (``"none"``, names added with
+    ``register_attention``) get ``attention_kwargs`` alone."""
     if attention_kwargs is not None and not isinstance(attention_kwargs, Mapping):
         raise TypeError(f"attention_kwargs must be a dict or None, got {attention_kwargs!r}")
     extra = dict(attention_kwargs or {})
     if attention not in BLOCK_OPTIONS:
         return extra
-    base = block_options(attention, options.get(attention))
-    return dataclasses.asdict(_make(BLOCK_OPTIONS[attention], {**base, **extra},
-                                    f"attention_kwargs for {attention!r}"))
+    valid = [p.name for p in _constructor_parameters(_BLOCKS[attention])
+             if p.default is not inspect.Parameter.empty]
+    _check_keys(extra, valid, f"attention_kwargs for {attention!r}")
+    return {**block_options(attention, options.get(attention)), **extra}

@@ -15,7 +15,12 @@ from lightning_attn import CoordinateAttention, DynamicSpatialAttention, attenti
 from lightning_attn.data.cluttered_digits import SPLITS, Split
 from lightning_attn.modules import AttentionClassifier, CoordOptions, DSAOptions
 from lightning_attn.modules.backbone import ACTIVATIONS, DOWNSAMPLING
-from lightning_attn.modules.options import Activation, AttentionName, Downsample
+from lightning_attn.modules.options import (
+    DEPRECATED_ARGUMENTS,
+    Activation,
+    AttentionName,
+    Downsample,
+)
 
 SMALL = {"stage_widths": (4, 8), "num_classes": 3}
 
@@ -25,9 +30,10 @@ SMALL = {"stage_widths": (4, 8), "num_classes": 3}
     [(DSAOptions, DynamicSpatialAttention), (CoordOptions, CoordinateAttention)],
 )
 def test_options_mirror_the_block_constructor(options, block) -> None:
-    params = [
+    params = [  # every argument with a default that can be given by position
         p for p in inspect.signature(block.__init__).parameters.values()
-        if p.name != "self" and p.default is not inspect.Parameter.empty
+        if p.name not in ("self", *DEPRECATED_ARGUMENTS)
+        and p.default is not inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD
     ]
     hints = typing.get_type_hints(block.__init__)
     fields = dataclasses.fields(options)
