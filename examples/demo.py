@@ -9,9 +9,9 @@ digit fragments and noise), with the attention diagnostics, then reports:
   box divided by the box's share of the image (1.0 = no better than a uniform mask);
 - where TensorBoard finds the run.
 
-    python examples/demo.py            # ~1.5 min on one CPU thread
-    python examples/demo.py --quick    # a smoke run in seconds
-    tensorboard --logdir runs
+    .venv/bin/python examples/demo.py            # ~1.5 min on one CPU thread (= make demo)
+    .venv/bin/python examples/demo.py --quick    # a smoke run in seconds
+    make tensorboard                             # TensorBoard on runs/
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from rich.table import Table
 
 from lightning_attn.callbacks import AttentionDiagnostics
 from lightning_attn.data import ClutteredDigitsDataModule
-from lightning_attn.modules import AttentionClassifier
+from lightning_attn.modules import AttentionClassifier, DSAOptions
 
 #: The demo's budget: ~1.5 min in all on one thread of this 2-core machine (86 s measured),
 #: ~1 min with --threads 2 when the machine is otherwise idle.
@@ -66,7 +66,7 @@ def build(
     model = AttentionClassifier(
         stage_widths=(16, 32, 64),  # stages at 48, 24 and 12 pixels
         attention="dsa",
-        attention_kwargs={"kernels": (3, 7), "learnable_temperature": True},
+        dsa=DSAOptions(kernels=(3, 7), learnable_temperature=True),
         optimizer=partial(torch.optim.AdamW, lr=3e-3, weight_decay=1e-4),
         lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=budget["epochs"]),
     )
@@ -104,7 +104,7 @@ def report(
     console.print("(1.00 = no better than a uniform mask; higher = more mass on the digit)")
     console.print(f"test accuracy: [bold]{results['test/acc']:.3f}[/bold]")
     console.print(f"total time: {seconds:.0f} s")
-    console.print(f"tensorboard --logdir {logdir}")
+    console.print("make tensorboard" + ("" if logdir == "runs" else f" LOGDIR={logdir}"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

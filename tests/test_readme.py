@@ -1,11 +1,20 @@
-"""The README's "Add it to your Trainer" example runs as written and logs the documented tags."""
+"""The README's stories run as written: "Add it to your Trainer" (and logs the documented
+tags) and the pretrained-backbone story of insert_attention."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import sys
+import types
 from pathlib import Path
 
+import torch
+from setuptools.config.pyprojecttoml import read_configuration
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+# lightning and torchmetrics probe for torchvision on import: done here, before a test fakes it
+import lightning_attn.modules  # noqa: F401
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -36,3 +45,69 @@ def test_readme_trainer_example_runs_and_logs_documented_tags(tmp_path, monkeypa
     ):
         assert tag in scalars, (tag, sorted(scalars))
     assert acc.Tags()["images"], "the attention-map grid is missing"
+
+
+def _python_blocks(heading: str) -> list[str]:
+    text = README.read_text()
+    start = text.index(heading)
+    section = text[start:text.index("\n## ", start + 1)]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def _reference_backbones():
+    path = Path(__file__).resolve().parent / "modules" / "reference_backbones.py"
+    spec = importlib.util.spec_from_file_location("reference_backbones", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_pretrained_backbone_story_runs(tmp_path, monkeypatch):
+    """The insert_attention story, with torchvision's resnet18 and timm's create_model
+    standing in as the same-layout models of tests/modules/reference_backbones.py."""
+    ref = _reference_backbones()
+    models = types.ModuleType("torchvision.models")
+    models.resnet18 = lambda weights=None: ref.ResNet18(num_classes=1000, width=64)
+    models.ResNet18_Weights = types.SimpleNamespace(DEFAULT="IMAGENET1K_V1")
+    timm = types.ModuleType("timm")
+    timm.create_model = lambda name, pretrained=False: ref.StagedNet(1000, (96, 192, 384, 768))
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setitem(sys.modules, "torchvision.models", models)
+    monkeypatch.setitem(sys.modules, "timm", timm)
+    monkeypatch.chdir(tmp_path)
+
+    resnet_code, timm_code = _python_blocks("## A pretrained backbone")
+    namespace = {"__name__": "readme_insert"}
+    exec(compile(resnet_code, str(README), "exec"), namespace)
+    model, fresh = namespace["model"], namespace["fresh"]
+    assert len(namespace["pretrained"]) == 122 and len(namespace["missing"]) > 0
+    x = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x), rtol=0, atol=0)
+    exec(compile(timm_code, str(README), "exec"), namespace)
+    assert namespace["model"].stages_2_attn.in_channels == 384
+
+
+def test_readme_shell_commands_need_no_activated_environment():
+    """Every command in the README's bash blocks is a make target or a tool under .venv/bin/
+    that the install provides, so it runs from the repository root in a plain shell."""
+    root = README.parent
+    targets = set(re.findall(r"^([a-z][\w-]*):", (root / "Makefile").read_text(), re.M))
+    scripts = set(read_configuration(root / "pyproject.toml")["project"]["scripts"])
+    text = README.read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        continued = False
+        for line in block.splitlines():
+            if line.strip() and not line.lstrip().startswith("#") and not continued:
+                commands.append(line.split()[0:2])
+            continued = line.rstrip().endswith("\\")
+    inline = re.findall(r"`(\.venv/bin/[\w-]+)", text)
+    assert {"make", ".venv/bin/lightning-attn"} <= {c[0] for c in commands}, commands
+    for first, *rest in commands:
+        if first == "make":
+            assert rest and rest[0] in targets, (first, rest)
+        else:
+            assert first.startswith(".venv/bin/"), first
+    for tool in {c[0] for c in commands} - {"make"} | set(inline):
+        assert tool.removeprefix(".venv/bin/") in scripts | {"python"}, tool
+    assert "tensorboard" in targets

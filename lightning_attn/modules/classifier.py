@@ -16,6 +16,15 @@ from lightning_attn.blocks import find_attention_blocks
 from lightning_attn.metrics import LocalisationScore
 
 from .backbone import AttentionCNN
+from .options import (
+    Activation,
+    AttentionName,
+    CoordOptions,
+    Downsample,
+    DSAOptions,
+    block_kwargs,
+    block_options,
+)
 
 __all__ = ["AttentionClassifier"]
 
@@ -47,12 +56,18 @@ class AttentionClassifier(pl.LightningModule):
         in_channels: image channels.
         stage_widths: output width of each stage (one stage per entry, each ``>= 1``).
         depth: ConvBNAct layers per stage.
-        attention: ``"dsa"``, ``"coord"`` or ``"none"`` (see ``attention_names()``).
-        attention_kwargs: constructor arguments of that block (same for every stage).
+        attention: ``"dsa"``, ``"coord"`` or ``"none"`` (see ``attention_names()``; from
+            Python also a name added with ``register_attention``).
+        attention_kwargs: extra constructor arguments of that block, over its options below
+            (a plain dict, for Python callers; configs use ``dsa`` / ``coord``).
         activation: ``"relu"``, ``"gelu"`` or ``"silu"``.
         downsample: between stages: ``"maxpool"``, ``"avgpool"`` or ``"stride"``.
         dropout: before the linear head, in ``[0, 1)``.
         stem_stride: stride of the very first conv (2 makes every stage 4x cheaper).
+        dsa: DynamicSpatialAttention's constructor arguments, used when ``attention="dsa"``
+            (a :class:`~lightning_attn.modules.DSAOptions` or a dict of some of its fields).
+        coord: CoordinateAttention's constructor arguments (but ``in_channels``), used when
+            ``attention="coord"`` (a :class:`~lightning_attn.modules.CoordOptions` or a dict).
         optimizer: ``params -> Optimizer`` (LightningCLI dependency injection:
             ``--model.optimizer SGD --model.optimizer.lr 0.1``).
         lr_scheduler: ``optimizer -> LRScheduler`` or ``None``; ``ReduceLROnPlateau``
@@ -60,8 +75,8 @@ class AttentionClassifier(pl.LightningModule):
 
     ``save_hyperparameters`` keeps everything except ``optimizer`` and ``lr_scheduler``
     (callables do not load with ``torch.load(weights_only=True)``; the CLI writes them to
-    the run's ``config.yaml``), so ``AttentionClassifier.load_from_checkpoint(path)`` rebuilds
-    the network.
+    the run's ``config.yaml``), ``dsa`` and ``coord`` as plain dicts, so
+    ``AttentionClassifier.load_from_checkpoint(path)`` rebuilds the network.
     """
 
     def __init__(
@@ -70,16 +85,21 @@ class AttentionClassifier(pl.LightningModule):
         in_channels: int = 1,
         stage_widths: Sequence[int] = (16, 32, 64),
         depth: int = 1,
-        attention: str = "dsa",
+        attention: AttentionName = "dsa",
         attention_kwargs: dict[str, Any] | None = None,
-        activation: str = "relu",
-        downsample: str = "maxpool",
+        activation: Activation = "relu",
+        downsample: Downsample = "maxpool",
         dropout: float = 0.0,
         stem_stride: int = 1,
+        dsa: DSAOptions = DSAOptions(),  # noqa: B008  (frozen; a default jsonargparse expands)
+        coord: CoordOptions = CoordOptions(),  # noqa: B008
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
+        # Plain dicts before save_hyperparameters reads them: checkpoints load with
+        # torch.load(weights_only=True) and hparams.yaml stays plain YAML.
+        dsa, coord = block_options("dsa", dsa), block_options("coord", coord)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = AttentionCNN(
             in_channels=in_channels,
@@ -87,7 +107,9 @@ class AttentionClassifier(pl.LightningModule):
             stage_widths=stage_widths,
             depth=depth,
             attention=attention,
-            attention_kwargs=attention_kwargs,
+            attention_kwargs=block_kwargs(
+                attention, {"dsa": dsa, "coord": coord}, attention_kwargs
+            ),
             activation=activation,
             downsample=downsample,
             dropout=dropout,
