@@ -48,9 +48,14 @@ def test_readme_trainer_example_runs_and_logs_documented_tags(tmp_path, monkeypa
 
 
 def _python_blocks(heading: str) -> list[str]:
+    """The python code blocks of the section under ``heading`` (up to the next heading of
+    the same or a higher level)."""
     text = README.read_text()
     start = text.index(heading)
-    section = text[start:text.index("\n## ", start + 1)]
+    level = heading.split(" ")[0]
+    ends = [text.find(f"\n{'#' * n} ", start + 1) for n in range(2, len(level) + 1)]
+    end = min([e for e in ends if e != -1], default=len(text))
+    section = text[start:end]
     return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
@@ -111,3 +116,27 @@ def test_readme_shell_commands_need_no_activated_environment():
     for tool in {c[0] for c in commands} - {"make"} | set(inline):
         assert tool.removeprefix(".venv/bin/") in scripts | {"python"}, tool
     assert "tensorboard" in targets
+
+
+def test_readme_options_snippet_runs_as_written(tmp_path, monkeypatch):
+    (code,) = _python_blocks("### Options")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "readme_options"}
+    exec(compile(code, str(README), "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert "attn/net.features.attn2.block/mask/std" in trainer.callback_metrics
+    assert not any("attn/net.features.attn3" in k for k in trainer.callback_metrics)  # excluded
+    assert (tmp_path / "logs" / "lightning_logs").exists()
+
+
+def test_readme_own_block_records_like_the_library_blocks():
+    (code,) = _python_blocks("### Your own block")
+    namespace = {"__name__": "readme_own_block"}
+    exec(compile(code, str(README), "exec"), namespace)
+    from lightning_attn import quick_mask_check
+    from lightning_attn.blocks import AttentionBlock
+
+    block = namespace["MyGate"](4)
+    assert isinstance(block, AttentionBlock)
+    stats = quick_mask_check(block, torch.randn(2, 4, 8, 8))
+    assert set(stats) == {"mask"} and 0 < stats["mask"].mean < 1
