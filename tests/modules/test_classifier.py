@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import lightning.pytorch as pl
@@ -129,11 +130,17 @@ def test_capture_released_when_validation_raises() -> None:
     assert not any(b.capture for b in find_attention_blocks(model)[0].values())
 
 
-def test_test_step_logs_accuracy_and_localisation() -> None:
+def test_test_step_logs_accuracy_and_localisation(caplog, capsys) -> None:
     model = _model("dsa")
-    trainer = _trainer()
-    (res,) = trainer.test(model, DataLoader(_data(), batch_size=16), verbose=False)
+    trainer = _trainer(max_steps=1)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(model, DataLoader(_data(), batch_size=16))
+        (res,) = trainer.test(model, DataLoader(_data(), batch_size=16), verbose=False)
     assert {"test/acc", "test/loss", "test/loc/net.features.attn1.block"} <= set(res)
+    # The module brings no callback of its own, so testing after fitting with the same
+    # Trainer prints no "callbacks returned in configure_callbacks will override" message.
+    printed = capsys.readouterr().out + " ".join(r.getMessage() for r in caplog.records)
+    assert "configure_callbacks" not in printed
 
 
 def test_predict_returns_probabilities() -> None:
