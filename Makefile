@@ -1,7 +1,9 @@
 # The two README commands: `make demo` and `make test`. Both set everything up first.
-.PHONY: demo test lint bench setup clean
+# `make tensorboard` opens the runs (LOGDIR=runs by default) without activating anything.
+.PHONY: demo test lint bench setup tensorboard clean
 
 PY = $(shell scripts/bootstrap.sh)
+LOGDIR ?= runs
 
 setup:
 	@scripts/bootstrap.sh >/dev/null
@@ -18,6 +20,9 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/blocks.py
+
+tensorboard: setup
+	$(PY) -m tensorboard.main --logdir $(LOGDIR)
 
 clean:
 	rm -rf .venv runs lightning_logs .pytest_cache .ruff_cache

@@ -3,7 +3,7 @@
     python benchmarks/blocks.py            # full table (a few minutes on 2 cores)
     python benchmarks/blocks.py --quick    # fewer repeats
 
-The reference is the same block with ``fused=False``, which runs the seeds' code op for op
+The reference is the same block with ``backend="plain"``, which runs the seeds' code op for op
 (tests/blocks checks it against a verbatim copy of the seeds). Variants are interleaved
 (ref, fused, ref, fused, ...); the speed-up is the median of the ratios of
 back-to-back pairs, the times the medians of each variant. glibc's allocator makes
@@ -49,8 +49,8 @@ MEMORY_TARGETS = {"dsa": 0.7, "coord": 0.5}
 def make_block(kind: str, channels: int, fused: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     if kind == "dsa":
-        return DynamicSpatialAttention(fused=fused)
-    return CoordinateAttention(channels, fused=fused)
+        return DynamicSpatialAttention(backend="torch" if fused else "plain")
+    return CoordinateAttention(channels, backend="torch" if fused else "plain")
 
 
 def first(out):

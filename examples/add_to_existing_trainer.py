@@ -4,9 +4,9 @@ Nothing here uses lightning_attn's model or CLI: the LightningModule, the CNN an
 Trainer are the user's. Two lines bring the library in: the block (wrapped in
 ``OutputOnly`` so that ``nn.Sequential`` passes on only ``y``) and the diagnostics callback.
 
-    python examples/add_to_existing_trainer.py        # CPU, well under a minute
+    .venv/bin/python examples/add_to_existing_trainer.py        # CPU, well under a minute
 
-Logs go to ``runs/add_to_existing_trainer``; ``tensorboard --logdir runs`` shows them.
+Logs go to ``runs/add_to_existing_trainer``; ``make tensorboard`` shows them.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main() -> None:
     trainer.fit(model, data)
     acc = float(trainer.callback_metrics["val/acc"])
     print(f"validation accuracy {acc:.3f} in {time.perf_counter() - start:.0f} s")
-    print("tensorboard --logdir runs")
+    print("make tensorboard")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ digit fragments and noise), with the attention diagnostics, then reports:
 and ends by writing the report of its own run (``lightning_attn.report.write_report``: curves,
 attention maps, warnings and a verdict per block) and printing its path.
 
-    python examples/demo.py            # ~1.5 min on one CPU thread
-    python examples/demo.py --quick    # a smoke run in seconds
-    tensorboard --logdir runs
+    .venv/bin/python examples/demo.py            # ~1.5 min on one CPU thread (= make demo)
+    .venv/bin/python examples/demo.py --quick    # a smoke run in seconds
+    make tensorboard                             # TensorBoard on runs/
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from rich.table import Table
 
 from lightning_attn.callbacks import AttentionDiagnostics
 from lightning_attn.data import ClutteredDigitsDataModule
-from lightning_attn.modules import AttentionClassifier
+from lightning_attn.modules import AttentionClassifier, DSAOptions
 from lightning_attn.report import write_report
 
 #: The demo's budget: ~1.5 min in all on one thread of this 2-core machine (86 s measured),
@@ -71,7 +71,7 @@ def build(
     model = AttentionClassifier(
         stage_widths=(16, 32, 64),  # stages at 48, 24 and 12 pixels
         attention="dsa",
-        attention_kwargs={"kernels": (3, 7), "learnable_temperature": True},
+        dsa=DSAOptions(kernels=(3, 7), learnable_temperature=True),
         optimizer=partial(torch.optim.AdamW, lr=3e-3, weight_decay=1e-4),
         lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=budget["epochs"]),
     )
@@ -109,7 +109,7 @@ def report(
     console.print("(1.00 = no better than a uniform mask; higher = more mass on the digit)")
     console.print(f"test accuracy: [bold]{results['test/acc']:.3f}[/bold]")
     console.print(f"total time: {seconds:.0f} s")
-    console.print(f"tensorboard --logdir {logdir}")
+    console.print("make tensorboard" + ("" if logdir == "runs" else f" LOGDIR={logdir}"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

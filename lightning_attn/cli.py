@@ -24,11 +24,20 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_attn import __version__
 from lightning_attn.callbacks import AttentionDiagnostics
 from lightning_attn.data import ClutteredDigitsDataModule
 from lightning_attn.modules import AttentionClassifier
 
-__all__ = ["AttentionCLI", "build_cli", "main", "trainer_defaults"]
+__all__ = ["DESCRIPTION", "AttentionCLI", "build_cli", "main", "trainer_defaults"]
+
+DESCRIPTION = (
+    "lightning-attn: train, validate, test and predict with AttentionClassifier (a CNN with "
+    "DynamicSpatialAttention or CoordinateAttention after every stage) on cluttered digits, "
+    "with the attention diagnostics on. Start from a config: "
+    "lightning-attn fit --config examples/configs/dsa.yaml. Afterwards, one page of curves, "
+    "maps, warnings and verdicts: lightning-attn report LOGDIR --output DIR (its own --help)"
+)
 
 
 def trainer_defaults() -> dict:
@@ -76,6 +85,10 @@ def build_cli(args: list[str] | dict | None = None, **kwargs) -> AttentionCLI:
 
     ``kwargs`` go to :class:`~lightning.pytorch.cli.LightningCLI` (e.g. ``run=False``).
     """
+    parser_kwargs = {
+        "prog": "lightning-attn", "description": DESCRIPTION, "version": __version__,
+        **kwargs.pop("parser_kwargs", {}),
+    }
     return AttentionCLI(
         AttentionClassifier,
         ClutteredDigitsDataModule,
@@ -83,6 +96,7 @@ def build_cli(args: list[str] | dict | None = None, **kwargs) -> AttentionCLI:
         seed_everything_default=0,
         auto_configure_optimizers=False,
         args=args,
+        parser_kwargs=parser_kwargs,
         **kwargs,
     )
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from lightning_attn.cli import build_cli
+from lightning_attn import __version__
+from lightning_attn.cli import build_cli, main
 from lightning_attn.modules import AttentionClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +36,19 @@ def _plain_argv(monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["lightning-attn"])  # not pytest's own arguments
 
 
+def test_help_describes_the_tool_and_version_prints(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "usage: lightning-attn" in out and "AttentionClassifier" in out
+    assert "Lightning Trainer command line tool" not in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lightning-attn {__version__}"
+
+
 @pytest.mark.parametrize("name", ["baseline", "dsa", "coord"])
 def test_example_configs_build(name: str, tmp_path) -> None:
     cli = build_cli(
@@ -43,9 +58,59 @@ def test_example_configs_build(name: str, tmp_path) -> None:
     )
     assert isinstance(cli.model, AttentionClassifier)
     assert cli.model.hparams.attention == {"baseline": "none"}.get(name, name)
+    if name == "dsa":  # the block arguments of the config reached the blocks
+        assert cli.model.hparams.dsa["kernels"] == [3, 7]
+        assert all(b.t_raw.requires_grad for b in _blocks(cli.model, "DynamicSpatialAttention"))
+    if name == "coord":
+        assert {b.pool for b in _blocks(cli.model, "CoordinateAttention")} == {"mean_max"}
     names = {type(cb).__name__ for cb in cli.trainer.callbacks}
     assert {"ModelCheckpoint", "RichProgressBar"} <= names
     assert cli.trainer.logger.save_dir == str(tmp_path)
+
+
+def _blocks(model: torch.nn.Module, kind: str) -> list[torch.nn.Module]:
+    blocks = [m for m in model.modules() if type(m).__name__ == kind]
+    assert blocks, kind
+    return blocks
+
+
+def test_help_lists_choices_and_every_block_argument(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    for shown in (
+        "--model.attention {dsa,coord,none}", "--model.activation {relu,gelu,silu}",
+        "--model.downsample {maxpool,avgpool,stride}", "--model.dsa.temperature",
+        "--model.dsa.learnable_temperature", "--model.coord.reduction", "--model.coord.beta",
+    ):
+        assert shown in out, shown
+
+
+@pytest.mark.parametrize(
+    ("bad", "key"),
+    [
+        (["--model.attention", "se"], "model.attention"),
+        (["--model.activation", "tanh"], "model.activation"),
+        (["--model.downsample", "fft"], "model.downsample"),
+        (["--model.dsa.temperature", "warm"], "model.dsa.temperature"),
+        (["--model.dsa.kernels", "[3,x]"], "model.dsa.kernels"),
+        (["--model.coord.no_such_argument", "8"], "--model.coord.no_such_argument"),
+    ],
+)
+def test_bad_values_are_rejected_before_anything_is_built(bad, key, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_cli(["--config", str(CONFIGS / "dsa.yaml"), *bad], run=False)
+    assert exit_.value.code == 2
+    assert key in capsys.readouterr().err
+
+
+def test_print_config_shows_the_block_arguments(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "coord.yaml"), "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["attention"] == "coord"
+    assert model["coord"]["pool"] == "mean_max" and model["coord"]["alpha"] == 1.0
+    assert model["dsa"]["temperature"] == 1.0  # every block's arguments, with defaults
 
 
 @pytest.mark.parametrize(
@@ -93,6 +158,7 @@ def _fit(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_ddp_fit_then_resume(tmp_path) -> None:
     first = _fit(tmp_path, "--trainer.max_steps", "4")
     assert "Starting with 2 processes" in first.stdout + first.stderr

@@ -1,37 +1,66 @@
 """Attention blocks: pure ``torch.nn`` modules, no Lightning import.
 
-See :mod:`lightning_attn.blocks.observation` for how diagnostics observe them.
+- :class:`DynamicSpatialAttention`, :class:`CoordinateAttention` (alias ``CoordinateAtt``),
+  built directly or by name with :func:`create_attention`.
+- :mod:`.recording`: how a block measures itself inside its forward (the protocol the
+  diagnostics read); :mod:`.statistics`: each statistic, defined once.
+- :mod:`.kernels`: the ``backend`` implementations (torch fused path, Triton).
+- :mod:`.validation`, :mod:`.warnings`: the package's argument checks and warning categories.
 """
 
 from .coordinate import CoordinateAtt, CoordinateAttention, HSwish
 from .dynamic_spatial import DynamicSpatialAttention
-from .mask_check import mask_stats, quick_mask_check
-from .observation import (
-    MASK_NAMES,
-    AttentionObservation,
-    ObservableAttention,
-    ObservableMixin,
-    Observer,
+from .mask_check import quick_mask_check
+from .recording import (
+    AttentionBlock,
+    RecordingConfig,
+    RecordingMixin,
+    find_attention_blocks,
+    spatial_map,
 )
 from .registry import IdentityAttention, attention_names, create_attention, register_attention
-from .warnings import AttentionWarning, MaskCollapseWarning
+from .statistics import BlockStats, GlobalStats, MaskStats, RouterStats, StatisticsLayout
+from .warnings import (
+    AttentionProblemError,
+    AttentionWarning,
+    DeadBranchWarning,
+    MaskCollapseWarning,
+    MaskSaturationWarning,
+    MissingStatisticsWarning,
+    NonFiniteWarning,
+    ParameterDriftWarning,
+    RouterCollapseWarning,
+    RouterIndifferenceWarning,
+)
 
 __all__ = [
-    "MASK_NAMES",
-    "AttentionObservation",
+    "AttentionBlock",
+    "AttentionProblemError",
     "AttentionWarning",
+    "BlockStats",
     "CoordinateAtt",
     "CoordinateAttention",
+    "DeadBranchWarning",
     "DynamicSpatialAttention",
+    "GlobalStats",
     "HSwish",
     "IdentityAttention",
     "MaskCollapseWarning",
-    "ObservableAttention",
-    "ObservableMixin",
-    "Observer",
+    "MaskSaturationWarning",
+    "MaskStats",
+    "MissingStatisticsWarning",
+    "NonFiniteWarning",
+    "ParameterDriftWarning",
+    "RecordingConfig",
+    "RecordingMixin",
+    "RouterCollapseWarning",
+    "RouterIndifferenceWarning",
+    "RouterStats",
+    "StatisticsLayout",
     "attention_names",
     "create_attention",
-    "mask_stats",
+    "find_attention_blocks",
     "quick_mask_check",
     "register_attention",
+    "spatial_map",
 ]

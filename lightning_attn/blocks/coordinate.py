@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import GradStash, axis_mean_pool, axis_scale
-from .observation import ObservableMixin
-from .validation import check_choice, check_finite_float, check_input, check_int
+from .kernels import (
+    BACKENDS,
+    Backend,
+    backend_from_fused,
+    check_triton_input,
+    load_triton_ops,
+    resolve_backend,
+)
+from .kernels.torch_fused import GradStash, axis_mean_pool, axis_scale
+from .recording import RecordingMixin
+from .validation import (
+    check_choice,
+    check_finite_float,
+    check_input,
+    check_int,
+    check_unit_interval,
+)
 
 __all__ = ["CoordinateAttention", "CoordinateAtt", "HSwish"]
 
@@ -28,7 +45,43 @@ def _scalar(module: nn.Module, name: str, value: float, learnable: bool) -> None
         module.register_buffer(name, tensor)
 
 
-class CoordinateAttention(ObservableMixin, nn.Module):
+_TIMM_ACTS = {"hard_swish": "hswish", "hardswish": "hswish", "relu": "relu"}
+_TIMM_GATES = {"sigmoid": "sigmoid", "hard_sigmoid": "hardsigmoid", "hardsigmoid": "hardsigmoid"}
+
+
+def _layer_name(name: str, value: object, table: dict[str, str], classes: dict) -> str:
+    if isinstance(value, str) and value.lower() in table:
+        return table[value.lower()]
+    if isinstance(value, type) and value in classes:
+        return classes[value]
+    raise ValueError(
+        f"{name} must be one of {sorted(table)} or {[c.__name__ for c in classes]}, got {value!r}"
+    )
+
+
+def _timm_aliases(reduction, act, gate, rd_ratio, act_layer, gate_layer):
+    """Map timm's ``rd_ratio``/``act_layer``/``gate_layer`` onto ``reduction``/``act``/``gate``."""
+    if rd_ratio is not None:
+        r = check_finite_float("rd_ratio", rd_ratio)
+        if not 0 < r <= 1 or not math.isclose(1 / r, round(1 / r), rel_tol=1e-6):
+            raise ValueError(f"rd_ratio must be 1/n for an integer n >= 1, got {rd_ratio!r}")
+        if reduction not in (32, round(1 / r)):
+            raise ValueError(f"rd_ratio={rd_ratio!r} contradicts reduction={reduction!r}")
+        reduction = round(1 / r)
+    if act_layer is not None:
+        act = _layer_name(
+            "act_layer", act_layer, _TIMM_ACTS,
+            {nn.Hardswish: "hswish", HSwish: "hswish", nn.ReLU: "relu"},
+        )
+    if gate_layer is not None:
+        gate = _layer_name(
+            "gate_layer", gate_layer, _TIMM_GATES,
+            {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"},
+        )
+    return reduction, act, gate
+
+
+class CoordinateAttention(RecordingMixin, nn.Module):
     """Coordinate attention: a per-row mask times a per-column mask, blended with ``alpha``.
 
     Base formula (every add-on off): ``mid = max(min_mid_channels, C // reduction)``;
@@ -54,11 +107,30 @@ class CoordinateAttention(ObservableMixin, nn.Module):
         8. ``head_groups=g``: ``conv_h``/``conv_w`` grouped; ``g`` divides ``C`` and ``mid``.
         9. ``spatial_gate=True``: ``y = out * sigmoid(spatial_pw(spatial_dw(out)))`` with
            ``out = x * scale``.
-        10. :meth:`last_mask_stats` and :func:`~lightning_attn.blocks.quick_mask_check`.
+        10. :func:`~lightning_attn.blocks.quick_mask_check`: statistics (mean, std, min,
+            max, saturation) of ``a_h`` and ``a_w`` from the blocks' own recording, and a
+            :class:`~lightning_attn.blocks.MaskCollapseWarning` below a std threshold. Nothing
+            is kept between forwards (the seed keeps ``a_h``/``a_w`` on the module).
 
     Args:
-        fused: compute ``x * scale`` with one fused autograd function that never builds
-            ``att`` or ``scale`` at full size (default). ``False`` runs the seed's ops.
+        in_channels: ``C`` of the input.
+        reduction, min_mid_channels: middle width ``max(min_mid_channels, C // reduction)``.
+        act: ``"hswish"`` or ``"relu"`` after the shared 1x1 convolution.
+        alpha: blend in ``[0, 1]`` (0: identity, 1: full attention); ``learnable_alpha``
+            makes it (or ``alpha_h``/``alpha_w``) a parameter.
+        pool, axis_kernel, axis_dilation, per_axis_alpha, gate, beta, learnable_beta,
+        bottleneck_layers, head_groups, spatial_gate: the add-ons above (``beta`` in
+            ``[0, 1]``).
+        backend: ``"auto"`` (default: the path measured fastest on the input's device),
+            ``"plain"`` (the seed's ops; double backward), ``"torch"`` (``x * scale`` in one
+            fused autograd function that never builds ``att`` or ``scale`` at full size) or
+            ``"triton"`` (Triton kernels; CUDA). See
+            :mod:`lightning_attn.blocks.kernels.backend`.
+        fused: deprecated: ``True`` is ``backend="torch"``, ``False`` ``backend="plain"``.
+        rd_ratio, act_layer, gate_layer: timm's names, accepted as aliases:
+            ``rd_ratio=1/32`` is ``reduction=32``; ``act_layer`` ``"hard_swish"``/``"relu"``
+            or ``nn.Hardswish``/``nn.ReLU``; ``gate_layer`` ``"sigmoid"``/``"hard_sigmoid"``
+            or ``nn.Sigmoid``/``nn.Hardsigmoid``.
 
     Shapes: ``x (B,C,H,W) -> y (B,C,H,W)``.
     """
@@ -70,28 +142,39 @@ class CoordinateAttention(ObservableMixin, nn.Module):
         in_channels: int,
         reduction: int = 32,
         min_mid_channels: int = 8,
-        act: str = "hswish",
+        act: Literal["hswish", "relu"] = "hswish",
         alpha: float = 1.0,
         learnable_alpha: bool = False,
-        pool: str = "mean",
+        pool: Literal["mean", "mean_max"] = "mean",
         axis_kernel: int | None = None,
         axis_dilation: int = 1,
         per_axis_alpha: bool = False,
-        gate: str = "sigmoid",
+        gate: Literal["sigmoid", "hardsigmoid"] = "sigmoid",
         beta: float | None = None,
         learnable_beta: bool = False,
         bottleneck_layers: int = 1,
         head_groups: int = 1,
         spatial_gate: bool = False,
-        fused: bool = True,
+        backend: Backend = "auto",
+        fused: bool | None = None,
+        *,
+        rd_ratio: float | None = None,
+        act_layer: str | type[nn.Module] | None = None,
+        gate_layer: str | type[nn.Module] | None = None,
     ) -> None:
         super().__init__()
-        self._init_observers()
+        owner = type(self).__name__
+        backend = check_choice("backend", backend_from_fused(fused, backend, owner), BACKENDS)
+        if backend == "triton":
+            load_triton_ops(f"{owner}(backend='triton')")
+        reduction, act, gate = _timm_aliases(
+            reduction, act, gate, rd_ratio, act_layer, gate_layer
+        )
         in_channels = check_int("in_channels", in_channels, 1)
         reduction = check_int("reduction", reduction, 1)
         min_mid_channels = check_int("min_mid_channels", min_mid_channels, 1)
         act = check_choice("act", act, ("hswish", "relu"))
-        alpha = check_finite_float("alpha", alpha)
+        alpha = check_unit_interval("alpha", alpha)
         self.pool = check_choice("pool", pool, ("mean", "mean_max"))
         self.gate = check_choice("gate", gate, ("sigmoid", "hardsigmoid"))
         axis_dilation = check_int("axis_dilation", axis_dilation, 1)
@@ -110,7 +193,7 @@ class CoordinateAttention(ObservableMixin, nn.Module):
         if learnable_beta and beta is None:
             raise ValueError("learnable_beta=True needs a starting value: set beta")
         if beta is not None:
-            beta = check_finite_float("beta", beta)
+            beta = check_unit_interval("beta", beta)
 
         mid = max(min_mid_channels, in_channels // reduction)
         if in_channels % head_groups or mid % head_groups:
@@ -129,7 +212,7 @@ class CoordinateAttention(ObservableMixin, nn.Module):
         self.bottleneck_layers = bottleneck_layers
         self.head_groups = head_groups
         self.spatial_gate = bool(spatial_gate)
-        self.fused = bool(fused)
+        self.backend = backend
         self.act_name = act
 
         if axis_kernel is not None:
@@ -176,8 +259,6 @@ class CoordinateAttention(ObservableMixin, nn.Module):
             self.spatial_pw = nn.Conv2d(in_channels, in_channels, 1, bias=True)
 
         self.gate_fn = torch.sigmoid if self.gate == "sigmoid" else F.hardsigmoid
-        self._last_ah: torch.Tensor | None = None
-        self._last_aw: torch.Tensor | None = None
 
     # -- parameters seen by diagnostics -------------------------------------------------
     def _scalar_names(self) -> tuple[str, ...]:
@@ -201,17 +282,20 @@ class CoordinateAttention(ObservableMixin, nn.Module):
 
     # -- forward -------------------------------------------------------------------------
     def _axis_pool(
-        self, x: torch.Tensor, stash: GradStash | None
+        self, x: torch.Tensor, backend: str, stash: GradStash | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B,C,H,W) -> x_h (B,C,H,1), x_w (B,C,1,W)``."""
-        if stash is not None:
-            x_h, x_w = axis_mean_pool(x, stash)
+        if backend == "triton":
+            x_h, x_w = load_triton_ops().coord_pool(x, self.pool == "mean_max")
         else:
-            x_h = x.mean(dim=3, keepdim=True)
-            x_w = x.mean(dim=2, keepdim=True)
-        if self.pool == "mean_max":
-            x_h = 0.5 * (x_h + x.amax(dim=3, keepdim=True))
-            x_w = 0.5 * (x_w + x.amax(dim=2, keepdim=True))
+            if stash is not None:
+                x_h, x_w = axis_mean_pool(x, stash)
+            else:
+                x_h = x.mean(dim=3, keepdim=True)
+                x_w = x.mean(dim=2, keepdim=True)
+            if self.pool == "mean_max":
+                x_h = 0.5 * (x_h + x.amax(dim=3, keepdim=True))
+                x_w = 0.5 * (x_w + x.amax(dim=2, keepdim=True))
         if self.axis_kernel is not None:
             x_h = self.dw_h(x_h)
             x_w = self.dw_w(x_w)
@@ -239,12 +323,12 @@ class CoordinateAttention(ObservableMixin, nn.Module):
         return self.act(self.bn1b(self._pointwise(self.conv1b, y, fast)))
 
     def _masks(
-        self, x: torch.Tensor, stash: GradStash | None
+        self, x: torch.Tensor, backend: str, stash: GradStash | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``a_h (B,C,H,1)`` and ``a_w (B,C,1,W)``; ``stash`` is given on the fast path."""
+        """``a_h (B,C,H,1)`` and ``a_w (B,C,1,W)``; ``stash`` is given on the torch path."""
         _, _, h, w = x.shape
-        fast = stash is not None
-        x_h, x_w = self._axis_pool(x, stash)
+        fast = backend != "plain"
+        x_h, x_w = self._axis_pool(x, backend, stash)
         y = torch.cat([x_h, x_w.permute(0, 1, 3, 2)], dim=2)  # (B,C,H+W,1)
         y = self._bottleneck(y, fast)
         y_h, y_w = torch.split(y, [h, w], dim=2)
@@ -280,7 +364,7 @@ class CoordinateAttention(ObservableMixin, nn.Module):
             and float(self.alpha) == 1.0
         )
 
-    def _apply_fused(self, x, a_h, a_w, stash):
+    def _apply_fused(self, x, a_h, a_w, backend, stash):
         # Every variant is x * (c + k * u_h * u_w) with small u_h, u_w and scalar c = 1 - k.
         if self.per_axis_alpha:
             u_h = (1.0 - self.alpha_h) + self.alpha_h * a_h
@@ -290,40 +374,29 @@ class CoordinateAttention(ObservableMixin, nn.Module):
             u_h, u_w = a_h, a_w
             k = self.alpha * self.beta if self.use_beta else self.alpha
         k = torch.as_tensor(k, dtype=x.dtype, device=x.device) if not torch.is_tensor(k) else k
-        return axis_scale(x, u_h, u_w, None if self._k_is_one() else 1.0 - k, k, stash)
+        c = None if self._k_is_one() else 1.0 - k
+        if backend == "triton":
+            return load_triton_ops().coord_scale(x, u_h, u_w, c, k)
+        return axis_scale(x, u_h, u_w, c, k, stash)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, type(self).__name__, self.in_channels)
-        fused = self.fused and not torch.compiler.is_compiling()
-        stash = GradStash() if fused else None
-        a_h, a_w = self._masks(x, stash)
-        self._last_ah, self._last_aw = a_h.detach(), a_w.detach()
-        if fused:
-            out = self._apply_fused(x, a_h, a_w, stash)
-        else:
+        owner = type(self).__name__
+        check_input(x, owner, self.in_channels, param_dtype=self.conv_h.weight.dtype)
+        backend = resolve_backend(self.backend, "coord", x)
+        if x.shape[0] == 0:
+            backend = "plain"  # an empty batch: nothing to fuse (the fused views need rows)
+        if backend == "triton":
+            check_triton_input(x, owner)
+        stash = GradStash() if backend == "torch" else None
+        a_h, a_w = self._masks(x, backend, stash)
+        if backend == "plain":
             out = self._apply_plain(x, a_h, a_w)
+        else:
+            out = self._apply_fused(x, a_h, a_w, backend, stash)
         if self.spatial_gate:
             out = out * torch.sigmoid(self.spatial_pw(self.spatial_dw(out)))
-        if self._observers:
-            self._notify_observers({"mask_h": a_h, "mask_w": a_w})
+        self.record({"mask_h": a_h, "mask_w": a_w})
         return out
-
-    @torch.no_grad()
-    def last_mask_stats(self) -> dict[str, dict[str, float]] | None:
-        """min/mean/max/std of ``a_h`` and ``a_w`` from the last forward (``None`` before).
-
-        Only detached references to the two small axis masks are kept between forwards,
-        never the autograd graph. Reading the statistics syncs with the device.
-        """
-        if self._last_ah is None or self._last_aw is None:
-            return None
-        return {
-            name: {
-                "min": float(m.min()), "mean": float(m.mean()),
-                "max": float(m.max()), "std": float(m.float().std()),
-            }
-            for name, m in (("a_h", self._last_ah), ("a_w", self._last_aw))
-        }
 
     def extra_repr(self) -> str:
         return (
@@ -332,7 +405,7 @@ class CoordinateAttention(ObservableMixin, nn.Module):
             f"axis_dilation={self.axis_dilation}, per_axis_alpha={self.per_axis_alpha}, "
             f"gate={self.gate!r}, beta={self.use_beta}, bottleneck_layers="
             f"{self.bottleneck_layers}, head_groups={self.head_groups}, "
-            f"spatial_gate={self.spatial_gate}, fused={self.fused}"
+            f"spatial_gate={self.spatial_gate}, backend={self.backend!r}"
         )
 
 

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import GradStash, apply_spatial_mask, spatial_summary
-from .observation import ObservableMixin
+from .kernels import (
+    BACKENDS,
+    Backend,
+    backend_from_fused,
+    check_triton_input,
+    load_triton_ops,
+    resolve_backend,
+)
+from .kernels.torch_fused import GradStash, apply_spatial_mask, spatial_summary
+from .recording import RecordingMixin
 from .validation import (
     check_choice,
+    check_float32_temperature,
     check_input,
     check_int,
     check_nonnegative_float,
@@ -22,6 +32,7 @@ from .validation import (
 __all__ = ["DynamicSpatialAttention"]
 
 _GATES = ("sigmoid", "hardsigmoid")
+Gate = Literal["sigmoid", "hardsigmoid"]
 
 
 def _odd_kernel(name: str, k: object) -> int:
@@ -48,7 +59,7 @@ def _inverse_softplus(t: float, eps: float) -> float:
     return target + math.log(-math.expm1(-target))
 
 
-class DynamicSpatialAttention(ObservableMixin, nn.Module):
+class DynamicSpatialAttention(RecordingMixin, nn.Module):
     """Spatial attention whose mask mixes K convolution branches with per-sample weights.
 
     From ``x (B,C,H,W)``: ``s = [mean_c(x), max_c(x)]`` ``(B,2,H,W)``; a router
@@ -70,9 +81,14 @@ class DynamicSpatialAttention(ObservableMixin, nn.Module):
         router_hidden: hidden width of the router.
         bias: biases in the router's convolutions.
         return_router_weights: return ``(y, mask, rw)`` instead of ``(y, mask)``.
-        fused: use the fused fast path (default). ``False`` runs the seed's formulation
-            op for op; both give the same values and gradients up to rounding. The fused
-            path supports first derivatives only.
+        return_mask: ``False`` returns ``y`` alone, a tensor, like timm's attention layers
+            (the masks still reach the diagnostics); needs ``return_router_weights=False``.
+        backend: ``"auto"`` (default: the path measured fastest on the input's device),
+            ``"plain"`` (the seed's operations one for one; double backward), ``"torch"``
+            (fused autograd functions, first derivatives only) or ``"triton"`` (Triton
+            kernels; CUDA). All give the same values and gradients up to rounding; see
+            :mod:`lightning_attn.blocks.kernels.backend`.
+        fused: deprecated: ``True`` is ``backend="torch"``, ``False`` ``backend="plain"``.
 
     Shapes: ``x (B,C,H,W) -> y (B,C,H,W), mask (B,1,H,W)[, rw (B,K)]``.
     """
@@ -83,18 +99,23 @@ class DynamicSpatialAttention(ObservableMixin, nn.Module):
         use_dilated: bool = True,
         dilated_kernel: int = 7,
         dilated_d: int = 2,
-        gate: str = "sigmoid",
+        gate: Gate = "sigmoid",
         temperature: float = 1.0,
         learnable_temperature: bool = False,
         eps: float = 1e-6,
         router_hidden: int = 8,
         bias: bool = True,
         return_router_weights: bool = False,
-        fused: bool = True,
+        return_mask: bool = True,
+        backend: Backend = "auto",
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
-        self._init_observers()
-        temperature = check_positive_float("temperature", temperature)
+        owner = type(self).__name__
+        backend = check_choice("backend", backend_from_fused(fused, backend, owner), BACKENDS)
+        if backend == "triton":
+            load_triton_ops(f"{owner}(backend='triton')")
+        temperature = check_float32_temperature(check_positive_float("temperature", temperature))
         gate = check_choice("gate", gate, _GATES)
         router_hidden = check_int("router_hidden", router_hidden, 1)
         eps = check_nonnegative_float("eps", eps)
@@ -115,9 +136,15 @@ class DynamicSpatialAttention(ObservableMixin, nn.Module):
                 "use_dilated=False leaves none"
             )
 
+        if not return_mask and return_router_weights:
+            raise ValueError(
+                "return_mask=False (return y alone) contradicts return_router_weights=True"
+            )
+
         self.eps = eps
         self.return_router_weights = bool(return_router_weights)
-        self.fused = bool(fused)
+        self.return_mask = bool(return_mask)
+        self.backend = backend
         self.gate = gate
         self.kernel_sizes = tuple(ks)
         self.use_dilated = bool(use_dilated)
@@ -133,6 +160,9 @@ class DynamicSpatialAttention(ObservableMixin, nn.Module):
                 )
             )
         self.num_branches = len(self.branches)
+        self.branch_names = tuple(f"{k}x{k}" for k in ks) + (
+            (f"{dk}x{dk} d{dilated_d}",) if use_dilated else ()
+        )
         self.gate_fn = torch.sigmoid if gate == "sigmoid" else F.hardsigmoid
 
         self.learnable_temperature = bool(learnable_temperature)
@@ -188,39 +218,49 @@ class DynamicSpatialAttention(ObservableMixin, nn.Module):
         return wlogit
 
     def forward(self, x: torch.Tensor):
-        check_input(x, type(self).__name__)
-        # torch.compile traces the plain ops and fuses them itself.
-        fused = self.fused and not torch.compiler.is_compiling()
-        if fused:
+        owner = type(self).__name__
+        check_input(x, owner, param_dtype=self.branches[0].weight.dtype)
+        backend = resolve_backend(self.backend, "dsa", x)
+        stash = None
+        if backend == "torch":
             stash = GradStash()
             s = spatial_summary(x, stash)
+        elif backend == "triton":
+            check_triton_input(x, owner)
+            s = load_triton_ops().dsa_summary(x)
         else:
             avg_map = torch.mean(x, dim=1, keepdim=True)
             max_map, _ = torch.max(x, dim=1, keepdim=True)
             s = torch.cat([avg_map, max_map], dim=1)  # (B,2,H,W)
 
-        if fused:
+        if backend == "plain":
+            logits = self.router(s).flatten(1)  # (B,K)
+        else:
             # The router's 1x1 convolutions on a (B,2,1,1) map are linear layers; as such
             # they skip the convolution overhead, and their weight gradients keep the
             # parameters' layout (DDP's gradient buckets would copy channels_last ones).
             _, conv1, _, conv2 = self.router
             hidden = F.relu(F.linear(s.mean(dim=(2, 3)), conv1.weight.flatten(1), conv1.bias))
             logits = F.linear(hidden, conv2.weight.flatten(1), conv2.bias)  # (B,K)
-        else:
-            logits = self.router(s).flatten(1)  # (B,K)
         rw = torch.softmax(logits, dim=1)
 
-        if fused:
-            wlogit = self._mix_fused(s, rw)
-        else:
+        if backend == "plain":
             z = torch.stack([br(s) for br in self.branches], dim=1)  # (B,K,1,H,W)
             wlogit = (rw[:, :, None, None, None] * z).sum(dim=1)  # (B,1,H,W)
+        else:
+            wlogit = self._mix_fused(s, rw)
 
         mask = self.gate_fn(wlogit / self._get_T())  # (B,1,H,W)
-        y = apply_spatial_mask(x, mask, stash) if fused else x * mask
+        if backend == "torch":
+            y = apply_spatial_mask(x, mask, stash)
+        elif backend == "triton":
+            y = load_triton_ops().dsa_apply(x, mask)
+        else:
+            y = x * mask
 
-        if self._observers:
-            self._notify_observers({"mask": mask}, rw)
+        self.record({"mask": mask}, rw)
+        if not self.return_mask:
+            return y
         if self.return_router_weights:
             return y, mask, rw
         return y, mask
@@ -229,5 +269,5 @@ class DynamicSpatialAttention(ObservableMixin, nn.Module):
         return (
             f"kernels={self.kernel_sizes}, use_dilated={self.use_dilated}, "
             f"num_branches={self.num_branches}, gate={self.gate!r}, "
-            f"learnable_temperature={self.learnable_temperature}, fused={self.fused}"
+            f"learnable_temperature={self.learnable_temperature}, backend={self.backend!r}"
         )

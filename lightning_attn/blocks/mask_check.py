@@ -7,64 +7,58 @@ import warnings
 import torch
 from torch import nn
 
-from .observation import AttentionObservation, ObservableAttention
+from .recording import _RECORDING_STATE, AttentionBlock, RecordingConfig
+from .statistics import MaskStats, block_stats
+from .validation import check_fraction
 from .warnings import MaskCollapseWarning
 
-__all__ = ["mask_stats", "quick_mask_check"]
+__all__ = ["quick_mask_check"]
 
-
-@torch.no_grad()
-def mask_stats(mask: torch.Tensor) -> dict[str, float]:
-    """min, mean, max and (unbiased) std of a mask, as Python floats."""
-    m = mask.detach().float()
-    return {
-        "min": float(m.min()), "mean": float(m.mean()),
-        "max": float(m.max()), "std": float(m.std()),
-    }
 
 
 @torch.no_grad()
 def quick_mask_check(
     module: nn.Module, x: torch.Tensor, std_threshold: float = 0.02
-) -> dict[str, dict[str, float]]:
-    """Run ``module`` on ``x`` in eval mode and return the statistics of each mask.
+) -> dict[str, MaskStats]:
+    """Run ``module`` on ``x`` in eval mode and return the statistics of each of its masks.
 
-    Works for :class:`CoordinateAttention` (keys ``a_h``, ``a_w``, as in the seed) and any
-    block speaking :class:`ObservableAttention` (keys as the observation names them, e.g.
-    ``mask`` for DSA). Emits a :class:`MaskCollapseWarning` for each mask whose std is
-    below ``std_threshold``. The module's train/eval mode is restored afterwards.
+    The statistics are the block's own recording (:mod:`~lightning_attn.blocks.statistics`),
+    the same numbers the diagnostics callbacks log: ``mean``, ``std`` (unbiased), ``min``,
+    ``max``, ``sat_low``/``sat_high``; keys are the block's mask names (``mask`` for DSA,
+    ``mask_h``/``mask_w`` — the seed's ``a_h``/``a_w`` — for CoordinateAttention). Emits a
+    :class:`MaskCollapseWarning` for each mask whose std is below ``std_threshold``. The
+    module's train/eval mode and recording state are restored afterwards; nothing is kept.
     """
-    if not isinstance(std_threshold, (int, float)) or not std_threshold >= 0:
-        raise ValueError(f"std_threshold must be a number >= 0, got {std_threshold!r}")
+    std_threshold = check_fraction("std_threshold", std_threshold)
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    seen: dict[str, torch.Tensor] = {}
-
-    def observe(_: nn.Module, obs: AttentionObservation) -> None:
-        seen.update(obs.masks)
-
-    handle = module.attach_observer(observe) if isinstance(module, ObservableAttention) else None
-    if handle is None and not hasattr(module, "last_mask_stats"):
+    if not isinstance(module, AttentionBlock):
         raise TypeError(
-            f"{type(module).__name__} exposes no masks: it neither has last_mask_stats() "
-            "nor implements ObservableAttention"
+            f"{type(module).__name__} records no masks: it does not implement AttentionBlock "
+            "(inherit lightning_attn.blocks.RecordingMixin and call self.record(...))"
         )
+    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    config = RecordingConfig(histogram_bins=0)
+    # The block may be recording for a run: keep its state aside and put it back after.
+    saved = {k: module.__dict__[k] for k in _RECORDING_STATE if k in module.__dict__}
     was_training = module.training
+    module.clear_recording()
+    module.configure_recording(config, device)
+    layout = module.statistics_layout
     module.eval()
+    module.start_recording(quick_mask_check)
     try:
         module(x)
+        values = module.recorded_statistics.tolist()
     finally:
         module.train(was_training)
-        if handle is not None:
-            handle.remove()
-    if hasattr(module, "last_mask_stats"):
-        stats = module.last_mask_stats()
-    else:
-        stats = {name: mask_stats(m) for name, m in seen.items()}
+        module.clear_recording()
+        module.__dict__.update(saved)
+    stats = block_stats(layout, values).masks
     for name, s in stats.items():
-        if s["std"] < std_threshold:
+        if s.std < std_threshold:
             warnings.warn(
-                f"{type(module).__name__}: mask {name!r} std {s['std']:.4g} is below "
+                f"{type(module).__name__}: mask {name!r} std {s.std:.4g} is below "
                 f"std_threshold={std_threshold}: the mask is nearly constant and may have "
                 "collapsed (try a lower alpha, gate='hardsigmoid', or a higher temperature)",
                 MaskCollapseWarning,

@@ -1,66 +1,62 @@
-"""Lightning callbacks that diagnose attention blocks through their observation point.
+"""Lightning callbacks that diagnose attention blocks from the blocks' own recording.
 
 ========================================  ==================================================
 callback                                  what it does
 ========================================  ==================================================
+:class:`AttentionDiagnostics`             everything below, configured by ``sections``
 :class:`RouterEntropyMonitor`             router entropy (and normalised), branch usage
-:class:`MaskHealthMonitor`                mask mean, std, saturation; collapse/saturation
+:class:`MaskHealthMonitor`                mask mean, std, min, max, saturation
 :class:`ParameterTrajectoryMonitor`       temperature / alpha / beta and gradient norms
-:class:`AttentionMapLogger`               mask overlays on fixed validation images
+:class:`AttentionMapLogger`               mask overlays on the first validation images
 :class:`AttentionSummary`                 ``rich`` table at the end of each training epoch
-:class:`AttentionDiagnostics`             all of the above, one pass per block
 ========================================  ==================================================
 
-Blocks are found by :func:`find_attention_blocks`; statistics are gathered only on logging
-steps (:class:`LoggingSchedule`), exactly over the global batch under DDP
-(:class:`StatisticsCollector`), and problems are reported once per block and kind
-(:mod:`.health`, :mod:`.warnings`). Tags are listed in :mod:`.tags`.
+The path of a statistic: block forward -> the block's on-device accumulator
+(:mod:`lightning_attn.blocks.recording`) -> one collective (:mod:`.collector`) -> statistics
+(:mod:`lightning_attn.blocks.statistics`) -> problems (:mod:`.health`) and the writer seam
+(:mod:`.writers`) -> loggers, the table (:mod:`.summary`), the report. Tags: :mod:`.tags`.
 """
 
-from .attention_map import AttentionMapLogger
-from .base import AttentionStatsCallback
-from .collector import StatisticsCollector
-from .diagnostics import AttentionDiagnostics
-from .discovery import BlockLayout, describe_block, find_attention_blocks
-from .health import PROBLEM_KINDS, HealthThresholds, Problem, find_problems
-from .mask_health import MaskHealthMonitor
-from .parameter_trajectory import ParameterTrajectoryMonitor
-from .router_entropy import RouterEntropyMonitor
-from .schedule import LoggingSchedule
-from .statistics import (
-    BlockStats,
-    GlobalStats,
-    MaskStats,
-    RouterStats,
-    mask_stats_from_sums,
-    mask_sums,
-    router_entropy,
-    router_stats_from_sums,
-    router_sums,
-)
-from .summary import AttentionSummary, render_summary
-from .warnings import (
+from ..blocks.statistics import BlockStats, GlobalStats, MaskStats, RouterStats
+from ..blocks.warnings import (
     AttentionProblemError,
     AttentionWarning,
     DeadBranchWarning,
     MaskCollapseWarning,
     MaskSaturationWarning,
+    MissingStatisticsWarning,
     NonFiniteWarning,
+    ParameterDriftWarning,
     RouterCollapseWarning,
     RouterIndifferenceWarning,
 )
+from .collector import StatisticsCollector
+from .diagnostics import SECTIONS, AttentionDiagnostics
+from .health import ON_PROBLEM, PROBLEM_KINDS, HealthThresholds, Problem, find_problems
+from .presets import (
+    AttentionMapLogger,
+    AttentionSummary,
+    MaskHealthMonitor,
+    ParameterTrajectoryMonitor,
+    RouterEntropyMonitor,
+)
+from .schedule import LoggingSchedule
+from .summary import render_summary
+from .writers import DiagnosticsOutput, DiagnosticsWriter, TensorBoardWriter, register_writer
 
 __all__ = [
+    "ON_PROBLEM",
     "PROBLEM_KINDS",
+    "SECTIONS",
     "AttentionDiagnostics",
     "AttentionMapLogger",
     "AttentionProblemError",
-    "AttentionStatsCallback",
     "AttentionSummary",
     "AttentionWarning",
-    "BlockLayout",
     "BlockStats",
     "DeadBranchWarning",
+    "DiagnosticsOutput",
+    "DiagnosticsWriter",
     "GlobalStats",
     "HealthThresholds",
     "LoggingSchedule",
@@ -68,7 +64,9 @@ __all__ = [
     "MaskHealthMonitor",
     "MaskSaturationWarning",
     "MaskStats",
+    "MissingStatisticsWarning",
     "NonFiniteWarning",
+    "ParameterDriftWarning",
     "ParameterTrajectoryMonitor",
     "Problem",
     "RouterCollapseWarning",
@@ -76,13 +74,8 @@ __all__ = [
     "RouterIndifferenceWarning",
     "RouterStats",
     "StatisticsCollector",
-    "describe_block",
-    "find_attention_blocks",
+    "TensorBoardWriter",
     "find_problems",
-    "mask_stats_from_sums",
-    "mask_sums",
+    "register_writer",
     "render_summary",
-    "router_entropy",
-    "router_stats_from_sums",
-    "router_sums",
 ]

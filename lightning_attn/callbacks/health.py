@@ -14,19 +14,21 @@ from dataclasses import dataclass
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ._checks import check_fraction, check_interval, check_on_problem
-from .statistics import GlobalStats, MaskStats, RouterStats
-from .warnings import (
+from ..blocks.statistics import GlobalStats, MaskStats, RouterStats
+from ..blocks.validation import check_choice, check_fraction, check_int, check_positive_float
+from ..blocks.warnings import (
     AttentionProblemError,
     DeadBranchWarning,
     MaskCollapseWarning,
     MaskSaturationWarning,
     NonFiniteWarning,
+    ParameterDriftWarning,
     RouterCollapseWarning,
     RouterIndifferenceWarning,
 )
 
 __all__ = [
+    "ON_PROBLEM",
     "PROBLEM_KINDS",
     "HealthThresholds",
     "Problem",
@@ -59,8 +61,15 @@ PROBLEM_KINDS: dict[str, ProblemKind] = {
         ProblemKind(
             "nonfinite", NonFiniteWarning, frozenset({"mask", "router", "param"}), "non-finite"
         ),
+        ProblemKind("parameter_drift", ParameterDriftWarning, frozenset({"param"}), "drift"),
     )
 }
+
+#: What a callback does with a problem: warn once, raise, stop training, or nothing.
+ON_PROBLEM: tuple[str, ...] = ("warn", "raise", "stop", "ignore")
+
+#: Learnable parameters with a meaningful range of [0, 1] (blends of attention and identity).
+UNIT_INTERVAL_PARAMETERS: tuple[str, ...] = ("alpha", "alpha_h", "alpha_w", "beta")
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,8 @@ class HealthThresholds:
         indifference_warmup_steps: ... at ``global_step >= indifference_warmup_steps``.
         dead_branch_factor: a branch whose mean weight is below ``dead_branch_factor / K``
             is dead (``0.1`` gives the ``1/(10K)`` rule).
+        temperature_min, temperature_max: a learnable temperature outside this range has
+            drifted (a learnable alpha / alpha_h / alpha_w / beta outside ``[0, 1]`` too).
     """
 
     std_threshold: float = 0.02
@@ -86,6 +97,8 @@ class HealthThresholds:
     router_indifference_threshold: float = 0.98
     indifference_warmup_steps: int = 500
     dead_branch_factor: float = 0.1
+    temperature_min: float = 0.05
+    temperature_max: float = 20.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -93,7 +106,14 @@ class HealthThresholds:
             "router_collapse_threshold", "router_indifference_threshold", "dead_branch_factor",
         ):
             object.__setattr__(self, name, check_fraction(name, getattr(self, name)))
-        check_interval("indifference_warmup_steps", self.indifference_warmup_steps)
+        check_int("indifference_warmup_steps", self.indifference_warmup_steps, 0)
+        for name in ("temperature_min", "temperature_max"):
+            object.__setattr__(self, name, check_positive_float(name, getattr(self, name)))
+        if not self.temperature_min < self.temperature_max:
+            raise ValueError(
+                f"temperature_min must be below temperature_max, got temperature_min="
+                f"{self.temperature_min} and temperature_max={self.temperature_max}"
+            )
         if not self.saturation_low < self.saturation_high:
             raise ValueError(
                 f"saturation_low must be below saturation_high, got saturation_low="
@@ -125,13 +145,19 @@ def _problem(
 
 
 def find_problems(
-    stats: GlobalStats, thresholds: HealthThresholds, kinds: Iterable[str], sections: frozenset[str]
+    stats: GlobalStats,
+    thresholds: HealthThresholds,
+    kinds: Iterable[str] | None = None,
+    sections: Iterable[str] | None = None,
 ) -> list[Problem]:
-    """The problems of ``stats`` among ``kinds``, reading only the statistics in ``sections``.
+    """The problems of ``stats`` among ``kinds`` (default: all), reading only the statistics
+    in ``sections`` (default: ``mask``, ``router``, ``param``).
 
-    At most one problem per block and kind (the worst mask / branch), in block order.
+    At most one problem per block and kind (the worst mask / branch), in block order. Pure:
+    the callbacks and the report call it on the same statistics and get the same answer.
     """
-    kinds = set(kinds)
+    kinds = set(PROBLEM_KINDS if kinds is None else kinds)
+    sections = frozenset(("mask", "router", "param") if sections is None else sections)
     out: list[Problem] = []
     for block, bs in stats.blocks.items():
         masks = bs.masks if "mask" in sections else {}
@@ -145,7 +171,44 @@ def find_problems(
             out += _mask_problems(*args, kinds, finite)
         if router is not None and not router.nonfinite and router.num_branches >= 2:
             out += _router_problems(*args, kinds, router)
+        if "parameter_drift" in kinds and params:
+            out += _drift(*args, params, bs.trainable)
     return out
+
+
+def _drift(
+    block: str, step: int, t: HealthThresholds, params: dict[str, float], trainable: frozenset
+) -> list[Problem]:
+    bad = []
+    for name, v in params.items():
+        if name not in trainable or not math.isfinite(v):
+            continue
+        if name in UNIT_INTERVAL_PARAMETERS and not 0.0 <= v <= 1.0:
+            bad.append((name, v, f"{name} = {_fmt(v)} outside [0, 1]", 0.0 if v < 0 else 1.0))
+        elif name == "temperature" and not t.temperature_min <= v <= t.temperature_max:
+            low = v < t.temperature_min
+            bad.append((
+                name, v,
+                f"temperature = {_fmt(v)} "
+                + (f"< temperature_min={t.temperature_min}" if low
+                   else f"> temperature_max={t.temperature_max}"),
+                t.temperature_min if low else t.temperature_max,
+            ))
+    if not bad:
+        return []
+    name, value, _, limit = bad[0]
+    return [
+        _problem(
+            block, "parameter_drift", value, limit, step,
+            "learnable " + ", ".join(text for *_, text, _ in bad) + ": the parameter left "
+            "the range where it blends attention and identity (alpha, beta) or keeps the gate "
+            "responsive (temperature)",
+            "a lower learning rate or more weight decay for it, fixing it (learnable_alpha="
+            "False, learnable_temperature=False), or a bounded parametrisation (e.g. "
+            "torch.nn.utils.parametrize with a sigmoid); alpha > 1 or < 0 amplifies or "
+            "inverts the mask",
+        )
+    ]
 
 
 def _nonfinite(
@@ -260,11 +323,13 @@ class ProblemReporter:
 
     Args:
         on_problem: ``"warn"`` (rank-zero warning of the kind's category), ``"raise"``
-            (:class:`AttentionProblemError` on every process) or ``"ignore"``.
+            (:class:`AttentionProblemError` on every process), ``"stop"`` (the warning, and
+            :meth:`report` returns ``True`` so the caller stops training on every process at
+            the same step) or ``"ignore"``.
     """
 
     def __init__(self, on_problem: str = "warn") -> None:
-        self.on_problem = check_on_problem(on_problem)
+        self.on_problem = check_choice("on_problem", on_problem, ON_PROBLEM)
         #: ``"<block>|<kind>"`` -> step of the first report (kept in checkpoints).
         self.reported: dict[str, int] = {}
 
@@ -272,17 +337,24 @@ class ProblemReporter:
     def key(block: str, kind: str) -> str:
         return f"{block}|{kind}"
 
-    def report(self, problems: Iterable[Problem]) -> None:
-        """Warn about / raise for the problems not reported before."""
+    def report(self, problems: Iterable[Problem]) -> list[Problem]:
+        """Warn about / raise for the problems not reported before; returns those.
+
+        The decision depends on the problems alone (identical on every process after the
+        reduction), so every process raises, or stops, at the same step.
+        """
+        new = []
         for p in problems:
             key = self.key(p.block, p.kind)
             if key in self.reported:
                 continue
             self.reported[key] = p.step
-            if self.on_problem == "warn":
+            new.append(p)
+            if self.on_problem in ("warn", "stop"):
                 rank_zero_warn(p.message, category=PROBLEM_KINDS[p.kind].category)
             elif self.on_problem == "raise":
                 raise AttentionProblemError(p.message, p.block, p.kind, p.step)
+        return new
 
     def state_dict(self) -> dict[str, int]:
         return dict(self.reported)

@@ -2,20 +2,22 @@
 
 The rule is Lightning's own (``_LoggerConnector.should_update_logs``): a batch belongs to a
 logging point when ``(batches_that_stepped + 1) % log_every_n_steps == 0``, where
-``batches_that_stepped`` counts optimizer steps taken so far. With gradient accumulation every
-micro-batch of that optimizer step satisfies the rule, so the statistics of a logging point
-cover *all* micro-batches of the optimizer step (the effective batch), and the point is
-finished on the micro-batch that steps the optimizer: one point per optimizer step.
+``batches_that_stepped`` counts optimizer steps taken so far, and the point is logged at step
+``batches_that_stepped`` — the step of the module's own ``self.log`` values of that batch.
+With gradient accumulation every micro-batch of that optimizer step satisfies the rule, so a
+point covers *all* micro-batches of the optimizer step (the effective batch) and is finished
+on the micro-batch that steps the optimizer. With manual optimization every batch counts as
+one step, as in Lightning's logging.
 
-Unlike Lightning we do not add a point when ``trainer.should_stop`` is set, so a run of
-``S`` optimizer steps has exactly ``S // log_every_n_steps`` points.
+Unlike Lightning we do not add a point when ``trainer.should_stop`` is set, so a run of ``S``
+optimizer steps has exactly ``S // log_every_n_steps`` points.
 """
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from ._checks import check_interval
+from ..blocks.validation import check_int
 
 __all__ = ["LoggingSchedule"]
 
@@ -26,13 +28,20 @@ class LoggingSchedule:
     Args:
         log_every_n_steps: interval in optimizer steps; ``None`` uses the Trainer's
             ``log_every_n_steps``; ``0`` never.
-        histogram_every_n_steps: interval of histogram points; ``0`` (default) never.
+        histogram_every_n_steps: interval of histogram points; ``None`` is ten times the
+            scalar interval; ``0`` never.
     """
 
-    def __init__(self, log_every_n_steps: int | None = None, histogram_every_n_steps: int = 0):
-        self.log_every_n_steps = check_interval("log_every_n_steps", log_every_n_steps, True)
-        self.histogram_every_n_steps = check_interval(
-            "histogram_every_n_steps", histogram_every_n_steps
+    def __init__(
+        self, log_every_n_steps: int | None = None, histogram_every_n_steps: int | None = None
+    ) -> None:
+        self.log_every_n_steps = (
+            None if log_every_n_steps is None else check_int("log_every_n_steps",
+                                                             log_every_n_steps, 0)
+        )
+        self.histogram_every_n_steps = (
+            None if histogram_every_n_steps is None
+            else check_int("histogram_every_n_steps", histogram_every_n_steps, 0)
         )
 
     def interval(self, trainer: pl.Trainer) -> int:
@@ -40,6 +49,21 @@ class LoggingSchedule:
         if self.log_every_n_steps is not None:
             return self.log_every_n_steps
         return int(trainer.log_every_n_steps)
+
+    def histogram_interval(self, trainer: pl.Trainer) -> int:
+        """The histogram interval in force for ``trainer`` (``0``: no histograms)."""
+        if self.histogram_every_n_steps is not None:
+            return self.histogram_every_n_steps
+        return 10 * self.interval(trainer)
+
+    def follows_trainer(self, trainer: pl.Trainer) -> bool:
+        """Whether the points are the Trainer's own logging steps."""
+        return self.interval(trainer) == int(trainer.log_every_n_steps)
+
+    @staticmethod
+    def step(trainer: pl.Trainer) -> int:
+        """The step a point of the current batch is logged at (Lightning's logging step)."""
+        return trainer.fit_loop.epoch_loop._batches_that_stepped
 
     def decide(self, trainer: pl.Trainer) -> tuple[bool, bool]:
         """``(scalars, histograms)`` for the training batch about to run.
@@ -49,9 +73,8 @@ class LoggingSchedule:
         """
         if trainer.sanity_checking or not trainer.training:
             return False, False
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped + 1
-        every = self.interval(trainer)
-        hist_every = self.histogram_every_n_steps or 0
+        step = self.step(trainer) + 1
+        every, hist_every = self.interval(trainer), self.histogram_interval(trainer)
         return (every > 0 and step % every == 0, hist_every > 0 and step % hist_every == 0)
 
     @staticmethod

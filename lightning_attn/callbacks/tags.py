@@ -1,135 +1,159 @@
-"""Stable tag names, the scalars of a logging step, and the TensorBoard custom-scalars layout.
+"""Tag names, the scalars of a logging point, and the TensorBoard custom-scalars layout.
 
-========================================  ===============================================
-tag                                       value
-========================================  ===============================================
-``attn/<block>/router/entropy``           mean over samples of ``-sum_k w_k log w_k``
-``attn/<block>/router/entropy_norm``      the same divided by ``log K``
-``attn/<block>/router/usage_<k>``         mean weight of branch ``k``
-``attn/<block>/<mask>/mean``              mean of the mask's values
-``attn/<block>/<mask>/std``               unbiased std of the mask's values
-``attn/<block>/<mask>/sat_low``           share of values below ``saturation_low``
-``attn/<block>/<mask>/sat_high``          share of values above ``saturation_high``
-``attn/<block>/param/<name>``             temperature, alpha, alpha_h, alpha_w, beta
-``attn/<block>/param/<name>_grad_norm``   gradient norm of the learnable ones
-``attn/<block>/<mask>/hist``              histogram of the mask's values (TensorBoard)
-``attn/<block>/router/weights_hist``      histogram of the router weights (TensorBoard)
-========================================  ===============================================
+Training statistics (every logging step) are ``attn/<block>/...``; evaluation statistics (one
+point per validation / test epoch) carry the stage in front: ``val/attn/<block>/...``,
+``test/attn/<block>/...``, like Lightning users' ``val/loss``.
+
+==========================================  ===============================================
+tag                                         value
+==========================================  ===============================================
+``attn/<block>/router/entropy``             mean over samples of ``-sum_k w_k log w_k``
+``attn/<block>/router/entropy_norm``        the same divided by ``log K``
+``attn/<block>/router/usage_<k>``           mean weight of branch ``k``
+``attn/<block>/<mask>/mean``                mean of the mask's values
+``attn/<block>/<mask>/std``                 unbiased std of the mask's values
+``attn/<block>/<mask>/min``, ``.../max``    extremes of the mask's values
+``attn/<block>/<mask>/sat_low``             share of values below ``saturation_low``
+``attn/<block>/<mask>/sat_high``            share of values above ``saturation_high``
+``attn/<block>/param/<name>``               temperature, alpha, alpha_h, alpha_w, beta
+``attn/<block>/param/<name>_grad_norm``     gradient norm of the learnable ones
+``attn/<block>/<mask>/hist``                histogram of the mask's values (TensorBoard)
+``attn/<block>/router/weights_hist``        histogram of the router weights (TensorBoard)
+``val/attn/maps``, ``test/attn/maps``       attention-map grid (TensorBoard image)
+``attn/problems``                           one JSON object per warning given (text)
+``attn/config``                             thresholds and options of the run (JSON text)
+==========================================  ===============================================
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
-from .discovery import BlockLayout
-from .statistics import GlobalStats
+from ..blocks.statistics import GlobalStats, StatisticsLayout
 
 __all__ = [
+    "CONFIG_TAG",
     "PREFIX",
+    "PROBLEMS_TAG",
+    "BlockInfo",
     "custom_scalar_layout",
     "histogram_tag",
-    "mask_tag",
-    "param_tag",
-    "router_tag",
+    "maps_tag",
     "scalar_metrics",
+    "stage_prefix",
 ]
 
 PREFIX = "attn"
+PROBLEMS_TAG = f"{PREFIX}/problems"
+CONFIG_TAG = f"{PREFIX}/config"
 
 
-def router_tag(block: str, stat: str) -> str:
-    """``attn/<block>/router/<stat>`` (``entropy``, ``entropy_norm``, ``usage_<k>``)."""
-    return f"{PREFIX}/{block}/router/{stat}"
+@dataclass(frozen=True)
+class BlockInfo:
+    """What a watched block reports, fixed when the diagnostics start.
+
+    Attributes:
+        name: qualified module name (the ``<block>`` of every tag).
+        layout: its accumulator layout (mask names, branches, histogram bins).
+        param_names: its scalar parameters (``attention_parameters()`` keys).
+        trainable_names: the learnable ones.
+        branch_names: labels of the router's branches (``("3x3", "7x7", "7x7 d2")``), if any.
+    """
+
+    name: str
+    layout: StatisticsLayout
+    param_names: tuple[str, ...] = ()
+    trainable_names: tuple[str, ...] = ()
+    branch_names: tuple[str, ...] | None = None
+
+    def branch_label(self, k: int) -> str:
+        names = self.branch_names
+        return f"branch {k} ({names[k]})" if names and k < len(names) else f"branch {k}"
 
 
-def mask_tag(block: str, mask: str, stat: str) -> str:
-    """``attn/<block>/<mask>/<stat>`` (``mean``, ``std``, ``sat_low``, ``sat_high``)."""
-    return f"{PREFIX}/{block}/{mask}/{stat}"
+def stage_prefix(stage: str = "train") -> str:
+    """``attn`` for training, ``val/attn`` / ``test/attn`` for evaluation."""
+    return PREFIX if stage == "train" else f"{stage}/{PREFIX}"
 
 
-def param_tag(block: str, name: str, grad_norm: bool = False) -> str:
-    """``attn/<block>/param/<name>`` or ``.../<name>_grad_norm``."""
-    return f"{PREFIX}/{block}/param/{name}{'_grad_norm' if grad_norm else ''}"
+def _tag(block: str, *parts: str, stage: str = "train") -> str:
+    return "/".join((stage_prefix(stage), block, *parts))
 
 
-def histogram_tag(block: str, name: str) -> str:
+def histogram_tag(block: str, name: str, stage: str = "train") -> str:
     """``attn/<block>/<mask>/hist`` or, for ``name == "router"``, ``.../router/weights_hist``."""
     if name == "router":
-        return router_tag(block, "weights_hist")
-    return mask_tag(block, name, "hist")
+        return _tag(block, "router", "weights_hist", stage=stage)
+    return _tag(block, name, "hist", stage=stage)
 
 
-def scalar_metrics(stats: GlobalStats, sections: Iterable[str]) -> dict[str, float]:
+def maps_tag(stage: str) -> str:
+    """``val/attn/maps`` or ``test/attn/maps``."""
+    return f"{stage}/{PREFIX}/maps"
+
+
+def scalar_metrics(
+    stats: GlobalStats, sections: Iterable[str], stage: str = "train"
+) -> dict[str, float]:
     """Tag -> value for every scalar of ``stats`` in ``sections`` (mask / router / param)."""
     sections = set(sections)
     out: dict[str, float] = {}
     for block, bs in stats.blocks.items():
         if "router" in sections and bs.router is not None:
-            out[router_tag(block, "entropy")] = bs.router.entropy
-            out[router_tag(block, "entropy_norm")] = bs.router.entropy_norm
+            out[_tag(block, "router", "entropy", stage=stage)] = bs.router.entropy
+            out[_tag(block, "router", "entropy_norm", stage=stage)] = bs.router.entropy_norm
             for k, usage in enumerate(bs.router.usage):
-                out[router_tag(block, f"usage_{k}")] = usage
+                out[_tag(block, "router", f"usage_{k}", stage=stage)] = usage
         if "mask" in sections:
             for mask, m in bs.masks.items():
-                out[mask_tag(block, mask, "mean")] = m.mean
-                out[mask_tag(block, mask, "std")] = m.std
-                out[mask_tag(block, mask, "sat_low")] = m.sat_low
-                out[mask_tag(block, mask, "sat_high")] = m.sat_high
+                for stat in ("mean", "std", "min", "max", "sat_low", "sat_high"):
+                    out[_tag(block, mask, stat, stage=stage)] = getattr(m, stat)
         if "param" in sections:
             for name, value in bs.params.items():
-                out[param_tag(block, name)] = value
+                out[_tag(block, "param", name, stage=stage)] = value
             for name, value in bs.grad_norms.items():
-                out[param_tag(block, name, grad_norm=True)] = value
+                out[_tag(block, "param", f"{name}_grad_norm", stage=stage)] = value
     return out
 
 
-def _exact(tag: str) -> str:
-    # Multiline charts match tags by regular expression.
-    return f"^{re.escape(tag)}$"
+def _chart(tag: str) -> list:
+    # One line per chart: TensorBoard's multiline charts do not say which line is which.
+    return ["Multiline", [f"^{re.escape(tag)}$"]]
 
 
 def custom_scalar_layout(
-    layouts: Iterable[BlockLayout], sections: Iterable[str]
+    blocks: Sequence[BlockInfo], sections: Iterable[str]
 ) -> dict[str, dict[str, list]]:
-    """The custom-scalars layout: one category per block, related curves in one chart.
-
-    Branch usages share a chart, ``sat_low`` with ``sat_high``, ``mean`` with ``std``,
-    ``alpha_h`` with ``alpha_w``, and the gradient norms of a block share one.
-    Format of :meth:`torch.utils.tensorboard.SummaryWriter.add_custom_scalars`.
-    """
+    """The custom-scalars layout: one category per block, one line per chart, titles that
+    say what the line is (format of ``SummaryWriter.add_custom_scalars``)."""
     sections = set(sections)
     layout: dict[str, dict[str, list]] = {}
-    for bl in layouts:
-        b = bl.name
+    for info in blocks:
+        b = info.name
         charts: dict[str, list] = {}
-        if "router" in sections and bl.num_branches:
-            charts["router entropy"] = [
-                "Multiline", [_exact(router_tag(b, s)) for s in ("entropy", "entropy_norm")]
-            ]
-            charts["branch usage"] = [
-                "Multiline", [_exact(router_tag(b, f"usage_{k}")) for k in range(bl.num_branches)]
-            ]
+        k = info.layout.num_branches
+        if "router" in sections and k:
+            charts["router entropy"] = _chart(_tag(b, "router", "entropy"))
+            charts["router entropy / log K (1 = uniform)"] = _chart(
+                _tag(b, "router", "entropy_norm")
+            )
+            for i in range(k):
+                charts[f"usage of {info.branch_label(i)}"] = _chart(
+                    _tag(b, "router", f"usage_{i}")
+                )
         if "mask" in sections:
-            for mask in bl.mask_names:
-                charts[f"{mask} mean / std"] = [
-                    "Multiline", [_exact(mask_tag(b, mask, s)) for s in ("mean", "std")]
-                ]
-                charts[f"{mask} saturation"] = [
-                    "Multiline", [_exact(mask_tag(b, mask, s)) for s in ("sat_low", "sat_high")]
-                ]
-        if "param" in sections and bl.param_names:
-            names = list(bl.param_names)
-            if "alpha_h" in names and "alpha_w" in names:
-                charts["alpha_h / alpha_w"] = [
-                    "Multiline", [_exact(param_tag(b, "alpha_h")), _exact(param_tag(b, "alpha_w"))]
-                ]
-                names = [n for n in names if n not in ("alpha_h", "alpha_w")]
-            for name in names:
-                charts[name] = ["Multiline", [_exact(param_tag(b, name))]]
-            if bl.trainable_names:
-                grads = [_exact(param_tag(b, n, grad_norm=True)) for n in bl.trainable_names]
-                charts["gradient norms"] = ["Multiline", grads]
+            for mask in info.layout.mask_names:
+                charts[f"{mask} mean"] = _chart(_tag(b, mask, "mean"))
+                charts[f"{mask} std"] = _chart(_tag(b, mask, "std"))
+                charts[f"{mask} share below saturation_low"] = _chart(_tag(b, mask, "sat_low"))
+                charts[f"{mask} share above saturation_high"] = _chart(_tag(b, mask, "sat_high"))
+        if "param" in sections:
+            for name in info.param_names:
+                charts[name] = _chart(_tag(b, "param", name))
+            for name in info.trainable_names:
+                charts[f"{name} gradient norm"] = _chart(_tag(b, "param", f"{name}_grad_norm"))
         if charts:
             layout[f"{PREFIX}/{b}"] = charts
     return layout

@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal, get_args
 
 import lightning.pytorch as pl
 import numpy as np
@@ -33,6 +34,7 @@ from lightning_attn.blocks.validation import check_int
 
 __all__ = [
     "SPLITS",
+    "Split",
     "ClutteredDigitsConfig",
     "ClutteredDigitsDataModule",
     "ClutteredDigitsDataset",
@@ -40,7 +42,8 @@ __all__ = [
     "split_source_indices",
 ]
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[str, ...] = get_args(Split)
 _SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
 _PARTITION_STREAM = 0  # SeedSequence stream used for the source-scan partition
 _NUM_CLASSES = 10
@@ -361,7 +364,7 @@ class ClutteredDigitsDataset(Dataset):
         num_samples: int,
         config: ClutteredDigitsConfig | None = None,
         seed: int = 0,
-        split: str = "train",
+        split: Split = "train",
     ) -> None:
         num_samples = check_int("num_samples", num_samples, 1)
         seed = check_int("seed", seed, 0)
@@ -500,7 +503,7 @@ class ClutteredDigitsDataModule(pl.LightningDataModule):
         """Disjoint sorted scan indices per split (``train`` / ``val`` / ``test``)."""
         return self._source_splits
 
-    def dataset(self, split: str) -> ClutteredDigitsDataset:
+    def dataset(self, split: Split) -> ClutteredDigitsDataset:
         """The rendered dataset of ``split`` (rendered on first use, then cached)."""
         split = _check_split(split)
         if split not in self._datasets:

@@ -1,5 +1,5 @@
 """torchmetrics ``Metric`` s for attention masks (distributed-correct: sums and counts)."""
 
-from .localisation import LocalisationScore, localisation_ratio, spatial_mask
+from .localisation import LocalisationScore, localisation_ratio
 
-__all__ = ["LocalisationScore", "localisation_ratio", "spatial_mask"]
+__all__ = ["LocalisationScore", "localisation_ratio"]

@@ -15,27 +15,13 @@ analytically), and the box, scaled to mask coordinates, covers each cell by a fr
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["LocalisationScore", "localisation_ratio", "spatial_mask"]
-
-
-def spatial_mask(masks: Mapping[str, Tensor]) -> Tensor | None:
-    """One spatial mask ``(B,1,h,w)`` from an observation's masks, or ``None``.
-
-    ``{"mask": (B,1,h,w)}`` (DSA) is returned as is. ``{"mask_h": (B,C,h,1), "mask_w":
-    (B,C,1,w)}`` (CoordinateAttention) gives ``mean_C(mask_h * mask_w)``. Anything else
-    (no spatial mask) gives ``None``.
-    """
-    if "mask" in masks and masks["mask"].dim() == 4 and masks["mask"].shape[1] == 1:
-        return masks["mask"]
-    if "mask_h" in masks and "mask_w" in masks:
-        return (masks["mask_h"] * masks["mask_w"]).mean(dim=1, keepdim=True)
-    return None
+__all__ = ["LocalisationScore", "localisation_ratio"]
 
 
 def _axis_coverage(lo: Tensor, hi: Tensor, n: int) -> Tensor:

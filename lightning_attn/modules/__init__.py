@@ -2,14 +2,17 @@
 
 - :class:`AttentionClassifier`: LightningModule (small CNN + attention after each stage).
 - :class:`AttentionCNN`: the same network as a plain ``nn.Module``.
-- :func:`insert_attention`: add attention blocks after named submodules of any model.
+- :func:`insert_attention`: add attention blocks after named submodules of any model,
+  keeping its state-dict keys (:func:`remove_attention`, :func:`inserted_attention`).
 - :class:`OutputOnly` / :class:`AttentionAfter`: wrappers that keep only ``y``.
+- :class:`DSAOptions` / :class:`CoordOptions`: the blocks' constructor arguments as typed
+  dataclasses (generated from the constructors) for configs and the CLI.
 """
 
 from .backbone import AttentionCNN, ConvBNAct
 from .classifier import AttentionClassifier
-from .insert import infer_out_channels, insert_attention
-from .mask_collector import MaskCollector, observable_blocks
+from .insert import infer_out_channels, insert_attention, inserted_attention, remove_attention
+from .options import CoordOptions, DSAOptions
 from .wrappers import AttentionAfter, OutputOnly, first_tensor
 
 __all__ = [
@@ -17,10 +20,12 @@ __all__ = [
     "AttentionCNN",
     "AttentionClassifier",
     "ConvBNAct",
-    "MaskCollector",
+    "CoordOptions",
+    "DSAOptions",
     "OutputOnly",
     "first_tensor",
     "infer_out_channels",
     "insert_attention",
-    "observable_blocks",
+    "inserted_attention",
+    "remove_attention",
 ]

@@ -12,6 +12,7 @@ from torch import nn
 from lightning_attn.blocks import attention_names, create_attention
 from lightning_attn.blocks.validation import check_choice, check_int
 
+from .options import Activation, AttentionName, Downsample
 from .wrappers import OutputOnly
 
 __all__ = ["ACTIVATIONS", "DOWNSAMPLING", "AttentionCNN", "ConvBNAct"]
@@ -56,7 +57,9 @@ def check_config(
 class ConvBNAct(nn.Sequential):
     """``Conv3x3 (no bias) -> BatchNorm -> activation``: ``(B,Cin,H,W) -> (B,Cout,H/s,W/s)``."""
 
-    def __init__(self, cin: int, cout: int, activation: str = "relu", stride: int = 1) -> None:
+    def __init__(
+        self, cin: int, cout: int, activation: Activation = "relu", stride: int = 1
+    ) -> None:
         super().__init__(
             OrderedDict(
                 conv=nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
@@ -92,10 +95,10 @@ class AttentionCNN(nn.Module):
         num_classes: int = 10,
         stage_widths: Sequence[int] = (16, 32, 64),
         depth: int = 1,
-        attention: str = "dsa",
+        attention: AttentionName = "dsa",
         attention_kwargs: Mapping[str, Any] | None = None,
-        activation: str = "relu",
-        downsample: str = "maxpool",
+        activation: Activation = "relu",
+        downsample: Downsample = "maxpool",
         dropout: float = 0.0,
         stem_stride: int = 1,
     ) -> None:

@@ -12,10 +12,19 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_attn.blocks import find_attention_blocks
 from lightning_attn.metrics import LocalisationScore
 
 from .backbone import AttentionCNN
-from .mask_collector import MaskCollector, observable_blocks
+from .options import (
+    Activation,
+    AttentionName,
+    CoordOptions,
+    Downsample,
+    DSAOptions,
+    block_kwargs,
+    block_options,
+)
 
 __all__ = ["AttentionClassifier"]
 
@@ -26,16 +35,6 @@ def _describe(obj: object) -> str:
     if isinstance(obj, Tensor):
         return f"shape {tuple(obj.shape)} dtype {obj.dtype}"
     return type(obj).__name__
-
-
-class _DetachMasksOnException(pl.Callback):
-    """Removes the mask observers when a run stops on an exception (the epoch-end hooks
-    that normally detach them never run then)."""
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception) -> None:
-        masks = getattr(pl_module, "_masks", None)
-        if isinstance(masks, MaskCollector):
-            masks.detach()
 
 
 class AttentionClassifier(pl.LightningModule):
@@ -57,12 +56,18 @@ class AttentionClassifier(pl.LightningModule):
         in_channels: image channels.
         stage_widths: output width of each stage (one stage per entry, each ``>= 1``).
         depth: ConvBNAct layers per stage.
-        attention: ``"dsa"``, ``"coord"`` or ``"none"`` (see ``attention_names()``).
-        attention_kwargs: constructor arguments of that block (same for every stage).
+        attention: ``"dsa"``, ``"coord"`` or ``"none"`` (see ``attention_names()``; from
+            Python also a name added with ``register_attention``).
+        attention_kwargs: extra constructor arguments of that block, over its options below
+            (a plain dict, for Python callers; configs use ``dsa`` / ``coord``).
         activation: ``"relu"``, ``"gelu"`` or ``"silu"``.
         downsample: between stages: ``"maxpool"``, ``"avgpool"`` or ``"stride"``.
         dropout: before the linear head, in ``[0, 1)``.
         stem_stride: stride of the very first conv (2 makes every stage 4x cheaper).
+        dsa: DynamicSpatialAttention's constructor arguments, used when ``attention="dsa"``
+            (a :class:`~lightning_attn.modules.DSAOptions` or a dict of some of its fields).
+        coord: CoordinateAttention's constructor arguments (but ``in_channels``), used when
+            ``attention="coord"`` (a :class:`~lightning_attn.modules.CoordOptions` or a dict).
         optimizer: ``params -> Optimizer`` (LightningCLI dependency injection:
             ``--model.optimizer SGD --model.optimizer.lr 0.1``).
         lr_scheduler: ``optimizer -> LRScheduler`` or ``None``; ``ReduceLROnPlateau``
@@ -70,8 +75,8 @@ class AttentionClassifier(pl.LightningModule):
 
     ``save_hyperparameters`` keeps everything except ``optimizer`` and ``lr_scheduler``
     (callables do not load with ``torch.load(weights_only=True)``; the CLI writes them to
-    the run's ``config.yaml``), so ``AttentionClassifier.load_from_checkpoint(path)`` rebuilds
-    the network.
+    the run's ``config.yaml``), ``dsa`` and ``coord`` as plain dicts, so
+    ``AttentionClassifier.load_from_checkpoint(path)`` rebuilds the network.
     """
 
     def __init__(
@@ -80,16 +85,21 @@ class AttentionClassifier(pl.LightningModule):
         in_channels: int = 1,
         stage_widths: Sequence[int] = (16, 32, 64),
         depth: int = 1,
-        attention: str = "dsa",
+        attention: AttentionName = "dsa",
         attention_kwargs: dict[str, Any] | None = None,
-        activation: str = "relu",
-        downsample: str = "maxpool",
+        activation: Activation = "relu",
+        downsample: Downsample = "maxpool",
         dropout: float = 0.0,
         stem_stride: int = 1,
+        dsa: DSAOptions = DSAOptions(),  # noqa: B008  (frozen; a default jsonargparse expands)
+        coord: CoordOptions = CoordOptions(),  # noqa: B008
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
+        # Plain dicts before save_hyperparameters reads them: checkpoints load with
+        # torch.load(weights_only=True) and hparams.yaml stays plain YAML.
+        dsa, coord = block_options("dsa", dsa), block_options("coord", coord)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = AttentionCNN(
             in_channels=in_channels,
@@ -97,7 +107,9 @@ class AttentionClassifier(pl.LightningModule):
             stage_widths=stage_widths,
             depth=depth,
             attention=attention,
-            attention_kwargs=attention_kwargs,
+            attention_kwargs=block_kwargs(
+                attention, {"dsa": dsa, "coord": coord}, attention_kwargs
+            ),
             activation=activation,
             downsample=downsample,
             dropout=dropout,
@@ -108,10 +120,9 @@ class AttentionClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.block_names: list[str] = list(observable_blocks(self))
+        self.block_names: list[str] = list(find_attention_blocks(self)[0])
         self.val_loc = nn.ModuleList(LocalisationScore() for _ in self.block_names)
         self.test_loc = nn.ModuleList(LocalisationScore() for _ in self.block_names)
-        self._masks = MaskCollector()
 
     # -- forward and batch checks -------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -156,8 +167,7 @@ class AttentionClassifier(pl.LightningModule):
 
     def _eval_step(self, batch: Batch, stage: str) -> None:
         x, y, boxes = self._unpack(batch)
-        self._masks.pop()  # forget masks of any forward outside this step
-        logits = self(x)
+        logits, masks = self._forward_capturing(x) if boxes is not None else (self(x), {})
         if stage == "val":
             acc, loc = self.val_acc, self.val_loc
         else:
@@ -166,7 +176,6 @@ class AttentionClassifier(pl.LightningModule):
         kw = {"on_step": False, "on_epoch": True, "batch_size": x.shape[0]}
         self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True, prog_bar=True, **kw)
         self.log(f"{stage}/acc", acc, prog_bar=True, **kw)
-        masks = self._masks.pop()
         if boxes is None:
             return
         for i, name in enumerate(self.block_names):
@@ -186,25 +195,19 @@ class AttentionClassifier(pl.LightningModule):
         self.net.check_input(x)
         return self(x).softmax(dim=-1)
 
-    # -- mask collection (validation and test only) -------------------------------------
-    def _attach(self) -> None:
-        blocks = dict(self.named_modules())
-        self._masks.attach({name: blocks[name] for name in self.block_names})
-
-    def on_validation_epoch_start(self) -> None:
-        self._attach()
-
-    def on_validation_epoch_end(self) -> None:
-        self._masks.detach()
-
-    def on_test_epoch_start(self) -> None:
-        self._attach()
-
-    def on_test_epoch_end(self) -> None:
-        self._masks.detach()
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        return [_DetachMasksOnException()]
+    # -- spatial masks for the localisation score (validation and test only) ----------
+    def _forward_capturing(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``self(x)`` and each block's spatial map ``(B,1,h,w)`` from that forward."""
+        blocks = [(name, self.get_submodule(name)) for name in self.block_names]
+        for _, block in blocks:
+            block.start_capture(self)
+        try:
+            logits = self(x)
+            masks = {n: b.captured_map for n, b in blocks if b.captured_map is not None}
+        finally:  # never leave capture on: the next training forward would pay for it
+            for _, block in blocks:
+                block.stop_capture(self)
+        return logits, masks
 
     # -- optimisation -----------------------------------------------------------------
     def configure_optimizers(self) -> Any:

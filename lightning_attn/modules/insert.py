@@ -1,4 +1,5 @@
-"""``insert_attention``: put attention blocks after named submodules of any ``nn.Module``."""
+"""``insert_attention``: put attention blocks after named submodules of any ``nn.Module``,
+keeping every existing state-dict key."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ from torch import nn
 
 from lightning_attn.blocks import attention_names, create_attention
 
-from .wrappers import AttentionAfter
+from .wrappers import first_tensor
 
-__all__ = ["infer_out_channels", "insert_attention"]
+__all__ = ["infer_out_channels", "insert_attention", "inserted_attention", "remove_attention"]
 
 _CHANNEL_ATTRS = ("out_channels", "num_features")
+# Modules whose children are run (or iterated by their parent) in registration order: a block
+# registered in one of them would run as one more layer, so it never hosts a block.
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_SUFFIX = "_attn"
+_SELF_HOSTED = "output_attn"
 
 
 def _own_channels(module: nn.Module) -> int | None:
@@ -32,18 +38,18 @@ def _last_channels(module: nn.Module) -> int | None:
     return found
 
 
-def _hooked_channels(
+def _output_shapes(
     model: nn.Module, names: Sequence[str], example_input: torch.Tensor
-) -> dict[str, int]:
-    """Channel dim (dim 1) of each named submodule's output on one no-grad pass of the model."""
-    seen: dict[str, int] = {}
+) -> dict[str, tuple[int, ...] | str]:
+    """Shape of each named submodule's output (the type's name when it is not a tensor: the
+    block would receive it as it is) on one ``eval``/no-grad pass of the model; names never
+    called are absent."""
+    seen: dict[str, tuple[int, ...] | str] = {}
     handles = []
     for name in names:
 
         def hook(_mod, _inp, out, name=name):
-            t = out[0] if isinstance(out, (tuple, list)) else out
-            if isinstance(t, torch.Tensor) and t.dim() == 4:
-                seen[name] = int(t.shape[1])
+            seen[name] = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
 
         handles.append(model.get_submodule(name).register_forward_hook(hook))
     was_training = model.training
@@ -58,44 +64,118 @@ def _hooked_channels(
     return seen
 
 
+def _feature_map_channels(name: str, shape: tuple[int, ...] | str | None) -> int:
+    """``C`` of a ``(B, C, H, W)`` output shape, or a ``ValueError`` saying what was seen."""
+    if shape is None:
+        raise ValueError(
+            f"{name!r} was not called during the forward pass of example_input, so no "
+            "attention block after it would ever run"
+        )
+    if isinstance(shape, str) or len(shape) != 4:
+        seen = f"an output of type {shape}" if isinstance(shape, str) else f"shape {shape}"
+        raise ValueError(
+            f"the output of {name!r} is not a 4-D (B, C, H, W) feature map: got {seen} on "
+            "example_input; attention blocks go after convolutional stages"
+        )
+    return shape[1]
+
+
 def infer_out_channels(
     model: nn.Module, names: Sequence[str], example_input: torch.Tensor | None = None
 ) -> dict[str, int]:
-    """Output channels of each named submodule, in this order of evidence:
+    """Output channels of each named submodule.
+
+    With ``example_input``: dim 1 of each output on one ``eval``/no-grad forward of ``model``
+    (forward hooks, removed afterwards; train/eval mode restored); an output that is not a
+    4-D ``(B, C, H, W)`` map, or a submodule the pass never calls, is a ``ValueError``.
+
+    Without it, in this order of evidence:
 
     1. the submodule's own ``out_channels`` (convolutions) or ``num_features`` (norms);
-    2. with ``example_input``: dim 1 of its 4-D output on one ``eval``/no-grad forward of
-       ``model`` (forward hooks, removed afterwards; train/eval mode restored);
-    3. the ``out_channels``/``num_features`` of its last submodule (registration order) that
+    2. the ``out_channels``/``num_features`` of its last submodule (registration order) that
        has one: right for plain conv stacks and ResNet-style blocks whose last registered
        layer is the last norm, wrong for blocks that register a side branch last with a
        different width; pass ``example_input`` or ``channels`` for those.
 
     Raises ``ValueError`` for a submodule where none of these applies.
     """
+    if example_input is not None:
+        shapes = _output_shapes(model, names, example_input)
+        return {name: _feature_map_channels(name, shapes.get(name)) for name in names}
     out: dict[str, int] = {}
     for name in names:
-        c = _own_channels(model.get_submodule(name))
-        if c is not None:
-            out[name] = c
-    missing = [n for n in names if n not in out]
-    if missing and example_input is not None:
-        out.update(_hooked_channels(model, missing, example_input))
-    for name in [n for n in names if n not in out]:
-        c = _last_channels(model.get_submodule(name))
+        module = model.get_submodule(name)
+        c = _own_channels(module) or _last_channels(module)
         if c is None:
             raise ValueError(
-                f"cannot infer the output channels of {name!r} "
-                f"({type(model.get_submodule(name)).__name__}): pass example_input=<a batch> "
-                f"or channels={{{name!r}: C}}"
+                f"cannot infer the output channels of {name!r} ({type(module).__name__}): "
+                f"pass example_input=<a batch> or channels={{{name!r}: C}}"
             )
         out[name] = c
     return out
 
 
-def _check_names(model: nn.Module, after: Sequence[str]) -> list[str]:
+class _ApplyAttention:
+    """The forward hook :func:`insert_attention` puts on a target: ``output -> y`` of the
+    block registered as ``host.<attr>``.
+
+    The block is looked up on every call (not held), so the hook always runs the block the
+    model's state dict holds and says so clearly when it was deleted. A plain class (not a
+    closure) so that models pickle and deep-copy with their hooks (``deepcopy`` maps
+    ``host`` to the copy's own module).
+    """
+
+    def __init__(self, host: nn.Module, attr: str, target: str) -> None:
+        self.host = host
+        self.attr = attr
+        self.target = target
+
+    def block(self) -> nn.Module | None:
+        return self.host._modules.get(self.attr)
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        block = self.block()
+        if block is None:
+            raise RuntimeError(
+                f"the attention block {self.attr!r} inserted after {self.target!r} was removed "
+                f"from {type(self.host).__name__}; take the insertion out with "
+                f"remove_attention(model, [{self.target!r}])"
+            )
+        return first_tensor(block(output))
+
+
+def _hooks_of(module: nn.Module) -> dict[int, _ApplyAttention]:
+    return {k: h for k, h in module._forward_hooks.items() if isinstance(h, _ApplyAttention)}
+
+
+def _host(model: nn.Module, target: str) -> tuple[nn.Module, str]:
+    """Where the block after ``target`` is registered, and its attribute name there.
+
+    The nearest ancestor of ``target`` that is not an ``nn.Sequential`` / ``ModuleList`` /
+    ``ModuleDict`` holds it as ``<target path below it, dots as underscores>_attn``
+    (``layer1`` -> ``layer1_attn`` on the model, ``layer1.0.conv1`` -> ``layer1.0.conv1_attn``
+    in the residual block); with only containers above (an ``nn.Sequential`` model), the
+    target itself holds it as ``output_attn``.
+    """
+    parts = target.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        host = model.get_submodule(".".join(parts[:i]))
+        if not isinstance(host, _CONTAINERS):
+            return host, "_".join(parts[i:]) + _SUFFIX
+    module = model.get_submodule(target)
+    if not isinstance(module, _CONTAINERS):
+        return module, _SELF_HOSTED
+    raise ValueError(
+        f"cannot insert attention after {target!r}: it and every module above it are "
+        "nn.Sequential / ModuleList / ModuleDict containers, which would run a block "
+        "registered in them as one more layer; name a plain submodule inside it (e.g. "
+        f"'{target}.<its last layer>') or hold the model in a plain nn.Module"
+    )
+
+
+def _check_names(model: nn.Module, after: Sequence[str], argument: str = "after") -> list[str]:
     if isinstance(after, str) or not isinstance(after, Sequence) or not after:
-        raise TypeError(f"after must be a non-empty list of submodule names, got {after!r}")
+        raise TypeError(f"{argument} must be a non-empty list of submodule names, got {after!r}")
     valid = {name for name, _ in model.named_modules() if name}
     for name in after:
         if name not in valid:
@@ -105,12 +185,23 @@ def _check_names(model: nn.Module, after: Sequence[str]) -> list[str]:
                 f"some valid names: {some}"
             )
     if len(set(after)) != len(after):
-        raise ValueError(f"after names a submodule twice: {list(after)}")
-    for a in after:
-        for b in after:
-            if a != b and b.startswith(a + "."):
-                raise ValueError(f"after names both {a!r} and its submodule {b!r}")
+        raise ValueError(f"{argument} names a submodule twice: {list(after)}")
     return list(after)
+
+
+def _check_channels(
+    names: list[str], channels: int | Mapping[str, int] | None
+) -> dict[str, int]:
+    if channels is None:
+        return {}
+    if isinstance(channels, bool) or not isinstance(channels, (int, Mapping)):
+        raise TypeError(f"channels must be an int, a dict name -> int or None, got {channels!r}")
+    if isinstance(channels, int):
+        return dict.fromkeys(names, channels)
+    unknown = sorted(set(channels) - set(names))
+    if unknown:
+        raise ValueError(f"channels names {unknown}, which are not in after={names}")
+    return dict(channels)
 
 
 def insert_attention(
@@ -122,13 +213,29 @@ def insert_attention(
     example_input: torch.Tensor | None = None,
     **kwargs,
 ) -> nn.Module:
-    """Insert an attention block after each submodule named in ``after`` (in place).
+    """Insert an attention block after each submodule named in ``after`` (in place), keeping
+    every existing parameter and buffer name.
 
-    Each named submodule ``m`` is replaced in its parent by :class:`AttentionAfter`
-    ``(m, create_attention(name, C, **kwargs))``, so the model computes
-    ``attention(m(x))`` there (only ``y`` travels on). Example::
+    After the call ``model`` computes ``y = block(m(x))`` wherever a named submodule ``m`` was
+    called (only ``y`` travels on; DSA's mask is dropped). Example, with a pretrained
+    torchvision ResNet::
 
-        model = insert_attention(resnet_like, after=["layer1", "layer2"], name="dsa")
+        model = resnet18(weights=ResNet18_Weights.DEFAULT)
+        insert_attention(model, after=["layer1", "layer2", "layer3"], name="dsa")
+        # model.layer1_attn, model.layer2_attn, model.layer3_attn are the new blocks
+
+    How: ``m`` gets a forward hook that passes its output through the block; the block is
+    registered beside ``m`` in the nearest enclosing module that is not an ``nn.Sequential``
+    / ``ModuleList`` / ``ModuleDict`` (those would run it as one more layer), as
+    ``<path of m below it, dots as underscores>_attn``: ``layer1`` -> ``layer1_attn``,
+    ``stages.2`` -> ``stages_2_attn``, ``layer1.0.conv1`` -> ``layer1.0.conv1_attn``; in a
+    model that is an ``nn.Sequential`` down to ``m``, ``m`` itself holds it as
+    ``output_attn``. So a state dict saved before the insertion loads after it with
+    ``strict=False`` (only the blocks' keys missing, none unexpected), one saved after it
+    loads into a fresh model after the same insertion with ``strict=True``, the blocks show
+    in ``named_modules()`` (the diagnostics find them), and ``torch.compile``, ``deepcopy``,
+    pickling and DDP see an ordinary module. ``nn.DataParallel`` replicas and
+    ``torch.fx`` tracing do not run the hooks; :func:`remove_attention` undoes an insertion.
 
     Args:
         model: any ``nn.Module`` whose named submodules output ``(B, C, H, W)`` features.
@@ -136,35 +243,86 @@ def insert_attention(
         name: block name for :func:`~lightning_attn.create_attention` (``"dsa"``,
             ``"coord"``, ``"none"``).
         channels: ``C`` for every block (an int) or per name (a dict); otherwise inferred
-            by :func:`infer_out_channels` (uses ``example_input`` when given).
-        example_input: a batch for one no-grad pass that reads each output's channel count.
+            by :func:`infer_out_channels`.
+        example_input: a batch for one ``eval``/no-grad pass that reads (and checks) each
+            output's shape; a non-4-D output is a ``ValueError`` naming its shape.
         **kwargs: the block's constructor arguments.
 
-    Returns ``model`` itself (modified in place). State-dict keys of a wrapped submodule gain
-    a ``module.`` segment (``layer1.0.conv1.weight`` -> ``layer1.module.0.conv1.weight``):
-    load pretrained weights first. The blocks are ``<name>.attention``.
+    Returns ``model`` itself (modified in place).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(name, str) or name not in attention_names():
         raise ValueError(f"unknown attention {name!r}; known names: {attention_names()}")
     names = _check_names(model, after)
-    if channels is not None and (
-        isinstance(channels, bool) or not isinstance(channels, (int, Mapping))
-    ):
-        raise TypeError(f"channels must be an int, a dict name -> int or None, got {channels!r}")
-    if isinstance(channels, int) and not isinstance(channels, bool):
-        chans = dict.fromkeys(names, channels)
-    else:
-        given = dict(channels or {})
-        unknown = sorted(set(given) - set(names))
-        if unknown:
-            raise ValueError(f"channels names {unknown}, which are not in after={names}")
-        todo = [n for n in names if n not in given]
-        chans = {**given, **(infer_out_channels(model, todo, example_input) if todo else {})}
+    given = _check_channels(names, channels)
+    hosts = {}
     for target in names:
-        parent_name, _, child = target.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        block = create_attention(name, chans[target], **kwargs)
-        parent.add_module(child, AttentionAfter(parent.get_submodule(child), block))
+        existing = _hooks_of(model.get_submodule(target))
+        if existing:
+            (hook,) = existing.values()
+            raise ValueError(
+                f"{target!r} already has attention inserted after it ({hook.attr!r} in "
+                f"{type(hook.host).__name__}); call remove_attention(model, [{target!r}]) "
+                "first to replace it"
+            )
+        host, attr = _host(model, target)
+        if hasattr(host, attr):
+            raise ValueError(
+                f"cannot insert attention after {target!r}: {type(host).__name__} already "
+                f"has an attribute {attr!r}"
+            )
+        hosts[target] = (host, attr)
+    if example_input is not None:
+        seen = infer_out_channels(model, names, example_input)
+        for target, c in given.items():
+            if c != seen[target]:
+                raise ValueError(
+                    f"channels[{target!r}]={c} but the output of {target!r} on example_input "
+                    f"has {seen[target]} channels"
+                )
+        chans = {**seen, **given}
+    else:
+        todo = [n for n in names if n not in given]
+        chans = {**given, **(infer_out_channels(model, todo) if todo else {})}
+    # Build every block before changing the model, so a bad keyword leaves it untouched.
+    blocks = {target: create_attention(name, chans[target], **kwargs) for target in names}
+    for target, (host, attr) in hosts.items():
+        host.add_module(attr, blocks[target])
+        model.get_submodule(target).register_forward_hook(_ApplyAttention(host, attr, target))
+    return model
+
+
+def inserted_attention(model: nn.Module) -> dict[str, nn.Module]:
+    """Target name -> block, for every block :func:`insert_attention` put into ``model``."""
+    out = {}
+    for target, module in model.named_modules():
+        for hook in _hooks_of(module).values():
+            block = hook.block()
+            if block is not None:
+                out[target] = block
+    return out
+
+
+def remove_attention(model: nn.Module, after: Sequence[str] | None = None) -> nn.Module:
+    """Undo :func:`insert_attention` after the named submodules (all of them when ``None``):
+    the hooks and the blocks go, the model computes what it did before. Returns ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if after is None:
+        after = [n for n, m in model.named_modules() if _hooks_of(m)]
+        if not after:
+            return model
+    for target in _check_names(model, after):
+        if not _hooks_of(model.get_submodule(target)):
+            raise ValueError(
+                f"no attention was inserted after {target!r}; inserted after: "
+                f"{[n for n, m in model.named_modules() if _hooks_of(m)]}"
+            )
+    for target in after:
+        module = model.get_submodule(target)
+        for key, hook in _hooks_of(module).items():
+            del module._forward_hooks[key]
+            if hook.attr in hook.host._modules:
+                delattr(hook.host, hook.attr)
     return model

@@ -34,12 +34,13 @@ class OutputOnly(nn.Module):
 
 
 class AttentionAfter(nn.Module):
-    """``attention(module(x))``, keeping only ``y``: what :func:`insert_attention` puts in
-    place of a named submodule.
+    """``attention(module(x))``, keeping only ``y``: for composing a new model.
 
-    The original submodule moves to ``.module``, so its state-dict keys gain a ``module.``
-    segment (``layer1.0.conv1.weight`` -> ``layer1.module.0.conv1.weight``); load pretrained
-    weights before inserting attention. The block is ``.attention``.
+    The wrapped submodule lives at ``.module`` and the block at ``.attention``, so putting
+    this in place of an existing submodule renames its state-dict keys
+    (``layer1.0.conv1.weight`` -> ``layer1.module.0.conv1.weight``) and pretrained weights no
+    longer load: for a model that already exists use
+    :func:`~lightning_attn.modules.insert_attention`, which keeps every key.
     """
 
     def __init__(self, module: nn.Module, attention: nn.Module) -> None:

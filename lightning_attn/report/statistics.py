@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ..callbacks.statistics import BlockStats, GlobalStats, MaskStats, RouterStats
+from ..callbacks import BlockStats, GlobalStats, MaskStats, RouterStats
 from .reading import RunLog
 from .series import GRAD_SUFFIX, PARAM, ROUTER, split_tag, usage_index
 

@@ -13,6 +13,9 @@ from . import seed_reference as seed
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
+#: The backends every parity test runs on this machine.
+BACKENDS = ["torch", "plain"]
+
 # --------------------------------------------------------------------------------------
 # Option tables
 # --------------------------------------------------------------------------------------
@@ -130,10 +133,10 @@ def seed_dsa(kwargs: dict, seed_value: int = 1) -> seed.DynamicSpatialAttention:
     return seed.DynamicSpatialAttention(**kwargs)
 
 
-def lib_dsa_from(seed_block: nn.Module, kwargs: dict, fused: bool) -> DynamicSpatialAttention:
+def lib_dsa_from(seed_block: nn.Module, kwargs: dict, backend: str) -> DynamicSpatialAttention:
     """A library DSA built with ``kwargs`` that strictly loads ``seed_block``'s state dict."""
     torch.manual_seed(12345)  # different init: only the loaded state may make them agree
-    lib = DynamicSpatialAttention(**kwargs, fused=fused)
+    lib = DynamicSpatialAttention(**kwargs, backend=backend)
     lib.load_state_dict(seed_block.state_dict(), strict=True)
     return lib
 
@@ -145,9 +148,11 @@ def seed_coord(seed_kwargs: dict, channels: int = COORD_C, seed_value: int = 1):
     return block
 
 
-def lib_coord_from(seed_block: nn.Module, lib_kwargs: dict, fused: bool, channels: int = COORD_C):
+def lib_coord_from(
+    seed_block: nn.Module, lib_kwargs: dict, backend: str, channels: int = COORD_C
+):
     torch.manual_seed(12345)
-    lib = CoordinateAttention(channels, **lib_kwargs, fused=fused)
+    lib = CoordinateAttention(channels, **lib_kwargs, backend=backend)
     lib.load_state_dict(seed_block.state_dict(), strict=True)
     return lib
 
@@ -227,3 +232,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def isclose_rel(a: float, b: float, rel: float) -> bool:
     return math.isfinite(a) and abs(a - b) <= rel * abs(b)
+
+
+def spy_masks(block) -> dict[str, torch.Tensor]:
+    """The ``a_h``, ``a_w`` of the block's next forwards (the last one wins)."""
+    seen: dict[str, torch.Tensor] = {}
+    compute = block._masks
+
+    def spy(*args, **kwargs):
+        a_h, a_w = compute(*args, **kwargs)
+        seen["a_h"], seen["a_w"] = a_h.detach(), a_w.detach()
+        return a_h, a_w
+
+    block._masks = spy
+    return seen

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+from lightning_attn.blocks.kernels import resolve_backend
 
 from ._util import COORD_C, COORD_CASES, DSA_CASES, TOL, assert_close, assert_runs_match, run_block
 
@@ -21,10 +22,10 @@ COORD_FUSED_CASES = ["base", "all", "per_axis_alpha", "per_axis_alpha_beta",
 
 
 def _pair(block):
-    """``block`` (fused) and an exact copy running the plain path."""
-    assert block.fused is True  # the default
+    """``block`` (torch fused path) and an exact copy running the plain path."""
+    assert block.backend == "auto"  # the default, which is the torch fused path on a CPU
     plain = copy.deepcopy(block)
-    plain.fused = False
+    plain.backend = "plain"
     return block, plain
 
 
@@ -74,11 +75,24 @@ def test_coord_fused_matches_plain(case, dtype):
                 assert_runs_match(got, want, TOL[dtype], label)
 
 
-def test_fused_is_default_and_plain_is_selectable():
-    assert DynamicSpatialAttention().fused is True
-    assert CoordinateAttention(8).fused is True
-    assert DynamicSpatialAttention(fused=False).fused is False
-    assert CoordinateAttention(8, fused=False).fused is False
+def test_auto_is_default_and_resolves_to_the_torch_fused_path_on_cpu():
+    x = torch.randn(2, 8, 5, 5)
+    assert DynamicSpatialAttention().backend == "auto"
+    assert CoordinateAttention(8).backend == "auto"
+    assert resolve_backend("auto", "dsa", x) == "torch"
+    assert resolve_backend("auto", "coord", x) == "torch"
+    assert DynamicSpatialAttention(backend="plain").backend == "plain"
+    assert CoordinateAttention(8, backend="torch").backend == "torch"
+
+
+@pytest.mark.parametrize("fused, backend", [(True, "torch"), (False, "plain")])
+def test_fused_argument_is_a_deprecated_alias_of_backend(fused, backend):
+    for make in (lambda: DynamicSpatialAttention(fused=fused),
+                 lambda: CoordinateAttention(8, fused=fused)):
+        with pytest.warns(FutureWarning, match=f"backend='{backend}'"):
+            assert make().backend == backend
+    with pytest.raises(ValueError, match="contradicts"):
+        DynamicSpatialAttention(fused=fused, backend="triton" if fused else "torch")
 
 
 def test_dsa_fused_gradients_do_not_leak_between_backward_passes():
@@ -121,11 +135,11 @@ def test_fused_retain_graph_twice_gives_same_grads(make):
 # --------------------------------------------------------------------------------------
 
 _BLOCKS = {
-    "dsa": lambda fused: DynamicSpatialAttention(fused=fused),
-    "coord": lambda fused: CoordinateAttention(COORD_C, fused=fused).eval(),
+    "dsa": lambda backend: DynamicSpatialAttention(backend=backend),
+    "coord": lambda backend: CoordinateAttention(COORD_C, backend=backend).eval(),
     # every add-on, with the sigmoid gate (torch has no second derivative of hardsigmoid)
-    "coord_all": lambda fused: CoordinateAttention(
-        COORD_C, **{**COORD_CASES["all"][0], "gate": "sigmoid"}, fused=fused
+    "coord_all": lambda backend: CoordinateAttention(
+        COORD_C, **{**COORD_CASES["all"][0], "gate": "sigmoid"}, backend=backend
     ).eval(),
 }
 _CLEAR = r"(?i)twice|once_differentiable|double backward|second derivative|fused"
@@ -138,7 +152,7 @@ def _y(block, x):
 
 @pytest.mark.parametrize("name", list(_BLOCKS))
 def test_fused_double_backward_via_backward_raises(name):
-    block = _BLOCKS[name](True)
+    block = _BLOCKS[name]("torch")
     x = torch.randn(2, COORD_C, 5, 6, requires_grad=True)
     # The fused path refuses create_graph=True at once, so no second derivative can follow.
     with pytest.raises(RuntimeError, match=_CLEAR):
@@ -151,7 +165,7 @@ def test_fused_grad_of_grad_wrt_x_raises_clearly(name):
     """``autograd.grad(grad_x, x)`` must say that the fused path is first-order only; today it
     says 'the differentiated Tensor appears to not have been used in the graph' (and with
     allow_unused=True silently returns None)."""
-    block = _BLOCKS[name](True)
+    block = _BLOCKS[name]("torch")
     x = torch.randn(2, COORD_C, 5, 6, requires_grad=True)
     with pytest.raises(RuntimeError, match=_CLEAR):
         (gx,) = torch.autograd.grad(_y(block, x).square().mean(), x, create_graph=True)
@@ -162,7 +176,7 @@ def test_fused_grad_of_grad_wrt_x_raises_clearly(name):
 def test_fused_grad_of_grad_wrt_params_raises(name):
     """A gradient penalty on the parameters (grad with create_graph, then grad of it w.r.t.
     the parameters) must raise on the fused path, not return a silently wrong value."""
-    block = _BLOCKS[name](True)
+    block = _BLOCKS[name]("torch")
     params = list(block.parameters())
     x = torch.randn(2, COORD_C, 5, 6)
     with pytest.raises(RuntimeError, match=_CLEAR):
@@ -174,7 +188,7 @@ def test_fused_grad_of_grad_wrt_params_raises(name):
 @pytest.mark.parametrize("name", list(_BLOCKS))
 def test_plain_supports_double_backward(name):
     torch.manual_seed(3)
-    block = _BLOCKS[name](False).double()
+    block = _BLOCKS[name]("plain").double()
     params = list(block.parameters())
     x = torch.randn(2, COORD_C, 5, 6, dtype=torch.float64, requires_grad=True)
     (gx,) = torch.autograd.grad(_y(block, x).square().mean(), x, create_graph=True)
@@ -190,7 +204,7 @@ def test_dsa_fused_channel_max_ties_follow_torch_max(dtype):
     from ._util import lib_dsa_from, seed_dsa
 
     ref = seed_dsa({}).to(dtype)
-    fused = lib_dsa_from(ref, {}, fused=True).to(dtype)
+    fused = lib_dsa_from(ref, {}, backend="torch").to(dtype)
     x = torch.relu(torch.randn(3, 4, 8, 9, dtype=dtype) - 0.5)  # many all-zero positions
     x[:, 2] = x[:, 0]  # exact ties between channels 0 and 2
     x[0, :, :2, :2] = 0.25  # all channels tied
@@ -232,7 +246,7 @@ def test_fused_coord_follows_alpha_and_beta_changed_in_place(per_axis):
     changed in place afterwards must be read again, not assumed."""
     torch.manual_seed(5)
     kw = {"per_axis_alpha": per_axis, "beta": 1.0}
-    fused, plain = CoordinateAttention(8, **kw), CoordinateAttention(8, fused=False, **kw)
+    fused, plain = CoordinateAttention(8, **kw), CoordinateAttention(8, backend="plain", **kw)
     plain.load_state_dict(fused.state_dict())
     x = torch.randn(2, 8, 5, 6)
     before = fused(x)

@@ -10,9 +10,18 @@ from torch.func import functional_call
 
 from lightning_attn import CoordinateAttention, DynamicSpatialAttention
 
-from ._util import COORD_C, COORD_CASES, DSA_CASES, assert_close, rel_err, run_block
+from ._util import (
+    BACKENDS,
+    COORD_C,
+    COORD_CASES,
+    DSA_CASES,
+    assert_close,
+    rel_err,
+    run_block,
+    spy_masks,
+)
 
-FUSED = pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+EACH_BACKEND = pytest.mark.parametrize("backend", BACKENDS)
 
 # --------------------------------------------------------------------------------------
 # 4. gradcheck in float64 (x and every parameter, learnable scalars included)
@@ -48,42 +57,42 @@ _GC_COORD = {
 }
 
 
-@FUSED
+@EACH_BACKEND
 @pytest.mark.parametrize("case", list(_GC_DSA))
-def test_gradcheck_dsa_all_inputs(case, fused):
-    block = DynamicSpatialAttention(**_GC_DSA[case], fused=fused).double()
+def test_gradcheck_dsa_all_inputs(case, backend):
+    block = DynamicSpatialAttention(**_GC_DSA[case], backend=backend).double()
     f, params = _functional(block)
     assert len(params) >= 4
     assert torch.autograd.gradcheck(f, (_x64(), *params), fast_mode=True)
 
 
-@FUSED
+@EACH_BACKEND
 @pytest.mark.parametrize("case", list(_GC_COORD))
-def test_gradcheck_coord_all_inputs(case, fused):
-    block = CoordinateAttention(4, **_GC_COORD[case], fused=fused).double().eval()
+def test_gradcheck_coord_all_inputs(case, backend):
+    block = CoordinateAttention(4, **_GC_COORD[case], backend=backend).double().eval()
     f, params = _functional(block)
     assert torch.autograd.gradcheck(f, (_x64(), *params), fast_mode=True)
 
 
-@FUSED
-def test_gradcheck_dsa_x_full_jacobian(fused):
-    block = DynamicSpatialAttention(kernels=(3,), dilated_kernel=3, fused=fused).double()
+@EACH_BACKEND
+def test_gradcheck_dsa_x_full_jacobian(backend):
+    block = DynamicSpatialAttention(kernels=(3,), dilated_kernel=3, backend=backend).double()
     assert torch.autograd.gradcheck(block, (_x64((2, 3, 4, 5)),))
 
 
-@FUSED
-def test_gradcheck_coord_x_full_jacobian(fused):
-    block = CoordinateAttention(4, beta=0.5, fused=fused).double().eval()
+@EACH_BACKEND
+def test_gradcheck_coord_x_full_jacobian(backend):
+    block = CoordinateAttention(4, beta=0.5, backend=backend).double().eval()
     assert torch.autograd.gradcheck(block, (_x64((2, 4, 4, 5)),))
 
 
 def test_gradgradcheck_plain_paths():
-    """fused=False supports second derivatives, and they are right."""
-    dsa = DynamicSpatialAttention(learnable_temperature=True, fused=False).double()
+    """backend="plain" supports second derivatives, and they are right."""
+    dsa = DynamicSpatialAttention(learnable_temperature=True, backend="plain").double()
     f, params = _functional(dsa)
     assert torch.autograd.gradgradcheck(f, (_x64(), *params), fast_mode=True)
     coord = CoordinateAttention(
-        4, **{**COORD_CASES["all"][0], "gate": "sigmoid"}, fused=False
+        4, **{**COORD_CASES["all"][0], "gate": "sigmoid"}, backend="plain"
     ).double().eval()
     f, params = _functional(coord)
     assert torch.autograd.gradgradcheck(f, (_x64(), *params), fast_mode=True)
@@ -121,10 +130,10 @@ BACKWARD = pytest.mark.parametrize("inside", [False, True], ids=["bwd_outside", 
 
 
 @BACKWARD
-@FUSED
+@EACH_BACKEND
 @pytest.mark.parametrize("case", ["default", "all"])
-def test_bf16_autocast_dsa(case, fused, inside):
-    block = DynamicSpatialAttention(**DSA_CASES[case], fused=fused)
+def test_bf16_autocast_dsa(case, backend, inside):
+    block = DynamicSpatialAttention(**DSA_CASES[case], backend=backend)
     ref = copy.deepcopy(block)
     x = torch.randn(2, 8, 10, 9)
     g = torch.randn_like(x)
@@ -139,18 +148,18 @@ def test_bf16_autocast_dsa(case, fused, inside):
 
 
 @BACKWARD
-@FUSED
+@EACH_BACKEND
 @pytest.mark.parametrize("case", ["base", "all", "per_axis_alpha_beta"])
-def test_bf16_autocast_coord(case, fused, inside):
-    block = CoordinateAttention(COORD_C, **COORD_CASES[case][0], fused=fused)
+def test_bf16_autocast_coord(case, backend, inside):
+    block = CoordinateAttention(COORD_C, **COORD_CASES[case][0], backend=backend)
     ref = copy.deepcopy(block)
     x = torch.randn(2, COORD_C, 6, 7)
     g = torch.randn_like(x)
+    masks, ref_masks = spy_masks(block), spy_masks(ref)
     (y,), gx = _autocast_run(block, x, g, inside)
-    a_h, a_w = block._last_ah.float(), block._last_aw.float()
     (ref_y,), ref_gx = _fp32_run(ref, x, g)
-    assert float((a_h - ref._last_ah).abs().max()) <= 0.05, "a_h"
-    assert float((a_w - ref._last_aw).abs().max()) <= 0.05, "a_w"
+    for name in ("a_h", "a_w"):
+        assert float((masks[name].float() - ref_masks[name]).abs().max()) <= 0.05, name
     assert rel_err(y, ref_y) <= 0.05, "y"
     assert rel_err(gx, ref_gx) <= 0.1, "grad x"
     for name, p in block.named_parameters():
@@ -162,17 +171,17 @@ def test_bf16_autocast_coord(case, fused, inside):
 # --------------------------------------------------------------------------------------
 
 
-@FUSED
+@EACH_BACKEND
 @pytest.mark.parametrize(
     "make",
-    [lambda f: DynamicSpatialAttention(fused=f, return_router_weights=True),
-     lambda f: DynamicSpatialAttention(**DSA_CASES["all"], fused=f),
-     lambda f: CoordinateAttention(COORD_C, fused=f),
-     lambda f: CoordinateAttention(COORD_C, **COORD_CASES["all"][0], fused=f)],
+    [lambda f: DynamicSpatialAttention(backend=f, return_router_weights=True),
+     lambda f: DynamicSpatialAttention(**DSA_CASES["all"], backend=f),
+     lambda f: CoordinateAttention(COORD_C, backend=f),
+     lambda f: CoordinateAttention(COORD_C, **COORD_CASES["all"][0], backend=f)],
     ids=["dsa", "dsa_all", "coord", "coord_all"],
 )
-def test_channels_last_matches_contiguous(make, fused):
-    block = make(fused)
+def test_channels_last_matches_contiguous(make, backend):
+    block = make(backend)
     x = torch.randn(3, COORD_C, 7, 6)
     xc = x.contiguous(memory_format=torch.channels_last)
     assert not xc.is_contiguous()

@@ -26,11 +26,11 @@ def test_known_names():
 
 def test_create_dsa_with_kwargs():
     block = create_attention("dsa", 64, kernels=(5,), gate="hardsigmoid", temperature=2.0,
-                             use_dilated=False, return_router_weights=True, fused=False)
+                             use_dilated=False, return_router_weights=True, backend="plain")
     assert type(block) is DynamicSpatialAttention
     assert block.kernel_sizes == (5,) and block.num_branches == 1
     assert block.gate == "hardsigmoid" and float(block.temperature) == 2.0
-    assert block.fused is False
+    assert block.backend == "plain"
     x = torch.randn(2, 64, 6, 6)
     y, mask, rw = block(x)
     assert y.shape == x.shape and rw.shape == (2, 1)
@@ -121,5 +121,5 @@ def test_register_attention(monkeypatch):
 def test_top_level_exports():
     for name in ("create_attention", "attention_names", "DynamicSpatialAttention",
                  "CoordinateAttention", "CoordinateAtt", "quick_mask_check",
-                 "MaskCollapseWarning", "AttentionObservation"):
+                 "MaskCollapseWarning", "RecordingMixin", "AttentionBlock"):
         assert hasattr(lightning_attn, name), name

@@ -9,6 +9,8 @@ import torch
 
 from lightning_attn import CoordinateAttention, DynamicSpatialAttention
 
+from ._util import BACKENDS
+
 NAN, INF = float("nan"), float("inf")
 
 
@@ -180,9 +182,9 @@ def test_coord_valid_edge_values_accepted():
 
 BLOCKS = {
     "dsa": lambda: DynamicSpatialAttention(),
-    "dsa_plain": lambda: DynamicSpatialAttention(fused=False),
+    "dsa_plain": lambda: DynamicSpatialAttention(backend="plain"),
     "coord": lambda: CoordinateAttention(8),
-    "coord_plain": lambda: CoordinateAttention(8, fused=False),
+    "coord_plain": lambda: CoordinateAttention(8, backend="plain"),
 }
 
 
@@ -207,9 +209,9 @@ def test_input_not_a_tensor(name):
     _raises(TypeError, lambda: block([[1.0]]), "Tensor", "list")
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_coord_wrong_channel_count(fused):
-    block = CoordinateAttention(8, fused=fused)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_coord_wrong_channel_count(backend):
+    block = CoordinateAttention(8, backend=backend)
     msg = _raises(ValueError, lambda: block(torch.randn(2, 6, 5, 5)), "8", "(2, 6, 5, 5)")
     assert "in_channels" in msg or "channels" in msg
 
@@ -234,3 +236,124 @@ def test_error_values_are_readable():
 def test_dsa_bad_eps_names_the_argument(eps, exc):
     with pytest.raises(exc, match="eps"):
         DynamicSpatialAttention(eps=eps)
+
+
+# --------------------------------------------------------------------------------------
+# Meaningful ranges, float32 storage, empty and mismatched inputs (issue 10)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, name, value", [
+    ({"alpha": 5.0}, "alpha", "5.0"),
+    ({"alpha": -0.1}, "alpha", "-0.1"),
+    ({"alpha": 1.5, "learnable_alpha": True}, "alpha", "1.5"),
+    ({"alpha": 2.0, "per_axis_alpha": True}, "alpha", "2.0"),
+    ({"beta": -3.0}, "beta", "-3.0"),
+    ({"beta": 1.01, "learnable_beta": True}, "beta", "1.01"),
+])
+def test_coord_alpha_and_beta_outside_unit_interval(kwargs, name, value):
+    _raises(ValueError, lambda: CoordinateAttention(8, **kwargs), name, value, "[0, 1]")
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, 0.25])
+def test_coord_alpha_and_beta_edges_accepted(value):
+    block = CoordinateAttention(8, alpha=value, beta=value)
+    assert float(block.alpha) == value and block.beta == value
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+@pytest.mark.parametrize("value, stored", [(1e-46, "0.0"), (1e39, "inf")])
+def test_temperature_that_float32_cannot_hold(value, stored, learnable):
+    kwargs = {"temperature": value, "learnable_temperature": learnable}
+    if learnable and value < 1:
+        kwargs["eps"] = 0.0
+    _raises(ValueError, lambda: DynamicSpatialAttention(**kwargs), "temperature", stored,
+            "float32")
+
+
+def test_large_and_small_float32_temperatures_accepted():
+    assert torch.isfinite(DynamicSpatialAttention(temperature=1e30).temperature)
+    assert float(DynamicSpatialAttention(temperature=1e-30).temperature) > 0
+    assert torch.isfinite(
+        DynamicSpatialAttention(temperature=1e30, learnable_temperature=True).temperature
+    )
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+@pytest.mark.parametrize("shape, dims", [((2, 0, 4, 4), "C"), ((2, 8, 0, 4), "H"),
+                                         ((2, 8, 4, 0), "W")])
+def test_input_with_an_empty_dimension(name, shape, dims):
+    block = BLOCKS[name]()
+    exc = ValueError
+    _raises(exc, lambda: block(torch.randn(*shape)), str(shape), f"{dims} = 0")
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_empty_batch_runs_like_the_plain_path(name):
+    block = BLOCKS[name]()
+    x = torch.randn(0, 8, 5, 6, requires_grad=True)
+    out = block(x)
+    y = out[0] if isinstance(out, tuple) else out
+    assert y.shape == (0, 8, 5, 6)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_input_dtype_other_than_the_parameters_outside_autocast(name, dtype):
+    block = BLOCKS[name]()
+    x = torch.randn(2, 8, 5, 5, dtype=dtype)
+    _raises(TypeError, lambda: block(x), str(dtype), "torch.float32", "autocast")
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_input_dtype_other_than_the_parameters_inside_autocast_runs(name):
+    block = BLOCKS[name]()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(torch.randn(2, 8, 5, 5, dtype=torch.bfloat16))
+    y = out[0] if isinstance(out, tuple) else out
+    assert y.shape == (2, 8, 5, 5) and torch.isfinite(y.float()).all()
+
+
+def test_backend_choice_is_checked():
+    _raises(ValueError, lambda: DynamicSpatialAttention(backend="cuda"), "backend", "cuda")
+    _raises(ValueError, lambda: CoordinateAttention(8, backend="fast"), "backend", "fast")
+
+
+# --------------------------------------------------------------------------------------
+# timm's argument names and DSA's tensor-only output
+# --------------------------------------------------------------------------------------
+
+
+def test_coord_accepts_timm_argument_names():
+    a = CoordinateAttention(64, rd_ratio=1 / 16, act_layer=torch.nn.ReLU,
+                            gate_layer="hard_sigmoid")
+    b = CoordinateAttention(64, reduction=16, act="relu", gate="hardsigmoid")
+    assert (a.mid_channels, a.act_name, a.gate) == (b.mid_channels, b.act_name, b.gate)
+    assert CoordinateAttention(64, act_layer="hard_swish").act_name == "hswish"
+    assert CoordinateAttention(64, gate_layer=torch.nn.Sigmoid).gate == "sigmoid"
+
+
+@pytest.mark.parametrize("kwargs, needles", [
+    ({"rd_ratio": 0.3}, ("rd_ratio", "0.3")),
+    ({"rd_ratio": 0.0}, ("rd_ratio", "0.0")),
+    ({"rd_ratio": 1 / 8, "reduction": 16}, ("rd_ratio", "reduction=16")),
+    ({"act_layer": "gelu"}, ("act_layer", "gelu")),
+    ({"gate_layer": torch.nn.Tanh}, ("gate_layer", "Tanh")),
+])
+def test_coord_timm_names_bad_values(kwargs, needles):
+    _raises(ValueError, lambda: CoordinateAttention(64, **kwargs), *needles)
+
+
+def test_dsa_tensor_only_output():
+    block = DynamicSpatialAttention(return_mask=False)
+    x = torch.randn(2, 4, 6, 6)
+    y = block(x)
+    assert isinstance(y, torch.Tensor)
+    full = DynamicSpatialAttention()
+    full.load_state_dict(block.state_dict())
+    torch.testing.assert_close(y, full(x)[0])
+    _raises(ValueError, lambda: DynamicSpatialAttention(return_mask=False,
+                                                        return_router_weights=True),
+            "return_mask", "return_router_weights")

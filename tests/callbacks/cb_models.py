@@ -1,4 +1,4 @@
-"""Tiny LightningModules and a fake observable block for the callback tests."""
+"""Tiny LightningModules and a fake recording block for the callback tests."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_attn import create_attention
-from lightning_attn.blocks import ObservableMixin
+from lightning_attn.blocks import RecordingMixin
 
 
 def make_data(n: int = 32, channels: int = 1, size: int = 8, classes: int = 3, seed: int = 0):
@@ -75,11 +75,13 @@ class TinyAttnNet(LightningModule):
 def offline_stats(xs: torch.Tensor, k: int, scale: float = 1.0, low=0.05, high=0.95):
     """What the callbacks must log for a FakeBlock that saw the batches ``xs`` (concatenated)."""
     mask = xs[:, :1].double().flatten()
-    rw = torch.softmax(scale * xs[:, 0, 0, :k], dim=1).double()
+    rw = torch.softmax(scale * xs[:, 0, 0, :k].float(), dim=1).double()
     ent = -(rw * rw.log()).sum(1)
     return {
         "mask/mean": mask.mean().item(),
         "mask/std": mask.std().item(),
+        "mask/min": mask.min().item(),
+        "mask/max": mask.max().item(),
         "mask/sat_low": (mask < low).double().mean().item(),
         "mask/sat_high": (mask > high).double().mean().item(),
         "router/entropy": ent.mean().item(),
@@ -88,8 +90,8 @@ def offline_stats(xs: torch.Tensor, k: int, scale: float = 1.0, low=0.05, high=0
     }
 
 
-class FakeBlock(ObservableMixin, nn.Module):
-    """An ObservableAttention whose mask and router weights are known functions of the input.
+class FakeBlock(RecordingMixin, nn.Module):
+    """A user's recording block whose mask and router weights are known functions of the input.
 
     ``mask = x[:, :1]`` (the input itself, ``(B,1,H,W)``) and ``rw = softmax(x[:, 0, 0, :K])``
     ``(B,K)``, so tests can compute every statistic offline from the data. ``gain`` is a
@@ -100,7 +102,6 @@ class FakeBlock(ObservableMixin, nn.Module):
 
     def __init__(self, num_branches: int = 3, router_scale: float = 1.0) -> None:
         super().__init__()
-        self._init_observers()
         self.num_branches = num_branches
         self.router_scale = router_scale
         self.gain = nn.Parameter(torch.tensor(1.0))
@@ -114,8 +115,7 @@ class FakeBlock(ObservableMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask, rw = self.mask_of(x), self.router_of(x)
-        if self._observers:
-            self._notify_observers({"mask": mask}, rw)
+        self.record(masks={"mask": mask}, router_weights=rw)
         return x * mask * self.gain
 
     def attention_parameters(self) -> dict[str, torch.Tensor]:
@@ -139,7 +139,7 @@ class FakeNet(LightningModule):
         num_branches: int = 3,
         router_scale: float = 1.0,
         transform=None,
-        record: bool = False,
+        keep_batches: bool = False,
         lr: float = 0.01,
     ) -> None:
         super().__init__()
@@ -148,9 +148,9 @@ class FakeNet(LightningModule):
         self.block = FakeBlock(num_branches, router_scale)
         self.head = nn.Linear(self.data.tensors[0][0].numel(), 3)
         self.transform = transform
-        self.record = record
+        self.keep_batches = keep_batches
         self.seen: list[tuple[int, torch.Tensor]] = []
-        self.observer_counts: list[int] = []
+        self.recording_seen: list[bool] = []
         self.lr = lr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,11 +160,14 @@ class FakeNet(LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        self.observer_counts.append(len(self.block._observers))
-        if self.record:
+        self.recording_seen.append(self.block.recording)
+        if self.keep_batches:
             xt = self.transform(x) if self.transform is not None else x
-            self.seen.append((self.global_step, xt.detach().clone()))
-        return F.cross_entropy(self(x), y)
+            step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+            self.seen.append((step, xt.detach().clone()))
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss)
+        return loss
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
@@ -212,11 +215,13 @@ class MemoryLogger(Logger):
     def log_metrics(self, metrics, step=None) -> None:
         self.records.append((step, dict(metrics)))
 
-    def attn(self, tag: str | None = None) -> list[tuple[int | None, dict[str, float]]]:
-        """Records holding ``attn/`` tags (only ``tag`` if given)."""
+    def attn(
+        self, tag: str | None = None, prefix: str = "attn/"
+    ) -> list[tuple[int | None, dict[str, float]]]:
+        """Records holding tags starting with ``prefix`` (only ``tag`` if given)."""
         out = []
         for step, metrics in self.records:
-            m = {k: v for k, v in metrics.items() if k.startswith("attn/")}
+            m = {k: v for k, v in metrics.items() if k.startswith(prefix)}
             if tag is not None:
                 m = {tag: m[tag]} if tag in m else {}
             if m:

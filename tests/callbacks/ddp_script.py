@@ -1,8 +1,9 @@
 """2-process CPU DDP run for test_cb_ddp.py (Lightning's launcher re-executes this script).
 
-Usage: ``python tests/callbacks/ddp_script.py OUT_DIR``. Each rank writes ``OUT_DIR/rank<r>.pt``
-with the batches its blocks saw and the statistics its callback computed; rank 0's CSVLogger
-writes what was logged.
+Usage: ``python tests/callbacks/ddp_script.py OUT_DIR [compiled]``. Each rank writes
+``OUT_DIR/rank<r>.pt`` with the batches its blocks saw and the statistics its callback
+computed; rank 0's CSVLogger writes what was logged. With ``compiled``, the main block runs
+under ``torch.compile`` (inductor) in every process.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ class TwoBlockNet(FakeNet):
     statistics are those of rank 0's batches alone.
     """
 
-    def __init__(self) -> None:
-        super().__init__(data=make_data(64), batch_size=4, record=True)
+    def __init__(self, compiled: bool = False) -> None:
+        super().__init__(data=make_data(64), batch_size=4, keep_batches=True)
         self.extra = FakeBlock(num_branches=2)
         self.extra.gain.requires_grad_(False)
+        if compiled:
+            self.block = torch.compile(self.block, fullgraph=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
@@ -53,22 +56,23 @@ class Dump(Callback):
         torch.save({"seen": pl_module.seen, "stats": self.stats}, path)
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, compiled: bool) -> None:
     torch.set_num_threads(1)
-    diag = AttentionDiagnostics(log_every_n_steps=2, num_images=0, summary=False)
+    diag = AttentionDiagnostics(num_images=0, summary=False)
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
         max_steps=4,
+        log_every_n_steps=2,
         logger=CSVLogger(out_dir, name="csv", version=0),
         callbacks=[diag, Dump(diag, out_dir)],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(TwoBlockNet())
+    trainer.fit(TwoBlockNet(compiled))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], compiled="compiled" in sys.argv[2:])

@@ -1,13 +1,17 @@
-"""Regressions found in review: state keys, sync-free statistics, skipped batches."""
+"""Cost and silence guarantees: sync-free recording, free non-logging steps, missing blocks."""
 
 import pytest
 import torch
 from cb_models import FakeBlock, FakeNet, MemoryLogger, make_trainer
-from lightning.pytorch import Callback
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_attn.callbacks import AttentionDiagnostics, MaskHealthMonitor, RouterEntropyMonitor
-from lightning_attn.callbacks.collector import StatisticsCollector
+from lightning_attn.blocks import RecordingConfig, RecordingMixin
+from lightning_attn.callbacks import (
+    AttentionDiagnostics,
+    MaskHealthMonitor,
+    MissingStatisticsWarning,
+)
 
 # aten ops that copy a value to the host (a host-device sync on an accelerator)
 _SYNCING = {"_local_scalar_dense", "bincount", "nonzero", "unique", "masked_select", "item"}
@@ -23,61 +27,65 @@ class _OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_callbacks_differing_only_in_thresholds_or_on_problem_can_share_a_trainer(tmp_path):
-    warn = MaskHealthMonitor(std_threshold=0.1)
+def _ops(block, x) -> list[str]:
+    with _OpRecorder() as rec:
+        block(x)
+    return rec.ops
+
+
+@pytest.mark.parametrize("bins", [0, 20])
+def test_recording_a_forward_uses_no_syncing_op(bins):
+    block = FakeBlock(num_branches=3)
+    x = torch.rand(4, 1, 8, 8)
+    bare = _ops(block, x)
+    block.configure_recording(RecordingConfig(histogram_bins=bins), "cpu")
+    assert _ops(block, x) == bare  # configured but not recording: nothing added
+    block.start_recording()
+    recorded = _ops(block, x)
+    assert len(recorded) > len(bare)
+    assert not _SYNCING & set(recorded), sorted(_SYNCING & set(recorded))
+
+
+def test_non_logging_steps_do_nothing_but_compare_integers(tmp_path):
+    model = FakeNet()
+    make_trainer(tmp_path, [AttentionDiagnostics(log_every_n_steps=3)], max_steps=6).fit(model)
+    assert model.recording_seen == [False, False, True] * 2
+
+
+def test_callbacks_differing_only_in_what_they_watch_share_a_trainer(tmp_path):
+    warn = MaskHealthMonitor(std_threshold=0.1, include=["block"])
     strict = MaskHealthMonitor(std_threshold=0.01, on_problem="raise")
-    other = RouterEntropyMonitor(dead_branch_factor=0.2)
-    assert len({warn.state_key, strict.state_key, other.state_key,
-                RouterEntropyMonitor().state_key}) == 4
+    assert warn.state_key != strict.state_key
     make_trainer(tmp_path, [warn, strict], max_steps=1).fit(FakeNet())  # no duplicate-key error
 
 
-@pytest.mark.parametrize("histograms", [False, True])
-def test_observing_a_forward_uses_no_syncing_op(histograms):
-    block = FakeBlock(num_branches=3)
-    collector = StatisticsCollector(frozenset({"mask", "router", "param"}))
-    collector.bind({"block": block})
-    collector.attach(torch.device("cpu"), histograms=histograms)
-    x = torch.rand(4, 1, 8, 8)
-    with _OpRecorder() as rec:
-        block(x)
-    collector.detach()
-    assert rec.ops, "the recorder saw nothing"
-    assert not _SYNCING & set(rec.ops), sorted(_SYNCING & set(rec.ops))
-    stats = collector.finish(trainer=type("T", (), {"world_size": 1})(), step=1)
-    if histograms:
-        assert sum(stats.blocks["block"].histograms["mask"]) == x.numel()
-        assert sum(stats.blocks["block"].histograms["router"]) == 4 * 3
+class Forgetful(RecordingMixin, nn.Module):
+    """A user's block that forgot to call ``self.record`` in its forward."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(x)
 
 
-class _SkipBatch(FakeNet):
-    """Asks Lightning to skip the rest of epoch 0 at its second batch (a logging step)."""
+class WithForgetful(FakeNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.forgetful = Forgetful()
 
-    def on_train_batch_start(self, batch, batch_idx):
-        if self.current_epoch == 0 and batch_idx == 1:
-            return -1
-        return None
-
-
-class _ObserverProbe(Callback):
-    def __init__(self, model) -> None:
-        self.model, self.counts = model, []
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.counts.append(len(self.model.block._observers))
+    def forward(self, x):
+        return super().forward(self.forgetful(x))
 
 
-def test_batch_skipped_by_on_train_batch_start_leaves_no_observer(tmp_path):
-    model = _SkipBatch()
-    cb = AttentionDiagnostics(log_every_n_steps=2, num_images=0, summary=False)
-    probe = _ObserverProbe(model)
+def test_a_block_that_records_nothing_is_named_once(tmp_path):
     logger = MemoryLogger()
-    make_trainer(tmp_path, [cb, probe], max_steps=4, max_epochs=3, logger=logger).fit(model)
-    assert probe.counts and set(probe.counts) == {0}
-    assert [s for s, _ in logger.attn()] == [2, 4]
+    with pytest.warns(MissingStatisticsWarning, match="'forgetful' recorded no statistics") as w:
+        make_trainer(tmp_path, [AttentionDiagnostics(log_every_n_steps=1)], max_steps=3,
+                     logger=logger).fit(WithForgetful())
+    assert len([x for x in w if x.category is MissingStatisticsWarning]) == 1
+    assert all("attn/forgetful/mask/std" not in m for _, m in logger.attn())
+    assert all("attn/block/mask/std" in m for _, m in logger.attn())
 
 
-def test_diagnostics_warns_like_the_monitors_when_interval_is_zero(tmp_path):
+def test_diagnostics_warns_when_interval_is_zero(tmp_path):
     for cb in (MaskHealthMonitor(log_every_n_steps=0),
                AttentionDiagnostics(log_every_n_steps=0, num_images=0, summary=False)):
         with pytest.warns(UserWarning, match="log_every_n_steps is 0"):

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 
+from lightning_attn.blocks.statistics import BlockStats, GlobalStats, MaskStats, RouterStats
 from lightning_attn.callbacks import (
     AttentionProblemError,
     DeadBranchWarning,
@@ -12,12 +13,12 @@ from lightning_attn.callbacks import (
     MaskCollapseWarning,
     MaskSaturationWarning,
     NonFiniteWarning,
+    ParameterDriftWarning,
     RouterCollapseWarning,
     RouterIndifferenceWarning,
     find_problems,
 )
 from lightning_attn.callbacks.health import PROBLEM_KINDS, ProblemReporter
-from lightning_attn.callbacks.statistics import BlockStats, GlobalStats, MaskStats, RouterStats
 
 ALL = frozenset({"mask", "router", "param"})
 HEALTHY_MASK = MaskStats(count=100, mean=0.5, std=0.2, sat_low=0.1, sat_high=0.1, nonfinite=0)
@@ -26,9 +27,10 @@ HEALTHY_ROUTER = RouterStats(
 )
 
 
-def _stats(step=1000, mask=HEALTHY_MASK, router=HEALTHY_ROUTER, params=None):
+def _stats(step=1000, mask=HEALTHY_MASK, router=HEALTHY_ROUTER, params=None, trainable=()):
     block = BlockStats(
-        masks={"mask": mask}, router=router, params=params or {"temperature": 1.0}
+        masks={"mask": mask}, router=router, params=params or {"temperature": 1.0},
+        trainable=frozenset(trainable),
     )
     return GlobalStats(step=step, blocks={"net.attn": block})
 
@@ -53,6 +55,11 @@ def test_healthy_block_has_no_problem():
         (_stats(mask=MaskStats(100, math.nan, math.nan, 0.0, 0.0, 3)), "nonfinite"),
         (_stats(router=RouterStats(8, math.nan, math.nan, (0.5, 0.5, math.nan), 2)), "nonfinite"),
         (_stats(params={"temperature": math.inf}), "nonfinite"),
+        (_stats(params={"alpha": 1.3}, trainable=["alpha"]), "parameter_drift"),
+        (_stats(params={"alpha_w": -0.2}, trainable=["alpha_w"]), "parameter_drift"),
+        (_stats(params={"beta": 2.0}, trainable=["beta"]), "parameter_drift"),
+        (_stats(params={"temperature": 0.01}, trainable=["temperature"]), "parameter_drift"),
+        (_stats(params={"temperature": 50.0}, trainable=["temperature"]), "parameter_drift"),
     ],
 )
 def test_each_rule_fires_on_its_case(stats, kind):
@@ -67,6 +74,19 @@ def test_indifference_waits_for_warmup_and_thresholds_are_arguments():
     ]
     assert _kinds(_stats(), HealthThresholds(std_threshold=0.3)) == ["mask_collapse"]
     assert _kinds(_stats(), HealthThresholds(dead_branch_factor=1.0)) == ["dead_branch"]
+
+
+def test_drift_only_for_learnable_parameters_and_range_is_configurable():
+    assert _kinds(_stats(params={"alpha": 1.3})) == []  # fixed: checked at construction
+    hot = _stats(params={"temperature": 8.0}, trainable=["temperature"])
+    assert _kinds(hot) == []
+    assert _kinds(hot, HealthThresholds(temperature_max=5.0)) == ["parameter_drift"]
+    (p,) = find_problems(
+        _stats(step=7, params={"alpha_h": 1.5, "alpha_w": 0.5}, trainable=["alpha_h", "alpha_w"]),
+        HealthThresholds(),
+    )
+    assert "alpha_h = 1.5 outside [0, 1]" in p.message and "alpha_w" not in p.message
+    assert (p.value, p.threshold, p.step) == (1.5, 1.0, 7) and "Try:" in p.message
 
 
 def test_message_names_block_value_threshold_step_and_hint():
@@ -95,10 +115,20 @@ def test_reporter_warns_once_per_block_and_kind():
         ("router_indifference", RouterIndifferenceWarning),
         ("dead_branch", DeadBranchWarning),
         ("nonfinite", NonFiniteWarning),
+        ("parameter_drift", ParameterDriftWarning),
     ],
 )
 def test_categories(kind, category):
     assert PROBLEM_KINDS[kind].category is category
+
+
+def test_stop_warns_and_returns_the_new_problems():
+    bad = _stats(mask=MaskStats(100, 0.5, 0.01, 0.0, 0.0, 0))
+    problems = find_problems(bad, HealthThresholds())
+    reporter = ProblemReporter("stop")
+    with pytest.warns(MaskCollapseWarning):
+        assert reporter.report(problems) == problems
+    assert reporter.report(problems) == []
 
 
 def test_raise_and_ignore():

@@ -1,4 +1,4 @@
-"""Constructor checks, block discovery, state keys and pickling."""
+"""Constructor checks, presets, block discovery, state keys and pickling."""
 
 import pickle
 
@@ -7,64 +7,77 @@ from cb_models import FakeBlock, TinyAttnNet, make_trainer
 from torch import nn
 
 from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+from lightning_attn.blocks import find_attention_blocks
 from lightning_attn.callbacks import (
     AttentionDiagnostics,
     AttentionMapLogger,
     AttentionSummary,
+    HealthThresholds,
     MaskHealthMonitor,
     ParameterTrajectoryMonitor,
     RouterEntropyMonitor,
-    describe_block,
-    find_attention_blocks,
 )
 
-ALL_STATS = [
+ALL = [
     RouterEntropyMonitor,
     MaskHealthMonitor,
     ParameterTrajectoryMonitor,
     AttentionSummary,
+    AttentionMapLogger,
     AttentionDiagnostics,
 ]
 
 
-@pytest.mark.parametrize("cls", ALL_STATS)
+@pytest.mark.parametrize("cls", ALL)
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
         ({"log_every_n_steps": -1}, "log_every_n_steps"),
         ({"log_every_n_steps": 1.5}, "log_every_n_steps"),
+        ({"histogram_every_n_steps": -5}, "histogram_every_n_steps"),
         ({"on_problem": "shout"}, "on_problem"),
         ({"include": [""]}, "include"),
         ({"exclude": 3}, "exclude"),
+        ({"saturation_low": -0.1}, "saturation_low"),
+        ({"saturation_high": 1.5}, "saturation_high"),
+        ({"saturation_low": 0.6, "saturation_high": 0.4}, "saturation_low"),
+        ({"std_threshold": float("nan")}, "std_threshold"),
+        ({"saturation_threshold": 2}, "saturation_threshold"),
+        ({"router_collapse_threshold": -1}, "router_collapse_threshold"),
+        ({"router_indifference_threshold": 1.1}, "indifference_threshold"),
+        ({"indifference_warmup_steps": -1}, "indifference_warmup_steps"),
+        ({"dead_branch_factor": 3}, "dead_branch_factor"),
+        ({"temperature_min": 0.0}, "temperature_min"),
+        ({"temperature_min": 5.0, "temperature_max": 2.0}, "temperature_min"),
+        ({"overlay_alpha": 1.5}, "overlay_alpha"),
+        ({"num_images": -1}, "num_images"),
+        ({"thresholds": {"std_threshold": 0.1}}, "thresholds"),
     ],
 )
-def test_common_bad_arguments(cls, kwargs, name):
-    with pytest.raises(ValueError, match=name):
+def test_bad_arguments_name_the_argument(cls, kwargs, name):
+    with pytest.raises((ValueError, TypeError), match=name):
         cls(**kwargs)
 
 
-@pytest.mark.parametrize(
-    ("cls", "kwargs", "name"),
-    [
-        (MaskHealthMonitor, {"saturation_low": -0.1}, "saturation_low"),
-        (MaskHealthMonitor, {"saturation_high": 1.5}, "saturation_high"),
-        (MaskHealthMonitor, {"saturation_low": 0.6, "saturation_high": 0.4}, "saturation_low"),
-        (MaskHealthMonitor, {"std_threshold": float("nan")}, "std_threshold"),
-        (MaskHealthMonitor, {"saturation_threshold": 2}, "saturation_threshold"),
-        (MaskHealthMonitor, {"histogram_every_n_steps": -5}, "histogram_every_n_steps"),
-        (RouterEntropyMonitor, {"router_collapse_threshold": -1}, "router_collapse_threshold"),
-        (RouterEntropyMonitor, {"router_indifference_threshold": 1.1}, "indifference_threshold"),
-        (RouterEntropyMonitor, {"indifference_warmup_steps": -1}, "indifference_warmup_steps"),
-        (RouterEntropyMonitor, {"dead_branch_factor": 3}, "dead_branch_factor"),
-        (AttentionDiagnostics, {"num_images": -1}, "num_images"),
-        (AttentionDiagnostics, {"overlay_alpha": 1.5}, "overlay_alpha"),
-        (AttentionMapLogger, {"num_images": 0}, "num_images"),
-        (AttentionMapLogger, {"tag": ""}, "tag"),
-    ],
-)
-def test_specific_bad_arguments(cls, kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        cls(**kwargs)
+def test_sections_are_checked_and_presets_fix_theirs():
+    with pytest.raises(ValueError, match=r"sections\[1\]"):
+        AttentionDiagnostics(sections=["mask", "masks"])
+    assert AttentionDiagnostics(sections="mask").sections == ("mask",)
+    assert RouterEntropyMonitor().sections == ("router",)
+    assert MaskHealthMonitor().sections == ("mask",)
+    assert ParameterTrajectoryMonitor().sections == ("param",)
+    assert AttentionMapLogger().sections == () and AttentionMapLogger(3).num_images == 3
+    summary = AttentionSummary()
+    assert not summary.log_statistics and summary.on_problem == "ignore" and summary.summary
+    with pytest.raises(TypeError, match="fixes"):
+        MaskHealthMonitor(sections=["router"])
+
+
+def test_flat_thresholds_override_the_thresholds_object():
+    base = HealthThresholds(std_threshold=0.1, dead_branch_factor=0.2)
+    cb = AttentionDiagnostics(thresholds=base, std_threshold=0.05)
+    assert cb.thresholds == HealthThresholds(std_threshold=0.05, dead_branch_factor=0.2)
+    assert AttentionDiagnostics().thresholds == HealthThresholds()
 
 
 class _Wrapper(nn.Module):
@@ -82,46 +95,50 @@ class _Wrapper(nn.Module):
 
 def test_find_blocks_by_qualified_name_with_patterns():
     model = _Wrapper()
-    assert list(find_attention_blocks(model)) == ["backbone.0", "neck.coord", "user", "sub"]
+    names = ["backbone.0", "neck.coord", "user", "sub"]
+    assert list(find_attention_blocks(model)[0]) == names
     # A DataParallel wrapper is looked through: no ``module.`` prefix.
-    assert list(find_attention_blocks(nn.DataParallel(model))) == list(
-        find_attention_blocks(model)
-    )
-    assert list(find_attention_blocks(model, include=["backbone.*", "neck.*"])) == [
-        "backbone.0",
-        "neck.coord",
-    ]
-    assert list(find_attention_blocks(model, exclude=["user", "s*"])) == [
-        "backbone.0",
-        "neck.coord",
-    ]
+    assert list(find_attention_blocks(nn.DataParallel(model))[0]) == names
+    blocks, unmatched = find_attention_blocks(model, include=["backbone.*", "neck.*", "head.*"])
+    assert list(blocks) == ["backbone.0", "neck.coord"] and unmatched == ["head.*"]
+    assert list(find_attention_blocks(model, exclude=["user", "s*"])[0]) == names[:2]
 
 
-def test_unmatched_pattern_warns():
-    with pytest.warns(UserWarning, match="'head.\\*' matches no attention block"):
-        find_attention_blocks(_Wrapper(), include=["head.*"])
+def test_unmatched_pattern_warns_when_fitting(tmp_path):
+    with pytest.warns(UserWarning, match=r"'head\.\*' matches no attention block"):
+        make_trainer(tmp_path, [AttentionDiagnostics(include=["head.*", "dsa"])],
+                     max_steps=1).fit(TinyAttnNet())
 
 
-def test_describe_block_layouts():
+def test_block_layouts_come_from_the_protocol(tmp_path):
+    cb = AttentionDiagnostics(num_images=0)
     model = _Wrapper()
-    dsa = describe_block("a", model.backbone[0])
-    assert (dsa.mask_names, dsa.num_branches, dsa.param_names) == (("mask",), 3, ("temperature",))
-    coord = describe_block("c", CoordinateAttention(8, per_axis_alpha=True, learnable_alpha=True))
-    assert coord.mask_names == ("mask_h", "mask_w") and coord.num_branches is None
-    assert coord.param_names == ("alpha_h", "alpha_w") == coord.trainable_names
-    user = describe_block("u", model.user)
-    assert (user.mask_names, user.num_branches, user.trainable_names) == (
+    blocks, _ = find_attention_blocks(model)
+    cb._collector.bind(blocks, "cpu")
+    infos = {i.name: i for i in cb._collector.infos}
+    dsa = infos["backbone.0"]
+    assert (dsa.layout.mask_names, dsa.layout.num_branches, dsa.param_names) == (
         ("mask",), 3, ("temperature",)
     )
+    assert dsa.branch_names == ("3x3", "7x7", "7x7 d2")
+    coord = infos["neck.coord"]
+    assert coord.layout.mask_names == ("mask_h", "mask_w") and coord.layout.num_branches is None
+    user = infos["user"]
+    assert (user.layout.mask_names, user.layout.num_branches, user.trainable_names) == (
+        ("mask",), 3, ("temperature",)
+    )
+    cb._collector.unbind()
+    assert all(b.recorded_statistics is None for b in blocks.values())
 
 
-def test_state_keys_are_distinct():
+def test_state_key_follows_what_is_watched_not_the_thresholds():
     a = MaskHealthMonitor(include=["a*"])
     b = MaskHealthMonitor(include=["b*"])
-    c = MaskHealthMonitor(log_every_n_steps=5)
-    assert len({a.state_key, b.state_key, c.state_key}) == 3
-    assert AttentionDiagnostics().state_key != AttentionDiagnostics(num_images=2).state_key
-    assert AttentionMapLogger(4).state_key != AttentionMapLogger(8).state_key
+    assert a.state_key != b.state_key
+    assert MaskHealthMonitor().state_key == MaskHealthMonitor(std_threshold=0.5).state_key
+    assert MaskHealthMonitor().state_key != RouterEntropyMonitor().state_key
+    assert AttentionDiagnostics().state_key == AttentionDiagnostics(
+        log_every_n_steps=7, on_problem="raise", num_images=2).state_key
 
 
 def test_callbacks_pickle_before_and_after_fit(tmp_path):
@@ -130,7 +147,10 @@ def test_callbacks_pickle_before_and_after_fit(tmp_path):
     model = TinyAttnNet()
     make_trainer(tmp_path, [diag], max_steps=2, limit_val_batches=1).fit(model)
     clone = pickle.loads(pickle.dumps(diag))
-    assert clone.num_points == 2 and clone._collector._handles == []
-    assert clone._collector._buffer is None and clone._blocks == {}
-    # The model pickles too (observers never travel with it).
-    pickle.loads(pickle.dumps(model))
+    assert clone.num_points == 2 and clone.block_names == []
+    assert not clone._collector.is_open and clone.thresholds == diag.thresholds
+    # The model pickles too, without recording state.
+    model.dsa.configure_recording(diag._collector.config, "cpu")
+    model.dsa.start_recording()
+    copy = pickle.loads(pickle.dumps(model))
+    assert not copy.dsa.recording and copy.dsa.recorded_statistics is None

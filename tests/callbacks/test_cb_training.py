@@ -1,11 +1,10 @@
-"""The callbacks inside real (tiny) training runs: schedule, values, warnings, hooks, resume."""
+"""The callbacks inside real (tiny) training runs: schedule, values, warnings, cleanup, resume."""
 
 import warnings
 
 import pytest
 import torch
 from cb_models import (
-    FakeBlock,
     FakeNet,
     MemoryLogger,
     PlainNet,
@@ -16,7 +15,7 @@ from cb_models import (
 )
 from torch.utils.data import TensorDataset
 
-import lightning_attn.callbacks.statistics as S
+import lightning_attn.blocks.recording as R
 from lightning_attn.callbacks import (
     AttentionDiagnostics,
     AttentionProblemError,
@@ -26,6 +25,7 @@ from lightning_attn.callbacks import (
     MaskHealthMonitor,
     MaskSaturationWarning,
     NonFiniteWarning,
+    ParameterDriftWarning,
     ParameterTrajectoryMonitor,
     RouterCollapseWarning,
     RouterEntropyMonitor,
@@ -45,60 +45,48 @@ def _diag(**kwargs):
 
 # -- schedule ----------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("trainer_every", "own_every", "expected"), [(3, None, [3, 6, 9]), (3, 4, [4, 8])]
+    ("trainer_every", "own_every", "expected"), [(3, None, [2, 5, 8]), (3, 4, [3, 7])]
 )
 def test_points_follow_log_every_n_steps(tmp_path, trainer_every, own_every, expected):
     logger = MemoryLogger()
-    cb = _diag(log_every_n_steps=own_every, on_problem="ignore")
+    cb = _diag(log_every_n_steps=own_every, on_problem="ignore", histogram_every_n_steps=0)
     trainer = make_trainer(
         tmp_path, [cb], max_steps=10, logger=logger, log_every_n_steps=trainer_every
     )
     trainer.fit(FakeNet())
     steps = [step for step, _ in logger.attn()]
-    assert steps == expected
+    assert steps == expected  # Lightning's step numbers: optimizer steps taken before
     assert len(steps) == trainer.global_step // (own_every or trainer_every) == cb.num_points
 
 
 def test_nothing_is_computed_when_interval_exceeds_run(tmp_path, monkeypatch):
-    calls = {"mask": 0, "router": 0, "attach": 0}
-
-    def count(name, fn):
-        def wrapped(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-
-        return wrapped
-
-    monkeypatch.setattr(S, "mask_sums", count("mask", S.mask_sums))
-    monkeypatch.setattr(S, "router_sums", count("router", S.router_sums))
-    monkeypatch.setattr(FakeBlock, "attach_observer", count("attach", FakeBlock.attach_observer))
+    calls = []
+    monkeypatch.setattr(R, "accumulate", lambda *a, **k: calls.append(1))
     logger = MemoryLogger()
     cb = _diag(histogram_every_n_steps=100)
     model = FakeNet()
     make_trainer(tmp_path, [cb], max_steps=6, logger=logger, log_every_n_steps=50).fit(model)
-    assert calls == {"mask": 0, "router": 0, "attach": 0}
+    assert calls == []
     assert logger.attn() == [] and cb.last_stats is None
-    assert set(model.observer_counts) == {0}
+    assert set(model.recording_seen) == {False}
 
 
-def test_validation_and_sanity_forwards_are_not_training_statistics(tmp_path, monkeypatch):
-    calls = []
-    original = S.mask_sums
-    monkeypatch.setattr(S, "mask_sums", lambda *a, **k: calls.append(1) or original(*a, **k))
+def test_validation_and_sanity_forwards_are_not_training_statistics(tmp_path):
     cb = _diag(log_every_n_steps=1, on_problem="ignore", num_images=2)
     trainer = make_trainer(
         tmp_path, [cb], max_steps=4, limit_val_batches=2, val_check_interval=2,
         num_sanity_val_steps=2,
     )
     trainer.fit(TinyAttnNet())
-    assert len(calls) == 4 * 3  # 4 training forwards x (mask, mask_h, mask_w)
-    assert cb.last_stats.blocks["dsa"].masks["mask"].count == 8 * 8 * 8  # one batch, B*H*W
+    stats = cb.last_stats.blocks["dsa"]
+    assert stats.forwards == 1 and stats.masks["mask"].count == 8 * 8 * 8  # one batch, B*H*W
 
 
 # -- values --------------------------------------------------------------------------------
 def _check_against_offline(logger, seen, k, accumulate=1):
+    assert logger.attn()
     for step, metrics in logger.attn():
-        xs = torch.cat([x for s, x in seen if s == step - 1])
+        xs = torch.cat([x for s, x in seen if s == step])
         assert xs.shape[0] == 8 * accumulate
         for name, value in offline_stats(xs, k).items():
             assert metrics[f"attn/block/{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6)
@@ -106,10 +94,10 @@ def _check_against_offline(logger, seen, k, accumulate=1):
 
 def test_logged_values_equal_offline_computation(tmp_path):
     logger = MemoryLogger()
-    model = FakeNet(record=True, num_branches=4)
-    trainer = make_trainer(tmp_path, [_diag(log_every_n_steps=2)], max_steps=6, logger=logger)
+    model = FakeNet(keep_batches=True, num_branches=4)
+    trainer = make_trainer(tmp_path, [_diag()], max_steps=6, logger=logger, log_every_n_steps=2)
     trainer.fit(model)
-    assert [s for s, _ in logger.attn()] == [2, 4, 6]
+    assert [s for s, _ in logger.attn()] == [1, 3, 5]
     _check_against_offline(logger, model.seen, k=4)
     last = logger.attn()[-1][1]
     assert last["attn/block/param/temperature"] == pytest.approx(model.block.gain.item())
@@ -118,13 +106,13 @@ def test_logged_values_equal_offline_computation(tmp_path):
 
 def test_gradient_accumulation_gives_one_point_per_optimizer_step(tmp_path):
     logger = MemoryLogger()
-    model = FakeNet(record=True)
+    model = FakeNet(keep_batches=True)
     trainer = make_trainer(
-        tmp_path, [_diag(log_every_n_steps=1)], max_steps=3, logger=logger,
+        tmp_path, [_diag()], max_steps=3, logger=logger, log_every_n_steps=1,
         accumulate_grad_batches=2,
     )
     trainer.fit(model)
-    assert [s for s, _ in logger.attn()] == [1, 2, 3]
+    assert [s for s, _ in logger.attn()] == [0, 1, 2]
     _check_against_offline(logger, model.seen, k=3, accumulate=2)
 
 
@@ -187,6 +175,7 @@ def _nan_pixel(x):
             {"router_scale": 0.0},
             RouterIndifferenceWarning,
         ),
+        (ParameterTrajectoryMonitor, {"lr": 30.0}, ParameterDriftWarning),
     ],
 )
 def test_each_warning_fires_exactly_once(tmp_path, callback, model_kwargs, category):
@@ -208,57 +197,77 @@ def test_healthy_run_gives_no_warning(tmp_path):
     assert _attn_warnings(record) == []
 
 
-def test_raise_stops_training_and_leaves_no_hook(tmp_path):
+def test_raise_stops_training_and_leaves_nothing_recording(tmp_path):
     model = FakeNet(transform=_constant)
     cb = MaskHealthMonitor(log_every_n_steps=2, on_problem="raise")
     with pytest.raises(AttentionProblemError, match="std_threshold"):
         make_trainer(tmp_path, [cb], max_steps=6).fit(model)
-    assert model.block._observers == {} and not cb._collector.active
+    assert not model.block.recording and model.block.recorded_statistics is None
 
 
-# -- hooks -----------------------------------------------------------------------------
-def test_no_hooks_after_exception(tmp_path):
+# -- cleanup -----------------------------------------------------------------------------
+def test_nothing_recording_after_exception(tmp_path):
     model = TinyAttnNet(fail_at_step=2)
     cb = _diag(log_every_n_steps=1, on_problem="ignore")
     with pytest.raises(RuntimeError, match="planned failure"):
         make_trainer(tmp_path, [cb], max_steps=5).fit(model)
-    assert not model.dsa.has_observers and not model.coord.has_observers
-    assert not cb._collector.active
+    for block in (model.dsa, model.coord):
+        assert not block.recording and not block.capture
+        assert block.recorded_statistics is None
+    assert not cb._collector.is_open
 
 
 def test_one_callback_two_fits_and_two_callbacks_one_model(tmp_path):
-    model = FakeNet()
-    cb = _diag(log_every_n_steps=1, on_problem="ignore")
-    other = MaskHealthMonitor(log_every_n_steps=2)
-    make_trainer(tmp_path, [cb, other], max_steps=4).fit(model)
-    assert model.observer_counts == [1, 2, 1, 2]  # one per callback, on their logging steps
-    assert not model.block.has_observers
-    model.observer_counts.clear()
-    make_trainer(tmp_path, [cb], max_steps=8).fit(model)
-    assert set(model.observer_counts) == {1} and not model.block.has_observers
+    model = FakeNet(keep_batches=True)
+    every_step = _diag(log_every_n_steps=1, on_problem="ignore")
+    every_other = MaskHealthMonitor(log_every_n_steps=2)
+    trainer = make_trainer(tmp_path, [every_step, every_other], max_steps=4)
+    trainer.fit(model)
+    assert model.recording_seen == [True] * 4 and not model.block.recording
+    # Both read the same recording of their shared steps (the second does not see an
+    # accumulator the first one emptied).
+    last = torch.cat([x for s, x in model.seen if s == 3])
+    want = offline_stats(last, 3)["mask/std"]
+    assert every_step.last_stats.blocks["block"].masks["mask"].std == pytest.approx(want, 1e-5)
+    assert every_other.last_stats.blocks["block"].masks["mask"].std == pytest.approx(want, 1e-5)
+    model.recording_seen.clear()
+    make_trainer(tmp_path, [MaskHealthMonitor(log_every_n_steps=3)], max_steps=6).fit(model)
+    assert model.recording_seen == [False, False, True] * 2
+
+
+def test_skipped_batch_leaves_nothing_recording(tmp_path):
+    class Skips(FakeNet):
+        def on_train_batch_start(self, batch, batch_idx):
+            return -1 if batch_idx == 1 else None
+
+    model = Skips()
+    cb = _diag(log_every_n_steps=1)
+    make_trainer(tmp_path, [cb], max_steps=3, max_epochs=1).fit(model)
+    assert not model.block.recording and not cb._collector.is_open
 
 
 # -- resume -----------------------------------------------------------------------------
 def test_resume_continues_curves_without_duplicate_warning(tmp_path):
     ckpt = tmp_path / "run1.ckpt"
     first = MemoryLogger()
-    cb1 = _diag(log_every_n_steps=2)
+    cb1 = _diag()
     with pytest.warns(MaskCollapseWarning):
-        trainer = make_trainer(tmp_path, [cb1], max_steps=4, logger=first)
+        trainer = make_trainer(tmp_path, [cb1], max_steps=4, logger=first, log_every_n_steps=2)
         trainer.fit(FakeNet(transform=_constant))
     trainer.save_checkpoint(ckpt)
     second = MemoryLogger()
-    cb2 = _diag(log_every_n_steps=2)
+    cb2 = _diag(std_threshold=0.05)  # a threshold changed: the state must still load
+    assert cb2.state_key == cb1.state_key
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        make_trainer(tmp_path, [cb2], max_steps=8, logger=second).fit(
+        make_trainer(tmp_path, [cb2], max_steps=8, logger=second, log_every_n_steps=2).fit(
             FakeNet(transform=_constant), ckpt_path=ckpt
         )
-    assert [s for s, _ in first.attn()] == [2, 4]
-    assert [s for s, _ in second.attn()] == [6, 8]
+    assert [s for s, _ in first.attn()] == [1, 3]
+    assert [s for s, _ in second.attn()] == [5, 7]
     assert _attn_warnings(record) == []
     assert cb2.num_points == 4
-    assert cb2._reporter.reported == {"block|mask_collapse": 2}
+    assert cb2._reporter.reported == {"block|mask_collapse": 1}
 
 
 # -- no blocks, no loggers ----------------------------------------------------------------
@@ -276,4 +285,4 @@ def test_no_logger_still_warns_and_prints_summary(tmp_path, capsys):
             FakeNet(data=data, transform=_constant)
         )
     out = capsys.readouterr().out
-    assert "Attention summary" in out and "block" in out and "ACTIVE" in out
+    assert "Attention summary" in out and "block" in out and "collapse!" in out

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_attn.metrics import LocalisationScore, localisation_ratio, spatial_mask
+from lightning_attn.metrics import LocalisationScore, localisation_ratio
 
 
 def _upsampled_ratio(mask: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
@@ -76,15 +76,6 @@ def test_inverted_box_is_empty_and_scores_one() -> None:
     mask = torch.rand(2, 1, 4, 4)
     boxes = torch.tensor([[12.0, 12.0, 4.0, 4.0], [12.0, 4.0, 4.0, 12.0]])
     torch.testing.assert_close(localisation_ratio(mask, boxes, (16, 16)), torch.ones(2))
-
-
-def test_spatial_mask_from_observations() -> None:
-    dsa = torch.rand(2, 1, 6, 6)
-    assert spatial_mask({"mask": dsa}) is dsa
-    a_h, a_w = torch.rand(2, 3, 6, 1), torch.rand(2, 3, 1, 5)
-    coord = spatial_mask({"mask_h": a_h, "mask_w": a_w})
-    torch.testing.assert_close(coord, (a_h * a_w).mean(dim=1, keepdim=True))
-    assert spatial_mask({"other": dsa}) is None
 
 
 def test_metric_mean_of_per_sample_ratios_and_merge() -> None:

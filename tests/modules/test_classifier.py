@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import lightning.pytorch as pl
@@ -10,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_attn.blocks import find_attention_blocks
 from lightning_attn.modules import AttentionClassifier, AttentionCNN, OutputOnly
-from lightning_attn.modules.mask_collector import observable_blocks
 
 S = 16  # image side
 SMALL = {"stage_widths": (4, 8), "num_classes": 3}
@@ -100,8 +101,8 @@ def test_validation_logs_localisation_per_block_and_detaches() -> None:
             assert all(torch.isfinite(v) and v >= 0 for v in loc.values())
         else:
             assert loc == {}
-        for block in observable_blocks(model).values():
-            assert not block.has_observers  # detached at the end of the epoch
+        for block in find_attention_blocks(model)[0].values():
+            assert not block.capture  # released after each step
 
 
 def test_no_mask_collection_during_training() -> None:
@@ -110,14 +111,14 @@ def test_no_mask_collection_during_training() -> None:
 
     class Spy(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            seen.append(any(b.has_observers for b in observable_blocks(pl_module).values()))
+            seen.append(any(b.capture for b in find_attention_blocks(pl_module)[0].values()))
 
     loader = DataLoader(_data(), batch_size=16)
     _trainer(max_steps=2, callbacks=[Spy()], limit_val_batches=1).fit(model, loader, loader)
     assert seen == [False, False]
 
 
-def test_observers_detached_when_validation_raises() -> None:
+def test_capture_released_when_validation_raises() -> None:
     model = _model("dsa")
 
     class Boom(pl.Callback):
@@ -126,15 +127,20 @@ def test_observers_detached_when_validation_raises() -> None:
 
     with pytest.raises(RuntimeError, match="boom"):
         _trainer(callbacks=[Boom()]).validate(model, DataLoader(_data(8), batch_size=4))
-    assert not any(b.has_observers for b in observable_blocks(model).values())
-    assert model._masks.pop() == {}
+    assert not any(b.capture for b in find_attention_blocks(model)[0].values())
 
 
-def test_test_step_logs_accuracy_and_localisation() -> None:
+def test_test_step_logs_accuracy_and_localisation(caplog, capsys) -> None:
     model = _model("dsa")
-    trainer = _trainer()
-    (res,) = trainer.test(model, DataLoader(_data(), batch_size=16), verbose=False)
+    trainer = _trainer(max_steps=1)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(model, DataLoader(_data(), batch_size=16))
+        (res,) = trainer.test(model, DataLoader(_data(), batch_size=16), verbose=False)
     assert {"test/acc", "test/loss", "test/loc/net.features.attn1.block"} <= set(res)
+    # The module brings no callback of its own, so testing after fitting with the same
+    # Trainer prints no "callbacks returned in configure_callbacks will override" message.
+    printed = capsys.readouterr().out + " ".join(r.getMessage() for r in caplog.records)
+    assert "configure_callbacks" not in printed
 
 
 def test_predict_returns_probabilities() -> None:
@@ -212,4 +218,4 @@ def test_output_only_in_sequential_and_network_layout() -> None:
     net = AttentionCNN(stage_widths=(4, 8, 8), depth=2, downsample="stride", attention="coord",
                        attention_kwargs=COORD_KW)
     assert net(torch.rand(2, 1, 16, 16)).shape == (2, 10)
-    assert list(observable_blocks(net)) == [f"features.attn{i}.block" for i in (1, 2, 3)]
+    assert list(find_attention_blocks(net)[0]) == [f"features.attn{i}.block" for i in (1, 2, 3)]

@@ -49,15 +49,19 @@ def test_verdicts_match_the_planted_problems(planted_report):
     assert page.verdicts[2].startswith("problem dead branch (branch weight")
 
 
-def test_warnings_agree_with_the_callback(planted_run, planted_report):
-    (run,) = planted_report.report.runs
-    recomputed = {f"{p.block}|{p.kind}": p.step for p in run.health.warnings}
-    assert recomputed == planted_run.reported == {
-        "collapsed|mask_collapse": 1, "dead|dead_branch": 1,
-    }
-    assert run.health.warnings_source.startswith("recomputed")
-    text = read_page(planted_report.html.read_text()).text
-    for p in run.health.warnings:
+def test_warnings_agree_with_the_callback(planted_run, compared_report):
+    tb_run, csv_run = compared_report.report.runs
+    assert set(planted_run.reported) == {"collapsed|mask_collapse", "dead|dead_branch"}
+    # TensorBoard: the warnings the callback logged (attn/problems), with its thresholds
+    assert tb_run.health.warnings_source.startswith("logged by the callback")
+    assert tb_run.health.thresholds_source == "the run's attn/config"
+    # CSV: no texts, so the health rules run again on every logged point: same warnings
+    assert csv_run.health.warnings_source.startswith("recomputed")
+    for run in (tb_run, csv_run):
+        got = {f"{p.block}|{p.kind}": p.step for p in run.health.warnings}
+        assert got == planted_run.reported, run.name
+    text = read_page(compared_report.html.read_text()).text
+    for p in tb_run.health.warnings:
         assert p.message.split(" Try: ")[1].rstrip(".") in text  # the remedy is on the page
 
 

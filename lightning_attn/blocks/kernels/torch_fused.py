@@ -5,7 +5,7 @@ over the ``(B, C, H, W)`` input; everything else is on small maps. These functio
 full-size work in as few passes as possible and keep no full-size tensor beyond the input
 (which autograd keeps anyway) and the output.
 
-Both are differentiable once; a second derivative raises. Use ``fused=False`` on the block
+Both are differentiable once; a second derivative raises. Use ``backend="plain"`` on the block
 for double backward.
 """
 
@@ -18,7 +18,7 @@ from torch.autograd import Function, Variable
 
 _DOUBLE_BACKWARD = (
     "the fused fast path of lightning-attn blocks supports first derivatives only; "
-    "build the block with fused=False for double backward (create_graph=True)"
+    "build the block with backend='plain' for double backward (create_graph=True)"
 )
 
 

@@ -1,0 +1,332 @@
+"""The recording protocol: what an attention block measures about itself, inside its forward.
+
+A block records by calling :meth:`RecordingMixin.record` at the end of its ``forward`` with
+the masks (and router weights) it computed anyway::
+
+    class MyGate(RecordingMixin, nn.Module):
+        mask_names = ("mask",)                      # declared up front (same on every process)
+
+        def forward(self, x):                       # x: (B, C, H, W)
+            mask = torch.sigmoid(self.conv(x))      # (B, 1, H, W)
+            self.record(masks={"mask": mask})       # compile-safe; free when recording is off
+            return x * mask
+
+While recording is off (every step but the logging steps) ``record`` tests two flags and
+returns. While it is on, it adds the forward's sums, counts, extrema and histogram counts
+into the block's accumulator on the device with tensor operations only
+(:func:`~lightning_attn.blocks.statistics.accumulate`): no Python callback, no ``.item()``,
+no host sync, nothing ``torch.compile`` cannot trace. Flipping the flag adds at most one graph
+per compiled frame (dynamo guards on it); nothing is kept between forwards but the
+accumulator, a plain tensor attribute (not a buffer: never in the state dict, never broadcast
+by DDP, never copied with the model).
+
+The diagnostics (or :func:`~lightning_attn.blocks.quick_mask_check`) drive it from outside the
+forward::
+
+    block.configure_recording(RecordingConfig(), device)  # once, before the first forward
+    block.start_recording(holder)      # a logging step begins (empties the accumulator)
+    ...forwards...
+    values = block.recorded_statistics # the accumulator, on the device
+    block.stop_recording(holder)
+
+While capture is held (:meth:`RecordingMixin.start_capture`), the forward also keeps its
+spatial map ``(B, 1, H, W)``
+(:func:`spatial_map`) as :attr:`RecordingMixin.captured_map`, for attention-map images and
+localisation scores.
+
+A block joins the diagnostics by implementing :class:`AttentionBlock` (inherit
+:class:`RecordingMixin`, declare ``mask_names`` and, if it routes, ``num_branches``, call
+``record``, and override :meth:`~RecordingMixin.attention_parameters` /
+:meth:`~RecordingMixin.trainable_attention_parameters` if it has scalar parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from .statistics import HISTOGRAM_BINS, StatisticsLayout, accumulate
+from .validation import check_fraction, check_int
+
+__all__ = [
+    "AttentionBlock",
+    "RecordingConfig",
+    "RecordingMixin",
+    "find_attention_blocks",
+    "spatial_map",
+]
+
+
+@dataclass(frozen=True)
+class RecordingConfig:
+    """How a block records: saturation thresholds and histogram bins (``0``: none).
+
+    Frozen: its values are constants of the compiled graph, fixed for a run.
+    """
+
+    saturation_low: float = 0.05
+    saturation_high: float = 0.95
+    histogram_bins: int = HISTOGRAM_BINS
+
+    def __post_init__(self) -> None:
+        check_fraction("saturation_low", self.saturation_low)
+        check_fraction("saturation_high", self.saturation_high)
+        check_int("histogram_bins", self.histogram_bins, 0)
+        if not self.saturation_low < self.saturation_high:
+            raise ValueError(
+                f"saturation_low must be below saturation_high, got saturation_low="
+                f"{self.saturation_low} and saturation_high={self.saturation_high}"
+            )
+
+
+def spatial_map(masks: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """One spatial map ``(B, 1, H, W)`` from a block's masks, or ``None``.
+
+    The product of the masks broadcast together, averaged over channels: DSA's ``mask``
+    ``(B,1,H,W)`` as it is; CoordinateAttention's ``mask_h (B,C,H,1) * mask_w (B,C,1,W)``
+    averaged over ``C``. ``None`` when the product is not 4-D.
+    """
+    heat = None
+    for mask in masks.values():
+        m = mask.detach().float()
+        heat = m if heat is None else heat * m
+    if heat is None or heat.dim() != 4:
+        return None
+    return heat.mean(dim=1, keepdim=True)
+
+
+@runtime_checkable
+class AttentionBlock(Protocol):
+    """What the diagnostics look for on every submodule (:class:`RecordingMixin` has it all).
+
+    Attributes ``mask_names`` (tuple of str) and ``num_branches`` (int or ``None``) declare the
+    statistics' layout; ``branch_names`` (optional) labels the branches.
+    """
+
+    def configure_recording(self, config: RecordingConfig, device: torch.device) -> None: ...
+
+    def reset_statistics(self) -> None: ...
+
+    def record(
+        self, masks: Mapping[str, torch.Tensor], router_weights: torch.Tensor | None = None
+    ) -> None: ...
+
+    def attention_parameters(self) -> dict[str, torch.Tensor]: ...
+
+    def trainable_attention_parameters(self) -> dict[str, nn.Parameter]: ...
+
+
+#: Instance attributes of the recording state (never pickled, copied or saved).
+_RECORDING_STATE = (
+    "_attn_recording", "_attn_recording_holders", "_attn_capture", "_attn_capture_holders",
+    "_attn_config", "_attn_layout", "_attn_statistics", "_attn_captured",
+)
+
+
+class RecordingMixin:
+    """Recording for an ``nn.Module`` (put it before ``nn.Module`` in the bases; no ``__init__``).
+
+    Class attributes a block sets: ``mask_names`` (default ``("mask",)``), ``num_branches``
+    (``K`` of its router, ``None`` without one) and optionally ``branch_names``.
+    """
+
+    mask_names: tuple[str, ...] = ("mask",)
+    num_branches: int | None = None
+    branch_names: tuple[str, ...] | None = None
+
+    # Plain class-level defaults: a block never configured records nothing and holds nothing.
+    _attn_recording: bool = False
+    _attn_capture: bool = False
+    _attn_config: RecordingConfig | None = None
+    _attn_layout: StatisticsLayout | None = None
+    _attn_statistics: torch.Tensor | None = None
+    _attn_captured: torch.Tensor | None = None
+
+    # -- inside forward -------------------------------------------------------------------
+    def record(
+        self, masks: Mapping[str, torch.Tensor], router_weights: torch.Tensor | None = None
+    ) -> None:
+        """Record one forward's masks (name -> tensor, values in ``[0, 1]``) and router weights
+        ``(B, K)``. Call it at the end of ``forward``; it never changes what the forward
+        returns. Costs two attribute tests when neither recording nor capture is on."""
+        if self._attn_recording:
+            config = self._attn_config
+            accumulate(
+                self._attn_statistics, self._attn_layout, masks, router_weights,
+                config.saturation_low, config.saturation_high,
+            )
+        if self._attn_capture:
+            self._attn_captured = spatial_map(masks)
+
+    # -- outside forward ------------------------------------------------------------------
+    @property
+    def statistics_layout(self) -> StatisticsLayout:
+        """The layout of :attr:`recorded_statistics` (histograms once configured)."""
+        if self._attn_layout is None:
+            return StatisticsLayout(tuple(self.mask_names), self.num_branches or None, 0)
+        return self._attn_layout
+
+    def configure_recording(self, config: RecordingConfig, device: torch.device | str) -> None:
+        """Allocate an empty accumulator on ``device`` for ``config`` (recording stays off).
+
+        Call it before the first (compiled) forward: creating the accumulator later costs one
+        more compilation. Calling it again with the same config and device keeps the
+        accumulator; a different config while the block records is an error (two consumers
+        must agree on what the forward computes).
+        """
+        if not isinstance(config, RecordingConfig):
+            raise TypeError(f"config must be a RecordingConfig, got {type(config).__name__}")
+        device = torch.device(device)
+        current = self._attn_statistics
+        if current is not None and self._attn_config == config and current.device == device:
+            return
+        if self._attn_recording and self._attn_config != config:
+            raise RuntimeError(
+                f"{type(self).__name__} is recording with {self._attn_config}; it cannot be "
+                f"reconfigured to {config} until every consumer stops recording"
+            )
+        layout = StatisticsLayout(
+            tuple(self.mask_names), self.num_branches or None, config.histogram_bins
+        )
+        self._attn_config, self._attn_layout = config, layout
+        self._attn_statistics = layout.initial(device)
+        # The flags the forward reads become instance attributes now, before the first
+        # compiled call: dynamo guards on where an attribute comes from, and a flag moving
+        # from the class to the instance later would recompile every frame once more.
+        self._attn_recording = bool(self._attn_recording)
+        self._attn_capture = bool(self._attn_capture)
+
+    @property
+    def recording(self) -> bool:
+        """Whether forwards add to the accumulator (some consumer holds recording)."""
+        return self._attn_recording
+
+    def start_recording(self, holder: Hashable = "default") -> None:
+        """Turn recording on for ``holder``. The first holder of a window empties the
+        accumulator; later ones share it, so several consumers can measure the same steps."""
+        if self._attn_statistics is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: call configure_recording(config, device) before "
+                "start_recording()"
+            )
+        holders = self.__dict__.setdefault("_attn_recording_holders", set())
+        if not holders:
+            self.reset_statistics()
+        holders.add(holder)
+        self._attn_recording = True
+
+    def stop_recording(self, holder: Hashable = "default") -> None:
+        """Release ``holder``'s hold (read :attr:`recorded_statistics` first); recording stops
+        when the last holder releases it. The accumulator keeps its values until the next
+        window starts."""
+        holders = self.__dict__.get("_attn_recording_holders", set())
+        holders.discard(holder)
+        if not holders:
+            self._attn_recording = False
+
+    @property
+    def recorded_statistics(self) -> torch.Tensor | None:
+        """The accumulator ``(statistics_layout.size,)`` on the device (``None`` before
+        :meth:`configure_recording`)."""
+        return self._attn_statistics
+
+    def reset_statistics(self) -> None:
+        """Empty the accumulator in place (same tensor: no recompilation)."""
+        acc = self._attn_statistics
+        if acc is not None:
+            acc.copy_(self._attn_layout.initial(acc.device))
+
+    @property
+    def capture(self) -> bool:
+        """Whether forwards keep their spatial map in :attr:`captured_map`."""
+        return self._attn_capture
+
+    def start_capture(self, holder: Hashable = "default") -> None:
+        """Keep each forward's spatial map until every holder has called :meth:`stop_capture`
+        (an attention-map callback and a localisation metric may hold it at once)."""
+        self.__dict__.setdefault("_attn_capture_holders", set()).add(holder)
+        self._attn_capture = True
+
+    def stop_capture(self, holder: Hashable = "default") -> None:
+        """Release ``holder``'s hold; the last release turns capture off and drops the map."""
+        holders = self.__dict__.get("_attn_capture_holders", set())
+        holders.discard(holder)
+        if not holders:
+            self._attn_capture = False
+            self._attn_captured = None
+
+    @property
+    def captured_map(self) -> torch.Tensor | None:
+        """The spatial map ``(B, 1, H, W)`` of the latest forward while capture was held."""
+        return self._attn_captured
+
+    def clear_recording(self) -> None:
+        """Everything off and dropped: holders, flags, accumulator, captured map."""
+        for key in _RECORDING_STATE:
+            self.__dict__.pop(key, None)
+
+    # -- scalar parameters ----------------------------------------------------------------
+    def attention_parameters(self) -> dict[str, torch.Tensor]:
+        """Current scalar parameters (temperature, alpha, ...) as detached 0-d tensors."""
+        return {}
+
+    def trainable_attention_parameters(self) -> dict[str, nn.Parameter]:
+        """The learnable ones among them, mapped to the ``nn.Parameter`` behind each (which may
+        be a reparametrisation, like DSA's ``t_raw`` for ``temperature``)."""
+        return {}
+
+    # -- copies ---------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        # A pickled or deep-copied model (ddp_spawn, EMA copies, checkpoints of the module)
+        # starts without recording state: flags and accumulators belong to the live run.
+        state = self.__dict__.copy()  # type: ignore[attr-defined]
+        for key in _RECORDING_STATE:
+            state.pop(key, None)
+        return state
+
+
+def _unwrap(root: nn.Module) -> nn.Module:
+    # DistributedDataParallel / DataParallel keep the real module under ``.module``.
+    while isinstance(root, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        root = root.module
+    return root
+
+
+_COMPILE_SEGMENT = "_orig_mod"  # torch.compile's OptimizedModule keeps the module under it
+
+
+def find_attention_blocks(
+    root: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Iterable[str] = (),
+) -> tuple[dict[str, nn.Module], list[str]]:
+    """Every :class:`AttentionBlock` under ``root`` by qualified name, in module order, and
+    the include/exclude patterns that matched no block.
+
+    Names never carry DDP's ``module.`` prefix (the wrapper is looked through) nor
+    ``torch.compile``'s ``_orig_mod.``. ``include`` (fnmatch patterns) keeps only matching
+    blocks; ``exclude`` then leaves matching ones out.
+    """
+    root = _unwrap(root)
+    found: dict[str, nn.Module] = {}
+    for name, module in root.named_modules():
+        if module is root or not isinstance(module, AttentionBlock):
+            continue
+        clean = ".".join(part for part in name.split(".") if part != _COMPILE_SEGMENT)
+        found.setdefault(clean, module)
+    exclude = tuple(exclude)
+    unmatched = [
+        p for p in (*(include or ()), *exclude) if not any(fnmatchcase(n, p) for n in found)
+    ]
+    blocks = {
+        name: module
+        for name, module in found.items()
+        if (include is None or any(fnmatchcase(name, p) for p in include))
+        and not any(fnmatchcase(name, p) for p in exclude)
+    }
+    return blocks, unmatched

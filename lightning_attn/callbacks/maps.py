@@ -1,0 +1,161 @@
+"""Attention-map images: display normalisation, a colormap, overlays, a labelled grid.
+
+No torchvision: a few tensor operations and Pillow (for the column labels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = [
+    "colormap",
+    "label_columns",
+    "make_grid",
+    "overlay",
+    "render_maps",
+    "short_names",
+    "to_display",
+    "upsample_mask",
+]
+
+#: Tiles are enlarged (nearest neighbour, integer factor) to at least this width so that
+#: their column labels fit.
+MIN_TILE_WIDTH = 96
+_LABEL_HEIGHT = 16
+
+# viridis at 0, 1/4, 1/2, 3/4, 1
+_STOPS = (
+    (0.267, 0.005, 0.329),
+    (0.229, 0.322, 0.546),
+    (0.128, 0.567, 0.551),
+    (0.369, 0.789, 0.383),
+    (0.993, 0.906, 0.144),
+)
+
+
+def to_display(images: torch.Tensor) -> torch.Tensor:
+    """``(N,C,H,W)`` -> ``(N,3,H,W)`` in ``[0, 1]``, min-max normalised per image.
+
+    One channel becomes grey, three are taken as RGB, any other count is averaged to grey.
+    Non-finite values are shown as 0.
+    """
+    x = torch.nan_to_num(images.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
+    if x.shape[1] != 3:
+        x = x.mean(dim=1, keepdim=True)
+    flat = x.flatten(1)
+    lo = flat.min(dim=1).values.view(-1, 1, 1, 1)
+    hi = flat.max(dim=1).values.view(-1, 1, 1, 1)
+    x = (x - lo) / (hi - lo).clamp_min(1e-12)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def colormap(values: torch.Tensor) -> torch.Tensor:
+    """``(N,1,H,W)`` values in ``[0, 1]`` -> ``(N,3,H,W)`` viridis colours."""
+    stops = torch.tensor(_STOPS, dtype=torch.float32, device=values.device)
+    v = torch.nan_to_num(values.float(), nan=0.0).clamp(0.0, 1.0)[:, 0] * (len(_STOPS) - 1)
+    i0 = v.floor().long().clamp(max=len(_STOPS) - 2)
+    frac = (v - i0).unsqueeze(-1)
+    rgb = stops[i0] * (1.0 - frac) + stops[i0 + 1] * frac  # (N,H,W,3)
+    return rgb.permute(0, 3, 1, 2)
+
+
+def upsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(N,1,h,w)`` -> ``(N,1,H,W)`` bilinear, clamped to ``[0, 1]``."""
+    m = mask.detach().float()
+    if tuple(m.shape[-2:]) != tuple(size):
+        m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+    return m.clamp(0.0, 1.0)
+
+
+def overlay(base: torch.Tensor, heat: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """``(N,3,H,W)`` image blended with the colormapped ``(N,1,H,W)`` heat: ``(N,3,H,W)``."""
+    return (1.0 - alpha) * base + alpha * colormap(heat)
+
+
+def make_grid(tiles: torch.Tensor, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
+    """``(R,C,3,H,W)`` tiles -> one ``(3, R*(H+p)+p, C*(W+p)+p)`` image (rows x columns)."""
+    r, c, ch, h, w = tiles.shape
+    grid = tiles.new_full((ch, r * (h + padding) + padding, c * (w + padding) + padding), pad_value)
+    for i in range(r):
+        for j in range(c):
+            y, x = padding + i * (h + padding), padding + j * (w + padding)
+            grid[:, y : y + h, x : x + w] = tiles[i, j]
+    return grid
+
+
+def short_names(names: Sequence[str]) -> list[str]:
+    """The shortest dotted suffix of each name that no other name ends with, and of at
+    least two parts (one part, like ``block`` or ``5``, rarely says which block it is).
+
+    ``["net.features.attn1.block", "net.features.attn2.block"]`` ->
+    ``["attn1.block", "attn2.block"]``.
+    """
+    parts = [n.split(".") for n in names]
+    out = []
+    for i, p in enumerate(parts):
+        for k in range(min(2, len(p)), len(p) + 1):
+            suffix = p[-k:]
+            if not any(j != i and q[-k:] == suffix for j, q in enumerate(parts)):
+                break
+        out.append(".".join(suffix))
+    return out
+
+
+def label_columns(grid: torch.Tensor, labels: Sequence[str], tile_width: int,
+                  padding: int = 2) -> torch.Tensor:
+    """``(3, H, W)`` grid -> ``(3, 16 + H, W)`` with a white header naming each column."""
+    _, _, width = grid.shape
+    header = Image.new("RGB", (width, _LABEL_HEIGHT), "white")
+    draw = ImageDraw.Draw(header)
+    font = ImageFont.load_default(size=11)
+    for j, label in enumerate(labels):
+        x0 = padding + j * (tile_width + padding)
+        text = label
+        while text and draw.textlength(text, font=font) > tile_width:
+            text = text[:-2] + "…" if len(text) > 2 else ""
+        offset = max(0, (tile_width - draw.textlength(text, font=font)) / 2)
+        draw.text((x0 + offset, 2), text, fill="black", font=font)
+    top = torch.frombuffer(bytearray(header.tobytes()), dtype=torch.uint8)
+    top = top.view(_LABEL_HEIGHT, width, 3).permute(2, 0, 1).float() / 255.0
+    return torch.cat((top.to(grid.dtype), grid), dim=1)
+
+
+def render_maps(
+    images: torch.Tensor | None,
+    maps: Mapping[str, torch.Tensor],
+    overlay_alpha: float = 0.5,
+) -> torch.Tensor:
+    """One labelled grid: a row per image; the input, then each block's map over it.
+
+    Args:
+        images: ``(N, C, H, W)`` inputs, or ``None`` (then the maps are shown alone).
+        maps: block name -> spatial map ``(N, 1, h, w)`` in ``[0, 1]``, in column order.
+        overlay_alpha: opacity of the coloured map over the image.
+
+    Returns a ``(3, H', W')`` float image in ``[0, 1]`` on the CPU.
+    """
+    maps = {name: m.detach().float().cpu() for name, m in maps.items()}
+    n = min([m.shape[0] for m in maps.values()] + ([images.shape[0]] if images is not None else []))
+    if images is not None:
+        base = to_display(images[:n].detach().cpu())
+        size = tuple(base.shape[-2:])
+    else:
+        size = tuple(next(iter(maps.values())).shape[-2:]) if maps else (1, 1)
+        base = None
+    scale = max(1, -(-MIN_TILE_WIDTH // size[1]))
+    shown = (size[0] * scale, size[1] * scale)
+    columns, labels = [], []
+    if base is not None:
+        columns.append(F.interpolate(base, size=shown, mode="nearest"))
+        labels.append("input")
+    for label, m in zip(short_names(list(maps)), maps.values(), strict=True):
+        heat = upsample_mask(m[:n], size)
+        tile = overlay(base, heat, overlay_alpha) if base is not None else colormap(heat)
+        columns.append(F.interpolate(tile, size=shown, mode="nearest"))
+        labels.append(label)
+    grid = make_grid(torch.stack(columns, dim=1))  # (N, columns, 3, H, W)
+    return label_columns(grid, labels, shown[1])
