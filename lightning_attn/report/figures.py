@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
+from ..callbacks import health
 from ..callbacks.health import PROBLEM_KINDS, HealthThresholds, Problem
 from .reading import Series
 from .series import BlockSeries
@@ -63,6 +64,13 @@ PALETTE = (
 )
 THRESHOLD_COLOR = "#555555"
 WARNING_COLOR = "#d62728"
+#: Learnable parameters that the drift rule keeps in [0, 1] (when the rule exists).
+UNIT_INTERVAL: tuple[str, ...] = getattr(health, "UNIT_INTERVAL_PARAMETERS", ())
+STAGE_KEYS = {
+    "train": "solid: training (each logging step)",
+    "val": "dashed with dots: validation (each epoch)",
+    "test": "stars: test",
+}
 STAGE_STYLE = {
     "train": {"linestyle": "-"},
     "val": {"linestyle": "--", "marker": "o", "markersize": 3.5},
@@ -84,8 +92,6 @@ def _stage_style(stage: str) -> dict:
     return STAGE_STYLE.get(stage, STAGE_STYLE["val"])
 
 
-def _label(label: str, stage: str) -> str:
-    return label if stage == "train" else f"{label} ({stage})"
 
 
 @dataclass
@@ -178,10 +184,14 @@ def _panels(
             params.curves.append((name, stage, s))
         for name, s in bs.grad_norms.items():
             grads.curves.append((name, stage, s))
-    if train is not None and "temperature" in train.params:
+    # the drift rule's limits, for the learnable parameters (those with a gradient norm)
+    learnable = set(train.grad_norms) if train is not None else set()
+    if "temperature" in learnable:
         for attr, word in (("temperature_min", "min"), ("temperature_max", "max")):
             if hasattr(t, attr):
                 params.thresholds.append((f"temperature {word}", getattr(t, attr), 0))
+    if learnable & set(UNIT_INTERVAL):
+        params.thresholds += [("drift: outside [0, 1]", 0.0, 0), ("drift: outside [0, 1]", 1.0, 0)]
     rows = [[entropy, usage], [mean, std, sat], [params, grads]]
     return [[p for p in row if p.curves] for row in rows if any(p.curves for p in row)]
 
@@ -230,7 +240,9 @@ def _draw(ax, panel: _Panel, warnings: Sequence[Problem]) -> None:
             style.update(marker="o", markersize=4)
         if label.endswith("below + above") and stage == "train":
             style.update(linestyle=":")
-        ax.plot(s.steps, _clean(s.values), color=color, label=_label(label, stage), **style)
+        # one legend entry per quantity (its first stage); the line styles of the stages are
+        # explained once under the figure
+        ax.plot(s.steps, _clean(s.values), color=color, label=label, **style)
     for label, lo, hi, match in panel.bands:
         common = dict(zip(hi.steps, hi.values, strict=True))
         steps = [s for s in lo.steps if s in common]
@@ -266,7 +278,9 @@ def _draw(ax, panel: _Panel, warnings: Sequence[Problem]) -> None:
                     max(high, cur_high) if high is not None else cur_high)
     ax.set_title(panel.title)
     handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))
+    unique: dict[str, object] = {}
+    for h, label in zip(handles, labels, strict=True):
+        unique.setdefault(label, h)  # the first stage drawn (training) stands for the rest
     if unique:
         ax.legend(unique.values(), unique.keys(), loc="best")
 
@@ -298,6 +312,9 @@ def block_figure(
                 if r == len(rows) - 1:
                     ax.set_xlabel("step")
         fig.suptitle(title, fontsize=10.5, fontweight="bold", x=0.01, ha="left")
+        keys = [STAGE_KEYS[s] for s in STAGE_KEYS if s in stages]
+        if len(keys) > 1:
+            fig.supxlabel("   ".join(keys), fontsize=8, color="#555555", x=0.99, ha="right")
         return _png(fig)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,10 @@ def _num(v: float) -> str:
 def describe(p: Problem) -> str:
     """``"mask std 0.0031 < 0.02"``: the problem's value against its threshold."""
     quantity = VERDICTS.get(p.kind, ("", "value"))[1]
+    if p.kind == "parameter_drift":
+        # which parameter is in the message only ("learnable alpha_h = 1.02 outside [0, 1]")
+        named = re.search(r"learnable (\w+) = ", p.message)
+        quantity = named.group(1) if named else quantity
     if p.kind == "nonfinite":
         return f"NaN or Inf in {_num(p.value)} {quantity}"
     relation = "<" if p.value < p.threshold else ">"
