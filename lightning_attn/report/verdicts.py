@@ -41,7 +41,7 @@ VERDICTS: dict[str, tuple[str, str]] = {
     "router_collapse": ("router collapsed onto one branch", "normalised entropy"),
     "router_indifference": ("router ignoring its input", "normalised entropy"),
     "dead_branch": ("dead branch", "branch weight"),
-    "nonfinite": ("non-finite values", "non-finite quantities"),
+    "nonfinite": ("non-finite values", "quantities"),
     "parameter_drift": ("drifting parameter", "parameter"),
 }
 SECTIONS = ("mask", "router", "param")

@@ -140,3 +140,17 @@ def test_split_remedy():
 )
 def test_metric_modes(text, name, mode):
     assert MetricSpec.parse(text) == MetricSpec(name, mode)
+
+
+def test_describe_names_the_drifting_parameter():
+    from lightning_attn.callbacks import Problem
+    from lightning_attn.report.verdicts import describe
+
+    drift = Problem("b", "parameter_drift", 1.02, 1.0, 9,
+                    "attention block 'b' at step 9: learnable alpha_h = 1.02 outside [0, 1]")
+    assert describe(drift) == "alpha_h 1.02 > 1"
+    collapse = Problem("b", "mask_collapse", 0.001, 0.02, 9, "...")
+    assert describe(collapse) == "mask std 0.001 < 0.02"
+    assert describe(Problem("b", "nonfinite", 2.0, 0.0, 9, "...")) == (
+        "NaN or Inf in 2 quantities"
+    )
