@@ -124,7 +124,7 @@ class AttentionBlock(Protocol):
 #: Instance attributes of the recording state (never pickled, copied or saved).
 _RECORDING_STATE = (
     "_attn_recording", "_attn_recording_holders", "_attn_capture", "_attn_capture_holders",
-    "_attn_config", "_attn_layout", "_attn_statistics", "_attn_captured",
+    "_attn_config", "_attn_layout", "_attn_statistics", "_attn_initial", "_attn_captured",
 )
 
 
@@ -145,6 +145,7 @@ class RecordingMixin:
     _attn_config: RecordingConfig | None = None
     _attn_layout: StatisticsLayout | None = None
     _attn_statistics: torch.Tensor | None = None
+    _attn_initial: torch.Tensor | None = None
     _attn_captured: torch.Tensor | None = None
 
     # -- inside forward -------------------------------------------------------------------
@@ -194,7 +195,8 @@ class RecordingMixin:
             tuple(self.mask_names), self.num_branches or None, config.histogram_bins
         )
         self._attn_config, self._attn_layout = config, layout
-        self._attn_statistics = layout.initial(device)
+        self._attn_initial = layout.initial(device)  # what reset copies from (no host copy)
+        self._attn_statistics = self._attn_initial.clone()
         # The flags the forward reads become instance attributes now, before the first
         # compiled call: dynamo guards on where an attribute comes from, and a flag moving
         # from the class to the instance later would recompile every frame once more.
@@ -239,7 +241,7 @@ class RecordingMixin:
         """Empty the accumulator in place (same tensor: no recompilation)."""
         acc = self._attn_statistics
         if acc is not None:
-            acc.copy_(self._attn_layout.initial(acc.device))
+            acc.copy_(self._attn_initial)
 
     @property
     def capture(self) -> bool:
