@@ -176,19 +176,31 @@ class RecordingMixin:
         """Allocate an empty accumulator on ``device`` for ``config`` (recording stays off).
 
         Call it before the first (compiled) forward: creating the accumulator later costs one
-        more compilation. Calling it again with the same config and device keeps the
-        accumulator; a different config while the block records is an error (two consumers
-        must agree on what the forward computes).
+        more compilation. Several consumers may configure one block: the same config keeps
+        the accumulator, more histogram bins widen it, and different saturation thresholds
+        are an error (the forward computes one set of counts).
         """
         if not isinstance(config, RecordingConfig):
             raise TypeError(f"config must be a RecordingConfig, got {type(config).__name__}")
         device = torch.device(device)
-        current = self._attn_statistics
-        if current is not None and self._attn_config == config and current.device == device:
-            return
-        if self._attn_recording and self._attn_config != config:
+        current, old = self._attn_statistics, self._attn_config
+        if current is not None and old is not None:
+            if (old.saturation_low, old.saturation_high) != (
+                config.saturation_low, config.saturation_high
+            ):
+                raise ValueError(
+                    f"{type(self).__name__} already records with saturation_low="
+                    f"{old.saturation_low}, saturation_high={old.saturation_high}; another "
+                    f"consumer asks for {config.saturation_low}, {config.saturation_high}: "
+                    "give every diagnostics callback the same saturation thresholds"
+                )
+            if config.histogram_bins < old.histogram_bins:
+                config = old  # a consumer without histograms reads the wider layout
+            if config == old and current.device == device:
+                return
+        if self._attn_recording:
             raise RuntimeError(
-                f"{type(self).__name__} is recording with {self._attn_config}; it cannot be "
+                f"{type(self).__name__} is recording with {old}; it cannot be "
                 f"reconfigured to {config} until every consumer stops recording"
             )
         layout = StatisticsLayout(

@@ -87,11 +87,7 @@ class StatisticsCollector:
                     tuple(branch_names) if branch_names else None,
                 )
             )
-        # The read vector: every block's accumulator, then the parameters and gradient
-        # norms (identical on every process: rank 0's are taken).
-        codes = [_CODES[k] for info in self.infos for k in info.layout.reductions]
-        codes += [_FIRST] * sum(len(i.param_names) + len(i.trainable_names) for i in self.infos)
-        self._kinds = torch.tensor(codes, device=device)
+
 
     def unbind(self) -> None:
         """Stop watching: recording off, accumulators and captured maps dropped."""
@@ -157,6 +153,8 @@ class StatisticsCollector:
             return GlobalStats(step=step, blocks={})
         device = self._device()
         parts, params = [], []
+        # The blocks' layouts now: another consumer may have widened one since `bind`.
+        layouts = [self.blocks[info.name].statistics_layout for info in self.infos]
         for info in self.infos:
             block = self.blocks[info.name]
             parts.append(block.recorded_statistics.to(device))
@@ -175,15 +173,30 @@ class StatisticsCollector:
             parts + [torch.stack(params).to(dtype)] * bool(params) + [grads.to(dtype)]
         )
         self.close()  # the values are in `vector`
-        host = combine_processes(trainer, vector, self._kinds.to(vector.device))
-        return self._parse(host, step)
+        host = combine_processes(trainer, vector, self._reductions(layouts, vector.device))
+        return self._parse(host, layouts, step)
 
-    def _parse(self, host: list[float], step: int) -> GlobalStats:
+    def _reductions(self, layouts: list, device: torch.device) -> torch.Tensor:
+        """How each slot of the read vector combines over processes: every block's
+        accumulator, then the parameters and gradient norms (identical on every process:
+        rank 0's are taken). Cached: it changes only if another consumer widens a layout."""
+        codes = self._kind_codes(layouts)
+        if self._kinds is None or self._kinds.numel() != len(codes):
+            self._kinds = torch.tensor(codes, device=device)
+        return self._kinds
+
+    def _kind_codes(self, layouts: list) -> list[int]:
+        codes = [_CODES[k] for layout in layouts for k in layout.reductions]
+        return codes + [_FIRST] * sum(
+            len(i.param_names) + len(i.trainable_names) for i in self.infos
+        )
+
+    def _parse(self, host: list[float], layouts: list, step: int) -> GlobalStats:
         pos, stats = 0, {}
-        param_pos = sum(info.layout.size for info in self.infos)
+        param_pos = sum(layout.size for layout in layouts)
         grad_pos = param_pos + sum(len(info.param_names) for info in self.infos)
-        for info in self.infos:
-            size = info.layout.size
+        for info, layout in zip(self.infos, layouts, strict=True):
+            size = layout.size
             values = host[pos : pos + size]
             pos += size
             params = dict(zip(info.param_names, host[param_pos:], strict=False))
@@ -193,7 +206,5 @@ class StatisticsCollector:
                 if math.isfinite(g)
             }
             grad_pos += len(info.trainable_names)
-            stats[info.name] = block_stats(
-                info.layout, values, params, grads, info.trainable_names
-            )
+            stats[info.name] = block_stats(layout, values, params, grads, info.trainable_names)
         return GlobalStats(step=step, blocks=stats)
