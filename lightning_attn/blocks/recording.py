@@ -124,7 +124,7 @@ class AttentionBlock(Protocol):
 #: Instance attributes of the recording state (never pickled, copied or saved).
 _RECORDING_STATE = (
     "_attn_recording", "_attn_recording_holders", "_attn_capture", "_attn_capture_holders",
-    "_attn_config", "_attn_layout", "_attn_statistics", "_attn_captured",
+    "_attn_config", "_attn_layout", "_attn_statistics", "_attn_initial", "_attn_captured",
 )
 
 
@@ -145,6 +145,7 @@ class RecordingMixin:
     _attn_config: RecordingConfig | None = None
     _attn_layout: StatisticsLayout | None = None
     _attn_statistics: torch.Tensor | None = None
+    _attn_initial: torch.Tensor | None = None
     _attn_captured: torch.Tensor | None = None
 
     # -- inside forward -------------------------------------------------------------------
@@ -175,26 +176,39 @@ class RecordingMixin:
         """Allocate an empty accumulator on ``device`` for ``config`` (recording stays off).
 
         Call it before the first (compiled) forward: creating the accumulator later costs one
-        more compilation. Calling it again with the same config and device keeps the
-        accumulator; a different config while the block records is an error (two consumers
-        must agree on what the forward computes).
+        more compilation. Several consumers may configure one block: the same config keeps
+        the accumulator, more histogram bins widen it, and different saturation thresholds
+        are an error (the forward computes one set of counts).
         """
         if not isinstance(config, RecordingConfig):
             raise TypeError(f"config must be a RecordingConfig, got {type(config).__name__}")
         device = torch.device(device)
-        current = self._attn_statistics
-        if current is not None and self._attn_config == config and current.device == device:
-            return
-        if self._attn_recording and self._attn_config != config:
+        current, old = self._attn_statistics, self._attn_config
+        if current is not None and old is not None:
+            if (old.saturation_low, old.saturation_high) != (
+                config.saturation_low, config.saturation_high
+            ):
+                raise ValueError(
+                    f"{type(self).__name__} already records with saturation_low="
+                    f"{old.saturation_low}, saturation_high={old.saturation_high}; another "
+                    f"consumer asks for {config.saturation_low}, {config.saturation_high}: "
+                    "give every diagnostics callback the same saturation thresholds"
+                )
+            if config.histogram_bins < old.histogram_bins:
+                config = old  # a consumer without histograms reads the wider layout
+            if config == old and current.device == device:
+                return
+        if self._attn_recording:
             raise RuntimeError(
-                f"{type(self).__name__} is recording with {self._attn_config}; it cannot be "
+                f"{type(self).__name__} is recording with {old}; it cannot be "
                 f"reconfigured to {config} until every consumer stops recording"
             )
         layout = StatisticsLayout(
             tuple(self.mask_names), self.num_branches or None, config.histogram_bins
         )
         self._attn_config, self._attn_layout = config, layout
-        self._attn_statistics = layout.initial(device)
+        self._attn_initial = layout.initial(device)  # what reset copies from (no host copy)
+        self._attn_statistics = self._attn_initial.clone()
         # The flags the forward reads become instance attributes now, before the first
         # compiled call: dynamo guards on where an attribute comes from, and a flag moving
         # from the class to the instance later would recompile every frame once more.
@@ -239,7 +253,7 @@ class RecordingMixin:
         """Empty the accumulator in place (same tensor: no recompilation)."""
         acc = self._attn_statistics
         if acc is not None:
-            acc.copy_(self._attn_layout.initial(acc.device))
+            acc.copy_(self._attn_initial)
 
     @property
     def capture(self) -> bool:

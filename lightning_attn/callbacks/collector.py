@@ -24,32 +24,30 @@ from ..blocks.recording import RecordingConfig
 from ..blocks.statistics import GlobalStats, block_stats
 from .tags import BlockInfo
 
-__all__ = ["StatisticsCollector", "gather_rows"]
+__all__ = ["StatisticsCollector", "combine_processes"]
+
+# How a slot of the read vector combines over processes.
+_SUM, _MIN, _MAX, _FIRST = 0, 1, 2, 3
+_CODES = {"sum": _SUM, "min": _MIN, "max": _MAX}
 
 
-def gather_rows(trainer: pl.Trainer, vector: torch.Tensor) -> list[list[float]]:
-    """Every process's ``vector`` as host lists, ``[rank 0, rank 1, ...]``: one collective
-    (``all_gather``) and one device-to-host copy; a no-op gather on one process."""
+def combine_processes(
+    trainer: pl.Trainer, vector: torch.Tensor, kinds: torch.Tensor
+) -> list[float]:
+    """``vector`` combined over every process, slot by slot as ``kinds`` says (0: sum,
+    1: min, 2: max, 3: rank 0's value), as host floats: one collective (``all_gather``) and
+    one device-to-host copy; on one process, only the copy."""
     world = int(trainer.world_size)
-    if (
-        world > 1
-        and torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-    ):
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         rows = [torch.empty_like(vector) for _ in range(world)]
         torch.distributed.all_gather(rows, vector)
-        return torch.stack(rows).tolist()
-    return [vector.tolist()]
-
-
-def _combine(rows: list[list[float]], kinds: tuple[str, ...], start: int) -> list[float]:
-    """Slot-wise sum / min / max over the processes' rows, for the slots ``start:``."""
-    out = []
-    for i, kind in enumerate(kinds, start):
-        column = [row[i] for row in rows]
-        out.append(min(column) if kind == "min" else max(column) if kind == "max" else
-                   math.fsum(column))
-    return out
+        table = torch.stack(rows)  # (world, N)
+        vector = torch.where(
+            kinds == _SUM, table.sum(0),
+            torch.where(kinds == _MIN, table.amin(0),
+                        torch.where(kinds == _MAX, table.amax(0), table[0])),
+        )
+    return vector.tolist()
 
 
 class StatisticsCollector:
@@ -65,6 +63,7 @@ class StatisticsCollector:
         self.infos: list[BlockInfo] = []
         self._open = False
         self._grad_norms: torch.Tensor | None = None
+        self._kinds: torch.Tensor | None = None
 
     # -- setup -------------------------------------------------------------------------------
     def bind(self, blocks: Mapping[str, nn.Module], device: torch.device) -> None:
@@ -89,12 +88,13 @@ class StatisticsCollector:
                 )
             )
 
+
     def unbind(self) -> None:
         """Stop watching: recording off, accumulators and captured maps dropped."""
         self.close()
         for block in self.blocks.values():
             block.clear_recording()
-        self.blocks, self.infos = {}, []
+        self.blocks, self.infos, self._kinds = {}, [], None
 
     # -- one point ---------------------------------------------------------------------------
     @property
@@ -153,6 +153,8 @@ class StatisticsCollector:
             return GlobalStats(step=step, blocks={})
         device = self._device()
         parts, params = [], []
+        # The blocks' layouts now: another consumer may have widened one since `bind`.
+        layouts = [self.blocks[info.name].statistics_layout for info in self.infos]
         for info in self.infos:
             block = self.blocks[info.name]
             parts.append(block.recorded_statistics.to(device))
@@ -171,26 +173,38 @@ class StatisticsCollector:
             parts + [torch.stack(params).to(dtype)] * bool(params) + [grads.to(dtype)]
         )
         self.close()  # the values are in `vector`
-        rows = gather_rows(trainer, vector)
-        return self._parse(rows, step)
+        host = combine_processes(trainer, vector, self._reductions(layouts, vector.device))
+        return self._parse(host, layouts, step)
 
-    def _parse(self, rows: list[list[float]], step: int) -> GlobalStats:
-        first = rows[0]  # parameters and gradient norms are identical on every process
+    def _reductions(self, layouts: list, device: torch.device) -> torch.Tensor:
+        """How each slot of the read vector combines over processes: every block's
+        accumulator, then the parameters and gradient norms (identical on every process:
+        rank 0's are taken). Cached: it changes only if another consumer widens a layout."""
+        codes = self._kind_codes(layouts)
+        if self._kinds is None or self._kinds.numel() != len(codes):
+            self._kinds = torch.tensor(codes, device=device)
+        return self._kinds
+
+    def _kind_codes(self, layouts: list) -> list[int]:
+        codes = [_CODES[k] for layout in layouts for k in layout.reductions]
+        return codes + [_FIRST] * sum(
+            len(i.param_names) + len(i.trainable_names) for i in self.infos
+        )
+
+    def _parse(self, host: list[float], layouts: list, step: int) -> GlobalStats:
         pos, stats = 0, {}
-        param_pos = sum(info.layout.size for info in self.infos)
+        param_pos = sum(layout.size for layout in layouts)
         grad_pos = param_pos + sum(len(info.param_names) for info in self.infos)
-        for info in self.infos:
-            size = info.layout.size
-            values = _combine([r[pos : pos + size] for r in rows], info.layout.reductions, 0)
+        for info, layout in zip(self.infos, layouts, strict=True):
+            size = layout.size
+            values = host[pos : pos + size]
             pos += size
-            params = dict(zip(info.param_names, first[param_pos:], strict=False))
+            params = dict(zip(info.param_names, host[param_pos:], strict=False))
             param_pos += len(info.param_names)
             grads = {
-                n: g for n, g in zip(info.trainable_names, first[grad_pos:], strict=False)
+                n: g for n, g in zip(info.trainable_names, host[grad_pos:], strict=False)
                 if math.isfinite(g)
             }
             grad_pos += len(info.trainable_names)
-            stats[info.name] = block_stats(
-                info.layout, values, params, grads, info.trainable_names
-            )
+            stats[info.name] = block_stats(layout, values, params, grads, info.trainable_names)
         return GlobalStats(step=step, blocks=stats)

@@ -208,7 +208,7 @@ class AttentionDiagnostics(Callback):
 
     # -- setup -----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._output = DiagnosticsOutput(trainer, self._schedule.follows_trainer(trainer))
+        self._output = DiagnosticsOutput(trainer)
         owner = type(self).__name__
         if stage == "fit" and self.sections and self._schedule.interval(trainer) == 0:
             rank_zero_warn(f"{owner}: log_every_n_steps is 0, so no statistics are gathered")
@@ -217,7 +217,7 @@ class AttentionDiagnostics(Callback):
             wanted.append("histograms")
         if self.num_images:
             wanted.append("attention-map images")
-        if wanted and not self._output.writers and trainer.is_global_zero:
+        if wanted and not self._output.rich_writers and trainer.is_global_zero:
             rank_zero_info(
                 f"{owner}: no logger of the Trainer shows {' or '.join(wanted)} "
                 "(TensorBoardLogger does); scalars still go to every logger, and warnings "
@@ -255,9 +255,9 @@ class AttentionDiagnostics(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         output = self._output
-        if not self._collector.blocks or output is None or not output.writers:
+        if not self._collector.blocks or output is None or not output.rich_writers:
             return
-        dirs = [getattr(w.logger, "log_dir", None) or "" for w in output.writers]
+        dirs = [getattr(w.logger, "log_dir", None) or "" for w in output.rich_writers]
         if all(d in self._layout_dirs for d in dirs):
             return  # resumed into a run that already has its layout and configuration
         if self.log_statistics:
@@ -416,7 +416,7 @@ class AttentionDiagnostics(Callback):
                 maps[name] = block.captured_map[: self.num_images].detach().cpu()
         self._stop_capture()
         stage = self._stage(trainer)
-        if not maps or not trainer.is_global_zero or not self._output.writers:
+        if not maps or not trainer.is_global_zero or not self._output.rich_writers:
             return
         images = _images_of(batch)
         if images is not None and images.shape[0] != next(iter(maps.values())).shape[0]:

@@ -56,10 +56,6 @@ class LoggingSchedule:
             return self.histogram_every_n_steps
         return 10 * self.interval(trainer)
 
-    def follows_trainer(self, trainer: pl.Trainer) -> bool:
-        """Whether the points are the Trainer's own logging steps."""
-        return self.interval(trainer) == int(trainer.log_every_n_steps)
-
     @staticmethod
     def step(trainer: pl.Trainer) -> int:
         """The step a point of the current batch is logged at (Lightning's logging step)."""

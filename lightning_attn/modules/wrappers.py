@@ -20,7 +20,7 @@ class OutputOnly(nn.Module):
     needs ``y`` alone. Blocks that already return a tensor pass through unchanged.
 
     Shapes: ``x (B,C,H,W) -> y (B,C,H,W)``. The block stays reachable as ``.block`` (and is
-    what the diagnostics find and observe).
+    what the diagnostics find and read).
     """
 
     def __init__(self, block: nn.Module) -> None:

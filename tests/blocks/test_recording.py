@@ -151,8 +151,12 @@ def test_holders_share_one_window_and_the_first_empties_it():
     assert block.recorded_statistics[0] == 2  # off: nothing added
     block.start_recording("a")
     assert block.recorded_statistics[0] == 0
-    with pytest.raises(RuntimeError, match="reconfigured"):
+    with pytest.raises(RuntimeError, match="reconfigured"):  # wider, while recording
+        block.configure_recording(RecordingConfig(histogram_bins=20), "cpu")
+    with pytest.raises(ValueError, match="same saturation thresholds"):
         block.configure_recording(RecordingConfig(saturation_low=0.1), "cpu")
+    block.configure_recording(RecordingConfig(histogram_bins=0), "cpu")  # narrower: kept
+    assert block.statistics_layout.histogram_bins == 10
 
 
 def test_capture_keeps_the_spatial_map_while_held():

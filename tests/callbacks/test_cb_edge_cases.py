@@ -90,3 +90,19 @@ def test_diagnostics_warns_when_interval_is_zero(tmp_path):
                AttentionDiagnostics(log_every_n_steps=0, num_images=0, summary=False)):
         with pytest.warns(UserWarning, match="log_every_n_steps is 0"):
             make_trainer(tmp_path, [cb], max_steps=1).fit(FakeNet())
+
+
+def test_callbacks_with_and_without_histograms_share_the_blocks(tmp_path):
+    plain = MaskHealthMonitor(histogram_every_n_steps=0, log_every_n_steps=1)
+    full = AttentionDiagnostics(num_images=0, summary=False, log_every_n_steps=1,
+                                histogram_every_n_steps=1)
+    model = FakeNet()
+    make_trainer(tmp_path, [plain, full], max_steps=2).fit(model)
+    assert plain.last_stats.blocks["block"].masks["mask"].count == 8 * 64
+    assert sum(full.last_stats.blocks["block"].histograms["mask"]) == 8 * 64
+
+
+def test_callbacks_with_different_saturation_thresholds_are_a_clear_error(tmp_path):
+    callbacks = [MaskHealthMonitor(saturation_low=0.1), MaskHealthMonitor(include=["block"])]
+    with pytest.raises(ValueError, match="same saturation thresholds"):
+        make_trainer(tmp_path, callbacks, max_steps=1).fit(FakeNet())
