@@ -13,7 +13,14 @@ epoch (no checkpoint selection). Prints a markdown table:
   1.00 = no better than a uniform mask; ``-`` = no spatial mask);
 - parameter count;
 - training throughput in samples/s (time inside training steps: forward, backward,
-  optimiser; one process, ``--threads`` intra-op threads, default 1).
+  optimiser, and ``AttentionDiagnostics`` on every ``--log-every``-th step; one process,
+  ``--threads`` intra-op threads, default 1).
+
+Every fit logs to TensorBoard under ``<logdir>/<timestamp>/<model>/seed_<n>`` with
+``AttentionDiagnostics`` (its warnings are not printed: the report lists them). At the end the
+comparison (seed 0 of each model, and the table above) is written through
+:func:`lightning_attn.report.write_report` to ``<logdir>/<timestamp>/report/report.html``.
+A ``rich`` bar shows the progress over all fits.
 
     python benchmarks/accuracy.py                  # ~6-8 min on an idle CPU core
     python benchmarks/accuracy.py --seeds 1 --epochs 1 --num-train 512   # smoke run
@@ -23,18 +30,32 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import statistics
-import sys
 import time
+import warnings
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
+from lightning_attn.callbacks import AttentionDiagnostics, AttentionWarning
 from lightning_attn.data import ClutteredDigitsDataModule
 from lightning_attn.modules import AttentionClassifier
+from lightning_attn.report import ReportTable, write_report
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 MODELS = {"baseline": "baseline.yaml", "DSA": "dsa.yaml", "CoordinateAttention": "coord.yaml"}
@@ -56,6 +77,22 @@ class StepTimer(pl.Callback):
         self.samples += batch[0].shape[0]
 
 
+class Advance(pl.Callback):
+    """Moves the benchmark's progress bar by one step per training batch."""
+
+    def __init__(self, progress: Progress, task, label: str) -> None:
+        self.progress, self.task, self.label = progress, task, label
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.progress.update(
+            self.task,
+            description=f"{self.label}, epoch {trainer.current_epoch + 1}/{trainer.max_epochs}",
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.progress.advance(self.task)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
@@ -66,6 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=1,
         help="torch intra-op threads (1: reproducible on a shared machine)",
     )
+    p.add_argument("--logdir", default="runs/accuracy",
+                   help="TensorBoard runs and the report go to LOGDIR/<timestamp>/")
+    p.add_argument("--log-every", type=int, default=20,
+                   help="Trainer(log_every_n_steps=...): diagnostics and loss every N steps")
     return p.parse_args(argv)
 
 
@@ -76,7 +117,10 @@ def load_config(config: str) -> tuple[dict, dict]:
     return model, dict(cfg["data"])
 
 
-def run_one(model_kw: dict, data_kw: dict, seed: int, args: argparse.Namespace) -> dict:
+def run_one(
+    model_kw: dict, data_kw: dict, seed: int, args: argparse.Namespace,
+    logger: TensorBoardLogger, callbacks: list[pl.Callback],
+) -> dict:
     pl.seed_everything(seed, verbose=False)
     data = ClutteredDigitsDataModule(
         **{**data_kw, "num_train": args.num_train, "num_val": 64, "num_test": args.num_test}
@@ -88,9 +132,10 @@ def run_one(model_kw: dict, data_kw: dict, seed: int, args: argparse.Namespace) 
     )
     timer = StepTimer()
     trainer = pl.Trainer(
-        max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
+        max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, callbacks=[timer],
+        limit_val_batches=0, log_every_n_steps=args.log_every,
+        callbacks=[timer, AttentionDiagnostics(summary=False), *callbacks],
     )
     trainer.fit(model, data)
     (res,) = trainer.test(model, data, verbose=False)
@@ -108,41 +153,69 @@ def _mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}"
 
 
+def _steps_per_fit(data_kw: dict, args: argparse.Namespace) -> int:
+    return args.epochs * math.ceil(args.num_train / data_kw.get("batch_size", 64))
+
+
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # The diagnostics' warnings (and "no attention block" for the baseline) belong to the
+    # report, not between the progress bar's lines.
+    warnings.filterwarnings("ignore", category=AttentionWarning)
+    warnings.filterwarnings("ignore", message=r".*no attention block")
+    root = Path(args.logdir) / datetime.now().strftime("%Y%m%d-%H%M%S")
     start = time.perf_counter()
-    rows = []
-    for label, config in MODELS.items():
-        model_kw, data_kw = load_config(config)
-        runs = []
-        for seed in range(args.seeds):
-            t = time.perf_counter()
-            runs.append(run_one(model_kw, data_kw, seed, args))
-            print(
-                f"{label} seed {seed}: acc {runs[-1]['acc']:.3f} "
-                f"({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True,
-            )
-        stages = len(model_kw.get("stage_widths", [0, 0, 0]))
-        locs = []
-        for i in range(stages):
-            vals = [r["loc"][i] for r in runs if i < len(r["loc"]) and r["loc"][i] is not None]
-            locs.append(f"{statistics.mean(vals):.2f}" if vals else "-")
-        rows.append(
-            f"| {label} | {_mean_std([r['acc'] for r in runs])} | {' / '.join(locs)} | "
-            f"{runs[0]['params']:,} | {statistics.mean(r['throughput'] for r in runs):.0f} |"
-        )
+    console = Console(stderr=True)
+    configs = {label: load_config(config) for label, config in MODELS.items()}
+    total = sum(_steps_per_fit(data_kw, args) for _, data_kw in configs.values()) * args.seeds
+    rows, report_runs, cells = [], {}, []
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("steps"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+    )
+    with progress:
+        task = progress.add_task("starting", total=total)
+        for label, (model_kw, data_kw) in configs.items():
+            runs = []
+            for seed in range(args.seeds):
+                t = time.perf_counter()
+                logger = TensorBoardLogger(root, name=label, version=f"seed_{seed}",
+                                           default_hp_metric=False)
+                advance = Advance(progress, task, f"{label} seed {seed}")
+                runs.append(run_one(model_kw, data_kw, seed, args, logger, [advance]))
+                if seed == 0:
+                    report_runs[label] = logger.log_dir
+                progress.console.print(
+                    f"{label} seed {seed}: acc {runs[-1]['acc']:.3f} "
+                    f"({time.perf_counter() - t:.0f} s)"
+                )
+            stages = len(model_kw.get("stage_widths", [0, 0, 0]))
+            locs = []
+            for i in range(stages):
+                vals = [r["loc"][i] for r in runs if i < len(r["loc"]) and r["loc"][i] is not None]
+                locs.append(f"{statistics.mean(vals):.2f}" if vals else "-")
+            cell = [
+                label, _mean_std([r["acc"] for r in runs]), " / ".join(locs),
+                f"{runs[0]['params']:,}", f"{statistics.mean(r['throughput'] for r in runs):.0f}",
+            ]
+            cells.append(cell)
+            rows.append("| " + " | ".join(cell) + " |")
+    columns = ["model", "test acc % (mean ± std)", "localisation (stage 1 / 2 / 3)", "params",
+               "train samples/s"]
+    setup = (
+        f"Cluttered digits {data_kw['canvas_size']}x{data_kw['canvas_size']}, "
+        f"{args.num_train} train / {args.num_test} test samples, {args.epochs} epochs, "
+        f"batch {data_kw.get('batch_size', 64)}, {args.seeds} seeds; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    )
     table = "\n".join(
         [
-            f"Cluttered digits {data_kw['canvas_size']}x{data_kw['canvas_size']}, "
-            f"{args.num_train} train / {args.num_test} test samples, {args.epochs} epochs, "
-            f"batch {data_kw.get('batch_size', 64)}, {args.seeds} seeds; "
-            f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
+            setup,
             "",
-            "| model | test acc % (mean ± std) | localisation (stage 1 / 2 / 3) | params "
-            "| train samples/s |",
+            "| " + " | ".join(columns) + " |",
             "|---|---|---|---|---|",
             *rows,
             "",
@@ -150,6 +223,13 @@ def main(argv: list[str] | None = None) -> str:
         ]
     )
     print(table)
+    files = write_report(
+        report_runs, root / "report", metrics=["test/acc", "train/loss"],
+        title="Accuracy benchmark: baseline vs DSA vs CoordinateAttention",
+        tables=[ReportTable("accuracy benchmark (all seeds)", columns, cells,
+                            setup + ". Curves and verdicts below: seed 0 of each model.")],
+    )
+    console.print(f"report: {files.html}")
     return table
 
 

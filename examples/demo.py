@@ -7,7 +7,10 @@ digit fragments and noise), with the attention diagnostics, then reports:
 - test accuracy (best validation checkpoint);
 - per block, the localisation score of its mask: the share of mask mass inside the digit's
   box divided by the box's share of the image (1.0 = no better than a uniform mask);
-- where TensorBoard finds the run.
+- where TensorBoard finds the run;
+
+and ends by writing the report of its own run (``lightning_attn.report.write_report``: curves,
+attention maps, warnings and a verdict per block) and printing its path.
 
     .venv/bin/python examples/demo.py            # ~1.5 min on one CPU thread (= make demo)
     .venv/bin/python examples/demo.py --quick    # a smoke run in seconds
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 from functools import partial
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -30,11 +34,12 @@ from rich.table import Table
 from lightning_attn.callbacks import AttentionDiagnostics
 from lightning_attn.data import ClutteredDigitsDataModule
 from lightning_attn.modules import AttentionClassifier, DSAOptions
+from lightning_attn.report import write_report
 
 #: The demo's budget: ~1.5 min in all on one thread of this 2-core machine (86 s measured),
 #: ~1 min with --threads 2 when the machine is otherwise idle.
-FULL = {"num_train": 5000, "num_val": 1000, "num_test": 1000, "epochs": 6}
-QUICK = {"num_train": 256, "num_val": 128, "num_test": 128, "epochs": 1}
+FULL = {"num_train": 5000, "num_val": 1000, "num_test": 1000, "epochs": 6, "log_every": 10}
+QUICK = {"num_train": 256, "num_val": 128, "num_test": 128, "epochs": 1, "log_every": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,7 +86,7 @@ def build(
         devices=1,
         logger=TensorBoardLogger(logdir, name="demo"),
         callbacks=callbacks,
-        log_every_n_steps=10,
+        log_every_n_steps=budget["log_every"],
     )
     return trainer, model, data
 
@@ -119,6 +124,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.fit(model, data)
     (results,) = trainer.test(model, data, ckpt_path="best", verbose=False)
     report(results, model, time.perf_counter() - start, args.logdir)
+    log_dir = Path(trainer.logger.log_dir)
+    files = write_report(
+        {"demo": log_dir}, log_dir / "report",
+        metrics=["val/acc", "val/loss", "test/acc"], title="lightning-attn demo: DSA on "
+        "cluttered digits",
+    )
+    console = Console(soft_wrap=True)  # paths are not wrapped
+    console.print(f"report: [bold]{files.html}[/bold]")
+    console.print(f"        {files.markdown} (Markdown, with its PNG figures beside it)")
     return results
 
 

@@ -1,6 +1,7 @@
 """``lightning-attn``: LightningCLI for :class:`AttentionClassifier` on cluttered digits.
 
-Subcommands ``fit``, ``validate``, ``test``, ``predict``. Examples::
+Subcommands ``fit``, ``validate``, ``test``, ``predict`` (LightningCLI) and ``report``
+(:mod:`lightning_attn.report`, its own ``--help``). Examples::
 
     lightning-attn fit --config examples/configs/dsa.yaml
     lightning-attn fit --config examples/configs/dsa.yaml \\
@@ -17,6 +18,8 @@ resume it with ``--ckpt_path``) and, when the package has it,
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -32,7 +35,8 @@ DESCRIPTION = (
     "lightning-attn: train, validate, test and predict with AttentionClassifier (a CNN with "
     "DynamicSpatialAttention or CoordinateAttention after every stage) on cluttered digits, "
     "with the attention diagnostics on. Start from a config: "
-    "lightning-attn fit --config examples/configs/dsa.yaml"
+    "lightning-attn fit --config examples/configs/dsa.yaml. Afterwards, one page of curves, "
+    "maps, warnings and verdicts: lightning-attn report LOGDIR --output DIR (its own --help)"
 )
 
 
@@ -99,6 +103,14 @@ def build_cli(args: list[str] | dict | None = None, **kwargs) -> AttentionCLI:
 
 def main(args: list[str] | None = None) -> None:
     """Console-script entry point ``lightning-attn``."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["report"]:  # offline, not a LightningCLI subcommand
+        from lightning_attn.report.command import main as report
+
+        code = report(argv[1:])
+        if code:
+            raise SystemExit(code)
+        return
     build_cli(args)
 
 

@@ -1,0 +1,507 @@
+"""Figures of the report, drawn with matplotlib's object API onto the Agg canvas.
+
+``matplotlib.figure.Figure`` is used directly, never ``pyplot``: no global figure manager,
+no backend switch in the user's session (a notebook keeps its own), nothing to close.
+Every function returns PNG bytes.
+
+* :func:`block_figure`: one block of one run, a panel per statistic against the step
+  (training solid; validation / test dashed with markers), the thresholds as dotted lines,
+  and a red line at the step of each warning.
+* :func:`comparison_figure`: one statistic, one panel per run, shared axes.
+* :func:`metrics_figure`: the ``--metric`` scalars, runs overlaid.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from matplotlib import rc_context
+from matplotlib.figure import Figure
+
+from ..callbacks import health
+from ..callbacks.health import PROBLEM_KINDS, HealthThresholds, Problem
+from .reading import Series
+from .series import BlockSeries
+from .verdicts import verdict_phrase
+
+__all__ = [
+    "COMPARISONS",
+    "Comparison",
+    "block_figure",
+    "comparison_figure",
+    "metrics_figure",
+]
+
+DPI = 110
+PANEL_WIDTH = 4.2  # inches
+PANEL_HEIGHT = 2.8
+COLUMNS = 3
+STYLE = {
+    "font.size": 8.5,
+    "axes.titlesize": 9.5,
+    "axes.titleweight": "bold",
+    "axes.titlelocation": "left",
+    "axes.labelsize": 8.5,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#e3e3e3",
+    "grid.linewidth": 0.7,
+    "legend.fontsize": 7.5,
+    "legend.framealpha": 0.85,
+    "legend.edgecolor": "#dddddd",
+    "lines.linewidth": 1.5,
+    "axes.formatter.useoffset": False,
+    "figure.facecolor": "white",
+    "savefig.facecolor": "white",
+}
+PALETTE = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+    "#7f7f7f", "#d62728",
+)
+THRESHOLD_COLOR = "#555555"
+WARNING_COLOR = "#d62728"
+#: Learnable parameters that the drift rule keeps in [0, 1] (when the rule exists).
+UNIT_INTERVAL: tuple[str, ...] = getattr(health, "UNIT_INTERVAL_PARAMETERS", ())
+STAGE_KEYS = {
+    "train": "solid: training (each logging step)",
+    "val": "dashed with dots: validation (each epoch)",
+    "test": "stars: test",
+}
+STAGE_STYLE = {
+    "train": {"linestyle": "-"},
+    "val": {"linestyle": "--", "marker": "o", "markersize": 3.5},
+    "test": {"linestyle": "none", "marker": "*", "markersize": 9},
+}
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def _clean(values: Sequence[float]) -> list[float]:
+    return [v if math.isfinite(v) else math.nan for v in values]
+
+
+def _stage_style(stage: str) -> dict:
+    return STAGE_STYLE.get(stage, STAGE_STYLE["val"])
+
+
+
+
+@dataclass
+class _Panel:
+    """One chart of a block: curves per stage, threshold lines, the section it belongs to."""
+
+    title: str
+    section: str  # "router", "mask" or "param"
+    marks: tuple[str, ...] = ()  # problem kinds whose warnings are marked on it
+    curves: list[tuple[str, str, Series]] = field(default_factory=list)  # (label, stage, s)
+    # (label, low, high, label of the curve whose colour the band takes)
+    bands: list[tuple[str, Series, Series, str]] = field(default_factory=list)
+    thresholds: list[tuple[str, float, float]] = field(default_factory=list)  # label, y, x0
+    ylim: tuple[float, float] | None = None
+    log: bool = False
+
+
+def _panels(
+    stages: dict[str, BlockSeries], thresholds: HealthThresholds,
+    branch_label: Callable[[int], str],
+) -> list[list[_Panel]]:
+    """The panels of a block in rows: router, masks, parameters (empty rows left out)."""
+    t = thresholds
+    ordered = sorted(stages.items(), key=lambda kv: (kv[0] != "train", kv[0]))
+    train = stages.get("train")
+
+    entropy = _Panel("router entropy", "router", ("router_collapse", "router_indifference"),
+                     ylim=(0.0, None))
+    usage = _Panel("branch usage (mean router weight)", "router", ("dead_branch",),
+                   ylim=(0.0, 1.0))
+    for stage, bs in ordered:
+        if bs.entropy_norm is not None:
+            entropy.curves.append(("normalised (0: one branch, 1: uniform)", stage,
+                                   bs.entropy_norm))
+        if bs.entropy is not None:
+            entropy.curves.append(("entropy (nats)", stage, bs.entropy))
+        for k in sorted(bs.usage):
+            usage.curves.append((branch_label(k), stage, bs.usage[k]))
+    entropy.thresholds += [
+        (f"collapse < {t.router_collapse_threshold:g}", t.router_collapse_threshold, 0),
+        (f"indifference > {t.router_indifference_threshold:g} "
+         f"(from step {t.indifference_warmup_steps})",
+         t.router_indifference_threshold, t.indifference_warmup_steps),
+    ]
+    k = max((bs.num_branches for bs in stages.values()), default=0)
+    if k:
+        limit = t.dead_branch_factor / k
+        usage.thresholds.append((f"dead < {limit:.3g} (dead_branch_factor / K)", limit, 0))
+
+    masks: list[str] = []
+    for _, bs in ordered:
+        masks += [m for m in bs.masks if m not in masks]
+    many = len(masks) > 1
+    mean = _Panel("mask mean" + (" (band: min to max)" if _has_extremes(stages) else ""),
+                  "mask", ylim=(0.0, 1.0))
+    std = _Panel("mask std", "mask", ("mask_collapse",), ylim=(0.0, None))
+    sat = _Panel("mask saturation (share of values)", "mask", ("mask_saturation",),
+                 ylim=(0.0, 1.0))
+    for stage, bs in ordered:
+        for mask in masks:
+            stats = bs.masks.get(mask, {})
+            name = f"{mask} " if many else ""
+            if "mean" in stats:
+                mean.curves.append((f"{name}mean" if many else "mean", stage, stats["mean"]))
+            if stage == "train" and "min" in stats and "max" in stats:
+                mean.bands.append(
+                    (f"{name}min to max", stats["min"], stats["max"], f"{name}mean" if many
+                     else "mean")
+                )
+            if "std" in stats:
+                std.curves.append((f"{name}std" if many else "std", stage, stats["std"]))
+            if "sat_low" in stats:
+                sat.curves.append((f"{name}below {t.saturation_low:g}", stage, stats["sat_low"]))
+            if "sat_high" in stats:
+                sat.curves.append(
+                    (f"{name}above {t.saturation_high:g}", stage, stats["sat_high"])
+                )
+            if _both_nonzero(stats.get("sat_low"), stats.get("sat_high")):
+                sat.curves.append((f"{name}below + above", stage,
+                                   _sum(stats["sat_low"], stats["sat_high"])))
+    std.thresholds.append((f"collapse < {t.std_threshold:g}", t.std_threshold, 0))
+    sat.thresholds.append(
+        (f"saturation: below + above > {t.saturation_threshold:g}", t.saturation_threshold, 0)
+    )
+
+    params = _Panel("parameters", "param", ("parameter_drift",))
+    grads = _Panel("gradient norms of the learnable parameters", "param", log=True)
+    for stage, bs in ordered:
+        for name, s in bs.params.items():
+            params.curves.append((name, stage, s))
+        for name, s in bs.grad_norms.items():
+            grads.curves.append((name, stage, s))
+    # the drift rule's limits, for the learnable parameters (those with a gradient norm)
+    learnable = set(train.grad_norms) if train is not None else set()
+    if "temperature" in learnable:
+        for attr, word in (("temperature_min", "min"), ("temperature_max", "max")):
+            if hasattr(t, attr):
+                params.thresholds.append((f"temperature {word}", getattr(t, attr), 0))
+    if learnable & set(UNIT_INTERVAL):
+        params.thresholds += [("drift: outside [0, 1]", 0.0, 0), ("drift: outside [0, 1]", 1.0, 0)]
+    rows = [[entropy, usage], [mean, std, sat], [params, grads]]
+    return [[p for p in row if p.curves] for row in rows if any(p.curves for p in row)]
+
+
+def _both_nonzero(low: Series | None, high: Series | None) -> bool:
+    # The sum is drawn only when it differs from both parts.
+    return low is not None and high is not None and any(low.values) and any(high.values)
+
+
+def _has_extremes(stages: dict[str, BlockSeries]) -> bool:
+    train = stages.get("train")
+    return train is not None and any("min" in m and "max" in m for m in train.masks.values())
+
+
+def _sum(a: Series, b: Series) -> Series:
+    other = dict(zip(b.steps, b.values, strict=True))
+    steps = [s for s in a.steps if s in other]
+    values = dict(zip(a.steps, a.values, strict=True))
+    return Series(steps, [values[s] + other[s] for s in steps])
+
+
+def _marks(panel: _Panel, kind: str) -> bool:
+    """Whether a warning of ``kind`` is marked on ``panel``: on the panel showing its
+    statistic; a kind no panel names (non-finite, a new kind) on every panel of the sections
+    it reads (every panel when unknown)."""
+    if kind in panel.marks:
+        return True
+    if kind in _NAMED_KINDS:
+        return False
+    sections = PROBLEM_KINDS[kind].sections if kind in PROBLEM_KINDS else None
+    return sections is None or panel.section in sections
+
+
+_NAMED_KINDS = frozenset({
+    "router_collapse", "router_indifference", "dead_branch", "mask_collapse",
+    "mask_saturation", "parameter_drift",
+})
+
+
+def _draw(ax, panel: _Panel, warnings: Sequence[Problem]) -> None:
+    colors: dict[str, str] = {}
+    for label, stage, s in panel.curves:
+        color = colors.setdefault(label, PALETTE[len(colors) % len(PALETTE)])
+        style = dict(_stage_style(stage))
+        if stage == "train" and len(s) == 1:
+            style.update(marker="o", markersize=4)
+        if label.endswith("below + above") and stage == "train":
+            style.update(linestyle=":")
+        # one legend entry per quantity (its first stage); the line styles of the stages are
+        # explained once under the figure
+        ax.plot(s.steps, _clean(s.values), color=color, label=label, **style)
+    for label, lo, hi, match in panel.bands:
+        common = dict(zip(hi.steps, hi.values, strict=True))
+        steps = [s for s in lo.steps if s in common]
+        low = dict(zip(lo.steps, lo.values, strict=True))
+        ax.fill_between(
+            steps, _clean([low[s] for s in steps]), _clean([common[s] for s in steps]),
+            color=colors.get(match, PALETTE[0]), alpha=0.15, linewidth=0, label=label,
+        )
+    if panel.log:
+        positive = [v for _, _, s in panel.curves for v in s.values if math.isfinite(v) and v > 0]
+        if positive and max(positive) / min(positive) > 50:
+            ax.set_yscale("log")
+    # Thresholds are drawn only where they do not squash the curves (a temperature of 1
+    # next to a limit at 20).
+    ymin, ymax = ax.get_ylim()
+    span = max(ymax - ymin, 1e-9)
+    steps = [x for _, _, s in panel.curves for x in s.steps]
+    x_start, x_end = (min(steps), max(steps)) if steps else (0, 1)
+    for label, y, x0 in panel.thresholds:
+        fits = panel.ylim is not None or ymin - 0.5 * span <= y <= ymax + 0.5 * span
+        if not fits or x0 > x_end:
+            continue
+        ax.hlines(y, max(x0, x_start), x_end, colors=THRESHOLD_COLOR, linestyles=(0, (1.5, 2)),
+                  linewidth=1.1, label=label)
+    for p in warnings:
+        if _marks(panel, p.kind):
+            ax.axvline(p.step, color=WARNING_COLOR, linewidth=1.0, alpha=0.6,
+                       label=f"warning: {verdict_phrase(p.kind)} (step {p.step})")
+    if panel.ylim is not None:
+        low, high = panel.ylim
+        cur_low, cur_high = ax.get_ylim()
+        ax.set_ylim(low if low is not None else cur_low,
+                    max(high, cur_high) if high is not None else cur_high)
+    ax.set_title(panel.title)
+    handles, labels = ax.get_legend_handles_labels()
+    unique: dict[str, object] = {}
+    for h, label in zip(handles, labels, strict=True):
+        unique.setdefault(label, h)  # the first stage drawn (training) stands for the rest
+    if unique:
+        ax.legend(unique.values(), unique.keys(), loc="best")
+
+
+def block_figure(
+    title: str,
+    stages: dict[str, BlockSeries],
+    thresholds: HealthThresholds,
+    warnings: Sequence[Problem] = (),
+    branch_label: Callable[[int], str] = lambda k: f"branch {k}",
+) -> bytes | None:
+    """PNG of one block: a row of panels per section (router, masks, parameters), ``None``
+    when the block logged nothing."""
+    rows = _panels(stages, thresholds, branch_label)
+    if not rows:
+        return None
+    cols = max(len(row) for row in rows)
+    with rc_context(STYLE):
+        fig = Figure(figsize=(PANEL_WIDTH * max(cols, 2), PANEL_HEIGHT * len(rows)),
+                     layout="constrained")
+        axes = fig.subplots(len(rows), max(cols, 2), squeeze=False, sharex=True)
+        for r, row in enumerate(rows):
+            for c, ax in enumerate(axes[r]):
+                if c >= len(row):
+                    ax.set_visible(False)
+                    continue
+                _draw(ax, row[c], warnings)
+                ax.xaxis.set_tick_params(labelbottom=True)
+                if r == len(rows) - 1:
+                    ax.set_xlabel("step")
+        fig.suptitle(title, fontsize=10.5, fontweight="bold", x=0.01, ha="left")
+        keys = [STAGE_KEYS[s] for s in STAGE_KEYS if s in stages]
+        if len(keys) > 1:
+            fig.supxlabel("   ".join(keys), fontsize=8, color="#555555", x=0.99, ha="right")
+        return _png(fig)
+
+
+# -- comparisons ---------------------------------------------------------------------------
+#: A curve of a comparison: (block, what of it: "" or a mask / parameter name, series).
+Curve = tuple[str, str, Series]
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A statistic compared across runs: ``curves(block_series)`` -> ``[Curve]``."""
+
+    title: str
+    section: str
+    curves: Callable[[BlockSeries], list[Curve]]
+    threshold: Callable[[HealthThresholds], tuple[str, float] | None] = lambda t: None
+    ylim: tuple[float, float] | None = None
+
+
+def _mask_curves(stat: str) -> Callable[[BlockSeries], list[Curve]]:
+    def curves(bs: BlockSeries) -> list[Curve]:
+        many = len(bs.masks) > 1
+        return [(bs.name, mask if many else "", stats[stat])
+                for mask, stats in bs.masks.items() if stat in stats]
+
+    return curves
+
+
+def _saturated(bs: BlockSeries) -> list[Curve]:
+    many = len(bs.masks) > 1
+    return [
+        (bs.name, mask if many else "", _sum(stats["sat_low"], stats["sat_high"]))
+        for mask, stats in bs.masks.items() if "sat_low" in stats and "sat_high" in stats
+    ]
+
+
+COMPARISONS: tuple[Comparison, ...] = (
+    Comparison(
+        "normalised router entropy", "router",
+        lambda bs: [(bs.name, "", bs.entropy_norm)] if bs.entropy_norm is not None else [],
+        lambda t: (f"collapse < {t.router_collapse_threshold:g}", t.router_collapse_threshold),
+        (0.0, 1.05),
+    ),
+    Comparison("mask mean", "mask", _mask_curves("mean"), ylim=(0.0, 1.0)),
+    Comparison(
+        "mask std", "mask", _mask_curves("std"),
+        lambda t: (f"collapse < {t.std_threshold:g}", t.std_threshold),
+    ),
+    Comparison(
+        "saturated share of mask values (below + above)", "mask", _saturated,
+        lambda t: (f"saturation > {t.saturation_threshold:g}", t.saturation_threshold),
+        (0.0, 1.0),
+    ),
+    Comparison(
+        "attention parameters", "param",
+        lambda bs: [(bs.name, n, s) for n, s in bs.params.items()],
+    ),
+)
+
+
+def short_names(names: Sequence[str]) -> tuple[dict[str, str], str]:
+    """Block names without the dotted prefix they all share (``net.features.attn1.block``
+    -> ``attn1.block``), and that prefix."""
+    parts = [n.split(".") for n in names]
+    common = 0
+    if parts:
+        shortest = min(len(p) for p in parts)
+        while common < shortest - 1 and len({p[common] for p in parts}) == 1:
+            common += 1
+    prefix = ".".join(parts[0][:common]) + "." if common else ""
+    return {n: ".".join(p[common:]) for n, p in zip(names, parts, strict=True)}, prefix
+
+
+def comparison_figure(
+    comparison: Comparison,
+    runs: Sequence[tuple[str, dict[str, BlockSeries], HealthThresholds]],
+) -> bytes | None:
+    """One panel per run (training statistics), shared x and y axes, one legend: a block has
+    the same colour in every run; masks / parameters of a block differ by line style.
+
+    ``runs``: ``(name, training blocks, thresholds)`` in column order. ``None`` when no run
+    has the statistic.
+    """
+    per_run = [
+        [c for bs in blocks.values() for c in comparison.curves(bs)] for _, blocks, _ in runs
+    ]
+    if not any(per_run):
+        return None
+    # first appearance order, each once
+    blocks = list(dict.fromkeys(b for curves in per_run for b, _, _ in curves))
+    subs = list(dict.fromkeys(sub for curves in per_run for _, sub, _ in curves))
+    short, prefix = short_names(blocks)
+    colors = {b: PALETTE[i % len(PALETTE)] for i, b in enumerate(blocks)}
+    styles = {sub: LINESTYLES[i % len(LINESTYLES)] for i, sub in enumerate(subs)}
+    cols = len(runs)
+    thresholds_shown: set[str] = set()
+    with rc_context(STYLE):
+        fig = Figure(figsize=(max(4.2 * cols, 7.0), 3.0), layout="constrained")
+        axes = fig.subplots(1, cols, squeeze=False, sharex=True, sharey=True)[0]
+        for ax, (name, _, thresholds), curves in zip(axes, runs, per_run, strict=True):
+            ax.set_title(name)
+            ax.set_xlabel("step")
+            ax.yaxis.set_tick_params(labelleft=True)
+            if not curves:
+                ax.text(0.5, 0.5, f"no {comparison.section} statistics",
+                        transform=ax.transAxes, ha="center", va="center", color="#888888")
+                continue
+            for block, sub, s in curves:
+                ax.plot(s.steps, _clean(s.values), color=colors[block],
+                        linestyle=styles[sub], label=f"{short[block]} {sub}".strip(),
+                        marker="o" if len(s) == 1 else None)
+            line = comparison.threshold(thresholds)
+            if line is not None:
+                thresholds_shown.add(line[0])
+                ax.axhline(line[1], color=THRESHOLD_COLOR, linestyle=(0, (1.5, 2)),
+                           linewidth=1.1, label=line[0])
+        if comparison.ylim is not None:
+            low, high = axes[0].get_ylim()
+            axes[0].set_ylim(min(low, comparison.ylim[0]), max(high, comparison.ylim[1]))
+        handles: dict[str, object] = {}
+        for ax in axes:
+            for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                handles.setdefault(label, h)
+        lines = {k: h for k, h in handles.items() if k not in thresholds_shown}
+        lines.update({k: h for k, h in handles.items() if k in thresholds_shown})  # last
+        fig.legend(lines.values(), lines.keys(), loc="outside lower center",
+                   ncols=min(5, len(lines)))
+        title = comparison.title + (f"   (blocks {prefix}*)" if prefix else "")
+        fig.suptitle(title, fontsize=10.5, fontweight="bold", x=0.01, ha="left")
+        return _png(fig)
+
+
+def metrics_figure(
+    metrics: Sequence[str], runs: Sequence[tuple[str, dict[str, Series]]]
+) -> bytes | None:
+    """One panel per metric, every run that has it overlaid (a run's colour is the same in
+    every panel); a metric logged once per run (a test score) as horizontal bars.
+    ``runs``: ``(name, {metric: series})``."""
+    present = [m for m in metrics if any(m in series for _, series in runs)]
+    if not present:
+        return None
+    colors = {name: PALETTE[i % len(PALETTE)] for i, (name, _) in enumerate(runs)}
+    cols = min(COLUMNS, len(present))
+    rows = math.ceil(len(present) / cols)
+    with rc_context(STYLE):
+        fig = Figure(figsize=(PANEL_WIDTH * cols, PANEL_HEIGHT * rows + 0.4),
+                     layout="constrained")
+        axes = fig.subplots(rows, cols, squeeze=False)
+        for i, ax in enumerate(axes.flat):
+            if i >= len(present):
+                ax.set_visible(False)
+                continue
+            metric = present[i]
+            ax.set_title(metric)
+            logged = [(name, series[metric]) for name, series in runs if metric in series]
+            if all(len(s) == 1 for _, s in logged):
+                _bars(ax, logged, colors)
+                continue
+            for name, s in logged:
+                ax.plot(s.steps, _clean(s.values), color=colors[name], label=name,
+                        marker="o" if len(s) <= 30 else None, markersize=4)
+            ax.set_xlabel("step")
+        handles: dict[str, object] = {}
+        for ax in axes.flat:
+            for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                handles.setdefault(label, h)
+        if handles:
+            fig.legend(handles.values(), handles.keys(), loc="outside lower center",
+                       ncols=min(4, len(handles)))
+        return _png(fig)
+
+
+def _bars(ax, logged: Sequence[tuple[str, Series]], colors: dict[str, str]) -> None:
+    names = [name for name, _ in logged][::-1]  # first run on top
+    values = [s.last for _, s in logged][::-1]
+    shown = _clean(values)
+    ax.barh(names, [0.0 if math.isnan(v) else v for v in shown],
+            color=[colors[n] for n in names], height=0.6)
+    for y, v in enumerate(values):
+        ax.text(0 if not math.isfinite(v) else v, y, f" {v:.4g}", va="center", fontsize=8)
+    ax.grid(axis="y", visible=False)
+    ax.set_axisbelow(True)
+    pad = max(0.75, (3 - len(names)) / 2 + 0.5)  # a lone bar stays slim
+    ax.set_ylim(-pad, len(names) - 1 + pad)
+    ax.set_xlabel(f"value at step {logged[0][1].steps[-1]}" if len(
+        {s.steps[-1] for _, s in logged}) == 1 else "value")
+    finite = [v for v in shown if not math.isnan(v)]
+    if finite and min(finite) >= 0:
+        ax.set_xlim(0, max(finite) * 1.18 or 1.0)

@@ -1,0 +1,397 @@
+"""The report as one self-contained HTML page and as Markdown.
+
+The HTML page carries its style and its figures (base64 PNG ``data:`` URLs): no script, no
+font, nothing fetched, so it opens from a file, an e-mail or a CI artifact. The Markdown
+document shows the same content and links the PNG files written beside it, for a README or a
+pull request.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import math
+from collections.abc import Sequence
+
+from .. import __version__
+from ..callbacks.health import Problem
+from .document import FigureFile, MetricSummary, Report, ReportTable, RunReport, slug
+from .verdicts import split_remedy, verdict_phrase
+
+__all__ = ["render_html", "render_markdown"]
+
+
+CSS = """
+:root { --fg:#1d2125; --muted:#5f6b76; --line:#d9dee3; --bg:#ffffff; --soft:#f5f7f9;
+        --ok:#1a7f37; --ok-bg:#dafbe1; --bad:#b42318; --bad-bg:#fee4e2; --warn:#9a6700;
+        --warn-bg:#fff4d1; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--fg);
+       font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+main { max-width: 1320px; margin: 0 auto; padding: 28px 32px 64px; }
+h1 { font-size: 26px; margin: 0 0 4px; }
+h2 { font-size: 21px; margin: 40px 0 10px; padding-bottom: 6px;
+     border-bottom: 2px solid var(--line); }
+h3 { font-size: 17px; margin: 28px 0 6px; }
+h3.block { font-family: ui-monospace, Menlo, Consolas, monospace; }
+.overview { display: flex; flex-wrap: wrap; gap: 8px 48px; align-items: flex-start; }
+.overview .verdicts { flex: 0 1 auto; min-width: 0; }
+.overview .maps { flex: 0 0 auto; max-width: 100%; }
+.overview .maps figure { display: table; margin-top: 0; }
+.overview .maps figcaption { display: table-caption; caption-side: bottom; }
+p { margin: 6px 0; }
+.meta, .caption, .note { color: var(--muted); font-size: 13.5px; }
+code, .mono { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; }
+nav { margin: 14px 0 0; font-size: 14px; }
+nav a { margin-right: 14px; }
+a { color: #0a58ca; text-decoration: none; }
+a:hover { text-decoration: underline; }
+table { border-collapse: collapse; margin: 10px 0 14px; font-size: 14px; }
+th, td { border: 1px solid var(--line); padding: 5px 10px; text-align: left; vertical-align: top; }
+th { background: var(--soft); font-weight: 600; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.badge { display: inline-block; padding: 1px 9px; border-radius: 10px; font-size: 12.5px;
+         font-weight: 600; white-space: nowrap; }
+.badge.healthy { color: var(--ok); background: var(--ok-bg); }
+.badge.problem { color: var(--bad); background: var(--bad-bg); }
+.badge.recovered { color: var(--warn); background: var(--warn-bg); }
+.badge.nodata { color: var(--muted); background: var(--soft); }
+.verdict { margin: 4px 0 10px; }
+figure { margin: 10px 0 18px; }
+figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
+img.maps { image-rendering: pixelated; }
+figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
+.warnings td:nth-child(4), .warnings td:nth-child(5) { min-width: 280px; }
+.notes { background: var(--warn-bg); border-left: 4px solid var(--warn); padding: 8px 14px;
+         margin: 10px 0; font-size: 13.5px; }
+.notes ul { margin: 4px 0; padding-left: 18px; }
+details { margin: 8px 0; font-size: 14px; }
+summary { cursor: pointer; color: var(--muted); }
+footer { margin-top: 48px; color: var(--muted); font-size: 13px; }
+"""
+
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if not math.isfinite(v):
+        return str(v)
+    return f"{v:.4g}"
+
+
+def _metric_cells(summary: MetricSummary) -> tuple[str, str]:
+    final = _num(summary.final)
+    if summary.final is not None:
+        final += f" (step {summary.final_step})"
+    best = _num(summary.best)
+    if summary.best is not None:
+        best += f" (step {summary.best_step})"
+    return final, best
+
+
+def _verdict_counts(run: RunReport) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for v in run.health.verdicts.values():
+        counts[v.status] = counts.get(v.status, 0) + 1
+    return counts
+
+
+def _count(status: str, n: int) -> str:
+    """``"1 healthy"``, ``"2 problems"``."""
+    return f"{n} {status}{'s' if status == 'problem' and n > 1 else ''}"
+
+
+def _anchor(*parts: str) -> str:
+    return "-".join(slug(p) for p in parts)
+
+
+def _steps(run: RunReport) -> str:
+    steps = run.steps
+    return f"{steps[0]}–{steps[1]}" if steps else "-"
+
+
+# -- HTML ------------------------------------------------------------------------------------
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _img(fig: FigureFile, cls: str = "", width: int | None = None) -> str:
+    data = base64.b64encode(fig.png).decode("ascii")
+    style = f' style="width:{width}px"' if width else ""
+    klass = f' class="{cls}"' if cls else ""
+    caption = f"<figcaption>{_e(fig.caption)}</figcaption>" if fig.caption else ""
+    return (
+        f'<figure><img{klass}{style} alt="{_e(fig.title)}" '
+        f'src="data:image/png;base64,{data}">{caption}</figure>'
+    )
+
+
+def _badge(status: str, text: str | None = None) -> str:
+    cls = status.replace(" ", "")
+    return f'<span class="badge {cls}">{_e(text or status)}</span>'
+
+
+def _html_table(columns: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
+    """``rows`` are HTML already."""
+    klass = f' class="{cls}"' if cls else ""
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(row) + "</tr>" for row in rows)
+    return f"<table{klass}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html_summary(report: Report) -> str:
+    columns = ["run", "blocks", "verdicts", "warnings", "steps"]
+    for spec in report.metrics:
+        columns += [f"{spec.name} final", f"{spec.name} best ({spec.mode})"]
+    rows = []
+    for run in report.runs:
+        counts = _verdict_counts(run)
+        verdicts = " ".join(
+            _badge(status, _count(status, n))
+            for status, n in sorted(counts.items())
+        ) or '<span class="note">no attention statistics</span>'
+        row = [
+            f'<td><a href="#{_anchor("run", run.name)}">{_e(run.name)}</a></td>',
+            f'<td class="num">{len(run.tags.block_names())}</td>',
+            f"<td>{verdicts}</td>",
+            f'<td class="num">{len(run.health.warnings) if run.has_attention else "-"}</td>',
+            f'<td class="num">{_steps(run)}</td>',
+        ]
+        for spec in report.metrics:
+            row += [f'<td class="num">{_e(c)}</td>' for c in _metric_cells(run.metrics[spec.name])]
+        rows.append(row)
+    return _html_table(columns, rows)
+
+
+def _html_extra(table: ReportTable) -> str:
+    rows = [[f"<td>{_e(c)}</td>" for c in row] for row in table.rows]
+    note = f'<p class="note">{_e(table.note)}</p>' if table.note else ""
+    return f"<h3>{_e(table.title)}</h3>{_html_table(table.columns, rows)}{note}"
+
+
+def _html_warnings(warnings: Sequence[Problem], with_block: bool) -> str:
+    columns = (["block"] if with_block else []) + ["step", "problem", "value", "what happened",
+                                                     "try"]
+    rows = []
+    for p in warnings:
+        text, remedy = split_remedy(p.message)
+        row = [f'<td class="mono">{_e(p.block)}</td>'] if with_block else []
+        row += [
+            f'<td class="num">{p.step}</td>',
+            f"<td>{_e(verdict_phrase(p.kind))}</td>",
+            f'<td class="num">{_num(p.value)} (threshold {_num(p.threshold)})</td>',
+            f"<td>{_e(text)}</td>",
+            f"<td>{_e(remedy) or '-'}</td>",
+        ]
+        rows.append(row)
+    return _html_table(columns, rows, "warnings")
+
+
+def _html_notes(notes: Sequence[str]) -> str:
+    if not notes:
+        return ""
+    items = "".join(f"<li>{_e(n)}</li>" for n in notes)
+    return f'<div class="notes"><strong>Notes</strong><ul>{items}</ul></div>'
+
+
+def _html_thresholds(run: RunReport) -> str:
+    t = run.health.thresholds
+    rows = [
+        [f'<td class="mono">{_e(f.name)}</td>', f'<td class="num">{_e(getattr(t, f.name))}</td>']
+        for f in dataclasses.fields(t)
+    ]
+    return (
+        f"<details><summary>Thresholds: {_e(run.health.thresholds_source)}</summary>"
+        f"{_html_table(['threshold', 'value'], rows)}</details>"
+    )
+
+
+def _html_run(run: RunReport, several: bool) -> str:
+    out = [f'<h2 id="{_anchor("run", run.name)}">{"Run: " if several else ""}{_e(run.name)}</h2>']
+    out.append(
+        f'<p class="meta"><code>{_e(run.log.path)}</code> · {_e(run.log.kind)} · steps '
+        f"{_steps(run)}</p>"
+    )
+    out.append(_html_notes(run.notes()))
+    if not run.has_attention:
+        out.append(f"<p>{_e(run.absence)}</p>")
+        return "\n".join(out)
+    blocks = run.tags.block_names()
+    rows = []
+    for block in blocks:
+        v = run.health.verdicts[block]
+        n = len(run.health.block_warnings(block))
+        rows.append([
+            f'<td class="mono"><a href="#{_anchor(run.name, block)}">{_e(block)}</a></td>',
+            f"<td>{_badge(v.status)} {_e(v.text)}</td>",
+            f'<td class="num">{n}</td>',
+        ])
+    head = "h3" if several else "h2"
+    # verdicts and the attention maps side by side (they wrap on a narrow window)
+    left = [f"<{head}>Verdicts</{head}>", _html_table(["block", "verdict", "warnings"], rows),
+            _html_thresholds(run)]
+    right = []
+    if run.attention_map is not None:
+        right = [f"<{head}>Attention maps</{head}>",
+                 _img(run.attention_map, "maps", _map_width(run.attention_map.png))]
+    out.append(f'<div class="overview"><div class="verdicts">{"".join(left)}</div>'
+               f'<div class="maps">{"".join(right)}</div></div>')
+    out.append(f"<{head}>Warnings</{head}>")
+    out.append(f'<p class="note">{_e(run.health.warnings_source)}.</p>')
+    if run.health.warnings:
+        out.append(_html_warnings(run.health.warnings, with_block=True))
+    else:
+        out.append("<p>No warning.</p>")
+    for block in blocks:
+        v = run.health.verdicts[block]
+        out.append(f'<h3 class="block" id="{_anchor(run.name, block)}">{_e(block)}</h3>')
+        out.append(f'<p class="verdict">{_badge(v.status)} {_e(v.text)}</p>')
+        fig = run.block_figures.get(block)
+        if fig is not None:
+            out.append(_img(fig))
+    return "\n".join(out)
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    # IHDR: 8-byte signature, 4-byte length, "IHDR", then width and height (big-endian).
+    if png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) >= 24:
+        return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    return 400, 400
+
+
+def _map_width(png: bytes, height: int = 820, width: int = 1200, least: int = 360) -> int:
+    """Display width of the map grid: enlarged (its pixels stay sharp) to 3x, or to ``least``
+    pixels for a tiny grid, but at most ``width`` wide and ``height`` tall."""
+    w, h = _png_size(png)
+    return int(min(max(3 * w, least), width, height * w / max(h, 1)))
+
+
+def render_html(report: Report) -> str:
+    """The self-contained HTML page."""
+    several = len(report.runs) > 1
+    nav = ['<a href="#summary">summary</a>']
+    if report.metrics_figure is not None:
+        nav.append('<a href="#metrics">metrics</a>')
+    if report.comparisons:
+        nav.append('<a href="#comparison">comparison</a>')
+    nav += [f'<a href="#{_anchor("run", r.name)}">{_e(r.name)}</a>' for r in report.runs]
+    body = [
+        f"<h1>{_e(report.title)}</h1>",
+        f'<p class="meta">{len(report.runs)} run{"s" if several else ""} · generated '
+        f"{_e(report.generated)} by lightning-attn {_e(__version__)}</p>",
+        f"<nav>{''.join(nav)}</nav>",
+        '<h2 id="summary">Summary</h2>',
+        _html_summary(report),
+    ]
+    body += [_html_extra(t) for t in report.tables]
+    if report.metrics_figure is not None:
+        body += ['<h2 id="metrics">Metrics</h2>', _img(report.metrics_figure)]
+    if report.comparisons:
+        body.append('<h2 id="comparison">Attention statistics side by side</h2>')
+        left_out = (
+            f" Not shown (no attention statistics): {', '.join(report.not_compared)}."
+            if report.not_compared else ""
+        )
+        body.append('<p class="note">Training statistics of every block, one panel per run, '
+                    f"same axes; a block has the same colour in every run.{_e(left_out)}</p>")
+        body += [_img(f) for f in report.comparisons]
+    body += [_html_run(run, several) for run in report.runs]
+    body.append(
+        "<footer>Verdicts and warnings follow the health rules of "
+        "<code>lightning_attn.callbacks.health</code> with each run's thresholds. "
+        "Solid lines: training; dashed with dots: validation; stars: test. Dotted grey: "
+        "thresholds. Red: the step of a warning.</footer>"
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(report.title)}</title><style>{CSS}</style></head>"
+        f"<body><main>\n" + "\n".join(b for b in body if b) + "\n</main></body></html>\n"
+    )
+
+
+# -- Markdown --------------------------------------------------------------------------------
+def _md_cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(_md_cell(c) for c in columns) + " |",
+             "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _md_img(fig: FigureFile) -> str:
+    text = f"![{fig.title}]({fig.filename})"
+    return f"{text}\n\n_{fig.caption}_" if fig.caption else text
+
+
+def render_markdown(report: Report) -> str:
+    """The Markdown document (figures as links to the PNG files beside it)."""
+    several = len(report.runs) > 1
+    out = [f"# {report.title}", "",
+           f"{len(report.runs)} run{'s' if several else ''} · generated {report.generated} by "
+           f"lightning-attn {__version__}", "", "## Summary", ""]
+    columns = ["run", "blocks", "verdicts", "warnings", "steps"]
+    for spec in report.metrics:
+        columns += [f"{spec.name} final", f"{spec.name} best ({spec.mode})"]
+    rows = []
+    for run in report.runs:
+        counts = _verdict_counts(run)
+        verdicts = ", ".join(_count(s, n) for s, n in sorted(counts.items()))
+        row = [run.name, len(run.tags.block_names()), verdicts or "no attention statistics",
+               len(run.health.warnings) if run.has_attention else "-", _steps(run)]
+        for spec in report.metrics:
+            row += list(_metric_cells(run.metrics[spec.name]))
+        rows.append(row)
+    out += [_md_table(columns, rows), ""]
+    for table in report.tables:
+        out += [f"### {table.title}", "", _md_table(table.columns, table.rows), ""]
+        if table.note:
+            out += [table.note, ""]
+    if report.metrics_figure is not None:
+        out += ["## Metrics", "", _md_img(report.metrics_figure), ""]
+    if report.comparisons:
+        out += ["## Attention statistics side by side", ""]
+        if report.not_compared:
+            out += [f"Not shown (no attention statistics): {', '.join(report.not_compared)}.",
+                    ""]
+        for fig in report.comparisons:
+            out += [_md_img(fig), ""]
+    for run in report.runs:
+        h2, h3 = ("##", "###")
+        out += [f"{h2} {'Run: ' if several else ''}{run.name}", "",
+                f"`{run.log.path}` · {run.log.kind} · steps {_steps(run)}", ""]
+        notes = run.notes()
+        if notes:
+            out += ["> **Notes**"] + [f"> - {n}" for n in notes] + [""]
+        if not run.has_attention:
+            out += [run.absence, ""]
+            continue
+        rows = [[f"`{b}`", f"**{v.status}**: {v.text}", len(run.health.block_warnings(b))]
+                for b, v in ((b, run.health.verdicts[b]) for b in run.tags.block_names())]
+        out += [f"{h3} Verdicts", "", _md_table(["block", "verdict", "warnings"], rows), "",
+                f"Thresholds: {run.health.thresholds_source}.", "",
+                f"{h3} Warnings", "", f"_{run.health.warnings_source}._", ""]
+        if run.health.warnings:
+            wrows = []
+            for p in run.health.warnings:
+                text, remedy = split_remedy(p.message)
+                wrows.append([f"`{p.block}`", p.step, verdict_phrase(p.kind),
+                              f"{_num(p.value)} (threshold {_num(p.threshold)})", text,
+                              remedy or "-"])
+            out += [_md_table(["block", "step", "problem", "value", "what happened", "try"],
+                              wrows), ""]
+        else:
+            out += ["No warning.", ""]
+        if run.attention_map is not None:
+            out += [f"{h3} Attention maps", "", _md_img(run.attention_map), ""]
+        for block in run.tags.block_names():
+            v = run.health.verdicts[block]
+            out += [f"{h3} `{block}`", "", f"**{v.status}**: {v.text}", ""]
+            fig = run.block_figures.get(block)
+            if fig is not None:
+                out += [_md_img(fig), ""]
+    return "\n".join(out).rstrip() + "\n"

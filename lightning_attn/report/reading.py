@@ -1,0 +1,368 @@
+"""Reading runs: TensorBoard event files (or CSVLogger's ``metrics.csv``) -> :class:`RunLog`.
+
+A *run* is a directory that directly holds event files, as in TensorBoard (``--logdir``
+shows one run per such directory); a LOGDIR may hold several (``runs/dsa/version_0``,
+``runs/dsa/version_1``). The files of a run are read in name order (their names start with
+the creation time) into one tensorboard ``EventAccumulator``, so restarts are handled as
+TensorBoard handles them. A LOGDIR with no event file anywhere falls back to the
+``metrics.csv`` files of CSVLogger (scalars only).
+
+Event files are read once, through tensorboard's own record reader and ``EventAccumulator``,
+with a ``rich`` progress bar over their bytes (the reader checks a CRC per record in pure
+Python: about 3 MB/s). A file that cannot be opened, or whose records stop before its end
+(a truncated or corrupt file), is named in :attr:`RunLog.notes`; the records before the
+damage are kept, as TensorBoard keeps them.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+__all__ = [
+    "ImageRecord",
+    "ReportError",
+    "RunLog",
+    "RunSource",
+    "Series",
+    "find_runs",
+    "read_runs",
+]
+
+#: ``size_guidance`` of the accumulator: 0 keeps every event (histograms are not shown).
+SIZE_GUIDANCE = {
+    "scalars": 0, "images": 0, "tensors": 0, "histograms": 1, "compressedHistograms": 1,
+    "audio": 1,
+}
+_RECORD_FRAMING = 16  # TFRecord: 8-byte length, 4-byte length CRC, data, 4-byte data CRC
+CSV_NAME = "metrics.csv"
+_VERSION_DIR = re.compile(r"version_\d+")
+
+
+class ReportError(Exception):
+    """A problem with the report's input, shown as one line (no traceback) by the command."""
+
+
+@dataclass
+class Series:
+    """One scalar tag over the steps: ``steps`` ascending, one value per step."""
+
+    steps: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def last(self) -> float:
+        return self.values[-1]
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image event: its step and its encoded bytes (PNG as written by TensorBoard)."""
+
+    step: int
+    encoded: bytes
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class RunSource:
+    """Where a run's data is: a directory with event files, or a ``metrics.csv``."""
+
+    name: str
+    path: Path
+    kind: str  # "tensorboard" or "csv"
+    files: tuple[Path, ...]
+
+    @property
+    def size(self) -> int:
+        total = 0
+        for f in self.files:
+            try:
+                total += f.stat().st_size
+            except OSError:
+                pass
+        return total
+
+
+@dataclass
+class RunLog:
+    """Everything read from one run.
+
+    Attributes:
+        name: label of the run on the page.
+        path: its directory (or file).
+        kind: ``"tensorboard"`` or ``"csv"``.
+        scalars: tag -> :class:`Series`, in the order the tags first appeared.
+        images: tag -> image events in step order.
+        texts: tag -> ``(step, text)`` in step order (``add_text``'s ``/text_summary``
+            suffix removed).
+        notes: what went wrong while reading (skipped or damaged files), one line each.
+    """
+
+    name: str
+    path: Path
+    kind: str
+    scalars: dict[str, Series] = field(default_factory=dict)
+    images: dict[str, list[ImageRecord]] = field(default_factory=dict)
+    texts: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_event_file(name: str) -> bool:
+    return "tfevents" in name  # tensorboard's own test (io_wrapper.IsSummaryEventsFile)
+
+
+def _base_name(logdir: Path) -> str:
+    path = logdir if logdir.is_dir() else logdir.parent
+    name = path.resolve().name or str(path)
+    if _VERSION_DIR.fullmatch(name) and path.resolve().parent.name:
+        return f"{path.resolve().parent.name}/{name}"
+    return name
+
+
+def find_runs(logdir: str | os.PathLike, name: str | None = None) -> list[RunSource]:
+    """The runs under ``logdir`` (a directory, an event file or a ``metrics.csv``).
+
+    Every directory holding event files is one run; with no event file anywhere under
+    ``logdir``, every directory holding a ``metrics.csv`` is one. Runs are named
+    ``name`` (default: the directory's name, with its parent for ``version_N``), followed by
+    their path below ``logdir`` when there are several.
+
+    Raises:
+        ReportError: ``logdir`` does not exist, or holds neither event files nor a CSV.
+    """
+    root = Path(logdir)
+    if not root.exists():
+        raise ReportError(f"LOGDIR {str(root)!r} does not exist")
+    base = name or _base_name(root)
+    if root.is_file():
+        if _is_event_file(root.name):
+            return [RunSource(base, root, "tensorboard", (root,))]
+        if root.name.endswith(".csv"):
+            return [RunSource(base, root, "csv", (root,))]
+        raise ReportError(
+            f"LOGDIR {str(root)!r} is a file but neither an event file "
+            f"(events.out.tfevents.*) nor a {CSV_NAME}"
+        )
+    events: dict[Path, list[Path]] = {}
+    tables: dict[Path, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        here = Path(dirpath)
+        found = sorted(here / f for f in filenames if _is_event_file(f))
+        if found:
+            events[here] = found
+        if CSV_NAME in filenames:
+            tables[here] = here / CSV_NAME
+    if events:
+        kind, dirs = "tensorboard", {d: tuple(fs) for d, fs in events.items()}
+    elif tables:
+        kind, dirs = "csv", {d: (f,) for d, f in tables.items()}
+    else:
+        raise ReportError(
+            f"LOGDIR {str(root)!r} holds no TensorBoard event files (events.out.tfevents.*) "
+            f"and no {CSV_NAME}: point it at a logger's directory (e.g. runs/dsa/version_0)"
+        )
+    runs = []
+    for d in sorted(dirs):
+        rel = d.relative_to(root).as_posix()
+        label = base if len(dirs) == 1 or rel == "." else f"{base}/{rel}"
+        runs.append(RunSource(label, d, kind, dirs[d]))
+    return runs
+
+
+# -- event files -------------------------------------------------------------------------------
+class _EventRecords:
+    """The events of several files in order, for an ``EventAccumulator`` (its ``Load()``).
+
+    Advances ``advance(bytes)`` after each record and notes each file that cannot be opened
+    or whose records end before the file does.
+    """
+
+    def __init__(self, files: Sequence[Path], advance: Callable[[int], None], notes: list[str]):
+        self.files = files
+        self.advance = advance
+        self.notes = notes
+        self.used = False
+
+    def Load(self) -> Iterator:  # noqa: N802 - the accumulator's loader protocol
+        from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+        from tensorboard.compat.proto import event_pb2
+
+        self.used = True
+        for path in self.files:
+            try:
+                size = path.stat().st_size
+            except OSError as err:
+                self.notes.append(f"skipped unreadable event file {str(path)!r} ({err})")
+                continue
+            done = 0
+            events = 0
+            try:
+                for record in RawEventFileLoader(str(path)).Load():
+                    event = event_pb2.Event.FromString(record)
+                    done += len(record) + _RECORD_FRAMING
+                    events += 1
+                    self.advance(len(record) + _RECORD_FRAMING)
+                    yield event
+            except Exception as err:  # any reader or decode failure: name the file, go on
+                detail = f"{type(err).__name__}: {err}"
+            else:
+                detail = "truncated or corrupt record"
+            if done < size:
+                self.advance(size - done)
+                if events == 0:
+                    self.notes.append(
+                        f"skipped unreadable event file {str(path)!r} ({detail})"
+                    )
+                else:
+                    self.notes.append(
+                        f"event file {str(path)!r} is damaged at byte {done} of {size} "
+                        f"({detail}); kept the {events} events before it"
+                    )
+
+
+def _strip_text_suffix(tag: str) -> str:
+    return tag[: -len("/text_summary")] if tag.endswith("/text_summary") else tag
+
+
+def _read_events(source: RunSource, advance: Callable[[int], None]) -> RunLog:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    run = RunLog(source.name, source.path, source.kind)
+    directory = source.path if source.path.is_dir() else source.path.parent
+    acc = EventAccumulator(str(directory), size_guidance=SIZE_GUIDANCE)
+    records = _EventRecords(source.files, advance, run.notes)
+    # Our loader instead of the accumulator's own: the same files and reader, plus progress
+    # and a note for each damaged file. Should a tensorboard release rename the attribute,
+    # Reload() reads the directory itself (same data, no progress).
+    acc._generator = records
+    acc.Reload()
+    if not records.used:
+        advance(source.size)
+    tags = acc.Tags()
+    for tag in tags.get("scalars", []):
+        points: dict[int, float] = {}
+        for e in acc.Scalars(tag):
+            points[int(e.step)] = float(e.value)  # a repeated step: the later value wins
+        steps = sorted(points)
+        run.scalars[tag] = Series(steps, [points[s] for s in steps])
+    for tag in tags.get("images", []):
+        run.images[tag] = sorted(
+            (
+                ImageRecord(int(e.step), bytes(e.encoded_image_string), e.width, e.height)
+                for e in acc.Images(tag)
+            ),
+            key=lambda r: r.step,
+        )
+    for tag in tags.get("tensors", []):
+        try:
+            plugin = acc.SummaryMetadata(tag).plugin_data.plugin_name
+        except (KeyError, AttributeError):
+            plugin = ""
+        if plugin != "text":
+            continue
+        texts = []
+        for e in acc.Tensors(tag):
+            array = tensor_util.make_ndarray(e.tensor_proto)
+            for item in array.reshape(-1).tolist():
+                texts.append(
+                    (int(e.step), item.decode("utf-8", "replace") if isinstance(item, bytes)
+                     else str(item))
+                )
+        run.texts[_strip_text_suffix(tag)] = sorted(texts, key=lambda t: t[0])
+    return run
+
+
+# -- CSV -------------------------------------------------------------------------------------
+def _counted_lines(handle, advance: Callable[[int], None]) -> Iterator[str]:
+    for line in handle:
+        advance(len(line.encode("utf-8")))
+        yield line
+
+
+def _read_csv(source: RunSource, advance: Callable[[int], None]) -> RunLog:
+    run = RunLog(source.name, source.path, source.kind)
+    (path,) = source.files
+    columns: dict[str, dict[int, float]] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(_counted_lines(handle, advance))
+            if reader.fieldnames is None or "step" not in reader.fieldnames:
+                run.notes.append(f"skipped {str(path)!r}: no 'step' column (not CSVLogger's)")
+                return run
+            for row in reader:
+                try:
+                    step = int(float(row["step"]))
+                except (TypeError, ValueError):
+                    continue
+                for tag, text in row.items():
+                    if tag in (None, "step", "epoch") or text in (None, ""):
+                        continue
+                    try:
+                        value = float(text)
+                    except ValueError:
+                        continue
+                    columns.setdefault(tag, {})[step] = value
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        run.notes.append(f"skipped unreadable {str(path)!r} ({type(err).__name__}: {err})")
+        return run
+    for tag in sorted(columns, key=natural_key):
+        points = columns[tag]
+        steps = sorted(points)
+        run.scalars[tag] = Series(steps, [points[s] for s in steps])
+    return run
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key that puts ``stages.2`` before ``stages.10``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text))
+
+
+# -- all runs --------------------------------------------------------------------------------
+def progress_bar(enabled: bool, *columns: ProgressColumn) -> Progress:
+    """A transient ``rich`` bar on stderr, only on a terminal (no blank lines in CI logs)."""
+    console = Console(stderr=True)
+    return Progress(*columns, console=console, transient=True,
+                    disable=not (enabled and console.is_terminal))
+
+
+def read_runs(sources: Iterable[RunSource], progress: bool = True) -> list[RunLog]:
+    """Read every run, with one ``rich`` progress bar over all their bytes."""
+    sources = list(sources)
+    total = sum(s.size for s in sources)
+    bar = progress_bar(
+        progress, TextColumn("[progress.description]{task.description}"), BarColumn(),
+        DownloadColumn(), TimeRemainingColumn(),
+    )
+    runs = []
+    with bar:
+        task = bar.add_task("reading logs", total=max(total, 1))
+        for source in sources:
+            bar.update(task, description=f"reading {source.name}")
+
+            def advance(n: int) -> None:
+                bar.advance(task, n)
+
+            read = _read_events if source.kind == "tensorboard" else _read_csv
+            runs.append(read(source, advance))
+    return runs

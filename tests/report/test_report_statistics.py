@@ -1,0 +1,156 @@
+"""The adapter (logged scalars -> GlobalStats), thresholds, verdict phrases, metric modes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from lightning_attn.callbacks import (
+    PROBLEM_KINDS,
+    BlockStats,
+    GlobalStats,
+    HealthThresholds,
+    MaskStats,
+    RouterStats,
+    find_problems,
+)
+from lightning_attn.callbacks.tags import scalar_metrics
+from lightning_attn.report import MetricSpec, stats_from_scalars, thresholds_from_config
+from lightning_attn.report.verdicts import VERDICTS, split_remedy, verdict_phrase
+
+SECTIONS = frozenset({"mask", "router", "param"})
+
+
+def _mask(mean, std, low=0.0, high=0.0, nonfinite=0):
+    return MaskStats(count=100, mean=mean, std=std, sat_low=low, sat_high=high,
+                     nonfinite=nonfinite)
+
+
+def _router(*usage, entropy_norm=0.5):
+    k = len(usage)
+    return RouterStats(count=8, entropy=entropy_norm * math.log(k), entropy_norm=entropy_norm,
+                       usage=tuple(usage), nonfinite=0)
+
+
+STATS = GlobalStats(step=700, blocks={
+    "a.collapsed": BlockStats(masks={"mask": _mask(0.5, 0.001)}, router=_router(0.5, 0.3, 0.2),
+                              params={"temperature": 1.5}, grad_norms={"temperature": 0.1}),
+    "b.saturated": BlockStats(masks={"mask_h": _mask(0.5, 0.3, 0.4, 0.3),
+                                     "mask_w": _mask(0.5, 0.2)},
+                              params={"alpha": 0.9, "beta": 0.5}),
+    "c.router": BlockStats(masks={"mask": _mask(0.4, 0.2)},
+                           router=_router(0.999, 0.001, 0.0, entropy_norm=0.01)),
+    "d.indifferent": BlockStats(masks={"mask": _mask(0.4, 0.2)},
+                                router=_router(0.34, 0.33, 0.33, entropy_norm=0.99)),
+    "e.nan": BlockStats(masks={"mask": _mask(math.nan, math.nan, nonfinite=3)},
+                        params={"temperature": math.inf}),
+})
+
+
+def _key(problems):
+    return [(p.block, p.kind, p.value, p.threshold, p.step) for p in problems]
+
+
+def test_adapter_inverts_scalar_metrics_and_gives_the_same_problems():
+    rebuilt = stats_from_scalars(STATS.step, scalar_metrics(STATS, SECTIONS))
+    assert rebuilt.step == STATS.step and list(rebuilt.blocks) == list(STATS.blocks)
+    for name, bs in STATS.blocks.items():
+        rb = rebuilt.blocks[name]
+        for mask, m in bs.masks.items():
+            r = rb.masks[mask]
+            for f in ("mean", "std", "sat_low", "sat_high"):
+                assert (getattr(r, f) == getattr(m, f)) or math.isnan(getattr(m, f))
+            assert bool(r.nonfinite) == bool(m.nonfinite)
+        if bs.router is None:
+            assert rb.router is None
+        else:
+            assert rb.router.usage == bs.router.usage
+            assert rb.router.entropy_norm == bs.router.entropy_norm
+        assert rb.grad_norms == bs.grad_norms
+        assert rb.params.keys() == bs.params.keys()
+    thresholds = HealthThresholds()
+    expected = find_problems(STATS, thresholds, tuple(PROBLEM_KINDS), SECTIONS)
+    got = find_problems(rebuilt, thresholds, tuple(PROBLEM_KINDS), SECTIONS)
+    assert {p.kind for p in expected} == {
+        "mask_collapse", "mask_saturation", "router_collapse", "router_indifference",
+        "dead_branch", "nonfinite",
+    }
+    assert _key(got) == _key(expected)
+    # the same messages, but for how many values were NaN (counts are not logged)
+    for g, e in zip(got, expected, strict=True):
+        if g.kind == "nonfinite":
+            assert "mask 'mask' (1 values)" in g.message and "(3 values)" in e.message
+        else:
+            assert g.message == e.message
+
+
+def test_adapter_ignores_other_tags_and_fills_missing_normalised_entropy():
+    scalars = {
+        "val/attn/x/mask/std": 0.0, "train/loss": 1.0,
+        "attn/x/router/entropy": math.log(2) / 2, "attn/x/router/usage_0": 0.9,
+        "attn/x/router/usage_1": 0.1, "attn/x/mask/mean": 0.5, "attn/x/mask/std": 0.1,
+        "attn/x/param/alpha": 0.5, "attn/x/param/alpha_grad_norm": 0.2,
+    }
+    stats = stats_from_scalars(5, scalars)
+    (bs,) = stats.blocks.values()
+    assert bs.router.entropy_norm == pytest.approx(0.5)
+    assert bs.masks["mask"].std == 0.1 and bs.masks["mask"].sat_low == 0.0
+    assert bs.params == {"alpha": 0.5} and bs.grad_norms == {"alpha": 0.2}
+    if "trainable" in {f.name for f in dataclasses.fields(BlockStats)}:
+        assert bs.trainable == frozenset({"alpha"})
+
+
+def test_thresholds_from_config():
+    t, source, notes = thresholds_from_config(
+        {"thresholds": {"std_threshold": 0.1, "dead_branch_factor": 0.2, "not_a_field": 3}}
+    )
+    assert (t.std_threshold, t.dead_branch_factor) == (0.1, 0.2)
+    assert t.saturation_low == HealthThresholds().saturation_low
+    assert source == "the run's attn/config"
+    assert notes == ["thresholds unknown to this version, ignored: not_a_field"]
+    t, source, notes = thresholds_from_config(None)
+    assert t == HealthThresholds() and source.startswith("defaults") and not notes
+    t, source, notes = thresholds_from_config({"thresholds": {"std_threshold": 7.0}})
+    assert t == HealthThresholds() and "invalid" in source and "std_threshold" in notes[0]
+
+
+def test_every_problem_kind_has_a_verdict_phrase():
+    for kind in PROBLEM_KINDS:
+        assert kind in VERDICTS, f"add a verdict phrase for {kind!r} in report/verdicts.py"
+    assert verdict_phrase("mask_collapse") == "collapsed"
+    assert verdict_phrase("router_indifference") == "router ignoring its input"
+    assert verdict_phrase("parameter_drift") == "drifting parameter"
+    assert verdict_phrase("some_new_kind") == "some new kind"
+
+
+def test_split_remedy():
+    assert split_remedy("block 'x' at step 3: bad. Try: less of it.") == (
+        "block 'x' at step 3: bad.", "less of it"
+    )
+    assert split_remedy("no remedy here") == ("no remedy here", "")
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "mode"),
+    [("val/acc", "val/acc", "max"), ("val/loss", "val/loss", "min"),
+     ("test/err", "test/err", "min"), ("val/loss:max", "val/loss", "max"),
+     ("val/loc/a.b:min", "val/loc/a.b", "min")],
+)
+def test_metric_modes(text, name, mode):
+    assert MetricSpec.parse(text) == MetricSpec(name, mode)
+
+
+def test_describe_names_the_drifting_parameter():
+    from lightning_attn.callbacks import Problem
+    from lightning_attn.report.verdicts import describe
+
+    drift = Problem("b", "parameter_drift", 1.02, 1.0, 9,
+                    "attention block 'b' at step 9: learnable alpha_h = 1.02 outside [0, 1]")
+    assert describe(drift) == "alpha_h 1.02 > 1"
+    collapse = Problem("b", "mask_collapse", 0.001, 0.02, 9, "...")
+    assert describe(collapse) == "mask std 0.001 < 0.02"
+    assert describe(Problem("b", "nonfinite", 2.0, 0.0, 9, "...")) == (
+        "NaN or Inf in 2 quantities"
+    )
