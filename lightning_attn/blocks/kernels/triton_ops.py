@@ -70,6 +70,7 @@ about 2048 elements (8 KB in float32, 16 per thread with 4 warps):
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -78,8 +79,6 @@ from torch import Tensor
 
 __all__ = ["coord_pool", "coord_scale", "dsa_apply", "dsa_summary"]
 
-#: Elements per tile load (8 KB of float32): 16 per thread with 4 warps.
-_TILE = 2048
 #: Widest row (``W`` rounded up to a power of two) a CoordinateAttention kernel holds.
 _MAX_ROW = 8192
 #: In-sample offsets are 32-bit; the batch offset is 64-bit.
@@ -97,12 +96,28 @@ _DOUBLE_BACKWARD = (
 
 
 @triton.jit
-def _pixel_offsets(offs_s, W, stride_h, stride_w, FLAT: tl.constexpr):
-    # FLAT: H and W fold into one index with stride ``stride_w`` (contiguous, channels_last);
-    # Triton specialises a stride of 1, so NCHW loads are known to be contiguous.
-    if FLAT:
-        return offs_s * stride_w
-    return (offs_s // W) * stride_h + (offs_s % W) * stride_w
+def _add_combine(a, b):
+    return a + b
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min_combine(a, b):
+    return tl.minimum(a, b)
+
+
+# tl.sum, tl.max and tl.min are jit functions around tl.reduce with these combine functions
+# of triton.language.standard. Reducing with them directly compiles to the same code, and
+# Triton's interpreter runs it as one numpy call instead of re-patching the language for
+# each nested jit call (~4 ms each: most of the tests' time). Our own combine functions
+# stand in (correct, only slower in the interpreter) if a Triton release renames them.
+_ADD = getattr(tl.standard, "_sum_combine", _add_combine)
+_MAX = getattr(tl.standard, "_elementwise_max", _max_combine)
+_MIN = getattr(tl.standard, "_elementwise_min", _min_combine)
 
 
 @triton.jit
@@ -116,7 +131,8 @@ def _dsa_summary_kernel(
     b = (pid // n_sblk).to(tl.int64)
     offs_s = (pid % n_sblk) * BLOCK_S + tl.arange(0, BLOCK_S)
     s_in = offs_s < HW
-    x_pix = x_ptr + b * sxb + _pixel_offsets(offs_s, W, sxh, sxw, FLAT)
+    h, w = offs_s // W, offs_s % W  # unused (and removed) when the pixels fold
+    x_pix = x_ptr + b * sxb + (offs_s * sxw if FLAT else h * sxh + w * sxw)
 
     # Per-lane accumulators, reduced across lanes once at the end. ``C`` marks "none yet".
     acc_sum = tl.zeros((BLOCK_C, BLOCK_S), ACC)
@@ -137,10 +153,10 @@ def _dsa_summary_kernel(
         acc_max = tl.where(take, v, acc_max)
         acc_arg = tl.where(take, channel, acc_arg)
 
-    total = tl.sum(acc_sum, axis=0)
-    best = tl.max(acc_max, axis=0)
-    arg = tl.min(tl.where((acc_max == best[None, :]) & (acc_arg < C), acc_arg, C), axis=0)
-    first_nan = tl.min(acc_nan, axis=0)
+    total = tl.reduce(acc_sum, 0, _ADD)
+    best = tl.reduce(acc_max, 0, _MAX)
+    arg = tl.reduce(tl.where((acc_max == best[None, :]) & (acc_arg < C), acc_arg, C), 0, _MIN)
+    first_nan = tl.reduce(acc_nan, 0, _MIN)
     has_nan = first_nan < C
     best = tl.where(has_nan, float("nan"), best)
     arg = tl.where(has_nan, first_nan, arg)
@@ -162,11 +178,12 @@ def _dsa_summary_backward_kernel(
     b = (pid // n_sblk).to(tl.int64)
     offs_s = (pid % n_sblk) * BLOCK_S + tl.arange(0, BLOCK_S)
     s_in = offs_s < HW
+    h, w = offs_s // W, offs_s % W  # unused (and removed) when the pixels fold
     gs = gs_ptr + b * 2 * HW + offs_s
     g_mean = tl.load(gs, mask=s_in, other=0.0).to(ACC) / C
     g_max = tl.load(gs + HW, mask=s_in, other=0.0).to(ACC)
     arg = tl.load(arg_ptr + b * HW + offs_s, mask=s_in, other=-1)
-    gx_pix = gx_ptr + b * sgb + _pixel_offsets(offs_s, W, sgh, sgw, FLAT)
+    gx_pix = gx_ptr + b * sgb + (offs_s * sgw if FLAT else h * sgh + w * sgw)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         inside = (offs_c < C)[:, None] & s_in[None, :]
@@ -190,9 +207,10 @@ def _dsa_apply_kernel(
     b = (pid // n_sblk).to(tl.int64)
     offs_s = (pid % n_sblk) * BLOCK_S + tl.arange(0, BLOCK_S)
     s_in = offs_s < HW
+    h, w = offs_s // W, offs_s % W  # unused (and removed) when the pixels fold
     mask = tl.load(m_ptr + b * HW + offs_s, mask=s_in, other=0.0).to(ACC)
-    x_pix = x_ptr + b * sxb + _pixel_offsets(offs_s, W, sxh, sxw, FLAT_X)
-    y_pix = y_ptr + b * syb + _pixel_offsets(offs_s, W, syh, syw, FLAT_Y)
+    x_pix = x_ptr + b * sxb + (offs_s * sxw if FLAT_X else h * sxh + w * sxw)
+    y_pix = y_ptr + b * syb + (offs_s * syw if FLAT_Y else h * syh + w * syw)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         inside = (offs_c < C)[:, None] & s_in[None, :]
@@ -219,10 +237,11 @@ def _dsa_apply_backward_kernel(
     b = (pid // n_sblk).to(tl.int64)
     offs_s = (pid % n_sblk) * BLOCK_S + tl.arange(0, BLOCK_S)
     s_in = offs_s < HW
+    h, w = offs_s // W, offs_s % W  # unused (and removed) when the pixels fold
     mask = tl.load(m_ptr + b * HW + offs_s, mask=s_in, other=0.0).to(ACC)
-    gy_pix = gy_ptr + b * sgyb + _pixel_offsets(offs_s, W, sgyh, sgyw, FLAT_GY)
-    x_pix = x_ptr + b * sxb + _pixel_offsets(offs_s, W, sxh, sxw, FLAT_X)
-    gx_pix = gx_ptr + b * sgxb + _pixel_offsets(offs_s, W, sgxh, sgxw, FLAT_GX)
+    gy_pix = gy_ptr + b * sgyb + (offs_s * sgyw if FLAT_GY else h * sgyh + w * sgyw)
+    x_pix = x_ptr + b * sxb + (offs_s * sxw if FLAT_X else h * sxh + w * sxw)
+    gx_pix = gx_ptr + b * sgxb + (offs_s * sgxw if FLAT_GX else h * sgxh + w * sgxw)
     acc = tl.zeros((BLOCK_C, BLOCK_S), ACC)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -239,26 +258,27 @@ def _dsa_apply_backward_kernel(
             acc += gy * v.to(ACC)
     if WRITE_GM:
         tl.store(
-            gm_ptr + b * HW + offs_s, tl.sum(acc, axis=0).to(gm_ptr.dtype.element_ty), mask=s_in
+            gm_ptr + b * HW + offs_s, tl.reduce(acc, 0, _ADD).to(gm_ptr.dtype.element_ty), mask=s_in
         )
 
 
 @triton.jit
 def _coord_pool_kernel(
     x_ptr, xh_ptr, xw_ptr, stat_h_ptr, stat_w_ptr,
-    B, C, H, W, n_cblk,
+    C, H, W, n_planes,
     sxb, sxc, sxh, sxw,
     WITH_MAX: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = (pid // n_cblk).to(tl.int64)
-    offs_c = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # A program owns BLOCK_C consecutive (b, c) planes, b-major.
+    plane = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_in = plane < n_planes
+    plane = plane.to(tl.int64)
+    pb, pc = plane // C, plane % C
     offs_w = tl.arange(0, BLOCK_W)
-    c_in = offs_c < C
     w_in = offs_w < W
-    x_cw = x_ptr + b * sxb + offs_c[:, None, None] * sxc + offs_w[None, None, :] * sxw
-    plane = b * C + offs_c  # row index of the (B*C, H) and (B*C, W) maps
+    x_cw = x_ptr + (pb * sxb + pc * sxc)[:, None, None] + offs_w[None, None, :] * sxw
     col_sum = tl.zeros((BLOCK_C, BLOCK_W), ACC)
     col_max = tl.full((BLOCK_C, BLOCK_W), float("-inf"), ACC)
     col_cnt = tl.zeros((BLOCK_C, BLOCK_W), tl.int32)
@@ -268,29 +288,29 @@ def _coord_pool_kernel(
         h_in = offs_h < H
         inside = c_in[:, None, None] & h_in[None, :, None] & w_in[None, None, :]
         v = tl.load(x_cw + offs_h[None, :, None] * sxh, mask=inside, other=0.0).to(ACC)
-        col_sum += tl.sum(v, axis=1)
-        row = tl.sum(v, axis=2) / W
+        col_sum += tl.reduce(v, 1, _ADD)
+        row = tl.reduce(v, 2, _ADD) / W
         ch_in = c_in[:, None] & h_in[None, :]
         row_at = plane[:, None] * H + offs_h[None, :]
         if WITH_MAX:
             ok = inside & (v == v)
             key = tl.where(ok, v, float("-inf"))
             # amax's gradient is split among ties: keep the tie count with the max.
-            r_max = tl.max(key, axis=2)
-            r_cnt = tl.sum((ok & (key == r_max[:, :, None])).to(tl.int32), axis=2)
-            r_nan = tl.max((inside & (v != v)).to(tl.int32), axis=2) > 0
+            r_max = tl.reduce(key, 2, _MAX)
+            r_cnt = tl.reduce((ok & (key == r_max[:, :, None])).to(tl.int32), 2, _ADD)
+            r_nan = tl.reduce((inside & (v != v)).to(tl.int32), 2, _MAX) > 0
             r_max = tl.where(r_nan, float("nan"), r_max)
             r_cnt = tl.where(r_nan, 0, r_cnt)
             row = 0.5 * (row + r_max)
             tl.store(stat_h_ptr + row_at, r_max, mask=ch_in)
-            tl.store(stat_h_ptr + B * C * H + row_at, r_cnt.to(ACC), mask=ch_in)
-            t_max = tl.max(key, axis=1)
-            t_cnt = tl.sum((ok & (key == t_max[:, None, :])).to(tl.int32), axis=1)
+            tl.store(stat_h_ptr + n_planes * H + row_at, r_cnt.to(ACC), mask=ch_in)
+            t_max = tl.reduce(key, 1, _MAX)
+            t_cnt = tl.reduce((ok & (key == t_max[:, None, :])).to(tl.int32), 1, _ADD)
             col_cnt = tl.where(
                 t_max > col_max, t_cnt, tl.where(t_max == col_max, col_cnt + t_cnt, col_cnt)
             )
             col_max = tl.maximum(col_max, t_max)
-            col_nan = tl.maximum(col_nan, tl.max((inside & (v != v)).to(tl.int32), axis=1))
+            col_nan = tl.maximum(col_nan, tl.reduce((inside & (v != v)).to(tl.int32), 1, _MAX))
         tl.store(xh_ptr + row_at, row.to(xh_ptr.dtype.element_ty), mask=ch_in)
     col = col_sum / H
     cw_in = c_in[:, None] & w_in[None, :]
@@ -300,26 +320,27 @@ def _coord_pool_kernel(
         col_cnt = tl.where(col_nan > 0, 0, col_cnt)
         col = 0.5 * (col + col_max)
         tl.store(stat_w_ptr + col_at, col_max, mask=cw_in)
-        tl.store(stat_w_ptr + B * C * W + col_at, col_cnt.to(ACC), mask=cw_in)
+        tl.store(stat_w_ptr + n_planes * W + col_at, col_cnt.to(ACC), mask=cw_in)
     tl.store(xw_ptr + col_at, col.to(xw_ptr.dtype.element_ty), mask=cw_in)
 
 
 @triton.jit
 def _coord_pool_backward_kernel(
     gh_ptr, gw_ptr, x_ptr, stat_h_ptr, stat_w_ptr, gx_ptr,
-    B, C, H, W, n_cblk,
+    C, H, W, n_planes,
     sxb, sxc, sxh, sxw,
     sgb, sgc, sgh, sgw,
     WITH_MAX: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = (pid // n_cblk).to(tl.int64)
-    offs_c = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # A program owns BLOCK_C consecutive (b, c) planes, b-major.
+    plane = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_in = plane < n_planes
+    plane = plane.to(tl.int64)
+    pb, pc = plane // C, plane % C
     offs_w = tl.arange(0, BLOCK_W)
-    c_in = offs_c < C
     w_in = offs_w < W
-    plane = b * C + offs_c
     cw_in = c_in[:, None] & w_in[None, :]
     col_at = plane[:, None] * W + offs_w[None, :]
     g_w = tl.load(gw_ptr + col_at, mask=cw_in, other=0.0).to(ACC)
@@ -327,10 +348,10 @@ def _coord_pool_backward_kernel(
         g_w = 0.5 * g_w  # x_w = 0.5 * (mean + max): each half gets half the gradient
         col_max = tl.load(stat_w_ptr + col_at, mask=cw_in, other=0.0)
         # amax's backward: grad / count * (x == max); a NaN column has count 0 -> NaN.
-        g_w_max = g_w / tl.load(stat_w_ptr + B * C * W + col_at, mask=cw_in, other=1.0)
+        g_w_max = g_w / tl.load(stat_w_ptr + n_planes * W + col_at, mask=cw_in, other=1.0)
     g_w = g_w / H
-    x_cw = x_ptr + b * sxb + offs_c[:, None, None] * sxc + offs_w[None, None, :] * sxw
-    gx_cw = gx_ptr + b * sgb + offs_c[:, None, None] * sgc + offs_w[None, None, :] * sgw
+    x_cw = x_ptr + (pb * sxb + pc * sxc)[:, None, None] + offs_w[None, None, :] * sxw
+    gx_cw = gx_ptr + (pb * sgb + pc * sgc)[:, None, None] + offs_w[None, None, :] * sgw
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_in = offs_h < H
@@ -341,7 +362,7 @@ def _coord_pool_backward_kernel(
         if WITH_MAX:
             g_h = 0.5 * g_h
             row_max = tl.load(stat_h_ptr + row_at, mask=ch_in, other=0.0)
-            g_h_max = g_h / tl.load(stat_h_ptr + B * C * H + row_at, mask=ch_in, other=1.0)
+            g_h_max = g_h / tl.load(stat_h_ptr + n_planes * H + row_at, mask=ch_in, other=1.0)
         g = (g_h / W)[:, :, None] + g_w[:, None, :]
         if WITH_MAX:
             v = tl.load(x_cw + offs_h[None, :, None] * sxh, mask=inside, other=0.0).to(ACC)
@@ -355,27 +376,28 @@ def _coord_pool_backward_kernel(
 @triton.jit
 def _coord_scale_kernel(
     x_ptr, uh_ptr, uw_ptr, c_ptr, k_ptr, y_ptr,
-    C, H, W, n_cblk,
+    C, H, W, n_planes,
     sxb, sxc, sxh, sxw,
     syb, syc, syh, syw,
     HAS_C: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = (pid // n_cblk).to(tl.int64)
-    offs_c = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # A program owns BLOCK_C consecutive (b, c) planes, b-major.
+    plane = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_in = plane < n_planes
+    plane = plane.to(tl.int64)
+    pb, pc = plane // C, plane % C
     offs_w = tl.arange(0, BLOCK_W)
-    c_in = offs_c < C
     w_in = offs_w < W
-    plane = b * C + offs_c
     k = tl.load(k_ptr).to(ACC)
     c = tl.load(c_ptr).to(ACC) if HAS_C else 0.0
     u_w = tl.load(
         uw_ptr + plane[:, None] * W + offs_w[None, :], mask=c_in[:, None] & w_in[None, :],
         other=0.0,
     ).to(ACC)
-    x_cw = x_ptr + b * sxb + offs_c[:, None, None] * sxc + offs_w[None, None, :] * sxw
-    y_cw = y_ptr + b * syb + offs_c[:, None, None] * syc + offs_w[None, None, :] * syw
+    x_cw = x_ptr + (pb * sxb + pc * sxc)[:, None, None] + offs_w[None, None, :] * sxw
+    y_cw = y_ptr + (pb * syb + pc * syc)[:, None, None] + offs_w[None, None, :] * syw
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_in = offs_h < H
@@ -398,7 +420,7 @@ def _coord_scale_kernel(
 def _coord_scale_backward_kernel(
     gy_ptr, x_ptr, uh_ptr, uw_ptr, c_ptr, k_ptr,
     gx_ptr, rows_gu_ptr, cols_gu_ptr, rows_g_ptr,
-    C, H, W, n_cblk,
+    C, H, W, n_planes,
     sgyb, sgyc, sgyh, sgyw,
     sxb, sxc, sxh, sxw,
     sgxb, sgxc, sgxh, sgxw,
@@ -407,20 +429,21 @@ def _coord_scale_backward_kernel(
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = (pid // n_cblk).to(tl.int64)
-    offs_c = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # A program owns BLOCK_C consecutive (b, c) planes, b-major.
+    plane = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_in = plane < n_planes
+    plane = plane.to(tl.int64)
+    pb, pc = plane // C, plane % C
     offs_w = tl.arange(0, BLOCK_W)
-    c_in = offs_c < C
     w_in = offs_w < W
-    plane = b * C + offs_c
     cw_in = c_in[:, None] & w_in[None, :]
     col_at = plane[:, None] * W + offs_w[None, :]
     k = tl.load(k_ptr).to(ACC)
     c = tl.load(c_ptr).to(ACC) if HAS_C else 0.0
     u_w = tl.load(uw_ptr + col_at, mask=cw_in, other=0.0).to(ACC)
-    gy_cw = gy_ptr + b * sgyb + offs_c[:, None, None] * sgyc + offs_w[None, None, :] * sgyw
-    x_cw = x_ptr + b * sxb + offs_c[:, None, None] * sxc + offs_w[None, None, :] * sxw
-    gx_cw = gx_ptr + b * sgxb + offs_c[:, None, None] * sgxc + offs_w[None, None, :] * sgxw
+    gy_cw = gy_ptr + (pb * sgyb + pc * sgyc)[:, None, None] + offs_w[None, None, :] * sgyw
+    x_cw = x_ptr + (pb * sxb + pc * sxc)[:, None, None] + offs_w[None, None, :] * sxw
+    gx_cw = gx_ptr + (pb * sgxb + pc * sgxc)[:, None, None] + offs_w[None, None, :] * sgxw
     col_gu = tl.zeros((BLOCK_C, BLOCK_W), ACC)
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
@@ -441,10 +464,10 @@ def _coord_scale_backward_kernel(
         if REDUCE:
             v = tl.load(x_cw + offs_h[None, :, None] * sxh, mask=inside, other=0.0).to(ACC)
             g = gy * v
-            tl.store(rows_gu_ptr + row_at, tl.sum(g * u_w[:, None, :], axis=2), mask=ch_in)
-            col_gu += tl.sum(g * u_h[:, :, None], axis=1)
+            tl.store(rows_gu_ptr + row_at, tl.reduce(g * u_w[:, None, :], 2, _ADD), mask=ch_in)
+            col_gu += tl.reduce(g * u_h[:, :, None], 1, _ADD)
             if REDUCE_G:
-                tl.store(rows_g_ptr + row_at, tl.sum(g, axis=2), mask=ch_in)
+                tl.store(rows_g_ptr + row_at, tl.reduce(g, 2, _ADD), mask=ch_in)
     if REDUCE:
         tl.store(cols_gu_ptr + col_at, col_gu, mask=cw_in)
 
@@ -492,22 +515,57 @@ def _channels_fast(x: Tensor) -> bool:
     return x.stride(1) == 1 and x.shape[1] > 1 and x.stride(3) != 1
 
 
+@dataclass(frozen=True)
+class TileSizes:
+    """How much of ``x`` one program step loads (powers of two)."""
+
+    #: elements per tile load
+    elements: int
+    #: DSA, NCHW: contiguous pixels per step
+    dsa_pixels: int
+    #: DSA, channels_last: contiguous channels per step
+    dsa_channels: int
+    #: CoordinateAttention, channels_last: channels per program
+    coord_channels: int
+
+
+#: CUDA: 2048 elements (8 KB of float32, 16 per thread with 4 warps); runs of 256 pixels
+#: (1 KB) or 64 channels (256 B) along the contiguous dimension; 32 channel planes per
+#: CoordinateAttention program in channels_last, so that (64, 256, 56, 56) still makes 512
+#: programs for 132 SMs.
+GPU_TILES = TileSizes(elements=2048, dsa_pixels=256, dsa_channels=64, coord_channels=32)
+#: Triton's interpreter costs per program and per op, hardly per element: on CPU tensors
+#: (the tests) eight times larger tiles mean up to eight times fewer programs. The tests that
+#: check the kernels' loops over several tiles switch to :data:`GPU_TILES`.
+INTERPRETER_TILES = TileSizes(
+    elements=16384, dsa_pixels=2048, dsa_channels=512, coord_channels=256
+)
+
+
+def _tile_sizes(x: Tensor) -> TileSizes:
+    return GPU_TILES if x.device.type == "cuda" else INTERPRETER_TILES
+
+
 def _dsa_tiles(x: Tensor) -> tuple[int, int]:
     """``(BLOCK_C, BLOCK_S)``: long contiguous runs along whichever of C and H*W is
-    contiguous, about ``_TILE`` elements per step."""
+    contiguous, about ``elements`` per step."""
+    sizes = _tile_sizes(x)
     c, hw = x.shape[1], x.shape[2] * x.shape[3]
     if _channels_fast(x):
-        block_c = min(triton.next_power_of_2(c), 64)
-        block_s = min(triton.next_power_of_2(hw), max(1, _TILE // block_c))
+        block_c = min(triton.next_power_of_2(c), sizes.dsa_channels)
+        block_s = min(triton.next_power_of_2(hw), max(1, sizes.elements // block_c))
     else:
-        block_s = min(triton.next_power_of_2(hw), 256)
-        block_c = min(triton.next_power_of_2(c), max(1, _TILE // block_s))
+        block_s = min(triton.next_power_of_2(hw), sizes.dsa_pixels)
+        block_c = min(triton.next_power_of_2(c), max(1, sizes.elements // block_s))
     return block_c, block_s
 
 
 def _coord_tiles(x: Tensor) -> tuple[int, int, int, int]:
-    """``(BLOCK_C, BLOCK_H, BLOCK_W, num_warps)``: whole rows, about ``_TILE`` elements."""
-    _, c, h, w = x.shape
+    """``(BLOCK_C, BLOCK_H, BLOCK_W, num_warps)``: ``BLOCK_C`` consecutive ``(b, c)`` planes,
+    ``BLOCK_H`` whole rows of each per step, about ``elements`` per step."""
+    sizes = _tile_sizes(x)
+    b, c, h, w = x.shape
+    planes = triton.next_power_of_2(b * c)
     block_w = triton.next_power_of_2(w)
     if block_w > _MAX_ROW:
         raise ValueError(
@@ -516,12 +574,12 @@ def _coord_tiles(x: Tensor) -> tuple[int, int, int, int]:
             "use backend='torch'"
         )
     if _channels_fast(x):
-        block_c = min(triton.next_power_of_2(c), 32, max(1, _TILE // block_w))
-        block_h = min(triton.next_power_of_2(h), max(1, _TILE // (block_c * block_w)))
+        block_c = min(planes, sizes.coord_channels, max(1, sizes.elements // block_w))
+        block_h = min(triton.next_power_of_2(h), max(1, sizes.elements // (block_c * block_w)))
     else:
-        block_h = min(triton.next_power_of_2(h), max(1, _TILE // block_w))
-        block_c = min(triton.next_power_of_2(c), max(1, _TILE // (block_h * block_w)))
-    num_warps = 4 if block_c * block_h * block_w <= _TILE else 8
+        block_h = min(triton.next_power_of_2(h), max(1, sizes.elements // block_w))
+        block_c = min(planes, max(1, sizes.elements // (block_h * block_w)))
+    num_warps = 4 if block_c * block_h * block_w <= GPU_TILES.elements else 8
     return block_c, block_h, block_w, num_warps
 
 
@@ -703,10 +761,9 @@ def _coord_pool(x: Tensor, with_max: bool) -> tuple[Tensor, Tensor, Tensor, Tens
     _check_span(x, "x")
     b, c, h, w = x.shape
     block_c, block_h, block_w, num_warps = _coord_tiles(x)
-    n_cblk = triton.cdiv(c, block_c)
-    _coord_pool_kernel[(b * n_cblk,)](
+    _coord_pool_kernel[(triton.cdiv(b * c, block_c),)](
         x, x_h, x_w, stat_h if with_max else x_h, stat_w if with_max else x_w,
-        b, c, h, w, n_cblk, *x.stride(),
+        c, h, w, b * c, *x.stride(),
         WITH_MAX=with_max, ACC=_acc(x),
         BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
     )
@@ -727,11 +784,10 @@ def _coord_pool_backward(
         return grad_x
     b, c, h, w = x.shape
     block_c, block_h, block_w, num_warps = _coord_tiles(grad_x)
-    n_cblk = triton.cdiv(c, block_c)
-    _coord_pool_backward_kernel[(b * n_cblk,)](
+    _coord_pool_backward_kernel[(triton.cdiv(b * c, block_c),)](
         grad_h.contiguous(), grad_w.contiguous(), x,
         stat_h if with_max else grad_x, stat_w if with_max else grad_x, grad_x,
-        b, c, h, w, n_cblk, *x.stride(), *grad_x.stride(),
+        c, h, w, b * c, *x.stride(), *grad_x.stride(),
         WITH_MAX=with_max, ACC=_acc(grad_h, grad_w, x),
         BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
     )
@@ -779,10 +835,9 @@ def _coord_scale(
     _check_span(x, "x")
     b, ch, h, w = x.shape
     block_c, block_h, block_w, num_warps = _coord_tiles(x)
-    n_cblk = triton.cdiv(ch, block_c)
-    _coord_scale_kernel[(b * n_cblk,)](
+    _coord_scale_kernel[(triton.cdiv(b * ch, block_c),)](
         x, u_h.contiguous(), u_w.contiguous(), k if c is None else c, k, y,
-        ch, h, w, n_cblk, *x.stride(), *y.stride(),
+        ch, h, w, b * ch, *x.stride(), *y.stride(),
         HAS_C=c is not None, ACC=_acc(x, u_h, u_w, c, k),
         BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
     )
@@ -812,12 +867,11 @@ def _coord_scale_backward(
     _check_span(grad_y, "grad_y")
     b, ch, h, w = x.shape
     block_c, block_h, block_w, num_warps = _coord_tiles(x)
-    n_cblk = triton.cdiv(ch, block_c)
-    _coord_scale_backward_kernel[(b * n_cblk,)](
+    _coord_scale_backward_kernel[(triton.cdiv(b * ch, block_c),)](
         grad_y, x, u_h.contiguous(), u_w.contiguous(), k if c is None else c, k,
         grad_x if need_x else x, rows_gu if need_maps else x, cols_gu if need_maps else x,
         rows_g if need_c else x,
-        ch, h, w, n_cblk, *grad_y.stride(), *x.stride(),
+        ch, h, w, b * ch, *grad_y.stride(), *x.stride(),
         *(grad_x.stride() if need_x else x.stride()),
         HAS_C=c is not None, WRITE_GX=need_x, REDUCE=need_maps, REDUCE_G=need_c,
         ACC=_acc(grad_y, x, u_h, u_w, c, k),
