@@ -125,8 +125,17 @@ def test_op_tests_take_several_tile_steps_with_gpu_tiles(gpu_tiles):
         assert block_c < 70 and block_s < 16 * 17 or block_c * 2 < 70, layout
     for layout in ("contiguous", "channels_last", "transposed_hw"):
         x = dict(_layouts(torch.zeros(2, 3, 70, 17, device=DEVICE)))[layout]
-        block_c, block_h, block_w, _ = ops._coord_tiles(x)
-        assert block_h < 70 and block_w == 32, layout
+        _, launch = ops._coord_launch(x)
+        assert launch["BLOCK_H"] < 70 and launch["BLOCK_W"] == 32, layout
+    for layout in ("contiguous", "channels_last"):  # blocks of one sample's channels
+        x = dict(_layouts(torch.zeros(2, 40, 9, 6, device=DEVICE)))[layout]
+        _, launch = ops._coord_launch(x)
+        assert not launch["FOLD"] and 40 % launch["BLOCK_C"], layout
+
+
+def test_block_tests_fold_small_channel_counts_into_one_program():
+    grid, launch = ops._coord_launch(torch.zeros(2, COORD_C, 6, 7, device=DEVICE))
+    assert launch["FOLD"] and grid == (1,)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -212,11 +221,13 @@ def test_coord_pool_is_mean_and_amax_with_amax_gradient(with_max, layout, gpu_ti
     torch.testing.assert_close(got_gx, want_gx, equal_nan=True, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("c_kind", ["none", "fixed", "learnable"])
-def test_coord_scale_matches_the_formula_and_its_gradients(c_kind, gpu_tiles):
-    x = _relu_ties((2, 5, 9, 6)).contiguous(memory_format=torch.channels_last)
-    u_h = torch.rand(2, 5, 9, 1, dtype=torch.bfloat16).to(DEVICE)  # as autocast leaves them
-    u_w = torch.rand(2, 5, 1, 6, dtype=torch.bfloat16).to(DEVICE)
+def test_coord_scale_matches_the_formula_and_its_gradients(c_kind, layout, gpu_tiles):
+    # C = 40: blocks of 16 (NCHW) or 32 (channels_last) channels, the last one partial
+    x = dict(_layouts(_relu_ties((2, 40, 9, 6))))[layout]
+    u_h = torch.rand(2, 40, 9, 1, dtype=torch.bfloat16).to(DEVICE)  # as autocast leaves them
+    u_w = torch.rand(2, 40, 1, 6, dtype=torch.bfloat16).to(DEVICE)
     k0 = torch.tensor(0.7, device=DEVICE)
     leaves = [x, u_h, u_w, k0]
     runs = []

@@ -139,8 +139,8 @@ def _dsa_summary_kernel(
     acc_max = tl.full((BLOCK_C, BLOCK_S), float("-inf"), ACC)
     acc_arg = tl.zeros((BLOCK_C, BLOCK_S), tl.int32) + C
     acc_nan = tl.zeros((BLOCK_C, BLOCK_S), tl.int32) + C  # first NaN channel
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
+    for i in range(0, tl.cdiv(C, BLOCK_C)):
+        offs_c = i * BLOCK_C + tl.arange(0, BLOCK_C)
         inside = (offs_c < C)[:, None] & s_in[None, :]
         v = tl.load(x_pix[None, :] + offs_c[:, None] * sxc, mask=inside, other=0.0).to(ACC)
         channel = tl.broadcast_to(offs_c[:, None], (BLOCK_C, BLOCK_S))
@@ -184,8 +184,8 @@ def _dsa_summary_backward_kernel(
     g_max = tl.load(gs + HW, mask=s_in, other=0.0).to(ACC)
     arg = tl.load(arg_ptr + b * HW + offs_s, mask=s_in, other=-1)
     gx_pix = gx_ptr + b * sgb + (offs_s * sgw if FLAT else h * sgh + w * sgw)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
+    for i in range(0, tl.cdiv(C, BLOCK_C)):
+        offs_c = i * BLOCK_C + tl.arange(0, BLOCK_C)
         inside = (offs_c < C)[:, None] & s_in[None, :]
         # where, not a product: a NaN max gradient reaches only the argmax channel.
         g = g_mean[None, :] + tl.where(offs_c[:, None] == arg[None, :], g_max[None, :], 0.0)
@@ -211,8 +211,8 @@ def _dsa_apply_kernel(
     mask = tl.load(m_ptr + b * HW + offs_s, mask=s_in, other=0.0).to(ACC)
     x_pix = x_ptr + b * sxb + (offs_s * sxw if FLAT_X else h * sxh + w * sxw)
     y_pix = y_ptr + b * syb + (offs_s * syw if FLAT_Y else h * syh + w * syw)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
+    for i in range(0, tl.cdiv(C, BLOCK_C)):
+        offs_c = i * BLOCK_C + tl.arange(0, BLOCK_C)
         inside = (offs_c < C)[:, None] & s_in[None, :]
         v = tl.load(x_pix[None, :] + offs_c[:, None] * sxc, mask=inside, other=0.0).to(ACC)
         tl.store(
@@ -243,8 +243,8 @@ def _dsa_apply_backward_kernel(
     x_pix = x_ptr + b * sxb + (offs_s * sxw if FLAT_X else h * sxh + w * sxw)
     gx_pix = gx_ptr + b * sgxb + (offs_s * sgxw if FLAT_GX else h * sgxh + w * sgxw)
     acc = tl.zeros((BLOCK_C, BLOCK_S), ACC)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
+    for i in range(0, tl.cdiv(C, BLOCK_C)):
+        offs_c = i * BLOCK_C + tl.arange(0, BLOCK_C)
         inside = (offs_c < C)[:, None] & s_in[None, :]
         gy = tl.load(gy_pix[None, :] + offs_c[:, None] * sgyc, mask=inside, other=0.0).to(ACC)
         if WRITE_GX:
@@ -268,14 +268,24 @@ def _coord_pool_kernel(
     C, H, W, n_planes,
     sxb, sxc, sxh, sxw,
     WITH_MAX: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    FOLD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    # A program owns BLOCK_C consecutive (b, c) planes, b-major.
-    plane = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_in = plane < n_planes
-    plane = plane.to(tl.int64)
-    pb, pc = plane // C, plane % C
+    if FOLD:
+        # BLOCK_C >= C: a program owns BLOCK_C consecutive (b, c) planes, b-major, so that
+        # small C wastes no lanes.
+        plane = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_in = plane < n_planes
+        plane = plane.to(tl.int64)
+        pb, pc = plane // C, plane % C
+    else:
+        # BLOCK_C channels of one sample: consecutive, so that Triton sees channels_last
+        # loads as contiguous and vectorises them.
+        n_cblk = tl.cdiv(C, BLOCK_C)
+        pb = (pid // n_cblk).to(tl.int64)
+        pc = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_in = pc < C
+        plane = pb * C + pc
     offs_w = tl.arange(0, BLOCK_W)
     w_in = offs_w < W
     x_cw = x_ptr + (pb * sxb + pc * sxc)[:, None, None] + offs_w[None, None, :] * sxw
@@ -283,8 +293,8 @@ def _coord_pool_kernel(
     col_max = tl.full((BLOCK_C, BLOCK_W), float("-inf"), ACC)
     col_cnt = tl.zeros((BLOCK_C, BLOCK_W), tl.int32)
     col_nan = tl.zeros((BLOCK_C, BLOCK_W), tl.int32)
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
+    for i in range(0, tl.cdiv(H, BLOCK_H)):
+        offs_h = i * BLOCK_H + tl.arange(0, BLOCK_H)
         h_in = offs_h < H
         inside = c_in[:, None, None] & h_in[None, :, None] & w_in[None, None, :]
         v = tl.load(x_cw + offs_h[None, :, None] * sxh, mask=inside, other=0.0).to(ACC)
@@ -331,14 +341,20 @@ def _coord_pool_backward_kernel(
     sxb, sxc, sxh, sxw,
     sgb, sgc, sgh, sgw,
     WITH_MAX: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    FOLD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    # A program owns BLOCK_C consecutive (b, c) planes, b-major.
-    plane = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_in = plane < n_planes
-    plane = plane.to(tl.int64)
-    pb, pc = plane // C, plane % C
+    if FOLD:  # (b, c) planes as in _coord_pool_kernel
+        plane = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_in = plane < n_planes
+        plane = plane.to(tl.int64)
+        pb, pc = plane // C, plane % C
+    else:
+        n_cblk = tl.cdiv(C, BLOCK_C)
+        pb = (pid // n_cblk).to(tl.int64)
+        pc = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_in = pc < C
+        plane = pb * C + pc
     offs_w = tl.arange(0, BLOCK_W)
     w_in = offs_w < W
     cw_in = c_in[:, None] & w_in[None, :]
@@ -352,8 +368,8 @@ def _coord_pool_backward_kernel(
     g_w = g_w / H
     x_cw = x_ptr + (pb * sxb + pc * sxc)[:, None, None] + offs_w[None, None, :] * sxw
     gx_cw = gx_ptr + (pb * sgb + pc * sgc)[:, None, None] + offs_w[None, None, :] * sgw
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
+    for i in range(0, tl.cdiv(H, BLOCK_H)):
+        offs_h = i * BLOCK_H + tl.arange(0, BLOCK_H)
         h_in = offs_h < H
         inside = c_in[:, None, None] & h_in[None, :, None] & w_in[None, None, :]
         ch_in = c_in[:, None] & h_in[None, :]
@@ -380,14 +396,20 @@ def _coord_scale_kernel(
     sxb, sxc, sxh, sxw,
     syb, syc, syh, syw,
     HAS_C: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    FOLD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    # A program owns BLOCK_C consecutive (b, c) planes, b-major.
-    plane = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_in = plane < n_planes
-    plane = plane.to(tl.int64)
-    pb, pc = plane // C, plane % C
+    if FOLD:  # (b, c) planes as in _coord_pool_kernel
+        plane = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_in = plane < n_planes
+        plane = plane.to(tl.int64)
+        pb, pc = plane // C, plane % C
+    else:
+        n_cblk = tl.cdiv(C, BLOCK_C)
+        pb = (pid // n_cblk).to(tl.int64)
+        pc = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_in = pc < C
+        plane = pb * C + pc
     offs_w = tl.arange(0, BLOCK_W)
     w_in = offs_w < W
     k = tl.load(k_ptr).to(ACC)
@@ -398,8 +420,8 @@ def _coord_scale_kernel(
     ).to(ACC)
     x_cw = x_ptr + (pb * sxb + pc * sxc)[:, None, None] + offs_w[None, None, :] * sxw
     y_cw = y_ptr + (pb * syb + pc * syc)[:, None, None] + offs_w[None, None, :] * syw
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
+    for i in range(0, tl.cdiv(H, BLOCK_H)):
+        offs_h = i * BLOCK_H + tl.arange(0, BLOCK_H)
         h_in = offs_h < H
         inside = c_in[:, None, None] & h_in[None, :, None] & w_in[None, None, :]
         u_h = tl.load(
@@ -426,14 +448,20 @@ def _coord_scale_backward_kernel(
     sgxb, sgxc, sgxh, sgxw,
     HAS_C: tl.constexpr, WRITE_GX: tl.constexpr, REDUCE: tl.constexpr,
     REDUCE_G: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    FOLD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    # A program owns BLOCK_C consecutive (b, c) planes, b-major.
-    plane = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_in = plane < n_planes
-    plane = plane.to(tl.int64)
-    pb, pc = plane // C, plane % C
+    if FOLD:  # (b, c) planes as in _coord_pool_kernel
+        plane = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_in = plane < n_planes
+        plane = plane.to(tl.int64)
+        pb, pc = plane // C, plane % C
+    else:
+        n_cblk = tl.cdiv(C, BLOCK_C)
+        pb = (pid // n_cblk).to(tl.int64)
+        pc = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_in = pc < C
+        plane = pb * C + pc
     offs_w = tl.arange(0, BLOCK_W)
     w_in = offs_w < W
     cw_in = c_in[:, None] & w_in[None, :]
@@ -445,8 +473,8 @@ def _coord_scale_backward_kernel(
     x_cw = x_ptr + (pb * sxb + pc * sxc)[:, None, None] + offs_w[None, None, :] * sxw
     gx_cw = gx_ptr + (pb * sgxb + pc * sgxc)[:, None, None] + offs_w[None, None, :] * sgxw
     col_gu = tl.zeros((BLOCK_C, BLOCK_W), ACC)
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
+    for i in range(0, tl.cdiv(H, BLOCK_H)):
+        offs_h = i * BLOCK_H + tl.arange(0, BLOCK_H)
         h_in = offs_h < H
         inside = c_in[:, None, None] & h_in[None, :, None] & w_in[None, None, :]
         ch_in = c_in[:, None] & h_in[None, :]
@@ -560,12 +588,12 @@ def _dsa_tiles(x: Tensor) -> tuple[int, int]:
     return block_c, block_s
 
 
-def _coord_tiles(x: Tensor) -> tuple[int, int, int, int]:
-    """``(BLOCK_C, BLOCK_H, BLOCK_W, num_warps)``: ``BLOCK_C`` consecutive ``(b, c)`` planes,
-    ``BLOCK_H`` whole rows of each per step, about ``elements`` per step."""
+def _coord_launch(x: Tensor) -> tuple[tuple[int], dict]:
+    """Grid and tile parameters of the CoordinateAttention kernels: ``BLOCK_C`` channel
+    planes per program, ``BLOCK_H`` whole rows of each per step, about ``elements`` per step;
+    ``FOLD`` when a block spans more than one sample's channels."""
     sizes = _tile_sizes(x)
     b, c, h, w = x.shape
-    planes = triton.next_power_of_2(b * c)
     block_w = triton.next_power_of_2(w)
     if block_w > _MAX_ROW:
         raise ValueError(
@@ -573,14 +601,19 @@ def _coord_tiles(x: Tensor) -> tuple[int, int, int, int]:
             f"{_MAX_ROW} elements; got an input of width W={w} (shape {tuple(x.shape)}): "
             "use backend='torch'"
         )
+    planes = triton.next_power_of_2(b * c)
     if _channels_fast(x):
         block_c = min(planes, sizes.coord_channels, max(1, sizes.elements // block_w))
         block_h = min(triton.next_power_of_2(h), max(1, sizes.elements // (block_c * block_w)))
     else:
         block_h = min(triton.next_power_of_2(h), max(1, sizes.elements // block_w))
         block_c = min(planes, max(1, sizes.elements // (block_h * block_w)))
-    num_warps = 4 if block_c * block_h * block_w <= GPU_TILES.elements else 8
-    return block_c, block_h, block_w, num_warps
+    fold = block_c > c
+    grid = (triton.cdiv(b * c, block_c),) if fold else (b * triton.cdiv(c, block_c),)
+    return grid, {
+        "FOLD": fold, "BLOCK_C": block_c, "BLOCK_H": block_h, "BLOCK_W": block_w,
+        "num_warps": 4 if block_c * block_h * block_w <= GPU_TILES.elements else 8,
+    }
 
 
 def _check_device(x: Tensor) -> None:
@@ -760,12 +793,12 @@ def _coord_pool(x: Tensor, with_max: bool) -> tuple[Tensor, Tensor, Tensor, Tens
     _check_device(x)
     _check_span(x, "x")
     b, c, h, w = x.shape
-    block_c, block_h, block_w, num_warps = _coord_tiles(x)
-    _coord_pool_kernel[(triton.cdiv(b * c, block_c),)](
+    grid, launch = _coord_launch(x)
+    _coord_pool_kernel[grid](
         x, x_h, x_w, stat_h if with_max else x_h, stat_w if with_max else x_w,
         c, h, w, b * c, *x.stride(),
         WITH_MAX=with_max, ACC=_acc(x),
-        BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
+        **launch,
     )
     return x_h, x_w, stat_h, stat_w
 
@@ -783,13 +816,13 @@ def _coord_pool_backward(
     if x.numel() == 0:
         return grad_x
     b, c, h, w = x.shape
-    block_c, block_h, block_w, num_warps = _coord_tiles(grad_x)
-    _coord_pool_backward_kernel[(triton.cdiv(b * c, block_c),)](
+    grid, launch = _coord_launch(grad_x)
+    _coord_pool_backward_kernel[grid](
         grad_h.contiguous(), grad_w.contiguous(), x,
         stat_h if with_max else grad_x, stat_w if with_max else grad_x, grad_x,
         c, h, w, b * c, *x.stride(), *grad_x.stride(),
         WITH_MAX=with_max, ACC=_acc(grad_h, grad_w, x),
-        BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
+        **launch,
     )
     return grad_x
 
@@ -834,12 +867,12 @@ def _coord_scale(
     _check_device(x)
     _check_span(x, "x")
     b, ch, h, w = x.shape
-    block_c, block_h, block_w, num_warps = _coord_tiles(x)
-    _coord_scale_kernel[(triton.cdiv(b * ch, block_c),)](
+    grid, launch = _coord_launch(x)
+    _coord_scale_kernel[grid](
         x, u_h.contiguous(), u_w.contiguous(), k if c is None else c, k, y,
         ch, h, w, b * ch, *x.stride(), *y.stride(),
         HAS_C=c is not None, ACC=_acc(x, u_h, u_w, c, k),
-        BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
+        **launch,
     )
     return y
 
@@ -866,8 +899,8 @@ def _coord_scale_backward(
         return grad_x, rows_gu.zero_(), cols_gu.zero_(), rows_g.zero_()
     _check_span(grad_y, "grad_y")
     b, ch, h, w = x.shape
-    block_c, block_h, block_w, num_warps = _coord_tiles(x)
-    _coord_scale_backward_kernel[(triton.cdiv(b * ch, block_c),)](
+    grid, launch = _coord_launch(x)
+    _coord_scale_backward_kernel[grid](
         grad_y, x, u_h.contiguous(), u_w.contiguous(), k if c is None else c, k,
         grad_x if need_x else x, rows_gu if need_maps else x, cols_gu if need_maps else x,
         rows_g if need_c else x,
@@ -875,7 +908,7 @@ def _coord_scale_backward(
         *(grad_x.stride() if need_x else x.stride()),
         HAS_C=c is not None, WRITE_GX=need_x, REDUCE=need_maps, REDUCE_G=need_c,
         ACC=_acc(grad_y, x, u_h, u_w, c, k),
-        BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
+        **launch,
     )
     return grad_x, rows_gu, cols_gu, rows_g
 
