@@ -52,20 +52,27 @@ reaching it needs the summary's backward to see ``grad_y``, which the torch path
 Python-side stash that a compiled graph cannot hold. Without ``x.requires_grad`` the
 backward is 2 passes per block (``grad_y`` and ``x`` read once for the map gradients).
 
-Block sizes (chosen for an H100, not tuned: no GPU was available when this was written).
-Loads are coalesced along whichever of ``C`` and ``W`` is contiguous in memory: a kernel
-reads ``x``'s strides, so contiguous, channels_last and any other strides work without a
-copy (only the contiguous and channels_last layouts are fast). Each program loads tiles of
-about 2048 elements (8 KB in float32, 16 per thread with 4 warps):
+Block sizes (:data:`GPU_TILES`; chosen for an H100, not tuned: no GPU was available when
+this was written). Loads are coalesced along whichever of ``C`` and ``W`` is contiguous in
+memory: a kernel reads each full-size tensor's own strides, so contiguous, channels_last and
+any other strides (a stride-0 ``grad_y`` from ``y.sum()``, an expanded batch) work without a
+copy; only contiguous and channels_last are fast. Each step loads about 2048 elements (8 KB
+in float32, 16 per thread with 4 warps):
 
 - DSA, reducing over ``C`` per pixel: ``[BLOCK_C, BLOCK_S]`` tiles over ``C`` and the
-  flattened ``H*W``; NCHW takes 256 contiguous pixels and 8 channels per step,
-  channels_last 64 contiguous channels and 32 pixels; a program loops over all of ``C``.
+  flattened ``H*W``; NCHW takes 256 contiguous pixels and 8 channels per step (16-byte
+  vector loads), channels_last 64 contiguous channels and 32 pixels; a program loops over
+  all of ``C``, keeping per-lane partial sums, maxima and argmaxima that it reduces once.
 - CoordinateAttention, reducing over ``W`` per row and over ``H`` per column:
-  ``[BLOCK_C, BLOCK_H, BLOCK_W]`` tiles with whole rows (``BLOCK_W`` is ``W`` rounded up to
-  a power of two, at most 8192); a program owns ``BLOCK_C`` channel planes of one sample and
-  loops down ``H``, so both reductions finish inside it without atomics (deterministic).
+  ``[BLOCK_C, BLOCK_H, BLOCK_W]`` tiles of whole rows (``BLOCK_W`` is ``W`` rounded up to a
+  power of two, at most 8192); a program owns ``BLOCK_C`` channel planes (of one sample, or
+  of consecutive samples when ``C`` is smaller than a block) and loops down ``H``, so both
+  reductions finish inside it without atomics (deterministic). NCHW rows of a width that is
+  not a multiple of 16 bytes load as scalars (still coalesced across a warp).
 
+Under Triton's interpreter (CPU tensors, the tests) tiles are eight times larger
+(:data:`INTERPRETER_TILES`): it costs per program and per op, hardly per element.
+``tests/blocks/triton_sm90_compile.py`` compiles every kernel for sm_90 without a GPU.
 ``triton.autotune`` is not used: the interpreter would run every configuration.
 """
 
