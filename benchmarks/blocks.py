@@ -325,7 +325,7 @@ def device_main(args) -> int:
           "diff y / grad x |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
-    for kind in ("dsa", "coord"):
+    for kind in args.blocks:
         for shape in shapes[kind]:
             for dtype_name in ("fp32", "bf16 autocast"):
                 new = device_rows(kind, shape, dtype_name, device, args, bandwidth)
@@ -356,6 +356,8 @@ def main() -> int:
     parser.add_argument("--compile", default="inductor", help="torch.compile backend of the "
                         "compile(seed) column (default inductor; the smoke run uses aot_eager)")
     parser.add_argument("--no-compile", action="store_true", help="skip compile(seed)")
+    parser.add_argument("--blocks", nargs="+", default=["dsa", "coord"], choices=("dsa", "coord"),
+                        help="device mode: which blocks (default both)")
     parser.add_argument("--min-run-time", type=float, default=None,
                         help="seconds per measurement in device mode (default 0.3)")
     args = parser.parse_args()
