@@ -1,24 +1,38 @@
-"""Speed and memory of the fused blocks against the seed formulation, in one run.
+"""Speed and memory of the blocks' backends against the seed formulation, in one run.
 
-    python benchmarks/blocks.py            # full table (a few minutes on 2 cores)
-    python benchmarks/blocks.py --quick    # fewer repeats
+    python benchmarks/blocks.py                        # CPU: fused vs seed (a few minutes)
+    python benchmarks/blocks.py --quick                # fewer repeats
+    python benchmarks/blocks.py --device cuda          # GPU: seed, torch.compile(seed), plain,
+                                                       # torch and triton, fp32 and bf16 autocast
+    python benchmarks/blocks.py --device cpu --smoke   # the GPU table's code on tiny shapes,
+                                                       # Triton under its interpreter (no timing
+                                                       # worth reading: a check that it runs)
 
-The reference is the same block with ``backend="plain"``, which runs the seeds' code op for op
-(tests/blocks checks it against a verbatim copy of the seeds). Variants are interleaved
-(ref, fused, ref, fused, ...); the speed-up is the median of the ratios of
+CPU mode: the reference is the same block with ``backend="plain"``, which runs the seeds' code
+op for op (tests/blocks checks it against a verbatim copy of the seeds). Variants are
+interleaved (ref, fused, ref, fused, ...); the speed-up is the median of the ratios of
 back-to-back pairs, the times the medians of each variant. glibc's allocator makes
 CPU timings of large tensors swing with what ran before, so the script pins it with
 ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` (re-executing itself if needed).
 Memory is the bytes allocated during one forward+backward, from torch.profiler's memory
 accounting (self allocations of every op, so nested ops are not counted twice).
+
+Device mode (``--device cuda``, or ``--smoke``): see :func:`device_main`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
+from pathlib import Path
+
+if "--smoke" in sys.argv and "cuda" not in sys.argv:
+    # Triton's interpreter runs the kernels on CPU tensors; it must be set before triton is
+    # imported (torch.compile imports it).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 if any(os.environ.get(k) != v for k, v in _MALLOC_ENV.items()):
@@ -113,10 +127,246 @@ def compare(kind: str, shape, mode: str, repeats: int, min_run_time: float):
     return row
 
 
+
+# --------------------------------------------------------------------------------------
+# Device mode: every backend against the seed code
+# --------------------------------------------------------------------------------------
+
+#: The shapes of issue 9's table.
+DEVICE_SHAPES = {
+    "dsa": [(64, 256, 56, 56), (256, 64, 32, 32)],
+    "coord": [(64, 256, 56, 56), (128, 1024, 14, 14)],
+}
+SMOKE_SHAPES = {"dsa": [(2, 5, 7, 9), (3, 4, 6, 6)], "coord": [(2, 8, 6, 7), (3, 16, 5, 5)]}
+VARIANTS = ("seed", "compile(seed)", "plain", "torch", "triton")
+#: Full-size passes of the fused design (issue 9): 3 forward, 5 backward.
+FLOOR_PASSES = {"fwd": 3, "fwd+bwd": 8}
+#: Issue 9's goals for the Triton path on an H100, forward+backward.
+GOALS = {"vs_seed": 2.5, "vs_compiled_seed": 2.0, "floor_share": 0.6, "memory_vs_seed": 0.7}
+GOAL_FLOOR_SHAPE = (64, 256, 56, 56)
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _seed_module():
+    """tests/blocks/seed_reference.py: the seeds' code, copied verbatim."""
+    spec = importlib.util.spec_from_file_location(
+        "seed_reference", _ROOT / "tests" / "blocks" / "seed_reference.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def device_blocks(kind: str, channels: int, device, compile_backend: str | None):
+    """The seed block and, with its weights, the library block on every backend."""
+    seed_mod = _seed_module()
+    torch.manual_seed(0)
+    if kind == "dsa":
+        seed = seed_mod.DynamicSpatialAttention()
+        make = DynamicSpatialAttention
+    else:
+        seed = seed_mod.CoordinateAtt(channels)
+        def make(backend):
+            return CoordinateAttention(channels, backend=backend)
+    seed = seed.to(device)
+    blocks = {"seed": seed}
+    if compile_backend is not None:
+        blocks["compile(seed)"] = torch.compile(seed, backend=compile_backend)
+    for backend in ("plain", "torch", "triton"):
+        block = make(backend=backend)
+        block.load_state_dict(seed.state_dict(), strict=True)
+        blocks[backend] = block.to(device)
+    return blocks
+
+
+def _step(block, x, grad, backward: bool, autocast_dtype):
+    def forward():
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            return first(block(x))
+
+    if backward:
+        def run():
+            x.grad = None
+            y = forward()
+            y.backward(grad.to(y.dtype))
+            return y
+    else:
+        def run():
+            with torch.no_grad():
+                return forward()
+    return run
+
+
+def _time_ms(run, min_run_time: float) -> float:
+    run()  # compiles Triton kernels and torch.compile graphs
+    run()
+    timer = benchmark.Timer(stmt="run()", globals={"run": run})  # syncs CUDA
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def _peak_mb(run, device) -> float | None:
+    """Peak memory one step allocates beyond what was allocated before it."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def copy_bandwidth(device, numel: int) -> float:
+    """Bytes per second of a large device copy (read + write), the peak the floor is set
+    against."""
+    src = torch.empty(numel, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src), 0.5)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def device_rows(kind, shape, dtype_name, device, args, bandwidth):
+    autocast_dtype = torch.bfloat16 if dtype_name == "bf16 autocast" else None
+    blocks = device_blocks(kind, shape[1], device, None if args.no_compile else args.compile)
+    torch.manual_seed(1)
+    x = torch.randn(*shape, device=device, requires_grad=True)
+    grad = torch.randn(*shape, device=device)
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        backward = mode == "fwd+bwd"
+        reference = None
+        for name, block in blocks.items():
+            run = _step(block, x, grad, backward, autocast_dtype)
+            row = {"block": kind, "shape": shape, "dtype": dtype_name, "mode": mode,
+                   "variant": name}
+            if backward:  # values and input gradient against the seed's
+                y = run().detach()
+                got = (y, x.grad.detach().clone())
+                if reference is None:
+                    reference = got
+                row["diff"] = tuple(
+                    float((a.float() - b.float()).abs().max())
+                    for a, b in zip(got, reference, strict=True)
+                )
+            row["ms"] = _time_ms(run, args.min_run_time)
+            row["peak_mb"] = _peak_mb(run, device)
+            floor_bytes = FLOOR_PASSES[mode] * x.numel() * x.element_size()
+            row["floor_share"] = floor_bytes / (row["ms"] * 1e-3) / bandwidth
+            rows.append(row)
+            print(f"  {kind} {shape} {dtype_name} {mode} {name}: {row['ms']:.3f} ms",
+                  file=sys.stderr)
+        seed_row = next(r for r in rows if r["mode"] == mode and r["variant"] == "seed")
+        for r in rows:
+            if r["mode"] == mode:
+                r["vs_seed"] = seed_row["ms"] / r["ms"]
+                if r.get("peak_mb") is not None and seed_row.get("peak_mb"):
+                    r["mem_vs_seed"] = r["peak_mb"] / seed_row["peak_mb"]
+    return rows
+
+
+def _goal_failures(rows) -> list[str]:
+    out = []
+    by_key = {(r["block"], r["shape"], r["dtype"], r["mode"], r["variant"]): r for r in rows}
+    for (block, shape, dtype, mode, variant), r in by_key.items():
+        if variant != "triton" or mode != "fwd+bwd":
+            continue
+        where = f"{block} {shape} {dtype}"
+        if r["vs_seed"] < GOALS["vs_seed"]:
+            out.append(f"{where}: {r['vs_seed']:.2f}x the seed < {GOALS['vs_seed']}x")
+        compiled = by_key.get((block, shape, dtype, mode, "compile(seed)"))
+        if compiled is not None and compiled["ms"] / r["ms"] < GOALS["vs_compiled_seed"]:
+            out.append(f"{where}: {compiled['ms'] / r['ms']:.2f}x torch.compile(seed) < "
+                       f"{GOALS['vs_compiled_seed']}x")
+        if shape == GOAL_FLOOR_SHAPE and r["floor_share"] < GOALS["floor_share"]:
+            out.append(f"{where}: {r['floor_share']:.0%} of the floor < "
+                       f"{GOALS['floor_share']:.0%}")
+        if r.get("mem_vs_seed") is not None and r["mem_vs_seed"] > GOALS["memory_vs_seed"]:
+            out.append(f"{where}: peak memory {r['mem_vs_seed']:.2f}x the seed's > "
+                       f"{GOALS['memory_vs_seed']}x")
+    return out
+
+
+def device_main(args) -> int:
+    """Seed code, torch.compile(seed), plain, torch and triton on one device, same weights.
+
+    For each block and shape of issue 9, fp32 and bf16 autocast, forward and forward+backward:
+    median ms (``torch.utils.benchmark``, which synchronises CUDA), speed against the seed,
+    share of the floor (3 forward / 8 forward+backward passes over ``x``'s bytes, against the
+    bandwidth of a large device copy measured in the same run), peak memory beyond what was
+    allocated before the step (``torch.cuda.max_memory_allocated``, reset per variant), and
+    the largest difference of ``y`` and ``grad_x`` from the seed's (TF32 off, so fp32 columns
+    compare exact arithmetic). ``--smoke`` runs the same code on tiny CPU shapes.
+    """
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else (
+        "cache_size_limit")
+    setattr(torch._dynamo.config, limit, 64)  # shapes x autocast x grad mode per seed class
+    shapes = SMOKE_SHAPES if args.smoke else DEVICE_SHAPES
+    bandwidth = copy_bandwidth(device, 2**22 if args.smoke else 2**28)
+    import triton
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{name}; torch {torch.__version__}, triton {triton.__version__}; TF32 off; "
+          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
+    if args.smoke:
+        print("SMOKE RUN: tiny shapes, Triton under its interpreter: these times mean nothing")
+    print("times: medians (torch.utils.benchmark); x seed: speed relative to the seed code; "
+          "floor: 3 (fwd) or 8 (fwd+bwd) passes over x's bytes at the copy bandwidth; "
+          "peak: memory a step allocates beyond its inputs; diff: max |y - y_seed| / "
+          "max |grad_x - grad_x_seed|")
+    print()
+    print("| block | (B,C,H,W) | dtype | pass | variant | ms | x seed | floor | peak MB | "
+          "diff y / grad x |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for kind in args.blocks:
+        for shape in shapes[kind]:
+            for dtype_name in ("fp32", "bf16 autocast"):
+                new = device_rows(kind, shape, dtype_name, device, args, bandwidth)
+                rows += new
+                for r in new:
+                    peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
+                    diff = "/".join(f"{d:.1e}" for d in r["diff"]) if "diff" in r else "-"
+                    print(f"| {kind} | {shape} | {dtype_name} | {r['mode']} | {r['variant']} | "
+                          f"{r['ms']:.3f} | {r['vs_seed']:.2f}x | {r['floor_share']:.0%} | "
+                          f"{peak} | {diff} |", flush=True)
+    print()
+    if args.smoke:
+        print("smoke run: the goals of issue 9 are not evaluated")
+        return 0
+    failures = _goal_failures(rows)
+    print("triton goals of issue 9 (fwd+bwd): "
+          + ("all met" if not failures else "missed:\n  " + "\n  ".join(failures)))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cpu (default): fused vs seed on 2 threads; cuda: every backend")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the device table's code on tiny shapes (checks it runs)")
+    parser.add_argument("--compile", default="inductor", help="torch.compile backend of the "
+                        "compile(seed) column (default inductor; the smoke run uses aot_eager)")
+    parser.add_argument("--no-compile", action="store_true", help="skip compile(seed)")
+    parser.add_argument("--blocks", nargs="+", default=["dsa", "coord"], choices=("dsa", "coord"),
+                        help="device mode: which blocks (default both)")
+    parser.add_argument("--min-run-time", type=float, default=None,
+                        help="seconds per measurement in device mode (default 0.3)")
     args = parser.parse_args()
+    if args.device == "cuda" or args.smoke:
+        if args.smoke and args.compile == "inductor":
+            args.compile = "aot_eager"  # inductor's C++ codegen takes minutes on a small CPU
+        if args.min_run_time is None:
+            args.min_run_time = 0.01 if args.smoke else 0.3
+        return device_main(args)
     torch.set_num_threads(THREADS)
     repeats, min_run = (3, 0.3) if args.quick else (9, 0.4)
 

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
 
 from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+from lightning_attn.blocks.kernels import triton_importable
 
 from . import seed_reference as seed
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
+#: Whether ``backend="triton"`` runs on the CPU tensors of the parity tests: Triton's
+#: interpreter, set by tests/conftest.py on machines without CUDA (on a GPU machine the
+#: Triton path is tested on CUDA tensors by test_triton.py instead).
+TRITON_ON_CPU = triton_importable() and os.environ.get("TRITON_INTERPRET") == "1"
+
 #: The backends every parity test runs on this machine.
-BACKENDS = ["torch", "plain"]
+BACKENDS = ["torch", "plain"] + (["triton"] if TRITON_ON_CPU else [])
 
 # --------------------------------------------------------------------------------------
 # Option tables
@@ -169,7 +176,10 @@ def as_tuple(out) -> tuple[torch.Tensor, ...]:
 def loss_weights(outs, seed_value: int = 99) -> list[torch.Tensor]:
     """Fixed random weights ``g`` (one per output) for the loss ``sum((o * g).mean())``."""
     gen = torch.Generator().manual_seed(seed_value)
-    return [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in outs]
+    return [
+        torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype)
+        for o in outs
+    ]
 
 
 def weighted_loss(outs, weights, use=None) -> torch.Tensor:

@@ -1,0 +1,545 @@
+"""``backend="triton"``: the Triton kernels against the seed code and the plain path.
+
+On a machine with CUDA the kernels run on the GPU (TF32 off); without one, on CPU tensors
+under Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py before triton is
+imported). The interpreter is slow, so the shapes are small but odd: ``C`` not a power of
+two, ``B = 1``, ``H`` or ``W = 1``, and sizes that make the kernels loop over several tiles.
+The parity tests of test_dynamic_spatial.py, test_coordinate.py, test_numerics.py and
+test_observation.py also run on ``"triton"`` where the interpreter is on (``BACKENDS``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+from lightning_attn.blocks.kernels import triton_importable
+
+from ._util import (
+    COORD_C,
+    COORD_CASES,
+    DSA_CASES,
+    assert_close,
+    assert_runs_match,
+    lib_coord_from,
+    lib_dsa_from,
+    rel_err,
+    run_block,
+    seed_coord,
+    seed_dsa,
+)
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+if not triton_importable():
+    pytest.skip(
+        "triton is not installed (pip install triton; wheels exist for Linux x86_64 and "
+        "aarch64)",
+        allow_module_level=True,
+    )
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip(
+        "no CUDA device and TRITON_INTERPRET is not 1 (tests/conftest.py sets it unless the "
+        "environment already sets it to something else)",
+        allow_module_level=True,
+    )
+
+from lightning_attn.blocks.kernels import load_triton_ops  # noqa: E402
+
+ops = load_triton_ops()
+
+# The interpreter runs the kernels in numpy, which warns about inf/NaN arithmetic that the
+# NaN tests make on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton")
+
+#: float32 tolerance: the kernels sum in another order than torch; cuDNN's convolutions
+#: differ more from each other than the CPU's.
+TOL32 = 1e-4 if CUDA else 1e-5
+TOL = {torch.float32: TOL32, torch.float64: 1e-10}
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Parity on CUDA needs exact float32 convolutions and matmuls in the seed too."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype).to(DEVICE)
+
+
+def _layouts(x: torch.Tensor):
+    """The same values as ``x`` in four memory layouts."""
+    yield "contiguous", x
+    yield "channels_last", x.contiguous(memory_format=torch.channels_last)
+    wide = x.new_zeros(*x.shape[:3], 2 * x.shape[3])
+    wide[..., ::2] = x
+    yield "strided_w", wide[..., ::2]
+    yield "transposed_hw", x.transpose(2, 3).contiguous().transpose(2, 3)
+
+
+def _relu_ties(shape, dtype=torch.float32) -> torch.Tensor:
+    """ReLU output with exact ties at the channel and axis maxima: zeros, duplicated
+    channels and a patch where every channel holds the same value."""
+    x = torch.relu(torch.randn(*shape, dtype=dtype) - 0.3)
+    if shape[1] > 2:
+        x[:, 2] = x[:, 0]
+    x[0, :, : min(2, shape[2]), : min(2, shape[3])] = 0.25
+    return x.to(DEVICE)
+
+
+def _dsa_pair(case: str, dtype=torch.float32):
+    ref = seed_dsa(DSA_CASES[case]).to(DEVICE, dtype)
+    return ref, lib_dsa_from(ref, DSA_CASES[case], "triton").to(DEVICE, dtype)
+
+
+def _coord_pair(lib_kw: dict, seed_kw: dict, channels: int = COORD_C, dtype=torch.float32):
+    ref = seed_coord(seed_kw, channels).to(DEVICE, dtype)
+    return ref, lib_coord_from(ref, lib_kw, "triton", channels).to(DEVICE, dtype)
+
+
+# --------------------------------------------------------------------------------------
+# The ops against torch, on inputs chosen to hit ties, NaN, infinities and several tiles
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    """The interpreter with the CUDA tile sizes, so that the ops loop as on a GPU (the
+    interpreter's own tiles are larger: fewer programs, faster tests)."""
+    monkeypatch.setattr(ops, "INTERPRETER_TILES", ops.GPU_TILES)
+
+
+def test_op_tests_take_several_tile_steps_with_gpu_tiles(gpu_tiles):
+    for layout in ("contiguous", "channels_last"):
+        x = dict(_layouts(torch.zeros(2, 70, 16, 17, device=DEVICE)))[layout]
+        block_c, block_s = ops._dsa_tiles(x)
+        assert block_c < 70 and block_s < 16 * 17 or block_c * 2 < 70, layout
+    for layout in ("contiguous", "channels_last", "transposed_hw"):
+        x = dict(_layouts(torch.zeros(2, 3, 70, 17, device=DEVICE)))[layout]
+        _, launch = ops._coord_launch(x)
+        assert launch["BLOCK_H"] < 70 and launch["BLOCK_W"] == 32, layout
+    for layout in ("contiguous", "channels_last"):  # blocks of one sample's channels
+        x = dict(_layouts(torch.zeros(2, 40, 9, 6, device=DEVICE)))[layout]
+        _, launch = ops._coord_launch(x)
+        assert not launch["FOLD"] and 40 % launch["BLOCK_C"], layout
+
+
+def test_block_tests_fold_small_channel_counts_into_one_program():
+    grid, launch = ops._coord_launch(torch.zeros(2, COORD_C, 6, 7, device=DEVICE))
+    assert launch["FOLD"] and grid == (1,)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_dsa_summary_is_torch_mean_and_max_with_its_argmax(layout, gpu_tiles):
+    # C = 70 spans 9 channel steps of the NCHW kernel and 2 of the channels_last one.
+    x = _relu_ties((2, 70, 16, 17))
+    x[0, 5, 3, 3] = x[0, 9, 3, 3] = float("nan")  # two NaN channels: torch.max names the first
+    x[1, :, 4, 4] = float("-inf")  # all -inf: channel 0
+    x[1, 7, 5, 5] = float("inf")
+    x[1, 3, 6, 6] = float("nan")
+    x = dict(_layouts(x))[layout]
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    s = ops.dsa_summary(xa)
+    mx, _ = torch.max(xb, dim=1, keepdim=True)
+    want = torch.cat([xb.mean(dim=1, keepdim=True), mx], dim=1)
+    assert s.dtype == x.dtype and s.shape == (2, 2, 16, 17)
+    torch.testing.assert_close(s, want, equal_nan=True, rtol=0, atol=1e-6)
+    assert torch.equal(s[:, 1].isnan(), want[:, 1].isnan())
+    g = torch.randn_like(want)
+    (got_gx,) = torch.autograd.grad((s * g).sum(), xa)
+    (want_gx,) = torch.autograd.grad((want * g).sum(), xb)
+    # the max gradient lands on exactly the channel torch.max picked (ties, NaN, -inf)
+    torch.testing.assert_close(got_gx, want_gx, equal_nan=True, rtol=0, atol=1e-6)
+
+
+def test_dsa_summary_saves_an_int32_argmax_map_not_a_full_size_tensor(gpu_tiles):
+    x = _randn(2, 6, 5, 7).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ops.dsa_summary(x)
+    full = [t for t in saved if t.numel() == x.numel()]
+    assert all(t.data_ptr() == x.data_ptr() for t in full), "a full-size copy was saved"
+    assert any(t.dtype == torch.int32 and t.shape == (2, 1, 5, 7) for t in saved)
+
+
+@pytest.mark.parametrize("x_dtype, mask_dtype", [
+    (torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+])
+def test_dsa_apply_is_x_times_mask_with_torch_dtypes(x_dtype, mask_dtype, gpu_tiles):
+    x = _randn(3, 5, 4, 7, dtype=x_dtype).contiguous(memory_format=torch.channels_last)
+    mask = torch.rand(3, 1, 4, 7, dtype=mask_dtype).to(DEVICE)
+    xa, ma = x.clone().requires_grad_(), mask.clone().requires_grad_()
+    xb, mb = x.clone().requires_grad_(), mask.clone().requires_grad_()
+    y, want = ops.dsa_apply(xa, ma), xb * mb
+    assert y.dtype == want.dtype and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, want)  # dtype-aware tolerances: one rounding apart
+    g = torch.randn_like(want)
+    got = torch.autograd.grad(y.mul(g).sum(), (xa, ma))
+    ref = torch.autograd.grad(want.mul(g).sum(), (xb, mb))
+    for a, b in zip(got, ref, strict=True):
+        assert a.dtype == b.dtype
+        # torch rounds each low-precision product before summing grad_mask; the kernel not
+        low = a.dtype != torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-2 if low else None, atol=1e-2 if low else None)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed_hw"])
+@pytest.mark.parametrize("with_max", [False, True], ids=["mean", "mean_max"])
+def test_coord_pool_is_mean_and_amax_with_amax_gradient(with_max, layout, gpu_tiles):
+    # H = 70 takes several row steps; ties in rows and columns (amax splits its gradient).
+    x = _relu_ties((2, 3, 70, 17))
+    x[0, 1, 10, 4] = float("nan")  # a NaN row and column
+    x[1, 2, 20, :] = float("-inf")  # a row of -inf: every element ties
+    x = dict(_layouts(x))[layout]
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    x_h, x_w = ops.coord_pool(xa, with_max)
+    want_h, want_w = xb.mean(dim=3, keepdim=True), xb.mean(dim=2, keepdim=True)
+    if with_max:
+        want_h = 0.5 * (want_h + xb.amax(dim=3, keepdim=True))
+        want_w = 0.5 * (want_w + xb.amax(dim=2, keepdim=True))
+    for got, want in ((x_h, want_h), (x_w, want_w)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-6, atol=1e-6)
+    gh, gw = torch.randn_like(want_h), torch.randn_like(want_w)
+    (got_gx,) = torch.autograd.grad((x_h * gh).sum() + (x_w * gw).sum(), xa)
+    (want_gx,) = torch.autograd.grad((want_h * gh).sum() + (want_w * gw).sum(), xb)
+    torch.testing.assert_close(got_gx, want_gx, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("c_kind", ["none", "fixed", "learnable"])
+def test_coord_scale_matches_the_formula_and_its_gradients(c_kind, layout, gpu_tiles):
+    # C = 40: blocks of 16 (NCHW) or 32 (channels_last) channels, the last one partial
+    x = dict(_layouts(_relu_ties((2, 40, 9, 6))))[layout]
+    u_h = torch.rand(2, 40, 9, 1, dtype=torch.bfloat16).to(DEVICE)  # as autocast leaves them
+    u_w = torch.rand(2, 40, 1, 6, dtype=torch.bfloat16).to(DEVICE)
+    k0 = torch.tensor(0.7, device=DEVICE)
+    leaves = [x, u_h, u_w, k0]
+    runs = []
+    for _ in range(2):
+        xs, hs, ws, k = (t.clone().requires_grad_() for t in leaves)
+        c = None if c_kind == "none" else (1 - k) if c_kind == "learnable" else 1 - k.detach()
+        runs.append(((xs, hs, ws, k), c))
+    (xa, ha, wa, ka), ca = runs[0]
+    (xb, hb, wb, kb), cb = runs[1]
+    y = ops.coord_scale(xa, ha, wa, ca, ka)
+    # torch's dtype: a bf16 map times a 0-d float32 k stays bf16, times float32 x is float32
+    assert y.dtype == (x * (k0 * (u_h * u_w))).dtype == torch.float32
+    # the kernel computes the scale in float32: compare with torch in float32
+    want = xb * ((0.0 if cb is None else cb) + kb * (hb.float() * wb.float()))
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(want)
+    got = torch.autograd.grad((y * g).sum(), (xa, ha, wa, ka))
+    ref = torch.autograd.grad((want * g).sum(), (xb, hb, wb, kb))
+    for name, a, b in zip(("x", "u_h", "u_w", "k"), got, ref, strict=True):
+        assert a.dtype == b.dtype, name  # the maps' gradients in bf16, like the maps
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_ops_name_bad_arguments():
+    x = _randn(2, 3, 4, 5)
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 1, 4, 5\)"):
+        ops.dsa_apply(x, _randn(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="u_w must have shape"):
+        ops.coord_scale(x, _randn(2, 3, 4, 1), _randn(2, 3, 5, 1), None, _randn(()))
+    with pytest.raises(ValueError, match="k must be a 0-d tensor"):
+        ops.coord_scale(x, _randn(2, 3, 4, 1), _randn(2, 3, 1, 5), None, _randn(1))
+    with pytest.raises(ValueError, match="W=8193"):
+        ops.coord_pool(_randn(1, 1, 1, 8193), False)
+
+
+# --------------------------------------------------------------------------------------
+# The blocks against the seed code
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["default", "all"])
+def test_dsa_matches_seed_in_every_layout(case):
+    ref, lib = _dsa_pair(case)
+    x = _relu_ties((2, 5, 7, 9))
+    want = run_block(ref, x)
+    for layout, xv in _layouts(x):
+        assert_runs_match(run_block(lib, xv), want, TOL32, f"{case} {layout}")
+
+
+@pytest.mark.parametrize("shape", [(1, 70, 3, 5), (2, 3, 1, 1), (2, 6, 9, 1), (1, 6, 1, 9)],
+                         ids=["B1_C70", "1x1", "Hx1", "1xW"])
+def test_dsa_matches_seed_on_odd_sizes(shape):
+    ref, lib = _dsa_pair("default")
+    x = _relu_ties(shape)
+    want = run_block(ref, x)
+    for layout, xv in list(_layouts(x))[:2]:
+        assert_runs_match(run_block(lib, xv), want, TOL32, f"{shape} {layout}")
+
+
+def test_dsa_float64_and_ties_match_seed_exactly():
+    ref, lib = _dsa_pair("all", torch.float64)
+    x = _relu_ties((2, 6, 5, 7), torch.float64)
+    assert (x.amax(dim=1) == 0).any() and (x[:, 2] == x[:, 0]).all()
+    assert_runs_match(run_block(lib, x), run_block(ref, x), TOL[torch.float64], "f64 ties")
+
+
+def test_dsa_nan_propagates_as_in_seed():
+    ref, lib = _dsa_pair("default")
+    x = _randn(2, 5, 6, 7)
+    x[0, 3, 2, 2] = float("nan")
+    got, want = run_block(lib, x), run_block(ref, x)
+    for a, b, what in ((got[0][0], want[0][0], "y"), (got[0][1], want[0][1], "mask"),
+                       (got[1], want[1], "grad x")):
+        assert torch.equal(a.isnan(), b.isnan()), what
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=TOL32, msg=what)
+    assert got[0][0][0].isnan().any() and not got[0][0][1].isnan().any()
+
+
+#: Add-ons that change the full-size work: pooling (1), the scale's c and k (4, 6, alpha
+#: fixed / learnable / exactly 1, where c is None), the spatial gate (9), and all together.
+COORD_TRITON_CASES = {
+    name: COORD_CASES[name]
+    for name in ("base", "mean_max", "per_axis_alpha", "per_axis_alpha_learnable", "beta",
+                 "beta_learnable", "alpha_0.7_learnable", "per_axis_alpha_beta",
+                 "spatial_gate", "all", "all_single_alpha_fixed_beta")
+}
+COORD_TRITON_CASES["alpha_0.7_fixed"] = ({"alpha": 0.7}, {"alpha": 0.7})
+
+
+@pytest.mark.parametrize("case", list(COORD_TRITON_CASES))
+def test_coord_matches_seed(case):
+    lib_kw, seed_kw = COORD_TRITON_CASES[case]
+    ref, lib = _coord_pair(lib_kw, seed_kw)
+    x = _relu_ties((2, COORD_C, 6, 7))
+    want = run_block(ref, x)
+    for layout, xv in list(_layouts(x))[:2]:
+        assert_runs_match(run_block(lib, xv), want, TOL32, f"{case} {layout}")
+
+
+@pytest.mark.parametrize("shape", [(1, 20, 1, 9), (2, 20, 9, 1), (1, 20, 1, 1), (2, 20, 70, 5),
+                                   (2, 20, 6, 7)],
+                         ids=["B1_1xW", "Hx1", "1x1", "H70", "strided"])
+def test_coord_all_add_ons_match_seed_on_odd_sizes(shape):
+    lib_kw, seed_kw = COORD_CASES["all"]
+    ref, lib = _coord_pair(lib_kw, seed_kw, channels=20)
+    x = _relu_ties(shape)
+    want = run_block(ref, x)
+    layouts = dict(_layouts(x))
+    xv = layouts["strided_w"] if shape == (2, 20, 6, 7) else layouts["channels_last"]
+    assert_runs_match(run_block(lib, xv), want, TOL32, str(shape))
+
+
+def test_coord_nan_propagates_as_in_seed():
+    lib_kw, seed_kw = COORD_CASES["all_single_alpha_fixed_beta"]
+    ref, lib = _coord_pair(lib_kw, seed_kw)
+    ref.eval(), lib.eval()  # in train mode BatchNorm spreads a NaN over the whole batch
+    x = _randn(2, COORD_C, 6, 7)
+    x[1, 4, 2, 3] = float("nan")
+    got, want = run_block(lib, x), run_block(ref, x)
+    for a, b, what in ((got[0][0], want[0][0], "y"), (got[1], want[1], "grad x")):
+        assert torch.equal(a.isnan(), b.isnan()), what
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=TOL32, msg=what)
+    assert not got[0][0][0].isnan().any() and got[0][0][1].isnan().any()
+
+
+# --------------------------------------------------------------------------------------
+# Low precision: the same dtypes as the plain path, values within rounding
+# --------------------------------------------------------------------------------------
+
+_LOW_PRECISION_BLOCKS = {
+    "dsa": lambda backend: DynamicSpatialAttention(**DSA_CASES["all"], backend=backend),
+    "coord": lambda backend: CoordinateAttention(
+        COORD_C, **COORD_CASES["all"][0], backend=backend
+    ),
+}
+
+
+def _outputs_and_grads(block, x, g, autocast_dtype):
+    x = x.clone().requires_grad_()
+    with torch.autocast(DEVICE.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        outs = block(x)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    loss = (outs[0].float() * g).mean() + sum(o.float().mean() for o in outs[1:])
+    loss.backward()
+    grads = {n: p.grad for n, p in block.named_parameters()}
+    return [o.detach() for o in outs], x.grad, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", ["autocast", "low_precision_block"])
+@pytest.mark.parametrize("name", list(_LOW_PRECISION_BLOCKS))
+def test_low_precision_matches_plain_path(name, mode, dtype):
+    torch.manual_seed(0)
+    triton_block = _LOW_PRECISION_BLOCKS[name]("triton").to(DEVICE)
+    plain = copy.deepcopy(triton_block)
+    plain.backend = "plain"
+    x = _randn(2, COORD_C, 6, 7)
+    if mode == "low_precision_block":
+        triton_block.to(dtype), plain.to(dtype)
+        x = x.to(dtype)
+    g = _randn(*x.shape)
+    autocast = dtype if mode == "autocast" else None
+    got_outs, got_gx, got_pg = _outputs_and_grads(triton_block, x, g, autocast)
+    want_outs, want_gx, want_pg = _outputs_and_grads(plain, x, g, autocast)
+    # the plain path rounds its intermediates to the low precision, the kernels only once
+    tol = 0.02 if dtype == torch.bfloat16 else 0.005
+    for i, (a, b) in enumerate(zip(got_outs, want_outs, strict=True)):
+        assert a.dtype == b.dtype, f"output {i}: {a.dtype} vs plain {b.dtype}"
+        assert rel_err(a, b) <= tol, f"output {i}: {rel_err(a, b):.3g}"
+    assert got_gx.dtype == want_gx.dtype
+    assert rel_err(got_gx, want_gx) <= 2 * tol, f"grad x: {rel_err(got_gx, want_gx):.3g}"
+    for n, p in want_pg.items():
+        assert got_pg[n].dtype == p.dtype, n
+        # a 0-d parameter's gradient is a sum over the whole tensor that mostly cancels
+        # (about 4e-5 for alpha here): its relative error is measured against 1e-3
+        err = float((got_pg[n].double() - p.double()).norm())
+        scale = float(p.double().norm()) if p.dim() else max(float(p.abs()), 1e-3)
+        assert err <= 5 * tol * scale, f"grad {n}: {err:.3g} vs {scale:.3g}"
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile, autograd limits, errors
+# --------------------------------------------------------------------------------------
+
+
+def _recording_backend():
+    """AOTAutograd with recording compilers: the forward and backward graphs it traces."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: dict[str, list] = {"forward": [], "backward": []}
+
+    def record(kind):
+        def compiler(gm, _inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    return aot_autograd(fw_compiler=record("forward"), bw_compiler=record("backward")), graphs
+
+
+def _targets(graphs) -> set[str]:
+    return {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+
+
+_COMPILE_BLOCKS = {
+    "dsa": (lambda: DynamicSpatialAttention(backend="triton"),
+            {"forward": ["dsa_summary", "dsa_apply"],
+             "backward": ["dsa_summary_backward", "dsa_apply_backward"]}),
+    "coord_all": (lambda: CoordinateAttention(COORD_C, **COORD_CASES["all"][0], backend="triton"),
+                  {"forward": ["coord_pool", "coord_scale"],
+                   "backward": ["coord_pool_backward", "coord_scale_backward"]}),
+}
+
+
+@pytest.mark.parametrize("name", list(_COMPILE_BLOCKS))
+def test_torch_compile_fullgraph_traces_the_kernels(name, dynamo_reset):
+    from torch._dynamo.utils import counters
+
+    make, expected = _COMPILE_BLOCKS[name]
+    block = make().to(DEVICE)
+    eager = copy.deepcopy(block)
+    backend, graphs = _recording_backend()
+    counters.clear()
+    compiled = torch.compile(block, fullgraph=True, backend=backend)
+    x = _relu_ties((2, COORD_C, 6, 7))
+    got, want = run_block(compiled, x), run_block(eager, x)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert len(graphs["forward"]) == 1 and len(graphs["backward"]) == 1
+    for kind, names in expected.items():
+        targets = _targets(graphs[kind])
+        for op in names:
+            assert f"lightning_attn.{op}.default" in targets, f"{op} not in the {kind} graph"
+    for i, (a, b) in enumerate(zip(got[0], want[0], strict=True)):
+        assert_close(a, b, TOL32, f"output {i}")
+    assert_close(got[1], want[1], TOL32, "grad x")
+    for n, g in want[2].items():
+        assert_close(got[2][f"_orig_mod.{n}"], g, TOL32, f"grad {n}")
+
+
+if CUDA:  # inductor's C++ codegen takes ~30 s per block on a 2-core CPU: GPU machines only
+
+    @pytest.mark.parametrize("name", list(_COMPILE_BLOCKS))
+    def test_torch_compile_inductor_on_cuda(name, dynamo_reset):
+        from torch._dynamo.testing import CompileCounterWithBackend
+        from torch._dynamo.utils import counters
+
+        block = _COMPILE_BLOCKS[name][0]().to(DEVICE)
+        eager = copy.deepcopy(block)
+        counter = CompileCounterWithBackend("inductor")
+        counters.clear()
+        compiled = torch.compile(block, fullgraph=True, backend=counter)
+        x = _relu_ties((2, COORD_C, 6, 7))
+        got, want = run_block(compiled, x), run_block(eager, x)
+        assert counter.frame_count == 1 and not counters["graph_break"]
+        assert_close(got[0][0], want[0][0], TOL32, "y")
+        assert_close(got[1], want[1], TOL32, "grad x")
+
+
+def test_kernels_compile_for_an_h100():
+    """Every kernel through Triton's real compiler down to an sm_90 cubin (~8 s): what the
+    interpreter cannot check. Needs no GPU; ptxas ships with triton's CUDA backend."""
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton install has no CUDA backend (ptxas)")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("triton_sm90_compile.py"))],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("sm_90 cubin") == 8, done.stdout
+
+
+def test_cpu_tensor_without_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(2, COORD_C, 5, 6)
+    for block in (DynamicSpatialAttention(backend="triton"),
+                  CoordinateAttention(COORD_C, backend="triton")):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            block(x)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        ops.dsa_summary(x)
+
+
+@pytest.mark.parametrize("make", [lambda: DynamicSpatialAttention(backend="triton"),
+                                  lambda: CoordinateAttention(COORD_C, backend="triton")],
+                         ids=["dsa", "coord"])
+def test_double_backward_raises_clearly(make):
+    block = make().to(DEVICE)
+    x = _randn(2, COORD_C, 5, 6).requires_grad_()
+    out = block(x)
+    y = out[0] if isinstance(out, tuple) else out
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(y.square().mean(), x, create_graph=True)
+
+
+def test_dsa_empty_batch_and_expanded_gradients():
+    ref, lib = _dsa_pair("default")
+    y, mask = lib(_randn(0, 4, 5, 6))
+    assert y.shape == (0, 4, 5, 6) and mask.shape == (0, 1, 5, 6)
+    # y.sum() sends back a stride-0 gradient; an expanded batch reads x with stride 0
+    x = _randn(1, 4, 5, 6).expand(3, -1, -1, -1)
+    grads = []
+    for block in (lib, ref):
+        xg = x.clone().requires_grad_() if block is ref else x.detach().requires_grad_()
+        (g,) = torch.autograd.grad(block(xg)[0].sum(), xg)
+        grads.append(g)
+    assert_close(grads[0], grads[1], TOL32, "grad x")
