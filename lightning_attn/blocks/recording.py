@@ -123,7 +123,8 @@ class AttentionBlock(Protocol):
 
 #: Instance attributes of the recording state (never pickled, copied or saved).
 _RECORDING_STATE = (
-    "_attn_recording", "_attn_recording_holders", "_attn_capture", "_attn_capture_holders",
+    "_attn_recording", "_attn_recording_holders", "_attn_histograms", "_attn_capture",
+    "_attn_capture_holders",
     "_attn_config", "_attn_layout", "_attn_statistics", "_attn_initial", "_attn_captured",
 )
 
@@ -142,6 +143,7 @@ class RecordingMixin:
     # Plain class-level defaults: a block never configured records nothing and holds nothing.
     _attn_recording: bool = False
     _attn_capture: bool = False
+    _attn_histograms: bool = False
     _attn_config: RecordingConfig | None = None
     _attn_layout: StatisticsLayout | None = None
     _attn_statistics: torch.Tensor | None = None
@@ -160,6 +162,9 @@ class RecordingMixin:
             accumulate(
                 self._attn_statistics, self._attn_layout, masks, router_weights,
                 config.saturation_low, config.saturation_high,
+                # Compiled, the histogram counts fuse into the graph and a flag would add a
+                # graph: always. Eager, only on the steps that write them.
+                histograms=torch.compiler.is_compiling() or self._attn_histograms,
             )
         if self._attn_capture:
             self._attn_captured = spatial_map(masks)
@@ -220,9 +225,11 @@ class RecordingMixin:
         """Whether forwards add to the accumulator (some consumer holds recording)."""
         return self._attn_recording
 
-    def start_recording(self, holder: Hashable = "default") -> None:
+    def start_recording(self, holder: Hashable = "default", histograms: bool = True) -> None:
         """Turn recording on for ``holder``. The first holder of a window empties the
-        accumulator; later ones share it, so several consumers can measure the same steps."""
+        accumulator; later ones share it, so several consumers can measure the same steps.
+        ``histograms=False``: this holder does not need the histogram counts (eager forwards
+        then skip them unless another holder asks; compiled ones always count)."""
         if self._attn_statistics is None:
             raise RuntimeError(
                 f"{type(self).__name__}: call configure_recording(config, device) before "
@@ -231,7 +238,9 @@ class RecordingMixin:
         holders = self.__dict__.setdefault("_attn_recording_holders", set())
         if not holders:
             self.reset_statistics()
+            self._attn_histograms = False
         holders.add(holder)
+        self._attn_histograms = self._attn_histograms or bool(histograms)
         self._attn_recording = True
 
     def stop_recording(self, holder: Hashable = "default") -> None:

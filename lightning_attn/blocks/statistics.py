@@ -43,12 +43,11 @@ __all__ = [
     "router_entropy",
 ]
 
-#: A mask's slots. ``count`` counts every value, the sums and extrema cover finite values.
+#: A mask's slots (``n_finite`` counts the finite values among ``count``).
 MASK_SLOTS: tuple[str, ...] = (
     "count", "sum", "sum_sq", "n_low", "n_high", "n_finite", "min", "max"
 )
-#: A router's slots, followed by ``K`` per-branch weight sums. Rows (samples) with a
-#: non-finite weight count in ``rows`` only.
+#: A router's slots, followed by ``K`` per-branch weight sums.
 ROUTER_SLOTS: tuple[str, ...] = ("rows", "sum_entropy", "n_finite_rows")
 #: Default number of equal bins over ``[0, 1]`` of the mask and router-weight histograms.
 HISTOGRAM_BINS = 50
@@ -125,6 +124,7 @@ def accumulate(
     router_weights: torch.Tensor | None,
     saturation_low: float,
     saturation_high: float,
+    histograms: bool = True,
 ) -> None:
     """Add one forward's statistics to ``acc`` in place, on its device, without a host sync.
 
@@ -134,50 +134,49 @@ def accumulate(
         masks: name -> mask (any shape, values expected in ``[0, 1]``).
         router_weights: ``(B, K)`` softmax weights, or ``None``.
         saturation_low, saturation_high: a value strictly below / above is saturated.
+        histograms: add the histogram counts too (when the layout has bins).
     """
     acc[0].add_(1.0)
     dtype = acc.dtype
+    # Few, whole-tensor ops (each costs a dispatch, or a kernel launch on a GPU in eager
+    # mode). A NaN or Inf turns the sums and extremes non-finite, as the value they stand
+    # for is; `n_finite` says how many, for the warning.
     for name, mask in masks.items():
         off = layout.mask_offsets.get(name)
         if off is None or mask.numel() == 0:
             continue
         v = mask.detach().reshape(-1).float()
-        finite = torch.isfinite(v)
-        # float64 squares and sums: the std comes from E[x^2] - E[x]^2, which loses digits
-        # to cancellation when the mask barely varies, exactly where the collapse warning
+        counts = torch.stack((  # int64 counts, converted once
+            (v < saturation_low).sum(), (v > saturation_high).sum(), torch.isfinite(v).sum()
+        )).to(dtype)
+        # float64 sums: the std comes from E[x^2] - E[x]^2, which loses digits to
+        # cancellation when the mask barely varies, exactly where the collapse warning
         # decides. (Not torch.dot: its BLAS threads stall on busy CPUs.)
-        vf = torch.where(finite, v, 0.0).to(dtype)
-        sums = torch.stack((
-            vf.sum(),
-            vf.square().sum(),
-            (v < saturation_low).sum().to(dtype),
-            (v > saturation_high).sum().to(dtype),
-            finite.sum().to(dtype),
-        ))
+        v64 = v.to(dtype)
         acc[off].add_(v.numel())
-        acc[off + 1 : off + 6].add_(sums)
-        lo = torch.where(finite, v, math.inf).amin().to(dtype)
-        hi = torch.where(finite, v, -math.inf).amax().to(dtype)
-        acc[off + 6].copy_(torch.minimum(acc[off + 6], lo))
-        acc[off + 7].copy_(torch.maximum(acc[off + 7], hi))
+        acc[off + 1 : off + 6].add_(torch.cat((torch.stack((v64.sum(), v64.square().sum())),
+                                               counts)))
+        lo, hi = torch.aminmax(v)
+        extremes = acc[off + 6 : off + 8]
+        extremes.copy_(torch.stack((torch.minimum(extremes[0], lo.to(dtype)),
+                                    torch.maximum(extremes[1], hi.to(dtype)))))
         hist = layout.histogram_offsets.get(name)
-        if hist is not None:
-            _add_histogram(acc, hist, layout.histogram_bins, v, finite)
+        if hist is not None and histograms:
+            _add_histogram(acc, hist, layout.histogram_bins, v, torch.isfinite(v))
     off = layout.router_offset
     if off is not None and router_weights is not None and router_weights.shape[0] > 0:
         k = layout.num_branches
         w = router_weights.detach().float()
-        finite_rows = torch.isfinite(w).all(dim=1)
-        wf = torch.where(finite_rows[:, None], w, 0.0)
-        head = torch.stack((
-            router_entropy(wf).sum(dtype=dtype),
-            finite_rows.sum().to(dtype),
-        ))
         acc[off].add_(w.shape[0])
-        acc[off + 1 : off + 3].add_(head)
-        acc[off + 3 : off + 3 + k].add_(wf.sum(dim=0, dtype=dtype))
+        acc[off + 1 : off + 3 + k].add_(torch.cat((
+            torch.stack((
+                router_entropy(w).sum(dtype=dtype),
+                torch.isfinite(w).all(dim=1).sum(dtype=dtype),
+            )),
+            w.sum(dim=0, dtype=dtype),
+        )))
         hist = layout.histogram_offsets.get("router")
-        if hist is not None:
+        if hist is not None and histograms:
             v = w.reshape(-1)
             _add_histogram(acc, hist, layout.histogram_bins, v, torch.isfinite(v))
 
@@ -209,9 +208,10 @@ def router_entropy(router_weights: torch.Tensor) -> torch.Tensor:
 class MaskStats:
     """Statistics of one mask over every value it took in a logging step (global batch).
 
-    ``mean``, ``std`` (unbiased, like :meth:`torch.Tensor.std`), ``min`` and ``max`` cover the
-    finite values; ``sat_low`` / ``sat_high`` are the shares of all values below / above the
-    saturation thresholds; ``nonfinite`` counts NaN and Inf values.
+    ``mean``, ``std`` (unbiased, like :meth:`torch.Tensor.std`), ``min`` and ``max``;
+    ``sat_low`` / ``sat_high`` are the shares of values below / above the saturation
+    thresholds; ``nonfinite`` counts NaN and Inf values (then ``mean``, ``std`` and the
+    extremes are NaN or Inf too, as the values they stand for).
     """
 
     count: int
@@ -235,7 +235,7 @@ class RouterStats:
 
     ``entropy`` is the mean over samples of ``-sum_k w_k log w_k``; ``entropy_norm`` the same
     divided by ``log K`` (0 when ``K == 1``); ``usage[k]`` the mean weight of branch ``k``.
-    Samples with a non-finite weight are left out of these and counted in ``nonfinite``.
+    ``nonfinite`` counts the samples with a NaN or Inf weight (they make the others NaN).
     """
 
     count: int
@@ -281,12 +281,13 @@ def _mask_stats(v: Sequence[float]) -> MaskStats | None:
     count, total, total_sq, n_low, n_high, n_finite, lo, hi = v
     if count <= 0:
         return None
-    if n_finite > 0:
-        mean = total / n_finite
-        var = (total_sq - total * total / n_finite) / (n_finite - 1) if n_finite > 1 else 0.0
-        std = math.sqrt(max(var, 0.0))
+    mean = total / count
+    if not (math.isfinite(total) and math.isfinite(total_sq)):
+        std = math.nan
+    elif count > 1:
+        std = math.sqrt(max((total_sq - total * total / count) / (count - 1), 0.0))
     else:
-        mean = std = lo = hi = math.nan
+        std = 0.0
     return MaskStats(
         count=int(count), mean=mean, std=std, sat_low=n_low / count, sat_high=n_high / count,
         nonfinite=int(round(count - n_finite)), min=lo, max=hi,
@@ -299,12 +300,12 @@ def _router_stats(v: Sequence[float]) -> RouterStats | None:
     if rows <= 0:
         return None
     k = len(usage_sums)
-    entropy = sum_entropy / n_finite if n_finite > 0 else math.nan
+    entropy = sum_entropy / rows
     return RouterStats(
         count=int(rows),
         entropy=entropy,
         entropy_norm=entropy / math.log(k) if k > 1 else 0.0,
-        usage=tuple(s / n_finite if n_finite > 0 else math.nan for s in usage_sums),
+        usage=tuple(s / rows for s in usage_sums),
         nonfinite=int(round(rows - n_finite)),
     )
 

@@ -102,12 +102,13 @@ class StatisticsCollector:
         """Whether a point is being recorded."""
         return self._open
 
-    def open(self) -> None:
-        """Start recording a point (a training logging step, or an evaluation epoch)."""
+    def open(self, histograms: bool = False) -> None:
+        """Start recording a point (a training logging step, or an evaluation epoch);
+        ``histograms``: the point writes histograms."""
         if self._open:
             return
         for block in self.blocks.values():
-            block.start_recording(self)
+            block.start_recording(self, histograms)
         self._open = True
         self._grad_norms = None
 

@@ -296,7 +296,7 @@ class AttentionDiagnostics(Callback):
         histograms = histograms and self.log_statistics and bool(self.sections)
         if scalars or histograms:
             self._point = (scalars, histograms)
-            self._collector.open()
+            self._collector.open(histograms)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer

@@ -124,14 +124,23 @@ def test_two_monitors_share_one_merged_layout(tmp_path):
     )
 
 
-def test_scalars_go_to_csv_and_missing_tensorboard_is_one_info(tmp_path, caplog):
+def test_scalars_go_to_csv_and_missing_tensorboard_is_one_info(tmp_path):
     csv_logger = CSVLogger(tmp_path, name="csv")
     cb = AttentionDiagnostics(on_problem="ignore", summary=False)
-    with caplog.at_level(logging.INFO):
+    # Lightning's logger may not propagate to the root (it depends on import order), so the
+    # records are caught on it directly.
+    records: list[logging.LogRecord] = []
+    catcher = logging.Handler(logging.INFO)
+    catcher.emit = records.append
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    lightning_logger.addHandler(catcher)
+    try:
         make_trainer(tmp_path, [cb], max_steps=4, logger=csv_logger, log_every_n_steps=2).fit(
             TinyAttnNet()
         )
-    infos = [r for r in caplog.records if "TensorBoardLogger does" in r.getMessage()]
+    finally:
+        lightning_logger.removeHandler(catcher)
+    infos = [r for r in records if "TensorBoardLogger does" in r.getMessage()]
     assert len(infos) == 1
     with open(csv_logger.log_dir + "/metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("attn/dsa/mask/std")]

@@ -139,7 +139,8 @@ def test_test_step_logs_accuracy_and_localisation(caplog, capsys) -> None:
     assert {"test/acc", "test/loss", "test/loc/net.features.attn1.block"} <= set(res)
     # The module brings no callback of its own, so testing after fitting with the same
     # Trainer prints no "callbacks returned in configure_callbacks will override" message.
-    printed = capsys.readouterr().out + " ".join(r.getMessage() for r in caplog.records)
+    captured = capsys.readouterr()  # Lightning's own handler may print to stderr instead
+    printed = captured.out + captured.err + " ".join(r.getMessage() for r in caplog.records)
     assert "configure_callbacks" not in printed
 
 
