@@ -172,9 +172,9 @@ class DiagnosticsOutput:
         if not metrics:
             return
         # CPU tensors: Python floats would be copied to the module's device one by one.
-        values = torch.tensor(list(metrics.values()), dtype=torch.float64)
+        tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()}
         if epoch_level:
-            for name, value in zip(metrics, values, strict=True):
+            for name, value in tensors.items():
                 pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False,
                               batch_size=1)
             return
@@ -183,7 +183,7 @@ class DiagnosticsOutput:
         for writer in self.writers:
             writer.scalars(row, step)
         # Every process: EarlyStopping and ModelCheckpoint read these on every rank.
-        self.trainer.callback_metrics.update(dict(zip(metrics, values, strict=True)))
+        self.trainer.callback_metrics.update(tensors)
 
     # -- everything else: each backend writer, rank zero ---------------------------------
     def histograms(self, tagged_counts: Mapping[str, Sequence[float]], step: int) -> None:
