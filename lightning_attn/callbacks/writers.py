@@ -149,6 +149,15 @@ def writer_for(logger: Logger) -> DiagnosticsWriter:
     return best(logger)
 
 
+def _callback_metrics(trainer: pl.Trainer) -> dict:
+    """``trainer.callback_metrics``, the dict itself. The public property first recomputes
+    every value the module logged (~0.5 ms per call with a few dozen); the dict it returns
+    is the connector's ``_callback_metrics``, which is read directly when it exists."""
+    connector = getattr(trainer, "_logger_connector", None)
+    metrics = getattr(connector, "_callback_metrics", None)
+    return metrics if isinstance(metrics, dict) else trainer.callback_metrics
+
+
 class DiagnosticsOutput:
     """Where one callback's output goes, for one Trainer (a writer per logger, rank zero)."""
 
@@ -171,8 +180,10 @@ class DiagnosticsOutput:
         epoch (``True``), identical on every process (already reduced)."""
         if not metrics:
             return
-        # CPU tensors: Python floats would be copied to the module's device one by one.
-        tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()}
+        # CPU tensors (Python floats would be copied to the module's device one by one),
+        # made in one call and split into 0-d views: ~0.1 ms for 50 values, not ~0.4.
+        values = torch.tensor(list(metrics.values()), dtype=torch.float64).unbind()
+        tensors = dict(zip(metrics, values, strict=True))
         if epoch_level:
             for name, value in tensors.items():
                 pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False,
@@ -183,7 +194,7 @@ class DiagnosticsOutput:
         for writer in self.writers:
             writer.scalars(row, step)
         # Every process: EarlyStopping and ModelCheckpoint read these on every rank.
-        self.trainer.callback_metrics.update(tensors)
+        _callback_metrics(self.trainer).update(tensors)
 
     # -- everything else: each backend writer, rank zero ---------------------------------
     def histograms(self, tagged_counts: Mapping[str, Sequence[float]], step: int) -> None:
