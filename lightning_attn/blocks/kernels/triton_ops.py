@@ -128,17 +128,23 @@ _MIN = getattr(tl.standard, "_elementwise_min", _min_combine)
 
 
 @triton.jit
+def _dsa_pixels(pid, HW, W, n_sblk, BLOCK_S: tl.constexpr):
+    """The pixels program ``pid`` owns: sample ``b`` and ``BLOCK_S`` flattened ``H*W``
+    offsets, with their in-range mask and ``(h, w)`` (unused, and removed by the compiler,
+    when a tensor's pixels fold into one stride)."""
+    b = (pid // n_sblk).to(tl.int64)
+    offs_s = (pid % n_sblk) * BLOCK_S + tl.arange(0, BLOCK_S)
+    return b, offs_s, offs_s < HW, offs_s // W, offs_s % W
+
+
+@triton.jit
 def _dsa_summary_kernel(
     x_ptr, s_ptr, arg_ptr,
     C, HW, W, n_sblk,
     sxb, sxc, sxh, sxw,
     FLAT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = (pid // n_sblk).to(tl.int64)
-    offs_s = (pid % n_sblk) * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_in = offs_s < HW
-    h, w = offs_s // W, offs_s % W  # unused (and removed) when the pixels fold
+    b, offs_s, s_in, h, w = _dsa_pixels(tl.program_id(0), HW, W, n_sblk, BLOCK_S)
     x_pix = x_ptr + b * sxb + (offs_s * sxw if FLAT else h * sxh + w * sxw)
 
     # Per-lane accumulators, reduced across lanes once at the end. ``C`` marks "none yet".
@@ -181,11 +187,7 @@ def _dsa_summary_backward_kernel(
     sgb, sgc, sgh, sgw,
     FLAT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = (pid // n_sblk).to(tl.int64)
-    offs_s = (pid % n_sblk) * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_in = offs_s < HW
-    h, w = offs_s // W, offs_s % W  # unused (and removed) when the pixels fold
+    b, offs_s, s_in, h, w = _dsa_pixels(tl.program_id(0), HW, W, n_sblk, BLOCK_S)
     gs = gs_ptr + b * 2 * HW + offs_s
     g_mean = tl.load(gs, mask=s_in, other=0.0).to(ACC) / C
     g_max = tl.load(gs + HW, mask=s_in, other=0.0).to(ACC)
@@ -210,11 +212,7 @@ def _dsa_apply_kernel(
     FLAT_X: tl.constexpr, FLAT_Y: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = (pid // n_sblk).to(tl.int64)
-    offs_s = (pid % n_sblk) * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_in = offs_s < HW
-    h, w = offs_s // W, offs_s % W  # unused (and removed) when the pixels fold
+    b, offs_s, s_in, h, w = _dsa_pixels(tl.program_id(0), HW, W, n_sblk, BLOCK_S)
     mask = tl.load(m_ptr + b * HW + offs_s, mask=s_in, other=0.0).to(ACC)
     x_pix = x_ptr + b * sxb + (offs_s * sxw if FLAT_X else h * sxh + w * sxw)
     y_pix = y_ptr + b * syb + (offs_s * syw if FLAT_Y else h * syh + w * syw)
@@ -240,11 +238,7 @@ def _dsa_apply_backward_kernel(
     WRITE_GX: tl.constexpr, WRITE_GM: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = (pid // n_sblk).to(tl.int64)
-    offs_s = (pid % n_sblk) * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_in = offs_s < HW
-    h, w = offs_s // W, offs_s % W  # unused (and removed) when the pixels fold
+    b, offs_s, s_in, h, w = _dsa_pixels(tl.program_id(0), HW, W, n_sblk, BLOCK_S)
     mask = tl.load(m_ptr + b * HW + offs_s, mask=s_in, other=0.0).to(ACC)
     gy_pix = gy_ptr + b * sgyb + (offs_s * sgyw if FLAT_GY else h * sgyh + w * sgyw)
     x_pix = x_ptr + b * sxb + (offs_s * sxw if FLAT_X else h * sxh + w * sxw)
@@ -270,6 +264,28 @@ def _dsa_apply_backward_kernel(
 
 
 @triton.jit
+def _coord_planes(pid, C, n_planes, FOLD: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The ``(b, c)`` planes program ``pid`` owns: ``(plane, b, c, in_range)``, ``BLOCK_C`` each.
+
+    With ``FOLD`` (``BLOCK_C >= C``) a program owns ``BLOCK_C`` consecutive planes, b-major,
+    so that a small ``C`` wastes no lanes; otherwise ``BLOCK_C`` consecutive channels of one
+    sample, so that Triton sees channels_last loads as contiguous and vectorises them.
+    """
+    if FOLD:
+        plane = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_in = plane < n_planes
+        plane = plane.to(tl.int64)
+        pb, pc = plane // C, plane % C
+    else:
+        n_cblk = tl.cdiv(C, BLOCK_C)
+        pb = (pid // n_cblk).to(tl.int64)
+        pc = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_in = pc < C
+        plane = pb * C + pc
+    return plane, pb, pc, c_in
+
+
+@triton.jit
 def _coord_pool_kernel(
     x_ptr, xh_ptr, xw_ptr, stat_h_ptr, stat_w_ptr,
     C, H, W, n_planes,
@@ -277,22 +293,7 @@ def _coord_pool_kernel(
     WITH_MAX: tl.constexpr, ACC: tl.constexpr,
     FOLD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if FOLD:
-        # BLOCK_C >= C: a program owns BLOCK_C consecutive (b, c) planes, b-major, so that
-        # small C wastes no lanes.
-        plane = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_in = plane < n_planes
-        plane = plane.to(tl.int64)
-        pb, pc = plane // C, plane % C
-    else:
-        # BLOCK_C channels of one sample: consecutive, so that Triton sees channels_last
-        # loads as contiguous and vectorises them.
-        n_cblk = tl.cdiv(C, BLOCK_C)
-        pb = (pid // n_cblk).to(tl.int64)
-        pc = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_in = pc < C
-        plane = pb * C + pc
+    plane, pb, pc, c_in = _coord_planes(tl.program_id(0), C, n_planes, FOLD, BLOCK_C)
     offs_w = tl.arange(0, BLOCK_W)
     w_in = offs_w < W
     x_cw = x_ptr + (pb * sxb + pc * sxc)[:, None, None] + offs_w[None, None, :] * sxw
@@ -350,18 +351,7 @@ def _coord_pool_backward_kernel(
     WITH_MAX: tl.constexpr, ACC: tl.constexpr,
     FOLD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if FOLD:  # (b, c) planes as in _coord_pool_kernel
-        plane = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_in = plane < n_planes
-        plane = plane.to(tl.int64)
-        pb, pc = plane // C, plane % C
-    else:
-        n_cblk = tl.cdiv(C, BLOCK_C)
-        pb = (pid // n_cblk).to(tl.int64)
-        pc = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_in = pc < C
-        plane = pb * C + pc
+    plane, pb, pc, c_in = _coord_planes(tl.program_id(0), C, n_planes, FOLD, BLOCK_C)
     offs_w = tl.arange(0, BLOCK_W)
     w_in = offs_w < W
     cw_in = c_in[:, None] & w_in[None, :]
@@ -405,18 +395,7 @@ def _coord_scale_kernel(
     HAS_C: tl.constexpr, ACC: tl.constexpr,
     FOLD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if FOLD:  # (b, c) planes as in _coord_pool_kernel
-        plane = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_in = plane < n_planes
-        plane = plane.to(tl.int64)
-        pb, pc = plane // C, plane % C
-    else:
-        n_cblk = tl.cdiv(C, BLOCK_C)
-        pb = (pid // n_cblk).to(tl.int64)
-        pc = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_in = pc < C
-        plane = pb * C + pc
+    plane, pb, pc, c_in = _coord_planes(tl.program_id(0), C, n_planes, FOLD, BLOCK_C)
     offs_w = tl.arange(0, BLOCK_W)
     w_in = offs_w < W
     k = tl.load(k_ptr).to(ACC)
@@ -457,18 +436,7 @@ def _coord_scale_backward_kernel(
     REDUCE_G: tl.constexpr, ACC: tl.constexpr,
     FOLD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if FOLD:  # (b, c) planes as in _coord_pool_kernel
-        plane = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_in = plane < n_planes
-        plane = plane.to(tl.int64)
-        pb, pc = plane // C, plane % C
-    else:
-        n_cblk = tl.cdiv(C, BLOCK_C)
-        pb = (pid // n_cblk).to(tl.int64)
-        pc = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_in = pc < C
-        plane = pb * C + pc
+    plane, pb, pc, c_in = _coord_planes(tl.program_id(0), C, n_planes, FOLD, BLOCK_C)
     offs_w = tl.arange(0, BLOCK_W)
     w_in = offs_w < W
     cw_in = c_in[:, None] & w_in[None, :]
