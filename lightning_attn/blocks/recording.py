@@ -158,6 +158,7 @@ class RecordingMixin:
         ``(B, K)``. Call it at the end of ``forward``; it never changes what the forward
         returns. Costs two attribute tests when neither recording nor capture is on."""
         if self._attn_recording:
+            self._check_recorded(masks, router_weights)
             config = self._attn_config
             accumulate(
                 self._attn_statistics, self._attn_layout, masks, router_weights,
@@ -168,6 +169,27 @@ class RecordingMixin:
             )
         if self._attn_capture:
             self._attn_captured = spatial_map(masks)
+
+    def _check_recorded(
+        self, masks: Mapping[str, torch.Tensor], router_weights: torch.Tensor | None
+    ) -> None:
+        # What a forward records must match what the block declared (every process lays out
+        # its accumulator from the declaration before any forward); shapes and names only,
+        # so compiled graphs fold the check away.
+        unknown = [name for name in masks if name not in self._attn_layout.mask_offsets]
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__}.record() got masks {unknown}, which mask_names="
+                f"{tuple(self.mask_names)} does not declare"
+            )
+        k = self._attn_layout.num_branches
+        rw = router_weights
+        if rw is not None and (rw.dim() != 2 or rw.shape[1] != k):
+            raise ValueError(
+                f"{type(self).__name__}.record() got router_weights of shape "
+                f"{tuple(rw.shape)}, but num_branches={k}: set num_branches to the router's K "
+                "(weights of shape (B, K))"
+            )
 
     # -- outside forward ------------------------------------------------------------------
     @property

@@ -152,6 +152,10 @@ class AttentionDiagnostics(Callback):
         self._reporter = ProblemReporter(on_problem)
         if isinstance(sections, str):
             sections = (sections,)
+        if not isinstance(sections, Sequence):
+            raise TypeError(
+                f"sections must be a sequence of {list(SECTIONS)}, got {sections!r}"
+            )
         self.sections = tuple(
             check_choice(f"sections[{i}]", s, SECTIONS) for i, s in enumerate(sections)
         )

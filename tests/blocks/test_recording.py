@@ -383,3 +383,28 @@ def test_blocks_record_the_same_compiled(make, dynamo_reset):
         assert got.router.usage == pytest.approx(want.router.usage, rel=1e-5)
         assert got.router.entropy == pytest.approx(want.router.entropy, rel=1e-5)
     assert got.histograms == want.histograms
+
+
+def test_recording_what_was_not_declared_is_a_clear_error():
+    block = UserGate(3)
+    block.configure_recording(CONFIG, "cpu")
+    block.start_recording()
+    with pytest.raises(ValueError, match=r"masks \['other'\].*mask_names=\('mask',\)"):
+        block.record(masks={"other": torch.rand(2, 1, 4, 4)})
+    with pytest.raises(ValueError, match="num_branches=None"):
+        block.record(masks={}, router_weights=torch.rand(2, 3))
+    block.stop_recording()
+    block.record(masks={"other": torch.rand(2, 1, 4, 4)})  # not recording: nothing checked
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_records_under_bf16_autocast(backend):
+    torch.manual_seed(2)
+    block = DynamicSpatialAttention(backend=backend)
+    x = torch.randn(2, 6, 8, 8)
+    block.configure_recording(CONFIG, "cpu")
+    block.start_recording()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, mask = block(x)
+    got = block_stats(block.statistics_layout, block.recorded_statistics.tolist())
+    _check_mask(got.masks["mask"], mask)

@@ -63,6 +63,8 @@ def test_sections_are_checked_and_presets_fix_theirs():
     with pytest.raises(ValueError, match=r"sections\[1\]"):
         AttentionDiagnostics(sections=["mask", "masks"])
     assert AttentionDiagnostics(sections="mask").sections == ("mask",)
+    with pytest.raises(TypeError, match="sections"):
+        AttentionDiagnostics(sections=None)
     assert RouterEntropyMonitor().sections == ("router",)
     assert MaskHealthMonitor().sections == ("mask",)
     assert ParameterTrajectoryMonitor().sections == ("param",)
