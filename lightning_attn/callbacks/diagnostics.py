@@ -81,8 +81,8 @@ class AttentionDiagnostics(Callback):
             (default) is ten times the scalar interval; ``0`` never.
         std_threshold, saturation_low, saturation_high, saturation_threshold,
         router_collapse_threshold, router_indifference_threshold, indifference_warmup_steps,
-        dead_branch_factor, temperature_min, temperature_max: override single fields of
-            ``thresholds`` (see :class:`~.health.HealthThresholds` for each).
+        dead_branch_factor, temperature_min, temperature_max, unit_margin: override single
+            fields of ``thresholds`` (see :class:`~.health.HealthThresholds` for each).
         on_problem: ``"warn"`` (once per block and kind, rank zero), ``"raise"``
             (:class:`~lightning_attn.blocks.AttentionProblemError` on every process),
             ``"stop"`` (warn, then ``trainer.should_stop`` on every process at the same
@@ -119,6 +119,7 @@ class AttentionDiagnostics(Callback):
         dead_branch_factor: float | None = None,
         temperature_min: float | None = None,
         temperature_max: float | None = None,
+        unit_margin: float | None = None,
         on_problem: OnProblem = "warn",
         num_images: int = 8,
         overlay_alpha: float = 0.5,
@@ -140,7 +141,7 @@ class AttentionDiagnostics(Callback):
                 router_indifference_threshold=router_indifference_threshold,
                 indifference_warmup_steps=indifference_warmup_steps,
                 dead_branch_factor=dead_branch_factor, temperature_min=temperature_min,
-                temperature_max=temperature_max,
+                temperature_max=temperature_max, unit_margin=unit_margin,
             ).items()
             if value is not None
         }

@@ -86,7 +86,10 @@ class HealthThresholds:
         dead_branch_factor: a branch whose mean weight is below ``dead_branch_factor / K``
             is dead (``0.1`` gives the ``1/(10K)`` rule).
         temperature_min, temperature_max: a learnable temperature outside this range has
-            drifted (a learnable alpha / alpha_h / alpha_w / beta outside ``[0, 1]`` too).
+            drifted.
+        unit_margin: a learnable alpha / alpha_h / alpha_w / beta more than this outside
+            ``[0, 1]`` has drifted (the blocks' default ``alpha=1.0`` sits on the edge: a
+            first step past it is not yet a drift).
     """
 
     std_threshold: float = 0.02
@@ -99,11 +102,13 @@ class HealthThresholds:
     dead_branch_factor: float = 0.1
     temperature_min: float = 0.05
     temperature_max: float = 20.0
+    unit_margin: float = 0.05
 
     def __post_init__(self) -> None:
         for name in (
             "std_threshold", "saturation_low", "saturation_high", "saturation_threshold",
             "router_collapse_threshold", "router_indifference_threshold", "dead_branch_factor",
+            "unit_margin",
         ):
             object.__setattr__(self, name, check_fraction(name, getattr(self, name)))
         check_int("indifference_warmup_steps", self.indifference_warmup_steps, 0)
@@ -183,8 +188,12 @@ def _drift(
     for name, v in params.items():
         if name not in trainable or not math.isfinite(v):
             continue
-        if name in UNIT_INTERVAL_PARAMETERS and not 0.0 <= v <= 1.0:
-            bad.append((name, v, f"{name} = {_fmt(v)} outside [0, 1]", 0.0 if v < 0 else 1.0))
+        m = t.unit_margin
+        if name in UNIT_INTERVAL_PARAMETERS and not -m <= v <= 1.0 + m:
+            bad.append((
+                name, v, f"{name} = {_fmt(v)} outside [0, 1] (by more than unit_margin={m})",
+                -m if v < 0 else 1.0 + m,
+            ))
         elif name == "temperature" and not t.temperature_min <= v <= t.temperature_max:
             low = v < t.temperature_min
             bad.append((

@@ -191,7 +191,9 @@ def _panels(
             if hasattr(t, attr):
                 params.thresholds.append((f"temperature {word}", getattr(t, attr), 0))
     if learnable & set(UNIT_INTERVAL):
-        params.thresholds += [("drift: outside [0, 1]", 0.0, 0), ("drift: outside [0, 1]", 1.0, 0)]
+        m = getattr(t, "unit_margin", 0.0)
+        label = f"drift: outside [{-m:g}, {1 + m:g}]"
+        params.thresholds += [(label, -m, 0), (label, 1.0 + m, 0)]
     rows = [[entropy, usage], [mean, std, sat], [params, grads]]
     return [[p for p in row if p.curves] for row in rows if any(p.curves for p in row)]
 

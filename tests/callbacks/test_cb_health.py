@@ -86,7 +86,11 @@ def test_drift_only_for_learnable_parameters_and_range_is_configurable():
         HealthThresholds(),
     )
     assert "alpha_h = 1.5 outside [0, 1]" in p.message and "alpha_w" not in p.message
-    assert (p.value, p.threshold, p.step) == (1.5, 1.0, 7) and "Try:" in p.message
+    assert (p.value, p.threshold, p.step) == (1.5, 1.05, 7) and "Try:" in p.message
+    near = _stats(params={"alpha": 1.04}, trainable=["alpha"])  # the first steps past 1.0
+    assert _kinds(near) == [] and _kinds(near, HealthThresholds(unit_margin=0.0)) == [
+        "parameter_drift"
+    ]
 
 
 def test_message_names_block_value_threshold_step_and_hint():

@@ -48,6 +48,7 @@ ALL = [
         ({"indifference_warmup_steps": -1}, "indifference_warmup_steps"),
         ({"dead_branch_factor": 3}, "dead_branch_factor"),
         ({"temperature_min": 0.0}, "temperature_min"),
+        ({"unit_margin": 2.0}, "unit_margin"),
         ({"temperature_min": 5.0, "temperature_max": 2.0}, "temperature_min"),
         ({"overlay_alpha": 1.5}, "overlay_alpha"),
         ({"num_images": -1}, "num_images"),
