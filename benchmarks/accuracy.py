@@ -22,7 +22,7 @@ comparison (seed 0 of each model, and the table above) is written through
 :func:`lightning_attn.report.write_report` to ``<logdir>/<timestamp>/report/report.html``.
 A ``rich`` bar shows the progress over all fits.
 
-    python benchmarks/accuracy.py                  # ~6-8 min on an idle CPU core
+    python benchmarks/accuracy.py                  # ~8-11 min on one CPU core
     python benchmarks/accuracy.py --seeds 1 --epochs 1 --num-train 512   # smoke run
 """
 
