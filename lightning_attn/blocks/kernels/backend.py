@@ -105,7 +105,8 @@ def check_triton_input(x: torch.Tensor, owner: str) -> None:
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return
     raise RuntimeError(
-        f"{owner}(backend='triton') runs on CUDA tensors (or on CPU tensors with "
-        f"TRITON_INTERPRET=1, Triton's interpreter, for testing); got a {x.device.type} "
-        "tensor. Use backend='auto' to pick the fastest path for each device."
+        f"{owner}: the Triton path (backend='triton') runs on CUDA tensors (or on CPU "
+        f"tensors with TRITON_INTERPRET=1, Triton's interpreter, set before triton is "
+        f"imported; for testing); got a {x.device.type} tensor. Use backend='auto' to pick "
+        "the fastest path for each device."
     )

@@ -76,13 +76,14 @@ Under Triton's interpreter (CPU tensors, the tests) tiles are eight times larger
 ``triton.autotune`` is not used: the interpreter would run every configuration.
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .backend import check_triton_input
 
 __all__ = ["coord_pool", "coord_scale", "dsa_apply", "dsa_summary"]
 
@@ -591,17 +592,6 @@ def _coord_launch(x: Tensor) -> tuple[tuple[int], dict]:
     }
 
 
-def _check_device(x: Tensor) -> None:
-    if x.device.type == "cuda":
-        return
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    raise RuntimeError(
-        f"lightning_attn Triton kernels run on CUDA tensors (or on CPU tensors with "
-        f"TRITON_INTERPRET=1 set before triton is imported); got a {x.device.type} tensor"
-    )
-
-
 # ------------------------------------------------------------------------------------------
 # DSA ops
 # ------------------------------------------------------------------------------------------
@@ -614,7 +604,7 @@ def _dsa_summary(x: Tensor) -> tuple[Tensor, Tensor]:
     arg = x.new_empty((b, 1, h, w), dtype=torch.int32)
     if x.numel() == 0:
         return s, arg
-    _check_device(x)
+    check_triton_input(x, "lightning_attn::dsa_summary")
     _check_span(x, "x")
     strides, flat = _pixel_strides(x)
     block_c, block_s = _dsa_tiles(x)
@@ -675,7 +665,7 @@ def _dsa_apply(x: Tensor, mask: Tensor) -> Tensor:
     y = torch.empty_like(x, dtype=torch.promote_types(x.dtype, mask.dtype))
     if x.numel() == 0:
         return y
-    _check_device(x)
+    check_triton_input(x, "lightning_attn::dsa_apply")
     _check_span(x, "x")
     b, c, h, w = x.shape
     x_strides, x_flat = _pixel_strides(x)
@@ -765,7 +755,7 @@ def _coord_pool(x: Tensor, with_max: bool) -> tuple[Tensor, Tensor, Tensor, Tens
     x_h, x_w, stat_h, stat_w = _coord_pool_outputs(x, with_max)
     if x.numel() == 0:
         return x_h, x_w, stat_h, stat_w
-    _check_device(x)
+    check_triton_input(x, "lightning_attn::coord_pool")
     _check_span(x, "x")
     b, c, h, w = x.shape
     grid, launch = _coord_launch(x)
@@ -839,7 +829,7 @@ def _coord_scale(
     y = torch.empty_like(x, dtype=_coord_scale_dtype(x, u_h, u_w))
     if x.numel() == 0:
         return y
-    _check_device(x)
+    check_triton_input(x, "lightning_attn::coord_scale")
     _check_span(x, "x")
     b, ch, h, w = x.shape
     grid, launch = _coord_launch(x)
