@@ -140,10 +140,16 @@ def _html_table(columns: Sequence[str], rows: Sequence[Sequence[str]], cls: str 
     return f"<table{klass}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _html_summary(report: Report) -> str:
+def _summary_columns(report: Report) -> list[str]:
+    """The summary table's columns, in the page and in the Markdown document."""
     columns = ["run", "blocks", "verdicts", "warnings", "steps"]
     for spec in report.metrics:
         columns += [f"{spec.name} final", f"{spec.name} best ({spec.mode})"]
+    return columns
+
+
+def _html_summary(report: Report) -> str:
+    columns = _summary_columns(report)
     rows = []
     for run in report.runs:
         counts = _verdict_counts(run)
@@ -334,9 +340,7 @@ def render_markdown(report: Report) -> str:
     out = [f"# {report.title}", "",
            f"{len(report.runs)} run{'s' if several else ''} · generated {report.generated} by "
            f"lightning-attn {__version__}", "", "## Summary", ""]
-    columns = ["run", "blocks", "verdicts", "warnings", "steps"]
-    for spec in report.metrics:
-        columns += [f"{spec.name} final", f"{spec.name} best ({spec.mode})"]
+    columns = _summary_columns(report)
     rows = []
     for run in report.runs:
         counts = _verdict_counts(run)
