@@ -170,9 +170,9 @@ class StatisticsCollector:
         if grads is None:
             grads = torch.full((n_grads,), math.nan, dtype=torch.float64, device=device)
         dtype = parts[0].dtype
-        vector = torch.cat(
-            parts + [torch.stack(params).to(dtype)] * bool(params) + [grads.to(dtype)]
-        )
+        if params:  # blocks without scalar parameters (a user's gate) have none
+            parts.append(torch.stack(params).to(dtype))
+        vector = torch.cat(parts + [grads.to(dtype)])
         self.close()  # the values are in `vector`
         host = combine_processes(trainer, vector, self._reductions(layouts, vector.device))
         return self._parse(host, layouts, step)

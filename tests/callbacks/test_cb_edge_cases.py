@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from cb_models import FakeBlock, FakeNet, MemoryLogger, make_trainer
+from cb_models import FakeBlock, FakeNet, MemoryLogger, make_data, make_trainer
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -106,3 +106,42 @@ def test_callbacks_with_different_saturation_thresholds_are_a_clear_error(tmp_pa
     callbacks = [MaskHealthMonitor(saturation_low=0.1), MaskHealthMonitor(include=["block"])]
     with pytest.raises(ValueError, match="same saturation thresholds"):
         make_trainer(tmp_path, callbacks, max_steps=1).fit(FakeNet())
+
+
+class ParameterFreeGate(RecordingMixin, nn.Module):
+    """A user's gate with no scalar parameter at all (the README's ``MyGate``)."""
+
+    mask_names = ("mask",)
+
+    def forward(self, x):
+        mask = torch.sigmoid(x[:, :1])
+        self.record(masks={"mask": mask})
+        return x * mask
+
+
+class OnlyParameterFreeGate(FakeNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = ParameterFreeGate()
+
+    def forward(self, x):
+        return self.head(self.gate(x).flatten(1))
+
+
+@pytest.mark.parametrize("sections", [("router", "mask", "param"), ("mask",)])
+def test_blocks_without_scalar_parameters_alone_are_logged(tmp_path, sections):
+    # No watched block has a parameter: the read vector has no parameter part.
+    logger = MemoryLogger()
+    trainer = make_trainer(
+        tmp_path, [AttentionDiagnostics(log_every_n_steps=2, sections=sections, summary=False,
+                                         exclude=["block"])],
+        max_steps=4, logger=logger,
+    )
+    trainer.fit(OnlyParameterFreeGate())
+    points = logger.attn()
+    assert [step for step, _ in points] == [1, 3]
+    x = make_data(32).tensors[0][8:16]  # the batch of step 1
+    expected = torch.sigmoid(x[:, :1]).double()
+    assert points[0][1]["attn/gate/mask/mean"] == pytest.approx(expected.mean().item(), rel=1e-6)
+    assert points[0][1]["attn/gate/mask/std"] == pytest.approx(expected.std().item(), rel=1e-6)
+    assert "attn/gate/mask/std" in trainer.callback_metrics
