@@ -22,6 +22,8 @@ Another logger backend is one file::
 from __future__ import annotations
 
 import json
+import re
+import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -29,7 +31,10 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from tensorboard.compat.proto.summary_pb2 import Summary
+
+from .tags import stage_prefix
 
 __all__ = [
     "DiagnosticsOutput",
@@ -158,6 +163,18 @@ def _callback_metrics(trainer: pl.Trainer) -> dict:
     return metrics if isinstance(metrics, dict) else trainer.callback_metrics
 
 
+def _silence_epoch_sync_advice() -> None:
+    """Under DDP, Lightning advises ``sync_dist=True`` for every epoch-level value logged
+    without it (once per tag, at the epoch's end). Ours are already reduced over the global
+    batch by the collector's one collective; a second, per-tag reduction would only cost time.
+    The filter matches the evaluation tags of these diagnostics and nothing else."""
+    tags = "|".join(re.escape(stage_prefix(stage)) for stage in ("val", "test"))
+    warnings.filterwarnings(
+        "ignore", message=rf"It is recommended to use `self\.log\('({tags})/",
+        category=PossibleUserWarning,
+    )
+
+
 class DiagnosticsOutput:
     """Where one callback's output goes, for one Trainer (a writer per logger, rank zero)."""
 
@@ -185,6 +202,7 @@ class DiagnosticsOutput:
         values = torch.tensor(list(metrics.values()), dtype=torch.float64).unbind()
         tensors = dict(zip(metrics, values, strict=True))
         if epoch_level:
+            _silence_epoch_sync_advice()
             for name, value in tensors.items():
                 pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False,
                               batch_size=1)

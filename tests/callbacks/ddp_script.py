@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,10 +42,18 @@ class TwoBlockNet(FakeNet):
             self.extra(x)
         return out
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", torch.nn.functional.cross_entropy(self(x), y), sync_dist=True)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(make_data(16, seed=1), batch_size=4)
+
 
 class Dump(Callback):
     def __init__(self, diag: AttentionDiagnostics, out_dir: str) -> None:
         self.diag, self.out_dir, self.stats = diag, out_dir, []
+        self.warnings: list[str] = []  # filled by main()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         last = self.diag.last_stats
@@ -53,25 +62,34 @@ class Dump(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt")
-        torch.save({"seen": pl_module.seen, "stats": self.stats}, path)
+        torch.save({"seen": pl_module.seen, "stats": self.stats, "warnings": self.warnings},
+                   path)
 
 
 def main(out_dir: str, compiled: bool) -> None:
     torch.set_num_threads(1)
     diag = AttentionDiagnostics(num_images=0, summary=False)
+    dump = Dump(diag, out_dir)
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
         max_steps=4,
         log_every_n_steps=2,
+        val_check_interval=4,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
         logger=CSVLogger(out_dir, name="csv", version=0),
-        callbacks=[diag, Dump(diag, out_dir)],
+        callbacks=[diag, dump],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(TwoBlockNet(compiled))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TwoBlockNet(compiled))
+    dump.warnings = [str(w.message) for w in caught]
+    dump.on_train_end(trainer, trainer.lightning_module)  # again, with the warnings
 
 
 if __name__ == "__main__":

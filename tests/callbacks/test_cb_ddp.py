@@ -42,3 +42,10 @@ def test_ddp_statistics_equal_offline_on_concatenated_shards(tmp_path, mode):
         for name, value in offline_stats(shards[0], k=2).items():
             assert float(row[f"attn/extra/{name}"]) == pytest.approx(value, rel=1e-5, abs=1e-6)
         assert "attn/block/param/temperature_grad_norm" in row
+
+    # The validation epoch's statistics are logged once, already reduced, without Lightning's
+    # per-tag sync_dist advice (our one collective reduced them).
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        val_rows = [r for r in csv.DictReader(f) if r.get("val/attn/block/mask/std")]
+    assert len(val_rows) == 1 and val_rows[0]["val/loss"]
+    assert not [w for w in ranks[0]["warnings"] if "sync_dist=True" in w], ranks[0]["warnings"]
