@@ -6,13 +6,14 @@ Subcommands ``fit``, ``validate``, ``test``, ``predict`` (LightningCLI) and ``re
     lightning-attn fit --config examples/configs/dsa.yaml
     lightning-attn fit --config examples/configs/dsa.yaml \\
         --trainer.accelerator cpu --trainer.devices 2 --trainer.strategy ddp
-    lightning-attn fit --config examples/configs/dsa.yaml --ckpt_path <checkpoint>  # resume
+    lightning-attn fit --config examples/configs/dsa.yaml \
+        --ckpt_path runs/dsa/version_0/checkpoints/last.ckpt                      # resume
     lightning-attn test --config examples/configs/dsa.yaml --ckpt_path <checkpoint>
 
 Defaults added to LightningCLI's: a ``TensorBoardLogger`` under ``runs/`` (``--trainer.logger``),
 a ``RichProgressBar`` (always on), a ``ModelCheckpoint`` (``--checkpoint.*``) keeping the
-best ``val/acc`` and saving one more checkpoint when a run is interrupted (Ctrl-C or an error;
-resume it with ``--ckpt_path``) and, when the package has it,
+best ``val/acc``, the latest state as ``last.ckpt`` (resume with ``--ckpt_path``) and one more
+checkpoint when a run is interrupted (Ctrl-C or an error) and, when the package has it,
 ``lightning_attn.callbacks.AttentionDiagnostics`` (``--diagnostics.*``).
 """
 
@@ -64,6 +65,7 @@ class AttentionCLI(LightningCLI):
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
                 "checkpoint.save_on_exception": True,
+                "checkpoint.save_last": True,  # `last.ckpt`: what a resume wants
             }
         )
         parser.add_lightning_class_args(AttentionDiagnostics, "diagnostics")

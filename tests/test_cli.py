@@ -165,14 +165,17 @@ def test_ddp_fit_then_resume(tmp_path) -> None:
     runs = tmp_path / "runs" / "dsa"
     ckpts = sorted(runs.rglob("*.ckpt"))
     events = sorted(runs.rglob("events.out.tfevents.*"))
-    assert len(ckpts) == 1, ckpts
+    assert sorted(c.name for c in ckpts)[-1] == "last.ckpt" and len(ckpts) == 2, ckpts
     assert len(events) == 1, events
-    step = torch.load(ckpts[0], weights_only=True)["global_step"]
-    assert 0 < step <= 4
+    (last,) = [c for c in ckpts if c.name == "last.ckpt"]
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert 0 < step <= 4  # the latest saved state, at least as late as the best one
+    assert all(torch.load(c, weights_only=True)["global_step"] <= step for c in ckpts)
 
-    # Resume; with no monitor the checkpoint kept is the latest one.
+    # Resume from last.ckpt, as the README says; with no monitor a checkpoint is saved at the
+    # end of every training epoch, so the run's final state is saved too.
     _fit(tmp_path, "--trainer.max_steps", "8", "--checkpoint.monitor", "null",
-         "--ckpt_path", str(ckpts[0]))
-    (resumed,) = set(runs.rglob("*.ckpt")) - set(ckpts)
-    assert resumed.parent.parent != ckpts[0].parent.parent  # a new TensorBoard version
-    assert torch.load(resumed, weights_only=True)["global_step"] == 8 > step
+         "--ckpt_path", str(last))
+    resumed = set(runs.rglob("*.ckpt")) - set(ckpts)
+    assert {c.parent.parent for c in resumed} != {last.parent.parent}  # a new version
+    assert max(torch.load(c, weights_only=True)["global_step"] for c in resumed) == 8 > step
