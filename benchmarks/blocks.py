@@ -132,14 +132,14 @@ def compare(kind: str, shape, mode: str, repeats: int, min_run_time: float):
 # Device mode: every backend against the seed code
 # --------------------------------------------------------------------------------------
 
-#: The shapes of issue 9's table.
+#: The shapes measured on an H100 when the Triton path was planned (the GPU shapes).
 DEVICE_SHAPES = {
     "dsa": [(64, 256, 56, 56), (256, 64, 32, 32)],
     "coord": [(64, 256, 56, 56), (128, 1024, 14, 14)],
 }
 SMOKE_SHAPES = {"dsa": [(2, 5, 7, 9), (3, 4, 6, 6)], "coord": [(2, 8, 6, 7), (3, 16, 5, 5)]}
 VARIANTS = ("seed", "compile(seed)", "plain", "torch", "triton")
-#: Full-size passes of the fused design (issue 9): 3 forward, 5 backward.
+#: Full-size passes of a fully fused design: 3 forward, 5 backward (the floor's 8 passes).
 FLOOR_PASSES = {"fwd": 3, "fwd+bwd": 8}
 #: Issue 9's goals for the Triton path on an H100, forward+backward.
 GOALS = {"vs_seed": 2.5, "vs_compiled_seed": 2.0, "floor_share": 0.6, "memory_vs_seed": 0.7}
@@ -290,7 +290,7 @@ def _goal_failures(rows) -> list[str]:
 def device_main(args) -> int:
     """Seed code, torch.compile(seed), plain, torch and triton on one device, same weights.
 
-    For each block and shape of issue 9, fp32 and bf16 autocast, forward and forward+backward:
+    For each block and GPU shape, fp32 and bf16 autocast, forward and forward+backward:
     median ms (``torch.utils.benchmark``, which synchronises CUDA), speed against the seed,
     share of the floor (3 forward / 8 forward+backward passes over ``x``'s bytes, against the
     bandwidth of a large device copy measured in the same run), peak memory beyond what was
@@ -338,10 +338,10 @@ def device_main(args) -> int:
                           f"{peak} | {diff} |", flush=True)
     print()
     if args.smoke:
-        print("smoke run: the goals of issue 9 are not evaluated")
+        print("smoke run: the GPU goals are not evaluated")
         return 0
     failures = _goal_failures(rows)
-    print("triton goals of issue 9 (fwd+bwd): "
+    print("triton goals on a GPU (fwd+bwd): "
           + ("all met" if not failures else "missed:\n  " + "\n  ".join(failures)))
     return 0
 

@@ -12,7 +12,7 @@ digit fragments and noise), with the attention diagnostics, then reports:
 and ends by writing the report of its own run (``lightning_attn.report.write_report``: curves,
 attention maps, warnings and a verdict per block) and printing its path.
 
-    .venv/bin/python examples/demo.py            # ~1.5 min on one CPU thread (= make demo)
+    .venv/bin/python examples/demo.py            # ~2 min of training, one CPU thread (make demo)
     .venv/bin/python examples/demo.py --quick    # a smoke run in seconds
     make tensorboard                             # TensorBoard on runs/
 """
@@ -36,8 +36,8 @@ from lightning_attn.data import ClutteredDigitsDataModule
 from lightning_attn.modules import AttentionClassifier, DSAOptions
 from lightning_attn.report import write_report
 
-#: The demo's budget: ~1.5 min in all on one thread of this 2-core machine (86 s measured),
-#: ~1 min with --threads 2 when the machine is otherwise idle.
+#: The demo's budget: about 2 min of training on one thread of a 2-core CPU (117-126 s
+#: measured with the diagnostics on, torch 2.13).
 FULL = {"num_train": 5000, "num_val": 1000, "num_test": 1000, "epochs": 6, "log_every": 10}
 QUICK = {"num_train": 256, "num_val": 128, "num_test": 128, "epochs": 1, "log_every": 1}
 
