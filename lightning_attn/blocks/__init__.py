@@ -3,11 +3,20 @@
 - :class:`DynamicSpatialAttention`, :class:`CoordinateAttention` (alias ``CoordinateAtt``),
   built directly or by name with :func:`create_attention`.
 - :mod:`.recording`: how a block measures itself inside its forward (the protocol the
-  diagnostics read); :mod:`.statistics`: each statistic, defined once.
+  diagnostics read); what it measures is declared once in :mod:`lightning_attn.core`.
 - :mod:`.kernels`: the ``backend`` implementations (torch fused path, Triton).
-- :mod:`.validation`, :mod:`.warnings`: the package's argument checks and warning categories.
 """
 
+from ..core import warnings as _warnings
+from ..core.statistics import (
+    BlockStats,
+    GlobalStats,
+    MaskStats,
+    ParameterSpec,
+    RouterStats,
+    StatisticsLayout,
+)
+from ..core.warnings import *  # noqa: F403 - every category, listed in warnings.__all__
 from .coordinate import CoordinateAtt, CoordinateAttention, HSwish
 from .dynamic_spatial import DynamicSpatialAttention
 from .mask_check import quick_mask_check
@@ -19,42 +28,20 @@ from .recording import (
     spatial_map,
 )
 from .registry import IdentityAttention, attention_names, create_attention, register_attention
-from .statistics import BlockStats, GlobalStats, MaskStats, RouterStats, StatisticsLayout
-from .warnings import (
-    AttentionProblemError,
-    AttentionWarning,
-    DeadBranchWarning,
-    MaskCollapseWarning,
-    MaskSaturationWarning,
-    MissingStatisticsWarning,
-    NonFiniteWarning,
-    ParameterDriftWarning,
-    RouterCollapseWarning,
-    RouterIndifferenceWarning,
-)
 
 __all__ = [
     "AttentionBlock",
-    "AttentionProblemError",
-    "AttentionWarning",
     "BlockStats",
     "CoordinateAtt",
     "CoordinateAttention",
-    "DeadBranchWarning",
     "DynamicSpatialAttention",
     "GlobalStats",
     "HSwish",
     "IdentityAttention",
-    "MaskCollapseWarning",
-    "MaskSaturationWarning",
     "MaskStats",
-    "MissingStatisticsWarning",
-    "NonFiniteWarning",
-    "ParameterDriftWarning",
+    "ParameterSpec",
     "RecordingConfig",
     "RecordingMixin",
-    "RouterCollapseWarning",
-    "RouterIndifferenceWarning",
     "RouterStats",
     "StatisticsLayout",
     "attention_names",
@@ -63,4 +50,5 @@ __all__ = [
     "quick_mask_check",
     "register_attention",
     "spatial_map",
+    *_warnings.__all__,
 ]

@@ -9,6 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.statistics import ParameterSpec
+from ..core.validation import (
+    check_choice,
+    check_finite_float,
+    check_input,
+    check_int,
+    check_unit_interval,
+)
 from .kernels import (
     BACKENDS,
     Backend,
@@ -19,13 +27,6 @@ from .kernels import (
 )
 from .kernels.torch_fused import GradStash, axis_mean_pool, axis_scale
 from .recording import RecordingMixin
-from .validation import (
-    check_choice,
-    check_finite_float,
-    check_input,
-    check_int,
-    check_unit_interval,
-)
 
 __all__ = ["CoordinateAttention", "CoordinateAtt", "HSwish"]
 
@@ -44,6 +45,10 @@ def _scalar(module: nn.Module, name: str, value: float, learnable: bool) -> None
     else:
         module.register_buffer(name, tensor)
 
+
+_SYMBOLS = {"alpha": "α", "alpha_h": "α_h", "alpha_w": "α_w", "beta": "β"}
+_LEARNABLE_FLAG = {"alpha": "learnable_alpha", "alpha_h": "learnable_alpha",
+                   "alpha_w": "learnable_alpha", "beta": "learnable_beta"}
 
 _TIMM_ACTS = {"hard_swish": "hswish", "hardswish": "hswish", "relu": "relu"}
 _TIMM_GATES = {"sigmoid": "sigmoid", "hard_sigmoid": "hardsigmoid", "hardsigmoid": "hardsigmoid"}
@@ -279,6 +284,18 @@ class CoordinateAttention(RecordingMixin, nn.Module):
             if isinstance(value, nn.Parameter):
                 out[name] = value
         return out
+
+    def attention_parameter_specs(self) -> dict[str, ParameterSpec]:
+        # Blends of attention and identity: 0 turns the attention off, 1 applies it fully;
+        # outside [0, 1] the mask is amplified or inverted. The default alpha=1.0 sits on the
+        # edge, hence the margin.
+        return {
+            name: ParameterSpec(
+                0.0, 1.0, "unit_margin", _SYMBOLS[name],
+                f"fix it ({_LEARNABLE_FLAG[name]}=False) or lower its learning rate",
+            )
+            for name in self._scalar_names()
+        }
 
     # -- forward -------------------------------------------------------------------------
     def _axis_pool(

@@ -10,6 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.statistics import ParameterSpec
+from ..core.validation import (
+    check_choice,
+    check_float32_temperature,
+    check_input,
+    check_int,
+    check_nonnegative_float,
+    check_positive_float,
+)
 from .kernels import (
     BACKENDS,
     Backend,
@@ -20,14 +29,6 @@ from .kernels import (
 )
 from .kernels.torch_fused import GradStash, apply_spatial_mask, spatial_summary
 from .recording import RecordingMixin
-from .validation import (
-    check_choice,
-    check_float32_temperature,
-    check_input,
-    check_int,
-    check_nonnegative_float,
-    check_positive_float,
-)
 
 __all__ = ["DynamicSpatialAttention"]
 
@@ -193,6 +194,14 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
 
     def trainable_attention_parameters(self) -> dict[str, nn.Parameter]:
         return {"temperature": self.t_raw} if self.learnable_temperature else {}
+
+    def attention_parameter_specs(self) -> dict[str, ParameterSpec]:
+        # Too low a temperature saturates the gate (no gradient), too high a one flattens the
+        # mask to 0.5; the range's ends are thresholds of the diagnostics.
+        return {"temperature": ParameterSpec(
+            "temperature_min", "temperature_max", 0.0, "T",
+            "learnable_temperature=False, or a larger eps to keep it away from 0",
+        )}
 
     def _merged_plain_weight(self) -> torch.Tensor:
         # All plain branches as one conv: zero-pad each kernel to the largest size.

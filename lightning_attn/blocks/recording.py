@@ -43,15 +43,19 @@ A block joins the diagnostics by implementing :class:`AttentionBlock` (inherit
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from .statistics import HISTOGRAM_BINS, StatisticsLayout, accumulate
-from .validation import check_fraction, check_int
+from ..core.statistics import (
+    PHASES,
+    Accumulator,
+    ParameterSpec,
+    RecordingConfig,
+    StatisticsLayout,
+)
 
 __all__ = [
     "AttentionBlock",
@@ -60,28 +64,6 @@ __all__ = [
     "find_attention_blocks",
     "spatial_map",
 ]
-
-
-@dataclass(frozen=True)
-class RecordingConfig:
-    """How a block records: saturation thresholds and histogram bins (``0``: none).
-
-    Frozen: its values are constants of the compiled graph, fixed for a run.
-    """
-
-    saturation_low: float = 0.05
-    saturation_high: float = 0.95
-    histogram_bins: int = HISTOGRAM_BINS
-
-    def __post_init__(self) -> None:
-        check_fraction("saturation_low", self.saturation_low)
-        check_fraction("saturation_high", self.saturation_high)
-        check_int("histogram_bins", self.histogram_bins, 0)
-        if not self.saturation_low < self.saturation_high:
-            raise ValueError(
-                f"saturation_low must be below saturation_high, got saturation_low="
-                f"{self.saturation_low} and saturation_high={self.saturation_high}"
-            )
 
 
 def spatial_map(masks: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
@@ -110,8 +92,6 @@ class AttentionBlock(Protocol):
 
     def configure_recording(self, config: RecordingConfig, device: torch.device) -> None: ...
 
-    def reset_statistics(self) -> None: ...
-
     def record(
         self, masks: Mapping[str, torch.Tensor], router_weights: torch.Tensor | None = None
     ) -> None: ...
@@ -124,8 +104,7 @@ class AttentionBlock(Protocol):
 #: Instance attributes of the recording state (never pickled, copied or saved).
 _RECORDING_STATE = (
     "_attn_recording", "_attn_recording_holders", "_attn_histograms", "_attn_capture",
-    "_attn_capture_holders",
-    "_attn_config", "_attn_layout", "_attn_statistics", "_attn_initial", "_attn_captured",
+    "_attn_capture_holders", "_attn_accumulator", "_attn_captured",
 )
 
 
@@ -144,10 +123,7 @@ class RecordingMixin:
     _attn_recording: bool = False
     _attn_capture: bool = False
     _attn_histograms: bool = False
-    _attn_config: RecordingConfig | None = None
-    _attn_layout: StatisticsLayout | None = None
-    _attn_statistics: torch.Tensor | None = None
-    _attn_initial: torch.Tensor | None = None
+    _attn_accumulator: Accumulator | None = None
     _attn_captured: torch.Tensor | None = None
 
     # -- inside forward -------------------------------------------------------------------
@@ -159,12 +135,10 @@ class RecordingMixin:
         returns. Costs two attribute tests when neither recording nor capture is on."""
         if self._attn_recording:
             self._check_recorded(masks, router_weights)
-            config = self._attn_config
-            accumulate(
-                self._attn_statistics, self._attn_layout, masks, router_weights,
-                config.saturation_low, config.saturation_high,
-                # Compiled, the histogram counts fuse into the graph and a flag would add a
-                # graph: always. Eager, only on the steps that write them.
+            # Compiled, the histogram counts fuse into the graph and a flag would add a
+            # graph: always. Eager, only on the steps that write them.
+            self._attn_accumulator.add(
+                masks, router_weights,
                 histograms=torch.compiler.is_compiling() or self._attn_histograms,
             )
         if self._attn_capture:
@@ -176,13 +150,14 @@ class RecordingMixin:
         # What a forward records must match what the block declared (every process lays out
         # its accumulator from the declaration before any forward); shapes and names only,
         # so compiled graphs fold the check away.
-        unknown = [name for name in masks if name not in self._attn_layout.mask_offsets]
+        layout = self._attn_accumulator.layout
+        unknown = [name for name in masks if name not in layout.mask_offsets]
         if unknown:
             raise ValueError(
                 f"{type(self).__name__}.record() got masks {unknown}, which mask_names="
                 f"{tuple(self.mask_names)} does not declare"
             )
-        k = self._attn_layout.num_branches
+        k = layout.num_branches
         rw = router_weights
         if rw is not None and (rw.dim() != 2 or rw.shape[1] != k):
             raise ValueError(
@@ -194,10 +169,15 @@ class RecordingMixin:
     # -- outside forward ------------------------------------------------------------------
     @property
     def statistics_layout(self) -> StatisticsLayout:
-        """The layout of :attr:`recorded_statistics` (histograms once configured)."""
-        if self._attn_layout is None:
+        """The layout of a row of :attr:`accumulator` (histograms once configured)."""
+        if self._attn_accumulator is None:
             return StatisticsLayout(tuple(self.mask_names), self.num_branches or None, 0)
-        return self._attn_layout
+        return self._attn_accumulator.layout
+
+    @property
+    def accumulator(self) -> Accumulator | None:
+        """The on-device accumulator (``None`` before :meth:`configure_recording`)."""
+        return self._attn_accumulator
 
     def configure_recording(self, config: RecordingConfig, device: torch.device | str) -> None:
         """Allocate an empty accumulator on ``device`` for ``config`` (recording stays off).
@@ -210,8 +190,9 @@ class RecordingMixin:
         if not isinstance(config, RecordingConfig):
             raise TypeError(f"config must be a RecordingConfig, got {type(config).__name__}")
         device = torch.device(device)
-        current, old = self._attn_statistics, self._attn_config
-        if current is not None and old is not None:
+        current = self._attn_accumulator
+        if current is not None:
+            old = current.config
             if (old.saturation_low, old.saturation_high) != (
                 config.saturation_low, config.saturation_high
             ):
@@ -225,17 +206,15 @@ class RecordingMixin:
                 config = old  # a consumer without histograms reads the wider layout
             if config == old and current.device == device:
                 return
-        if self._attn_recording:
-            raise RuntimeError(
-                f"{type(self).__name__} is recording with {old}; it cannot be "
-                f"reconfigured to {config} until every consumer stops recording"
-            )
+            if self._attn_recording:
+                raise RuntimeError(
+                    f"{type(self).__name__} is recording with {old}; it cannot be "
+                    f"reconfigured to {config} until every consumer stops recording"
+                )
         layout = StatisticsLayout(
             tuple(self.mask_names), self.num_branches or None, config.histogram_bins
         )
-        self._attn_config, self._attn_layout = config, layout
-        self._attn_initial = layout.initial(device)  # what reset copies from (no host copy)
-        self._attn_statistics = self._attn_initial.clone()
+        self._attn_accumulator = Accumulator(layout, config, device)
         # The flags the forward reads become instance attributes now, before the first
         # compiled call: dynamo guards on where an attribute comes from, and a flag moving
         # from the class to the instance later would recompile every frame once more.
@@ -247,44 +226,49 @@ class RecordingMixin:
         """Whether forwards add to the accumulator (some consumer holds recording)."""
         return self._attn_recording
 
-    def start_recording(self, holder: Hashable = "default", histograms: bool = True) -> None:
-        """Turn recording on for ``holder``. The first holder of a window empties the
-        accumulator; later ones share it, so several consumers can measure the same steps.
-        ``histograms=False``: this holder does not need the histogram counts (eager forwards
-        then skip them unless another holder asks; compiled ones always count)."""
-        if self._attn_statistics is None:
+    def set_recording_phase(self, phase: str) -> None:
+        """Later forwards add to ``phase``'s row (``"train"``, ``"val"``, ``"test"``,
+        ``"predict"``): the diagnostics call it when Lightning enters and leaves a loop."""
+        if self._attn_accumulator is not None:
+            self._attn_accumulator.set_phase(phase)
+
+    def start_recording(
+        self, holder: Hashable = "default", histograms: bool = True, phase: str = "train"
+    ) -> None:
+        """Turn recording on for ``holder`` in ``phase``. The first holder of a phase empties
+        that phase's row; later ones share it, so several consumers can measure the same
+        steps. ``histograms=False``: this holder does not need the histogram counts (eager
+        forwards then skip them unless another holder asks; compiled ones always count)."""
+        if self._attn_accumulator is None:
             raise RuntimeError(
                 f"{type(self).__name__}: call configure_recording(config, device) before "
                 "start_recording()"
             )
-        holders = self.__dict__.setdefault("_attn_recording_holders", set())
-        if not holders:
-            self.reset_statistics()
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {list(PHASES)}, got {phase!r}")
+        holders = self.__dict__.setdefault("_attn_recording_holders", {})
+        if not holders.get(phase):
+            self._attn_accumulator.reset(phase)
+        if not any(holders.values()):
             self._attn_histograms = False
-        holders.add(holder)
+        holders.setdefault(phase, set()).add(holder)
         self._attn_histograms = self._attn_histograms or bool(histograms)
         self._attn_recording = True
 
-    def stop_recording(self, holder: Hashable = "default") -> None:
-        """Release ``holder``'s hold (read :attr:`recorded_statistics` first); recording stops
-        when the last holder releases it. The accumulator keeps its values until the next
-        window starts."""
-        holders = self.__dict__.get("_attn_recording_holders", set())
-        holders.discard(holder)
-        if not holders:
+    def stop_recording(self, holder: Hashable = "default", phase: str = "train") -> None:
+        """Release ``holder``'s hold on ``phase`` (read :meth:`recorded_statistics` first);
+        recording stops when the last holder of every phase releases it. The row keeps its
+        values until that phase's next window starts."""
+        holders = self.__dict__.get("_attn_recording_holders", {})
+        holders.get(phase, set()).discard(holder)
+        if not any(holders.values()):
             self._attn_recording = False
 
-    @property
-    def recorded_statistics(self) -> torch.Tensor | None:
-        """The accumulator ``(statistics_layout.size,)`` on the device (``None`` before
-        :meth:`configure_recording`)."""
-        return self._attn_statistics
-
-    def reset_statistics(self) -> None:
-        """Empty the accumulator in place (same tensor: no recompilation)."""
-        acc = self._attn_statistics
-        if acc is not None:
-            acc.copy_(self._attn_initial)
+    def recorded_statistics(self, phase: str = "train") -> torch.Tensor | None:
+        """``phase``'s row of the accumulator ``(statistics_layout.size,)`` on the device
+        (``None`` before :meth:`configure_recording`)."""
+        acc = self._attn_accumulator
+        return None if acc is None else acc.row(phase)
 
     @property
     def capture(self) -> bool:
@@ -323,6 +307,12 @@ class RecordingMixin:
     def trainable_attention_parameters(self) -> dict[str, nn.Parameter]:
         """The learnable ones among them, mapped to the ``nn.Parameter`` behind each (which may
         be a reparametrisation, like DSA's ``t_raw`` for ``temperature``)."""
+        return {}
+
+    def attention_parameter_specs(self) -> dict[str, ParameterSpec]:
+        """What each scalar parameter means: the range in which it keeps its meaning (the
+        drift rule's limits, for the learnable ones), its symbol in the summary table, and
+        the hint a drift warning gives. Default: none (no drift rule)."""
         return {}
 
     # -- copies ---------------------------------------------------------------------------

@@ -12,27 +12,18 @@ callback                                  what it does
 ========================================  ==================================================
 
 The path of a statistic: block forward -> the block's on-device accumulator
-(:mod:`lightning_attn.blocks.recording`) -> one collective (:mod:`.collector`) -> statistics
-(:mod:`lightning_attn.blocks.statistics`) -> problems (:mod:`.health`) and the writer seam
-(:mod:`.writers`) -> loggers, the table (:mod:`.summary`), the report. Tags: :mod:`.tags`.
+(:mod:`lightning_attn.blocks.recording`) -> one collective (:mod:`.collector`) -> statistics,
+problems and tags as declared in :mod:`lightning_attn.core` -> the writer seam
+(:mod:`.writers`) -> loggers, the table (:mod:`.summary`), the report.
 """
 
-from ..blocks.statistics import BlockStats, GlobalStats, MaskStats, RouterStats
-from ..blocks.warnings import (
-    AttentionProblemError,
-    AttentionWarning,
-    DeadBranchWarning,
-    MaskCollapseWarning,
-    MaskSaturationWarning,
-    MissingStatisticsWarning,
-    NonFiniteWarning,
-    ParameterDriftWarning,
-    RouterCollapseWarning,
-    RouterIndifferenceWarning,
-)
+from ..core import warnings as _warnings
+from ..core.problems import PROBLEM_KINDS, HealthThresholds, Problem, find_problems
+from ..core.statistics import SECTIONS, BlockStats, GlobalStats, MaskStats, RouterStats
+from ..core.warnings import *  # noqa: F403 - every category, listed in warnings.__all__
 from .collector import StatisticsCollector
-from .diagnostics import SECTIONS, AttentionDiagnostics
-from .health import ON_PROBLEM, PROBLEM_KINDS, HealthThresholds, Problem, find_problems
+from .diagnostics import AttentionDiagnostics
+from .health import ON_PROBLEM, ProblemReporter
 from .presets import (
     AttentionMapLogger,
     AttentionSummary,
@@ -50,32 +41,24 @@ __all__ = [
     "SECTIONS",
     "AttentionDiagnostics",
     "AttentionMapLogger",
-    "AttentionProblemError",
     "AttentionSummary",
-    "AttentionWarning",
     "BlockStats",
-    "DeadBranchWarning",
     "DiagnosticsOutput",
     "DiagnosticsWriter",
     "GlobalStats",
     "HealthThresholds",
     "LoggingSchedule",
-    "MaskCollapseWarning",
     "MaskHealthMonitor",
-    "MaskSaturationWarning",
     "MaskStats",
-    "MissingStatisticsWarning",
-    "NonFiniteWarning",
-    "ParameterDriftWarning",
     "ParameterTrajectoryMonitor",
     "Problem",
-    "RouterCollapseWarning",
+    "ProblemReporter",
     "RouterEntropyMonitor",
-    "RouterIndifferenceWarning",
     "RouterStats",
     "StatisticsCollector",
     "TensorBoardWriter",
     "find_problems",
     "register_writer",
     "render_summary",
+    *_warnings.__all__,
 ]

@@ -2,11 +2,12 @@
 
 The path of a number, from block to logger::
 
-    block.forward -> block.record() -> the block's accumulator (on the device)
-        -> StatisticsCollector.finish(): every block's accumulator, the scalar parameters and
-           the gradient norms in one vector -> one all_gather across processes -> one copy to
-           the host -> combined slot by slot (sums added, minima and maxima taken)
-        -> GlobalStats (lightning_attn.blocks.statistics) -> problems, loggers, table, report
+    block.forward -> block.record() -> the block's accumulator row of the current phase
+        -> StatisticsCollector.finish(phase): every block's row, the scalar parameters and
+           the gradient norms in one vector -> one all_gather across processes
+           (trainer.strategy.all_gather) -> combined slot by slot on the device (sums added,
+           minima and maxima taken) -> one copy to the host
+        -> GlobalStats (lightning_attn.core.statistics) -> problems, loggers, table, report
 
 Between points the collector holds no tensor and the blocks do not record.
 """
@@ -20,28 +21,32 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from ..blocks.recording import RecordingConfig
-from ..blocks.statistics import GlobalStats, block_stats
-from .tags import BlockInfo
+from ..core.statistics import (
+    BlockInfo,
+    GlobalStats,
+    ParameterSpec,
+    RecordingConfig,
+    block_stats,
+)
 
 __all__ = ["StatisticsCollector", "combine_processes"]
 
 # How a slot of the read vector combines over processes.
 _SUM, _MIN, _MAX, _FIRST = 0, 1, 2, 3
 _CODES = {"sum": _SUM, "min": _MIN, "max": _MAX}
+#: A gradient norm that was not read (no owner stepped, or no gradient): norms are >= 0 or
+#: non-finite, so a negative sentinel never collides with a reading.
+_NOT_READ = -1.0
 
 
 def combine_processes(
     trainer: pl.Trainer, vector: torch.Tensor, kinds: torch.Tensor
 ) -> list[float]:
     """``vector`` combined over every process, slot by slot as ``kinds`` says (0: sum,
-    1: min, 2: max, 3: rank 0's value), as host floats: one collective (``all_gather``) and
-    one device-to-host copy; on one process, only the copy."""
-    world = int(trainer.world_size)
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        rows = [torch.empty_like(vector) for _ in range(world)]
-        torch.distributed.all_gather(rows, vector)
-        table = torch.stack(rows)  # (world, N)
+    1: min, 2: max, 3: rank 0's value), as host floats: one collective (the strategy's
+    ``all_gather``) and one device-to-host copy; on one process, only the copy."""
+    if int(trainer.world_size) > 1:
+        table = trainer.strategy.all_gather(vector)  # (world, N)
         vector = torch.where(
             kinds == _SUM, table.sum(0),
             torch.where(kinds == _MIN, table.amin(0),
@@ -50,8 +55,14 @@ def combine_processes(
     return vector.tolist()
 
 
+def _specs(block: nn.Module) -> dict[str, ParameterSpec]:
+    # Optional in the protocol: a user's block without parameters need not declare any.
+    declare = getattr(block, "attention_parameter_specs", None)
+    return dict(declare()) if callable(declare) else {}
+
+
 class StatisticsCollector:
-    """Drives the recording of a fixed set of blocks and reads it back.
+    """Drives the recording of a fixed set of blocks and reads it back, phase by phase.
 
     Args:
         config: what the blocks record (saturation thresholds, histogram bins).
@@ -61,9 +72,10 @@ class StatisticsCollector:
         self.config = config
         self.blocks: dict[str, nn.Module] = {}
         self.infos: list[BlockInfo] = []
-        self._open = False
-        self._grad_norms: torch.Tensor | None = None
+        self._open: set[str] = set()
+        self._grad_norms: dict[int, torch.Tensor] = {}
         self._kinds: torch.Tensor | None = None
+        self._kind_codes: list[int] = []
 
     # -- setup -------------------------------------------------------------------------------
     def bind(self, blocks: Mapping[str, nn.Module], device: torch.device) -> None:
@@ -81,131 +93,142 @@ class StatisticsCollector:
             params = tuple(block.attention_parameters())
             trainable = tuple(n for n in block.trainable_attention_parameters() if n in params)
             branch_names = getattr(block, "branch_names", None)
-            self.infos.append(
-                BlockInfo(
-                    name, block.statistics_layout, params, trainable,
-                    tuple(branch_names) if branch_names else None,
-                )
-            )
-
+            self.infos.append(BlockInfo(
+                name, block.statistics_layout, params, trainable,
+                tuple(branch_names) if branch_names else None,
+                {n: s for n, s in _specs(block).items() if n in params},
+            ))
 
     def unbind(self) -> None:
         """Stop watching: recording off, accumulators and captured maps dropped."""
-        self.close()
+        for phase in list(self._open):
+            self.close(phase)
         for block in self.blocks.values():
             block.clear_recording()
         self.blocks, self.infos, self._kinds = {}, [], None
 
+    def set_phase(self, phase: str) -> None:
+        """Forwards from now on record into ``phase``'s rows (Lightning entered a loop)."""
+        for block in self.blocks.values():
+            block.set_recording_phase(phase)
+
     # -- one point ---------------------------------------------------------------------------
     @property
     def is_open(self) -> bool:
-        """Whether a point is being recorded."""
-        return self._open
+        """Whether a point of any phase is being recorded."""
+        return bool(self._open)
 
-    def open(self, histograms: bool = False) -> None:
-        """Start recording a point (a training logging step, or an evaluation epoch);
-        ``histograms``: the point writes histograms."""
-        if self._open:
+    def recording_phase(self, phase: str) -> bool:
+        """Whether a point of ``phase`` is being recorded."""
+        return phase in self._open
+
+    def open(self, phase: str = "train", histograms: bool = False) -> None:
+        """Start recording a point of ``phase`` (a training logging step, or an evaluation
+        run); ``histograms``: the point writes histograms."""
+        if phase in self._open:
             return
         for block in self.blocks.values():
-            block.start_recording(self, histograms)
-        self._open = True
-        self._grad_norms = None
+            block.start_recording(self, histograms, phase)
+        self._open.add(phase)
+        if phase == "train":
+            self._grad_norms = {}
 
-    def close(self) -> None:
-        """Stop recording without reading (an interrupted point)."""
-        if self._open:
+    def close(self, phase: str = "train") -> None:
+        """Stop recording ``phase`` without reading (an interrupted point)."""
+        if phase in self._open:
             for block in self.blocks.values():
-                block.stop_recording(self)
-        self._open = False
-        self._grad_norms = None
+                block.stop_recording(self, phase)
+        self._open.discard(phase)
+        if phase == "train":
+            self._grad_norms = {}
+
+    def _trainable(self) -> list[tuple[nn.Module, str]]:
+        return [(self.blocks[info.name], name) for info in self.infos
+                for name in info.trainable_names]
 
     @torch.no_grad()
-    def record_gradients(self) -> None:
-        """Gradient norms of the learnable scalars, for the open point (call it in
-        ``on_before_optimizer_step``: after unscaling and the DDP all-reduce)."""
-        if not self._open:
+    def record_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradient norms of the learnable scalars that ``optimizer`` owns, for the open
+        training point. Call it in ``on_before_optimizer_step``: after unscaling and the DDP
+        all-reduce, with the gradient this optimizer applies (a parameter of another
+        optimizer is read at that optimizer's step, not after a later backward added to it)."""
+        if "train" not in self._open:
             return
-        norms = []
-        for info in self.infos:
-            trainable = self.blocks[info.name].trainable_attention_parameters()
-            for name in info.trainable_names:
-                param = trainable.get(name)
-                grad = None if param is None else param.grad
-                norms.append(
-                    torch.full((), math.nan) if grad is None
-                    else torch.linalg.vector_norm(grad.detach().double())
-                )
-        if norms:
-            device = self._device()
-            self._grad_norms = torch.stack([n.to(device) for n in norms])
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for i, (block, name) in enumerate(self._trainable()):
+            param = block.trainable_attention_parameters().get(name)
+            if param is None or id(param) not in owned:
+                continue
+            grad = param.grad
+            self._grad_norms[i] = (
+                torch.full((), _NOT_READ, dtype=torch.float64, device=param.device)
+                if grad is None else torch.linalg.vector_norm(grad.detach().double())
+            )
 
     def _device(self) -> torch.device:
-        first = next(iter(self.blocks.values()))
-        return first.recorded_statistics.device
+        return next(iter(self.blocks.values())).accumulator.device
 
     @torch.no_grad()
-    def finish(self, trainer: pl.Trainer, step: int) -> GlobalStats:
-        """Close the point and read it: parameters in, one collective, one host copy."""
-        if not self._open:
-            raise RuntimeError("StatisticsCollector.finish() without an open point")
+    def finish(self, trainer: pl.Trainer, step: int, phase: str = "train") -> GlobalStats:
+        """Close ``phase``'s point and read it: parameters in, one collective, one host copy."""
+        if phase not in self._open:
+            raise RuntimeError(f"StatisticsCollector.finish() without an open {phase} point")
         if not self.blocks:
-            self.close()
-            return GlobalStats(step=step, blocks={})
+            self.close(phase)
+            return GlobalStats(step=step, blocks={}, phase=phase)
         device = self._device()
         parts, params = [], []
         # The blocks' layouts now: another consumer may have widened one since `bind`.
         layouts = [self.blocks[info.name].statistics_layout for info in self.infos]
         for info in self.infos:
             block = self.blocks[info.name]
-            parts.append(block.recorded_statistics.to(device))
+            parts.append(block.recorded_statistics(phase).to(device))
             current = block.attention_parameters()
             params += [
                 torch.as_tensor(current[n], dtype=torch.float64).to(device).reshape(())
                 if n in current else torch.full((), math.nan, dtype=torch.float64, device=device)
                 for n in info.param_names
             ]
-        n_grads = sum(len(info.trainable_names) for info in self.infos)
-        grads = self._grad_norms
-        if grads is None:
-            grads = torch.full((n_grads,), math.nan, dtype=torch.float64, device=device)
         dtype = parts[0].dtype
         if params:  # blocks without scalar parameters (a user's gate) have none
             parts.append(torch.stack(params).to(dtype))
-        vector = torch.cat(parts + [grads.to(dtype)])
-        self.close()  # the values are in `vector`
-        host = combine_processes(trainer, vector, self._reductions(layouts, vector.device))
-        return self._parse(host, layouts, step)
+        n_grads = len(self._trainable())
+        if phase == "train" and n_grads:
+            grads = [self._grad_norms.get(i) for i in range(n_grads)]
+            parts.append(torch.stack([
+                torch.full((), _NOT_READ, dtype=dtype, device=device) if g is None
+                else g.to(device, dtype) for g in grads
+            ]))
+        vector = torch.cat(parts)
+        self.close(phase)  # the values are in `vector`
+        host = combine_processes(trainer, vector, self._reductions(layouts, vector, phase))
+        return self._parse(host, layouts, step, phase)
 
-    def _reductions(self, layouts: list, device: torch.device) -> torch.Tensor:
-        """How each slot of the read vector combines over processes: every block's
-        accumulator, then the parameters and gradient norms (identical on every process:
-        rank 0's are taken). Cached: it changes only if another consumer widens a layout."""
-        codes = self._kind_codes(layouts)
-        if self._kinds is None or self._kinds.numel() != len(codes):
-            self._kinds = torch.tensor(codes, device=device)
+    def _reductions(self, layouts: list, vector: torch.Tensor, phase: str) -> torch.Tensor:
+        """How each slot of the read vector combines over processes: every block's row,
+        then the parameters and gradient norms (identical on every process: rank 0's are
+        taken). Cached: it changes only if another consumer widens a layout."""
+        codes = [_CODES[k] for layout in layouts for k in layout.reductions]
+        codes += [_FIRST] * (vector.numel() - len(codes))
+        if self._kinds is None or self._kind_codes != codes:
+            self._kinds, self._kind_codes = torch.tensor(codes, device=vector.device), codes
         return self._kinds
 
-    def _kind_codes(self, layouts: list) -> list[int]:
-        codes = [_CODES[k] for layout in layouts for k in layout.reductions]
-        return codes + [_FIRST] * sum(
-            len(i.param_names) + len(i.trainable_names) for i in self.infos
-        )
-
-    def _parse(self, host: list[float], layouts: list, step: int) -> GlobalStats:
+    def _parse(self, host: list[float], layouts: list, step: int, phase: str) -> GlobalStats:
         pos, stats = 0, {}
         param_pos = sum(layout.size for layout in layouts)
         grad_pos = param_pos + sum(len(info.param_names) for info in self.infos)
         for info, layout in zip(self.infos, layouts, strict=True):
-            size = layout.size
-            values = host[pos : pos + size]
-            pos += size
+            values = host[pos:pos + layout.size]
+            pos += layout.size
             params = dict(zip(info.param_names, host[param_pos:], strict=False))
             param_pos += len(info.param_names)
-            grads = {
-                n: g for n, g in zip(info.trainable_names, host[grad_pos:], strict=False)
-                if math.isfinite(g)
-            }
-            grad_pos += len(info.trainable_names)
-            stats[info.name] = block_stats(layout, values, params, grads, info.trainable_names)
-        return GlobalStats(step=step, blocks=stats)
+            grads = {}
+            if phase == "train":
+                read = zip(info.trainable_names, host[grad_pos:], strict=False)
+                grads = {n: g for n, g in read if g != _NOT_READ}
+                grad_pos += len(info.trainable_names)
+            stats[info.name] = block_stats(
+                layout, values, params, grads, info.trainable_names, info.param_specs
+            )
+        return GlobalStats(step=step, blocks=stats, phase=phase)

@@ -10,14 +10,19 @@ Hook flow of one training logging point (one optimizer step; see :mod:`.schedule
                               -> problems (:mod:`.health`) and the writer seam
                               (:mod:`.writers`): scalars through Lightning, histograms, texts
 
-Validation and test epochs record over every batch and log one point per epoch
+Validation and test runs record over every batch and log one point per run
 (``val/attn/...``, ``test/attn/...``); the first validation / test batch also gives the
-attention-map images. On every other training batch the hooks compare two integers.
+attention-map images. Each phase records into its own accumulator row (the hooks of
+Lightning's loops switch the row), so a validation run inside an accumulation window, a
+sanity check or ``trainer.validate`` between fits never adds to a training point. On every
+other training batch the hooks compare two integers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import uuid
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -30,32 +35,40 @@ from rich.console import Console
 from torch.optim import Optimizer
 
 from .. import __version__
-from ..blocks.recording import RecordingConfig, find_attention_blocks
-from ..blocks.statistics import HISTOGRAM_BINS, GlobalStats
-from ..blocks.validation import check_choice, check_fraction, check_int, check_patterns
-from ..blocks.warnings import MissingStatisticsWarning
-from .collector import StatisticsCollector
-from .health import HealthThresholds, Problem, ProblemReporter, find_problems
-from .maps import render_maps
-from .schedule import LoggingSchedule
-from .summary import render_summary
-from .tags import (
+from ..blocks.recording import find_attention_blocks
+from ..core.problems import HealthThresholds, Problem, find_problems
+from ..core.statistics import HISTOGRAM_BINS, SECTIONS, GlobalStats, RecordingConfig
+from ..core.tags import (
     CONFIG_TAG,
     PROBLEMS_TAG,
-    custom_scalar_layout,
+    chart_layout,
     histogram_tag,
     maps_tag,
     scalar_metrics,
 )
+from ..core.validation import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_int,
+    check_patterns,
+)
+from ..core.warnings import MissingStatisticsWarning
+from .collector import StatisticsCollector
+from .health import ProblemReporter
+from .maps import render_maps
+from .schedule import LoggingSchedule
+from .summary import render_summary
 from .writers import DiagnosticsOutput
 
 __all__ = ["SECTIONS", "AttentionDiagnostics"]
 
 Section = Literal["router", "mask", "param"]
 OnProblem = Literal["warn", "raise", "stop", "ignore"]
-#: The statistics a callback can log: router weights, masks, scalar parameters.
-SECTIONS: tuple[str, ...] = ("router", "mask", "param")
-_STAGES = {"validate": "val", "test": "test"}
+#: Lightning's evaluation stages -> the phase they record in (and their tags' prefix).
+_EVAL_PHASES = {"validate": "val", "sanity_check": "val", "test": "test"}
+#: The fields of HealthThresholds, accepted as keyword arguments until the next release.
+_DEPRECATED = tuple(f.name for f in dataclasses.fields(HealthThresholds))
 
 
 def _images_of(batch: Any) -> torch.Tensor | None:
@@ -79,24 +92,25 @@ class AttentionDiagnostics(Callback):
             points then share the module's own logging rows; ``0`` never.
         histogram_every_n_steps: mask / router-weight histograms (TensorBoard); ``None``
             (default) is ten times the scalar interval; ``0`` never.
-        std_threshold, saturation_low, saturation_high, saturation_threshold,
-        router_collapse_threshold, router_indifference_threshold, indifference_warmup_steps,
-        dead_branch_factor, temperature_min, temperature_max, unit_margin: override single
-            fields of ``thresholds`` (see :class:`~.health.HealthThresholds` for each).
+        thresholds: every health threshold in one object
+            (:class:`~lightning_attn.core.HealthThresholds`; on the command line
+            ``--diagnostics.thresholds.std_threshold 0.05``).
         on_problem: ``"warn"`` (once per block and kind, rank zero), ``"raise"``
-            (:class:`~lightning_attn.blocks.AttentionProblemError` on every process),
+            (:class:`~lightning_attn.core.AttentionProblemError` on every process),
             ``"stop"`` (warn, then ``trainer.should_stop`` on every process at the same
             step) or ``"ignore"``.
+        sections: the statistics to log: any of ``"router"``, ``"mask"``, ``"param"``.
         num_images: images of the first validation / test batch in the attention-map grid
             (``0``: no maps).
         overlay_alpha: opacity of the masks over the images.
         summary: print the ``rich`` summary table at the end of each training epoch.
-        sections: the statistics to log: any of ``"router"``, ``"mask"``, ``"param"``.
-        thresholds: every health threshold in one object (default ``HealthThresholds()``).
-        eval_statistics: also log one point per validation / test epoch
+        eval_statistics: also log one point per validation / test run
             (``val/attn/...``, ``test/attn/...``).
         log_statistics: write the statistics to the loggers (``False``: only warnings and
             the table).
+
+    The threshold fields used to be keyword arguments of their own (``std_threshold=...``);
+    they are still accepted, with a ``FutureWarning``, until the next release.
 
     Example::
 
@@ -109,47 +123,40 @@ class AttentionDiagnostics(Callback):
         exclude: Sequence[str] = (),
         log_every_n_steps: int | None = None,
         histogram_every_n_steps: int | None = None,
-        std_threshold: float | None = None,
-        saturation_low: float | None = None,
-        saturation_high: float | None = None,
-        saturation_threshold: float | None = None,
-        router_collapse_threshold: float | None = None,
-        router_indifference_threshold: float | None = None,
-        indifference_warmup_steps: int | None = None,
-        dead_branch_factor: float | None = None,
-        temperature_min: float | None = None,
-        temperature_max: float | None = None,
-        unit_margin: float | None = None,
+        thresholds: HealthThresholds = HealthThresholds(),  # noqa: B008 - frozen, shared
         on_problem: OnProblem = "warn",
+        sections: Sequence[Section] = SECTIONS,
         num_images: int = 8,
         overlay_alpha: float = 0.5,
         summary: bool = True,
-        sections: Sequence[Section] = SECTIONS,
-        thresholds: HealthThresholds | None = None,
         eval_statistics: bool = True,
         log_statistics: bool = True,
+        **deprecated: Any,
     ) -> None:
         self.include = check_patterns("include", include, allow_none=True)
         self.exclude = check_patterns("exclude", exclude, allow_none=False) or ()
         self._schedule = LoggingSchedule(log_every_n_steps, histogram_every_n_steps)
-        overrides = {
-            name: value
-            for name, value in dict(
-                std_threshold=std_threshold, saturation_low=saturation_low,
-                saturation_high=saturation_high, saturation_threshold=saturation_threshold,
-                router_collapse_threshold=router_collapse_threshold,
-                router_indifference_threshold=router_indifference_threshold,
-                indifference_warmup_steps=indifference_warmup_steps,
-                dead_branch_factor=dead_branch_factor, temperature_min=temperature_min,
-                temperature_max=temperature_max, unit_margin=unit_margin,
-            ).items()
-            if value is not None
-        }
-        if thresholds is not None and not isinstance(thresholds, HealthThresholds):
+        if thresholds is None:
+            thresholds = HealthThresholds()
+        if not isinstance(thresholds, HealthThresholds):
             raise TypeError(
                 f"thresholds must be a HealthThresholds, got {type(thresholds).__name__}"
             )
-        self.thresholds = dataclasses.replace(thresholds or HealthThresholds(), **overrides)
+        unknown = sorted(set(deprecated) - set(_DEPRECATED))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword arguments {unknown}; thresholds "
+                f"go in thresholds=HealthThresholds(...) (fields: {list(_DEPRECATED)})"
+            )
+        overrides = {k: v for k, v in deprecated.items() if v is not None}
+        if overrides:
+            warnings.warn(
+                f"{type(self).__name__}({', '.join(f'{k}=...' for k in overrides)}) is "
+                "deprecated and will be removed in the next release: pass "
+                f"thresholds=HealthThresholds({', '.join(f'{k}=...' for k in overrides)})",
+                FutureWarning, stacklevel=2,
+            )
+        self.thresholds = dataclasses.replace(thresholds, **overrides)
         self._reporter = ProblemReporter(on_problem)
         if isinstance(sections, str):
             sections = (sections,)
@@ -162,12 +169,15 @@ class AttentionDiagnostics(Callback):
         )
         self.num_images = check_int("num_images", num_images, 0)
         self.overlay_alpha = check_fraction("overlay_alpha", overlay_alpha)
-        self.summary = bool(summary)
-        self.eval_statistics = bool(eval_statistics)
-        self.log_statistics = bool(log_statistics)
+        self.summary = check_bool("summary", summary)
+        self.eval_statistics = check_bool("eval_statistics", eval_statistics)
+        self.log_statistics = check_bool("log_statistics", log_statistics)
         #: The statistics and problems of the latest training point (host floats only).
         self.last_stats: GlobalStats | None = None
         self.last_problems: list[Problem] = []
+        #: Identifies the training run across resumes and the evaluations of its
+        #: checkpoints (kept in checkpoints; the report groups runs by it).
+        self.run_id: str | None = None
         self._num_points = 0
         self._layout_dirs: list[str] = []
         self._init_runtime()
@@ -180,7 +190,7 @@ class AttentionDiagnostics(Callback):
         self._output: DiagnosticsOutput | None = None
         self._module_ref: weakref.ref | None = None
         self._point: tuple[bool, bool] | None = None  # (scalars, histograms) being recorded
-        self._eval_open = False
+        self._eval_phase: str | None = None  # the evaluation point being recorded
         self._capturing = False
         self._missing_warned: set[str] = set()
 
@@ -249,16 +259,40 @@ class AttentionDiagnostics(Callback):
         self._collector.bind(blocks, pl_module.device)
         self._module_ref = weakref.ref(pl_module)
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the checkpoint's callback states are restored: a resumed fit, and an
+        # evaluation of a checkpoint, carry the run_id of the fit that wrote it.
         self._bind(trainer, pl_module)
+        if self.run_id is None:
+            self.run_id = uuid.uuid4().hex
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer, pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._bind(trainer, pl_module)
+        self._start(trainer, pl_module)
+        self._collector.set_phase("val")
+        if trainer.state.fn == "validate":
+            self._write_config(trainer)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._bind(trainer, pl_module)
+        self._start(trainer, pl_module)
+        self._collector.set_phase("test")
+        self._write_config(trainer)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._collector.set_phase("predict")
+
+    def _back_to_training(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._collector.set_phase("train")
+
+    on_validation_end = on_test_end = on_predict_end = _back_to_training
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_config(trainer)
+
+    def _write_config(self, trainer: pl.Trainer) -> None:
+        """The chart layout and the run's configuration, once per log directory."""
         output = self._output
         if not self._collector.blocks or output is None or not output.rich_writers:
             return
@@ -266,28 +300,26 @@ class AttentionDiagnostics(Callback):
         if all(d in self._layout_dirs for d in dirs):
             return  # resumed into a run that already has its layout and configuration
         if self.log_statistics:
-            output.layout(custom_scalar_layout(self._collector.infos, self.sections))
+            output.layout(chart_layout(self._collector.infos, self.sections))
         output.json(CONFIG_TAG, self._config_document(trainer), LoggingSchedule.step(trainer))
         self._layout_dirs += [d for d in dirs if d not in self._layout_dirs]
 
     def _config_document(self, trainer: pl.Trainer) -> dict[str, Any]:
-        """What the report needs to judge the run as the callback did."""
+        """What the report needs to judge the run as the callback did, and to join it with
+        the runs it continues or evaluates."""
+        ckpt = getattr(trainer, "ckpt_path", None)
         return {
             "version": __version__,
             "callback": type(self).__name__,
+            "run_id": self.run_id,
+            "fn": str(getattr(trainer.state.fn, "value", trainer.state.fn)),
+            "ckpt_path": None if ckpt is None else str(ckpt),
             "thresholds": dataclasses.asdict(self.thresholds),
             "sections": list(self.sections),
             "on_problem": self.on_problem,
             "log_every_n_steps": self._schedule.interval(trainer),
             "histogram_every_n_steps": self._schedule.histogram_interval(trainer),
-            "blocks": [
-                {
-                    "name": i.name, "masks": list(i.layout.mask_names),
-                    "branches": list(i.branch_names or ()), "params": list(i.param_names),
-                    "trainable": list(i.trainable_names),
-                }
-                for i in self._collector.infos
-            ],
+            "blocks": [info.to_json() for info in self._collector.infos],
         }
 
     # -- one training point ----------------------------------------------------------------
@@ -301,13 +333,13 @@ class AttentionDiagnostics(Callback):
         histograms = histograms and self.log_statistics and bool(self.sections)
         if scalars or histograms:
             self._point = (scalars, histograms)
-            self._collector.open(histograms)
+            self._collector.open("train", histograms)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         if self._point is not None:
-            self._collector.record_gradients()
+            self._collector.record_gradients(optimizer)
 
     def on_train_batch_end(
         self,
@@ -321,7 +353,7 @@ class AttentionDiagnostics(Callback):
             return  # not a point, or more micro-batches of this optimizer step to come
         scalars, histograms = self._point
         self._point = None
-        stats = self._collector.finish(trainer, LoggingSchedule.step(trainer))
+        stats = self._collector.finish(trainer, LoggingSchedule.step(trainer), "train")
         self._warn_missing(stats)
         problems = find_problems(stats, self.thresholds, sections=self.sections)
         self.last_stats, self.last_problems = stats, problems
@@ -329,7 +361,7 @@ class AttentionDiagnostics(Callback):
         if scalars:
             self._num_points += 1
             if self.log_statistics:
-                output.scalars(pl_module, scalar_metrics(stats, self.sections), False)
+                output.scalars(scalar_metrics(stats, self.sections), stats.step)
         if histograms:
             output.histograms(
                 {
@@ -345,10 +377,9 @@ class AttentionDiagnostics(Callback):
     def _report(self, trainer: pl.Trainer, problems: list[Problem]) -> None:
         if self.on_problem == "ignore":
             return
-        fresh = [p for p in problems if self._reporter.key(p.block, p.kind) not in
-                 self._reporter.reported]
+        fresh = self._reporter.fresh(problems)
         for p in fresh:  # written before a "raise" can interrupt
-            self._output.json(PROBLEMS_TAG, dataclasses.asdict(p), p.step)
+            self._output.json(PROBLEMS_TAG, p.to_json(), p.step)
         self._reporter.report(problems)
         if fresh and self.on_problem == "stop":
             trainer.should_stop = True  # same problems on every process: same step
@@ -372,7 +403,7 @@ class AttentionDiagnostics(Callback):
         # without on_train_batch_end: close its point, so nothing else is recorded.
         if self._point is not None:
             self._point = None
-            self._collector.close()
+            self._collector.close("train")
         if self.summary and trainer.is_global_zero and self._collector.blocks:
             self._print_summary(trainer)
 
@@ -389,22 +420,26 @@ class AttentionDiagnostics(Callback):
             render_summary(
                 stats, self.last_problems, self._reporter.reported, self._collector.infos,
                 title=f"Attention summary (epoch {epoch}, step {stats.step})",
+                sections=self.sections,
             )
         )
 
-    # -- validation and test: one point per epoch, maps from the first batch ----------------
+    # -- validation and test: one point per run, maps from the first batch ------------------
     def _stage(self, trainer: pl.Trainer) -> str | None:
+        """The evaluation phase being run (``None`` in a sanity check, or with no block)."""
         if trainer.sanity_checking or not self._collector.blocks:
             return None
-        return _STAGES.get(trainer.state.stage.value if trainer.state.stage else "", "val")
+        stage = trainer.state.stage
+        return _EVAL_PHASES.get(getattr(stage, "value", stage) or "", "val")
 
     def _eval_epoch_start(self, trainer: pl.Trainer) -> None:
+        phase = self._stage(trainer)
         if (
-            self._stage(trainer) is not None and self.eval_statistics and self.sections
-            and self.log_statistics and self._point is None
+            phase is not None and self.eval_statistics and self.sections
+            and self.log_statistics
         ):
-            self._collector.open()
-            self._eval_open = True
+            self._collector.open(phase)
+            self._eval_phase = phase
 
     def _eval_batch_start(self, trainer: pl.Trainer, batch_idx: int, dataloader_idx: int) -> None:
         if self.num_images and self._stage(trainer) and batch_idx == 0 and dataloader_idx == 0:
@@ -436,12 +471,11 @@ class AttentionDiagnostics(Callback):
         self._capturing = False
 
     def _eval_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._eval_open:
+        phase, self._eval_phase = self._eval_phase, None
+        if phase is None:
             return
-        self._eval_open = False
-        stage = self._stage(trainer) or "val"
-        stats = self._collector.finish(trainer, LoggingSchedule.step(trainer))
-        self._output.scalars(pl_module, scalar_metrics(stats, self.sections, stage), True)
+        stats = self._collector.finish(trainer, LoggingSchedule.step(trainer), phase)
+        self._output.scalars(scalar_metrics(stats, self.sections), stats.step)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._eval_epoch_start(trainer)
@@ -481,7 +515,7 @@ class AttentionDiagnostics(Callback):
 
     # -- cleanup ---------------------------------------------------------------------------
     def _release(self) -> None:
-        self._point, self._eval_open = None, False
+        self._point, self._eval_phase = None, None
         self._stop_capture()
         self._collector.unbind()  # recording off, accumulators dropped
         self._module_ref = None
@@ -501,17 +535,19 @@ class AttentionDiagnostics(Callback):
             "reported": self._reporter.state_dict(),
             "num_points": self._num_points,
             "layout_dirs": list(self._layout_dirs),
+            "run_id": self.run_id,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._reporter.load_state_dict(state_dict.get("reported", {}))
         self._num_points = int(state_dict.get("num_points", 0))
         self._layout_dirs = list(state_dict.get("layout_dirs", []))
+        self.run_id = state_dict.get("run_id") or self.run_id
 
     def __getstate__(self) -> dict[str, Any]:
         # Configuration and history travel (ddp_spawn); modules, tensors and writers do not.
         state = self.__dict__.copy()
-        for key in ("_collector", "_output", "_module_ref", "_point", "_eval_open",
+        for key in ("_collector", "_output", "_module_ref", "_point", "_eval_phase",
                     "_capturing", "_missing_warned"):
             state.pop(key, None)
         return state

@@ -3,12 +3,13 @@
 :class:`DiagnosticsOutput` is all the callbacks talk to. Each logger of the Trainer gets a
 :class:`DiagnosticsWriter`: the base one writes scalars with the logger's own
 ``log_metrics``; :class:`TensorBoardWriter` also writes histograms, images, texts and the
-chart layout. A training point's scalars are written at Lightning's step number (the one the
-module's own ``self.log`` values of that batch get) and put into ``trainer.callback_metrics``,
-where ``EarlyStopping``/``ModelCheckpoint`` monitor them. They are not sent through
-``LightningModule.log``: that costs about a millisecond per value (Lightning moves its whole
-result object on every call), tens of milliseconds per logging step for a few blocks.
-Evaluation points (one per epoch) go through ``LightningModule.log``, like ``val/loss``.
+chart layout. Every point's scalars (training logging steps and evaluation runs alike) are
+written at Lightning's step number (the one the module's own ``self.log`` values of that
+batch or epoch get) and put into ``trainer.callback_metrics``, where
+``EarlyStopping``/``ModelCheckpoint`` monitor them. They are not sent through
+``LightningModule.log``: the values are already reduced over the global batch, and that path
+would cost about a millisecond per value (Lightning moves its whole result object on every
+call) and reduce them again.
 
 Another logger backend is one file::
 
@@ -22,8 +23,6 @@ Another logger backend is one file::
 from __future__ import annotations
 
 import json
-import re
-import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -31,10 +30,6 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
-from tensorboard.compat.proto.summary_pb2 import Summary
-
-from .tags import stage_prefix
 
 __all__ = [
     "DiagnosticsOutput",
@@ -85,20 +80,6 @@ class TensorBoardWriter(DiagnosticsWriter):
     @property
     def _writer(self):
         return self.logger.experiment
-
-    def scalars(self, metrics: Mapping[str, float], step: int) -> None:
-        # One event with every value instead of one event per value (each add_scalar is a
-        # queue hand-off), under the logger's prefix, unless the logger is a subclass that
-        # changed how it logs.
-        if type(self.logger).log_metrics is not TensorBoardLogger.log_metrics:
-            super().scalars(metrics, step)
-            return
-        logger = self.logger
-        prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if logger._prefix else ""
-        summary = Summary(
-            value=[Summary.Value(tag=prefix + k, simple_value=float(v)) for k, v in metrics.items()]
-        )
-        self._writer._get_file_writer().add_summary(summary, step)
 
     def layout(self, layout: Mapping[str, dict[str, list]]) -> None:
         merged = self._layouts.setdefault(self._writer, {})
@@ -154,27 +135,6 @@ def writer_for(logger: Logger) -> DiagnosticsWriter:
     return best(logger)
 
 
-def _callback_metrics(trainer: pl.Trainer) -> dict:
-    """``trainer.callback_metrics``, the dict itself. The public property first recomputes
-    every value the module logged (~0.5 ms per call with a few dozen); the dict it returns
-    is the connector's ``_callback_metrics``, which is read directly when it exists."""
-    connector = getattr(trainer, "_logger_connector", None)
-    metrics = getattr(connector, "_callback_metrics", None)
-    return metrics if isinstance(metrics, dict) else trainer.callback_metrics
-
-
-def _silence_epoch_sync_advice() -> None:
-    """Under DDP, Lightning advises ``sync_dist=True`` for every epoch-level value logged
-    without it (once per tag, at the epoch's end). Ours are already reduced over the global
-    batch by the collector's one collective; a second, per-tag reduction would only cost time.
-    The filter matches the evaluation tags of these diagnostics and nothing else."""
-    tags = "|".join(re.escape(stage_prefix(stage)) for stage in ("val", "test"))
-    warnings.filterwarnings(
-        "ignore", message=rf"It is recommended to use `self\.log\('({tags})/",
-        category=PossibleUserWarning,
-    )
-
-
 class DiagnosticsOutput:
     """Where one callback's output goes, for one Trainer (a writer per logger, rank zero)."""
 
@@ -190,29 +150,18 @@ class DiagnosticsOutput:
         return [w for w in self.writers if type(w) is not DiagnosticsWriter]
 
     # -- scalars -----------------------------------------------------------------------------
-    def scalars(
-        self, pl_module: pl.LightningModule, metrics: Mapping[str, float], epoch_level: bool
-    ) -> None:
-        """Scalars of a training logging step (``epoch_level=False``) or of an evaluation
-        epoch (``True``), identical on every process (already reduced)."""
+    def scalars(self, metrics: Mapping[str, float], step: int) -> None:
+        """A point's scalars at ``step``, identical on every process (already reduced): to
+        every logger (rank zero) and to ``trainer.callback_metrics`` (every process:
+        ``EarlyStopping`` and ``ModelCheckpoint`` read them on every rank)."""
         if not metrics:
             return
-        # CPU tensors (Python floats would be copied to the module's device one by one),
-        # made in one call and split into 0-d views: ~0.1 ms for 50 values, not ~0.4.
-        values = torch.tensor(list(metrics.values()), dtype=torch.float64).unbind()
-        tensors = dict(zip(metrics, values, strict=True))
-        if epoch_level:
-            _silence_epoch_sync_advice()
-            for name, value in tensors.items():
-                pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False,
-                              batch_size=1)
-            return
-        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
         row = {**metrics, "epoch": self.trainer.current_epoch}  # as Lightning's own rows
         for writer in self.writers:
             writer.scalars(row, step)
-        # Every process: EarlyStopping and ModelCheckpoint read these on every rank.
-        _callback_metrics(self.trainer).update(tensors)
+        # CPU tensors, as Lightning keeps its own (made in one call, split into 0-d views).
+        values = torch.tensor(list(metrics.values()), dtype=torch.float64).unbind()
+        self.trainer.callback_metrics.update(zip(metrics, values, strict=True))
 
     # -- everything else: each backend writer, rank zero ---------------------------------
     def histograms(self, tagged_counts: Mapping[str, Sequence[float]], step: int) -> None:

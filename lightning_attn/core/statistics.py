@@ -1,58 +1,77 @@
-"""Every statistic of an attention block, defined once, in two halves.
+"""Every statistic of an attention block, declared once; everything else is derived.
 
-* **On the device, inside the forward** (:func:`accumulate`): tensor operations only (no
-  host sync, no Python callback, nothing ``torch.compile`` cannot trace) add a forward's sums,
-  sums of squares, counts, extrema and histogram counts into the block's flat accumulator.
-  Accumulators of several forwards, micro-batches and processes combine slot by slot: sums
-  add, minima take the minimum, maxima the maximum (:attr:`StatisticsLayout.reductions`).
-* **On the host, once per logging step** (:func:`block_stats`): the combined accumulator
-  becomes the reported values (:class:`MaskStats`, :class:`RouterStats`).
+A statistic has two declarations, both in this file:
 
-Every consumer (logged scalars, warnings, the summary table, the report,
-:func:`~lightning_attn.blocks.quick_mask_check`) reads the dataclasses built here.
+* **Slots** (:data:`MASK_SLOTS`, :data:`ROUTER_SLOTS`): what a forward adds to the block's
+  on-device accumulator and how accumulators combine across forwards, micro-batches and
+  processes (``sum``, ``min`` or ``max``) — torchmetrics' ``add_state(dist_reduce_fx=...)``.
+  :class:`Accumulator` lays them out and adds them inside the forward with tensor operations
+  only: no host sync, no Python callback, nothing ``torch.compile`` cannot trace.
+* **Quantities**: the fields of :class:`MaskStats` and :class:`RouterStats` (and
+  :data:`PARAM_QUANTITIES`), each with its :func:`quantity` metadata: how it is computed from
+  the reduced slots on the host, its tag leaf, its chart and its title. Tags
+  (:mod:`.tags`), the TensorBoard chart layout, the summary table (:data:`SUMMARY_COLUMNS`),
+  the report's series and figures all iterate these declarations.
 
-Accumulator layout of one block (``D`` = float64, float32 on MPS), see
-:class:`StatisticsLayout`::
+Adding a statistic is a slot (if it needs a new sum) and a field here; a warning on it is one
+:class:`~.problems.ProblemKind` in :mod:`.problems` and its category in :mod:`.warnings`.
 
-    forwards                                                                  (1)
-    for each mask:   count, sum, sum_sq, n_low, n_high, n_finite, min, max    (8)
-    router, if any:  rows, sum_entropy, n_finite_rows, sum_w_0 .. sum_w_K-1   (3 + K)
-    histograms, if asked: bins counts per mask, then per router             (bins each)
+Phases never mix: the accumulator holds one row per phase (:data:`PHASES`) and a forward adds
+to the row its :attr:`Accumulator.phase` tensor names (set by the diagnostics when Lightning
+enters or leaves a loop), so no order of hooks can put an evaluation forward into a training
+point, and changing the phase never recompiles anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from .validation import check_fraction, check_int
 
 __all__ = [
     "HISTOGRAM_BINS",
     "MASK_SLOTS",
+    "PANELS",
+    "PARAM_QUANTITIES",
+    "PHASES",
     "ROUTER_SLOTS",
+    "SECTIONS",
+    "SUMMARY_COLUMNS",
+    "Accumulator",
+    "BlockInfo",
     "BlockStats",
+    "Chart",
     "GlobalStats",
     "MaskStats",
+    "Panel",
+    "ParameterSpec",
+    "Quantity",
+    "RecordingConfig",
     "RouterStats",
+    "Slot",
     "StatisticsLayout",
-    "accumulate",
     "accumulator_dtype",
+    "all_quantities",
     "block_stats",
+    "from_logged",
+    "quantities",
     "router_entropy",
 ]
 
-#: A mask's slots (``n_finite`` counts the finite values among ``count``).
-MASK_SLOTS: tuple[str, ...] = (
-    "count", "sum", "sum_sq", "n_low", "n_high", "n_finite", "min", "max"
-)
-#: A router's slots, followed by ``K`` per-branch weight sums.
-ROUTER_SLOTS: tuple[str, ...] = ("rows", "sum_entropy", "n_finite_rows")
+#: The statistics a consumer can ask for: router weights, masks, scalar parameters.
+SECTIONS: tuple[str, ...] = ("router", "mask", "param")
+#: The phases a forward records in, one accumulator row each (Lightning's loops).
+PHASES: tuple[str, ...] = ("train", "val", "test", "predict")
 #: Default number of equal bins over ``[0, 1]`` of the mask and router-weight histograms.
 HISTOGRAM_BINS = 50
-
-_SUM, _MIN, _MAX = "sum", "min", "max"
+#: Group names a mask may not take (they name the router's and the parameters' tags).
+RESERVED_GROUPS: tuple[str, ...] = ("router", "param")
 
 
 def accumulator_dtype(device: torch.device | str) -> torch.dtype:
@@ -62,134 +81,50 @@ def accumulator_dtype(device: torch.device | str) -> torch.dtype:
 
 
 @dataclass(frozen=True)
-class StatisticsLayout:
-    """Where each statistic of one block sits in its flat accumulator.
+class RecordingConfig:
+    """How a block records: saturation thresholds and histogram bins (``0``: none).
 
-    Fixed by what the block declares (``mask_names``, ``num_branches``) and by the number of
-    histogram bins (``0``: no histograms), so that every process agrees on it before any
-    forward has run. The offsets are plain attributes computed once here (the forward reads
-    them inside compiled graphs).
-
-    Attributes:
-        mask_offsets: mask name -> offset of its ``MASK_SLOTS``.
-        router_offset: offset of ``ROUTER_SLOTS`` and the branch sums (``None``: no router).
-        base_size: slots before the histograms.
-        histogram_offsets: mask name or ``"router"`` -> offset of its bins.
-        size: all slots.
-        reductions: how each slot combines across forwards and processes (``sum``, ``min``,
-            ``max``).
+    Frozen: its values are constants of the compiled graph, fixed for a run.
     """
 
-    mask_names: tuple[str, ...]
-    num_branches: int | None = None
-    histogram_bins: int = 0
-    mask_offsets: dict[str, int] = field(init=False, repr=False, compare=False)
-    router_offset: int | None = field(init=False, repr=False, compare=False)
-    base_size: int = field(init=False, repr=False, compare=False)
-    histogram_offsets: dict[str, int] = field(init=False, repr=False, compare=False)
-    size: int = field(init=False, repr=False, compare=False)
-    reductions: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    saturation_low: float = 0.05
+    saturation_high: float = 0.95
+    histogram_bins: int = HISTOGRAM_BINS
 
     def __post_init__(self) -> None:
-        width, k, bins = len(MASK_SLOTS), self.num_branches or 0, self.histogram_bins
-        masks = {name: 1 + i * width for i, name in enumerate(self.mask_names)}
-        router = 1 + len(masks) * width if k else None
-        base = 1 + len(masks) * width + (len(ROUTER_SLOTS) + k if k else 0)
-        hist_names = list(self.mask_names) + (["router"] if k else []) if bins else []
-        hists = {n: base + i * bins for i, n in enumerate(hist_names)}
-        size = base + len(hists) * bins
-        kinds = [_SUM] * size
-        for off in masks.values():
-            kinds[off + MASK_SLOTS.index("min")] = _MIN
-            kinds[off + MASK_SLOTS.index("max")] = _MAX
-        for name, value in (
-            ("mask_offsets", masks), ("router_offset", router), ("base_size", base),
-            ("histogram_offsets", hists), ("size", size), ("reductions", tuple(kinds)),
-        ):
-            object.__setattr__(self, name, value)
-
-    def initial(self, device: torch.device | str) -> torch.Tensor:
-        """An empty accumulator: zeros, ``+inf`` in the minima, ``-inf`` in the maxima."""
-        values = [
-            math.inf if k == _MIN else -math.inf if k == _MAX else 0.0 for k in self.reductions
-        ]
-        return torch.tensor(values, dtype=accumulator_dtype(device), device=device)
+        check_fraction("saturation_low", self.saturation_low)
+        check_fraction("saturation_high", self.saturation_high)
+        check_int("histogram_bins", self.histogram_bins, 0)
+        if not self.saturation_low < self.saturation_high:
+            raise ValueError(
+                f"saturation_low must be below saturation_high, got saturation_low="
+                f"{self.saturation_low} and saturation_high={self.saturation_high}"
+            )
 
 
-@torch.no_grad()
-def accumulate(
-    acc: torch.Tensor,
-    layout: StatisticsLayout,
-    masks: Mapping[str, torch.Tensor],
-    router_weights: torch.Tensor | None,
-    saturation_low: float,
-    saturation_high: float,
-    histograms: bool = True,
-) -> None:
-    """Add one forward's statistics to ``acc`` in place, on its device, without a host sync.
+# ------------------------------------------------------------------------------------------
+# Slots: what a forward adds, and how it reduces
+# ------------------------------------------------------------------------------------------
 
-    Args:
-        acc: the block's accumulator, ``(layout.size,)``.
-        layout: its layout; masks it does not declare are left out.
-        masks: name -> mask (any shape, values expected in ``[0, 1]``).
-        router_weights: ``(B, K)`` softmax weights, or ``None``.
-        saturation_low, saturation_high: a value strictly below / above is saturated.
-        histograms: add the histogram counts too (when the layout has bins).
+
+@dataclass(frozen=True)
+class Slot:
+    """One accumulator entry of a mask or a router.
+
+    Attributes:
+        name: its name (the quantities read it by this name).
+        reduce: how two accumulators combine: ``"sum"``, ``"min"`` or ``"max"``.
+        measure: one forward's contribution, a 0-d tensor (``(K,)`` when ``per_branch``) in
+            the accumulator's dtype: ``measure(v, v64, config)`` of a mask flattened to
+            ``v`` (float32) and ``v64`` (accumulator dtype); ``measure(w, dtype)`` of router
+            weights ``w (B, K)`` (float32).
+        per_branch: one entry per router branch.
     """
-    acc[0].add_(1.0)
-    dtype = acc.dtype
-    # Few, whole-tensor ops (each costs a dispatch, or a kernel launch on a GPU in eager
-    # mode). A NaN or Inf turns the sums and extremes non-finite, as the value they stand
-    # for is; `n_finite` says how many, for the warning.
-    for name, mask in masks.items():
-        off = layout.mask_offsets.get(name)
-        if off is None or mask.numel() == 0:
-            continue
-        v = mask.detach().reshape(-1).float()
-        counts = torch.stack((  # int64 counts, converted once
-            (v < saturation_low).sum(), (v > saturation_high).sum(), torch.isfinite(v).sum()
-        )).to(dtype)
-        # float64 sums: the std comes from E[x^2] - E[x]^2, which loses digits to
-        # cancellation when the mask barely varies, exactly where the collapse warning
-        # decides. (Not torch.dot: its BLAS threads stall on busy CPUs.)
-        v64 = v.to(dtype)
-        acc[off].add_(v.numel())
-        acc[off + 1 : off + 6].add_(torch.cat((torch.stack((v64.sum(), v64.square().sum())),
-                                               counts)))
-        lo, hi = torch.aminmax(v)
-        extremes = acc[off + 6 : off + 8]
-        extremes.copy_(torch.stack((torch.minimum(extremes[0], lo.to(dtype)),
-                                    torch.maximum(extremes[1], hi.to(dtype)))))
-        hist = layout.histogram_offsets.get(name)
-        if hist is not None and histograms:
-            _add_histogram(acc, hist, layout.histogram_bins, v, torch.isfinite(v))
-    off = layout.router_offset
-    if off is not None and router_weights is not None and router_weights.shape[0] > 0:
-        k = layout.num_branches
-        w = router_weights.detach().float()
-        acc[off].add_(w.shape[0])
-        acc[off + 1 : off + 3 + k].add_(torch.cat((
-            torch.stack((
-                router_entropy(w).sum(dtype=dtype),
-                torch.isfinite(w).all(dim=1).sum(dtype=dtype),
-            )),
-            w.sum(dim=0, dtype=dtype),
-        )))
-        hist = layout.histogram_offsets.get("router")
-        if hist is not None and histograms:
-            v = w.reshape(-1)
-            _add_histogram(acc, hist, layout.histogram_bins, v, torch.isfinite(v))
 
-
-def _add_histogram(
-    acc: torch.Tensor, offset: int, bins: int, v: torch.Tensor, finite: torch.Tensor
-) -> None:
-    # Finite values in [0, 1] only (1.0 in the last bin). index_add_, not histc (its
-    # parallel CPU loop stalls on busy machines) nor bincount (on CUDA it reads the index
-    # range back to the host, and under torch.compile its output size is data-dependent).
-    inside = finite & (v >= 0.0) & (v <= 1.0)
-    index = (torch.where(inside, v, 0.0) * bins).long().clamp_(0, bins - 1)
-    acc[offset : offset + bins].index_add_(0, index, inside.to(acc.dtype))
+    name: str
+    reduce: str
+    measure: Callable[..., torch.Tensor]
+    per_branch: bool = False
 
 
 def router_entropy(router_weights: torch.Tensor) -> torch.Tensor:
@@ -199,65 +134,538 @@ def router_entropy(router_weights: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(w, w).sum(dim=1)
 
 
+def _count(v: torch.Tensor, v64: torch.Tensor, config: RecordingConfig) -> torch.Tensor:
+    # A fill with the element count, not a tensor copied from the host.
+    return torch.full((), v.numel(), dtype=v64.dtype, device=v.device)
+
+
+#: A mask's slots. float64 sums: the std comes from E[x^2] - E[x]^2, which loses digits to
+#: cancellation when the mask barely varies, exactly where the collapse warning decides. A NaN
+#: or Inf turns the sums and extremes non-finite, as the value they stand for is; ``n_finite``
+#: says how many.
+MASK_SLOTS: tuple[Slot, ...] = (
+    Slot("count", "sum", _count),
+    Slot("sum", "sum", lambda v, v64, c: v64.sum()),
+    Slot("sum_sq", "sum", lambda v, v64, c: v64.square().sum()),
+    Slot("n_low", "sum", lambda v, v64, c: (v < c.saturation_low).sum(dtype=v64.dtype)),
+    Slot("n_high", "sum", lambda v, v64, c: (v > c.saturation_high).sum(dtype=v64.dtype)),
+    Slot("n_finite", "sum", lambda v, v64, c: torch.isfinite(v).sum(dtype=v64.dtype)),
+    Slot("min", "min", lambda v, v64, c: v.amin().to(v64.dtype)),
+    Slot("max", "max", lambda v, v64, c: v.amax().to(v64.dtype)),
+)
+
+#: A router's slots (``count`` counts samples).
+ROUTER_SLOTS: tuple[Slot, ...] = (
+    Slot("count", "sum", lambda w, dtype: torch.full((), w.shape[0], dtype=dtype,
+                                                      device=w.device)),
+    Slot("sum_entropy", "sum", lambda w, dtype: router_entropy(w).sum(dtype=dtype)),
+    Slot("n_finite", "sum", lambda w, dtype: torch.isfinite(w).all(dim=1).sum(dtype=dtype)),
+    Slot("sum_w", "sum", lambda w, dtype: w.sum(dim=0, dtype=dtype), per_branch=True),
+)
+
+_NEUTRAL = {"sum": 0.0, "min": math.inf, "max": -math.inf}
+
+
+def _slot_width(slot: Slot, k: int) -> int:
+    return k if slot.per_branch else 1
+
+
+@dataclass(frozen=True)
+class StatisticsLayout:
+    """Where each slot of one block sits in one row of its accumulator.
+
+    Fixed by what the block declares (``mask_names``, ``num_branches``) and by the number of
+    histogram bins (``0``: no histograms), so that every process agrees on it before any
+    forward has run. A row is: the forward count, each mask's :data:`MASK_SLOTS`, the router's
+    :data:`ROUTER_SLOTS` (if any), then the histogram bins of each mask and of the router.
+
+    Attributes:
+        mask_offsets: mask name -> offset of its slots.
+        router_offset: offset of the router's slots (``None``: no router).
+        histogram_offsets: mask name or ``"router"`` -> offset of its bins.
+        size: entries in a row.
+        reductions: how each entry combines (``sum``, ``min``, ``max``).
+    """
+
+    mask_names: tuple[str, ...]
+    num_branches: int | None = None
+    histogram_bins: int = 0
+    mask_offsets: dict[str, int] = field(init=False, repr=False, compare=False)
+    router_offset: int | None = field(init=False, repr=False, compare=False)
+    histogram_offsets: dict[str, int] = field(init=False, repr=False, compare=False)
+    size: int = field(init=False, repr=False, compare=False)
+    reductions: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        clash = [n for n in self.mask_names if n in RESERVED_GROUPS or "/" in n or not n]
+        if clash:
+            raise ValueError(
+                f"mask_names {clash} are not allowed: a mask name is a tag part, so it must "
+                f"be non-empty, without '/', and none of {list(RESERVED_GROUPS)}"
+            )
+        k, bins = self.num_branches or 0, self.histogram_bins
+        kinds = ["sum"]  # forwards
+        masks = {}
+        for name in self.mask_names:
+            masks[name] = len(kinds)
+            kinds += [s.reduce for s in MASK_SLOTS]
+        router = None
+        if k:
+            router = len(kinds)
+            kinds += [s.reduce for s in ROUTER_SLOTS for _ in range(_slot_width(s, k))]
+        hists = {}
+        if bins:
+            for name in (*self.mask_names, *(("router",) if k else ())):
+                hists[name] = len(kinds)
+                kinds += ["sum"] * bins
+        for name, value in (
+            ("mask_offsets", masks), ("router_offset", router), ("histogram_offsets", hists),
+            ("size", len(kinds)), ("reductions", tuple(kinds)),
+        ):
+            object.__setattr__(self, name, value)
+
+    def initial(self, device: torch.device | str) -> torch.Tensor:
+        """An empty row ``(size,)``: zeros, ``+inf`` in the minima, ``-inf`` in the maxima."""
+        return torch.tensor([_NEUTRAL[k] for k in self.reductions],
+                            dtype=accumulator_dtype(device), device=device)
+
+    def slots(self, values: Sequence[float], offset: int, declared: Sequence[Slot]) -> _Slots:
+        """The host values of the slots ``declared`` starting at ``offset`` of a row."""
+        k = self.num_branches or 0
+        out, pos = {}, offset
+        for slot in declared:
+            width = _slot_width(slot, k)
+            out[slot.name] = (tuple(values[pos:pos + width]) if slot.per_branch
+                              else values[pos])
+            pos += width
+        return _Slots(out)
+
+
+class _Slots(dict):
+    """Reduced slot values by name, readable as attributes (``s.sum / s.count``)."""
+
+    __getattr__ = dict.__getitem__
+
+
+class Accumulator:
+    """One block's on-device accumulator: a row per phase, and the phase being recorded.
+
+    Args:
+        layout: the block's layout.
+        config: saturation thresholds and bins (constants of the compiled graph).
+        device: where the forward runs.
+
+    ``values`` is ``(len(PHASES), layout.size)``; ``phase`` a 0-d int64 tensor indexing it (a
+    tensor, not a Python int: changing it never recompiles).
+    """
+
+    def __init__(
+        self, layout: StatisticsLayout, config: RecordingConfig, device: torch.device | str
+    ) -> None:
+        self.layout = layout
+        self.config = config
+        self.initial = layout.initial(device)  # what a reset copies from (no host copy)
+        self.values = self.initial.repeat(len(PHASES), 1)
+        self.phase = torch.zeros((), dtype=torch.long, device=device)
+        codes = torch.tensor([("sum", "min", "max").index(k) for k in layout.reductions],
+                             device=device)
+        self._is_min, self._is_max = codes == 1, codes == 2
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def set_phase(self, phase: str) -> None:
+        """Later forwards add to ``phase``'s row (a device fill; outside the forward)."""
+        self.phase.fill_(PHASES.index(phase))
+
+    def reset(self, phase: str) -> None:
+        """Empty ``phase``'s row in place (same tensor: no recompilation)."""
+        self.values[PHASES.index(phase)].copy_(self.initial)
+
+    def row(self, phase: str) -> torch.Tensor:
+        """``phase``'s row ``(layout.size,)``, a view on the device."""
+        return self.values[PHASES.index(phase)]
+
+    @torch.no_grad()
+    def add(
+        self,
+        masks: Mapping[str, torch.Tensor],
+        router_weights: torch.Tensor | None,
+        histograms: bool,
+    ) -> None:
+        """Add one forward's statistics to the current phase's row, on the device.
+
+        ``masks``: name -> mask (any shape, values expected in ``[0, 1]``); masks the layout
+        does not declare are left out. ``router_weights``: ``(B, K)`` softmax weights or
+        ``None``. ``histograms``: add the histogram counts (when the layout has bins).
+
+        One contribution row is built (few whole-tensor ops per mask: each costs a dispatch,
+        or a kernel launch on a GPU in eager mode), then combined with the phase's row slot by
+        slot and written back: three ops whatever the number of statistics.
+        """
+        layout, dtype, initial = self.layout, self.values.dtype, self.initial
+        bins = layout.histogram_bins
+        pieces = [torch.ones(1, dtype=dtype, device=self.device)]  # forwards
+        hists: dict[str, torch.Tensor] = {}
+        for name, off in layout.mask_offsets.items():
+            mask = masks.get(name)
+            if mask is None or mask.numel() == 0:
+                pieces.append(initial[off:off + len(MASK_SLOTS)])
+                continue
+            v = mask.detach().reshape(-1).float()
+            v64 = v.to(dtype)
+            pieces.append(torch.stack([slot.measure(v, v64, self.config) for slot in MASK_SLOTS]))
+            if bins and histograms:
+                hists[name] = _histogram(v, bins, dtype)
+        rw = router_weights
+        if layout.router_offset is not None:
+            k = layout.num_branches
+            width = sum(_slot_width(s, k) for s in ROUTER_SLOTS)
+            if rw is None or rw.shape[0] == 0:
+                pieces.append(initial[layout.router_offset:layout.router_offset + width])
+            else:
+                w = rw.detach().float()
+                pieces += [slot.measure(w, dtype).reshape(-1) for slot in ROUTER_SLOTS]
+                if bins and histograms:
+                    hists["router"] = _histogram(w.reshape(-1), bins, dtype)
+        for name, off in layout.histogram_offsets.items():
+            pieces.append(hists[name] if name in hists else initial[off:off + bins])
+        contribution = torch.cat(pieces)
+        phase = self.phase.reshape(1)
+        row = self.values.index_select(0, phase)[0]
+        combined = torch.where(
+            self._is_min, torch.minimum(row, contribution),
+            torch.where(self._is_max, torch.maximum(row, contribution), row + contribution),
+        )
+        self.values.index_copy_(0, phase, combined.unsqueeze(0))
+
+
+def _histogram(v: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
+    # Finite values in [0, 1] only (1.0 in the last bin). index_add_, not histc (its parallel
+    # CPU loop stalls on busy machines) nor bincount (on CUDA it reads the index range back to
+    # the host, and under torch.compile its output size is data-dependent).
+    inside = torch.isfinite(v) & (v >= 0.0) & (v <= 1.0)
+    index = (torch.where(inside, v, 0.0) * bins).long().clamp_(0, bins - 1)
+    return torch.zeros(bins, dtype=dtype, device=v.device).index_add_(0, index, inside.to(dtype))
+
+
 # ------------------------------------------------------------------------------------------
-# Host side: reported values
+# Quantities: what is reported, each declared once
 # ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Panel:
+    """A chart of the report's block figure: its title, section and axes."""
+
+    title: str
+    section: str
+    ylim: tuple[float | None, float | None] | None = None
+    log: bool = False
+
+
+#: The report's panels of a block, in rows (router, masks, parameters).
+PANELS: tuple[tuple[Panel, ...], ...] = (
+    (Panel("router entropy", "router", (0.0, None)),
+     Panel("branch usage (mean router weight)", "router", (0.0, 1.0))),
+    (Panel("mask mean", "mask", (0.0, 1.0)),
+     Panel("mask std", "mask", (0.0, None)),
+     Panel("mask saturation (share of values)", "mask", (0.0, 1.0))),
+    (Panel("parameters", "param"),
+     Panel("gradient norms of the learnable parameters", "param", log=True)),
+)
+
+
+@dataclass(frozen=True)
+class Chart:
+    """Where a quantity is drawn: its panel's title and the curve's label (a format string
+    over ``{mask}``, ``{branch}``, ``{param}`` and the thresholds' fields); ``band``:
+    ``"low"``/``"high"`` draws it as the edge of a shaded band instead of a curve."""
+
+    panel: str
+    label: str
+    band: str | None = None
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """One reported statistic.
+
+    Attributes:
+        name: the field's name (``"std"``).
+        group: ``"mask"``, ``"router"`` or ``"param"``.
+        tag: its tag leaf (``"std"``, ``"usage_{branch}"``, ``"{param}_grad_norm"``), or
+            ``None`` when it is not logged.
+        title: what it is, for chart titles and the docs (``"{mask} std"``).
+        value: from the reduced slots (live), or ``None`` when derived.
+        derive: from the group's other quantities: what a reader of logged scalars uses
+            when the quantity is not logged.
+        inputs: the quantities ``derive`` reads (a reader derives it where they are logged).
+        chart: where the report draws it.
+        per_branch: one value per router branch (a tuple).
+    """
+
+    name: str
+    group: str
+    tag: str | None
+    title: str
+    value: Callable[[_Slots], Any] | None = None
+    derive: Callable[[Mapping[str, Any]], Any] | None = None
+    inputs: tuple[str, ...] = ()
+    chart: Chart | None = None
+    per_branch: bool = False
+
+    def leaf(self, branch: int | None = None, param: str | None = None) -> str:
+        """The tag leaf for one branch / parameter."""
+        return self.tag.format(branch=branch, param=param)
+
+
+def quantity(group: str, tag: str | None, title: str, default: Any = math.nan, **kwargs: Any):
+    """A dataclass field declared as a :class:`Quantity` (its name is the field's)."""
+    spec = dict(group=group, tag=tag, title=title, **kwargs)
+    return field(default=default, metadata={"quantity": spec})
+
+
+def quantities(stats_class: type) -> tuple[Quantity, ...]:
+    """The :class:`Quantity` declarations of :class:`MaskStats` or :class:`RouterStats`."""
+    return tuple(
+        Quantity(name=f.name, **f.metadata["quantity"])
+        for f in dataclasses.fields(stats_class) if "quantity" in f.metadata
+    )
+
+
+def _any_nonfinite(*names: str) -> Callable[[Mapping[str, Any]], int]:
+    # Counts are not logged: a reader sees only whether the statistics a NaN or Inf always
+    # reaches (the sums behind them) are NaN or Inf.
+    def derive(q: Mapping[str, Any]) -> int:
+        values = [q[n] for n in names if n in q]
+        flat = [x for v in values for x in (v if isinstance(v, tuple) else (v,))]
+        return int(any(not math.isfinite(x) for x in flat))
+
+    return derive
+
+
+def _std(s: _Slots) -> float:
+    if not (math.isfinite(s.sum) and math.isfinite(s.sum_sq)):
+        return math.nan
+    if s.count <= 1:
+        return 0.0
+    return math.sqrt(max((s.sum_sq - s.sum * s.sum / s.count) / (s.count - 1), 0.0))
 
 
 @dataclass(frozen=True)
 class MaskStats:
-    """Statistics of one mask over every value it took in a logging step (global batch).
+    """Statistics of one mask over every value it took in a point (global batch).
 
     ``mean``, ``std`` (unbiased, like :meth:`torch.Tensor.std`), ``min`` and ``max``;
     ``sat_low`` / ``sat_high`` are the shares of values below / above the saturation
-    thresholds; ``nonfinite`` counts NaN and Inf values (then ``mean``, ``std`` and the
-    extremes are NaN or Inf too, as the values they stand for).
+    thresholds, ``saturated`` their sum; ``nonfinite`` counts NaN and Inf values (then
+    ``mean``, ``std`` and the extremes are NaN or Inf too, as the values they stand for).
     """
 
-    count: int
-    mean: float
-    std: float
-    sat_low: float
-    sat_high: float
-    nonfinite: int = 0
-    min: float = math.nan
-    max: float = math.nan
+    count: int = quantity("mask", None, "{mask} values counted", 0,
+                          value=lambda s: int(s.count), derive=lambda q: 1)
+    mean: float = quantity("mask", "mean", "{mask} mean", value=lambda s: s.sum / s.count,
+                           chart=Chart("mask mean", "mean"))
+    std: float = quantity("mask", "std", "{mask} std", value=_std,
+                          chart=Chart("mask std", "std"))
+    sat_low: float = quantity("mask", "sat_low", "{mask} share below saturation_low", 0.0,
+                              value=lambda s: s.n_low / s.count,
+                              chart=Chart("mask saturation (share of values)",
+                                          "below {saturation_low:g}"))
+    sat_high: float = quantity("mask", "sat_high", "{mask} share above saturation_high", 0.0,
+                               value=lambda s: s.n_high / s.count,
+                               chart=Chart("mask saturation (share of values)",
+                                           "above {saturation_high:g}"))
+    nonfinite: int = quantity("mask", None, "{mask} NaN or Inf values", 0,
+                              value=lambda s: int(round(s.count - s.n_finite)),
+                              derive=_any_nonfinite("mean", "std"), inputs=("mean", "std"))
+    min: float = quantity("mask", "min", "{mask} min", value=lambda s: s.min,
+                          chart=Chart("mask mean", "min to max", band="low"))
+    max: float = quantity("mask", "max", "{mask} max", value=lambda s: s.max,
+                          chart=Chart("mask mean", "min to max", band="high"))
+    saturated: float = quantity("mask", None, "{mask} saturated share (below + above)",
+                                derive=lambda q: q.get("sat_low", 0.0) + q.get("sat_high", 0.0),
+                                inputs=("sat_low", "sat_high"),
+                                chart=Chart("mask saturation (share of values)",
+                                            "below + above"))
 
-    @property
-    def saturated(self) -> float:
-        """Share of values below the low or above the high threshold."""
-        return self.sat_low + self.sat_high
+    def __post_init__(self) -> None:
+        if math.isnan(self.saturated):  # derived unless given
+            object.__setattr__(self, "saturated", self.sat_low + self.sat_high)
+
+
+def _normalised(entropy: float, k: int) -> float:
+    return entropy / math.log(k) if k > 1 else 0.0
+
+
+def _entropy_norm(s: _Slots) -> float:
+    return _normalised(s.sum_entropy / s.count, len(s.sum_w))
 
 
 @dataclass(frozen=True)
 class RouterStats:
-    """Router statistics over the samples of a logging step (global batch).
+    """Router statistics over the samples of a point (global batch).
 
     ``entropy`` is the mean over samples of ``-sum_k w_k log w_k``; ``entropy_norm`` the same
     divided by ``log K`` (0 when ``K == 1``); ``usage[k]`` the mean weight of branch ``k``.
     ``nonfinite`` counts the samples with a NaN or Inf weight (they make the others NaN).
     """
 
-    count: int
-    entropy: float
-    entropy_norm: float
-    usage: tuple[float, ...]
-    nonfinite: int = 0
+    count: int = quantity("router", None, "router samples counted", 0,
+                          value=lambda s: int(s.count), derive=lambda q: 1)
+    entropy: float = quantity("router", "entropy", "router entropy",
+                              value=lambda s: s.sum_entropy / s.count,
+                              chart=Chart("router entropy", "entropy (nats)"))
+    entropy_norm: float = quantity("router", "entropy_norm",
+                                   "router entropy / log K (1 = uniform)", value=_entropy_norm,
+                                   derive=lambda q: _normalised(q.get("entropy", math.nan),
+                                                                len(q.get("usage", ()))),
+                                   inputs=("entropy", "usage"),
+                                   chart=Chart("router entropy",
+                                               "normalised (0: one branch, 1: uniform)"))
+    usage: tuple[float, ...] = quantity("router", "usage_{branch}", "usage of {branch}", (),
+                                        value=lambda s: tuple(w / s.count for w in s.sum_w),
+                                        chart=Chart("branch usage (mean router weight)",
+                                                    "{branch}"),
+                                        per_branch=True)
+    nonfinite: int = quantity("router", None, "router samples with NaN or Inf", 0,
+                              value=lambda s: int(round(s.count - s.n_finite)),
+                              derive=_any_nonfinite("usage", "entropy_norm"),
+                              inputs=("usage", "entropy_norm"))
 
     @property
     def num_branches(self) -> int:
         return len(self.usage)
 
 
+#: The scalar parameters' quantities (temperature, alpha, ...; read outside the forward).
+PARAM_QUANTITIES: tuple[Quantity, ...] = (
+    Quantity("value", "param", "{param}", "{param}", chart=Chart("parameters", "{param}")),
+    Quantity("grad_norm", "param", "{param}_grad_norm", "{param} gradient norm",
+             chart=Chart("gradient norms of the learnable parameters", "{param}")),
+)
+
+
+def all_quantities() -> tuple[Quantity, ...]:
+    """Every reported quantity: masks', the router's, then the parameters'."""
+    return quantities(MaskStats) + quantities(RouterStats) + PARAM_QUANTITIES
+
+
+def _from_slots(stats_class: type, s: _Slots) -> Any:
+    values: dict[str, Any] = {}
+    for q in quantities(stats_class):
+        if q.value is not None:
+            values[q.name] = q.value(s)
+    for q in quantities(stats_class):
+        if q.value is None and q.derive is not None:
+            values[q.name] = q.derive(values)
+    return stats_class(**values)
+
+
+def from_logged(stats_class: type, logged: Mapping[str, Any]) -> Any:
+    """A :class:`MaskStats` / :class:`RouterStats` from logged quantities (name -> value);
+    what was not logged is derived (``nonfinite``: 1 when a logged value is NaN or Inf)."""
+    values = {q.name: logged[q.name] for q in quantities(stats_class) if q.name in logged}
+    for q in quantities(stats_class):
+        if q.name not in values and q.derive is not None:
+            values[q.name] = q.derive(values)
+    return stats_class(**values)
+
+
+# ------------------------------------------------------------------------------------------
+# Blocks and points
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """What a block declares about one of its scalar parameters.
+
+    ``low``/``high``: the range in which it keeps its meaning; each a number, or the name of a
+    :class:`~.problems.HealthThresholds` field (``"temperature_min"``). ``margin``: how far
+    outside the range a learnable value may go before it has drifted (a number or a field
+    name). ``symbol``: its short name in the summary table. ``hint``: what to do when it
+    drifts.
+    """
+
+    low: float | str | None = None
+    high: float | str | None = None
+    margin: float | str = 0.0
+    symbol: str = ""
+    hint: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> ParameterSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in names})
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """What a watched block reports, fixed when the diagnostics start (and written to the
+    run's ``attn/config``, from which the report reads it back).
+
+    Attributes:
+        name: qualified module name (the ``<block>`` of every tag).
+        layout: its accumulator layout (mask names, branches, histogram bins).
+        param_names: its scalar parameters (``attention_parameters()`` keys).
+        trainable_names: the learnable ones.
+        branch_names: labels of the router's branches (``("3x3", "7x7", "7x7 d2")``), if any.
+        param_specs: parameter name -> :class:`ParameterSpec` (ranges, symbols, hints).
+    """
+
+    name: str
+    layout: StatisticsLayout
+    param_names: tuple[str, ...] = ()
+    trainable_names: tuple[str, ...] = ()
+    branch_names: tuple[str, ...] | None = None
+    param_specs: Mapping[str, ParameterSpec] = field(default_factory=dict)
+
+    def branch_label(self, k: int) -> str:
+        names = self.branch_names
+        return f"branch {k} ({names[k]})" if names and k < len(names) else f"branch {k}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "masks": list(self.layout.mask_names),
+            "num_branches": self.layout.num_branches,
+            "branches": list(self.branch_names or ()), "params": list(self.param_names),
+            "trainable": list(self.trainable_names),
+            "param_specs": {n: s.to_json() for n, s in self.param_specs.items()},
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> BlockInfo:
+        branches = tuple(str(b) for b in doc.get("branches") or ())
+        k = doc.get("num_branches") or (len(branches) or None)
+        specs = doc.get("param_specs") or {}
+        return cls(
+            name=str(doc["name"]),
+            layout=StatisticsLayout(tuple(str(m) for m in doc.get("masks") or ()), k),
+            param_names=tuple(str(p) for p in doc.get("params") or ()),
+            trainable_names=tuple(str(p) for p in doc.get("trainable") or ()),
+            branch_names=branches or None,
+            param_specs={str(n): ParameterSpec.from_json(s) for n, s in specs.items()
+                         if isinstance(s, Mapping)},
+        )
+
+
 @dataclass(frozen=True)
 class BlockStats:
-    """Everything one logging step measured about one block (missing parts are left out).
+    """Everything one point measured about one block (missing parts are left out).
 
     ``params`` holds the current value of every scalar parameter (temperature, alpha, ...);
     ``trainable`` names the learnable ones; ``grad_norms`` the gradient norm of the
-    ``nn.Parameter`` behind each learnable one, when it had a gradient; ``histograms`` maps
-    mask names and ``"router"`` to bin counts over ``[0, 1]``; ``forwards`` counts the
-    recorded forwards (``0``: the block recorded nothing).
+    ``nn.Parameter`` behind each learnable one, read at the step of the optimizer that owns
+    it (NaN or Inf when the gradient was; absent when it had none); ``histograms`` maps mask
+    names and ``"router"`` to bin counts over ``[0, 1]``; ``forwards`` counts the recorded
+    forwards (``0``: the block recorded nothing); ``param_specs`` what the block declares
+    about its parameters (ranges, for the drift rule).
     """
 
     masks: dict[str, MaskStats] = field(default_factory=dict)
@@ -267,47 +675,16 @@ class BlockStats:
     histograms: dict[str, list[float]] = field(default_factory=dict)
     trainable: frozenset[str] = frozenset()
     forwards: int = 0
+    param_specs: Mapping[str, ParameterSpec] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class GlobalStats:
-    """One logging step's statistics of every block, combined over all processes."""
+    """One point's statistics of every block, combined over all processes."""
 
     step: int
     blocks: dict[str, BlockStats]
-
-
-def _mask_stats(v: Sequence[float]) -> MaskStats | None:
-    count, total, total_sq, n_low, n_high, n_finite, lo, hi = v
-    if count <= 0:
-        return None
-    mean = total / count
-    if not (math.isfinite(total) and math.isfinite(total_sq)):
-        std = math.nan
-    elif count > 1:
-        std = math.sqrt(max((total_sq - total * total / count) / (count - 1), 0.0))
-    else:
-        std = 0.0
-    return MaskStats(
-        count=int(count), mean=mean, std=std, sat_low=n_low / count, sat_high=n_high / count,
-        nonfinite=int(round(count - n_finite)), min=lo, max=hi,
-    )
-
-
-def _router_stats(v: Sequence[float]) -> RouterStats | None:
-    rows, sum_entropy, n_finite = v[:3]
-    usage_sums = v[3:]
-    if rows <= 0:
-        return None
-    k = len(usage_sums)
-    entropy = sum_entropy / rows
-    return RouterStats(
-        count=int(rows),
-        entropy=entropy,
-        entropy_norm=entropy / math.log(k) if k > 1 else 0.0,
-        usage=tuple(s / rows for s in usage_sums),
-        nonfinite=int(round(rows - n_finite)),
-    )
+    phase: str = "train"
 
 
 def block_stats(
@@ -316,33 +693,80 @@ def block_stats(
     params: Mapping[str, float] | None = None,
     grad_norms: Mapping[str, float] | None = None,
     trainable: Sequence[str] = (),
+    param_specs: Mapping[str, ParameterSpec] | None = None,
 ) -> BlockStats:
-    """One block's combined accumulator (host floats, ``layout.size`` of them) ->
-    :class:`BlockStats`; ``params``/``grad_norms`` are read outside the forward."""
+    """One block's combined row (host floats, ``layout.size`` of them) -> :class:`BlockStats`;
+    ``params``/``grad_norms`` are read outside the forward."""
     if len(values) != layout.size:
         raise ValueError(f"expected {layout.size} accumulator values, got {len(values)}")
-    width = len(MASK_SLOTS)
     masks = {}
     for name, off in layout.mask_offsets.items():
-        stats = _mask_stats(values[off : off + width])
-        if stats is not None:
-            masks[name] = stats
+        s = layout.slots(values, off, MASK_SLOTS)
+        if s.count > 0:
+            masks[name] = _from_slots(MaskStats, s)
     router = None
     if layout.router_offset is not None:
-        off = layout.router_offset
-        router = _router_stats(values[off : off + len(ROUTER_SLOTS) + layout.num_branches])
+        s = layout.slots(values, layout.router_offset, ROUTER_SLOTS)
+        if s.count > 0:
+            router = _from_slots(RouterStats, s)
     bins = layout.histogram_bins
     histograms = {
-        name: list(values[off : off + bins])
+        name: list(values[off:off + bins])
         for name, off in layout.histogram_offsets.items()
         if name in masks or (name == "router" and router is not None)
     }
     return BlockStats(
-        masks=masks,
-        router=router,
-        params=dict(params or {}),
-        grad_norms=dict(grad_norms or {}),
-        histograms=histograms,
-        trainable=frozenset(trainable),
-        forwards=int(values[0]),
+        masks=masks, router=router, params=dict(params or {}), grad_norms=dict(grad_norms or {}),
+        histograms=histograms, trainable=frozenset(trainable), forwards=int(values[0]),
+        param_specs=dict(param_specs or {}),
     )
+
+
+# ------------------------------------------------------------------------------------------
+# The summary table's columns (the rich table in the console)
+# ------------------------------------------------------------------------------------------
+
+
+def _num(v: float, digits: int = 2) -> str:
+    return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the summary table: its title, the section it shows, and its cell."""
+
+    title: str
+    section: str
+    cell: Callable[[BlockStats, BlockInfo | None], str]
+    justify: str = "left"
+
+
+def _router_cell(bs: BlockStats, info: BlockInfo | None) -> str:
+    r = bs.router
+    if r is None:
+        return "-"
+    names = info.branch_names if info is not None else None
+    labels = names or tuple(f"b{k}" for k in range(r.num_branches))
+    return "\n".join([f"H {_num(r.entropy_norm)}"] + [
+        f"{label.replace(' ', '')} {_num(u)}" for label, u in zip(labels, r.usage, strict=False)
+    ])
+
+
+def _params_cell(bs: BlockStats, info: BlockInfo | None) -> str:
+    specs = bs.param_specs or (info.param_specs if info is not None else {})
+    return "\n".join(
+        f"{(specs[n].symbol if n in specs and specs[n].symbol else n)} {_num(v)}"
+        for n, v in bs.params.items()
+    ) or "-"
+
+
+#: The summary table: one row per block (one line per mask / branch inside a cell).
+SUMMARY_COLUMNS: tuple[Column, ...] = (
+    Column("router\nH/logK", "router", _router_cell),
+    Column("mask", "mask", lambda bs, info: "\n".join(bs.masks) or "-"),
+    Column("mean±std", "mask", lambda bs, info: "\n".join(
+        f"{_num(m.mean)}±{_num(m.std)}" for m in bs.masks.values()) or "-", "right"),
+    Column("sat\nlo/hi", "mask", lambda bs, info: "\n".join(
+        f"{m.sat_low:.0%}/{m.sat_high:.0%}" for m in bs.masks.values()) or "-", "right"),
+    Column("params", "param", _params_cell),
+)

@@ -1,7 +1,7 @@
 """Argument and input checks of the whole package: every error names the argument and value.
 
-Blocks, callbacks and modules all check their arguments here (the blocks import nothing else
-of the package, so this is where the checks live).
+Blocks, callbacks, modules and the CLI all check their arguments here (in the core, which
+imports nothing else of the package).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 __all__ = [
+    "check_bool",
     "check_choice",
     "check_fraction",
     "check_patterns",
@@ -164,3 +165,11 @@ def check_input(
             f"autocast: convert the block (block.to({x.dtype})) or the input "
             f"(x.to({param_dtype})), or run under torch.autocast"
         )
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is a ``bool`` (NumPy's too); a string such as ``"false"`` is refused
+    rather than taken as true."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {value!r}")

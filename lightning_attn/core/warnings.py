@@ -1,25 +1,12 @@
 """Every warning category of lightning-attn, and the error ``on_problem="raise"`` raises.
 
 All categories derive from :class:`AttentionWarning`, so one
-``warnings.filterwarnings("ignore", category=AttentionWarning)`` silences them all. They live
-with the blocks (which import nothing else of the package) so that blocks, callbacks and the
-report share them.
+``warnings.filterwarnings("ignore", category=AttentionWarning)`` silences them all. Each
+problem kind of :mod:`.problems` names its category here; the packages that re-export the
+categories take them from :data:`__all__`, which lists every class of this module.
 """
 
 from __future__ import annotations
-
-__all__ = [
-    "AttentionProblemError",
-    "AttentionWarning",
-    "DeadBranchWarning",
-    "MaskCollapseWarning",
-    "MaskSaturationWarning",
-    "MissingStatisticsWarning",
-    "NonFiniteWarning",
-    "ParameterDriftWarning",
-    "RouterCollapseWarning",
-    "RouterIndifferenceWarning",
-]
 
 
 class AttentionWarning(UserWarning):
@@ -47,11 +34,11 @@ class DeadBranchWarning(AttentionWarning):
 
 
 class NonFiniteWarning(AttentionWarning):
-    """A mask, router weight or tracked parameter holds NaN or Inf."""
+    """A mask, router weight, tracked parameter or its gradient holds NaN or Inf."""
 
 
 class ParameterDriftWarning(AttentionWarning):
-    """A learnable alpha / beta left ``[0, 1]``, or a learnable temperature left its range."""
+    """A learnable parameter left the range its block declares for it."""
 
 
 class MissingStatisticsWarning(AttentionWarning):
@@ -75,3 +62,9 @@ class AttentionProblemError(RuntimeError):
 
     def __reduce__(self):  # picklable across processes despite the extra arguments
         return (type(self), (self.args[0], self.block, self.kind, self.step))
+
+
+__all__ = sorted(
+    name for name, obj in dict(globals()).items()
+    if isinstance(obj, type) and obj.__module__ == __name__
+)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_attn.blocks.validation import check_int
+from lightning_attn.core.validation import check_int
 
 __all__ = [
     "SPLITS",

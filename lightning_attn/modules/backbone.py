@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_attn.blocks import attention_names, create_attention
-from lightning_attn.blocks.validation import check_choice, check_int
+from lightning_attn.core.validation import check_choice, check_int
 
 from .options import Activation, AttentionName, Downsample
 from .wrappers import OutputOnly

@@ -10,9 +10,10 @@
 module                 what it does
 =====================  =========================================================================
 :mod:`.reading`        find runs, read event files (tensorboard's EventAccumulator) or CSV
+:mod:`.experiments`    versions of one training run joined, evaluations attached
 :mod:`.series`         group the ``attn/`` tags by stage and block; ``attn/config``/``problems``
 :mod:`.statistics`     logged scalars -> ``GlobalStats`` (the one adapter)
-:mod:`.verdicts`       thresholds, warnings and verdicts by the callbacks' health rules
+:mod:`.verdicts`       thresholds, warnings and verdicts by the core's rules
 :mod:`.figures`        matplotlib figures (PNG)
 :mod:`.document`       the report's content; :mod:`.page` lays it out as HTML and Markdown
 :mod:`.writer`         :func:`write_report`
@@ -24,7 +25,9 @@ from .document import MetricSpec, Report, ReportTable, RunReport, build_report
 from .reading import ReportError, RunLog, find_runs, read_runs
 from .series import RunTags, parse_tags
 from .statistics import stats_from_scalars
-from .verdicts import RunHealth, Verdict, judge_run, thresholds_from_config, verdict_phrase
+from ..core.problems import Verdict
+from .experiments import group_experiments
+from .verdicts import RunHealth, judge_run, thresholds_from_config
 from .writer import ReportFiles, load_runs, write_report
 
 __all__ = [
@@ -40,12 +43,12 @@ __all__ = [
     "Verdict",
     "build_report",
     "find_runs",
+    "group_experiments",
     "judge_run",
     "load_runs",
     "parse_tags",
     "read_runs",
     "stats_from_scalars",
     "thresholds_from_config",
-    "verdict_phrase",
     "write_report",
 ]

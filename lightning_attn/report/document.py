@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
+from ..core.tags import is_attention_tag
 from .figures import COMPARISONS, block_figure, comparison_figure, metrics_figure
 from .reading import ReportError, RunLog, Series, progress_bar
 from .series import RunTags, parse_tags
@@ -212,7 +213,7 @@ def build_report(
         raise ReportError(f"no attn/ tags in {names}: {CALLBACK_HINT}")
     for spec in specs:
         if not any(spec.name in run.log.scalars for run in runs):
-            known = sorted({t for r in runs for t in r.log.scalars if not _is_attention(t)})
+            known = sorted({t for r in runs for t in r.log.scalars if not is_attention_tag(t)})
             raise ReportError(
                 f"--metric {spec.name!r} is logged by no run; scalars logged: "
                 f"{', '.join(known) if known else 'none besides attn/ tags'}"
@@ -268,16 +269,12 @@ def build_report(
                     f"{run.name} · {block}" if len(runs) > 1 else block, stages,
                     run.health.thresholds, run.health.block_warnings(block),
                     lambda k, b=block, t=run.tags: t.branch_label(b, k),
+                    run.tags.infos().get(block),
                 )
                 if png is not None:
                     run.block_figures[block] = FigureFile(names(run.name, block), block, png)
                 bar.advance(task)
     return report
-
-
-def _is_attention(tag: str) -> bool:
-    parts = tag.split("/")
-    return parts[0] == "attn" or (len(parts) > 1 and parts[1] == "attn")
 
 
 def _default_title(runs: Sequence[RunReport]) -> str:

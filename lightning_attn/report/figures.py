@@ -13,6 +13,7 @@ Every function returns PNG bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections.abc import Callable, Sequence
@@ -21,11 +22,10 @@ from dataclasses import dataclass, field
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
-from ..callbacks import health
-from ..callbacks.health import PROBLEM_KINDS, HealthThresholds, Problem
+from ..core.problems import PROBLEM_KINDS, HealthThresholds, Problem, phrase
+from ..core.statistics import PANELS, BlockInfo, Quantity, all_quantities
 from .reading import Series
 from .series import BlockSeries
-from .verdicts import verdict_phrase
 
 __all__ = [
     "COMPARISONS",
@@ -64,8 +64,6 @@ PALETTE = (
 )
 THRESHOLD_COLOR = "#555555"
 WARNING_COLOR = "#d62728"
-#: Learnable parameters that the drift rule keeps in [0, 1] (when the rule exists).
-UNIT_INTERVAL: tuple[str, ...] = getattr(health, "UNIT_INTERVAL_PARAMETERS", ())
 STAGE_KEYS = {
     "train": "solid: training (each logging step)",
     "val": "dashed with dots: validation (each epoch)",
@@ -99,148 +97,109 @@ class _Panel:
     """One chart of a block: curves per stage, threshold lines, the section it belongs to."""
 
     title: str
-    section: str  # "router", "mask" or "param"
+    section: str
     marks: tuple[str, ...] = ()  # problem kinds whose warnings are marked on it
-    curves: list[tuple[str, str, Series]] = field(default_factory=list)  # (label, stage, s)
+    # (label, stage, series, dotted)
+    curves: list[tuple[str, str, Series, bool]] = field(default_factory=list)
     # (label, low, high, label of the curve whose colour the band takes)
     bands: list[tuple[str, Series, Series, str]] = field(default_factory=list)
     thresholds: list[tuple[str, float, float]] = field(default_factory=list)  # label, y, x0
-    ylim: tuple[float, float] | None = None
+    ylim: tuple[float | None, float | None] | None = None
     log: bool = False
+
+
+def _label(q: Quantity, subject: str, several: bool, thresholds: HealthThresholds,
+           branch_label: Callable[[int], str]) -> str:
+    """A curve's label from the quantity's chart declaration."""
+    text = q.chart.label.format(
+        mask=subject, branch=branch_label(int(subject)) if q.per_branch else "",
+        param=subject, **dataclasses.asdict(thresholds),
+    )
+    return f"{subject} {text}" if q.group == "mask" and several else text
+
+
+def _drawn(q: Quantity, bs: BlockSeries, subject: str, s: Series) -> bool:
+    # A derived curve (the saturated share) only where it differs from each of its inputs.
+    if q.tag is not None or not q.inputs:
+        return True
+    logged = bs.masks.get(subject, {})
+    return all(any(logged[n].values) for n in q.inputs if n in logged)
 
 
 def _panels(
     stages: dict[str, BlockSeries], thresholds: HealthThresholds,
-    branch_label: Callable[[int], str],
+    branch_label: Callable[[int], str], info: BlockInfo | None = None,
 ) -> list[list[_Panel]]:
-    """The panels of a block in rows: router, masks, parameters (empty rows left out)."""
-    t = thresholds
+    """The panels of a block in rows (:data:`~lightning_attn.core.statistics.PANELS`), each
+    with the curves of the quantities declared on it and the lines of the problem kinds that
+    judge them; empty panels and rows left out."""
     ordered = sorted(stages.items(), key=lambda kv: (kv[0] != "train", kv[0]))
-    train = stages.get("train")
-
-    entropy = _Panel("router entropy", "router", ("router_collapse", "router_indifference"),
-                     ylim=(0.0, None))
-    usage = _Panel("branch usage (mean router weight)", "router", ("dead_branch",),
-                   ylim=(0.0, 1.0))
-    for stage, bs in ordered:
-        if bs.entropy_norm is not None:
-            entropy.curves.append(("normalised (0: one branch, 1: uniform)", stage,
-                                   bs.entropy_norm))
-        if bs.entropy is not None:
-            entropy.curves.append(("entropy (nats)", stage, bs.entropy))
-        for k in sorted(bs.usage):
-            usage.curves.append((branch_label(k), stage, bs.usage[k]))
-    entropy.thresholds += [
-        (f"collapse < {t.router_collapse_threshold:g}", t.router_collapse_threshold, 0),
-        (f"indifference > {t.router_indifference_threshold:g} "
-         f"(from step {t.indifference_warmup_steps})",
-         t.router_indifference_threshold, t.indifference_warmup_steps),
-    ]
     k = max((bs.num_branches for bs in stages.values()), default=0)
-    if k:
-        limit = t.dead_branch_factor / k
-        usage.thresholds.append((f"dead < {limit:.3g} (dead_branch_factor / K)", limit, 0))
-
-    masks: list[str] = []
-    for _, bs in ordered:
-        masks += [m for m in bs.masks if m not in masks]
-    many = len(masks) > 1
-    mean = _Panel("mask mean" + (" (band: min to max)" if _has_extremes(stages) else ""),
-                  "mask", ylim=(0.0, 1.0))
-    std = _Panel("mask std", "mask", ("mask_collapse",), ylim=(0.0, None))
-    sat = _Panel("mask saturation (share of values)", "mask", ("mask_saturation",),
-                 ylim=(0.0, 1.0))
-    for stage, bs in ordered:
-        for mask in masks:
-            stats = bs.masks.get(mask, {})
-            name = f"{mask} " if many else ""
-            if "mean" in stats:
-                mean.curves.append((f"{name}mean" if many else "mean", stage, stats["mean"]))
-            if stage == "train" and "min" in stats and "max" in stats:
-                mean.bands.append(
-                    (f"{name}min to max", stats["min"], stats["max"], f"{name}mean" if many
-                     else "mean")
-                )
-            if "std" in stats:
-                std.curves.append((f"{name}std" if many else "std", stage, stats["std"]))
-            if "sat_low" in stats:
-                sat.curves.append((f"{name}below {t.saturation_low:g}", stage, stats["sat_low"]))
-            if "sat_high" in stats:
-                sat.curves.append(
-                    (f"{name}above {t.saturation_high:g}", stage, stats["sat_high"])
-                )
-            if _both_nonzero(stats.get("sat_low"), stats.get("sat_high")):
-                sat.curves.append((f"{name}below + above", stage,
-                                   _sum(stats["sat_low"], stats["sat_high"])))
-    std.thresholds.append((f"collapse < {t.std_threshold:g}", t.std_threshold, 0))
-    sat.thresholds.append(
-        (f"saturation: below + above > {t.saturation_threshold:g}", t.saturation_threshold, 0)
-    )
-
-    params = _Panel("parameters", "param", ("parameter_drift",))
-    grads = _Panel("gradient norms of the learnable parameters", "param", log=True)
-    for stage, bs in ordered:
-        for name, s in bs.params.items():
-            params.curves.append((name, stage, s))
-        for name, s in bs.grad_norms.items():
-            grads.curves.append((name, stage, s))
-    # the drift rule's limits, for the learnable parameters (those with a gradient norm)
-    learnable = set(train.grad_norms) if train is not None else set()
-    if "temperature" in learnable:
-        for attr, word in (("temperature_min", "min"), ("temperature_max", "max")):
-            if hasattr(t, attr):
-                params.thresholds.append((f"temperature {word}", getattr(t, attr), 0))
-    if learnable & set(UNIT_INTERVAL):
-        m = getattr(t, "unit_margin", 0.0)
-        label = f"drift: outside [{-m:g}, {1 + m:g}]"
-        params.thresholds += [(label, -m, 0), (label, 1.0 + m, 0)]
-    rows = [[entropy, usage], [mean, std, sat], [params, grads]]
-    return [[p for p in row if p.curves] for row in rows if any(p.curves for p in row)]
-
-
-def _both_nonzero(low: Series | None, high: Series | None) -> bool:
-    # The sum is drawn only when it differs from both parts.
-    return low is not None and high is not None and any(low.values) and any(high.values)
-
-
-def _has_extremes(stages: dict[str, BlockSeries]) -> bool:
-    train = stages.get("train")
-    return train is not None and any("min" in m and "max" in m for m in train.masks.values())
-
-
-def _sum(a: Series, b: Series) -> Series:
-    other = dict(zip(b.steps, b.values, strict=True))
-    steps = [s for s in a.steps if s in other]
-    values = dict(zip(a.steps, a.values, strict=True))
-    return Series(steps, [values[s] + other[s] for s in steps])
+    learnable = set(info.trainable_names) if info is not None else set(
+        stages["train"].params.get("grad_norm", {}) if "train" in stages else ())
+    specs = {n: s for n, s in (info.param_specs if info is not None else {}).items()
+             if n in learnable}
+    several = len({m for bs in stages.values() for m in bs.masks}) > 1
+    rows = []
+    for row in PANELS:
+        panels = []
+        for declared in row:
+            panel = _Panel(declared.title, declared.section, ylim=declared.ylim,
+                           log=declared.log,
+                           marks=tuple(n for n, kind in PROBLEM_KINDS.items()
+                                       if kind.panel == declared.title))
+            on_panel = [q for q in all_quantities()
+                        if q.chart is not None and q.chart.panel == declared.title]
+            for stage, bs in ordered:
+                edges: dict[tuple[str, str], dict[str, Series]] = {}
+                for q in on_panel:
+                    for subject, s in bs.curves(q):
+                        label = _label(q, subject, several, thresholds, branch_label)
+                        if q.chart.band is not None:
+                            if stage == "train":
+                                edges.setdefault((label, subject), {})[q.chart.band] = s
+                        elif _drawn(q, bs, subject, s):
+                            panel.curves.append((label, stage, s, q.tag is None))
+                for (label, subject), edge in edges.items():
+                    if set(edge) == {"low", "high"}:
+                        match = next((c for c, st, _, _ in panel.curves
+                                      if st == stage and (not several or c.startswith(subject))),
+                                     "")
+                        panel.bands.append((label if not several else f"{subject} {label}",
+                                            edge["low"], edge["high"], match))
+            for kind in PROBLEM_KINDS.values():
+                for line in kind.lines(thresholds, k, specs):
+                    if line.panel == declared.title:
+                        panel.thresholds.append((line.label, line.y, line.x0))
+            if panel.bands and not panel.title.endswith(")"):
+                panel.title += " (band: min to max)"
+            if panel.curves:
+                panels.append(panel)
+        if panels:
+            rows.append(panels)
+    return rows
 
 
 def _marks(panel: _Panel, kind: str) -> bool:
     """Whether a warning of ``kind`` is marked on ``panel``: on the panel showing its
-    statistic; a kind no panel names (non-finite, a new kind) on every panel of the sections
-    it reads (every panel when unknown)."""
+    statistic; a kind with no panel of its own (non-finite values, a kind this version does
+    not know) on every panel of the sections it reads."""
     if kind in panel.marks:
         return True
-    if kind in _NAMED_KINDS:
-        return False
-    sections = PROBLEM_KINDS[kind].sections if kind in PROBLEM_KINDS else None
-    return sections is None or panel.section in sections
-
-
-_NAMED_KINDS = frozenset({
-    "router_collapse", "router_indifference", "dead_branch", "mask_collapse",
-    "mask_saturation", "parameter_drift",
-})
+    declared = PROBLEM_KINDS.get(kind)
+    if declared is None or declared.panel is None:
+        return declared is None or declared.section in (None, panel.section)
+    return False
 
 
 def _draw(ax, panel: _Panel, warnings: Sequence[Problem]) -> None:
     colors: dict[str, str] = {}
-    for label, stage, s in panel.curves:
+    for label, stage, s, dotted in panel.curves:
         color = colors.setdefault(label, PALETTE[len(colors) % len(PALETTE)])
         style = dict(_stage_style(stage))
         if stage == "train" and len(s) == 1:
             style.update(marker="o", markersize=4)
-        if label.endswith("below + above") and stage == "train":
+        if dotted and stage == "train":
             style.update(linestyle=":")
         # one legend entry per quantity (its first stage); the line styles of the stages are
         # explained once under the figure
@@ -254,14 +213,15 @@ def _draw(ax, panel: _Panel, warnings: Sequence[Problem]) -> None:
             color=colors.get(match, PALETTE[0]), alpha=0.15, linewidth=0, label=label,
         )
     if panel.log:
-        positive = [v for _, _, s in panel.curves for v in s.values if math.isfinite(v) and v > 0]
+        positive = [v for _, _, s, _ in panel.curves for v in s.values
+                    if math.isfinite(v) and v > 0]
         if positive and max(positive) / min(positive) > 50:
             ax.set_yscale("log")
     # Thresholds are drawn only where they do not squash the curves (a temperature of 1
     # next to a limit at 20).
     ymin, ymax = ax.get_ylim()
     span = max(ymax - ymin, 1e-9)
-    steps = [x for _, _, s in panel.curves for x in s.steps]
+    steps = [x for _, _, s, _ in panel.curves for x in s.steps]
     x_start, x_end = (min(steps), max(steps)) if steps else (0, 1)
     for label, y, x0 in panel.thresholds:
         fits = panel.ylim is not None or ymin - 0.5 * span <= y <= ymax + 0.5 * span
@@ -272,7 +232,7 @@ def _draw(ax, panel: _Panel, warnings: Sequence[Problem]) -> None:
     for p in warnings:
         if _marks(panel, p.kind):
             ax.axvline(p.step, color=WARNING_COLOR, linewidth=1.0, alpha=0.6,
-                       label=f"warning: {verdict_phrase(p.kind)} (step {p.step})")
+                       label=f"warning: {phrase(p.kind)} (step {p.step})")
     if panel.ylim is not None:
         low, high = panel.ylim
         cur_low, cur_high = ax.get_ylim()
@@ -293,10 +253,12 @@ def block_figure(
     thresholds: HealthThresholds,
     warnings: Sequence[Problem] = (),
     branch_label: Callable[[int], str] = lambda k: f"branch {k}",
+    info: BlockInfo | None = None,
 ) -> bytes | None:
     """PNG of one block: a row of panels per section (router, masks, parameters), ``None``
-    when the block logged nothing."""
-    rows = _panels(stages, thresholds, branch_label)
+    when the block logged nothing. ``info``: the block's description in the run's
+    configuration (its learnable parameters' ranges give the drift lines)."""
+    rows = _panels(stages, thresholds, branch_label, info)
     if not rows:
         return None
     cols = max(len(row) for row in rows)
@@ -328,53 +290,38 @@ LINESTYLES = ("-", "--", ":", "-.")
 
 @dataclass(frozen=True)
 class Comparison:
-    """A statistic compared across runs: ``curves(block_series)`` -> ``[Curve]``."""
+    """A quantity compared across runs (training points), with the lines of the kinds that
+    judge it."""
 
     title: str
-    section: str
-    curves: Callable[[BlockSeries], list[Curve]]
-    threshold: Callable[[HealthThresholds], tuple[str, float] | None] = lambda t: None
+    group: str
+    name: str
     ylim: tuple[float, float] | None = None
 
+    @property
+    def quantity(self) -> Quantity:
+        return next(q for q in all_quantities() if (q.group, q.name) == (self.group, self.name))
 
-def _mask_curves(stat: str) -> Callable[[BlockSeries], list[Curve]]:
-    def curves(bs: BlockSeries) -> list[Curve]:
-        many = len(bs.masks) > 1
-        return [(bs.name, mask if many else "", stats[stat])
-                for mask, stats in bs.masks.items() if stat in stats]
+    def curves(self, bs: BlockSeries) -> list[Curve]:
+        q = self.quantity
+        many = len(list(bs.curves(q))) > 1
+        return [(bs.name, subject if many and not q.per_branch else "", s)
+                for subject, s in bs.curves(q)]
 
-    return curves
-
-
-def _saturated(bs: BlockSeries) -> list[Curve]:
-    many = len(bs.masks) > 1
-    return [
-        (bs.name, mask if many else "", _sum(stats["sat_low"], stats["sat_high"]))
-        for mask, stats in bs.masks.items() if "sat_low" in stats and "sat_high" in stats
-    ]
+    def lines(self, thresholds: HealthThresholds) -> list[tuple[str, float]]:
+        panel = self.quantity.chart.panel
+        return [(line.label, line.y) for kind in PROBLEM_KINDS.values()
+                for line in kind.lines(thresholds, 0, {}) if line.panel == panel
+                and line.x0 == 0]
 
 
 COMPARISONS: tuple[Comparison, ...] = (
-    Comparison(
-        "normalised router entropy", "router",
-        lambda bs: [(bs.name, "", bs.entropy_norm)] if bs.entropy_norm is not None else [],
-        lambda t: (f"collapse < {t.router_collapse_threshold:g}", t.router_collapse_threshold),
-        (0.0, 1.05),
-    ),
-    Comparison("mask mean", "mask", _mask_curves("mean"), ylim=(0.0, 1.0)),
-    Comparison(
-        "mask std", "mask", _mask_curves("std"),
-        lambda t: (f"collapse < {t.std_threshold:g}", t.std_threshold),
-    ),
-    Comparison(
-        "saturated share of mask values (below + above)", "mask", _saturated,
-        lambda t: (f"saturation > {t.saturation_threshold:g}", t.saturation_threshold),
-        (0.0, 1.0),
-    ),
-    Comparison(
-        "attention parameters", "param",
-        lambda bs: [(bs.name, n, s) for n, s in bs.params.items()],
-    ),
+    Comparison("normalised router entropy", "router", "entropy_norm", (0.0, 1.05)),
+    Comparison("mask mean", "mask", "mean", (0.0, 1.0)),
+    Comparison("mask std", "mask", "std"),
+    Comparison("saturated share of mask values (below + above)", "mask", "saturated",
+               (0.0, 1.0)),
+    Comparison("attention parameters", "param", "value"),
 )
 
 
@@ -422,18 +369,17 @@ def comparison_figure(
             ax.set_xlabel("step")
             ax.yaxis.set_tick_params(labelleft=True)
             if not curves:
-                ax.text(0.5, 0.5, f"no {comparison.section} statistics",
+                ax.text(0.5, 0.5, f"no {comparison.group} statistics",
                         transform=ax.transAxes, ha="center", va="center", color="#888888")
                 continue
             for block, sub, s in curves:
                 ax.plot(s.steps, _clean(s.values), color=colors[block],
                         linestyle=styles[sub], label=f"{short[block]} {sub}".strip(),
                         marker="o" if len(s) == 1 else None)
-            line = comparison.threshold(thresholds)
-            if line is not None:
-                thresholds_shown.add(line[0])
-                ax.axhline(line[1], color=THRESHOLD_COLOR, linestyle=(0, (1.5, 2)),
-                           linewidth=1.1, label=line[0])
+            for label, y in comparison.lines(thresholds):
+                thresholds_shown.add(label)
+                ax.axhline(y, color=THRESHOLD_COLOR, linestyle=(0, (1.5, 2)),
+                           linewidth=1.1, label=label)
         if comparison.ylim is not None:
             low, high = axes[0].get_ylim()
             axes[0].set_ylim(min(low, comparison.ylim[0]), max(high, comparison.ylim[1]))

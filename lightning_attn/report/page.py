@@ -15,9 +15,8 @@ import math
 from collections.abc import Sequence
 
 from .. import __version__
-from ..callbacks.health import Problem
+from ..core.problems import Problem, phrase
 from .document import FigureFile, MetricSummary, Report, ReportTable, RunReport, slug
-from .verdicts import split_remedy, verdict_phrase
 
 __all__ = ["render_html", "render_markdown"]
 
@@ -56,6 +55,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 .badge.healthy { color: var(--ok); background: var(--ok-bg); }
 .badge.problem { color: var(--bad); background: var(--bad-bg); }
 .badge.recovered { color: var(--warn); background: var(--warn-bg); }
+.badge.warned { color: var(--warn); background: var(--warn-bg); }
 .badge.nodata { color: var(--muted); background: var(--soft); }
 .verdict { margin: 4px 0 10px; }
 figure { margin: 10px 0 18px; }
@@ -181,11 +181,11 @@ def _html_warnings(warnings: Sequence[Problem], with_block: bool) -> str:
                                                      "try"]
     rows = []
     for p in warnings:
-        text, remedy = split_remedy(p.message)
+        text, remedy = p.detail, p.hint
         row = [f'<td class="mono">{_e(p.block)}</td>'] if with_block else []
         row += [
             f'<td class="num">{p.step}</td>',
-            f"<td>{_e(verdict_phrase(p.kind))}</td>",
+            f"<td>{_e(phrase(p.kind))}</td>",
             f'<td class="num">{_num(p.value)} (threshold {_num(p.threshold)})</td>',
             f"<td>{_e(text)}</td>",
             f"<td>{_e(remedy) or '-'}</td>",
@@ -382,8 +382,8 @@ def render_markdown(report: Report) -> str:
         if run.health.warnings:
             wrows = []
             for p in run.health.warnings:
-                text, remedy = split_remedy(p.message)
-                wrows.append([f"`{p.block}`", p.step, verdict_phrase(p.kind),
+                text, remedy = p.detail, p.hint
+                wrows.append([f"`{p.block}`", p.step, phrase(p.kind),
                               f"{_num(p.value)} (threshold {_num(p.threshold)})", text,
                               remedy or "-"])
             out += [_md_table(["block", "step", "problem", "value", "what happened", "try"],

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .document import MetricSpec, Report, ReportTable, build_report
+from .experiments import group_experiments
 from .page import render_html, render_markdown
 from .reading import ReportError, RunLog, RunSource, find_runs, read_runs
 
@@ -42,28 +43,32 @@ def _named(logdirs: Sequence[PathLike] | Mapping[str, PathLike]) -> list[tuple[s
 def load_runs(
     logdirs: Sequence[PathLike] | Mapping[str, PathLike], progress: bool = True
 ) -> list[RunLog]:
-    """Read every run under ``logdirs`` (paths, or ``{name: path}`` to name the runs).
+    """Read every run under ``logdirs`` (paths, or ``{name: path}`` to name the runs) and
+    group each LOGDIR's runs by experiment (:mod:`.experiments`: a resumed run joined to its
+    parent, evaluations attached to the training run they evaluated).
 
     Raises:
         ReportError: a LOGDIR does not exist, holds no event file nor ``metrics.csv``, or
             nothing in it could be read.
     """
-    sources: list[RunSource] = []
-    for name, path in _named(logdirs):
-        sources += find_runs(path, name)
-    if not sources:
+    per_logdir: list[list[RunSource]] = [find_runs(path, name) for name, path in _named(logdirs)]
+    if not any(per_logdir):
         raise ReportError("no LOGDIR given")
     seen: dict[str, int] = {}
-    unique = []
-    for s in sources:  # two LOGDIRs named alike (runs/a/dsa, runs/b/dsa) stay apart
-        seen[s.name] = seen.get(s.name, 0) + 1
-        name = s.name if seen[s.name] == 1 else f"{s.name} ({seen[s.name]})"
-        unique.append(RunSource(name, s.path, s.kind, s.files))
-    runs = read_runs(unique, progress=progress)
-    for run in runs:
+    for sources in per_logdir:
+        for i, s in enumerate(sources):  # two LOGDIRs named alike (a/dsa, b/dsa) stay apart
+            seen[s.name] = seen.get(s.name, 0) + 1
+            if seen[s.name] > 1:
+                sources[i] = RunSource(f"{s.name} ({seen[s.name]})", s.path, s.kind, s.files)
+    read = read_runs([s for sources in per_logdir for s in sources], progress=progress)
+    for run in read:
         if not run.scalars and not run.images and not run.texts:
             detail = "; ".join(run.notes) or "its files hold no scalar"
             raise ReportError(f"nothing readable in {str(run.path)!r}: {detail}")
+    runs, start = [], 0
+    for sources in per_logdir:
+        runs += group_experiments(read[start:start + len(sources)])
+        start += len(sources)
     return runs
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lightning_attn import DynamicSpatialAttention
 from lightning_attn.blocks import RecordingConfig
-from lightning_attn.blocks.statistics import block_stats
+from lightning_attn.core.statistics import block_stats
 
 from . import seed_reference as seed
 from ._util import (
@@ -62,7 +62,7 @@ def test_seed_parity_router_weights_not_returned_still_match(backend):
     x = torch.randn(4, 5, 8, 8)
     _, _, rw = ref(x)
     assert len(lib(x)) == 2
-    router = block_stats(lib.statistics_layout, lib.recorded_statistics.tolist()).router
+    router = block_stats(lib.statistics_layout, lib.recorded_statistics().tolist()).router
     usage = torch.tensor(router.usage, dtype=torch.float64)
     assert_close(usage, rw.detach().double().mean(0), 1e-6, "router weights")
 

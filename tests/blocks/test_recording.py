@@ -19,7 +19,7 @@ from lightning_attn.blocks import (
     RecordingMixin,
     spatial_map,
 )
-from lightning_attn.blocks.statistics import block_stats
+from lightning_attn.core.statistics import block_stats
 
 from . import seed_reference as seed
 from ._util import (
@@ -43,7 +43,7 @@ def _record(block, *xs):
     block.start_recording()
     for x in xs:
         block(x)
-    stats = block_stats(block.statistics_layout, block.recorded_statistics.tolist())
+    stats = block_stats(block.statistics_layout, block.recorded_statistics().tolist())
     block.stop_recording()
     return stats
 
@@ -110,13 +110,13 @@ def test_recording_changes_no_output_or_gradient(make, backend):
 
 def test_off_by_default_and_never_in_the_state_dict():
     block = DynamicSpatialAttention()
-    assert not block.recording and not block.capture and block.recorded_statistics is None
+    assert not block.recording and not block.capture and block.accumulator is None
     block(torch.randn(1, 2, 4, 4))  # record() without configuration is a no-op
     block.configure_recording(CONFIG, "cpu")
     block.start_recording()
     block(torch.randn(1, 2, 4, 4))
     assert set(block.state_dict()) == set(DynamicSpatialAttention().state_dict())
-    assert not any(t is block.recorded_statistics for t in block.buffers())
+    assert not any(t is block.accumulator.values for t in block.buffers())
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
@@ -128,7 +128,7 @@ def test_recording_state_does_not_travel_with_copies(how):
     block(torch.randn(2, 8, 4, 4))
     clone = copy.deepcopy(block) if how == "deepcopy" else pickle.loads(pickle.dumps(block))
     assert not clone.recording and not clone.capture
-    assert clone.recorded_statistics is None and clone.captured_map is None
+    assert clone.accumulator is None and clone.captured_map is None
     assert block.recording and block.captured_map is not None
 
 
@@ -142,15 +142,15 @@ def test_holders_share_one_window_and_the_first_empties_it():
     block(x)
     block.start_recording("b")  # joins the open window: nothing emptied
     block(x)
-    assert block.recorded_statistics[0] == 2
+    assert block.recorded_statistics()[0] == 2
     block.stop_recording("a")
     assert block.recording
     block.stop_recording("b")
-    assert not block.recording and block.recorded_statistics[0] == 2  # kept until next window
+    assert not block.recording and block.recorded_statistics()[0] == 2  # kept until next window
     block(x)
-    assert block.recorded_statistics[0] == 2  # off: nothing added
+    assert block.recorded_statistics()[0] == 2  # off: nothing added
     block.start_recording("a")
-    assert block.recorded_statistics[0] == 0
+    assert block.recorded_statistics()[0] == 0
     with pytest.raises(RuntimeError, match="reconfigured"):  # wider, while recording
         block.configure_recording(RecordingConfig(histogram_bins=20), "cpu")
     with pytest.raises(ValueError, match="same saturation thresholds"):
@@ -261,7 +261,7 @@ def test_user_block_records_the_same_compiled_with_one_extra_graph(dynamo_reset)
         compiled(x).sum().backward()
         if on:
             values.append(block_stats(block.statistics_layout,
-                                      block.recorded_statistics.tolist()).masks["mask"])
+                                      block.recorded_statistics().tolist()).masks["mask"])
             block.stop_recording()
     assert counter.frame_count == 2  # one graph without recording, one with: no recompile
     assert torch._dynamo.utils.counters["graph_break"] == {}
@@ -299,7 +299,7 @@ def test_quick_mask_check_coord_matches_the_seed(mode):
     for name, axis in (("mask_h", "a_h"), ("mask_w", "a_w")):
         for key in ("min", "mean", "max", "std"):
             assert abs(getattr(stats[name], key) - want[axis][key]) <= 1e-6, (axis, key)
-    assert not block.recording and block.recorded_statistics is None
+    assert not block.recording and block.accumulator is None
 
 
 def test_quick_mask_check_coord_collapsed_warns():
@@ -331,7 +331,7 @@ def test_quick_mask_check_dsa_keeps_a_running_recording():
     assert _collapse_warnings(record) == []
     assert set(stats) == {"mask"} and block.training
     # the callback's window is untouched: still recording, still one forward
-    assert block.recording and block.recorded_statistics[0] == 1
+    assert block.recording and block.recorded_statistics()[0] == 1
     _, mask = block(x)
     assert abs(stats["mask"].std - float(mask.detach().std())) < 1e-6
     with torch.no_grad():
@@ -372,7 +372,7 @@ def test_blocks_record_the_same_compiled(make, dynamo_reset):
     block.start_recording()
     out = compiled(x)
     (out[0] if isinstance(out, tuple) else out).sum().backward()
-    got = block_stats(block.statistics_layout, block.recorded_statistics.tolist())
+    got = block_stats(block.statistics_layout, block.recorded_statistics().tolist())
     want = _record(eager, x)
     assert counter.frame_count == 1 and torch._dynamo.utils.counters["graph_break"] == {}
     assert got.forwards == want.forwards == 1
@@ -406,5 +406,5 @@ def test_records_under_bf16_autocast(backend):
     block.start_recording()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, mask = block(x)
-    got = block_stats(block.statistics_layout, block.recorded_statistics.tolist())
+    got = block_stats(block.statistics_layout, block.recorded_statistics().tolist())
     _check_mask(got.masks["mask"], mask)

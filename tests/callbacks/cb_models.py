@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_attn import create_attention
-from lightning_attn.blocks import RecordingMixin
+from lightning_attn.blocks import ParameterSpec, RecordingMixin
 
 
 def make_data(n: int = 32, channels: int = 1, size: int = 8, classes: int = 3, seed: int = 0):
@@ -123,6 +123,10 @@ class FakeBlock(RecordingMixin, nn.Module):
 
     def trainable_attention_parameters(self) -> dict[str, nn.Parameter]:
         return {"temperature": self.gain}
+
+    def attention_parameter_specs(self) -> dict[str, ParameterSpec]:
+        # a temperature-like gain: kept within the diagnostics' temperature range
+        return {"temperature": ParameterSpec("temperature_min", "temperature_max", symbol="g")}
 
 
 class FakeNet(LightningModule):

@@ -131,7 +131,7 @@ def test_block_layouts_come_from_the_protocol(tmp_path):
         ("mask",), 3, ("temperature",)
     )
     cb._collector.unbind()
-    assert all(b.recorded_statistics is None for b in blocks.values())
+    assert all(b.accumulator is None for b in blocks.values())
 
 
 def test_state_key_follows_what_is_watched_not_the_thresholds():
@@ -156,4 +156,4 @@ def test_callbacks_pickle_before_and_after_fit(tmp_path):
     model.dsa.configure_recording(diag._collector.config, "cpu")
     model.dsa.start_recording()
     copy = pickle.loads(pickle.dumps(model))
-    assert not copy.dsa.recording and copy.dsa.recorded_statistics is None
+    assert not copy.dsa.recording and copy.dsa.accumulator is None

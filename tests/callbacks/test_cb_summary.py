@@ -2,25 +2,30 @@
 
 from rich.console import Console
 
-from lightning_attn.blocks.statistics import (
+from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention
+from lightning_attn.callbacks import HealthThresholds, find_problems, render_summary
+from lightning_attn.callbacks.maps import short_names
+from lightning_attn.core.statistics import (
+    BlockInfo,
     BlockStats,
     GlobalStats,
     MaskStats,
     RouterStats,
     StatisticsLayout,
 )
-from lightning_attn.callbacks import HealthThresholds, find_problems, render_summary
-from lightning_attn.callbacks.maps import short_names
-from lightning_attn.callbacks.tags import BlockInfo
 
 
 def _stats():
     mask = MaskStats(count=100, mean=0.47, std=0.031, sat_low=0.0, sat_high=0.02)
     router = RouterStats(count=8, entropy=1.05, entropy_norm=0.96, usage=(0.42, 0.29, 0.29))
-    dsa = BlockStats(masks={"mask": mask}, router=router, params={"temperature": 1.0})
+    # the parameters' symbols (T, α_h, ...) are what the blocks declare
+    dsa = BlockStats(masks={"mask": mask}, router=router, params={"temperature": 1.0},
+                     param_specs=DynamicSpatialAttention().attention_parameter_specs())
     coord = BlockStats(
         masks={"mask_h": mask, "mask_w": MaskStats(100, 0.5, 0.001, 0.0, 0.0)},
         params={"alpha_h": 0.5, "alpha_w": 0.5, "beta": 0.5},
+        param_specs=CoordinateAttention(8, per_axis_alpha=True,
+                                        beta=0.5).attention_parameter_specs(),
     )
     names = [f"model.backbone.features.stage{i}.attention" for i in (1, 2, 3)]
     return GlobalStats(step=120, blocks={names[0]: dsa, names[1]: coord, names[2]: dsa}), names

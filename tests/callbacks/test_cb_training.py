@@ -15,7 +15,6 @@ from cb_models import (
 )
 from torch.utils.data import TensorDataset
 
-import lightning_attn.blocks.recording as R
 from lightning_attn.callbacks import (
     AttentionDiagnostics,
     AttentionProblemError,
@@ -31,6 +30,7 @@ from lightning_attn.callbacks import (
     RouterEntropyMonitor,
     RouterIndifferenceWarning,
 )
+from lightning_attn.core.statistics import Accumulator
 
 
 def _attn_warnings(record):
@@ -61,7 +61,7 @@ def test_points_follow_log_every_n_steps(tmp_path, trainer_every, own_every, exp
 
 def test_nothing_is_computed_when_interval_exceeds_run(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(R, "accumulate", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(Accumulator, "add", lambda *a, **k: calls.append(1))
     logger = MemoryLogger()
     cb = _diag(histogram_every_n_steps=100)
     model = FakeNet()
@@ -202,7 +202,7 @@ def test_raise_stops_training_and_leaves_nothing_recording(tmp_path):
     cb = MaskHealthMonitor(log_every_n_steps=2, on_problem="raise")
     with pytest.raises(AttentionProblemError, match="std_threshold"):
         make_trainer(tmp_path, [cb], max_steps=6).fit(model)
-    assert not model.block.recording and model.block.recorded_statistics is None
+    assert not model.block.recording and model.block.accumulator is None
 
 
 # -- cleanup -----------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def test_nothing_recording_after_exception(tmp_path):
         make_trainer(tmp_path, [cb], max_steps=5).fit(model)
     for block in (model.dsa, model.coord):
         assert not block.recording and not block.capture
-        assert block.recorded_statistics is None
+        assert block.accumulator is None
     assert not cb._collector.is_open
 
 

@@ -16,9 +16,9 @@ from lightning_attn.callbacks import (
     RouterStats,
     find_problems,
 )
-from lightning_attn.callbacks.tags import scalar_metrics
+from lightning_attn.core.problems import Problem, phrase
+from lightning_attn.core.tags import scalar_metrics
 from lightning_attn.report import MetricSpec, stats_from_scalars, thresholds_from_config
-from lightning_attn.report.verdicts import VERDICTS, split_remedy, verdict_phrase
 
 SECTIONS = frozenset({"mask", "router", "param"})
 
@@ -118,18 +118,21 @@ def test_thresholds_from_config():
 
 def test_every_problem_kind_has_a_verdict_phrase():
     for kind in PROBLEM_KINDS:
-        assert kind in VERDICTS, f"add a verdict phrase for {kind!r} in report/verdicts.py"
-    assert verdict_phrase("mask_collapse") == "collapsed"
-    assert verdict_phrase("router_indifference") == "router ignoring its input"
-    assert verdict_phrase("parameter_drift") == "drifting parameter"
-    assert verdict_phrase("some_new_kind") == "some new kind"
+        assert phrase(kind) == PROBLEM_KINDS[kind].phrase and phrase(kind)
+    assert phrase("mask_collapse") == "collapsed"
+    assert phrase("router_indifference") == "router ignoring its input"
+    assert phrase("parameter_drift") == "drifting parameter"
+    assert phrase("some_new_kind") == "some new kind"
 
 
-def test_split_remedy():
-    assert split_remedy("block 'x' at step 3: bad. Try: less of it.") == (
-        "block 'x' at step 3: bad.", "less of it"
-    )
-    assert split_remedy("no remedy here") == ("no remedy here", "")
+def test_problems_keep_finding_and_remedy_apart_and_round_trip():
+    p = Problem("x", "mask_collapse", 0.01, 0.02, 3, "std of mask 'mask'", "bad", "less of it")
+    assert p.message == "attention block 'x' at step 3: bad. Try: less of it."
+    assert (p.detail, p.hint) == ("bad", "less of it")
+    assert Problem.from_json(p.to_json()) == p
+    old = {"block": "x", "kind": "k", "value": 1, "threshold": 0, "step": 2,
+           "message": "no remedy here"}  # a record of an older version
+    assert (Problem.from_json(old).detail, Problem.from_json(old).hint) == ("no remedy here", "")
 
 
 @pytest.mark.parametrize(
@@ -143,14 +146,11 @@ def test_metric_modes(text, name, mode):
 
 
 def test_describe_names_the_drifting_parameter():
-    from lightning_attn.callbacks import Problem
-    from lightning_attn.report.verdicts import describe
-
-    drift = Problem("b", "parameter_drift", 1.02, 1.0, 9,
-                    "attention block 'b' at step 9: learnable alpha_h = 1.02 outside [0, 1]")
-    assert describe(drift) == "alpha_h 1.02 > 1"
-    collapse = Problem("b", "mask_collapse", 0.001, 0.02, 9, "...")
-    assert describe(collapse) == "mask std 0.001 < 0.02"
-    assert describe(Problem("b", "nonfinite", 2.0, 0.0, 9, "...")) == (
+    drift = Problem("b", "parameter_drift", 1.02, 1.0, 9, "alpha_h",
+                    "learnable alpha_h = 1.02 outside [0, 1]")
+    assert drift.describe() == "alpha_h 1.02 > 1"
+    collapse = Problem("b", "mask_collapse", 0.001, 0.02, 9, "mask std")
+    assert collapse.describe() == "mask std 0.001 < 0.02"
+    assert Problem("b", "nonfinite", 2.0, 0.0, 9, "quantities").describe() == (
         "NaN or Inf in 2 quantities"
     )

@@ -1,16 +1,13 @@
 """Health rules on constructed statistics: each fires on its bad case, none on a healthy one."""
 
 import math
-import warnings
 
 import pytest
 
-from lightning_attn.blocks.statistics import BlockStats, GlobalStats, MaskStats, RouterStats
-from lightning_attn.callbacks import (
-    AttentionProblemError,
+from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention
+from lightning_attn.core import (
     DeadBranchWarning,
     HealthThresholds,
-    MaskCollapseWarning,
     MaskSaturationWarning,
     NonFiniteWarning,
     ParameterDriftWarning,
@@ -18,9 +15,16 @@ from lightning_attn.callbacks import (
     RouterIndifferenceWarning,
     find_problems,
 )
-from lightning_attn.callbacks.health import PROBLEM_KINDS, ProblemReporter
+from lightning_attn.core.problems import PROBLEM_KINDS
+from lightning_attn.core.statistics import BlockStats, GlobalStats, MaskStats, RouterStats
 
 ALL = frozenset({"mask", "router", "param"})
+# What the blocks declare about their parameters (the drift rule reads these ranges).
+SPECS = {
+    **DynamicSpatialAttention().attention_parameter_specs(),
+    **CoordinateAttention(8).attention_parameter_specs(),
+    **CoordinateAttention(8, per_axis_alpha=True, beta=0.5).attention_parameter_specs(),
+}
 HEALTHY_MASK = MaskStats(count=100, mean=0.5, std=0.2, sat_low=0.1, sat_high=0.1, nonfinite=0)
 HEALTHY_ROUTER = RouterStats(
     count=8, entropy=0.8, entropy_norm=0.73, usage=(0.5, 0.3, 0.2), nonfinite=0
@@ -30,7 +34,7 @@ HEALTHY_ROUTER = RouterStats(
 def _stats(step=1000, mask=HEALTHY_MASK, router=HEALTHY_ROUTER, params=None, trainable=()):
     block = BlockStats(
         masks={"mask": mask}, router=router, params=params or {"temperature": 1.0},
-        trainable=frozenset(trainable),
+        trainable=frozenset(trainable), param_specs=SPECS,
     )
     return GlobalStats(step=step, blocks={"net.attn": block})
 
@@ -100,17 +104,6 @@ def test_message_names_block_value_threshold_step_and_hint():
         assert part in p.message
 
 
-def test_reporter_warns_once_per_block_and_kind():
-    reporter = ProblemReporter("warn")
-    bad = _stats(mask=MaskStats(100, 0.5, 0.01, 0.0, 0.0, 0))
-    problems = find_problems(bad, HealthThresholds(), PROBLEM_KINDS, ALL)
-    with pytest.warns(MaskCollapseWarning) as record:
-        reporter.report(problems)
-        reporter.report(problems)
-    assert len(record) == 1
-    assert reporter.state_dict() == {"net.attn|mask_collapse": 1000}
-
-
 @pytest.mark.parametrize(
     ("kind", "category"),
     [
@@ -124,23 +117,3 @@ def test_reporter_warns_once_per_block_and_kind():
 )
 def test_categories(kind, category):
     assert PROBLEM_KINDS[kind].category is category
-
-
-def test_stop_warns_and_returns_the_new_problems():
-    bad = _stats(mask=MaskStats(100, 0.5, 0.01, 0.0, 0.0, 0))
-    problems = find_problems(bad, HealthThresholds())
-    reporter = ProblemReporter("stop")
-    with pytest.warns(MaskCollapseWarning):
-        assert reporter.report(problems) == problems
-    assert reporter.report(problems) == []
-
-
-def test_raise_and_ignore():
-    bad = _stats(mask=MaskStats(100, 0.5, 0.01, 0.0, 0.0, 0))
-    problems = find_problems(bad, HealthThresholds(), PROBLEM_KINDS, ALL)
-    with pytest.raises(AttentionProblemError) as info:
-        ProblemReporter("raise").report(problems)
-    assert info.value.kind == "mask_collapse" and info.value.block == "net.attn"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ProblemReporter("ignore").report(problems)

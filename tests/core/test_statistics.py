@@ -5,26 +5,26 @@ import math
 import pytest
 import torch
 
-from lightning_attn.blocks.statistics import (
+from lightning_attn.core.statistics import (
+    PHASES,
+    Accumulator,
+    MaskStats,
+    RecordingConfig,
     StatisticsLayout,
-    accumulate,
     block_stats,
+    from_logged,
     router_entropy,
 )
 
 
-def _run(masks=None, rw=None, k=None, bins=0, low=0.05, high=0.95, layout=None, acc=None):
+def _run(masks=None, rw=None, k=None, bins=0, low=0.05, high=0.95):
     """Accumulate the forwards ``masks``/``rw`` (lists, one item per forward) and read back."""
     masks = masks or []
-    names = ("mask",)
-    layout = layout or StatisticsLayout(names, k, bins)
-    acc = layout.initial("cpu") if acc is None else acc
+    layout = StatisticsLayout(("mask",), k, bins)
+    acc = Accumulator(layout, RecordingConfig(low, high, bins), "cpu")
     for i in range(max(len(masks), len(rw or []))):
-        accumulate(
-            acc, layout, {"mask": masks[i]} if i < len(masks) else {},
-            rw[i] if rw else None, low, high,
-        )
-    return block_stats(layout, acc.tolist())
+        acc.add({"mask": masks[i]} if i < len(masks) else {}, rw[i] if rw else None, True)
+    return block_stats(layout, acc.row("train").tolist())
 
 
 def test_mask_statistics_by_hand():
@@ -116,10 +116,42 @@ def test_histogram_counts_finite_values_in_unit_interval():
 def test_layout_offsets_and_reductions():
     layout = StatisticsLayout(("mask_h", "mask_w"), 3, 4)
     assert layout.mask_offsets == {"mask_h": 1, "mask_w": 9}
-    assert layout.router_offset == 17 and layout.base_size == 23
+    assert layout.router_offset == 17 and layout.histogram_offsets["mask_h"] == 23
     assert layout.histogram_offsets == {"mask_h": 23, "mask_w": 27, "router": 31}
     assert layout.size == 35 == len(layout.reductions) == layout.initial("cpu").numel()
     assert layout.reductions[7:9] == ("min", "max")
     assert layout.initial("cpu")[7] == math.inf
     with pytest.raises(ValueError, match="35 accumulator values"):
         block_stats(layout, [0.0] * 3)
+
+
+def test_phases_record_into_their_own_rows():
+    layout = StatisticsLayout(("mask",), None, 0)
+    acc = Accumulator(layout, RecordingConfig(histogram_bins=0), "cpu")
+    acc.add({"mask": torch.full((2, 1, 2, 2), 0.25)}, None, False)
+    acc.set_phase("val")
+    acc.add({"mask": torch.full((3, 1, 2, 2), 0.75)}, None, False)
+    acc.set_phase("train")
+    acc.add({"mask": torch.full((1, 1, 2, 2), 0.25)}, None, False)
+    train = block_stats(layout, acc.row("train").tolist())
+    val = block_stats(layout, acc.row("val").tolist())
+    assert (train.forwards, train.masks["mask"].count, train.masks["mask"].mean) == (2, 12, 0.25)
+    assert (val.forwards, val.masks["mask"].count, val.masks["mask"].mean) == (1, 12, 0.75)
+    acc.reset("val")
+    assert block_stats(layout, acc.row("val").tolist()).forwards == 0
+    assert block_stats(layout, acc.row("train").tolist()).forwards == 2  # untouched
+    assert acc.values.shape == (len(PHASES), layout.size)
+
+
+def test_logged_quantities_round_trip_through_the_declarations():
+    stats = _run([torch.tensor([0.01, 0.5, 0.97, float("nan")])]).masks["mask"]
+    logged = {"mean": stats.mean, "std": stats.std, "sat_low": 0.25, "sat_high": 0.25}
+    back = from_logged(MaskStats, logged)
+    assert back.nonfinite == 1 and back.count == 1  # counts are not logged
+    assert back.saturated == 0.5
+
+
+def test_mask_names_that_are_tag_groups_are_refused():
+    for bad in ("router", "param", "a/b", ""):
+        with pytest.raises(ValueError, match="mask_names"):
+            StatisticsLayout((bad,), None, 0)

@@ -1,0 +1,581 @@
+"""Every problem kind, declared once: its rule, thresholds, words, remedy and chart lines.
+
+A :class:`ProblemKind` measures one quantity of a block against :class:`HealthThresholds`
+(:class:`Measurement`: the value, the limit, whether it is bad and whether it is *clear*, past
+the limit by the recovery margin on the healthy side). :func:`find_problems` turns the bad
+measurements into :class:`Problem` records (structured: kind, block, quantity, value,
+threshold, step, detail, hint); the callbacks warn with them, the summary table shows their
+titles, the report draws their threshold lines and gives verdicts with :func:`verdict`.
+Pure functions of the statistics: the callbacks and the report get the same answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from . import warnings as w
+from .statistics import SECTIONS, BlockStats, GlobalStats, MaskStats, ParameterSpec, RouterStats
+from .validation import check_fraction, check_int, check_positive_float
+
+__all__ = [
+    "PROBLEM_KINDS",
+    "VERDICT_WORDS",
+    "describe",
+    "HealthThresholds",
+    "Line",
+    "Measurement",
+    "Problem",
+    "ProblemKind",
+    "find_problems",
+    "measure",
+    "phrase",
+    "verdict",
+]
+
+
+@dataclass(frozen=True)
+class HealthThresholds:
+    """Every threshold of the health rules.
+
+    Args:
+        std_threshold: a mask whose std is below this has collapsed.
+        saturation_low, saturation_high: a mask value below / above these is saturated.
+        saturation_threshold: warn when the saturated share exceeds this.
+        router_collapse_threshold: warn when the normalised router entropy is below this.
+        router_indifference_threshold: warn when it is above this ...
+        indifference_warmup_steps: ... at ``step >= indifference_warmup_steps``.
+        dead_branch_factor: a branch whose mean weight is below ``dead_branch_factor / K``
+            is dead (``0.1`` gives the ``1/(10K)`` rule).
+        temperature_min, temperature_max: a learnable temperature outside this range has
+            drifted.
+        unit_margin: a learnable blend (alpha, beta) more than this outside ``[0, 1]`` has
+            drifted (the blocks' default ``alpha=1.0`` sits on the edge: a first step past it
+            is not yet a drift).
+        recovery_margin: the report calls a warned block *recovered* only once the statistic
+            is back past its threshold by this share of the threshold (hysteresis: noise
+            around a threshold does not flip a verdict).
+    """
+
+    std_threshold: float = 0.02
+    saturation_low: float = 0.05
+    saturation_high: float = 0.95
+    saturation_threshold: float = 0.5
+    router_collapse_threshold: float = 0.1
+    router_indifference_threshold: float = 0.98
+    indifference_warmup_steps: int = 500
+    dead_branch_factor: float = 0.1
+    temperature_min: float = 0.05
+    temperature_max: float = 20.0
+    unit_margin: float = 0.05
+    recovery_margin: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in (
+            "std_threshold", "saturation_low", "saturation_high", "saturation_threshold",
+            "router_collapse_threshold", "router_indifference_threshold", "dead_branch_factor",
+            "unit_margin", "recovery_margin",
+        ):
+            object.__setattr__(self, name, check_fraction(name, getattr(self, name)))
+        check_int("indifference_warmup_steps", self.indifference_warmup_steps, 0)
+        for name in ("temperature_min", "temperature_max"):
+            object.__setattr__(self, name, check_positive_float(name, getattr(self, name)))
+        for low, high in (("temperature_min", "temperature_max"),
+                          ("saturation_low", "saturation_high")):
+            if not getattr(self, low) < getattr(self, high):
+                raise ValueError(
+                    f"{low} must be below {high}, got {low}={getattr(self, low)} and "
+                    f"{high}={getattr(self, high)}"
+                )
+
+    def resolve(self, value: float | str | None) -> float | None:
+        """A number, or the value of the field it names (a :class:`ParameterSpec` bound)."""
+        return getattr(self, value) if isinstance(value, str) else value
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, object]) -> tuple[HealthThresholds, list[str]]:
+        """Thresholds from a run's ``attn/config`` entry, and notes on what was ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(doc) - known)
+        notes = [f"thresholds unknown to this version, ignored: {', '.join(unknown)}"] if (
+            unknown) else []
+        return cls(**{k: v for k, v in doc.items() if k in known}), notes
+
+
+def describe(kind: str, quantity: str, value: float, threshold: float) -> str:
+    """``"mask std 0.0031 < 0.02"``: a value against its threshold, in words."""
+    if kind == "nonfinite":
+        return f"NaN or Inf in {value:g} {quantity or 'quantities'}"
+    relation = "<" if value < threshold else ">"
+    return f"{quantity or 'value'} {value:.3g} {relation} {threshold:.3g}"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One kind's reading of one block at one point.
+
+    ``value`` against ``threshold``; ``bad``: the rule fires; ``clear``: the value is past the
+    threshold on the healthy side by the recovery margin. ``quantity`` says what ``value``
+    is (``"mask std"``, a parameter's name), ``detail`` the whole finding in words.
+    """
+
+    value: float
+    threshold: float
+    bad: bool
+    clear: bool
+    quantity: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem of one block at one step, structured (the message is derived)."""
+
+    block: str
+    kind: str
+    value: float
+    threshold: float
+    step: int
+    quantity: str = ""
+    detail: str = ""
+    hint: str = ""
+
+    @property
+    def message(self) -> str:
+        """The warning's text: block, step, finding and what to try."""
+        return (f"attention block {self.block!r} at step {self.step}: {self.detail}. "
+                f"Try: {self.hint}.")
+
+    def describe(self) -> str:
+        """The value against its threshold, in words (``"alpha_h 1.02 > 1"``)."""
+        return describe(self.kind, self.quantity, self.value, self.threshold)
+
+    def to_json(self) -> dict[str, object]:
+        return {**dataclasses.asdict(self), "message": self.message}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, object]) -> Problem:
+        """Raises ``KeyError``/``TypeError``/``ValueError`` on a bad document. A document
+        of an older version (one ``message``, no ``detail``/``hint``) keeps its message as
+        the detail."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in doc.items() if k in names}
+        for key in ("block", "kind"):
+            values[key] = str(doc[key])
+        values.update(value=float(doc["value"]), threshold=float(doc["threshold"]),
+                      step=int(doc["step"]))
+        if "detail" not in values and "message" in doc:
+            values["detail"] = str(doc["message"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Line:
+    """A threshold drawn on a report panel: its label, height, and first step."""
+
+    panel: str
+    label: str
+    y: float
+    x0: int = 0
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def _below(value: float, limit: float, t: HealthThresholds) -> tuple[bool, bool]:
+    """``(bad, clear)`` for a quantity that must not fall below ``limit``."""
+    return value < limit, value >= limit * (1 + t.recovery_margin)
+
+
+def _above(value: float, limit: float, t: HealthThresholds) -> tuple[bool, bool]:
+    """``(bad, clear)`` for a quantity that must not rise above ``limit``."""
+    return value > limit, value <= limit * (1 - t.recovery_margin)
+
+
+def _finite_masks(bs: BlockStats) -> dict[str, MaskStats]:
+    return {n: m for n, m in bs.masks.items() if not m.nonfinite}
+
+
+def _routing(bs: BlockStats) -> RouterStats | None:
+    r = bs.router
+    return r if r is not None and not r.nonfinite and r.num_branches >= 2 else None
+
+
+# -- the rules ------------------------------------------------------------------------------
+
+
+def _mask_collapse(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
+    masks = _finite_masks(bs)
+    if not masks:
+        return None
+    name, m = min(masks.items(), key=lambda item: item[1].std)
+    limit = t.std_threshold
+    return Measurement(
+        m.std, limit, *_below(m.std, limit, t), "mask std",
+        f"mask {name!r} std {_fmt(m.std)} < std_threshold={limit} (mean {_fmt(m.mean)}): the "
+        "mask is nearly constant and no longer selects",
+    )
+
+
+def _mask_saturation(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
+    masks = _finite_masks(bs)
+    if not masks:
+        return None
+    name, m = max(masks.items(), key=lambda item: item[1].saturated)
+    limit = t.saturation_threshold
+    return Measurement(
+        m.saturated, limit, *_above(m.saturated, limit, t), "saturated share",
+        f"mask {name!r} has {m.saturated:.1%} of its values saturated ({m.sat_low:.1%} < "
+        f"{t.saturation_low}, {m.sat_high:.1%} > {t.saturation_high}), above "
+        f"saturation_threshold={limit}: the gate passes almost no gradient",
+    )
+
+
+def _router_collapse(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
+    r = _routing(bs)
+    if r is None:
+        return None
+    top = max(range(r.num_branches), key=r.usage.__getitem__)
+    limit = t.router_collapse_threshold
+    return Measurement(
+        r.entropy_norm, limit, *_below(r.entropy_norm, limit, t), "normalised entropy",
+        f"normalised router entropy {_fmt(r.entropy_norm)} < router_collapse_threshold="
+        f"{limit}: the router sends nearly every sample to one branch (branch {top}, mean "
+        f"weight {_fmt(r.usage[top])})",
+    )
+
+
+def _router_indifference(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
+    r = _routing(bs)
+    if r is None or step < t.indifference_warmup_steps:
+        return None
+    limit = t.router_indifference_threshold
+    return Measurement(
+        r.entropy_norm, limit, *_above(r.entropy_norm, limit, t), "normalised entropy",
+        f"normalised router entropy {_fmt(r.entropy_norm)} > router_indifference_threshold="
+        f"{limit} after indifference_warmup_steps={t.indifference_warmup_steps}: the router "
+        "weighs all branches (nearly) equally for every input and does not route",
+    )
+
+
+def _dead_branch(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
+    r = _routing(bs)
+    if r is None:
+        return None
+    limit = t.dead_branch_factor / r.num_branches
+    k = min(range(r.num_branches), key=r.usage.__getitem__)
+    return Measurement(
+        r.usage[k], limit, *_below(r.usage[k], limit, t), "branch weight",
+        f"branch {k} has mean router weight {_fmt(r.usage[k])} < dead_branch_factor/K="
+        f"{_fmt(limit)}: it is (almost) never used",
+    )
+
+
+def _nonfinite(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
+    bad = [f"mask {n!r} ({m.nonfinite} values)" for n, m in bs.masks.items() if m.nonfinite]
+    if bs.router is not None and bs.router.nonfinite:
+        bad.append(f"router weights ({bs.router.nonfinite} values)")
+    bad += [f"parameter {n!r} = {v}" for n, v in bs.params.items() if not math.isfinite(v)]
+    bad += [f"the gradient of parameter {n!r} (norm {v})" for n, v in bs.grad_norms.items()
+            if not math.isfinite(v)]
+    return Measurement(
+        float(len(bad)), 0.0, bool(bad), not bad, "quantities", "NaN or Inf in " + ", ".join(bad)
+    )
+
+
+def _recovery_band(t: HealthThresholds, margin: float, bound: float) -> float:
+    """How far inside a drift limit a parameter must be to count as clear of it."""
+    if not math.isfinite(bound):
+        return 0.0
+    return t.recovery_margin * (margin if margin > 0 else abs(bound))
+
+
+def _drift(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
+    found = []  # (name, value, violated or nearest limit, bad, clear, words, hint)
+    for name, v in bs.params.items():
+        spec = bs.param_specs.get(name)
+        if spec is None or name not in bs.trainable or not math.isfinite(v):
+            continue
+        margin = t.resolve(spec.margin) or 0.0
+        low, high = t.resolve(spec.low), t.resolve(spec.high)
+        lo = -math.inf if low is None else low - margin
+        hi = math.inf if high is None else high + margin
+        bad = not lo <= v <= hi
+        clear = lo + _recovery_band(t, margin, lo) <= v <= hi - _recovery_band(t, margin, hi)
+        if margin:
+            where = (f"[{low:g}, {high:g}]" if low is not None and high is not None
+                     else f">= {low:g}" if low is not None else f"<= {high:g}")
+            words = f"outside {where} (by more than {spec.margin}={margin:g})"
+        else:
+            words = (f"< {spec.low}={lo:g}" if v < lo else f"> {spec.high}={hi:g}")
+        found.append((name, v, lo if v < lo else hi, bad, clear, words, spec.hint))
+    if not found:
+        return None
+    bad = [f for f in found if f[3]]
+    name, v, limit, *_ = (bad or [f for f in found if not f[4]] or found)[0]
+    words = ", ".join(f"{n} = {_fmt(x)} {text}" for n, x, _, _, _, text, _ in bad)
+    hints = "; ".join(dict.fromkeys(h for *_, h in bad if h))
+    return Measurement(
+        v, limit, bool(bad), all(f[4] for f in found), name,
+        f"learnable {words}: the parameter left the range its block declares for it"
+        + (f" ({hints})" if hints else ""),
+    )
+
+
+def _param_lines(t: HealthThresholds, specs: Mapping[str, ParameterSpec]) -> list[Line]:
+    lines = []
+    for name, spec in specs.items():
+        margin = t.resolve(spec.margin) or 0.0
+        for bound, sign in ((spec.low, -1), (spec.high, 1)):
+            value = t.resolve(bound)
+            if value is not None:
+                lines.append(Line("parameters", f"drift: {name} beyond {value + sign * margin:g}",
+                                  value + sign * margin))
+    return lines
+
+
+@dataclass(frozen=True)
+class ProblemKind:
+    """A kind of problem.
+
+    Attributes:
+        name: its key (``"mask_collapse"``).
+        category: the warning it raises.
+        section: the statistics it reads (``"mask"``, ``"router"``, ``"param"``; ``None``:
+            all of them).
+        title: a word for the summary table (``"collapse"``).
+        phrase: the verdict's words (``"collapsed"``).
+        hint: what to try, naming the argument or callback that applies the remedy.
+        rule: the measurement on one block at one step (``None``: does not apply).
+        thresholds: the :class:`HealthThresholds` fields it reads.
+        panel: the report panel that shows its quantity (``None``: every panel of its
+            section).
+        lines: the threshold lines it draws, given the thresholds, ``K`` and the specs of
+            the block's learnable parameters.
+    """
+
+    name: str
+    category: type[Warning]
+    section: str | None
+    title: str
+    phrase: str
+    hint: str
+    rule: Callable[[BlockStats, HealthThresholds, int], Measurement | None]
+    thresholds: tuple[str, ...] = ()
+    panel: str | None = None
+    lines: Callable[[HealthThresholds, int, Mapping[str, ParameterSpec]], list[Line]] = (
+        lambda t, k, specs: [])
+
+
+#: Every problem kind, in the order problems are listed.
+PROBLEM_KINDS: dict[str, ProblemKind] = {k.name: k for k in (
+    ProblemKind(
+        "mask_collapse", w.MaskCollapseWarning, "mask", "collapse", "collapsed",
+        "a higher temperature (DSA) or a lower alpha (CoordinateAttention), a lower learning "
+        "rate for the attention, and check that the features reaching the block are not "
+        "(nearly) constant",
+        _mask_collapse, ("std_threshold",), "mask std",
+        lambda t, k, s: [Line("mask std", f"collapse < {t.std_threshold:g}", t.std_threshold)],
+    ),
+    ProblemKind(
+        "mask_saturation", w.MaskSaturationWarning, "mask", "saturation", "saturated",
+        "a higher temperature (DSA: temperature=2.0 or learnable_temperature=True), "
+        "gate='hardsigmoid', a lower learning rate, or normalised inputs",
+        _mask_saturation,
+        ("saturation_low", "saturation_high", "saturation_threshold"),
+        "mask saturation (share of values)",
+        lambda t, k, s: [Line("mask saturation (share of values)",
+                              f"saturation: below + above > {t.saturation_threshold:g}",
+                              t.saturation_threshold)],
+    ),
+    ProblemKind(
+        "router_collapse", w.RouterCollapseWarning, "router", "r.collapse",
+        "router collapsed onto one branch",
+        "a higher temperature, less weight decay on the router, a lower learning rate, or a "
+        "single-branch block if one branch is all you need",
+        _router_collapse, ("router_collapse_threshold",), "router entropy",
+        lambda t, k, s: [Line("router entropy", f"collapse < {t.router_collapse_threshold:g}",
+                              t.router_collapse_threshold)],
+    ),
+    ProblemKind(
+        "router_indifference", w.RouterIndifferenceWarning, "router", "indifference",
+        "router ignoring its input",
+        "a larger router_hidden, a higher learning rate for the router, fewer branches, or a "
+        "longer indifference_warmup_steps if the run is still young",
+        _router_indifference,
+        ("router_indifference_threshold", "indifference_warmup_steps"), "router entropy",
+        lambda t, k, s: [Line(
+            "router entropy",
+            f"indifference > {t.router_indifference_threshold:g} (from step "
+            f"{t.indifference_warmup_steps})",
+            t.router_indifference_threshold, t.indifference_warmup_steps)],
+    ),
+    ProblemKind(
+        "dead_branch", w.DeadBranchWarning, "router", "dead branch", "dead branch",
+        "removing the branch (fewer `kernels` or use_dilated=False), re-initialising the "
+        "router, or a higher temperature early in training",
+        _dead_branch, ("dead_branch_factor",), "branch usage (mean router weight)",
+        lambda t, k, s: [Line(
+            "branch usage (mean router weight)",
+            f"dead < {t.dead_branch_factor / k:.3g} (dead_branch_factor / K)",
+            t.dead_branch_factor / k)] if k else [],
+    ),
+    ProblemKind(
+        "nonfinite", w.NonFiniteWarning, None, "non-finite", "non-finite values",
+        "a lower learning rate, gradient clipping (Trainer(gradient_clip_val=1.0)), float32 "
+        "instead of 16-bit precision, or a larger `eps` for a learnable temperature; look for "
+        "the first step where the inputs of this block blow up (under 16-bit mixed precision "
+        "the GradScaler skips a step with an Inf gradient: a one-off early is normal, "
+        "repeated ones are not)",
+        _nonfinite,
+    ),
+    ProblemKind(
+        "parameter_drift", w.ParameterDriftWarning, "param", "drift", "drifting parameter",
+        "a lower learning rate or more weight decay for it, fixing it (learnable_alpha=False, "
+        "learnable_temperature=False), or a bounded parametrisation (e.g. "
+        "torch.nn.utils.parametrize with a sigmoid)",
+        _drift, ("temperature_min", "temperature_max", "unit_margin"), "parameters",
+        lambda t, k, specs: _param_lines(t, specs),
+    ),
+)}
+
+
+def phrase(kind: str) -> str:
+    """The verdict words of a problem kind (its name for a kind this version does not know,
+    as in a report of a newer version's run)."""
+    declared = PROBLEM_KINDS.get(kind)
+    return declared.phrase if declared is not None else kind.replace("_", " ")
+
+
+def _reads(kind: ProblemKind, sections: frozenset[str]) -> bool:
+    return kind.section is None or kind.section in sections
+
+
+def _visible(bs: BlockStats, sections: frozenset[str]) -> BlockStats:
+    # What a consumer logging only some sections sees of the block.
+    return dataclasses.replace(
+        bs,
+        masks=bs.masks if "mask" in sections else {},
+        router=bs.router if "router" in sections else None,
+        params=bs.params if "param" in sections else {},
+        grad_norms=bs.grad_norms if "param" in sections else {},
+    )
+
+
+def measure(
+    stats: GlobalStats,
+    thresholds: HealthThresholds,
+    kinds: Iterable[str] | None = None,
+    sections: Iterable[str] | None = None,
+) -> dict[tuple[str, str], Measurement]:
+    """``(block, kind) -> Measurement`` for every kind that applies to every block."""
+    kinds = tuple(PROBLEM_KINDS if kinds is None else kinds)
+    sections = frozenset(SECTIONS if sections is None else sections)
+    out = {}
+    for block, bs in stats.blocks.items():
+        visible = _visible(bs, sections)
+        for name in kinds:
+            kind = PROBLEM_KINDS[name]
+            if not _reads(kind, sections):
+                continue
+            m = kind.rule(visible, thresholds, stats.step)
+            if m is not None:
+                out[(block, name)] = m
+    return out
+
+
+def find_problems(
+    stats: GlobalStats,
+    thresholds: HealthThresholds,
+    kinds: Iterable[str] | None = None,
+    sections: Iterable[str] | None = None,
+) -> list[Problem]:
+    """The problems of ``stats`` among ``kinds`` (default: all), reading only the statistics
+    in ``sections`` (default: all). At most one per block and kind (the worst mask, branch or
+    parameter), in block order, then kind order."""
+    return [
+        Problem(block, kind, m.value, m.threshold, stats.step, m.quantity, m.detail,
+                PROBLEM_KINDS[kind].hint)
+        for (block, kind), m in measure(stats, thresholds, kinds, sections).items() if m.bad
+    ]
+
+
+# -- verdicts -------------------------------------------------------------------------------
+
+#: The verdict words, each defined once (the README's table is this one).
+VERDICT_WORDS: dict[str, str] = {
+    "healthy": "no warning was given and no problem at the last logged point",
+    "problem": "a rule fires at the block's last logged point",
+    "warned": "warned earlier; the rule does not fire at the last point, but the statistic "
+              "has not stayed back past its threshold by the recovery margin",
+    "recovered": "warned earlier; the statistic has been back past its threshold by the "
+                 "recovery margin for at least the last 3 logged points and for at least "
+                 "half of the points since the warning",
+    "no data": "the block logged no training statistics",
+}
+#: Points a recovery must last (see ``VERDICT_WORDS["recovered"]``).
+RECOVERY_POINTS = 3
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The verdict on one block: ``status`` is a :data:`VERDICT_WORDS` key; ``kinds`` the
+    problem kinds behind it; ``step`` the last logged step."""
+
+    block: str
+    status: str
+    text: str
+    kinds: tuple[str, ...] = ()
+    step: int | None = None
+
+
+def _describe(kind: str, m: Measurement) -> str:
+    return describe(kind, m.quantity, m.value, m.threshold)
+
+
+def verdict(
+    block: str,
+    history: Sequence[tuple[int, Mapping[str, Measurement]]],
+    warned: Mapping[str, int],
+) -> Verdict:
+    """The verdict on ``block`` from its measurements at every logged point (``(step,
+    {kind: measurement})``, in step order) and the kinds it was warned about (kind -> first
+    step)."""
+    if not history:
+        return Verdict(block, "no data", "no training statistics logged")
+    step, last = history[-1]
+    active = [k for k in PROBLEM_KINDS if k in last and last[k].bad]
+    if active:
+        parts = []
+        for k in active:
+            since = warned.get(k)
+            when = f", since step {since}" if since is not None and since < step else ""
+            parts.append(f"{phrase(k)} ({_describe(k, last[k])} at step "
+                         f"{step}{when})")
+        return Verdict(block, "problem", "; ".join(parts), tuple(active), step)
+    if not warned:
+        return Verdict(block, "healthy", f"no problem at any logged step (up to step {step})",
+                       (), step)
+    pending = []
+    for kind, first in warned.items():
+        after = [m.get(kind) for s, m in history if s >= first]
+        streak = 0
+        for m in reversed(after):
+            if m is None or not m.clear:
+                break
+            streak += 1
+        if streak < max(RECOVERY_POINTS, math.ceil(len(after) / 2)):
+            pending.append(kind)
+    words = ", ".join(f"{phrase(k)} at step {s}" for k, s in warned.items())
+    if pending:
+        now = "; ".join(
+            f"{phrase(k)} now {_describe(k, last[k])}" if k in last
+            else f"{k} not measured at the last point" for k in pending
+        )
+        return Verdict(block, "warned", f"warned earlier ({words}); at step {step}: {now}, "
+                       "not yet back past the recovery margin", tuple(pending), step)
+    return Verdict(block, "recovered", f"back to healthy since warned ({words}); fine at the "
+                   f"last step ({step})", (), step)

@@ -1,0 +1,239 @@
+"""The tag schema: every name the diagnostics log under, formatted and parsed in one place.
+
+Training statistics (every logging step) are ``attn/<block>/<group>/<leaf>``; evaluation
+statistics (one point per validation / test run) carry the stage in front:
+``val/attn/<block>/...``, ``test/attn/<block>/...``, like Lightning users' ``val/loss``.
+``<group>`` is ``router``, ``param`` or a mask's name; ``<leaf>`` comes from the quantity's
+declaration (:mod:`.statistics`): ``mean``, ``usage_2``, ``temperature_grad_norm``.
+:class:`ScalarTag` formats and parses them (a round trip), :func:`scalar_metrics` writes a
+point's scalars, :func:`chart_layout` the TensorBoard charts, all from the declarations.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from .statistics import (
+    PARAM_QUANTITIES,
+    BlockInfo,
+    GlobalStats,
+    MaskStats,
+    Quantity,
+    RouterStats,
+    quantities,
+)
+
+__all__ = [
+    "CONFIG_TAG",
+    "PREFIX",
+    "PROBLEMS_TAG",
+    "ScalarTag",
+    "chart_layout",
+    "histogram_tag",
+    "is_attention_tag",
+    "maps_tag",
+    "scalar_metrics",
+    "stage_prefix",
+    "tag_table",
+]
+
+PREFIX = "attn"
+PROBLEMS_TAG = f"{PREFIX}/problems"
+CONFIG_TAG = f"{PREFIX}/config"
+_MAPS = "maps"
+#: The quantities of each tag group (a mask's name is any group but these two).
+_GROUPS: dict[str, tuple[Quantity, ...]] = {
+    "router": quantities(RouterStats),
+    "param": PARAM_QUANTITIES,
+    "mask": quantities(MaskStats),
+}
+
+
+def stage_prefix(stage: str = "train") -> str:
+    """``attn`` for training, ``val/attn`` / ``test/attn`` for evaluation."""
+    return PREFIX if stage == "train" else f"{stage}/{PREFIX}"
+
+
+def _leaf_pattern(q: Quantity) -> re.Pattern:
+    pattern = re.escape(q.tag).replace(r"\{branch\}", r"(?P<branch>\d+)")
+    return re.compile(pattern.replace(r"\{param\}", r"(?P<param>.+?)") + "$")
+
+
+_PATTERNS = {
+    group: [(q, _leaf_pattern(q)) for q in declared if q.tag is not None]
+    for group, declared in _GROUPS.items()
+}
+# A parameter named like "x_grad_norm" is its own value only when no gradient reading
+# fits; the gradient's pattern is tried first.
+_PATTERNS["param"].sort(key=lambda item: -len(item[0].tag))
+
+
+@dataclass(frozen=True)
+class ScalarTag:
+    """One scalar's tag, split: ``stage`` (``"train"``, ``"val"``, ``"test"``), ``block``,
+    ``group`` (``"router"``, ``"param"`` or a mask name), ``quantity`` (the declaration's
+    name: ``"mean"``, ``"usage"``, ``"grad_norm"``), ``branch`` and ``param`` where the
+    quantity has one."""
+
+    stage: str
+    block: str
+    group: str
+    quantity: str
+    branch: int | None = None
+    param: str | None = None
+
+    @property
+    def section(self) -> str:
+        return self.group if self.group in ("router", "param") else "mask"
+
+    def declaration(self) -> Quantity:
+        return next(q for q in _GROUPS[self.section] if q.name == self.quantity)
+
+    def format(self) -> str:
+        leaf = self.declaration().leaf(branch=self.branch, param=self.param)
+        return "/".join((stage_prefix(self.stage), self.block, self.group, leaf))
+
+    @classmethod
+    def parse(cls, tag: str) -> ScalarTag | None:
+        """The parts of a diagnostics scalar tag, else ``None``. A training tag has four
+        parts and an evaluation tag five, so a block named ``attn`` is still told apart."""
+        parts = tag.split("/")
+        if len(parts) == 4 and parts[0] == PREFIX:
+            stage, rest = "train", parts[1:]
+        elif len(parts) == 5 and parts[1] == PREFIX and parts[0]:
+            stage, rest = parts[0], parts[2:]
+        else:
+            return None
+        block, group, leaf = rest
+        section = group if group in ("router", "param") else "mask"
+        for q, pattern in _PATTERNS[section]:
+            found = pattern.match(leaf)
+            if found:
+                named = found.groupdict()
+                branch = int(named["branch"]) if named.get("branch") is not None else None
+                return cls(stage, block, group, q.name, branch, named.get("param"))
+        return None
+
+
+def is_attention_tag(tag: str) -> bool:
+    """Whether ``tag`` is one of the diagnostics' (scalars, maps, texts)."""
+    parts = tag.split("/")
+    return parts[0] == PREFIX or (len(parts) > 1 and parts[1] == PREFIX)
+
+
+def histogram_tag(block: str, name: str, stage: str = "train") -> str:
+    """``attn/<block>/<mask>/hist`` or, for ``name == "router"``, ``.../router/weights_hist``."""
+    leaf = (name, "hist") if name != "router" else ("router", "weights_hist")
+    return "/".join((stage_prefix(stage), block, *leaf))
+
+
+def maps_tag(stage: str) -> str:
+    """``val/attn/maps`` or ``test/attn/maps`` (``attn/maps`` for training)."""
+    return f"{stage_prefix(stage)}/{_MAPS}"
+
+
+def maps_stage(tag: str) -> str | None:
+    """The stage of an attention-map tag, else ``None``."""
+    if tag == f"{PREFIX}/{_MAPS}":
+        return "train"
+    parts = tag.split("/")
+    return parts[0] if len(parts) == 3 and parts[1:] == [PREFIX, _MAPS] else None
+
+
+def _values(stats: GlobalStats, sections: set[str]) -> Iterator[tuple[ScalarTag, float]]:
+    for block, bs in stats.blocks.items():
+        groups = []
+        if "router" in sections and bs.router is not None:
+            groups.append(("router", "router", bs.router))
+        if "mask" in sections:
+            groups += [(name, "mask", m) for name, m in bs.masks.items()]
+        for group, section, values in groups:
+            for q in _GROUPS[section]:
+                if q.tag is None:
+                    continue
+                value = getattr(values, q.name)
+                if q.per_branch:
+                    for k, v in enumerate(value):
+                        yield ScalarTag(stats.phase, block, group, q.name, branch=k), v
+                else:
+                    yield ScalarTag(stats.phase, block, group, q.name), value
+        if "param" in sections:
+            by_quantity = {"value": bs.params, "grad_norm": bs.grad_norms}
+            for q in PARAM_QUANTITIES:
+                for name, v in by_quantity[q.name].items():
+                    yield ScalarTag(stats.phase, block, "param", q.name, param=name), v
+
+
+def scalar_metrics(stats: GlobalStats, sections: Iterable[str]) -> dict[str, float]:
+    """Tag -> value for every logged quantity of ``stats`` in ``sections``, under the
+    point's phase (``attn/...`` for training, ``val/attn/...`` for validation)."""
+    return {tag.format(): value for tag, value in _values(stats, set(sections))}
+
+
+def _chart(tag: str) -> list:
+    # One line per chart: TensorBoard's multiline charts do not say which line is which.
+    return ["Multiline", [f"^{re.escape(tag)}$"]]
+
+
+def _block_tags(info: BlockInfo, sections: set[str]) -> Iterator[tuple[str, ScalarTag]]:
+    """(chart title, tag) of every training scalar a block logs."""
+    k = info.layout.num_branches
+    if "router" in sections and k:
+        for q in _GROUPS["router"]:
+            if q.tag is None:
+                continue
+            for branch in (range(k) if q.per_branch else (None,)):
+                label = info.branch_label(branch) if branch is not None else ""
+                yield (q.title.format(branch=label),
+                       ScalarTag("train", info.name, "router", q.name, branch=branch))
+    if "mask" in sections:
+        for mask in info.layout.mask_names:
+            for q in _GROUPS["mask"]:
+                if q.tag is not None:
+                    yield (q.title.format(mask=mask),
+                           ScalarTag("train", info.name, mask, q.name))
+    if "param" in sections:
+        for q in PARAM_QUANTITIES:
+            names = info.param_names if q.name == "value" else info.trainable_names
+            for name in names:
+                yield (q.title.format(param=name),
+                       ScalarTag("train", info.name, "param", q.name, param=name))
+
+
+def chart_layout(
+    blocks: Sequence[BlockInfo], sections: Iterable[str]
+) -> dict[str, dict[str, list]]:
+    """The custom-scalars layout: one category per block, one line per chart, titles that say
+    what the line is (format of ``SummaryWriter.add_custom_scalars``)."""
+    sections = set(sections)
+    layout: dict[str, dict[str, list]] = {}
+    for info in blocks:
+        charts = {title: _chart(tag.format()) for title, tag in _block_tags(info, sections)}
+        if charts:
+            layout[f"{PREFIX}/{info.name}"] = charts
+    return layout
+
+
+def tag_table() -> list[tuple[str, str]]:
+    """``(tag pattern, what it is)`` for every logged quantity, for the docs."""
+    rows = []
+    for section, declared in _GROUPS.items():
+        group = {"mask": "<mask>", "router": "router", "param": "param"}[section]
+        for q in declared:
+            if q.tag is not None:
+                leaf = q.tag.format(branch="<k>", param="<name>")
+                what = q.title.format(mask="the mask's", branch="branch <k>", param="<name>")
+                rows.append((f"attn/<block>/{group}/{leaf}", what))
+    return rows
+
+
+def tags_by_block(scalars: Mapping[str, object]) -> dict[str, list[ScalarTag]]:
+    """The diagnostics' scalar tags among ``scalars``' keys, parsed, by block."""
+    out: dict[str, list[ScalarTag]] = {}
+    for tag in scalars:
+        parsed = ScalarTag.parse(tag)
+        if parsed is not None:
+            out.setdefault(parsed.block, []).append(parsed)
+    return out
