@@ -23,8 +23,8 @@ def quick_mask_check(
     """Run ``module`` on ``x`` in eval mode and return the statistics of each of its masks.
 
     The statistics are the block's own recording (:mod:`lightning_attn.core.statistics`),
-    the same numbers the diagnostics callbacks log: ``mean``, ``std`` (unbiased), ``min``,
-    ``max``, ``sat_low``/``sat_high``; keys are the block's mask names (``mask`` for DSA,
+    the same numbers the diagnostics callbacks log (:class:`MaskStats`: mean, unbiased std,
+    extremes, saturated shares); keys are the block's mask names (``mask`` for DSA,
     ``mask_h``/``mask_w`` — the seed's ``a_h``/``a_w`` — for CoordinateAttention). Judged by
     the diagnostics' own collapse rule: a :class:`MaskCollapseWarning` when a mask's std is
     below ``std_threshold``. The module's train/eval mode and recording state are restored

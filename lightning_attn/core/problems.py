@@ -228,8 +228,8 @@ def _mask_saturation(bs: BlockStats, t: HealthThresholds, step: int) -> Measurem
     limit = t.saturation_threshold
     return Measurement(
         m.saturated, limit, *_above(m.saturated, limit, t), "saturated share",
-        f"mask {name!r} has {m.saturated:.1%} of its values saturated ({m.sat_low:.1%} < "
-        f"{t.saturation_low}, {m.sat_high:.1%} > {t.saturation_high}), above "
+        f"mask {name!r} has {m.saturated:.1%} of its values saturated "
+        f"({m.saturation_split(t.saturation_low, t.saturation_high)}), above "
         f"saturation_threshold={limit}: the gate passes almost no gradient",
     )
 

@@ -495,6 +495,10 @@ class MaskStats:
         if math.isnan(self.saturated):  # derived unless given
             object.__setattr__(self, "saturated", self.sat_low + self.sat_high)
 
+    def saturation_split(self, low: float, high: float) -> str:
+        """``"12.0% < 0.05, 3.0% > 0.95"``: how the saturated share splits."""
+        return f"{self.sat_low:.1%} < {low}, {self.sat_high:.1%} > {high}"
+
 
 def _normalised(entropy: float, k: int) -> float:
     return entropy / math.log(k) if k > 1 else 0.0

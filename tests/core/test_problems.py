@@ -15,7 +15,7 @@ from lightning_attn.core import (
     RouterIndifferenceWarning,
     find_problems,
 )
-from lightning_attn.core.problems import PROBLEM_KINDS
+from lightning_attn.core.problems import PROBLEM_KINDS, VERDICT_WORDS, measure, verdict
 from lightning_attn.core.statistics import BlockStats, GlobalStats, MaskStats, RouterStats
 
 ALL = frozenset({"mask", "router", "param"})
@@ -117,3 +117,41 @@ def test_message_names_block_value_threshold_step_and_hint():
 )
 def test_categories(kind, category):
     assert PROBLEM_KINDS[kind].category is category
+
+
+# -- verdicts: a recovery must clear the threshold by a margin and stay clear ---------------
+
+
+def _history(saturated_shares, start=0):
+    """The saturation measurements of a block whose saturated share took these values."""
+    out = []
+    for i, share in enumerate(saturated_shares):
+        mask = MaskStats(100, 0.5, 0.3, share / 2, share / 2, 0)
+        stats = _stats(step=start + 10 * i, mask=mask)
+        measured = {k: m for (_, k), m in measure(stats, HealthThresholds()).items()}
+        out.append((start + 10 * i, measured))
+    return out
+
+
+def test_noise_just_below_a_threshold_after_a_warning_is_not_a_recovery():
+    shares = [0.51] + [0.43, 0.47, 0.44, 0.46, 0.45, 0.47, 0.43, 0.44, 0.44, 0.44]
+    v = verdict("b", _history(shares), {"mask_saturation": 0})
+    assert v.status == "warned" and v.kinds == ("mask_saturation",)
+    assert "saturated now saturated share 0.44 < 0.5" in v.text
+
+
+def test_a_recovery_past_the_margin_that_lasts_is_recovered():
+    shares = [0.51, 0.52, 0.3, 0.3, 0.3, 0.3]
+    assert verdict("b", _history(shares), {"mask_saturation": 0}).status == "recovered"
+    # clear, but for too few points (fewer than half of those since the warning)
+    short = [0.51, 0.52, 0.6, 0.55, 0.49, 0.3, 0.3, 0.3]
+    assert verdict("b", _history(short), {"mask_saturation": 0}).status == "warned"
+    # back above the threshold at the last point: a problem, whatever came before
+    assert verdict("b", _history([0.51, 0.3, 0.3, 0.3, 0.6]),
+                   {"mask_saturation": 0}).status == "problem"
+
+
+def test_healthy_and_no_data():
+    assert verdict("b", _history([0.1, 0.2]), {}).status == "healthy"
+    assert verdict("b", [], {}).status == "no data"
+    assert set(VERDICT_WORDS) == {"healthy", "warned", "recovered", "problem", "no data"}
