@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
     "colormap",
+    "colour_scale",
     "label_columns",
     "make_grid",
     "overlay",
@@ -124,6 +125,34 @@ def label_columns(grid: torch.Tensor, labels: Sequence[str], tile_width: int,
     return torch.cat((top.to(grid.dtype), grid), dim=1)
 
 
+_SCALE_HEIGHT = 30
+_SCALE_TICKS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def colour_scale(width: int, alpha: float = 1.0) -> torch.Tensor:
+    """``(3, 30, width)``: the colormap from 0 to 1 as a bar with ticks, labelled "mask
+    value" — the key to the overlays above it (blended over white with ``alpha``)."""
+    bar_width = max(width - 120, 60)
+    ramp = torch.linspace(0.0, 1.0, bar_width).view(1, 1, 1, -1)
+    bar = colormap(ramp)[0] * alpha + (1.0 - alpha)  # (3, 1, bar_width)
+    image = Image.new("RGB", (width, _SCALE_HEIGHT), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=10)
+    x0, y0, height = 6, 3, 10
+    pixels = (bar[:, 0].T * 255).round().to(torch.uint8).tolist()
+    for i, rgb in enumerate(pixels):
+        draw.line([(x0 + i, y0), (x0 + i, y0 + height)], fill=tuple(rgb))
+    for tick in _SCALE_TICKS:
+        x = x0 + round(tick * (bar_width - 1))
+        draw.line([(x, y0 + height), (x, y0 + height + 3)], fill="black")
+        text = f"{tick:g}"
+        draw.text((x - draw.textlength(text, font=font) / 2, y0 + height + 4), text,
+                  fill="black", font=font)
+    draw.text((x0 + bar_width + 8, y0), "mask value", fill="black", font=font)
+    out = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return out.view(_SCALE_HEIGHT, width, 3).permute(2, 0, 1).float() / 255.0
+
+
 def render_maps(
     images: torch.Tensor | None,
     maps: Mapping[str, torch.Tensor],
@@ -136,7 +165,8 @@ def render_maps(
         maps: block name -> spatial map ``(N, 1, h, w)`` in ``[0, 1]``, in column order.
         overlay_alpha: opacity of the coloured map over the image.
 
-    Returns a ``(3, H', W')`` float image in ``[0, 1]`` on the CPU.
+    Returns a ``(3, H', W')`` float image in ``[0, 1]`` on the CPU, with the colour scale of
+    the masks under the grid.
     """
     maps = {name: m.detach().float().cpu() for name, m in maps.items()}
     n = min([m.shape[0] for m in maps.values()] + ([images.shape[0]] if images is not None else []))
@@ -158,4 +188,6 @@ def render_maps(
         columns.append(F.interpolate(tile, size=shown, mode="nearest"))
         labels.append(label)
     grid = make_grid(torch.stack(columns, dim=1))  # (N, columns, 3, H, W)
-    return label_columns(grid, labels, shown[1])
+    labelled = label_columns(grid, labels, shown[1])
+    alpha = overlay_alpha if base is not None else 1.0
+    return torch.cat((labelled, colour_scale(labelled.shape[-1], alpha)), dim=1)

@@ -17,8 +17,10 @@ damage are kept, as TensorBoard keeps them.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +92,7 @@ class RunSource:
     path: Path
     kind: str  # "tensorboard" or "csv"
     files: tuple[Path, ...]
+    notes: tuple[str, ...] = ()  # what was skipped while finding it
 
     @property
     def size(self) -> int:
@@ -130,6 +133,21 @@ def _is_event_file(name: str) -> bool:
     return "tfevents" in name  # tensorboard's own test (io_wrapper.IsSummaryEventsFile)
 
 
+def _regular(path: Path, skipped: list[tuple[Path, str]]) -> bool:
+    """Whether ``path`` is a regular file; a FIFO, socket or device named like a log would
+    block or never end when read, so it is skipped and named."""
+    try:
+        mode = os.stat(path).st_mode  # never blocks, even on a FIFO
+    except OSError as err:
+        skipped.append((path, f"skipped {str(path)!r}: {err.strerror or err}"))
+        return False
+    if not stat.S_ISREG(mode):
+        skipped.append((path, f"skipped {str(path)!r}: not a regular file (a FIFO, socket or "
+                              "device)"))
+        return False
+    return True
+
+
 def _base_name(logdir: Path) -> str:
     path = logdir if logdir.is_dir() else logdir.parent
     name = path.resolve().name or str(path)
@@ -153,6 +171,9 @@ def find_runs(logdir: str | os.PathLike, name: str | None = None) -> list[RunSou
     if not root.exists():
         raise ReportError(f"LOGDIR {str(root)!r} does not exist")
     base = name or _base_name(root)
+    skipped: list[tuple[Path, str]] = []
+    if root.exists() and not root.is_dir() and not _regular(root, skipped):
+        raise ReportError(skipped[0][1].replace("skipped", "LOGDIR", 1))
     if root.is_file():
         if _is_event_file(root.name):
             return [RunSource(base, root, "tensorboard", (root,))]
@@ -167,10 +188,11 @@ def find_runs(logdir: str | os.PathLike, name: str | None = None) -> list[RunSou
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         here = Path(dirpath)
-        found = sorted(here / f for f in filenames if _is_event_file(f))
+        found = sorted(here / f for f in filenames
+                       if _is_event_file(f) and _regular(here / f, skipped))
         if found:
             events[here] = found
-        if CSV_NAME in filenames:
+        if CSV_NAME in filenames and _regular(here / CSV_NAME, skipped):
             tables[here] = here / CSV_NAME
     if events:
         kind, dirs = "tensorboard", {d: tuple(fs) for d, fs in events.items()}
@@ -180,12 +202,18 @@ def find_runs(logdir: str | os.PathLike, name: str | None = None) -> list[RunSou
         raise ReportError(
             f"LOGDIR {str(root)!r} holds no TensorBoard event files (events.out.tfevents.*) "
             f"and no {CSV_NAME}: point it at a logger's directory (e.g. runs/dsa/version_0)"
+            + (f" ({'; '.join(text for _, text in skipped)})" if skipped else "")
         )
     runs = []
     for d in sorted(dirs):
         rel = d.relative_to(root).as_posix()
         label = base if len(dirs) == 1 or rel == "." else f"{base}/{rel}"
         runs.append(RunSource(label, d, kind, dirs[d]))
+    # Each skipped file is named in the run of its own or nearest enclosing directory.
+    for path, text in skipped:
+        owner = max((r for r in runs if path.parent.is_relative_to(r.path)),
+                    key=lambda r: len(r.path.parts), default=runs[0])
+        runs[runs.index(owner)] = dataclasses.replace(owner, notes=owner.notes + (text,))
     return runs
 
 
@@ -248,7 +276,7 @@ def _read_events(source: RunSource, advance: Callable[[int], None]) -> RunLog:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.util import tensor_util
 
-    run = RunLog(source.name, source.path, source.kind)
+    run = RunLog(source.name, source.path, source.kind, notes=list(source.notes))
     directory = source.path if source.path.is_dir() else source.path.parent
     acc = EventAccumulator(str(directory), size_guidance=SIZE_GUIDANCE)
     records = _EventRecords(source.files, advance, run.notes)
@@ -301,7 +329,7 @@ def _counted_lines(handle, advance: Callable[[int], None]) -> Iterator[str]:
 
 
 def _read_csv(source: RunSource, advance: Callable[[int], None]) -> RunLog:
-    run = RunLog(source.name, source.path, source.kind)
+    run = RunLog(source.name, source.path, source.kind, notes=list(source.notes))
     (path,) = source.files
     columns: dict[str, dict[int, float]] = {}
     try:

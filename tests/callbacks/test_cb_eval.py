@@ -97,3 +97,9 @@ def test_maps_show_labelled_columns(tmp_path):
     image = Image.open(io.BytesIO(event.encoded_image_string)).convert("L")
     header = torch.tensor(list(image.crop((0, 0, image.width, 16)).getdata()))
     assert (header < 128).sum() > 30  # dark label text in the white header row
+    # the colour scale under the grid: the colormap from dark (0) to light (1), with ticks
+    rgb = Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB")
+    bar = [rgb.getpixel((x, image.height - 25)) for x in range(6, 60)]
+    assert sum(bar[0]) < sum(bar[-1]) and len(set(bar)) > 20  # a ramp, not a flat band
+    scale = torch.tensor(list(image.crop((0, image.height - 14, 80, image.height)).getdata()))
+    assert (scale < 128).sum() > 10  # tick labels

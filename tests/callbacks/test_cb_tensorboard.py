@@ -81,9 +81,10 @@ def test_tensorboard_holds_tags_histograms_images_texts_and_layout(tmp_path):
     images = acc.Images("val/attn/maps")
     assert [i.step for i in images] == [3, 7]  # once per validation epoch, not sanity check
     # a 16 px label row, then 3 rows (images) x 3 columns (input, dsa, coord) of tiles
-    # enlarged from 8x8 to 96x96, 2 px padding
+    # enlarged from 8x8 to 96x96, 2 px padding, then the 30 px colour scale
     tile = MIN_TILE_WIDTH
-    assert (images[0].height, images[0].width) == (16 + 3 * (tile + 2) + 2, 3 * (tile + 2) + 2)
+    assert (images[0].height, images[0].width) == (
+        16 + 3 * (tile + 2) + 2 + 30, 3 * (tile + 2) + 2)
 
     layout = _layout(acc)
     assert set(layout) == {"attn/dsa", "attn/coord"}
@@ -158,7 +159,8 @@ def test_map_logger_uses_the_first_validation_images_every_epoch(tmp_path):
     images = _events(tb.log_dir).Images("val/attn/maps")
     assert len(images) == 2
     tile = MIN_TILE_WIDTH
-    assert (images[0].height, images[0].width) == (16 + 5 * (tile + 2) + 2, 3 * (tile + 2) + 2)
+    assert (images[0].height, images[0].width) == (16 + 5 * (tile + 2) + 2 + 30,  # + scale
+                                                  3 * (tile + 2) + 2)
     assert not model.dsa.capture and not model.coord.capture
 
 

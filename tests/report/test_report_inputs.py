@@ -6,7 +6,7 @@ import pytest
 from synthetic import BLOCK, write_run
 
 from lightning_attn.cli import main as cli_main
-from lightning_attn.report import find_runs, judge_run, load_runs, parse_tags
+from lightning_attn.report import ReportError, find_runs, judge_run, load_runs, parse_tags
 from lightning_attn.report.command import main
 
 
@@ -154,3 +154,15 @@ def test_progress_counts_every_byte_of_good_and_damaged_files(tmp_path):
     assert sum(advanced) == good.stat().st_size + damaged.stat().st_size  # the bar ends full
     assert len(notes) == 1 and damaged.name in notes[0]
     assert len(events) > 1
+
+
+def test_a_fifo_named_like_an_event_file_is_skipped_and_named(tmp_path):
+    import os
+
+    run = write_run(tmp_path / "run")
+    os.mkfifo(run / "events.out.tfevents.0.fifo")
+    (log,) = load_runs(tmp_path / "run", progress=False)  # returns: nothing blocks
+    assert any("not a regular file" in n and "fifo" in n for n in log.notes)
+    os.mkfifo(tmp_path / "lonely.tfevents")
+    with pytest.raises(ReportError, match="not a regular file"):
+        load_runs(tmp_path / "lonely.tfevents", progress=False)
