@@ -19,7 +19,13 @@ checkpoint when a run is interrupted (Ctrl-C or an error) and, when the package 
 
 from __future__ import annotations
 
+import os
+import re
 import sys
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
@@ -37,7 +43,8 @@ DESCRIPTION = (
     "DynamicSpatialAttention or CoordinateAttention after every stage) on cluttered digits, "
     "with the attention diagnostics on. Start from a config: "
     "lightning-attn fit --config examples/configs/dsa.yaml. Afterwards, one page of curves, "
-    "maps, warnings and verdicts: lightning-attn report LOGDIR --output DIR (its own --help)"
+    "maps, warnings and verdicts: lightning-attn report LOGDIR --output DIR (its own --help). "
+    "A refused value ends with one line naming it; LIGHTNING_ATTN_DEBUG=1 shows the traceback"
 )
 
 
@@ -57,6 +64,9 @@ class AttentionCLI(LightningCLI):
 
     Checkpoints go to ``<logger.log_dir>/checkpoints`` (``runs/<name>/version_N/``).
     """
+
+    #: The configuration parsed last (set before the classes are instantiated).
+    parsed: Any = None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -81,6 +91,24 @@ class AttentionCLI(LightningCLI):
             callbacks = [*callbacks, RichProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
 
+    def before_instantiate_classes(self) -> None:
+        # What was parsed, for naming the full key of a value the classes then refuse.
+        AttentionCLI.parsed = self.config
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A checkpoint that is not there fails only after the model and data are set up,
+        # deep inside the checkpoint loader: checked first.
+        ckpt = self.config_init[subcommand].get("ckpt_path")
+        if isinstance(ckpt, (str, os.PathLike)) and str(ckpt) not in _CKPT_ALIASES and (
+            "://" not in str(ckpt) and not Path(ckpt).is_file()
+        ):
+            raise ValueError(f"ckpt_path must be an existing checkpoint file, got {str(ckpt)!r}")
+        super()._run_subcommand(subcommand)
+
+
+#: What Lightning accepts as ``ckpt_path`` besides a file.
+_CKPT_ALIASES = ("last", "best", "hpc", "registry")
+
 
 def build_cli(args: list[str] | dict | None = None, **kwargs) -> AttentionCLI:
     """Parse ``args`` (default ``sys.argv[1:]``), build and run; returns the CLI object.
@@ -97,14 +125,61 @@ def build_cli(args: list[str] | dict | None = None, **kwargs) -> AttentionCLI:
         trainer_defaults=trainer_defaults(),
         seed_everything_default=0,
         auto_configure_optimizers=False,
+        # Without a logger the config lands in the working directory: a second run there
+        # replaces it instead of aborting.
+        save_config_kwargs={"overwrite": True},
         args=args,
         parser_kwargs=parser_kwargs,
         **kwargs,
     )
 
 
+DEBUG_VARIABLE = "LIGHTNING_ATTN_DEBUG"
+
+
+def _ours(err: BaseException) -> bool:
+    """Whether ``err`` is a refusal of our own checks: a ``ValueError``/``TypeError`` raised
+    by this package's code (not by torch, Lightning or a bug's division by zero elsewhere)."""
+    if not isinstance(err, (ValueError, TypeError)) or err.__traceback__ is None:
+        return False
+    frames = traceback.extract_tb(err.__traceback__)
+    package = str(Path(__file__).resolve().parent)
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(package)
+
+
+def _keys(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    items = vars(config).items() if hasattr(config, "__dict__") else (
+        config.items() if isinstance(config, dict) else ())
+    for key, value in items:
+        if key.startswith("_") or key.startswith("__"):
+            continue
+        name = f"{prefix}{key}"
+        yield name, value
+        yield from _keys(value, f"{name}.")
+
+
+def _parameter(err: BaseException, config: Any) -> str | None:
+    """The command-line key of the argument ``err`` names: our messages start with the
+    argument's name; among the parsed keys ending with it, the one holding the refused
+    value when several do."""
+    found = re.match(r"[A-Za-z_][A-Za-z0-9_]*", str(err))
+    if found is None or config is None:
+        return None
+    name = found.group(0)
+    matches = [k for k, _ in _keys(config) if k.split(".")[-1] == name]
+    given = re.search(r"got (.+?)(?: \(|$|,)", str(err))
+    if len(matches) > 1 and given:
+        valued = [k for k, v in _keys(config) if k in matches and repr(v) == given.group(1)]
+        matches = valued or matches
+    return min(matches, key=len) if matches else None
+
+
 def main(args: list[str] | None = None) -> None:
-    """Console-script entry point ``lightning-attn``."""
+    """Console-script entry point ``lightning-attn``.
+
+    A value our checks refuse ends with one line, ``lightning-attn: error: <key>: <why>``, and
+    exit status 2, as a usage error; ``LIGHTNING_ATTN_DEBUG=1`` shows the traceback too.
+    """
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["report"]:  # offline, not a LightningCLI subcommand
         from lightning_attn.report.command import main as report
@@ -113,7 +188,22 @@ def main(args: list[str] | None = None) -> None:
         if code:
             raise SystemExit(code)
         return
-    build_cli(args)
+    AttentionCLI.parsed = None
+    try:
+        build_cli(args)
+    except (ValueError, TypeError) as err:
+        if not _ours(err) or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise
+        config = AttentionCLI.parsed
+        if config is not None and getattr(config, "subcommand", None):
+            config = config[config.subcommand]
+        key = _parameter(err, config)
+        message = str(err)
+        name = key.split(".")[-1] if key else None
+        if name and message.startswith(f"{name} "):
+            message = message[len(name) + 1:]  # "temperature must be ..." -> "must be ..."
+        print(f"lightning-attn: error: {f'{key}: ' if key else ''}{message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -124,6 +124,16 @@ class AttentionClassifier(pl.LightningModule):
         self.val_loc = nn.ModuleList(LocalisationScore() for _ in self.block_names)
         self.test_loc = nn.ModuleList(LocalisationScore() for _ in self.block_names)
 
+    def setup(self, stage: str) -> None:
+        # A label >= num_classes fails deep inside cross_entropy during the sanity check; a
+        # data module that says how many classes its labels take is checked before that.
+        classes = getattr(getattr(self.trainer, "datamodule", None), "num_classes", None)
+        if isinstance(classes, int) and classes > self.hparams.num_classes:
+            raise ValueError(
+                f"num_classes must cover the data module's {classes} classes (labels 0 to "
+                f"{classes - 1}), got {self.hparams.num_classes}"
+            )
+
     # -- forward and batch checks -------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         """``images (B,C,H,W) -> logits (B,num_classes)``."""
