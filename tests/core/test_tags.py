@@ -55,7 +55,7 @@ def test_chart_layout_and_docs_table_come_from_the_declarations():
     charts = layout["attn/net.attn"]
     assert "usage of branch 1 (7x7)" in charts and "temperature gradient norm" in charts
     assert "mask std" in charts and "router entropy / log K (1 = uniform)" in charts
-    for title, (kind, (regex,)) in charts.items():
+    for kind, (regex,) in charts.values():
         assert kind == "Multiline" and regex.startswith("^attn/net\\.attn/")
     rows = dict(tag_table())
     assert rows["attn/<block>/<mask>/sat_low"] == "the mask's share below saturation_low"
