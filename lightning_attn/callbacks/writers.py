@@ -3,7 +3,8 @@
 :class:`DiagnosticsOutput` is all the callbacks talk to. Each logger of the Trainer gets a
 :class:`DiagnosticsWriter`: the base one writes scalars with the logger's own
 ``log_metrics``; :class:`TensorBoardWriter` also writes histograms, images, texts and the
-chart layout. Every point's scalars (training logging steps and evaluation runs alike) are
+chart layout (and writes a point's scalars as one event, see
+:func:`tensorboard_scalars_event`). Every point's scalars (training logging steps and evaluation runs alike) are
 written at Lightning's step number (the one the module's own ``self.log`` values of that
 batch or epoch get) and put into ``trainer.callback_metrics``, where
 ``EarlyStopping``/``ModelCheckpoint`` monitor them. They are not sent through
@@ -30,6 +31,7 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 __all__ = [
     "DiagnosticsOutput",
@@ -81,6 +83,12 @@ class TensorBoardWriter(DiagnosticsWriter):
     def _writer(self):
         return self.logger.experiment
 
+    def scalars(self, metrics: Mapping[str, float], step: int) -> None:
+        if type(self.logger).log_metrics is not TensorBoardLogger.log_metrics:
+            super().scalars(metrics, step)  # a subclass that changed how it logs
+            return
+        tensorboard_scalars_event(self.logger, metrics, step)
+
     def layout(self, layout: Mapping[str, dict[str, list]]) -> None:
         merged = self._layouts.setdefault(self._writer, {})
         for category, charts in layout.items():
@@ -111,6 +119,23 @@ class TensorBoardWriter(DiagnosticsWriter):
 
     def text(self, tag: str, text: str, step: int) -> None:
         self._writer.add_text(tag, text, global_step=step)
+
+
+def tensorboard_scalars_event(
+    logger: TensorBoardLogger, metrics: Mapping[str, float], step: int
+) -> None:
+    """What ``logger.log_metrics(metrics, step)`` writes, as one event instead of one per
+    value: ~0.3 ms instead of ~2.6 ms for 50 values (``benchmarks/logging_cost.py``, CPU).
+
+    The one private reach-in of the writers (the logger's prefix and the ``SummaryWriter``'s
+    file writer); ``tests/callbacks/test_writers.py`` fails if Lightning or TensorBoard
+    changes either.
+    """
+    prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if logger._prefix else ""
+    summary = Summary(
+        value=[Summary.Value(tag=prefix + k, simple_value=float(v)) for k, v in metrics.items()]
+    )
+    logger.experiment._get_file_writer().add_summary(summary, step)
 
 
 _WRITERS: list[type[DiagnosticsWriter]] = [TensorBoardWriter]
