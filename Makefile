@@ -1,6 +1,6 @@
 # The two README commands: `make demo` and `make test`. Both set everything up first.
 # `make tensorboard` opens the runs (LOGDIR=runs by default) without activating anything.
-.PHONY: demo test lint bench setup tensorboard clean
+.PHONY: demo test test-fast lint bench setup tensorboard clean
 
 PY = $(shell scripts/bootstrap.sh)
 LOGDIR ?= runs
@@ -14,6 +14,11 @@ demo: setup
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# Everything but the tests marked slow (inductor compiles, multi-process DDP).
+test-fast: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -m "not slow"
 
 lint: setup
 	$(PY) -m ruff check .

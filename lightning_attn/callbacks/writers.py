@@ -3,9 +3,9 @@
 :class:`DiagnosticsOutput` is all the callbacks talk to. Each logger of the Trainer gets a
 :class:`DiagnosticsWriter`: the base one writes scalars with the logger's own
 ``log_metrics``; :class:`TensorBoardWriter` also writes histograms, images, texts and the
-chart layout (and writes a point's scalars as one event, see
-:func:`tensorboard_scalars_event`). Every point's scalars (training logging steps and evaluation runs alike) are
-written at Lightning's step number (the one the module's own ``self.log`` values of that
+chart layout (and a point's scalars as one event: :func:`tensorboard_scalars_event`). Every
+point's scalars (training logging steps and evaluation runs alike) are written at
+Lightning's step number (the one the module's own ``self.log`` values of that
 batch or epoch get) and put into ``trainer.callback_metrics``, where
 ``EarlyStopping``/``ModelCheckpoint`` monitor them. They are not sent through
 ``LightningModule.log``: the values are already reduced over the global batch, and that path

@@ -245,12 +245,14 @@ class UserGate(RecordingMixin, nn.Module):
         return x * mask
 
 
-def test_user_block_records_the_same_compiled_with_one_extra_graph(dynamo_reset):
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor",
+                                                                 marks=pytest.mark.slow)])
+def test_user_block_records_the_same_compiled_with_one_extra_graph(dynamo_reset, backend):
     torch.manual_seed(0)
     block = UserGate(3)
     x = torch.randn(4, 3, 8, 8)
     eager = _record(block, x).masks["mask"]
-    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
     compiled = torch.compile(block, backend=counter, fullgraph=True)
     block.configure_recording(CONFIG, "cpu")
     values = []

@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from cb_models import FakeNet, MemoryLogger, make_data, make_trainer
 from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
 from lightning_attn.callbacks import AttentionDiagnostics, NonFiniteWarning
+
+from .cb_models import FakeNet, MemoryLogger, make_data, make_trainer
 
 
 class ValNet(FakeNet):

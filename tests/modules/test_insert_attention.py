@@ -8,7 +8,6 @@ import pickle
 
 import pytest
 import torch
-from reference_backbones import ResNet18, StagedNet
 from torch import nn
 
 from lightning_attn import CoordinateAttention, DynamicSpatialAttention
@@ -20,6 +19,8 @@ from lightning_attn.modules import (
     inserted_attention,
     remove_attention,
 )
+
+from .reference_backbones import ResNet18, StagedNet
 
 
 class BasicBlock(nn.Module):

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from cb_models import offline_stats
+
+from .cb_models import offline_stats
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 def test_ddp_statistics_equal_offline_on_concatenated_shards(tmp_path, mode):

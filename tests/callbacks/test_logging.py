@@ -5,11 +5,12 @@ import csv
 import pytest
 import torch
 import torch.nn.functional as F
-from cb_models import FakeNet, MemoryLogger, make_trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_attn.callbacks import AttentionDiagnostics, MaskCollapseWarning
+
+from .cb_models import FakeNet, MemoryLogger, make_trainer
 
 TAG = "attn/block/mask/std"
 

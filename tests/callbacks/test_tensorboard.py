@@ -5,7 +5,6 @@ import json
 import logging
 
 import pytest
-from cb_models import FakeNet, TinyAttnNet, make_trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -17,6 +16,8 @@ from lightning_attn.callbacks import (
     RouterEntropyMonitor,
 )
 from lightning_attn.callbacks.maps import MIN_TILE_WIDTH
+
+from .cb_models import FakeNet, TinyAttnNet, make_trainer
 
 EXPECTED_SCALARS = {
     "attn/dsa/router/entropy", "attn/dsa/router/entropy_norm",

@@ -5,7 +5,6 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from cb_models import MemoryLogger, TinyAttnNet, make_data, make_trainer
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
@@ -16,6 +15,8 @@ from torch.utils.data import DataLoader
 from lightning_attn import CoordinateAttention, DynamicSpatialAttention
 from lightning_attn.callbacks import AttentionDiagnostics
 from lightning_attn.modules import OutputOnly
+
+from .cb_models import MemoryLogger, TinyAttnNet, make_data, make_trainer
 
 
 class NoForward(LightningModule):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from cb_models import FakeBlock, FakeNet, MemoryLogger, make_data, make_trainer
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -12,6 +11,8 @@ from lightning_attn.callbacks import (
     MaskHealthMonitor,
     MissingStatisticsWarning,
 )
+
+from .cb_models import FakeBlock, FakeNet, MemoryLogger, make_data, make_trainer
 
 # aten ops that copy a value to the host (a host-device sync on an accelerator)
 _SYNCING = {"_local_scalar_dense", "bincount", "nonzero", "unique", "masked_select", "item"}

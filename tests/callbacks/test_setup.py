@@ -3,7 +3,6 @@
 import pickle
 
 import pytest
-from cb_models import FakeBlock, TinyAttnNet, make_trainer
 from torch import nn
 
 from lightning_attn import CoordinateAttention, DynamicSpatialAttention
@@ -17,6 +16,8 @@ from lightning_attn.callbacks import (
     ParameterTrajectoryMonitor,
     RouterEntropyMonitor,
 )
+
+from .cb_models import FakeBlock, TinyAttnNet, make_trainer
 
 ALL = [
     RouterEntropyMonitor,

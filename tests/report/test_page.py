@@ -3,8 +3,8 @@ and warnings matching the planted problems and the callback's own warnings."""
 
 from __future__ import annotations
 
-from html_page import PNG, read_page
-from report_models import BLOCKS
+from .html_page import PNG, read_page
+from .report_models import BLOCKS
 
 from lightning_attn.report import load_runs
 

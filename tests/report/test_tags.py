@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import io
 
-from html_page import read_page
+from .html_page import read_page
 from PIL import Image
-from synthetic import BLOCK, problem, write_run
+from .synthetic import BLOCK, problem, write_run
 
 from lightning_attn.report import judge_run, load_runs, parse_tags, write_report
 

@@ -4,15 +4,6 @@ import warnings
 
 import pytest
 import torch
-from cb_models import (
-    FakeNet,
-    MemoryLogger,
-    PlainNet,
-    TinyAttnNet,
-    make_data,
-    make_trainer,
-    offline_stats,
-)
 from torch.utils.data import TensorDataset
 
 from lightning_attn.callbacks import (
@@ -31,6 +22,16 @@ from lightning_attn.callbacks import (
     RouterIndifferenceWarning,
 )
 from lightning_attn.core.statistics import Accumulator
+
+from .cb_models import (
+    FakeNet,
+    MemoryLogger,
+    PlainNet,
+    TinyAttnNet,
+    make_data,
+    make_trainer,
+    offline_stats,
+)
 
 
 def _attn_warnings(record):
