@@ -43,6 +43,11 @@ def test_help_describes_the_tool_and_version_prints(capsys) -> None:
     out = " ".join(capsys.readouterr().out.split())
     assert "usage: lightning-attn" in out and "AttentionClassifier" in out
     assert "Lightning Trainer command line tool" not in out
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    for field in ("std_threshold", "saturation_threshold", "recovery_margin"):
+        assert f"--diagnostics.thresholds.{field}" in out
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0

@@ -22,6 +22,7 @@ from lightning_attn.modules import OutputOnly
 
 from .cb_models import MemoryLogger, make_data, make_trainer
 
+
 class Net(LightningModule):
     """conv -> DSA -> CoordinateAttention -> head; ``how`` says what is compiled."""
 

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lightning_attn.blocks import RecordingConfig, RecordingMixin
 from lightning_attn.callbacks import (
     AttentionDiagnostics,
+    HealthThresholds,
     MaskHealthMonitor,
     MissingStatisticsWarning,
 )
@@ -54,8 +55,8 @@ def test_non_logging_steps_do_nothing_but_compare_integers(tmp_path):
 
 
 def test_callbacks_differing_only_in_what_they_watch_share_a_trainer(tmp_path):
-    warn = MaskHealthMonitor(std_threshold=0.1, include=["block"])
-    strict = MaskHealthMonitor(std_threshold=0.01, on_problem="raise")
+    warn = MaskHealthMonitor(thresholds=HealthThresholds(std_threshold=0.1), include=["block"])
+    strict = MaskHealthMonitor(thresholds=HealthThresholds(std_threshold=0.01), on_problem="raise")
     assert warn.state_key != strict.state_key
     make_trainer(tmp_path, [warn, strict], max_steps=1).fit(FakeNet())  # no duplicate-key error
 

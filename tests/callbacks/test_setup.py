@@ -77,11 +77,25 @@ def test_sections_are_checked_and_presets_fix_theirs():
         MaskHealthMonitor(sections=["router"])
 
 
-def test_flat_thresholds_override_the_thresholds_object():
+def test_flat_thresholds_override_the_thresholds_object_for_one_release():
     base = HealthThresholds(std_threshold=0.1, dead_branch_factor=0.2)
-    cb = AttentionDiagnostics(thresholds=base, std_threshold=0.05)
+    with pytest.warns(FutureWarning, match=r"thresholds=HealthThresholds\(std_threshold"):
+        cb = AttentionDiagnostics(thresholds=base, std_threshold=0.05)
     assert cb.thresholds == HealthThresholds(std_threshold=0.05, dead_branch_factor=0.2)
     assert AttentionDiagnostics().thresholds == HealthThresholds()
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['std'\\]"):
+        AttentionDiagnostics(std=0.1)
+
+
+def test_constructor_is_small_and_booleans_are_booleans():
+    import inspect
+
+    params = [p for p in inspect.signature(AttentionDiagnostics).parameters.values()
+              if p.kind is not p.VAR_KEYWORD]
+    assert len(params) <= 12
+    for name in ("summary", "eval_statistics", "log_statistics"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            AttentionDiagnostics(**{name: "no"})
 
 
 class _Wrapper(nn.Module):
@@ -139,7 +153,8 @@ def test_state_key_follows_what_is_watched_not_the_thresholds():
     a = MaskHealthMonitor(include=["a*"])
     b = MaskHealthMonitor(include=["b*"])
     assert a.state_key != b.state_key
-    assert MaskHealthMonitor().state_key == MaskHealthMonitor(std_threshold=0.5).state_key
+    assert MaskHealthMonitor().state_key == MaskHealthMonitor(
+        thresholds=HealthThresholds(std_threshold=0.5)).state_key
     assert MaskHealthMonitor().state_key != RouterEntropyMonitor().state_key
     assert AttentionDiagnostics().state_key == AttentionDiagnostics(
         log_every_n_steps=7, on_problem="raise", num_images=2).state_key

@@ -11,6 +11,7 @@ from lightning_attn.callbacks import (
     AttentionProblemError,
     AttentionWarning,
     DeadBranchWarning,
+    HealthThresholds,
     MaskCollapseWarning,
     MaskHealthMonitor,
     MaskSaturationWarning,
@@ -257,7 +258,8 @@ def test_resume_continues_curves_without_duplicate_warning(tmp_path):
         trainer.fit(FakeNet(transform=_constant))
     trainer.save_checkpoint(ckpt)
     second = MemoryLogger()
-    cb2 = _diag(std_threshold=0.05)  # a threshold changed: the state must still load
+    # a threshold changed: the state must still load
+    cb2 = _diag(thresholds=HealthThresholds(std_threshold=0.05))
     assert cb2.state_key == cb1.state_key
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
