@@ -4,8 +4,8 @@ The path of a number, from block to logger::
 
     block.forward -> block.record() -> the block's accumulator row of the current phase
         -> StatisticsCollector.finish(phase): every block's row, the scalar parameters and
-           the gradient norms in one vector -> one all_gather across processes
-           (trainer.strategy.all_gather) -> combined slot by slot on the device (sums added,
+           the gradient norms in one vector -> one all_gather across processes -> combined
+           slot by slot on the device (sums added,
            minima and maxima taken) -> one copy to the host
         -> GlobalStats (lightning_attn.core.statistics) -> problems, loggers, table, report
 
@@ -43,10 +43,19 @@ def combine_processes(
     trainer: pl.Trainer, vector: torch.Tensor, kinds: torch.Tensor
 ) -> list[float]:
     """``vector`` combined over every process, slot by slot as ``kinds`` says (0: sum,
-    1: min, 2: max, 3: rank 0's value), as host floats: one collective (the strategy's
-    ``all_gather``) and one device-to-host copy; on one process, only the copy."""
-    if int(trainer.world_size) > 1:
-        table = trainer.strategy.all_gather(vector)  # (world, N)
+    1: min, 2: max, 3: rank 0's value), as host floats: one collective and one
+    device-to-host copy; on one process, only the copy.
+
+    The collective is ``torch.distributed.all_gather`` itself: ``trainer.strategy.all_gather``
+    first runs a barrier and an all-gather of the shapes (with two host syncs), three
+    collectives per logging step where one will do (every process lays out the same vector,
+    so the shapes are known to agree). ``tests/callbacks/test_ddp.py`` counts them.
+    """
+    if (int(trainer.world_size) > 1 and torch.distributed.is_available()
+            and torch.distributed.is_initialized()):
+        rows = [torch.empty_like(vector) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(rows, vector)
+        table = torch.stack(rows)  # (world, N)
         vector = torch.where(
             kinds == _SUM, table.sum(0),
             torch.where(kinds == _MIN, table.amin(0),

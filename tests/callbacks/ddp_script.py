@@ -20,6 +20,36 @@ from lightning.pytorch import Callback, Trainer  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from lightning_attn.callbacks import AttentionDiagnostics  # noqa: E402
+from lightning_attn.callbacks.collector import StatisticsCollector  # noqa: E402
+
+#: Collectives run inside each StatisticsCollector.finish (one entry per logging point).
+COLLECTIVES: list[int] = []
+_NAMES = ("all_gather", "all_gather_into_tensor", "all_reduce", "barrier", "broadcast",
+          "reduce", "gather", "scatter", "all_gather_object", "broadcast_object_list")
+
+
+def _count_collectives() -> None:
+    counting = {"on": False, "n": 0}
+    for name in _NAMES:
+        original = getattr(torch.distributed, name)
+
+        def wrapped(*args, _original=original, **kwargs):
+            if counting["on"]:
+                counting["n"] += 1
+            return _original(*args, **kwargs)
+
+        setattr(torch.distributed, name, wrapped)
+    finish = StatisticsCollector.finish
+
+    def counted(self, *args, **kwargs):
+        counting.update(on=True, n=0)
+        try:
+            return finish(self, *args, **kwargs)
+        finally:
+            counting["on"] = False
+            COLLECTIVES.append(counting["n"])
+
+    StatisticsCollector.finish = counted
 
 
 class TwoBlockNet(FakeNet):
@@ -62,12 +92,13 @@ class Dump(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt")
-        torch.save({"seen": pl_module.seen, "stats": self.stats, "warnings": self.warnings},
-                   path)
+        torch.save({"seen": pl_module.seen, "stats": self.stats, "warnings": self.warnings,
+                    "collectives": list(COLLECTIVES)}, path)
 
 
 def main(out_dir: str, compiled: bool) -> None:
     torch.set_num_threads(1)
+    _count_collectives()
     diag = AttentionDiagnostics(num_images=0, summary=False)
     dump = Dump(diag, out_dir)
     trainer = Trainer(

@@ -31,6 +31,9 @@ def test_ddp_statistics_equal_offline_on_concatenated_shards(tmp_path, mode):
         logged = {int(r["step"]): r for r in csv.DictReader(f) if r.get("attn/block/mask/std")}
     assert sorted(logged) == [1, 3]  # Lightning's logging steps (log_every_n_steps=2)
 
+    # One collective per point (two training points and one validation run), on each rank.
+    assert ranks[0]["collectives"] == ranks[1]["collectives"] == [1, 1, 1]
+
     # Every rank computed the same global statistics (same warning decisions everywhere).
     assert [s.step for s in ranks[0]["stats"]] == [1, 3]
     assert ranks[0]["stats"] == ranks[1]["stats"]
