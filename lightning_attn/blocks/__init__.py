@@ -4,6 +4,8 @@
   built directly or by name with :func:`create_attention`.
 - :mod:`.recording`: how a block measures itself inside its forward (the protocol the
   diagnostics read); what it measures is declared once in :mod:`lightning_attn.core`.
+- :mod:`.adapters`: the attention already in users' models (timm, torchvision, their own)
+  records through hooks, without a change to its code.
 - :mod:`.kernels`: the ``backend`` implementations (torch fused path, Triton).
 """
 
@@ -17,6 +19,7 @@ from ..core.statistics import (
     StatisticsLayout,
 )
 from ..core.warnings import *  # noqa: F403 - every category, listed in warnings.__all__
+from .adapters import AttentionAdapter, register_attention_adapter
 from .coordinate import CoordinateAtt, CoordinateAttention, HSwish
 from .dynamic_spatial import DynamicSpatialAttention
 from .mask_check import quick_mask_check
@@ -30,6 +33,7 @@ from .recording import (
 from .registry import IdentityAttention, attention_names, create_attention, register_attention
 
 __all__ = [
+    "AttentionAdapter",
     "AttentionBlock",
     "BlockStats",
     "CoordinateAtt",
@@ -49,6 +53,7 @@ __all__ = [
     "find_attention_blocks",
     "quick_mask_check",
     "register_attention",
+    "register_attention_adapter",
     "spatial_map",
     *_warnings.__all__,
 ]

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -69,15 +69,18 @@ __all__ = [
 def spatial_map(masks: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
     """One spatial map ``(B, 1, H, W)`` from a block's masks, or ``None``.
 
-    The product of the masks broadcast together, averaged over channels: DSA's ``mask``
+    The product of the 4-D masks broadcast together, averaged over channels: DSA's ``mask``
     ``(B,1,H,W)`` as it is; CoordinateAttention's ``mask_h (B,C,H,1) * mask_w (B,C,1,W)``
-    averaged over ``C``. ``None`` when the product is not 4-D.
+    averaged over ``C``; CBAM's channel and spatial masks. ``None`` when no mask is spatial
+    (a squeeze-excite gate ``(B,C,1,1)`` has no map).
     """
     heat = None
     for mask in masks.values():
+        if mask.dim() != 4:
+            continue
         m = mask.detach().float()
         heat = m if heat is None else heat * m
-    if heat is None or heat.dim() != 4:
+    if heat is None or heat.shape[-2:] == (1, 1):
         return None
     return heat.mean(dim=1, keepdim=True)
 
@@ -339,18 +342,24 @@ def find_attention_blocks(
     root: nn.Module,
     include: Sequence[str] | None = None,
     exclude: Iterable[str] = (),
-) -> tuple[dict[str, nn.Module], list[str]]:
+    third_party: bool = False,
+) -> tuple[dict[str, Any], list[str]]:
     """Every :class:`AttentionBlock` under ``root`` by qualified name, in module order, and
     the include/exclude patterns that matched no block.
 
     Names never carry DDP's ``module.`` prefix (the wrapper is looked through) nor
     ``torch.compile``'s ``_orig_mod.``. ``include`` (fnmatch patterns) keeps only matching
-    blocks; ``exclude`` then leaves matching ones out.
+    blocks; ``exclude`` then leaves matching ones out. ``third_party``: also every module
+    with a registered adapter (:mod:`.adapters`: timm's and torchvision's attention), as its
+    :class:`~.adapters.AdapterRecorder` (hooks attached to the included ones).
     """
+    from .adapters import adapter_declared, adapter_for  # adapters build on this module
+
     root = _unwrap(root)
-    found: dict[str, nn.Module] = {}
+    found: dict[str, Any] = {}
     for name, module in root.named_modules():
-        if module is root or not isinstance(module, AttentionBlock):
+        if module is root or not (isinstance(module, AttentionBlock) or (
+                third_party and adapter_declared(module))):
             continue
         clean = ".".join(part for part in name.split(".") if part != _COMPILE_SEGMENT)
         found.setdefault(clean, module)
@@ -359,7 +368,7 @@ def find_attention_blocks(
         p for p in (*(include or ()), *exclude) if not any(fnmatchcase(n, p) for n in found)
     ]
     blocks = {
-        name: module
+        name: module if isinstance(module, AttentionBlock) else adapter_for(module)
         for name, module in found.items()
         if (include is None or any(fnmatchcase(name, p) for p in include))
         and not any(fnmatchcase(name, p) for p in exclude)

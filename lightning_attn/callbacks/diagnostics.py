@@ -244,7 +244,8 @@ class AttentionDiagnostics(Callback):
         # on their device. Before the first forward: no extra compilation.
         if self._module_ref is not None and self._module_ref() is pl_module:
             return
-        blocks, unmatched = find_attention_blocks(pl_module, self.include, self.exclude)
+        blocks, unmatched = find_attention_blocks(pl_module, self.include, self.exclude,
+                                                  third_party=True)
         for pattern in unmatched:
             rank_zero_warn(f"{type(self).__name__}: pattern {pattern!r} matches no attention "
                            f"block")
