@@ -281,7 +281,8 @@ def main() -> None:
     if args.model != "small":
         without, with_ = hook_cost(args.model)
         print(f"\nadapters' hooks attached, recording off (every step): eager forward "
-              f"{without:.2f} ms without, {with_:.2f} ms with ({(with_ / without - 1) * 100:+.2f}%)")
+              f"{without:.2f} ms without, {with_:.2f} ms with "
+              f"({(with_ / without - 1) * 100:+.2f}%)")
 
 
 if __name__ == "__main__":
