@@ -155,7 +155,9 @@ def _host(model: nn.Module, target: str) -> tuple[nn.Module, str]:
     ``ModuleDict`` holds it as ``<target path below it, dots as underscores>_attn``
     (``layer1`` -> ``layer1_attn`` on the model, ``layer1.0.conv1`` -> ``layer1.0.conv1_attn``
     in the residual block); with only containers above (an ``nn.Sequential`` model), the
-    target itself holds it as ``output_attn``.
+    target itself holds it as ``output_attn``; when the target is a container too (a stage
+    of a timm ``features_only`` model), the first plain module down its last children holds
+    it as ``<target path, dots as underscores>_attn`` (``layer1`` -> ``layer1.1.layer1_attn``).
     """
     parts = target.split(".")
     for i in range(len(parts) - 1, -1, -1):
@@ -165,11 +167,20 @@ def _host(model: nn.Module, target: str) -> tuple[nn.Module, str]:
     module = model.get_submodule(target)
     if not isinstance(module, _CONTAINERS):
         return module, _SELF_HOSTED
+    # A container inside containers only (a stage of timm's features_only FeatureListNet or
+    # torchvision's IntermediateLayerGetter, both ModuleDicts that run every child): the
+    # first plain module down its chain of last children holds the block, named after the
+    # target. Only where the block is stored changes; the hook still runs it after target.
+    inner = module
+    while isinstance(inner, _CONTAINERS) and len(inner._modules):
+        inner = list(inner._modules.values())[-1]
+    if not isinstance(inner, _CONTAINERS):
+        return inner, target.replace(".", "_") + _SUFFIX
     raise ValueError(
         f"cannot insert attention after {target!r}: it and every module above it are "
         "nn.Sequential / ModuleList / ModuleDict containers, which would run a block "
-        "registered in them as one more layer; name a plain submodule inside it (e.g. "
-        f"'{target}.<its last layer>') or hold the model in a plain nn.Module"
+        "registered in them as one more layer, and it holds no plain module that could; "
+        "hold the model in a plain nn.Module"
     )
 
 
@@ -230,7 +241,10 @@ def insert_attention(
     ``<path of m below it, dots as underscores>_attn``: ``layer1`` -> ``layer1_attn``,
     ``stages.2`` -> ``stages_2_attn``, ``layer1.0.conv1`` -> ``layer1.0.conv1_attn``; in a
     model that is an ``nn.Sequential`` down to ``m``, ``m`` itself holds it as
-    ``output_attn``. So a state dict saved before the insertion loads after it with
+    ``output_attn``; in a model made of containers only (timm's ``features_only=True``
+    ``FeatureListNet``, a ``ModuleDict``), the block after a stage ``layer1`` lives in that
+    stage's last plain module as ``layer1.1.layer1_attn``. So a state dict saved before the
+    insertion loads after it with
     ``strict=False`` (only the blocks' keys missing, none unexpected), one saved after it
     loads into a fresh model after the same insertion with ``strict=True``, the blocks show
     in ``named_modules()`` (the diagnostics find them), and ``torch.compile``, ``deepcopy``,
