@@ -299,8 +299,13 @@ def insert_attention(
     else:
         todo = [n for n in names if n not in given]
         chans = {**given, **(infer_out_channels(model, todo) if todo else {})}
-    # Build every block before changing the model, so a bad keyword leaves it untouched.
-    blocks = {target: create_attention(name, chans[target], **kwargs) for target in names}
+    # Build every block before changing the model, so a bad keyword leaves it untouched. A
+    # block takes the model's train/eval mode: a new module is in training mode, which in a
+    # model set to eval would normalise with batch statistics (and update running ones).
+    blocks = {
+        target: create_attention(name, chans[target], **kwargs).train(model.training)
+        for target in names
+    }
     for target, (host, attr) in hosts.items():
         host.add_module(attr, blocks[target])
         model.get_submodule(target).register_forward_hook(_ApplyAttention(host, attr, target))
