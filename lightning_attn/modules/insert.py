@@ -56,7 +56,17 @@ def _output_shapes(
     try:
         model.eval()
         with torch.no_grad():
-            model(example_input)
+            try:
+                model(example_input)
+            except Exception as err:  # the model's own error, said to be about example_input
+                shape = (
+                    tuple(example_input.shape) if isinstance(example_input, torch.Tensor)
+                    else type(example_input).__name__
+                )
+                raise ValueError(
+                    f"example_input ({shape}) failed in a forward pass of "
+                    f"{type(model).__name__}: {type(err).__name__}: {err}"
+                ) from err
     finally:
         model.train(was_training)
         for h in handles:
@@ -142,6 +152,22 @@ class _ApplyAttention:
                 f"remove_attention(model, [{self.target!r}])"
             )
         return first_tensor(block(output))
+
+
+def _like(block: nn.Module, model: nn.Module, target: str, kwargs: Mapping) -> nn.Module:
+    """``block`` in the model's train/eval mode, on the target's device and in its floating
+    dtype (unless ``device`` / ``dtype`` were given): a new module is in training mode on the
+    CPU in float32, which in a CUDA, bf16 or eval-mode model would fail at the first forward
+    or normalise with batch statistics."""
+    block.train(model.training)
+    module = model.get_submodule(target)
+    tensors = [*module.parameters(), *module.buffers()] or [*model.parameters(), *model.buffers()]
+    floats = [t for t in tensors if t.is_floating_point()]
+    if tensors and "device" not in kwargs:
+        block.to(device=tensors[0].device)
+    if floats and "dtype" not in kwargs:
+        block.to(dtype=floats[0].dtype)
+    return block
 
 
 def _hooks_of(module: nn.Module) -> dict[int, _ApplyAttention]:
@@ -259,8 +285,12 @@ def insert_attention(
         channels: ``C`` for every block (an int) or per name (a dict); otherwise inferred
             by :func:`infer_out_channels`.
         example_input: a batch for one ``eval``/no-grad pass that reads (and checks) each
-            output's shape; a non-4-D output is a ``ValueError`` naming its shape.
+            output's shape; a non-4-D output is a ``ValueError`` naming its shape, and so is
+            an error of the model on it.
         **kwargs: the block's constructor arguments.
+
+    Each block is made like its target: on its device, in its floating dtype (unless
+    ``device=`` / ``dtype=`` are given) and in the model's train/eval mode.
 
     Returns ``model`` itself (modified in place).
     """
@@ -303,7 +333,7 @@ def insert_attention(
     # block takes the model's train/eval mode: a new module is in training mode, which in a
     # model set to eval would normalise with batch statistics (and update running ones).
     blocks = {
-        target: create_attention(name, chans[target], **kwargs).train(model.training)
+        target: _like(create_attention(name, chans[target], **kwargs), model, target, kwargs)
         for target in names
     }
     for target, (host, attr) in hosts.items():
