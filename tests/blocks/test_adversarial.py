@@ -268,3 +268,22 @@ def test_outcome_counts() -> None:
     """The counts the issue's adversarial table reports for the blocks."""
     assert len({c.id for c in CASES}) == len(CASES)
     assert Counter(c.outcome for c in CASES) == {"clear": 70, "correct": 17}
+
+
+@pytest.mark.parametrize("make", [lambda: D(8), lambda: C(8)], ids=["dsa", "coord"])
+def test_input_checks_keep_one_graph_under_compile(make, dynamo_reset) -> None:
+    """The device/dtype/channel checks are guards, not graph breaks: one graph under
+    fullgraph=True, no recompile for a second input; compiled without fullgraph, a meta
+    input still gets the block's own message."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    block = make()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, backend=counter, fullgraph=True)
+    inp = x(2, 8, 6, 6)
+    torch.testing.assert_close(y_of(compiled(inp)), y_of(block(inp)))
+    compiled(inp + 1)
+    assert counter.frame_count == 1
+    loose = torch.compile(make(), backend="aot_eager")
+    with pytest.raises(RuntimeError, match="parameters on cpu but got an input on meta"):
+        loose(x(2, 8, 6, 6, device="meta"))

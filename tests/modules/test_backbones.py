@@ -53,6 +53,7 @@ def _fit_two_steps(model: AttentionClassifier, tmp_path) -> pl.Trainer:
     return trainer
 
 
+@pytest.mark.slow  # 2.5-4 s: a fit, a checkpoint and two reloads
 def test_timm_resnet18_with_inserted_blocks_fits_checkpoints_and_reloads(tmp_path) -> None:
     def make() -> nn.Module:
         net = timm.create_model("resnet18", pretrained=False, num_classes=3)
