@@ -9,6 +9,7 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 from setuptools.config.pyprojecttoml import read_configuration
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -140,3 +141,36 @@ def test_readme_own_block_records_like_the_library_blocks():
     assert isinstance(block, AttentionBlock)
     stats = quick_mask_check(block, torch.randn(2, 4, 8, 8))
     assert set(stats) == {"mask"} and 0 < stats["mask"].mean < 1
+
+
+def test_readme_timm_attn_layer_recipe_runs_with_real_timm():
+    """The attn_layer / se_layer recipe, with the real timm (random init, nothing
+    downloads: the snippet builds without pretrained weights)."""
+    from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+
+    (code,) = _python_blocks("## Our blocks inside timm models")
+    assert "pretrained=True" not in code
+    namespace = {"__name__": "readme_timm_recipe"}
+    exec(compile(code, str(README), "exec"), namespace)
+    count = lambda model, cls: sum(isinstance(m, cls) for m in model.modules())  # noqa: E731
+    assert count(namespace["resnet"], CoordinateAttention) == 8
+    assert count(namespace["effnet"], CoordinateAttention) == 16
+    assert count(namespace["resnet_dsa"], DynamicSpatialAttention) == 8
+    assert namespace["effnet"].eval()(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+@pytest.mark.slow  # ~5 s: a resnet18 trained for 5 steps with the diagnostics
+def test_readme_backbone_story_trains_a_timm_model_with_diagnostics(tmp_path, monkeypatch):
+    (code,) = _python_blocks("## A timm or torchvision model in `AttentionClassifier`")
+    # Smaller run, same code.
+    code = code.replace("max_steps=20", "max_steps=5, enable_progress_bar=False")
+    code = code.replace("num_train=256, num_val=64", "num_train=64, num_val=32, batch_size=16")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "readme_backbone"}
+    exec(compile(code, str(README), "exec"), namespace)
+    trainer, model = namespace["trainer"], namespace["model"]
+    assert trainer.global_step == 5
+    assert model.block_names == ["net.layer2_attn", "net.layer3_attn"]
+    metrics = trainer.callback_metrics
+    assert "attn/net.layer2_attn/mask/std" in metrics, sorted(metrics)
+    assert "val/loc/net.layer3_attn" in metrics

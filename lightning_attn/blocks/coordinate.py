@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import math
+import copy
+import typing
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -11,11 +13,26 @@ from torch import nn
 
 from ..core.statistics import ParameterSpec
 from ..core.validation import (
+    MAX_CHANNELS,
+    MAX_KERNEL_EXTENT,
+    MAX_KERNEL_SIZE,
+    check_bool,
     check_choice,
-    check_finite_float,
     check_input,
     check_int,
+    check_parameter_budget,
+    check_size,
     check_unit_interval,
+)
+from .factory import (
+    GATES,
+    ActLayer,
+    HSwish,
+    activation_name,
+    factory_kwargs,
+    gate_name,
+    make_activation,
+    reduced_width,
 )
 from .kernels import (
     BACKENDS,
@@ -31,15 +48,8 @@ from .recording import RecordingMixin
 __all__ = ["CoordinateAttention", "CoordinateAtt", "HSwish"]
 
 
-class HSwish(nn.Module):
-    """``x * relu6(x + 3) / 6``, written as the seed writes it (same rounding)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * F.relu6(x + 3.0) / 6.0
-
-
-def _scalar(module: nn.Module, name: str, value: float, learnable: bool) -> None:
-    tensor = torch.tensor(float(value))
+def _scalar(module: nn.Module, name: str, value: float, learnable: bool, dd: dict) -> None:
+    tensor = torch.tensor(float(value), **dd)
     if learnable:
         setattr(module, name, nn.Parameter(tensor))
     else:
@@ -50,40 +60,36 @@ _SYMBOLS = {"alpha": "α", "alpha_h": "α_h", "alpha_w": "α_w", "beta": "β"}
 _LEARNABLE_FLAG = {"alpha": "learnable_alpha", "alpha_h": "learnable_alpha",
                    "alpha_w": "learnable_alpha", "beta": "learnable_beta"}
 
-_TIMM_ACTS = {"hard_swish": "hswish", "hardswish": "hswish", "relu": "relu"}
-_TIMM_GATES = {"sigmoid": "sigmoid", "hard_sigmoid": "hardsigmoid", "hardsigmoid": "hardsigmoid"}
+#: The activations after the shared 1x1 convolution (``act=``; ``act_layer=`` takes timm's
+#: names and classes for the same set, see :mod:`lightning_attn.blocks.factory`).
+Activation = Literal[
+    "hswish", "relu", "relu6", "silu", "mish", "gelu", "gelu_tanh", "quick_gelu",
+    "hard_mish", "leaky_relu", "elu", "celu", "selu", "tanh", "sigmoid", "hardsigmoid",
+    "identity",
+]
+ACT_NAMES: tuple[str, ...] = typing.get_args(Activation)
 
 
-def _layer_name(name: str, value: object, table: dict[str, str], classes: dict) -> str:
-    if isinstance(value, str) and value.lower() in table:
-        return table[value.lower()]
-    if isinstance(value, type) and value in classes:
-        return classes[value]
-    raise ValueError(
-        f"{name} must be one of {sorted(table)} or {[c.__name__ for c in classes]}, got {value!r}"
-    )
+def _alias(
+    name: str, value: object, choices: tuple[str, ...], default: str, alias: str, mapped: str
+) -> str:
+    """``mapped`` (from timm's ``alias``) unless ``name`` was set to something else too."""
+    value = check_choice(name, value, choices)
+    if value not in (default, mapped):
+        raise ValueError(f"{alias} gives {mapped!r} but {name}={value!r}: give one of them")
+    return mapped
 
 
-def _timm_aliases(reduction, act, gate, rd_ratio, act_layer, gate_layer):
-    """Map timm's ``rd_ratio``/``act_layer``/``gate_layer`` onto ``reduction``/``act``/``gate``."""
-    if rd_ratio is not None:
-        r = check_finite_float("rd_ratio", rd_ratio)
-        if not 0 < r <= 1 or not math.isclose(1 / r, round(1 / r), rel_tol=1e-6):
-            raise ValueError(f"rd_ratio must be 1/n for an integer n >= 1, got {rd_ratio!r}")
-        if reduction not in (32, round(1 / r)):
-            raise ValueError(f"rd_ratio={rd_ratio!r} contradicts reduction={reduction!r}")
-        reduction = round(1 / r)
-    if act_layer is not None:
-        act = _layer_name(
-            "act_layer", act_layer, _TIMM_ACTS,
-            {nn.Hardswish: "hswish", HSwish: "hswish", nn.ReLU: "relu"},
-        )
-    if gate_layer is not None:
-        gate = _layer_name(
-            "gate_layer", gate_layer, _TIMM_GATES,
-            {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"},
-        )
-    return reduction, act, gate
+def _parameter_count(
+    c: int, mid: int, axis_kernel: int | None, layers: int, groups: int, spatial: bool,
+    bias: bool,
+) -> int:
+    """The parameters of a block of this configuration, counted before allocating them."""
+    count = c * mid + 2 * mid + (mid * mid + 2 * mid if layers == 2 else 0)
+    count += 2 * (mid // groups * c + (c if bias else 0))
+    count += 2 * c * axis_kernel if axis_kernel is not None else 0
+    count += 9 * c + c * c + c if spatial else 0
+    return count
 
 
 class CoordinateAttention(RecordingMixin, nn.Module):
@@ -118,24 +124,39 @@ class CoordinateAttention(RecordingMixin, nn.Module):
             is kept between forwards (the seed keeps ``a_h``/``a_w`` on the module).
 
     Args:
-        in_channels: ``C`` of the input.
-        reduction, min_mid_channels: middle width ``max(min_mid_channels, C // reduction)``.
-        act: ``"hswish"`` or ``"relu"`` after the shared 1x1 convolution.
+        channels: ``C`` of the input, first (as timm passes it; the seed's ``in_channels=``
+            is accepted by keyword too).
+        reduction, min_mid_channels: middle width ``max(min_mid_channels, C // reduction)``
+            (at most :data:`~lightning_attn.core.validation.MAX_CHANNELS`).
+        act: the activation after the shared 1x1 convolution: ``"hswish"`` (the seed's),
+            ``"relu"``, or any of :data:`Activation` (timm's activation set).
         alpha: blend in ``[0, 1]`` (0: identity, 1: full attention); ``learnable_alpha``
             makes it (or ``alpha_h``/``alpha_w``) a parameter.
         pool, axis_kernel, axis_dilation, per_axis_alpha, gate, beta, learnable_beta,
         bottleneck_layers, head_groups, spatial_gate: the add-ons above (``beta`` in
-            ``[0, 1]``).
+            ``[0, 1]``; ``axis_kernel`` at most
+            :data:`~lightning_attn.core.validation.MAX_KERNEL_SIZE`, its span
+            ``axis_dilation * (axis_kernel - 1) + 1`` at most ``MAX_KERNEL_EXTENT``).
         backend: ``"auto"`` (default: the path measured fastest on the input's device),
             ``"plain"`` (the seed's ops; double backward), ``"torch"`` (``x * scale`` in one
             fused autograd function that never builds ``att`` or ``scale`` at full size) or
             ``"triton"`` (Triton kernels; CUDA). See
             :mod:`lightning_attn.blocks.kernels.backend`.
         fused: deprecated: ``True`` is ``backend="torch"``, ``False`` ``backend="plain"``.
-        rd_ratio, act_layer, gate_layer: timm's names, accepted as aliases:
-            ``rd_ratio=1/32`` is ``reduction=32``; ``act_layer`` ``"hard_swish"``/``"relu"``
-            or ``nn.Hardswish``/``nn.ReLU``; ``gate_layer`` ``"sigmoid"``/``"hard_sigmoid"``
-            or ``nn.Sigmoid``/``nn.Hardsigmoid``.
+        rd_ratio, rd_divisor, rd_channels: timm's names for the middle width:
+            ``max(min_mid_channels, floor(C * rd_ratio))`` (``rd_ratio=1/32`` is
+            ``reduction=32``), rounded to a multiple of ``rd_divisor`` when given;
+            ``rd_channels`` sets it exactly.
+        act_layer, gate_layer: timm's names for ``act`` / ``gate``: a timm activation name
+            (``"hard_swish"``, ``"swish"``, ``"hard_sigmoid"``, ...) or class (``nn.SiLU``,
+            ``nn.Hardswish``, timm's ``HardSwish``, ...); a class passed is the one that runs.
+        bias: biases in ``conv_h`` / ``conv_w`` (the seed has them; timm's ``CoordAttn`` has
+            none by default: ``bias=False`` is its layout, see :meth:`from_timm`).
+        device, dtype: where and in which floating dtype the parameters and buffers are
+            created (the ``torch.nn`` factory keywords, which timm passes).
+
+    A block of more than :data:`~lightning_attn.core.validation.MAX_BLOCK_PARAMETERS`
+    parameters is refused (its size grows with ``C**2`` with ``spatial_gate``).
 
     Shapes: ``x (B,C,H,W) -> y (B,C,H,W)``.
     """
@@ -144,10 +165,10 @@ class CoordinateAttention(RecordingMixin, nn.Module):
 
     def __init__(
         self,
-        in_channels: int,
+        channels: int | None = None,
         reduction: int = 32,
         min_mid_channels: int = 8,
-        act: Literal["hswish", "relu"] = "hswish",
+        act: Activation = "hswish",
         alpha: float = 1.0,
         learnable_alpha: bool = False,
         pool: Literal["mean", "mean_max"] = "mean",
@@ -164,29 +185,64 @@ class CoordinateAttention(RecordingMixin, nn.Module):
         fused: bool | None = None,
         *,
         rd_ratio: float | None = None,
-        act_layer: str | type[nn.Module] | None = None,
-        gate_layer: str | type[nn.Module] | None = None,
+        rd_divisor: int | None = None,
+        rd_channels: int | None = None,
+        act_layer: ActLayer | None = None,
+        gate_layer: ActLayer | None = None,
+        bias: bool = True,
+        in_channels: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
+        dd = factory_kwargs(device, dtype)
         backend = check_choice("backend", backend_from_fused(fused, backend, owner), BACKENDS)
         if backend == "triton":
             load_triton_ops(f"{owner}(backend='triton')")
-        reduction, act, gate = _timm_aliases(
-            reduction, act, gate, rd_ratio, act_layer, gate_layer
-        )
-        in_channels = check_int("in_channels", in_channels, 1)
+        if in_channels is not None:  # the seed's spelling
+            if channels is not None:
+                raise TypeError(
+                    f"{owner} got both channels={channels!r} and in_channels={in_channels!r}: "
+                    "they are the same argument"
+                )
+            channels = in_channels
+        if channels is None:
+            raise TypeError(f"{owner} needs channels, the C of its (B, C, H, W) input")
+        name = "in_channels" if in_channels is not None else "channels"
+        in_channels = check_size(name, channels, 1, MAX_CHANNELS, "MAX_CHANNELS")
         reduction = check_int("reduction", reduction, 1)
-        min_mid_channels = check_int("min_mid_channels", min_mid_channels, 1)
-        act = check_choice("act", act, ("hswish", "relu"))
+        min_mid_channels = check_size(
+            "min_mid_channels", min_mid_channels, 1, MAX_CHANNELS, "MAX_CHANNELS"
+        )
+        if act_layer is None:
+            act = check_choice("act", act, ACT_NAMES)
+        else:
+            mapped = activation_name("act_layer", act_layer)
+            act = _alias("act", act, ACT_NAMES, "hswish", "act_layer", mapped)
+        if gate_layer is None:
+            gate = check_choice("gate", gate, GATES)
+        else:
+            gate = _alias("gate", gate, GATES, "sigmoid", "gate_layer",
+                          gate_name("gate_layer", gate_layer))
         alpha = check_unit_interval("alpha", alpha)
+        learnable_alpha = check_bool("learnable_alpha", learnable_alpha)
+        per_axis_alpha = check_bool("per_axis_alpha", per_axis_alpha)
+        learnable_beta = check_bool("learnable_beta", learnable_beta)
+        spatial_gate = check_bool("spatial_gate", spatial_gate)
+        bias = check_bool("bias", bias)
         self.pool = check_choice("pool", pool, ("mean", "mean_max"))
-        self.gate = check_choice("gate", gate, ("sigmoid", "hardsigmoid"))
-        axis_dilation = check_int("axis_dilation", axis_dilation, 1)
+        self.gate = gate
+        axis_dilation = check_size("axis_dilation", axis_dilation, 1, MAX_KERNEL_EXTENT,
+                                   "MAX_KERNEL_EXTENT")
         if axis_kernel is not None:
-            axis_kernel = check_int("axis_kernel", axis_kernel, 1)
+            axis_kernel = check_size("axis_kernel", axis_kernel, 1, MAX_KERNEL_SIZE,
+                                     "MAX_KERNEL_SIZE")
             if axis_kernel % 2 == 0:
                 raise ValueError(f"axis_kernel must be odd, got {axis_kernel}")
+            check_size("axis_dilation * (axis_kernel - 1) + 1",
+                       axis_dilation * (axis_kernel - 1) + 1, 1, MAX_KERNEL_EXTENT,
+                       "MAX_KERNEL_EXTENT")
         elif axis_dilation != 1:
             raise ValueError(
                 f"axis_dilation={axis_dilation} needs the axis convolutions: set axis_kernel "
@@ -200,23 +256,28 @@ class CoordinateAttention(RecordingMixin, nn.Module):
         if beta is not None:
             beta = check_unit_interval("beta", beta)
 
-        mid = max(min_mid_channels, in_channels // reduction)
+        mid = reduced_width(
+            in_channels, reduction, min_mid_channels, rd_ratio, rd_divisor, rd_channels
+        )
         if in_channels % head_groups or mid % head_groups:
             raise ValueError(
-                f"head_groups={head_groups} must divide both in_channels={in_channels} and "
-                f"the middle width mid={mid} (max(min_mid_channels, in_channels // reduction))"
+                f"head_groups={head_groups} must divide both {name}={in_channels} and "
+                f"the middle width mid={mid} (max(min_mid_channels, {name} // reduction))"
             )
+        check_parameter_budget(owner, _parameter_count(
+            in_channels, mid, axis_kernel, bottleneck_layers, head_groups, spatial_gate, bias
+        ), f"{name}={in_channels}, mid={mid}, spatial_gate={spatial_gate}")
 
         self.in_channels = in_channels
         self.mid_channels = mid
         self.axis_kernel = axis_kernel
         self.axis_dilation = axis_dilation
-        self.per_axis_alpha = bool(per_axis_alpha)
-        self.learnable_alpha = bool(learnable_alpha)
-        self.learnable_beta = bool(learnable_beta)
+        self.per_axis_alpha = per_axis_alpha
+        self.learnable_alpha = learnable_alpha
+        self.learnable_beta = learnable_beta
         self.bottleneck_layers = bottleneck_layers
         self.head_groups = head_groups
-        self.spatial_gate = bool(spatial_gate)
+        self.spatial_gate = spatial_gate
         self.backend = backend
         self.act_name = act
 
@@ -225,45 +286,54 @@ class CoordinateAttention(RecordingMixin, nn.Module):
             pad = d * (k - 1) // 2
             self.dw_h = nn.Conv2d(
                 in_channels, in_channels, (k, 1), padding=(pad, 0), dilation=(d, 1),
-                groups=in_channels, bias=False,
+                groups=in_channels, bias=False, **dd,
             )
             self.dw_w = nn.Conv2d(
                 in_channels, in_channels, (1, k), padding=(0, pad), dilation=(1, d),
-                groups=in_channels, bias=False,
+                groups=in_channels, bias=False, **dd,
             )
 
         if bottleneck_layers == 1:
-            self.conv1 = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False)
-            self.bn1 = nn.BatchNorm2d(mid)
+            self.conv1 = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False, **dd)
+            self.bn1 = nn.BatchNorm2d(mid, **dd)
         else:
-            self.conv1a = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False)
-            self.bn1a = nn.BatchNorm2d(mid)
-            self.conv1b = nn.Conv2d(mid, mid, kernel_size=1, bias=False)
-            self.bn1b = nn.BatchNorm2d(mid)
-        self.act = HSwish() if act == "hswish" else nn.ReLU(inplace=True)
+            self.conv1a = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False, **dd)
+            self.bn1a = nn.BatchNorm2d(mid, **dd)
+            self.conv1b = nn.Conv2d(mid, mid, kernel_size=1, bias=False, **dd)
+            self.bn1b = nn.BatchNorm2d(mid, **dd)
+        self.act = make_activation(act, act_layer)
 
-        self.conv_h = nn.Conv2d(mid, in_channels, kernel_size=1, groups=head_groups, bias=True)
-        self.conv_w = nn.Conv2d(mid, in_channels, kernel_size=1, groups=head_groups, bias=True)
+        self.conv_h = nn.Conv2d(
+            mid, in_channels, kernel_size=1, groups=head_groups, bias=bias, **dd
+        )
+        self.conv_w = nn.Conv2d(
+            mid, in_channels, kernel_size=1, groups=head_groups, bias=bias, **dd
+        )
 
         if self.per_axis_alpha:
-            _scalar(self, "alpha_h", alpha, self.learnable_alpha)
-            _scalar(self, "alpha_w", alpha, self.learnable_alpha)
+            _scalar(self, "alpha_h", alpha, self.learnable_alpha, dd)
+            _scalar(self, "alpha_w", alpha, self.learnable_alpha, dd)
         else:
-            _scalar(self, "alpha", alpha, self.learnable_alpha)
+            _scalar(self, "alpha", alpha, self.learnable_alpha, dd)
         self.use_beta = beta is not None
         if self.learnable_beta:
-            _scalar(self, "beta", beta, learnable=True)
+            _scalar(self, "beta", beta, learnable=True, dd=dd)
         elif self.use_beta:
             # As in the seed: a plain float, outside the state dict, exact in float64.
             self.beta = beta
 
         if self.spatial_gate:
             self.spatial_dw = nn.Conv2d(
-                in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False
+                in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False, **dd
             )
-            self.spatial_pw = nn.Conv2d(in_channels, in_channels, 1, bias=True)
+            self.spatial_pw = nn.Conv2d(in_channels, in_channels, 1, bias=True, **dd)
 
         self.gate_fn = torch.sigmoid if self.gate == "sigmoid" else F.hardsigmoid
+
+    @property
+    def channels(self) -> int:
+        """``C`` of the input (the same as ``in_channels``, the seed's name)."""
+        return self.in_channels
 
     # -- parameters seen by diagnostics -------------------------------------------------
     def _scalar_names(self) -> tuple[str, ...]:
@@ -330,7 +400,9 @@ class CoordinateAttention(RecordingMixin, nn.Module):
         b, _, *spatial = y.shape
         out = torch.matmul(conv.weight.flatten(1), y.flatten(2))  # (B,Cout,L)
         if conv.bias is not None:
-            out = out + conv.bias[:, None]
+            # In the product's dtype, as the convolution adds it: under autocast a float32
+            # bias would promote the masks (and the output) to float32, unlike "plain".
+            out = out + conv.bias[:, None].to(out.dtype)
         return out.view(b, -1, *spatial)
 
     def _bottleneck(self, y: torch.Tensor, fast: bool) -> torch.Tensor:
@@ -398,7 +470,8 @@ class CoordinateAttention(RecordingMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         owner = type(self).__name__
-        check_input(x, owner, self.in_channels, param_dtype=self.conv_h.weight.dtype)
+        weight = self.conv_h.weight
+        check_input(x, owner, self.in_channels, weight.dtype, weight.device)
         backend = resolve_backend(self.backend, "coord", x)
         if x.shape[0] == 0:
             backend = "plain"  # an empty batch: nothing to fuse (the fused views need rows)
@@ -414,6 +487,126 @@ class CoordinateAttention(RecordingMixin, nn.Module):
             out = out * torch.sigmoid(self.spatial_pw(self.spatial_dw(out)))
         self.record({"mask_h": a_h, "mask_w": a_w})
         return out
+
+    # -- timm's CoordAttn -----------------------------------------------------------------
+    _TIMM_KEYS = ("conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean",
+                  "bn1.running_var", "conv_h.weight", "conv_w.weight")
+
+    def load_timm_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load the state dict of a timm ``CoordAttn`` (``timm.layers.CoordAttn``) into this
+        block (strictly: every timm key is used, every parameter of this block is set).
+
+        The keys are the same (``conv1``, ``bn1``, ``conv_h``, ``conv_w``); the differences
+        are resolved exactly:
+
+        - timm's default ``bias=False`` leaves ``conv_h`` / ``conv_w`` without biases: this
+          block's biases (``bias=True``) are set to zero; build it with ``bias=False`` (as
+          :meth:`from_timm` does) for timm's parameter layout, so that training also matches;
+        - timm's ``bias=True`` adds a ``conv1`` bias, which the BatchNorm right after it
+          cancels in training mode; in eval mode it shifts the normalised value, so it is
+          folded into ``bn1.running_mean`` (``running_mean - bias``), which then also tracks
+          timm's running mean minus the bias in training: the same outputs in both modes.
+
+        Needs the timm layout: ``bottleneck_layers=1``, ``head_groups=1``, no ``axis_kernel``
+        and no ``spatial_gate`` (those add parameters timm's block does not have). Values
+        this block has and timm's lacks (``alpha``, ``beta``) keep their own: with the
+        defaults (``alpha=1``, no ``beta``) the block computes timm's ``x * a_w * a_h``.
+        """
+        owner = type(self).__name__
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        extra = [n for n in ("axis_kernel", "spatial_gate") if getattr(self, n)]
+        if self.bottleneck_layers != 1 or self.head_groups != 1 or extra:
+            raise ValueError(
+                f"{owner} with bottleneck_layers={self.bottleneck_layers}, head_groups="
+                f"{self.head_groups}{''.join(f', {n} set' for n in extra)} does not have timm "
+                "CoordAttn's layout (bottleneck_layers=1, head_groups=1, no axis_kernel, "
+                "no spatial_gate)"
+            )
+        given = dict(state_dict)
+        missing = [k for k in self._TIMM_KEYS if k not in given]
+        known = {*self._TIMM_KEYS, "bn1.num_batches_tracked", "conv1.bias", "conv_h.bias",
+                 "conv_w.bias"}
+        unexpected = sorted(set(given) - known)
+        if missing or unexpected:
+            raise ValueError(
+                f"not a timm CoordAttn state dict: missing keys {missing}, unexpected keys "
+                f"{unexpected}"
+            )
+        ours = self.state_dict()
+        for key in self._TIMM_KEYS:
+            if tuple(given[key].shape) != tuple(ours[key].shape):
+                raise ValueError(
+                    f"{key} has shape {tuple(given[key].shape)} in the timm state dict but "
+                    f"{tuple(ours[key].shape)} in this {owner} (channels={self.in_channels}, "
+                    f"mid={self.mid_channels}); build it with CoordinateAttention.from_timm"
+                )
+        new = {k: given[k] for k in self._TIMM_KEYS}
+        if "bn1.num_batches_tracked" in given:
+            new["bn1.num_batches_tracked"] = given["bn1.num_batches_tracked"]
+        if "conv1.bias" in given:  # cancelled by BatchNorm in training; folded for eval
+            new["bn1.running_mean"] = given["bn1.running_mean"] - given["conv1.bias"]
+        for axis in ("h", "w"):
+            key = f"conv_{axis}.bias"
+            if key in given and key not in ours:
+                raise ValueError(
+                    f"the timm state dict has {key} but this {owner} was built with "
+                    "bias=False; build it with bias=True"
+                )
+            if key in ours:
+                new[key] = given[key] if key in given else torch.zeros_like(ours[key])
+        self.load_state_dict({**ours, **new}, strict=True)
+
+    @classmethod
+    def from_timm(cls, module: nn.Module, **kwargs) -> CoordinateAttention:
+        """A block that computes what timm's ``CoordAttn`` ``module`` computes, with its
+        weights, on its device and in its dtype.
+
+        Built with timm's channels, middle width (``rd_channels``), conv biases, activation
+        (a copy of ``module.act``), gate and BatchNorm settings, then
+        :meth:`load_timm_state_dict`. ``kwargs`` go to the constructor (``backend=``, ...;
+        an add-on makes it compute something else). The outputs agree with timm's to
+        floating-point rounding, not bitwise: timm multiplies ``(x * a_w) * a_h``, this block
+        ``x * (a_h * a_w)`` (and its ``"torch"`` backend fuses the product differently).
+
+        Refused, with a ``ValueError``: ``has_skip=True`` (``x * a + x`` is outside the
+        ``alpha`` blend) and a norm layer other than ``nn.BatchNorm2d`` (or none).
+        """
+        names = ("conv1", "bn1", "act", "conv_h", "conv_w", "gate")
+        if not isinstance(module, nn.Module) or not all(hasattr(module, n) for n in names):
+            raise TypeError(
+                f"module must be a timm CoordAttn (with {', '.join(names)}), got "
+                f"{type(module).__name__}"
+            )
+        if getattr(module, "has_skip", False):
+            raise ValueError(
+                "timm CoordAttn(has_skip=True) computes x * a_h * a_w + x, which "
+                f"{cls.__name__}'s alpha blend in [0, 1] cannot express"
+            )
+        bn = module.bn1
+        if type(bn) is not nn.BatchNorm2d or not (bn.affine and bn.track_running_stats):
+            raise ValueError(
+                f"timm CoordAttn's norm layer is {type(bn).__name__}; {cls.__name__} needs "
+                "an affine nn.BatchNorm2d with running statistics"
+            )
+        act_name = activation_name("module.act", type(module.act))
+        if any(True for _ in module.act.parameters()):
+            raise ValueError(f"module.act ({type(module.act).__name__}) has parameters")
+        weight = module.conv_h.weight
+        block = cls(
+            module.conv1.in_channels,
+            rd_channels=module.conv1.out_channels,
+            act_layer=act_name,
+            gate_layer=type(module.gate),
+            bias=module.conv_h.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+            **kwargs,
+        )
+        block.act = copy.deepcopy(module.act)  # the very activation timm runs
+        block.bn1.eps, block.bn1.momentum = bn.eps, bn.momentum
+        block.load_timm_state_dict(module.state_dict())
+        return block.train(module.training)
 
     def extra_repr(self) -> str:
         return (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -12,13 +13,20 @@ from torch import nn
 
 from ..core.statistics import ParameterSpec
 from ..core.validation import (
+    MAX_BRANCHES,
+    MAX_CHANNELS,
+    MAX_KERNEL_EXTENT,
+    MAX_KERNEL_SIZE,
+    MAX_ROUTER_HIDDEN,
+    check_bool,
     check_choice,
     check_float32_temperature,
     check_input,
-    check_int,
     check_nonnegative_float,
     check_positive_float,
+    check_size,
 )
+from .factory import ActLayer, activation_name, factory_kwargs, gate_name, make_activation
 from .kernels import (
     BACKENDS,
     Backend,
@@ -34,6 +42,9 @@ __all__ = ["DynamicSpatialAttention"]
 
 _GATES = ("sigmoid", "hardsigmoid")
 Gate = Literal["sigmoid", "hardsigmoid"]
+# The default of ``kernels``, one object: a call that passed kernels positionally first (the
+# signature before ``channels``) is told apart from one that also passed ``kernels``.
+_DEFAULT_KERNELS = (3, 7)
 
 
 def _odd_kernel(name: str, k: object) -> int:
@@ -45,6 +56,12 @@ def _odd_kernel(name: str, k: object) -> int:
     k = int(k)
     if k < 1:
         raise ValueError(f"{name} must be >= 1, got {k}")
+    if k > MAX_KERNEL_SIZE:
+        raise ValueError(
+            f"{name}={k} is above the limit of {MAX_KERNEL_SIZE} (MAX_KERNEL_SIZE in "
+            "lightning_attn.core.validation): a block this size would allocate absurd "
+            "memory or compute"
+        )
     return k + 1 if k % 2 == 0 else k
 
 
@@ -60,6 +77,30 @@ def _inverse_softplus(t: float, eps: float) -> float:
     return target + math.log(-math.expm1(-target))
 
 
+def _channels_or_old_kernels(owner: str, channels: object, kernels: object):
+    """``(channels, kernels)``, mapping a call of the signature before ``channels`` came
+    first (``DynamicSpatialAttention((3, 5))``) onto ``kernels``, with a ``FutureWarning``."""
+    if channels is None:
+        return None, kernels
+    if isinstance(channels, Sequence) and not isinstance(channels, (str, bytes)):
+        if kernels is not _DEFAULT_KERNELS:
+            raise TypeError(
+                f"{owner}: the first argument is now channels (an int), and kernels "
+                f"was given as well: got {channels!r} first and kernels={kernels!r}; pass the "
+                "kernel sizes (and every argument after them) by keyword"
+            )
+        warnings.warn(
+            f"{owner}({channels!r}): a sequence as the first argument is taken as kernels "
+            "for one more release; the first argument is now channels (the timm / torch.nn "
+            f"convention), and this will be an error in 0.3: write "
+            f"{owner}(kernels={tuple(channels)!r})",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return None, channels
+    return check_size("channels", channels, 1, MAX_CHANNELS, "MAX_CHANNELS"), kernels
+
+
 class DynamicSpatialAttention(RecordingMixin, nn.Module):
     """Spatial attention whose mask mixes K convolution branches with per-sample weights.
 
@@ -69,6 +110,10 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
     ``(B,1,H,W)``; ``y = x * mask``.
 
     Args:
+        channels: ``C`` of the input, first (as timm passes it). The weights do not depend on
+            it (the block acts on the channel mean and max), so it may be left out; when
+            given, the forward checks the input's ``C`` against it. A sequence in this place
+            is taken as ``kernels`` (the first argument of 0.1) with a ``FutureWarning``.
         kernels: kernel sizes of the plain branches. An even size is raised by one, as in
             the seed (``4`` becomes ``5``), so that padding ``k // 2`` keeps ``H, W``.
         use_dilated: add one dilated branch.
@@ -90,13 +135,26 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
             kernels; CUDA). All give the same values and gradients up to rounding; see
             :mod:`lightning_attn.blocks.kernels.backend`.
         fused: deprecated: ``True`` is ``backend="torch"``, ``False`` ``backend="plain"``.
+        act_layer: timm's name for the router's hidden activation (default ReLU): a timm
+            activation name or class, as timm's EfficientNet passes its block's activation
+            to ``se_layer``. DSA has no channel reduction, so timm's ``rd_ratio`` does not
+            apply (an unexpected keyword; timm's EfficientNet builder then leaves it out).
+        gate_layer: timm's name for ``gate`` (``"sigmoid"``, ``"hard_sigmoid"`` or the class).
+        device, dtype: where and in which floating dtype the parameters and buffers are
+            created (the ``torch.nn`` factory keywords, which timm passes).
+
+    Size limits (:mod:`lightning_attn.core.validation`): kernel sizes up to
+    ``MAX_KERNEL_SIZE`` (255), ``dilated_d`` and the dilated span ``dilated_d *
+    (dilated_kernel - 1) + 1`` up to ``MAX_KERNEL_EXTENT`` (1023), ``MAX_BRANCHES`` (64)
+    branches, ``router_hidden`` up to ``MAX_ROUTER_HIDDEN`` (4096).
 
     Shapes: ``x (B,C,H,W) -> y (B,C,H,W), mask (B,1,H,W)[, rw (B,K)]``.
     """
 
     def __init__(
         self,
-        kernels: Sequence[int] = (3, 7),
+        channels: int | None = None,
+        kernels: Sequence[int] = _DEFAULT_KERNELS,
         use_dilated: bool = True,
         dilated_kernel: int = 7,
         dilated_d: int = 2,
@@ -110,16 +168,38 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
         return_mask: bool = True,
         backend: Backend = "auto",
         fused: bool | None = None,
+        *,
+        act_layer: ActLayer | None = None,
+        gate_layer: ActLayer | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
+        channels, kernels = _channels_or_old_kernels(owner, channels, kernels)
+        dd = factory_kwargs(device, dtype)
         backend = check_choice("backend", backend_from_fused(fused, backend, owner), BACKENDS)
         if backend == "triton":
             load_triton_ops(f"{owner}(backend='triton')")
         temperature = check_float32_temperature(check_positive_float("temperature", temperature))
         gate = check_choice("gate", gate, _GATES)
-        router_hidden = check_int("router_hidden", router_hidden, 1)
+        if gate_layer is not None:
+            mapped = gate_name("gate_layer", gate_layer)
+            if gate not in ("sigmoid", mapped):
+                raise ValueError(
+                    f"gate_layer gives {mapped!r} but gate={gate!r}: give one of them"
+                )
+            gate = mapped
+        act = "relu" if act_layer is None else activation_name("act_layer", act_layer)
+        router_hidden = check_size(
+            "router_hidden", router_hidden, 1, MAX_ROUTER_HIDDEN, "MAX_ROUTER_HIDDEN"
+        )
         eps = check_nonnegative_float("eps", eps)
+        use_dilated = check_bool("use_dilated", use_dilated)
+        learnable_temperature = check_bool("learnable_temperature", learnable_temperature)
+        bias = check_bool("bias", bias)
+        return_router_weights = check_bool("return_router_weights", return_router_weights)
+        return_mask = check_bool("return_mask", return_mask)
         if learnable_temperature and temperature <= eps:
             raise ValueError(
                 f"temperature={temperature!r} must exceed eps={eps!r} when "
@@ -127,10 +207,19 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
             )
         if isinstance(kernels, (str, bytes)) or not isinstance(kernels, Sequence):
             raise TypeError(f"kernels must be a sequence of ints, got {kernels!r}")
+        if len(kernels) + use_dilated > MAX_BRANCHES:
+            raise ValueError(
+                f"kernels has {len(kernels)} entries, above the limit of {MAX_BRANCHES} "
+                "branches (MAX_BRANCHES in lightning_attn.core.validation)"
+            )
         ks = [_odd_kernel(f"kernels[{i}]", k) for i, k in enumerate(kernels)]
         if use_dilated:
             dk = _odd_kernel("dilated_kernel", dilated_kernel)
-            dilated_d = check_int("dilated_d", dilated_d, 1)
+            dilated_d = check_size(
+                "dilated_d", dilated_d, 1, MAX_KERNEL_EXTENT, "MAX_KERNEL_EXTENT"
+            )
+            check_size("dilated_d * (dilated_kernel - 1) + 1", dilated_d * (dk - 1) + 1, 1,
+                       MAX_KERNEL_EXTENT, "MAX_KERNEL_EXTENT")
         if not ks and not use_dilated:
             raise ValueError(
                 "DynamicSpatialAttention needs at least one branch: kernels=() with "
@@ -142,22 +231,24 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
                 "return_mask=False (return y alone) contradicts return_router_weights=True"
             )
 
+        self.channels = channels
         self.eps = eps
-        self.return_router_weights = bool(return_router_weights)
-        self.return_mask = bool(return_mask)
+        self.return_router_weights = return_router_weights
+        self.return_mask = return_mask
         self.backend = backend
         self.gate = gate
+        self.router_act = act
         self.kernel_sizes = tuple(ks)
-        self.use_dilated = bool(use_dilated)
+        self.use_dilated = use_dilated
 
         self.branches = nn.ModuleList(
-            nn.Conv2d(2, 1, kernel_size=k, padding=k // 2, bias=False) for k in ks
+            nn.Conv2d(2, 1, kernel_size=k, padding=k // 2, bias=False, **dd) for k in ks
         )
         if use_dilated:
             self.branches.append(
                 nn.Conv2d(
                     2, 1, kernel_size=dk, padding=dilated_d * (dk - 1) // 2,
-                    dilation=dilated_d, bias=False,
+                    dilation=dilated_d, bias=False, **dd,
                 )
             )
         self.num_branches = len(self.branches)
@@ -166,17 +257,17 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
         )
         self.gate_fn = torch.sigmoid if gate == "sigmoid" else F.hardsigmoid
 
-        self.learnable_temperature = bool(learnable_temperature)
+        self.learnable_temperature = learnable_temperature
         if self.learnable_temperature:
-            self.t_raw = nn.Parameter(torch.tensor(_inverse_softplus(temperature, eps)))
+            self.t_raw = nn.Parameter(torch.tensor(_inverse_softplus(temperature, eps), **dd))
         else:
-            self.register_buffer("T", torch.tensor(temperature))
+            self.register_buffer("T", torch.tensor(temperature, **dd))
 
         self.router = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(2, router_hidden, 1, bias=bias),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(router_hidden, self.num_branches, 1, bias=bias),
+            nn.Conv2d(2, router_hidden, 1, bias=bias, **dd),
+            make_activation(act, act_layer),
+            nn.Conv2d(router_hidden, self.num_branches, 1, bias=bias, **dd),
         )
 
     def _get_T(self) -> torch.Tensor:
@@ -228,7 +319,8 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
 
     def forward(self, x: torch.Tensor):
         owner = type(self).__name__
-        check_input(x, owner, param_dtype=self.branches[0].weight.dtype)
+        weight = self.branches[0].weight
+        check_input(x, owner, self.channels, weight.dtype, weight.device, "channels")
         backend = resolve_backend(self.backend, "dsa", x)
         stash = None
         if backend == "torch":
@@ -248,8 +340,8 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
             # The router's 1x1 convolutions on a (B,2,1,1) map are linear layers; as such
             # they skip the convolution overhead, and their weight gradients keep the
             # parameters' layout (DDP's gradient buckets would copy channels_last ones).
-            _, conv1, _, conv2 = self.router
-            hidden = F.relu(F.linear(s.mean(dim=(2, 3)), conv1.weight.flatten(1), conv1.bias))
+            _, conv1, act, conv2 = self.router
+            hidden = act(F.linear(s.mean(dim=(2, 3)), conv1.weight.flatten(1), conv1.bias))
             logits = F.linear(hidden, conv2.weight.flatten(1), conv2.bias)  # (B,K)
         rw = torch.softmax(logits, dim=1)
 
@@ -275,8 +367,11 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
         return y, mask
 
     def extra_repr(self) -> str:
+        act = f"router_act={self.router_act!r}, " if self.router_act != "relu" else ""
         return (
-            f"kernels={self.kernel_sizes}, use_dilated={self.use_dilated}, "
+            ("" if self.channels is None else f"channels={self.channels}, ")
+            + act
+            + f"kernels={self.kernel_sizes}, use_dilated={self.use_dilated}, "
             f"num_branches={self.num_branches}, gate={self.gate!r}, "
             f"learnable_temperature={self.learnable_temperature}, backend={self.backend!r}"
         )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_attn.blocks import find_attention_blocks
+from lightning_attn.core.validation import check_int
 from lightning_attn.metrics import LocalisationScore
 
 from .backbone import AttentionCNN
@@ -31,16 +33,58 @@ __all__ = ["AttentionClassifier"]
 Batch = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
 
 
+def _check_backbone_arguments(backbone: object, hparams: Mapping[str, Any]) -> None:
+    """A backbone replaces the built-in CNN: its arguments must keep their defaults (set,
+    they would silently do nothing)."""
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be an nn.Module or None, got {type(backbone).__name__}")
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(AttentionClassifier.__init__).parameters.items()
+    }
+    defaults["dsa"] = block_options("dsa", None)
+    defaults["coord"] = block_options("coord", None)
+    changed = [
+        f"{name}={hparams[name]!r}" for name in _CNN_ARGUMENTS
+        if _normalised(hparams[name]) != _normalised(defaults[name])
+    ]
+    if changed:
+        raise ValueError(
+            f"backbone={type(backbone).__name__} replaces the built-in AttentionCNN, which "
+            f"{', '.join(changed)} configure(s): leave them out (insert attention into the "
+            "backbone with insert_attention or timm's attn_layer / se_layer)"
+        )
+
+
+def _normalised(value: object) -> object:
+    # stage_widths=[16, 32, 64] from a config is the default (16, 32, 64)
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _describe(obj: object) -> str:
     if isinstance(obj, Tensor):
         return f"shape {tuple(obj.shape)} dtype {obj.dtype}"
     return type(obj).__name__
 
 
-class AttentionClassifier(pl.LightningModule):
-    """Image classifier: a small CNN with an attention block after every stage.
+# The arguments that configure the built-in AttentionCNN: with backbone= they would do nothing.
+_CNN_ARGUMENTS = (
+    "in_channels", "stage_widths", "depth", "attention", "attention_kwargs", "activation",
+    "downsample", "dropout", "stem_stride", "dsa", "coord",
+)
+# Where a checkpoint of a model with backbone= names the backbone's class (see
+# on_save_checkpoint): a reload without backbone= is then a clear error, not a key mismatch.
+_BACKBONE_KEY = "lightning_attn_backbone"
 
-    The network is :class:`~lightning_attn.modules.AttentionCNN` (``self.net``). Batches are
+
+class AttentionClassifier(pl.LightningModule):
+    """Image classifier: a small CNN with an attention block after every stage, or any
+    backbone of yours.
+
+    The network (``self.net``) is :class:`~lightning_attn.modules.AttentionCNN`, or
+    ``backbone`` when given: any ``nn.Module`` mapping images ``(B,C,H,W)`` to logits
+    ``(B,num_classes)``, e.g. a timm or torchvision model (built with ``num_classes``), with
+    or without attention blocks (``attn_layer=``, ``insert_attention``). Batches are
     ``(images (B,C,H,W) float, labels (B,) int64[, boxes (B,4) float])``; with boxes,
     validation and test also score how well each attention block's spatial mask localises
     the object (:class:`~lightning_attn.metrics.LocalisationScore`).
@@ -72,11 +116,19 @@ class AttentionClassifier(pl.LightningModule):
             ``--model.optimizer SGD --model.optimizer.lr 0.1``).
         lr_scheduler: ``optimizer -> LRScheduler`` or ``None``; ``ReduceLROnPlateau``
             monitors ``val/loss``.
+        backbone: the network to train instead of the built-in CNN (then the CNN's
+            arguments, ``in_channels`` to ``coord``, must keep their defaults). Its
+            attention blocks are found as the built-in ones are (localisation score,
+            diagnostics); assigning ``model.net = other`` before ``fit`` works as well.
 
     ``save_hyperparameters`` keeps everything except ``optimizer`` and ``lr_scheduler``
     (callables do not load with ``torch.load(weights_only=True)``; the CLI writes them to
-    the run's ``config.yaml``), ``dsa`` and ``coord`` as plain dicts, so
-    ``AttentionClassifier.load_from_checkpoint(path)`` rebuilds the network.
+    the run's ``config.yaml``) and ``backbone`` (a module is weights, not a
+    hyperparameter), ``dsa`` and ``coord`` as plain dicts, so
+    ``AttentionClassifier.load_from_checkpoint(path)`` rebuilds the network; with a
+    backbone, pass a fresh one of the same architecture:
+    ``load_from_checkpoint(path, backbone=timm.create_model("resnet18", num_classes=10))``
+    (a checkpoint with a backbone says so when it is missing).
     """
 
     def __init__(
@@ -95,49 +147,110 @@ class AttentionClassifier(pl.LightningModule):
         coord: CoordOptions = CoordOptions(),  # noqa: B008
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        backbone: nn.Module | None = None,
     ) -> None:
         super().__init__()
         # Plain dicts before save_hyperparameters reads them: checkpoints load with
         # torch.load(weights_only=True) and hparams.yaml stays plain YAML.
         dsa, coord = block_options("dsa", dsa), block_options("coord", coord)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.net = AttentionCNN(
-            in_channels=in_channels,
-            num_classes=num_classes,
-            stage_widths=stage_widths,
-            depth=depth,
-            attention=attention,
-            attention_kwargs=block_kwargs(
-                attention, {"dsa": dsa, "coord": coord}, attention_kwargs
-            ),
-            activation=activation,
-            downsample=downsample,
-            dropout=dropout,
-            stem_stride=stem_stride,
-        )
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "backbone"])
+        if backbone is not None:
+            _check_backbone_arguments(backbone, self.hparams)
+            check_int("num_classes", num_classes, 2)
+            self.net = backbone
+        else:
+            self.net = AttentionCNN(
+                in_channels=in_channels,
+                num_classes=num_classes,
+                stage_widths=stage_widths,
+                depth=depth,
+                attention=attention,
+                attention_kwargs=block_kwargs(
+                    attention, {"dsa": dsa, "coord": coord}, attention_kwargs
+                ),
+                activation=activation,
+                downsample=downsample,
+                dropout=dropout,
+                stem_stride=stem_stride,
+            )
+        self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.block_names: list[str] = list(find_attention_blocks(self)[0])
-        self.val_loc = nn.ModuleList(LocalisationScore() for _ in self.block_names)
-        self.test_loc = nn.ModuleList(LocalisationScore() for _ in self.block_names)
+        self.block_names: list[str] = []
+        self.val_loc = nn.ModuleList()
+        self.test_loc = nn.ModuleList()
+        self._sync_blocks()
+
+    def _sync_blocks(self) -> None:
+        """One localisation metric per attention block of ``self.net``: again whenever the
+        network was replaced (``model.net = timm_model`` after construction)."""
+        names = list(find_attention_blocks(self)[0])
+        if names == self.block_names and len(self.val_loc) == len(names):
+            return
+        self.block_names = names
+        device = next((p.device for p in self.parameters()), torch.device("cpu"))
+        self.val_loc = nn.ModuleList(LocalisationScore() for _ in names).to(device)
+        self.test_loc = nn.ModuleList(LocalisationScore() for _ in names).to(device)
+
+    # -- checkpoints with a backbone -----------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not isinstance(self.net, AttentionCNN):
+            net = type(self.net)
+            checkpoint[_BACKBONE_KEY] = f"{net.__module__}.{net.__qualname__}"
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(_BACKBONE_KEY)
+        if saved is not None and isinstance(self.net, AttentionCNN):
+            raise ValueError(
+                f"this checkpoint holds a {saved} backbone, not the built-in AttentionCNN: "
+                "pass a fresh one of the same architecture, "
+                "AttentionClassifier.load_from_checkpoint(path, backbone=<the model>)"
+            )
 
     def setup(self, stage: str) -> None:
+        self._sync_blocks()
         # A label >= num_classes fails deep inside cross_entropy during the sanity check; a
         # data module that says how many classes its labels take is checked before that.
         classes = getattr(getattr(self.trainer, "datamodule", None), "num_classes", None)
-        if isinstance(classes, int) and classes > self.hparams.num_classes:
+        if isinstance(classes, int) and classes > self.num_classes:
             raise ValueError(
                 f"num_classes must cover the data module's {classes} classes (labels 0 to "
-                f"{classes - 1}), got {self.hparams.num_classes}"
+                f"{classes - 1}), got {self.num_classes}"
             )
 
     # -- forward and batch checks -------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         """``images (B,C,H,W) -> logits (B,num_classes)``."""
         return self.net(x)
+
+    def _check_images(self, x: object) -> None:
+        """The network's own check (AttentionCNN's names its input size), else: a float
+        ``(B, C, H, W)`` tensor."""
+        check = getattr(self.net, "check_input", None)
+        if callable(check):
+            check(x)
+            return
+        expected = "images as a float tensor of shape (B, C, H, W)"
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected {expected}, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"expected {expected}, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected {expected}, got dtype {x.dtype}")
+
+    def _check_logits(self, logits: object, b: int) -> Tensor:
+        """A backbone's output must be logits ``(B, num_classes)``: a timm or torchvision
+        model built without ``num_classes`` returns 1000 of them."""
+        if not isinstance(logits, Tensor) or logits.shape != (b, self.num_classes):
+            raise ValueError(
+                f"the network must return logits of shape ({b}, {self.num_classes}) "
+                f"(num_classes={self.num_classes}), got {_describe(logits)}; build a timm or "
+                "torchvision backbone with num_classes="
+            )
+        return logits
 
     def _unpack(self, batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         """Check a batch and return ``(images, labels, boxes or None)``."""
@@ -151,7 +264,7 @@ class AttentionClassifier(pl.LightningModule):
             )
         x, y = batch[0], batch[1]
         boxes = batch[2] if len(batch) == 3 else None
-        self.net.check_input(x)
+        self._check_images(x)
         b = x.shape[0]
         if not isinstance(y, Tensor) or y.shape != (b,) or y.dtype != torch.int64:
             raise ValueError(
@@ -168,7 +281,7 @@ class AttentionClassifier(pl.LightningModule):
     # -- steps ------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y, _ = self._unpack(batch)
-        logits = self(x)
+        logits = self._check_logits(self(x), x.shape[0])
         loss = F.cross_entropy(logits, y)
         self.train_acc(logits, y)
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
@@ -178,6 +291,7 @@ class AttentionClassifier(pl.LightningModule):
     def _eval_step(self, batch: Batch, stage: str) -> None:
         x, y, boxes = self._unpack(batch)
         logits, masks = self._forward_capturing(x) if boxes is not None else (self(x), {})
+        self._check_logits(logits, x.shape[0])
         if stage == "val":
             acc, loc = self.val_acc, self.val_loc
         else:
@@ -202,8 +316,8 @@ class AttentionClassifier(pl.LightningModule):
     def predict_step(self, batch: Batch, batch_idx: int) -> Tensor:
         """Class probabilities ``(B, num_classes)``."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        self.net.check_input(x)
-        return self(x).softmax(dim=-1)
+        self._check_images(x)
+        return self._check_logits(self(x), x.shape[0]).softmax(dim=-1)
 
     # -- spatial masks for the localisation score (validation and test only) ----------
     def _forward_capturing(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

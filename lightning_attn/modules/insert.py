@@ -56,7 +56,17 @@ def _output_shapes(
     try:
         model.eval()
         with torch.no_grad():
-            model(example_input)
+            try:
+                model(example_input)
+            except Exception as err:  # the model's own error, said to be about example_input
+                shape = (
+                    tuple(example_input.shape) if isinstance(example_input, torch.Tensor)
+                    else type(example_input).__name__
+                )
+                raise ValueError(
+                    f"example_input ({shape}) failed in a forward pass of "
+                    f"{type(model).__name__}: {type(err).__name__}: {err}"
+                ) from err
     finally:
         model.train(was_training)
         for h in handles:
@@ -144,6 +154,22 @@ class _ApplyAttention:
         return first_tensor(block(output))
 
 
+def _like(block: nn.Module, model: nn.Module, target: str, kwargs: Mapping) -> nn.Module:
+    """``block`` in the model's train/eval mode, on the target's device and in its floating
+    dtype (unless ``device`` / ``dtype`` were given): a new module is in training mode on the
+    CPU in float32, which in a CUDA, bf16 or eval-mode model would fail at the first forward
+    or normalise with batch statistics."""
+    block.train(model.training)
+    module = model.get_submodule(target)
+    tensors = [*module.parameters(), *module.buffers()] or [*model.parameters(), *model.buffers()]
+    floats = [t for t in tensors if t.is_floating_point()]
+    if tensors and "device" not in kwargs:
+        block.to(device=tensors[0].device)
+    if floats and "dtype" not in kwargs:
+        block.to(dtype=floats[0].dtype)
+    return block
+
+
 def _hooks_of(module: nn.Module) -> dict[int, _ApplyAttention]:
     return {k: h for k, h in module._forward_hooks.items() if isinstance(h, _ApplyAttention)}
 
@@ -155,7 +181,9 @@ def _host(model: nn.Module, target: str) -> tuple[nn.Module, str]:
     ``ModuleDict`` holds it as ``<target path below it, dots as underscores>_attn``
     (``layer1`` -> ``layer1_attn`` on the model, ``layer1.0.conv1`` -> ``layer1.0.conv1_attn``
     in the residual block); with only containers above (an ``nn.Sequential`` model), the
-    target itself holds it as ``output_attn``.
+    target itself holds it as ``output_attn``; when the target is a container too (a stage
+    of a timm ``features_only`` model), the first plain module down its last children holds
+    it as ``<target path, dots as underscores>_attn`` (``layer1`` -> ``layer1.1.layer1_attn``).
     """
     parts = target.split(".")
     for i in range(len(parts) - 1, -1, -1):
@@ -165,11 +193,20 @@ def _host(model: nn.Module, target: str) -> tuple[nn.Module, str]:
     module = model.get_submodule(target)
     if not isinstance(module, _CONTAINERS):
         return module, _SELF_HOSTED
+    # A container inside containers only (a stage of timm's features_only FeatureListNet or
+    # torchvision's IntermediateLayerGetter, both ModuleDicts that run every child): the
+    # first plain module down its chain of last children holds the block, named after the
+    # target. Only where the block is stored changes; the hook still runs it after target.
+    inner = module
+    while isinstance(inner, _CONTAINERS) and len(inner._modules):
+        inner = list(inner._modules.values())[-1]
+    if not isinstance(inner, _CONTAINERS):
+        return inner, target.replace(".", "_") + _SUFFIX
     raise ValueError(
         f"cannot insert attention after {target!r}: it and every module above it are "
         "nn.Sequential / ModuleList / ModuleDict containers, which would run a block "
-        "registered in them as one more layer; name a plain submodule inside it (e.g. "
-        f"'{target}.<its last layer>') or hold the model in a plain nn.Module"
+        "registered in them as one more layer, and it holds no plain module that could; "
+        "hold the model in a plain nn.Module"
     )
 
 
@@ -230,7 +267,10 @@ def insert_attention(
     ``<path of m below it, dots as underscores>_attn``: ``layer1`` -> ``layer1_attn``,
     ``stages.2`` -> ``stages_2_attn``, ``layer1.0.conv1`` -> ``layer1.0.conv1_attn``; in a
     model that is an ``nn.Sequential`` down to ``m``, ``m`` itself holds it as
-    ``output_attn``. So a state dict saved before the insertion loads after it with
+    ``output_attn``; in a model made of containers only (timm's ``features_only=True``
+    ``FeatureListNet``, a ``ModuleDict``), the block after a stage ``layer1`` lives in that
+    stage's last plain module as ``layer1.1.layer1_attn``. So a state dict saved before the
+    insertion loads after it with
     ``strict=False`` (only the blocks' keys missing, none unexpected), one saved after it
     loads into a fresh model after the same insertion with ``strict=True``, the blocks show
     in ``named_modules()`` (the diagnostics find them), and ``torch.compile``, ``deepcopy``,
@@ -245,8 +285,12 @@ def insert_attention(
         channels: ``C`` for every block (an int) or per name (a dict); otherwise inferred
             by :func:`infer_out_channels`.
         example_input: a batch for one ``eval``/no-grad pass that reads (and checks) each
-            output's shape; a non-4-D output is a ``ValueError`` naming its shape.
+            output's shape; a non-4-D output is a ``ValueError`` naming its shape, and so is
+            an error of the model on it.
         **kwargs: the block's constructor arguments.
+
+    Each block is made like its target: on its device, in its floating dtype (unless
+    ``device=`` / ``dtype=`` are given) and in the model's train/eval mode.
 
     Returns ``model`` itself (modified in place).
     """
@@ -285,8 +329,13 @@ def insert_attention(
     else:
         todo = [n for n in names if n not in given]
         chans = {**given, **(infer_out_channels(model, todo) if todo else {})}
-    # Build every block before changing the model, so a bad keyword leaves it untouched.
-    blocks = {target: create_attention(name, chans[target], **kwargs) for target in names}
+    # Build every block before changing the model, so a bad keyword leaves it untouched. A
+    # block takes the model's train/eval mode: a new module is in training mode, which in a
+    # model set to eval would normalise with batch statistics (and update running ones).
+    blocks = {
+        target: _like(create_attention(name, chans[target], **kwargs), model, target, kwargs)
+        for target in names
+    }
     for target, (host, attr) in hosts.items():
         host.add_module(attr, blocks[target])
         model.get_submodule(target).register_forward_hook(_ApplyAttention(host, attr, target))

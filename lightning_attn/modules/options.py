@@ -22,6 +22,7 @@ __all__ = [
     "Activation",
     "AttentionName",
     "BLOCK_OPTIONS",
+    "CHANNEL_ARGUMENTS",
     "DEPRECATED_ARGUMENTS",
     "CoordOptions",
     "DSAOptions",
@@ -39,6 +40,8 @@ Downsample = Literal["maxpool", "avgpool", "stride"]
 
 # Deprecated spellings stay out of the typed config (Python callers may still pass them).
 DEPRECATED_ARGUMENTS = ("fused",)  # -> backend=
+# The input's channel count: the network gives it per stage, never a config.
+CHANNEL_ARGUMENTS = ("channels", "in_channels")
 
 
 def _constructor_parameters(block: type) -> list[inspect.Parameter]:
@@ -50,9 +53,10 @@ def options_dataclass(block: type, name: str, exclude: tuple[str, ...] = ()) -> 
     default and can be given by position (same name, type and default), documented by the
     block's docstring.
 
-    Left out: required arguments (``in_channels``: the network gives it), keyword-only ones
-    (aliases such as timm's ``rd_ratio`` / ``act_layer``: one spelling per setting in a
-    config) and ``exclude``.
+    Left out: required arguments, keyword-only ones (aliases such as timm's ``rd_ratio`` /
+    ``act_layer`` and the factory keywords ``device`` / ``dtype``: one spelling per setting
+    in a config), the channel count (``channels``: the network gives it per stage) and
+    ``exclude``.
     """
     init = block.__init__
     try:
@@ -64,7 +68,7 @@ def options_dataclass(block: type, name: str, exclude: tuple[str, ...] = ()) -> 
         for p in _constructor_parameters(block)
         if p.default is not inspect.Parameter.empty
         and p.kind is p.POSITIONAL_OR_KEYWORD
-        and p.name not in exclude
+        and p.name not in (*exclude, *CHANNEL_ARGUMENTS)
     ]
     cls = dataclasses.make_dataclass(name, fields, frozen=True)
     cls.__module__ = __name__  # importable (pickling) and named in --help
@@ -131,6 +135,6 @@ def block_kwargs(
     if attention not in BLOCK_OPTIONS:
         return extra
     valid = [p.name for p in _constructor_parameters(_BLOCKS[attention])
-             if p.default is not inspect.Parameter.empty]
+             if p.default is not inspect.Parameter.empty and p.name not in CHANNEL_ARGUMENTS]
     _check_keys(extra, valid, f"attention_kwargs for {attention!r}")
     return {**block_options(attention, options.get(attention)), **extra}

@@ -104,12 +104,12 @@ def test_dsa_valid_edge_values_accepted():
 # --------------------------------------------------------------------------------------
 
 COORD_BAD_VALUES = [
-    (0, {}, "in_channels", "0"),
-    (-4, {}, "in_channels", "-4"),
+    (0, {}, "channels", "0"),
+    (-4, {}, "channels", "-4"),
     (16, {"reduction": 0}, "reduction", "0"),
     (16, {"reduction": -2}, "reduction", "-2"),
     (16, {"min_mid_channels": 0}, "min_mid_channels", "0"),
-    (16, {"act": "gelu"}, "act", "gelu"),
+    (16, {"act": "swishy"}, "act", "swishy"),
     (16, {"pool": "max"}, "pool", "max"),
     (16, {"gate": "relu"}, "gate", "relu"),
     (16, {"alpha": NAN}, "alpha", "nan"),
@@ -148,8 +148,8 @@ def test_head_groups_message_has_both_numbers():
 
 
 COORD_BAD_TYPES = [
-    (16.0, {}, "in_channels"),
-    ("16", {}, "in_channels"),
+    (16.0, {}, "channels"),
+    ("16", {}, "channels"),
     (16, {"reduction": 2.5}, "reduction"),
     (16, {"head_groups": 2.0}, "head_groups"),
     (16, {"axis_kernel": 3.0}, "axis_kernel"),
@@ -336,10 +336,11 @@ def test_coord_accepts_timm_argument_names():
 
 
 @pytest.mark.parametrize("kwargs, needles", [
-    ({"rd_ratio": 0.3}, ("rd_ratio", "0.3")),
+    ({"rd_ratio": 1.5}, ("rd_ratio", "1.5")),
     ({"rd_ratio": 0.0}, ("rd_ratio", "0.0")),
     ({"rd_ratio": 1 / 8, "reduction": 16}, ("rd_ratio", "reduction=16")),
-    ({"act_layer": "gelu"}, ("act_layer", "gelu")),
+    ({"act_layer": "swishy"}, ("act_layer", "swishy")),
+    ({"act_layer": "prelu"}, ("act_layer", "prelu", "parameters")),
     ({"gate_layer": torch.nn.Tanh}, ("gate_layer", "Tanh")),
 ])
 def test_coord_timm_names_bad_values(kwargs, needles):

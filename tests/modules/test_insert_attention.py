@@ -160,9 +160,14 @@ def test_block_lives_beside_its_target_outside_containers() -> None:
     assert isinstance(seq[1].output_attn, CoordinateAttention) and len(seq) == 3
     assert seq(X).shape == (2, 4, 1, 1)
 
+    # A container inside containers only: its last plain module holds the block.
     nested = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3)), nn.ReLU())
-    with pytest.raises(ValueError, match=r"after '0'.*containers.*'0.<its last layer>'"):
-        insert_attention(nested, after=["0"], channels=4)
+    insert_attention(nested, after=["0"], channels=4)
+    assert isinstance(nested[0][0].get_submodule("0_attn"), DynamicSpatialAttention)
+    assert len(nested) == 2 and len(nested[0]) == 1 and nested(X).shape == (2, 4, 14, 14)
+    empty = nn.Sequential(nn.Sequential(), nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match=r"after '0'.*containers.*holds no plain module"):
+        insert_attention(empty, after=["0"], channels=4)
 
 
 def test_insert_dsa_after_layers() -> None:

@@ -16,6 +16,7 @@ from lightning_attn.data.cluttered_digits import SPLITS, Split
 from lightning_attn.modules import AttentionClassifier, CoordOptions, DSAOptions
 from lightning_attn.modules.backbone import ACTIVATIONS, DOWNSAMPLING
 from lightning_attn.modules.options import (
+    CHANNEL_ARGUMENTS,
     DEPRECATED_ARGUMENTS,
     Activation,
     AttentionName,
@@ -32,7 +33,7 @@ SMALL = {"stage_widths": (4, 8), "num_classes": 3}
 def test_options_mirror_the_block_constructor(options, block) -> None:
     params = [  # every argument with a default that can be given by position
         p for p in inspect.signature(block.__init__).parameters.values()
-        if p.name not in ("self", *DEPRECATED_ARGUMENTS)
+        if p.name not in ("self", *DEPRECATED_ARGUMENTS, *CHANNEL_ARGUMENTS)
         and p.default is not inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD
     ]
     hints = typing.get_type_hints(block.__init__)
@@ -40,7 +41,8 @@ def test_options_mirror_the_block_constructor(options, block) -> None:
     assert [f.name for f in fields] == [p.name for p in params]  # every keyword, in order
     assert [f.default for f in fields] == [p.default for p in params]
     assert [f.type for f in fields] == [hints[p.name] for p in params]
-    assert "in_channels" not in {f.name for f in fields}  # given per stage by the network
+    # given per stage by the network
+    assert not {"channels", "in_channels"} & {f.name for f in fields}
 
 
 def test_literal_choices_are_what_the_code_accepts() -> None:

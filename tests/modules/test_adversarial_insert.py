@@ -1,0 +1,223 @@
+"""Adversarial table for ``insert_attention`` / ``remove_attention``: every bad or edge input
+tried, with its outcome class (``clear``: an exception naming the argument and value;
+``correct``: the right thing happens, checked). None is ``raw`` or ``silent``;
+:func:`test_outcome_counts` pins the counts (see tests/blocks/test_adversarial.py for the
+blocks' table)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+from lightning_attn.modules import insert_attention as insert
+from lightning_attn.modules import inserted_attention, remove_attention
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    run: Callable[[], object]
+    outcome: str  # "clear" | "correct"
+    error: type[BaseException] | None = None
+    needles: tuple[str, ...] = ()
+    check: Callable[[object], bool] | None = None
+
+
+def clear(id: str, run: Callable[[], object], error: type, *needles: str) -> Case:
+    return Case(id, run, "clear", error, needles)
+
+
+def correct(id: str, run: Callable[[], object], check: Callable[[object], bool]) -> Case:
+    return Case(id, run, "correct", check=check)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.layer1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.pair = nn.Identity()
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer1(self.stem(x)))
+
+
+X = torch.rand(2, 3, 16, 16)
+
+
+def _untouched_after(make_error: Callable[[Net], object]) -> Callable[[], object]:
+    """Run an insertion that must fail; the model must keep exactly its keys."""
+
+    def run() -> object:
+        model = Net()
+        keys = list(model.state_dict())
+        try:
+            return make_error(model)
+        finally:
+            assert list(model.state_dict()) == keys and inserted_attention(model) == {}
+
+    return run
+
+
+def _eval_model_blocks_in_eval() -> bool:
+    model = insert(Net().eval(), ["layer1"], "coord")
+    return not model.layer1_attn.training
+
+
+def _bf16_model() -> bool:
+    model = insert(Net().to(torch.bfloat16), ["layer1"], "coord")
+    block = model.layer1_attn
+    return block.conv_h.weight.dtype == torch.bfloat16 and model(X.bfloat16()).shape == (2, 5)
+
+
+def _meta_model() -> bool:
+    model = insert(Net().to("meta"), ["layer1"], "dsa")
+    return model(X.to("meta")).device.type == "meta"
+
+
+def _features_only() -> bool:
+    model = timm.create_model("resnet18", pretrained=False, features_only=True)
+    insert(model, ["layer1", "layer4"], "dsa")
+    return list(inserted_attention(model)) == ["layer1", "layer4"] and len(model(X)) == 5
+
+
+def _container_only_nested() -> bool:
+    seq = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), nn.Conv2d(4, 4, 1))
+    insert(seq, ["0"], "coord", channels=4)
+    return isinstance(seq[0][1].get_submodule("0_attn"), CoordinateAttention) and len(seq) == 2
+
+
+def _insert_remove_insert() -> bool:
+    model = insert(Net(), ["layer1"], "dsa")
+    remove_attention(model)
+    insert(model, ["layer1"], "coord", channels=8)
+    return isinstance(model.layer1_attn, CoordinateAttention) and model(X).shape == (2, 5)
+
+
+CASES = [
+    clear("model not a module", lambda: insert("resnet", ["layer1"]), TypeError,
+          "model must be an nn.Module", "str"),
+    clear("after a string", lambda: insert(Net(), "layer1"), TypeError,
+          "list of submodule names", "'layer1'"),
+    clear("after empty", lambda: insert(Net(), []), TypeError, "list of submodule names"),
+    clear("after unknown name", lambda: insert(Net(), ["layer9"]), ValueError,
+          "no submodule named 'layer9'", "'layer1'"),
+    clear("after the model itself ('')", lambda: insert(Net(), [""]), ValueError,
+          "no submodule named ''"),
+    clear("after a name twice", lambda: insert(Net(), ["layer1", "layer1"]), ValueError,
+          "twice"),
+    clear("unknown block name", lambda: insert(Net(), ["layer1"], "se"), ValueError,
+          "'se'", "known names"),
+    clear("channels=True", lambda: insert(Net(), ["layer1"], channels=True), TypeError,
+          "channels must be", "True"),
+    clear("channels=4.0", lambda: insert(Net(), ["layer1"], channels=4.0), TypeError,
+          "channels must be", "4.0"),
+    clear("channels names another target",
+          lambda: insert(Net(), ["layer1"], channels={"layer9": 3}), ValueError, "layer9"),
+    clear("channels=0", lambda: insert(Net(), ["layer1"], "coord", channels=0), ValueError,
+          "channels", "0"),
+    clear("channels contradicts example_input",
+          lambda: insert(Net(), ["layer1"], channels=4, example_input=X), ValueError,
+          "channels['layer1']=4", "8 channels"),
+    clear("bool kwarg use_dilated='false' (model untouched)",
+          _untouched_after(lambda m: insert(m, ["stem", "layer1"], use_dilated="false")),
+          TypeError, "use_dilated must be a bool, got 'false'"),
+    clear("bool kwarg per_axis_alpha='no' (model untouched)",
+          _untouched_after(lambda m: insert(m, ["layer1"], "coord", per_axis_alpha="no")),
+          TypeError, "per_axis_alpha must be a bool, got 'no'"),
+    clear("size kwarg kernels=(10**9,) (model untouched)",
+          _untouched_after(lambda m: insert(m, ["layer1"], kernels=(10**9,))), ValueError,
+          "kernels[0]=1000000000", "MAX_KERNEL_SIZE"),
+    clear("unknown kwarg (model untouched)",
+          _untouched_after(lambda m: insert(m, ["layer1"], kernelz=3)), TypeError, "kernelz"),
+    clear("example_input the model rejects",
+          lambda: insert(Net(), ["layer1"], example_input=torch.rand(2, 1, 16, 16)),
+          ValueError, "example_input ((2, 1, 16, 16)) failed", "Net", "3 channels"),
+    clear("example_input not a tensor",
+          lambda: insert(Net(), ["layer1"], example_input=[1, 2]), ValueError,
+          "example_input (list) failed"),
+    clear("target never called", lambda: insert(Net(), ["pair"], example_input=X),
+          ValueError, "'pair' was not called"),
+    clear("target output not a feature map",
+          lambda: insert(Net(), ["head.2"], example_input=X), ValueError,
+          "output of 'head.2' is not a 4-D", "(2, 5)"),
+    clear("channels cannot be inferred", lambda: insert(Net(), ["head.1"], "coord"),
+          ValueError, "cannot infer the output channels of 'head.1'"),
+    clear("inserted twice after one target",
+          lambda: insert(insert(Net(), ["layer1"]), ["layer1"]), ValueError,
+          "'layer1' already has attention", "remove_attention"),
+    clear("attribute name taken", lambda: insert(_with_attr(), ["layer1"]), ValueError,
+          "already has an attribute 'layer1_attn'"),
+    clear("container-only with no plain module",
+          lambda: insert(nn.Sequential(nn.Sequential(), nn.Conv2d(3, 4, 1)), ["0"],
+                         channels=4), ValueError, "holds no plain module"),
+    clear("forward after the block was deleted", lambda: _deleted_block()(X), RuntimeError,
+          "'layer1_attn' inserted after 'layer1' was removed"),
+    clear("wrong channels given by hand, at the forward",
+          lambda: insert(Net(), ["layer1"], "coord", channels=4)(X), ValueError,
+          "(B, 4, H, W)", "(2, 8, 16, 16)"),
+    clear("remove where nothing was inserted", lambda: remove_attention(Net(), ["layer1"]),
+          ValueError, "no attention was inserted after 'layer1'"),
+    clear("remove from a non-module", lambda: remove_attention([1]), TypeError,
+          "model must be an nn.Module"),
+    correct("eval-mode model: the blocks are in eval mode", _eval_model_blocks_in_eval,
+            lambda ok: ok),
+    correct("bf16 model: the blocks are bf16 and run", _bf16_model, lambda ok: ok),
+    correct("meta model: the blocks are on meta and run", _meta_model, lambda ok: ok),
+    correct("timm features_only stages (ModuleDict)", _features_only, lambda ok: ok),
+    correct("container inside containers: its last plain module hosts",
+            _container_only_nested, lambda ok: ok),
+    correct("insert, remove, insert another block", _insert_remove_insert, lambda ok: ok),
+    correct("a target called twice runs its block twice",
+            lambda: _called_twice(), lambda calls: calls == 2),
+]
+
+
+def _with_attr() -> Net:
+    model = Net()
+    model.layer1_attn = nn.Identity()
+    return model
+
+
+def _deleted_block() -> Net:
+    model = insert(Net(), ["layer1"])
+    del model.layer1_attn
+    return model
+
+
+def _called_twice() -> int:
+    model = Net()
+    model.forward = lambda x: model.head(model.layer1(model.layer1(model.stem(x))))
+    insert(model, ["layer1"], "dsa")
+    calls = []
+    model.layer1_attn.register_forward_hook(lambda *_: calls.append(1))
+    model(X)
+    assert isinstance(model.layer1_attn, DynamicSpatialAttention)
+    return len(calls)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_adversarial_insert(case: Case) -> None:
+    if case.outcome == "clear":
+        with pytest.raises(case.error) as err:
+            case.run()
+        message = str(err.value)
+        for needle in case.needles:
+            assert needle in message, f"{needle!r} not in {message!r}"
+    else:
+        assert case.outcome == "correct"
+        assert case.check(case.run())
+
+
+def test_outcome_counts() -> None:
+    """The counts the issue's adversarial table reports for insert_attention."""
+    assert len({c.id for c in CASES}) == len(CASES)
+    assert Counter(c.outcome for c in CASES) == {"clear": 28, "correct": 7}
