@@ -221,13 +221,14 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
         owner = type(self).__name__
         check_input(x, owner, param_dtype=self.branches[0].weight.dtype)
         backend = resolve_backend(self.backend, "dsa", x)
-        stash = None
+        stash = link = None
         if backend == "torch":
             stash = GradStash()
             s = spatial_summary(x, stash)
         elif backend == "triton":
             check_triton_input(x, owner)
-            s = load_triton_ops().dsa_summary(x)
+            # link: the apply's backward hands grad_y to the summary's, which writes grad_x
+            s, link = load_triton_ops().dsa_summary_linked(x)
         else:
             avg_map = torch.mean(x, dim=1, keepdim=True)
             max_map, _ = torch.max(x, dim=1, keepdim=True)
@@ -254,7 +255,7 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
         if backend == "torch":
             y = apply_spatial_mask(x, mask, stash)
         elif backend == "triton":
-            y = load_triton_ops().dsa_apply(x, mask)
+            y = load_triton_ops().dsa_apply(x, mask, link)
         else:
             y = x * mask
 

@@ -55,6 +55,9 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 from lightning_attn.blocks.kernels import load_triton_ops  # noqa: E402
 
 ops = load_triton_ops()
+from lightning_attn.blocks.kernels import triton_common as common  # noqa: E402
+from lightning_attn.blocks.kernels import triton_coord as coord  # noqa: E402
+from lightning_attn.blocks.kernels import triton_dsa as dsa  # noqa: E402
 
 # The interpreter runs the kernels in numpy, which warns about inf/NaN arithmetic that the
 # NaN tests make on purpose.
@@ -118,27 +121,30 @@ def _coord_pair(lib_kw: dict, seed_kw: dict, channels: int = COORD_C, dtype=torc
 def gpu_tiles(monkeypatch):
     """The interpreter with the CUDA tile sizes, so that the ops loop as on a GPU (the
     interpreter's own tiles are larger: fewer programs, faster tests)."""
-    monkeypatch.setattr(ops, "INTERPRETER_TILES", ops.GPU_TILES)
+    monkeypatch.setattr(common, "INTERPRETER_TILES", common.GPU_TILES)
+    common.clear_caches()
+    yield
+    common.clear_caches()
 
 
 def test_op_tests_take_several_tile_steps_with_gpu_tiles(gpu_tiles):
     for layout in ("contiguous", "channels_last"):
         x = dict(_layouts(torch.zeros(2, 70, 16, 17, device=DEVICE)))[layout]
-        block_c, block_s = ops._dsa_tiles(x)
+        block_c, block_s = dsa.dsa_tiles(x)
         assert block_c < 70 and block_s < 16 * 17 or block_c * 2 < 70, layout
     for layout in ("contiguous", "channels_last", "transposed_hw"):
         x = dict(_layouts(torch.zeros(2, 3, 70, 17, device=DEVICE)))[layout]
-        _, launch = ops._coord_launch(x)
+        launch = coord.coord_launch(x).constexprs
         assert launch["BLOCK_H"] < 70 and launch["BLOCK_W"] == 32, layout
     for layout in ("contiguous", "channels_last"):  # blocks of one sample's channels
         x = dict(_layouts(torch.zeros(2, 40, 9, 6, device=DEVICE)))[layout]
-        _, launch = ops._coord_launch(x)
+        launch = coord.coord_launch(x).constexprs
         assert not launch["FOLD"] and 40 % launch["BLOCK_C"], layout
 
 
 def test_block_tests_fold_small_channel_counts_into_one_program():
-    grid, launch = ops._coord_launch(torch.zeros(2, COORD_C, 6, 7, device=DEVICE))
-    assert launch["FOLD"] and grid == (1,)
+    p = coord.coord_launch(torch.zeros(2, COORD_C, 6, 7, device=DEVICE))
+    assert p.constexprs["FOLD"] and p.grid == (1,)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
