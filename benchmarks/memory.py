@@ -15,7 +15,10 @@ the previous step would be freed during the step and lower the figure by one ``x
 - CPU: the running sum of torch.profiler's allocation events (``[memory]``, +bytes on
   allocation, -bytes on free) in time order, and its maximum. Autograd allocates the same
   tensors in the same order on a GPU, so the figure carries over (the caching allocator only
-  rounds sizes up).
+  rounds sizes up). Python's garbage collector is off during the step (it would free
+  tensors of earlier steps at moments of its choosing), and Triton's interpreter is made to
+  release each launch's arguments on return, as a compiled launch does (see
+  :func:`_interpreter_frees_its_arguments`).
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the
   memory allocated before the step.
 
@@ -128,6 +131,32 @@ def _cuda_peak(run, device) -> int:
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def _interpreter_frees_its_arguments() -> None:
+    """Make Triton's interpreter release each launch's arguments when it returns.
+
+    The interpreter (CPU only) keeps the storages of a launch's tensor arguments in a
+    reference cycle of its own (a closure over a dict of storages), so that they live on
+    until Python's garbage collector runs, at a moment that depends on everything else in
+    the process. A compiled launch on a GPU holds nothing. Collecting right after each
+    interpreted launch gives the GPU's lifetimes, deterministically (the collector is off
+    during the measured step, see :func:`peak_bytes`).
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if getattr(InterpretedFunction.run, "_frees_arguments", False):
+        return
+    run = InterpretedFunction.run
+
+    def run_and_collect(self, *args, **kwargs):
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            gc.collect()
+
+    run_and_collect._frees_arguments = True
+    InterpretedFunction.run = run_and_collect
+
+
 def peak_bytes(block, x: torch.Tensor, grad: torch.Tensor) -> int:
     """Peak bytes held during one forward+backward beyond what was held before it."""
 
@@ -135,6 +164,8 @@ def peak_bytes(block, x: torch.Tensor, grad: torch.Tensor) -> int:
         x.grad = None  # the unbiased base: no gradient of an earlier step to free
         _first(block(x)).backward(grad)
 
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        _interpreter_frees_its_arguments()
     step()  # warm-up: Triton compiles, lazy buffers are made, outside the measurement
     x.grad = None
     # A garbage collection inside the measured step could free tensors of earlier steps and
@@ -207,7 +238,9 @@ def markdown(rows: list[dict]) -> str:
 def parse_shape(text: str) -> tuple[int, int, int, int]:
     parts = tuple(int(p) for p in text.replace("x", ",").split(","))
     if len(parts) != 4 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"--shapes takes B,C,H,W with positive sizes, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--shapes takes B,C,H,W with positive sizes, got {text!r}"
+        )
     return parts
 
 

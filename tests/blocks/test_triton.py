@@ -496,9 +496,16 @@ if CUDA:  # inductor's C++ codegen takes ~30 s per block on a 2-core CPU: GPU ma
         assert_close(got[1], want[1], TOL32, "grad x")
 
 
-def test_kernels_compile_for_an_h100():
-    """Every kernel through Triton's real compiler down to an sm_90 cubin (~8 s): what the
-    interpreter cannot check. Needs no GPU; ptxas ships with triton's CUDA backend."""
+#: Bytes per pipelined (cp.async) load of x in float32 NCHW, by W: 16 where a row (or a
+#: channel plane, for DSA) starts 16-byte aligned; a 14-wide row is only 8-byte aligned
+#: and a 7-wide one 4. Before the hints every CoordinateAttention load was 4 bytes.
+_LOAD_BYTES = {
+    "_coord_": {56: 16, 28: 16, 14: 8, 7: 4},
+    "_dsa_": {56: 16, 28: 16, 14: 16, 7: 4},
+}
+
+
+def _compile_for_sm90(*args: str) -> str:
     import triton
 
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
@@ -507,11 +514,39 @@ def test_kernels_compile_for_an_h100():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     done = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("triton_sm90_compile.py"))],
-        env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, str(Path(__file__).with_name("triton_sm90_compile.py")), *args],
+        env=env, capture_output=True, text=True, timeout=1200,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("sm_90 cubin") == 8, done.stdout
+    return done.stdout
+
+
+def test_kernels_compile_for_an_h100_with_full_width_loads():
+    """The kernels a GPU runs at W = 56, 28, 14 and 7 (float32 NCHW, one forward+backward of
+    each block, as the host code plans them for 132 SMs) through Triton's real compiler down
+    to sm_90 cubins (~40 s with a cold Triton cache, a few with a warm one): what the
+    interpreter cannot check. Needs no GPU; ptxas ships with triton's CUDA backend. The x
+    loads of the loops are pipelined (cp.async) and as wide as the rows' alignment allows;
+    channels_last (checked at W = 7) loads 16 bytes. ``triton_sm90_compile.py --full``
+    compiles every dtype and layout (~200 variants, minutes)."""
+    lines = [ln for ln in _compile_for_sm90().splitlines() if "sm_90 cubin" in ln]
+    kernels = {ln.split(":")[0] for ln in lines}
+    assert len(kernels) == 10, kernels  # 6 DSA (2 combine the split C), 4 CoordinateAttention
+    checked = set()
+    for ln in lines:
+        name, _, _block, width, _dtype, layout, pipelined, *_ = (
+            c.strip() for c in ln.replace(": sm_90", " | sm_90").split("|")
+        )
+        if "combine" in name or "sum_splits" in name:
+            continue  # small maps only
+        w = int(width.removeprefix("W="))
+        got = int(pipelined.split()[1])
+        # channels_last: runs of C = 2048 channels, 16 bytes at any W
+        want = 16 if layout == "nhwc" else next(
+            v for k, v in _LOAD_BYTES.items() if name.startswith(k))[w]
+        assert got == want, f"{ln}: {got} B per load, want {want}"
+        checked.add((name, w, layout))
+    assert len(checked) == 8 * 4 + 8, sorted(checked)
 
 
 def test_cpu_tensor_without_the_interpreter_is_a_clear_error(monkeypatch):

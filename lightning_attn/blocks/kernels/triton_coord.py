@@ -109,7 +109,10 @@ def _rows(pb, pc, offs_h, sb, sc, sh, VEC: tl.constexpr):
     """Row offsets ``b * sb + c * sc + h * sh`` ``[BLOCK_C, ROWS]`` (int64), declared
     multiples of ``VEC`` (checked on the host: every stride is) so that rows load ``VEC``
     elements at a time."""
-    return tl.multiple_of((pb * sb + pc * sc)[:, None] + offs_h[None, :] * sh, (VEC, VEC))
+    rows = (pb * sb + pc * sc)[:, None] + offs_h[None, :] * sh
+    if VEC > 1:  # only then: the hint replaces what the compiler knows (contiguity in C too)
+        rows = tl.multiple_of(rows, (VEC, VEC))
+    return rows
 
 
 @triton.jit

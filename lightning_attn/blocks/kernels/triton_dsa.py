@@ -118,7 +118,10 @@ def _pix(offs_s, h, w, sh, sw, FLAT: tl.constexpr):
 def _planes(b, offs_c, sb, sc, VEC: tl.constexpr):
     """Channel-plane offsets ``b * sb + c * sc`` (int64), declared multiples of ``VEC``
     (checked on the host) so that runs of pixels load ``VEC`` elements at a time."""
-    return tl.multiple_of(b * sb + offs_c * sc, VEC)
+    planes = b * sb + offs_c * sc
+    if VEC > 1:  # only then: the hint replaces what the compiler knows (contiguity in C too)
+        planes = tl.multiple_of(planes, VEC)
+    return planes
 
 
 @triton.jit
