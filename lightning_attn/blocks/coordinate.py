@@ -329,7 +329,9 @@ class CoordinateAttention(RecordingMixin, nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``a_h (B,C,H,1)`` and ``a_w (B,C,1,W)``; ``stash`` is given on the torch path."""
         _, _, h, w = x.shape
-        fast = backend != "plain"
+        # Thin 1x1 convolutions as matrix products are faster on a CPU ("torch"); on the
+        # triton (GPU) path convolutions launch fewer kernels (no transposing copies).
+        fast = backend == "torch"
         x_h, x_w = self._axis_pool(x, backend, stash)
         y = torch.cat([x_h, x_w.permute(0, 1, 3, 2)], dim=2)  # (B,C,H+W,1)
         y = self._bottleneck(y, fast)

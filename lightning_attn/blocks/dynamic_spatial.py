@@ -234,7 +234,10 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
             max_map, _ = torch.max(x, dim=1, keepdim=True)
             s = torch.cat([avg_map, max_map], dim=1)  # (B,2,H,W)
 
-        if backend == "plain":
+        # The small maps: the seed's operations on "plain" and "triton" (on a GPU they launch
+        # fewer kernels than the CPU-oriented forms below, which "torch" uses).
+        small_plain = backend in ("plain", "triton")
+        if small_plain:
             logits = self.router(s).flatten(1)  # (B,K)
         else:
             # The router's 1x1 convolutions on a (B,2,1,1) map are linear layers; as such
@@ -245,7 +248,7 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
             logits = F.linear(hidden, conv2.weight.flatten(1), conv2.bias)  # (B,K)
         rw = torch.softmax(logits, dim=1)
 
-        if backend == "plain":
+        if small_plain:
             z = torch.stack([br(s) for br in self.branches], dim=1)  # (B,K,1,H,W)
             wlogit = (rw[:, :, None, None, None] * z).sum(dim=1)  # (B,1,H,W)
         else:

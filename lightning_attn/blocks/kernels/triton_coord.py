@@ -476,6 +476,7 @@ def _(grad_h, grad_w, x, stat_h, stat_w, with_max, grad_y, pieces):
 
 
 def _coord_pool_setup(ctx, inputs, output) -> None:
+    ctx.set_materialize_grads(False)  # no zero tensors for unused outputs
     x, with_max = inputs
     ctx.save_for_backward(x, output[2], output[3])
     ctx.with_max = with_max
@@ -593,6 +594,7 @@ def _(grad_y, x, u_h, u_w, c, k, c_value, k_value, need_x, need_maps, need_c, li
 
 
 def _coord_scale_setup(ctx, inputs, output) -> None:
+    ctx.set_materialize_grads(False)  # no zero tensors for unused outputs
     x, u_h, u_w, c, k, c_value, k_value, carry_gy, _ = inputs
     ctx.has_c, ctx.has_k = c is not None, k is not None
     ctx.values = (c_value, k_value)
@@ -603,6 +605,8 @@ def _coord_scale_setup(ctx, inputs, output) -> None:
 def _coord_scale_grad(ctx, grad_y: Tensor):
     if torch.is_grad_enabled():
         raise RuntimeError(DOUBLE_BACKWARD)
+    if grad_y is None:  # y took no part in what is differentiated
+        return (None,) * 9
     x, u_h, u_w, c, k = ctx.saved_tensors
     c = c if ctx.has_c else None
     k = k if ctx.has_k else None

@@ -519,6 +519,7 @@ def _(grad_s, arg, x, grad_y, mask):
 
 
 def _dsa_summary_setup(ctx, inputs, output) -> None:
+    ctx.set_materialize_grads(False)  # no zero tensors for unused outputs
     (x,) = inputs
     ctx.save_for_backward(x, output[1])
 
@@ -629,6 +630,7 @@ def _(grad_y, x, mask, need_x, need_mask, linked):
 
 
 def _dsa_apply_setup(ctx, inputs, output) -> None:
+    ctx.set_materialize_grads(False)  # no zero tensors for unused outputs
     x, mask, carry_gy, _ = inputs
     ctx.linked = carry_gy is not None
     ctx.save_for_backward(x, mask)
@@ -637,6 +639,8 @@ def _dsa_apply_setup(ctx, inputs, output) -> None:
 def _dsa_apply_grad(ctx, grad_y: Tensor):
     if torch.is_grad_enabled():
         raise RuntimeError(DOUBLE_BACKWARD)
+    if grad_y is None:  # y took no part in what is differentiated
+        return None, None, None, None
     x, mask = ctx.saved_tensors
     need_x, need_mask, need_link, _ = ctx.needs_input_grad
     linked = ctx.linked and need_link
