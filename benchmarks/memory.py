@@ -30,6 +30,7 @@ its weights. Goals (issue "Triton kernels built to the memory floor"): the Trito
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -37,9 +38,9 @@ import os
 import sys
 from pathlib import Path
 
-if "--device" not in sys.argv or "cpu" in sys.argv:
+if __name__ == "__main__" and ("--device" not in sys.argv or "cpu" in sys.argv):
     # The Triton path runs on CPU tensors under Triton's interpreter, which must be switched
-    # on before triton is imported.
+    # on before triton is imported (imported as a module, the importer decides).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
@@ -131,7 +132,8 @@ def _cuda_peak(run, device) -> int:
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def _interpreter_frees_its_arguments() -> None:
+@contextlib.contextmanager
+def _interpreter_frees_its_arguments():
     """Make Triton's interpreter release each launch's arguments when it returns.
 
     The interpreter (CPU only) keeps the storages of a launch's tensor arguments in a
@@ -143,8 +145,6 @@ def _interpreter_frees_its_arguments() -> None:
     """
     from triton.runtime.interpreter import InterpretedFunction
 
-    if getattr(InterpretedFunction.run, "_frees_arguments", False):
-        return
     run = InterpretedFunction.run
 
     def run_and_collect(self, *args, **kwargs):
@@ -153,8 +153,11 @@ def _interpreter_frees_its_arguments() -> None:
         finally:
             gc.collect()
 
-    run_and_collect._frees_arguments = True
     InterpretedFunction.run = run_and_collect
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = run
 
 
 def peak_bytes(block, x: torch.Tensor, grad: torch.Tensor) -> int:
@@ -164,20 +167,20 @@ def peak_bytes(block, x: torch.Tensor, grad: torch.Tensor) -> int:
         x.grad = None  # the unbiased base: no gradient of an earlier step to free
         _first(block(x)).backward(grad)
 
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        _interpreter_frees_its_arguments()
-    step()  # warm-up: Triton compiles, lazy buffers are made, outside the measurement
-    x.grad = None
-    # A garbage collection inside the measured step could free tensors of earlier steps and
-    # lower the figure: collect now, and not during the step.
-    gc.collect()
-    gc.disable()
-    try:
-        if x.device.type == "cuda":
-            return _cuda_peak(step, x.device)
-        return _cpu_peak(step)
-    finally:
-        gc.enable()
+    interpreted = x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    with _interpreter_frees_its_arguments() if interpreted else contextlib.nullcontext():
+        step()  # warm-up: Triton compiles, lazy buffers are made, outside the measurement
+        x.grad = None
+        # A garbage collection inside the measured step could free tensors of earlier steps
+        # and lower the figure: collect now, and not during the step.
+        gc.collect()
+        gc.disable()
+        try:
+            if x.device.type == "cuda":
+                return _cuda_peak(step, x.device)
+            return _cpu_peak(step)
+        finally:
+            gc.enable()
 
 
 def measure(kind: str, shape, dtype_name: str, layout: str, device, variants) -> list[dict]:
