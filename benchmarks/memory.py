@@ -276,9 +276,11 @@ def main(argv: list[str] | None = None) -> int:
           f"({device.type}{', Triton interpreted' if device.type == 'cpu' else ''})")
     print()
     print(markdown(rows))
-    failures = goal_failures(rows)
+    failures = [] if args.smoke else goal_failures(rows)
     print()
-    if "triton" in variants:
+    if args.smoke:
+        print("smoke run: x is as small as the weights' gradients; the goals are not evaluated")
+    elif "triton" in variants:
         print("memory goals (triton <= 0.7x seed and <= torch): " + (
             "met" if not failures else "missed:\n  " + "\n  ".join(failures)))
     if args.json:
