@@ -679,6 +679,36 @@ def test_backward_makes_one_full_size_buffer_grad_x(name, interpreter_unseen):
     assert mode.made == ["empty_like"], f"backward made {mode.made}"  # grad_x, once
 
 
+def _full_size_passes(launches, numel: int) -> int:
+    """Passes over full-size memory: the distinct full-size tensors each launch touches."""
+    passes = 0
+    for launch in launches:
+        seen = {a.data_ptr() for a in launch.args if isinstance(a, torch.Tensor)
+                and a.numel() == numel and 0 not in a.stride()}
+        passes += len(seen)
+    return passes
+
+
+@pytest.mark.parametrize("name, forward, backward", [
+    ("dsa", 3, 4), ("dsa_all", 3, 4), ("coord", 3, 4), ("coord_per_axis_beta", 3, 4),
+    ("coord_mean_max", 3, 5),
+])
+def test_passes_over_full_size_memory(name, forward, backward):
+    """3 passes forward (read x for the maps; read x, write y) and 4 backward (read grad_y
+    and x for the map gradients; read grad_y, write grad_x), 5 when the max pooling of
+    add-on 1 reads x again for its ties. (Each launch touches each full-size tensor once.)"""
+    block = _ONE_BUFFER_BLOCKS[name]().to(DEVICE)
+    x = _relu_ties((2, COORD_C, 6, 7)).requires_grad_()
+    with common.record_launches() as launches:  # planned, not run: values are garbage
+        out = block(x)
+    assert _full_size_passes(launches, x.numel()) == forward, launches
+    y = out[0] if isinstance(out, tuple) else out
+    with common.record_launches() as launches:
+        y.backward(torch.ones_like(y))
+    assert _full_size_passes(launches, x.numel()) == backward
+    assert x.grad is not None
+
+
 def test_linked_backward_when_y_or_the_mask_takes_no_part():
     """Gradients reach x through the summary alone (a mask-only loss), through y alone, and
     after a backward that stopped before the summary (parameters only): the carriers hold

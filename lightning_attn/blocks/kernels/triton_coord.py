@@ -453,11 +453,12 @@ def _coord_pool_backward_impl(
     n_h = b * c * h
     # The packed pieces: k * u_h (B*C*H), u_w (B*C*W), c (1); views, no 32-bit products.
     kuh, uw, cc = ((pieces[:n_h], pieces[n_h:-1], pieces[-1:]) if linked else (grad_h,) * 3)
+    xs = x if with_max else grad_x  # x is read for the ties of the max only
     with launch_guard(x):
         launch(
             _coord_pool_backward_kernel, p.grid, x.device,
-            (grad_h.contiguous(), grad_w.contiguous(), x, *stats, gy, kuh, uw, cc, grad_x,
-             c, h, w // p.vec, b * c, *x.stride(), *gy.stride(), *grad_x.stride()),
+            (grad_h.contiguous(), grad_w.contiguous(), xs, *stats, gy, kuh, uw, cc, grad_x,
+             c, h, w // p.vec, b * c, *xs.stride(), *gy.stride(), *grad_x.stride()),
             dict(WITH_MAX=with_max, LINKED=linked, ACC=acc_dtype(grad_h, grad_w, x),
                  **p.constexprs),
             _KEY, p.num_warps,
