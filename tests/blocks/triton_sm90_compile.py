@@ -31,6 +31,7 @@ import argparse
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -172,6 +173,7 @@ def main(argv=None) -> int:
                         help="fp32 and bf16, NCHW and channels_last (default: fp32 NCHW)")
     parser.add_argument("--configs", action="store_true",
                         help="compile every autotune configuration, not only the fixed one")
+    parser.add_argument("--jobs", type=int, default=2, help="compilations at a time")
     args = parser.parse_args(argv)
     # Default: fp32 NCHW at one shape per width class (56, 28, 14, 7), add-on 1 at the
     # first only, and channels_last at the last.
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
     if args.configs:
         configs += [dict(c.kwargs, num_warps=c.num_warps) for c in common.gpu_configs()]
     target = GPUTarget("cuda", 90, 32)
-    done: dict = {}
+    jobs, lines = {}, []
     for shape in shapes:
         combos = all_combos if args.full else [("fp32", "nchw")] + (
             [("fp32", "nhwc")] if shape == shapes[-1] else [])
@@ -194,18 +196,25 @@ def main(argv=None) -> int:
                     warps = config.pop("num_warps", launch.num_warps or 4)
                     sig, consts, attrs = signature_of(launch, config)
                     key = (launch.kernel.fn.__name__, warps, _key(sig, consts, attrs))
-                    if key not in done:
-                        compiled = triton_compile(
-                            ASTSource(launch.kernel, sig, consts, attrs), target=target,
-                            options={"num_warps": warps},
-                        )
-                        assert compiled.asm.get("cubin"), key
-                        done[key] = load_widths(compiled.asm["ptx"])
-                    pipelined, plain = done[key]
+                    jobs[key] = (launch.kernel, sig, consts, attrs, warps)
                     tuned = f" {config}" if args.configs and launch.tuned_key else ""
-                    print(f"{launch.kernel.fn.__name__}: sm_90 cubin | {block} | W={shape[3]} | "
-                          f"{dtype_name} | {layout_name} | pipelined {pipelined} B | "
-                          f"plain {plain} B | {shape}{tuned}", flush=True)
+                    lines.append((key, f"{launch.kernel.fn.__name__}: sm_90 cubin | {block} | "
+                                       f"W={shape[3]} | {dtype_name} | {layout_name}",
+                                  f"{shape}{tuned}"))
+
+    def build(job):
+        kernel, sig, consts, attrs, warps = job
+        compiled = triton_compile(ASTSource(kernel, sig, consts, attrs), target=target,
+                                  options={"num_warps": warps})
+        assert compiled.asm.get("cubin"), kernel
+        return load_widths(compiled.asm["ptx"])
+
+    # Two at a time: much of a compilation (MLIR passes, ptxas) runs outside the GIL.
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = dict(zip(jobs, pool.map(build, jobs.values()), strict=True))
+    for key, head, tail in lines:
+        pipelined, plain = done[key]
+        print(f"{head} | pipelined {pipelined} B | plain {plain} B | {tail}")
     print(f"{len(done)} distinct variants compiled")
     return 0
 
