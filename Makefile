@@ -1,6 +1,6 @@
 # The two README commands: `make demo` and `make test`. Both set everything up first.
 # `make tensorboard` opens the runs (LOGDIR=runs by default) without activating anything.
-.PHONY: demo test test-fast lint bench setup tensorboard clean
+.PHONY: demo test test-fast lint bench gpu-check setup tensorboard clean
 
 PY = $(shell scripts/bootstrap.sh)
 LOGDIR ?= runs
@@ -31,3 +31,8 @@ tensorboard: setup
 
 clean:
 	rm -rf .venv runs lightning_logs .pytest_cache .ruff_cache
+
+# On a CUDA machine: the Triton path's tests and benchmark (< 8 min), writing gpu-check.json
+# and gpu-check.md. Fails at once, with a clear message, where no GPU is visible.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py

@@ -2,8 +2,10 @@
 
     python benchmarks/blocks.py                        # CPU: fused vs seed (a few minutes)
     python benchmarks/blocks.py --quick                # fewer repeats
-    python benchmarks/blocks.py --device cuda          # GPU: seed, torch.compile(seed), plain,
-                                                       # torch and triton, fp32 and bf16 autocast
+    python benchmarks/blocks.py --device cuda          # GPU: seed, compile(seed), plain, torch,
+                                                       # triton, compile(triton); fp32 and bf16
+    python benchmarks/blocks.py --device cuda --blocks dsa --shapes 128,1024,14,14 \\
+        --dtypes bf16 --layouts nhwc --modes fwd+bwd --profile --json dsa.json
     python benchmarks/blocks.py --device cpu --smoke   # the GPU table's code on tiny shapes,
                                                        # Triton under its interpreter (no timing
                                                        # worth reading: a check that it runs)
@@ -24,18 +26,19 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import statistics
 import sys
 from pathlib import Path
 
-if "--smoke" in sys.argv and "cuda" not in sys.argv:
+if __name__ == "__main__" and "--smoke" in sys.argv and "cuda" not in sys.argv:
     # Triton's interpreter runs the kernels on CPU tensors; it must be set before triton is
     # imported (torch.compile imports it).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
-if any(os.environ.get(k) != v for k, v in _MALLOC_ENV.items()):
+if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in _MALLOC_ENV.items()):
     os.environ.update(_MALLOC_ENV)
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
@@ -132,18 +135,18 @@ def compare(kind: str, shape, mode: str, repeats: int, min_run_time: float):
 # Device mode: every backend against the seed code
 # --------------------------------------------------------------------------------------
 
-#: The shapes measured on an H100 when the Triton path was planned (the GPU shapes).
-DEVICE_SHAPES = {
-    "dsa": [(64, 256, 56, 56), (256, 64, 32, 32)],
-    "coord": [(64, 256, 56, 56), (128, 1024, 14, 14)],
-}
+#: The GPU shapes of the Triton path's goals (W = 56, 32, 14, 7), for both blocks.
+DEVICE_SHAPES = [(64, 256, 56, 56), (256, 64, 32, 32), (128, 1024, 14, 14), (8, 2048, 7, 7)]
 SMOKE_SHAPES = {"dsa": [(2, 5, 7, 9), (3, 4, 6, 6)], "coord": [(2, 8, 6, 7), (3, 16, 5, 5)]}
-VARIANTS = ("seed", "compile(seed)", "plain", "torch", "triton")
-#: Full-size passes of a fully fused design: 3 forward, 5 backward (the floor's 8 passes).
-FLOOR_PASSES = {"fwd": 3, "fwd+bwd": 8}
-#: Issue 9's goals for the Triton path on an H100, forward+backward.
+VARIANTS = ("seed", "compile(seed)", "plain", "torch", "triton", "compile(triton)")
+#: "bf16": x and the blocks in bfloat16; "bf16 autocast": float32 x and weights under
+#: torch.autocast (the blocks' small maps in bfloat16).
+DTYPES = ("fp32", "bf16", "bf16 autocast")
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+#: Full-size passes over x's bytes at the floor: 3 forward, 4 backward.
+FLOOR_PASSES = {"fwd": 3, "fwd+bwd": 7}
+#: The Triton path's goals on an H100, forward+backward.
 GOALS = {"vs_seed": 2.5, "vs_compiled_seed": 2.0, "floor_share": 0.6, "memory_vs_seed": 0.7}
-GOAL_FLOOR_SHAPE = (64, 256, 56, 56)
 _ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -157,8 +160,10 @@ def _seed_module():
     return module
 
 
-def device_blocks(kind: str, channels: int, device, compile_backend: str | None):
-    """The seed block and, with its weights, the library block on every backend."""
+def device_blocks(kind: str, channels: int, device, dtype, compile_backend: str | None,
+                  variants) -> dict:
+    """The seed block and, with its weights, the library block on every backend; compiled
+    variants wrap copies of the seed and triton blocks."""
     seed_mod = _seed_module()
     torch.manual_seed(0)
     if kind == "dsa":
@@ -168,21 +173,30 @@ def device_blocks(kind: str, channels: int, device, compile_backend: str | None)
         seed = seed_mod.CoordinateAtt(channels)
         def make(backend):
             return CoordinateAttention(channels, backend=backend)
-    seed = seed.to(device)
-    blocks = {"seed": seed}
-    if compile_backend is not None:
-        blocks["compile(seed)"] = torch.compile(seed, backend=compile_backend)
-    for backend in ("plain", "torch", "triton"):
-        block = make(backend=backend)
-        block.load_state_dict(seed.state_dict(), strict=True)
-        blocks[backend] = block.to(device)
+    seed = seed.to(device=device, dtype=dtype)
+    blocks = {}
+    for name in variants:
+        if name == "seed":
+            blocks[name] = seed
+        elif name.startswith("compile("):
+            if compile_backend is None:
+                continue
+            inner = name[len("compile("):-1]
+            base = seed if inner == "seed" else make(backend=inner)
+            if inner != "seed":
+                base.load_state_dict(seed.state_dict(), strict=True)
+            blocks[name] = torch.compile(base.to(device=device, dtype=dtype),
+                                         backend=compile_backend)
+        else:
+            block = make(backend=name)
+            block.load_state_dict(seed.state_dict(), strict=True)
+            blocks[name] = block.to(device=device, dtype=dtype)
     return blocks
 
 
-def _step(block, x, grad, backward: bool, autocast_dtype):
+def _step(block, x, grad, backward: bool, autocast: bool):
     def forward():
-        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
-                            enabled=autocast_dtype is not None):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             return first(block(x))
 
     if backward:
@@ -199,22 +213,40 @@ def _step(block, x, grad, backward: bool, autocast_dtype):
 
 
 def _time_ms(run, min_run_time: float) -> float:
-    run()  # compiles Triton kernels and torch.compile graphs
+    run()  # compiles Triton kernels (and autotunes them) and torch.compile graphs
     run()
     timer = benchmark.Timer(stmt="run()", globals={"run": run})  # syncs CUDA
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def _peak_mb(run, device) -> float | None:
-    """Peak memory one step allocates beyond what was allocated before it."""
-    if device.type != "cuda":
+def _peak_mb(run, x) -> float | None:
+    """Peak memory one step holds beyond what was held before it, ``x.grad`` cleared first
+    (a gradient left from the last step would be freed during the step and hide one x)."""
+    if x.device.type != "cuda":
         return None
+    x.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     run()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def kernel_profile(run, device, rows: int = 12) -> list[dict]:
+    """The kernels of one step by self time (torch.profiler): name, calls, microseconds."""
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    run()
+    with profile(activities=activities) as prof:
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [{"kernel": e.key, "calls": e.count, "us": getattr(e, attr)} for e in events[:rows]]
 
 
 def copy_bandwidth(device, numel: int) -> float:
@@ -226,60 +258,70 @@ def copy_bandwidth(device, numel: int) -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
-def device_rows(kind, shape, dtype_name, device, args, bandwidth):
-    autocast_dtype = torch.bfloat16 if dtype_name == "bf16 autocast" else None
-    blocks = device_blocks(kind, shape[1], device, None if args.no_compile else args.compile)
+def device_rows(kind, shape, dtype_name, layout, device, args, bandwidth):
+    autocast = dtype_name == "bf16 autocast"
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    compile_here = not args.no_compile and dtype_name in args.compile_dtypes and (
+        args.compile_shapes is None or tuple(shape) in args.compile_shapes)
+    compile_backend = args.compile if compile_here else None
+    blocks = device_blocks(kind, shape[1], device, dtype, compile_backend, args.variants)
     torch.manual_seed(1)
-    x = torch.randn(*shape, device=device, requires_grad=True)
-    grad = torch.randn(*shape, device=device)
+    x = torch.randn(*shape, device=device, dtype=dtype)
+    x = x.contiguous(memory_format=LAYOUTS[layout]).requires_grad_()
+    grad = torch.randn(*shape, device=device, dtype=dtype)
     rows = []
-    for mode in ("fwd", "fwd+bwd"):
+    for mode in args.modes:
         backward = mode == "fwd+bwd"
         reference = None
         for name, block in blocks.items():
-            run = _step(block, x, grad, backward, autocast_dtype)
-            row = {"block": kind, "shape": shape, "dtype": dtype_name, "mode": mode,
-                   "variant": name}
+            run = _step(block, x, grad, backward, autocast)
+            row = {"block": kind, "shape": list(shape), "dtype": dtype_name, "layout": layout,
+                   "mode": mode, "variant": name}
             if backward:  # values and input gradient against the seed's
+                x.grad = None
                 y = run().detach()
                 got = (y, x.grad.detach().clone())
                 if reference is None:
                     reference = got
-                row["diff"] = tuple(
+                row["diff"] = [
                     float((a.float() - b.float()).abs().max())
                     for a, b in zip(got, reference, strict=True)
-                )
+                ]
             row["ms"] = _time_ms(run, args.min_run_time)
-            row["peak_mb"] = _peak_mb(run, device)
+            row["peak_mb"] = _peak_mb(run, x) if backward else None
             floor_bytes = FLOOR_PASSES[mode] * x.numel() * x.element_size()
             row["floor_share"] = floor_bytes / (row["ms"] * 1e-3) / bandwidth
+            if args.profile and backward:
+                row["kernels"] = kernel_profile(run, device)
             rows.append(row)
-            print(f"  {kind} {shape} {dtype_name} {mode} {name}: {row['ms']:.3f} ms",
-                  file=sys.stderr)
-        seed_row = next(r for r in rows if r["mode"] == mode and r["variant"] == "seed")
+            print(f"  {kind} {tuple(shape)} {dtype_name} {layout} {mode} {name}: "
+                  f"{row['ms']:.3f} ms", file=sys.stderr, flush=True)
+        seed_row = next((r for r in rows if r["mode"] == mode and r["variant"] == "seed"), None)
         for r in rows:
-            if r["mode"] == mode:
+            if r["mode"] == mode and seed_row is not None:
                 r["vs_seed"] = seed_row["ms"] / r["ms"]
                 if r.get("peak_mb") is not None and seed_row.get("peak_mb"):
                     r["mem_vs_seed"] = r["peak_mb"] / seed_row["peak_mb"]
     return rows
 
 
-def _goal_failures(rows) -> list[str]:
+def goal_failures(rows) -> list[str]:
+    """The Triton path's forward+backward rows that miss a goal of :data:`GOALS`."""
     out = []
-    by_key = {(r["block"], r["shape"], r["dtype"], r["mode"], r["variant"]): r for r in rows}
-    for (block, shape, dtype, mode, variant), r in by_key.items():
+    by_key = {(r["block"], tuple(r["shape"]), r["dtype"], r["layout"], r["mode"],
+               r["variant"]): r for r in rows}
+    for (block, shape, dtype, layout, mode, variant), r in by_key.items():
         if variant != "triton" or mode != "fwd+bwd":
             continue
-        where = f"{block} {shape} {dtype}"
-        if r["vs_seed"] < GOALS["vs_seed"]:
+        where = f"{block} {shape} {dtype} {layout}"
+        if r.get("vs_seed") is not None and r["vs_seed"] < GOALS["vs_seed"]:
             out.append(f"{where}: {r['vs_seed']:.2f}x the seed < {GOALS['vs_seed']}x")
-        compiled = by_key.get((block, shape, dtype, mode, "compile(seed)"))
+        compiled = by_key.get((block, shape, dtype, layout, mode, "compile(seed)"))
         if compiled is not None and compiled["ms"] / r["ms"] < GOALS["vs_compiled_seed"]:
             out.append(f"{where}: {compiled['ms'] / r['ms']:.2f}x torch.compile(seed) < "
                        f"{GOALS['vs_compiled_seed']}x")
-        if shape == GOAL_FLOOR_SHAPE and r["floor_share"] < GOALS["floor_share"]:
-            out.append(f"{where}: {r['floor_share']:.0%} of the floor < "
+        if r["floor_share"] < GOALS["floor_share"]:
+            out.append(f"{where}: {r['floor_share']:.0%} of the 7-pass floor < "
                        f"{GOALS['floor_share']:.0%}")
         if r.get("mem_vs_seed") is not None and r["mem_vs_seed"] > GOALS["memory_vs_seed"]:
             out.append(f"{where}: peak memory {r['mem_vs_seed']:.2f}x the seed's > "
@@ -287,16 +329,55 @@ def _goal_failures(rows) -> list[str]:
     return out
 
 
-def device_main(args) -> int:
-    """Seed code, torch.compile(seed), plain, torch and triton on one device, same weights.
+def markdown_table(rows) -> str:
+    lines = ["| block | (B,C,H,W) | dtype | layout | pass | variant | ms | x seed | floor | "
+             "peak MB | diff y / grad x |", "|---" * 11 + "|"]
+    for r in rows:
+        peak = f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else "-"
+        diff = "/".join(f"{d:.1e}" for d in r["diff"]) if "diff" in r else "-"
+        vs = f"{r['vs_seed']:.2f}x" if r.get("vs_seed") is not None else "-"
+        lines.append(f"| {r['block']} | {tuple(r['shape'])} | {r['dtype']} | {r['layout']} | "
+                     f"{r['mode']} | {r['variant']} | {r['ms']:.3f} | {vs} | "
+                     f"{r['floor_share']:.0%} | {peak} | {diff} |")
+    return "\n".join(lines)
 
-    For each block and GPU shape, fp32 and bf16 autocast, forward and forward+backward:
-    median ms (``torch.utils.benchmark``, which synchronises CUDA), speed against the seed,
-    share of the floor (3 forward / 8 forward+backward passes over ``x``'s bytes, against the
-    bandwidth of a large device copy measured in the same run), peak memory beyond what was
-    allocated before the step (``torch.cuda.max_memory_allocated``, reset per variant), and
-    the largest difference of ``y`` and ``grad_x`` from the seed's (TF32 off, so fp32 columns
-    compare exact arithmetic). ``--smoke`` runs the same code on tiny CPU shapes.
+
+def kernel_tables(rows) -> str:
+    """Markdown: the per-kernel profile of one forward+backward step of each variant."""
+    out = []
+    for r in rows:
+        if not r.get("kernels"):
+            continue
+        out.append(f"{r['block']} {tuple(r['shape'])} {r['dtype']} {r['layout']} "
+                   f"{r['variant']}, one forward+backward:\n")
+        out.append("| kernel | calls | self us |\n|---|---|---|")
+        out += [f"| {k['kernel'][:70]} | {k['calls']} | {k['us']:.0f} |" for k in r["kernels"]]
+        out.append("")
+    return "\n".join(out)
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    parts = tuple(int(p) for p in text.replace("x", ",").split(","))
+    if len(parts) != 4 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--shapes takes B,C,H,W with positive sizes, got {text!r}"
+        )
+    return parts
+
+
+def device_main(args) -> int:
+    """Seed code, torch.compile(seed), plain, torch, triton and torch.compile(triton) on one
+    device, same weights.
+
+    For each block, shape, dtype (``fp32``; ``bf16``: x and weights in bfloat16; ``bf16
+    autocast``) and layout, forward and forward+backward: median ms (``torch.utils.benchmark``,
+    which synchronises CUDA), speed against the seed, share of the floor (3 forward / 7
+    forward+backward passes over ``x``'s bytes, against the bandwidth of a large device copy
+    measured in the same run), peak memory beyond what the step's inputs hold
+    (``torch.cuda.max_memory_allocated``, ``x.grad`` cleared first), and the largest
+    difference of ``y`` and ``grad_x`` from the seed's (TF32 off, so fp32 columns compare
+    exact arithmetic); with ``--profile`` the kernels of one step, by self time.
+    ``--smoke`` runs the same code on tiny CPU shapes.
     """
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -307,46 +388,52 @@ def device_main(args) -> int:
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else (
         "cache_size_limit")
     setattr(torch._dynamo.config, limit, 64)  # shapes x autocast x grad mode per seed class
-    shapes = SMOKE_SHAPES if args.smoke else DEVICE_SHAPES
     bandwidth = copy_bandwidth(device, 2**22 if args.smoke else 2**28)
     import triton
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    meta = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+            "bandwidth_gbs": bandwidth / 1e9, "smoke": args.smoke}
     print(f"{name}; torch {torch.__version__}, triton {triton.__version__}; TF32 off; "
           f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
     if args.smoke:
         print("SMOKE RUN: tiny shapes, Triton under its interpreter: these times mean nothing")
+    rows = []
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+    for kind in args.blocks:
+        shapes = args.shapes or (SMOKE_SHAPES[kind] if args.smoke else DEVICE_SHAPES)
+        for shape in shapes:
+            for dtype_name in args.dtypes:
+                for layout in args.layouts:
+                    rows += device_rows(kind, shape, dtype_name, layout, device, args,
+                                        bandwidth)
+                    save()  # a run cut short still leaves what it measured
     print("times: medians (torch.utils.benchmark); x seed: speed relative to the seed code; "
-          "floor: 3 (fwd) or 8 (fwd+bwd) passes over x's bytes at the copy bandwidth; "
-          "peak: memory a step allocates beyond its inputs; diff: max |y - y_seed| / "
+          "floor: 3 (fwd) or 7 (fwd+bwd) passes over x's bytes at the copy bandwidth; "
+          "peak: memory a step holds beyond its inputs; diff: max |y - y_seed| / "
           "max |grad_x - grad_x_seed|")
     print()
-    print("| block | (B,C,H,W) | dtype | pass | variant | ms | x seed | floor | peak MB | "
-          "diff y / grad x |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    rows = []
-    for kind in args.blocks:
-        for shape in shapes[kind]:
-            for dtype_name in ("fp32", "bf16 autocast"):
-                new = device_rows(kind, shape, dtype_name, device, args, bandwidth)
-                rows += new
-                for r in new:
-                    peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
-                    diff = "/".join(f"{d:.1e}" for d in r["diff"]) if "diff" in r else "-"
-                    print(f"| {kind} | {shape} | {dtype_name} | {r['mode']} | {r['variant']} | "
-                          f"{r['ms']:.3f} | {r['vs_seed']:.2f}x | {r['floor_share']:.0%} | "
-                          f"{peak} | {diff} |", flush=True)
+    print(markdown_table(rows))
+    if args.profile:
+        print()
+        print(kernel_tables(rows))
     print()
+    failures = goal_failures(rows)
+    meta["goal_failures"] = failures
+    save()
     if args.smoke:
         print("smoke run: the GPU goals are not evaluated")
         return 0
-    failures = _goal_failures(rows)
     print("triton goals on a GPU (fwd+bwd): "
           + ("all met" if not failures else "missed:\n  " + "\n  ".join(failures)))
     return 0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
@@ -354,14 +441,33 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="the device table's code on tiny shapes (checks it runs)")
     parser.add_argument("--compile", default="inductor", help="torch.compile backend of the "
-                        "compile(seed) column (default inductor; the smoke run uses aot_eager)")
-    parser.add_argument("--no-compile", action="store_true", help="skip compile(seed)")
+                        "compile(...) rows (default inductor; the smoke run uses aot_eager)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compile rows")
+    parser.add_argument("--compile-dtypes", nargs="+", default=list(DTYPES), choices=DTYPES,
+                        help="device mode: the dtypes with compile rows (default all)")
+    parser.add_argument("--compile-shapes", nargs="+", type=parse_shape, default=None,
+                        help="device mode: the shapes with compile rows (default all)")
     parser.add_argument("--blocks", nargs="+", default=["dsa", "coord"], choices=("dsa", "coord"),
                         help="device mode: which blocks (default both)")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
+                        help="device mode: B,C,H,W of x (default: the goal shapes)")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=DTYPES,
+                        help="device mode (default fp32 bf16)")
+    parser.add_argument("--layouts", nargs="+", default=["nchw"], choices=tuple(LAYOUTS),
+                        help="device mode: memory layout of x (default nchw)")
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"],
+                        choices=("fwd", "fwd+bwd"), help="device mode (default both)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                        help="device mode (default all; seed is the reference)")
+    parser.add_argument("--profile", action="store_true",
+                        help="device mode: per-kernel table of one forward+backward")
+    parser.add_argument("--json", metavar="PATH", help="device mode: also write rows as JSON")
     parser.add_argument("--min-run-time", type=float, default=None,
                         help="seconds per measurement in device mode (default 0.3)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.device == "cuda" or args.smoke:
+        if "seed" not in args.variants:
+            args.variants = ["seed", *args.variants]
         if args.smoke and args.compile == "inductor":
             args.compile = "aot_eager"  # inductor's C++ codegen takes minutes on a small CPU
         if args.min_run_time is None:

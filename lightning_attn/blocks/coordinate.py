@@ -369,11 +369,13 @@ class CoordinateAttention(RecordingMixin, nn.Module):
 
     # -- forward -------------------------------------------------------------------------
     def _axis_pool(
-        self, x: torch.Tensor, backend: str, stash: GradStash | None
+        self, x: torch.Tensor, backend: str, stash: GradStash | list | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B,C,H,W) -> x_h (B,C,H,1), x_w (B,C,1,W)``."""
+        """``(B,C,H,W) -> x_h (B,C,H,1), x_w (B,C,1,W)``; on the triton path ``stash`` is a
+        list that receives the pool's link for :meth:`_apply_fused`."""
         if backend == "triton":
-            x_h, x_w = load_triton_ops().coord_pool(x, self.pool == "mean_max")
+            x_h, x_w, link = load_triton_ops().coord_pool_linked(x, self.pool == "mean_max")
+            stash.append(link)
         else:
             if stash is not None:
                 x_h, x_w = axis_mean_pool(x, stash)
@@ -412,11 +414,13 @@ class CoordinateAttention(RecordingMixin, nn.Module):
         return self.act(self.bn1b(self._pointwise(self.conv1b, y, fast)))
 
     def _masks(
-        self, x: torch.Tensor, backend: str, stash: GradStash | None
+        self, x: torch.Tensor, backend: str, stash: GradStash | list | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``a_h (B,C,H,1)`` and ``a_w (B,C,1,W)``; ``stash`` is given on the torch path."""
         _, _, h, w = x.shape
-        fast = backend != "plain"
+        # Thin 1x1 convolutions as matrix products are faster on a CPU ("torch"); on the
+        # triton (GPU) path convolutions launch fewer kernels (no transposing copies).
+        fast = backend == "torch"
         x_h, x_w = self._axis_pool(x, backend, stash)
         y = torch.cat([x_h, x_w.permute(0, 1, 3, 2)], dim=2)  # (B,C,H+W,1)
         y = self._bottleneck(y, fast)
@@ -455,17 +459,19 @@ class CoordinateAttention(RecordingMixin, nn.Module):
 
     def _apply_fused(self, x, a_h, a_w, backend, stash):
         # Every variant is x * (c + k * u_h * u_w) with small u_h, u_w and scalar c = 1 - k.
+        # k and c stay what they are, a tensor, a number (a fixed beta) or None (exactly 1
+        # and 0): a tensor made from a number here would be a host-to-device copy in every
+        # forward, which also breaks CUDA-graph capture.
         if self.per_axis_alpha:
             u_h = (1.0 - self.alpha_h) + self.alpha_h * a_h
             u_w = (1.0 - self.alpha_w) + self.alpha_w * a_w
-            k = self.beta if self.use_beta else 1.0
+            k = self.beta if self.use_beta else None
         else:
             u_h, u_w = a_h, a_w
             k = self.alpha * self.beta if self.use_beta else self.alpha
-        k = torch.as_tensor(k, dtype=x.dtype, device=x.device) if not torch.is_tensor(k) else k
         c = None if self._k_is_one() else 1.0 - k
         if backend == "triton":
-            return load_triton_ops().coord_scale(x, u_h, u_w, c, k)
+            return load_triton_ops().coord_scale(x, u_h, u_w, c, k, stash[0])
         return axis_scale(x, u_h, u_w, c, k, stash)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -477,7 +483,8 @@ class CoordinateAttention(RecordingMixin, nn.Module):
             backend = "plain"  # an empty batch: nothing to fuse (the fused views need rows)
         if backend == "triton":
             check_triton_input(x, owner)
-        stash = GradStash() if backend == "torch" else None
+        # torch: the fused functions' gradient hand-over; triton: receives the pool's link
+        stash = GradStash() if backend == "torch" else [] if backend == "triton" else None
         a_h, a_w = self._masks(x, backend, stash)
         if backend == "plain":
             out = self._apply_plain(x, a_h, a_w)

@@ -322,19 +322,23 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
         weight = self.branches[0].weight
         check_input(x, owner, self.channels, weight.dtype, weight.device, "channels")
         backend = resolve_backend(self.backend, "dsa", x)
-        stash = None
+        stash = link = None
         if backend == "torch":
             stash = GradStash()
             s = spatial_summary(x, stash)
         elif backend == "triton":
             check_triton_input(x, owner)
-            s = load_triton_ops().dsa_summary(x)
+            # link: the apply's backward hands grad_y to the summary's, which writes grad_x
+            s, link = load_triton_ops().dsa_summary_linked(x)
         else:
             avg_map = torch.mean(x, dim=1, keepdim=True)
             max_map, _ = torch.max(x, dim=1, keepdim=True)
             s = torch.cat([avg_map, max_map], dim=1)  # (B,2,H,W)
 
-        if backend == "plain":
+        # The small maps: the seed's operations on "plain" and "triton" (on a GPU they launch
+        # fewer kernels than the CPU-oriented forms below, which "torch" uses).
+        small_plain = backend in ("plain", "triton")
+        if small_plain:
             logits = self.router(s).flatten(1)  # (B,K)
         else:
             # The router's 1x1 convolutions on a (B,2,1,1) map are linear layers; as such
@@ -345,7 +349,7 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
             logits = F.linear(hidden, conv2.weight.flatten(1), conv2.bias)  # (B,K)
         rw = torch.softmax(logits, dim=1)
 
-        if backend == "plain":
+        if small_plain:
             z = torch.stack([br(s) for br in self.branches], dim=1)  # (B,K,1,H,W)
             wlogit = (rw[:, :, None, None, None] * z).sum(dim=1)  # (B,1,H,W)
         else:
@@ -355,7 +359,7 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
         if backend == "torch":
             y = apply_spatial_mask(x, mask, stash)
         elif backend == "triton":
-            y = load_triton_ops().dsa_apply(x, mask)
+            y = load_triton_ops().dsa_apply(x, mask, link)
         else:
             y = x * mask
 

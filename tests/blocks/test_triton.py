@@ -11,13 +11,17 @@ test_observation.py also run on ``"triton"`` where the interpreter is on (``BACK
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
+from torch._library.custom_ops import OPDEFS
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from lightning_attn import CoordinateAttention, DynamicSpatialAttention
 from lightning_attn.blocks.kernels import triton_importable
@@ -55,6 +59,11 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 from lightning_attn.blocks.kernels import load_triton_ops  # noqa: E402
 
 ops = load_triton_ops()
+from lightning_attn.blocks.kernels import triton_common as common  # noqa: E402
+from lightning_attn.blocks.kernels import triton_coord as coord  # noqa: E402
+from lightning_attn.blocks.kernels import triton_dsa as dsa  # noqa: E402
+
+from . import seed_reference  # noqa: E402
 
 # The interpreter runs the kernels in numpy, which warns about inf/NaN arithmetic that the
 # NaN tests make on purpose.
@@ -118,27 +127,30 @@ def _coord_pair(lib_kw: dict, seed_kw: dict, channels: int = COORD_C, dtype=torc
 def gpu_tiles(monkeypatch):
     """The interpreter with the CUDA tile sizes, so that the ops loop as on a GPU (the
     interpreter's own tiles are larger: fewer programs, faster tests)."""
-    monkeypatch.setattr(ops, "INTERPRETER_TILES", ops.GPU_TILES)
+    monkeypatch.setattr(common, "INTERPRETER_TILES", common.GPU_TILES)
+    common.clear_caches()
+    yield
+    common.clear_caches()
 
 
 def test_op_tests_take_several_tile_steps_with_gpu_tiles(gpu_tiles):
     for layout in ("contiguous", "channels_last"):
         x = dict(_layouts(torch.zeros(2, 70, 16, 17, device=DEVICE)))[layout]
-        block_c, block_s = ops._dsa_tiles(x)
+        block_c, block_s = dsa.dsa_tiles(x)
         assert block_c < 70 and block_s < 16 * 17 or block_c * 2 < 70, layout
     for layout in ("contiguous", "channels_last", "transposed_hw"):
         x = dict(_layouts(torch.zeros(2, 3, 70, 17, device=DEVICE)))[layout]
-        _, launch = ops._coord_launch(x)
+        launch = coord.coord_launch(x).constexprs
         assert launch["BLOCK_H"] < 70 and launch["BLOCK_W"] == 32, layout
     for layout in ("contiguous", "channels_last"):  # blocks of one sample's channels
         x = dict(_layouts(torch.zeros(2, 40, 9, 6, device=DEVICE)))[layout]
-        _, launch = ops._coord_launch(x)
+        launch = coord.coord_launch(x).constexprs
         assert not launch["FOLD"] and 40 % launch["BLOCK_C"], layout
 
 
 def test_block_tests_fold_small_channel_counts_into_one_program():
-    grid, launch = ops._coord_launch(torch.zeros(2, COORD_C, 6, 7, device=DEVICE))
-    assert launch["FOLD"] and grid == (1,)
+    p = coord.coord_launch(torch.zeros(2, COORD_C, 6, 7, device=DEVICE))
+    assert p.constexprs["FOLD"] and p.grid == (1,)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -490,9 +502,16 @@ if CUDA:  # inductor's C++ codegen takes ~30 s per block on a 2-core CPU: GPU ma
         assert_close(got[1], want[1], TOL32, "grad x")
 
 
-def test_kernels_compile_for_an_h100():
-    """Every kernel through Triton's real compiler down to an sm_90 cubin (~8 s): what the
-    interpreter cannot check. Needs no GPU; ptxas ships with triton's CUDA backend."""
+#: Bytes per pipelined (cp.async) load of x in float32 NCHW, by W: 16 where a row (or a
+#: channel plane, for DSA) starts 16-byte aligned; a 14-wide row is only 8-byte aligned
+#: and a 7-wide one 4. Before the hints every CoordinateAttention load was 4 bytes.
+_LOAD_BYTES = {
+    "_coord_": {56: 16, 28: 16, 14: 8, 7: 4},
+    "_dsa_": {56: 16, 28: 16, 14: 16, 7: 4},
+}
+
+
+def _compile_for_sm90(*args: str) -> str:
     import triton
 
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
@@ -501,11 +520,39 @@ def test_kernels_compile_for_an_h100():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     done = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("triton_sm90_compile.py"))],
-        env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, str(Path(__file__).with_name("triton_sm90_compile.py")), *args],
+        env=env, capture_output=True, text=True, timeout=1200,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("sm_90 cubin") == 8, done.stdout
+    return done.stdout
+
+
+def test_kernels_compile_for_an_h100_with_full_width_loads():
+    """The kernels a GPU runs at W = 56, 28, 14 and 7 (float32 NCHW, one forward+backward of
+    each block, as the host code plans them for 132 SMs) through Triton's real compiler down
+    to sm_90 cubins (~40 s with a cold Triton cache, a few with a warm one): what the
+    interpreter cannot check. Needs no GPU; ptxas ships with triton's CUDA backend. The x
+    loads of the loops are pipelined (cp.async) and as wide as the rows' alignment allows;
+    channels_last (checked at W = 7) loads 16 bytes. ``triton_sm90_compile.py --full``
+    compiles every dtype and layout (~200 variants, minutes)."""
+    lines = [ln for ln in _compile_for_sm90().splitlines() if "sm_90 cubin" in ln]
+    kernels = {ln.split(":")[0] for ln in lines}
+    assert len(kernels) == 10, kernels  # 6 DSA (2 combine the split C), 4 CoordinateAttention
+    checked = set()
+    for ln in lines:
+        name, _, _block, width, _dtype, layout, pipelined, *_ = (
+            c.strip() for c in ln.replace(": sm_90", " | sm_90").split("|")
+        )
+        if "combine" in name or "sum_splits" in name:
+            continue  # small maps only
+        w = int(width.removeprefix("W="))
+        got = int(pipelined.split()[1])
+        # channels_last: runs of C = 2048 channels, 16 bytes at any W
+        want = 16 if layout == "nhwc" else next(
+            v for k, v in _LOAD_BYTES.items() if name.startswith(k))[w]
+        assert got == want, f"{ln}: {got} B per load, want {want}"
+        checked.add((name, w, layout))
+    assert len(checked) == 8 * 4 + 8, sorted(checked)
 
 
 def test_cpu_tensor_without_the_interpreter_is_a_clear_error(monkeypatch):
@@ -543,3 +590,552 @@ def test_dsa_empty_batch_and_expanded_gradients():
         (g,) = torch.autograd.grad(block(xg)[0].sum(), xg)
         grads.append(g)
     assert_close(grads[0], grads[1], TOL32, "grad x")
+
+
+# --------------------------------------------------------------------------------------
+# One gradient buffer: the linked backward writes grad_x once, and nothing else full-size
+# --------------------------------------------------------------------------------------
+
+
+class _SeesInsideOurOps(TorchDispatchMode):
+    """A dispatch mode that also sees the aten ops inside our custom ops (their
+    implementations run under it), but not Triton's interpreter's own bookkeeping (use
+    :func:`_interpreter_unseen`)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "lightning_attn":
+            with self:
+                return OPDEFS[func._name]._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.seen(func, out)
+        return out
+
+    def seen(self, func, out) -> None:
+        raise NotImplementedError
+
+
+@pytest.fixture
+def interpreter_unseen(monkeypatch):
+    """Triton's interpreter runs with dispatch modes suspended (its copies between torch and
+    numpy are not the kernels' work); yields the launch counts by kernel name."""
+    if CUDA:
+        yield {}
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches: dict[str, int] = {}
+    run = InterpretedFunction.run
+
+    def unseen_run(self, *args, **kwargs):
+        launches[self.fn.__name__] = launches.get(self.fn.__name__, 0) + 1
+        with _disable_current_modes():
+            return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", unseen_run)
+    yield launches
+
+
+class _Allocations(_SeesInsideOurOps):
+    """Full-size float tensors (``numel`` of x, not broadcast) that any op makes."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.made = numel, []
+
+    def seen(self, func, out) -> None:
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if (isinstance(t, torch.Tensor) and t.is_floating_point() and not func.is_view
+                    and t.numel() == self.numel and 0 not in t.stride()):
+                self.made.append(func.overloadpacket.__name__)
+
+
+_ONE_BUFFER_BLOCKS = {
+    "dsa": lambda: DynamicSpatialAttention(backend="triton"),
+    "dsa_all": lambda: DynamicSpatialAttention(**DSA_CASES["all"], backend="triton"),
+    "coord": lambda: CoordinateAttention(COORD_C, backend="triton"),
+    "coord_mean_max": lambda: CoordinateAttention(COORD_C, pool="mean_max", backend="triton"),
+    "coord_per_axis_beta": lambda: CoordinateAttention(
+        COORD_C, **COORD_CASES["per_axis_alpha_beta"][0], backend="triton"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_ONE_BUFFER_BLOCKS))
+def test_backward_makes_one_full_size_buffer_grad_x(name, interpreter_unseen):
+    """The summary/pool backward writes grad_x once (4 passes): no second part of grad_x,
+    no out-of-place sum of parts, no full-size temporary. Forward: y alone."""
+    block = _ONE_BUFFER_BLOCKS[name]().to(DEVICE)
+    x = _relu_ties((2, COORD_C, 6, 7)).requires_grad_()
+    mode = _Allocations(x.numel())
+    with mode:
+        out = block(x)
+        y = out[0] if isinstance(out, tuple) else out
+    assert mode.made == ["empty_like"], f"forward made {mode.made}"  # y
+    grad = torch.randn_like(y)
+    mode.made.clear()
+    with mode:
+        y.backward(grad)
+    assert mode.made == ["empty_like"], f"backward made {mode.made}"  # grad_x, once
+
+
+def _full_size_passes(launches, numel: int) -> int:
+    """Passes over full-size memory: the distinct full-size tensors each launch touches."""
+    passes = 0
+    for launch in launches:
+        seen = {a.data_ptr() for a in launch.args if isinstance(a, torch.Tensor)
+                and a.numel() == numel and 0 not in a.stride()}
+        passes += len(seen)
+    return passes
+
+
+@pytest.mark.parametrize("name, forward, backward", [
+    ("dsa", 3, 4), ("dsa_all", 3, 4), ("coord", 3, 4), ("coord_per_axis_beta", 3, 4),
+    ("coord_mean_max", 3, 5),
+])
+def test_passes_over_full_size_memory(name, forward, backward):
+    """3 passes forward (read x for the maps; read x, write y) and 4 backward (read grad_y
+    and x for the map gradients; read grad_y, write grad_x), 5 when the max pooling of
+    add-on 1 reads x again for its ties. (Each launch touches each full-size tensor once.)"""
+    block = _ONE_BUFFER_BLOCKS[name]().to(DEVICE)
+    x = _relu_ties((2, COORD_C, 6, 7)).requires_grad_()
+    with common.record_launches() as launches:  # planned, not run: values are garbage
+        out = block(x)
+    assert _full_size_passes(launches, x.numel()) == forward, launches
+    y = out[0] if isinstance(out, tuple) else out
+    with common.record_launches() as launches:
+        y.backward(torch.ones_like(y))
+    assert _full_size_passes(launches, x.numel()) == backward
+    assert x.grad is not None
+
+
+def test_linked_backward_when_y_or_the_mask_takes_no_part():
+    """Gradients reach x through the summary alone (a mask-only loss), through y alone, and
+    after a backward that stopped before the summary (parameters only): the carriers hold
+    nothing between backward passes (no Python-side state to go stale)."""
+    ref, lib = _dsa_pair("default")
+    x = _randn(2, 6, 5, 7)
+    for use in ([1], [0]):
+        assert_runs_match(run_block(lib, x, use=use), run_block(ref, x, use=use), TOL32,
+                          f"loss on outputs {use}")
+    grads = []
+    for block in (lib, ref):
+        xg = x.clone().requires_grad_()
+        y, mask = block(xg)
+        torch.autograd.grad(y.sum(), list(block.parameters()), retain_graph=True)
+        grads.append(torch.autograd.grad(mask.sum(), xg)[0])
+    assert_close(grads[0], grads[1], TOL32, "mask-only grad after a parameters-only pass")
+    # CoordinateAttention's ops: a loss on the pooled maps alone
+    xa = _randn(2, 5, 6, 7).requires_grad_()
+    xb = xa.detach().clone().requires_grad_()
+    x_h, x_w, link = ops.coord_pool_linked(xa, True)
+    ops.coord_scale(xa, x_h.sigmoid(), x_w.sigmoid(), None, None, link)
+    (x_h.sum() + x_w.square().sum()).backward()
+    want_h = 0.5 * (xb.mean(3, keepdim=True) + xb.amax(3, keepdim=True))
+    want_w = 0.5 * (xb.mean(2, keepdim=True) + xb.amax(2, keepdim=True))
+    (want_h.sum() + want_w.square().sum()).backward()
+    assert_close(xa.grad, xb.grad, 1e-6, "pool-only grad_x")
+
+
+def test_linked_apply_with_a_wider_mask_than_x():
+    """x bfloat16 with a float32 mask: y and grad_y are float32, the carrier bfloat16
+    (autograd rounds grad_y once more); values within bfloat16 rounding of torch's."""
+    x = _randn(2, 6, 5, 7, dtype=torch.bfloat16)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    s, link = ops.dsa_summary_linked(xa)
+    mask_a = torch.sigmoid(s.float().sum(1, keepdim=True))
+    y = ops.dsa_apply(xa, mask_a, link)
+    mx, _ = torch.max(xb, dim=1, keepdim=True)
+    s_b = torch.cat([xb.mean(dim=1, keepdim=True), mx], dim=1)
+    want = xb * torch.sigmoid(s_b.float().sum(1, keepdim=True))
+    assert y.dtype == want.dtype == torch.float32
+    g = torch.randn_like(want)
+    (y * g).sum().backward()
+    (want * g).sum().backward()
+    assert xa.grad.dtype == torch.bfloat16
+    assert rel_err(xa.grad, xb.grad) < 0.02
+
+
+def test_linked_ops_name_a_wrong_link():
+    x = _randn(2, 3, 4, 5)
+    _, link = ops.dsa_summary_linked(_randn(2, 3, 4, 6))
+    with pytest.raises(ValueError, match="link must be the DsaLink"):
+        ops.dsa_apply(x, _randn(2, 1, 4, 5), link)
+    with pytest.raises(ValueError, match="link must be the CoordLink"):
+        ops.coord_scale(x, _randn(2, 3, 4, 1), _randn(2, 3, 1, 5), None, None, link)
+    with pytest.raises(TypeError, match="c must be a 0-d tensor, a number or None"):
+        ops.coord_scale(x, _randn(2, 3, 4, 1), _randn(2, 3, 1, 5), "0.5", None)
+
+
+@pytest.mark.parametrize("kind", ["number", "tensor", "none"])
+def test_coord_scale_takes_numbers_tensors_or_none_for_c_and_k(kind):
+    x = _randn(2, 5, 4, 6, dtype=torch.float64)
+    u_h, u_w = torch.rand(2, 5, 4, 1, dtype=torch.float64), torch.rand(2, 5, 1, 6,
+                                                                          dtype=torch.float64)
+    c, k = {"number": (0.3, 0.7), "none": (None, None),
+            "tensor": (torch.tensor(0.3, dtype=torch.float64),
+                       torch.tensor(0.7, dtype=torch.float64))}[kind]
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = ops.coord_scale(xa, u_h.to(DEVICE), u_w.to(DEVICE), c, k)
+    c0, k0 = (0.0, 1.0) if kind == "none" else (0.3, 0.7)
+    want = xb * (c0 + k0 * u_h * u_w)
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-12)  # float64 exactly: no rounding
+    g = torch.randn_like(want)
+    (y * g).sum().backward()
+    (want * g).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------
+# Small maps in parallel: C split across programs, combined in channel order
+# --------------------------------------------------------------------------------------
+
+
+def test_dsa_grid_fills_an_h100_at_every_benchmark_shape():
+    """At least ~4 programs per SM (132 SMs) for every DSA shape of the GPU benchmark, in
+    both layouts: C is split where pixel blocks alone leave the GPU idle."""
+    with common.plan_for_gpu(132):
+        for shape in ((64, 256, 56, 56), (256, 64, 32, 32), (128, 1024, 14, 14),
+                      (8, 2048, 7, 7)):
+            for layout in (torch.contiguous_format, torch.channels_last):
+                x = torch.empty(shape, device="meta").contiguous(memory_format=layout)
+                g = dsa._grid(x)
+                assert g.grid[0] >= 3.8 * 132, (shape, layout, g)
+                if layout == torch.contiguous_format and shape[3] <= 14:
+                    assert g.n_split > 1, (shape, g)  # 128 and 8 programs unsplit
+
+
+def test_split_reductions_match_one_program_and_are_deterministic(monkeypatch):
+    """Forced into many channel ranges, the summary finds the first maximal channel across
+    ranges (ties, NaN in a later range, all -inf), and grad_mask sums the ranges in order:
+    bitwise the same from run to run."""
+    tiny = common.TileSizes(
+        elements=256, dsa_pixels=64, dsa_channels=4, coord_channels=4, min_programs=10**6)
+    monkeypatch.setattr(common, "INTERPRETER_TILES", tiny)
+    monkeypatch.setattr(common, "GPU_TILES", tiny)
+    monkeypatch.setattr(dsa, "min_programs", lambda t: 10**6)
+    common.clear_caches()
+    try:
+        x = _relu_ties((2, 37, 5, 7))
+        assert dsa._grid(x).n_split >= 9
+        x[:, 30] = x[:, 1]  # ties across ranges: the first channel wins
+        x[0, 33, 1, 1] = float("nan")  # NaN in a later range than the max
+        x[1, :, 2, 2] = float("-inf")
+        runs = []
+        for _ in range(2):
+            xa = x.clone().requires_grad_()
+            s, link = ops.dsa_summary_linked(xa)
+            mask = torch.sigmoid(torch.nan_to_num(s).sum(1, keepdim=True))
+            y = ops.dsa_apply(xa, mask, link)
+            (gx,) = torch.autograd.grad((y * torch.cos(y.detach())).sum() + s.nansum(), xa)
+            runs.append((s.detach(), gx))
+        xb = x.clone().requires_grad_()
+        mx, _ = torch.max(xb, dim=1, keepdim=True)
+        s_b = torch.cat([xb.mean(dim=1, keepdim=True), mx], dim=1)
+        y_b = xb * torch.sigmoid(torch.nan_to_num(s_b).sum(1, keepdim=True))
+        (gx_b,) = torch.autograd.grad((y_b * torch.cos(y_b.detach())).sum() + s_b.nansum(), xb)
+        torch.testing.assert_close(runs[0][0], s_b.detach(), equal_nan=True, rtol=0, atol=1e-6)
+        torch.testing.assert_close(runs[0][1], gx_b, equal_nan=True, rtol=1e-5, atol=1e-5)
+        for a, b in zip(runs[0], runs[1], strict=True):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()), "not deterministic"
+    finally:
+        common.clear_caches()
+
+
+# --------------------------------------------------------------------------------------
+# Host path: integer arithmetic, memoised parameters, vector widths, tuning, devices
+# --------------------------------------------------------------------------------------
+
+
+def test_integer_helpers_agree_with_triton():
+    import triton
+
+    for n in [0, 1, 2, 3, 7, 8, 9, 56, 196, 1000, 8191, 8192, 2**20 + 1]:
+        assert common.next_pow2(n) == triton.next_power_of_2(max(n, 1)), n
+        for d in (1, 3, 8, 256):
+            assert common.cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert common.pow2_divisor(56, 3136, cap=4) == 4
+    assert common.pow2_divisor(14, cap=16) == 2
+    assert common.pow2_divisor(7, 0, cap=8) == 1
+
+
+@pytest.mark.parametrize("shape, dtype, layout, want", [
+    ((2, 8, 56, 56), torch.float32, "contiguous", 4),  # 16 bytes
+    ((2, 8, 56, 56), torch.bfloat16, "contiguous", 8),
+    ((2, 8, 14, 14), torch.float32, "contiguous", 2),  # a 56-byte row: 8-byte aligned
+    ((2, 8, 7, 7), torch.float32, "contiguous", 1),
+    ((2, 8, 56, 56), torch.float32, "strided_w", 1),  # W not unit-stride
+    ((2, 8, 56, 56), torch.float32, "channels_last", 1),  # along C instead (Triton's own)
+])
+def test_coord_row_vector_width(shape, dtype, layout, want):
+    x = dict(_layouts(torch.zeros(shape, dtype=dtype)))[layout]
+    assert coord.coord_launch(x).vec == want
+    # a broadcast grad_y (y.sum()) is all stride 0: it never narrows the width
+    gy = torch.zeros((), dtype=dtype).expand(shape)
+    assert coord.coord_launch(x, gy).vec == want
+
+
+def test_dsa_plane_vector_width_follows_h_times_w():
+    assert dsa._vec((torch.zeros(2, 8, 14, 14),), (True,)) == 4  # 196 = 4 * 49
+    assert dsa._vec((torch.zeros(2, 8, 7, 7),), (True,)) == 1
+    assert dsa._vec((torch.zeros(2, 8, 14, 14, dtype=torch.bfloat16),), (True,)) == 4
+
+
+def test_launch_parameters_are_memoised_per_shape_strides_and_dtype(monkeypatch):
+    calls = []
+    real = coord._coord_launch
+    monkeypatch.setattr(coord, "_coord_launch", lambda *t: calls.append(1) or real(*t))
+    coord._CACHE.clear()
+    x = torch.zeros(2, 8, 6, 7)
+    for _ in range(3):
+        coord.coord_launch(x)
+    coord.coord_launch(torch.zeros(2, 8, 6, 7))  # same key, another tensor
+    assert len(calls) == 1
+    coord.coord_launch(x.contiguous(memory_format=torch.channels_last))
+    coord.coord_launch(x.double())
+    coord.coord_launch(torch.zeros(3, 8, 6, 7))
+    assert len(calls) == 4
+
+
+def test_autotuning_on_cuda_only():
+    """CUDA: triton.autotune over warps, pipelining stages and a tile divisor, keyed on the
+    sizes and layout; the interpreter (and LIGHTNING_ATTN_TRITON_AUTOTUNE=0) runs fixed
+    tiles."""
+    kernel = coord._coord_scale_kernel
+    fn, extra = common.select_kernel(kernel, coord._KEY, torch.device("cuda", 0))
+    assert fn is not kernel and extra == {}
+    assert len(fn.configs) >= 4 and fn.keys == coord._KEY
+    assert {"NUM_STAGES", "TILE_DIV"} <= set(fn.configs[0].kwargs)
+    assert {c.num_warps for c in fn.configs} == {4, 8}
+    assert common.select_kernel(kernel, coord._KEY, torch.device("cpu")) == (
+        kernel, common.FIXED_CONFIG)
+    os.environ["LIGHTNING_ATTN_TRITON_AUTOTUNE"] = "0"
+    try:
+        assert common.select_kernel(kernel, coord._KEY, torch.device("cuda", 0))[0] is kernel
+    finally:
+        del os.environ["LIGHTNING_ATTN_TRITON_AUTOTUNE"]
+
+
+def test_every_launch_runs_under_the_tensors_device(monkeypatch):
+    """Each launch is inside torch.cuda.device(x.device) for CUDA tensors: the guard is
+    chosen from the tensor's own device (cuda:1 without set_device launches on cuda:1)."""
+    guard = common.launch_guard(types.SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    entered = []
+
+    def counting_guard(t):
+        entered.append(t.device)
+        return common.launch_guard(t)
+
+    launched = []
+    real_launch = common.launch
+
+    def counting_launch(*args, **kwargs):
+        launched.append(args[0])
+        return real_launch(*args, **kwargs)
+
+    for module in (dsa, coord):
+        monkeypatch.setattr(module, "launch_guard", counting_guard)
+        monkeypatch.setattr(module, "launch", counting_launch)
+    for block in _ONE_BUFFER_BLOCKS.values():
+        out = block().to(DEVICE)(_randn(2, COORD_C, 5, 6).requires_grad_())
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+    assert len(entered) == 4 * len(_ONE_BUFFER_BLOCKS) and len(launched) >= len(entered)
+    assert {d.type for d in entered} == {DEVICE.type}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_tensor_on_the_second_gpu_runs_there():
+    x = torch.randn(2, COORD_C, 6, 7, device="cuda:1")
+    for make in (lambda: DynamicSpatialAttention(backend="triton"),
+                 lambda: CoordinateAttention(COORD_C, backend="triton")):
+        block = make()
+        ref = copy.deepcopy(block)
+        ref.backend = "plain"
+        assert torch.cuda.current_device() == 0
+        got, want = run_block(block.to("cuda:1"), x), run_block(ref.to("cuda:1"), x)
+        assert_runs_match(got, want, TOL32, "cuda:1")
+
+
+# --------------------------------------------------------------------------------------
+# No host-to-device copy in a forward
+# --------------------------------------------------------------------------------------
+
+#: Ops that make a tensor from Python numbers: torch.tensor/as_tensor/new_tensor
+#: (lift_fresh: a host-to-device copy on a GPU, which CUDA-graph capture refuses),
+#: torch.scalar_tensor and torch.full.
+_FROM_NUMBERS = {"lift_fresh", "lift_fresh_copy", "scalar_tensor", "full"}
+
+
+class _TensorsFromNumbers(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in _FROM_NUMBERS:
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+_EVERY_CONFIG = [("dsa", n, kw) for n, kw in DSA_CASES.items()] + [
+    ("coord", n, kw) for n, (kw, _) in COORD_CASES.items()
+]
+
+
+@pytest.mark.parametrize("backend", ["plain", "torch", "triton"])
+def test_no_forward_makes_a_tensor_from_a_python_number(backend):
+    """Every option table entry of both blocks, every backend: a forward makes no tensor
+    from Python numbers (per-axis alpha without beta used to: torch.as_tensor(1.0, device))."""
+    x = _randn(2, COORD_C, 5, 6)
+    for kind, name, kw in _EVERY_CONFIG:
+        if kind == "dsa":
+            block = DynamicSpatialAttention(**kw, backend=backend)
+        else:
+            block = CoordinateAttention(COORD_C, **kw, backend=backend)
+        block = block.to(DEVICE)
+        mode = _TensorsFromNumbers()
+        with mode:
+            block(x.clone().requires_grad_())
+        assert not mode.found, f"{kind} {name}: {mode.found}"
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA-graph capture needs a GPU")
+@pytest.mark.parametrize("name", ["dsa", "coord", "coord_per_axis_beta"])
+def test_forward_and_backward_capture_in_a_cuda_graph(name):
+    """No host-to-device copy, no sync, no allocation outside the graph pool in a step: the
+    whole forward+backward captures and replays (after a warm-up that compiles and tunes)."""
+    block = _ONE_BUFFER_BLOCKS[name]().cuda()
+    x = torch.randn(2, COORD_C, 6, 7, device="cuda", requires_grad=True)
+    g = torch.randn(2, COORD_C, 6, 7, device="cuda")
+
+    def step():
+        out = block(x)
+        (out[0] if isinstance(out, tuple) else out).backward(g)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    want = x.grad.clone()
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        step()
+    x.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(x.grad, want, TOL32, "grad x from the replayed graph")
+
+
+# --------------------------------------------------------------------------------------
+# Kernel launches per forward+backward: at most the seed code's
+# --------------------------------------------------------------------------------------
+
+
+class _KernelCount(_SeesInsideOurOps):
+    """Counts the aten kernels of one step on the CPU, as a GPU would launch them.
+
+    Every op that reaches the dispatcher below autograd counts one kernel, except views and
+    allocations (``empty*``, ``detach``, ``_unsafe_view``, ...): a CPU op and its CUDA
+    counterpart are the same dispatcher entry, one kernel each on a GPU. Our custom ops do
+    not count themselves: the aten ops inside them do (they run under the mode), and each
+    Triton launch counts one (:func:`interpreter_unseen`, where the interpreter starts a
+    grid).
+    """
+
+    NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+                 "detach", "lift_fresh", "_unsafe_view", "promote_types", "set_", "alias"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aten: dict[str, int] = {}
+
+    def seen(self, func, out) -> None:
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in self.NO_KERNEL:
+            self.aten[name] = self.aten.get(name, 0) + 1
+
+
+def _count_launches(block, x, triton_launches: dict) -> tuple[dict, dict]:
+    """``(aten kernels, Triton launches)`` of one forward+backward, by name."""
+    triton_launches.clear()
+    mode = _KernelCount()
+    x = x.clone().requires_grad_()
+    with mode:
+        out = block(x)
+        y = out[0] if isinstance(out, tuple) else out
+        y.backward(torch.ones_like(y))
+    return mode.aten, dict(triton_launches)
+
+
+_LAUNCH_CASES = {
+    "dsa": (lambda: seed_reference.DynamicSpatialAttention(),
+            lambda: DynamicSpatialAttention(backend="triton")),
+    "dsa_all": (lambda: seed_reference.DynamicSpatialAttention(**DSA_CASES["all"]),
+                lambda: DynamicSpatialAttention(**DSA_CASES["all"], backend="triton")),
+    "coord": (lambda: seed_reference.CoordinateAtt(COORD_C),
+              lambda: CoordinateAttention(COORD_C, backend="triton")),
+    "coord_all": (lambda: seed_reference.SeedCoordAttAddons(COORD_C, **COORD_CASES["all"][1]),
+                  lambda: CoordinateAttention(COORD_C, **COORD_CASES["all"][0],
+                                              backend="triton")),
+}
+
+
+@pytest.mark.skipif(CUDA, reason="counts launches through Triton's interpreter (CPU)")
+@pytest.mark.parametrize("name, split", [(n, False) for n in _LAUNCH_CASES] + [
+    ("dsa", True), ("dsa_all", True)])
+def test_kernel_launches_per_step_at_most_the_seeds(name, split, monkeypatch,
+                                                    interpreter_unseen):
+    """Kernel launches of one forward+backward (see :class:`_KernelCount`): the Triton path
+    launches no more than the seeds' code, also when DSA splits C (two more launches)."""
+    if split:
+        monkeypatch.setattr(common, "INTERPRETER_TILES", common.TileSizes(
+            elements=256, dsa_pixels=64, dsa_channels=4, coord_channels=4,
+            min_programs=10**6))
+    common.clear_caches()
+    make_seed, make_lib = _LAUNCH_CASES[name]
+    x = _relu_ties((2, COORD_C, 6, 7))
+    seed_aten, seed_triton = _count_launches(make_seed(), x, interpreter_unseen)
+    lib_aten, lib_triton = _count_launches(make_lib(), x, interpreter_unseen)
+    common.clear_caches()
+    assert not seed_triton
+    assert sum(lib_triton.values()) == (6 if split and name.startswith("dsa") else 4), lib_triton
+    seed_total = sum(seed_aten.values())
+    lib_total = sum(lib_aten.values()) + sum(lib_triton.values())
+    assert lib_total <= seed_total, (
+        f"triton {lib_total} ({lib_aten}, {lib_triton}) > seed {seed_total} ({seed_aten})"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Peak memory of a step, in units of x: benchmarks/memory.py's measurement
+# --------------------------------------------------------------------------------------
+
+
+def _benchmark(name: str):
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dsa", "coord"])
+def test_peak_memory_at_most_0_7_of_the_seeds_and_the_torch_backends(kind):
+    """One forward+backward's peak beyond its inputs (``x.grad = None`` first), in units of
+    x: the Triton path holds y and grad_x and small maps (~2.1 x), the seed 3.1 (DSA) and
+    5.4 (CoordinateAttention) x, the torch backend 2.1 and 2.6 x. On the CPU the allocation
+    events of torch.profiler (the interpreter made to free its arguments as a GPU launch
+    does); on a GPU torch.cuda's peak."""
+    memory = _benchmark("memory")
+    rows = memory.measure(kind, (2, 64, 16, 16), "fp32", "nchw", DEVICE,
+                          ["seed", "torch", "triton"])
+    peak = {r["variant"]: r["peak_x"] for r in rows}
+    assert peak["triton"] <= 0.7 * peak["seed"], peak
+    assert peak["triton"] <= peak["torch"] + 0.02, peak
+    assert not memory.goal_failures(rows)

@@ -1,90 +1,221 @@
-"""Compile every Triton kernel of ``backend="triton"`` for an H100 (sm_90), no GPU needed.
+"""Compile the Triton kernels an H100 would launch for the benchmark shapes, for sm_90, no GPU.
 
 Triton's interpreter (which the CPU tests use) runs the kernels' Python in numpy and never
 lowers them; this script takes each kernel through Triton's real pipeline down to a cubin
 (ptxas ships with triton), catching what only the compiler sees: type and layout errors,
-constexpr branches, unsupported ops. Run by test_triton.py in a subprocess, since the test
-process has ``TRITON_INTERPRET=1`` set and the kernels must be imported without it.
+constexpr branches, unsupported ops, and how wide the loads are.
 
-    python tests/blocks/triton_sm90_compile.py   # prints one line per kernel
+Which kernels: the ops' own host code plans every launch of one forward+backward of each
+block (linked, as the blocks call them) on ``meta`` tensors of the benchmark shapes, as on a
+132-SM GPU (:func:`~lightning_attn.blocks.kernels.triton_common.plan_for_gpu`), and records
+it instead of launching (:func:`~lightning_attn.blocks.kernels.triton_common.record_launches`).
+Each launch is compiled with the signature Triton would give it at run time (pointers
+16-byte aligned, integers specialised on divisibility by 16 and on 1, the fixed
+configuration's constexprs), so the variants compiled are those that run at W = 56, 28, 14
+and 7. Identical variants compile once.
+
+Printed per variant: kernel, where it runs, and the widest global loads in its PTX in
+bytes: pipelined (``cp.async ... 0x10``: 16; the full-size loads of the ``tl.range`` loops)
+and plain (``ld.global.v4.b32``: 16). Run by test_triton.py in a subprocess (the test process has
+``TRITON_INTERPRET=1`` set and the kernels must be imported without it).
+
+    python tests/blocks/triton_sm90_compile.py           # fp32 NCHW, W = 56, 28, 14, 7
+                                                         # (and channels_last at 7)
+    python tests/blocks/triton_sm90_compile.py --full    # + W = 32, bf16, channels_last
+    python tests/blocks/triton_sm90_compile.py --configs # also every autotune config
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 os.environ.pop("TRITON_INTERPRET", None)
 
+import torch  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler import compile as triton_compile  # noqa: E402
 
-from lightning_attn.blocks.kernels import triton_ops as T  # noqa: E402
+from lightning_attn.blocks.kernels import triton_common as common  # noqa: E402
+from lightning_attn.blocks.kernels import triton_coord, triton_dsa  # noqa: E402
 
-_SIZES = ("C", "H", "W", "HW")  # divisible by 16 at the shapes of issue 9, like the strides
+#: The benchmark shapes of the GPU check (W = 56, 32, 14, 7) and W = 28.
+SHAPES = ((64, 256, 56, 56), (256, 64, 32, 32), (128, 512, 28, 28), (128, 1024, 14, 14),
+          (8, 2048, 7, 7))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+_TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+       torch.float64: "fp64", torch.int32: "i32"}
+_LOAD = re.compile(r"ld\.global(?:\.[a-z0-9_:]+)*?(?:\.v(\d))?\.[bfus](\d+)")
+#: cp.async: the pipelined loads of the kernels' tl.range loops (global -> shared)
+_ASYNC = re.compile(
+    r"cp\.async\.\w+\.shared\.global\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-f]+|\d+)"
+)
 
 
-def compile_kernel(fn, pointers: dict, constexprs: dict, unit_strides: tuple = ()):
-    """Compile ``fn`` as Triton would launch it on (64, 256, 56, 56): pointers 16-byte
-    aligned, the unit strides specialised to 1, sizes and strides divisible by 16."""
-    signature, constants, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in pointers:
-            signature[name] = "*" + pointers[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in constexprs or name in unit_strides:
+def _meta(shape, dtype, layout=torch.contiguous_format):
+    return torch.empty(shape, dtype=dtype, device="meta").contiguous(memory_format=layout)
+
+
+def plan_dsa(x: torch.Tensor) -> None:
+    """One linked forward+backward of DynamicSpatialAttention's ops on ``x``."""
+    b, c, h, w = x.shape
+    s, arg, carry_gy, carry_mask = triton_dsa._dsa_summary_impl(x)
+    mask = _meta((b, 1, h, w), x.dtype)
+    y = triton_dsa._dsa_apply_impl(x, mask, carry_gy, carry_mask)
+    grad_y = torch.empty_like(y)
+    _, _, mask_copy = triton_dsa._dsa_apply_backward_impl(grad_y, x, mask, True, True, True)
+    triton_dsa._dsa_summary_backward_impl(_meta(s.shape, s.dtype), arg, x, grad_y, mask_copy)
+
+
+def plan_coord(x: torch.Tensor, with_max: bool) -> None:
+    """One linked forward+backward of CoordinateAttention's ops on ``x``: learnable ``k``
+    and ``c`` (every reduction), and with ``with_max`` add-on 1's pooling."""
+    b, c, h, w = x.shape
+    x_h, x_w, stat_h, stat_w, carry_gy, carry_pieces = triton_coord._coord_pool_impl(
+        x, with_max
+    )
+    u_h, u_w = _meta((b, c, h, 1), x.dtype), _meta((b, c, 1, w), x.dtype)
+    k = _meta((), torch.float32)
+    y = triton_coord._coord_scale_impl(x, u_h, u_w, k, k, 0.0, 1.0, carry_gy, carry_pieces)
+    grad_y = torch.empty_like(y)
+    outs = triton_coord._coord_scale_backward_impl(
+        grad_y, x, u_h, u_w, k, k, 0.0, 1.0, False, True, True, True
+    )
+    triton_coord._coord_pool_backward_impl(
+        _meta(x_h.shape, x_h.dtype), _meta(x_w.shape, x_w.dtype), x, stat_h, stat_w,
+        with_max, grad_y, outs[4],
+    )
+
+
+def planned_launches(shape, dtype, layout, mean_max: bool = True
+                     ) -> list[tuple[str, common.Launch]]:
+    """Every launch of both blocks at ``shape``, as planned for a 132-SM GPU (with
+    ``mean_max`` also those of CoordinateAttention's add-on 1)."""
+    x = _meta(shape, dtype, layout)
+    out = []
+    with ExitStack() as stack:
+        stack.enter_context(common.plan_for_gpu(132))
+        # meta tensors are neither CUDA nor interpreted CPU tensors
+        for module in (triton_dsa, triton_coord):
+            old = module.check_triton_input
+            module.check_triton_input = lambda *a: None
+            stack.callback(setattr, module, "check_triton_input", old)
+        plans = [("dsa", lambda: plan_dsa(x)), ("coord", lambda: plan_coord(x, False))]
+        if mean_max:
+            plans.append(("coord_mean_max", lambda: plan_coord(x, True)))
+        for block, plan in plans:
+            with common.record_launches() as launches:
+                plan()
+            out += [(block, launch) for launch in launches]
+    return out
+
+
+def signature_of(launch: common.Launch, config: dict):
+    """Triton's run-time specialisation of the launch: ``(signature, constants, attrs)``."""
+    fn = launch.kernel
+    constants = dict(launch.constexprs)
+    if launch.tuned_key is not None:
+        constants.update(config)
+    signature, attrs = {}, {}
+    params = {p.name: p for p in fn.params}
+    for i, (name, arg) in enumerate(zip(fn.arg_names, launch.args + (None,) * 99, strict=False)):
+        if name in constants:
             signature[name] = "constexpr"
-            constants[name] = constexprs.get(name, 1)
-        else:
-            signature[name] = "i32"
-            if name.startswith("s") or name in _SIZES:
+            continue
+        if isinstance(arg, torch.Tensor):
+            signature[name] = "*" + _TL[arg.dtype]
+            if arg.storage_offset() * arg.element_size() % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(arg, float):
+            annotation = params[name].annotation
+            signature[name] = annotation if annotation else "fp32"
+        else:
+            kind, key = native_specialize_impl(BaseBackend, arg, False, True, True)[:2]
+            if kind == "constexpr":
+                signature[name] = "constexpr"
+                constants[name] = arg
+            else:
+                signature[name] = kind
+                if key == "D":
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+    constants = {k: v for k, v in constants.items() if k in fn.arg_names}
+    return signature, constants, attrs
+
+
+def load_widths(ptx: str) -> tuple[int, int]:
+    """Bytes of the widest pipelined load (``cp.async``, 0 if none) and of the widest plain
+    ``ld.global`` in ``ptx``."""
+    plain = [int(v or 1) * int(bits) // 8 for v, bits in _LOAD.findall(ptx)]
+    pipelined = [int(n, 0) for n in _ASYNC.findall(ptx)]
+    return max(pipelined, default=0), max(plain, default=0)
+
+
+def _key(signature, constants, attrs) -> tuple:
+    def norm(v):
+        return str(v) if isinstance(v, tl.dtype) else v
+
+    return (tuple(sorted(signature.items())), tuple(sorted((k, norm(v)) for k, v in
+                                                          constants.items())),
+            tuple(sorted(attrs)))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true",
+                        help="fp32 and bf16, NCHW and channels_last (default: fp32 NCHW)")
+    parser.add_argument("--configs", action="store_true",
+                        help="compile every autotune configuration, not only the fixed one")
+    parser.add_argument("--jobs", type=int, default=2, help="compilations at a time")
+    args = parser.parse_args(argv)
+    # Default: fp32 NCHW at one shape per width class (56, 28, 14, 7), add-on 1 at the
+    # first only, and channels_last at the last.
+    shapes = SHAPES if args.full else tuple(s for s in SHAPES if s[3] != 32)
+    all_combos = [(d, lay) for d in DTYPES for lay in LAYOUTS]
+    configs = [dict(common.FIXED_CONFIG)]
+    if args.configs:
+        configs += [dict(c.kwargs, num_warps=c.num_warps) for c in common.gpu_configs()]
     target = GPUTarget("cuda", 90, 32)
-    try:
-        return triton_compile(ASTSource(fn, signature, constants, attrs), target=target)
-    except (TypeError, AttributeError, KeyError):
-        # Triton releases spell the alignment hints differently; without them the kernel
-        # still goes through the whole pipeline (only its loads are not vectorised).
-        return triton_compile(ASTSource(fn, signature, constants), target=target)
+    jobs, lines = {}, []
+    for shape in shapes:
+        combos = all_combos if args.full else [("fp32", "nchw")] + (
+            [("fp32", "nhwc")] if shape == shapes[-1] else [])
+        for dtype_name, layout_name in combos:
+            launches = planned_launches(shape, DTYPES[dtype_name], LAYOUTS[layout_name],
+                                        mean_max=args.full or shape == shapes[0])
+            for block, launch in launches:
+                for config in configs if launch.tuned_key is not None else configs[:1]:
+                    config = dict(config)
+                    warps = config.pop("num_warps", launch.num_warps or 4)
+                    sig, consts, attrs = signature_of(launch, config)
+                    key = (launch.kernel.fn.__name__, warps, _key(sig, consts, attrs))
+                    jobs[key] = (launch.kernel, sig, consts, attrs, warps)
+                    tuned = f" {config}" if args.configs and launch.tuned_key else ""
+                    lines.append((key, f"{launch.kernel.fn.__name__}: sm_90 cubin | {block} | "
+                                       f"W={shape[3]} | {dtype_name} | {layout_name}",
+                                  f"{shape}{tuned}"))
 
+    def build(job):
+        kernel, sig, consts, attrs, warps = job
+        compiled = triton_compile(ASTSource(kernel, sig, consts, attrs), target=target,
+                                  options={"num_warps": warps})
+        assert compiled.asm.get("cubin"), kernel
+        return load_widths(compiled.asm["ptx"])
 
-def main() -> int:
-    f32, acc = "fp32", tl.float32
-    dsa = {"ACC": acc, "BLOCK_C": 8, "BLOCK_S": 256}
-    coord = {"ACC": acc, "FOLD": False, "BLOCK_C": 32, "BLOCK_H": 1, "BLOCK_W": 64}
-    jobs = [
-        (T._dsa_summary_kernel, {"x_ptr": "bf16", "s_ptr": "bf16", "arg_ptr": "i32"},
-         {"FLAT": True, **dsa}, ("sxw",)),
-        (T._dsa_summary_backward_kernel, {"gs_ptr": f32, "arg_ptr": "i32", "gx_ptr": f32},
-         {"FLAT": False, **dsa}, ("sgc",)),
-        (T._dsa_apply_kernel, {"x_ptr": f32, "m_ptr": "bf16", "y_ptr": f32},
-         {"FLAT_X": True, "FLAT_Y": True, **dsa}, ("sxw", "syw")),
-        (T._dsa_apply_backward_kernel,
-         {"gy_ptr": f32, "x_ptr": f32, "m_ptr": "bf16", "gx_ptr": f32, "gm_ptr": "bf16"},
-         {"FLAT_GY": True, "FLAT_X": False, "FLAT_GX": True, "WRITE_GX": True,
-          "WRITE_GM": True, **dsa}, ("sgyw", "sxc", "sgxw")),
-        (T._coord_pool_kernel,
-         {"x_ptr": "bf16", "xh_ptr": "bf16", "xw_ptr": "bf16", "stat_h_ptr": f32,
-          "stat_w_ptr": f32}, {"WITH_MAX": True, **coord}, ("sxc",)),
-        (T._coord_pool_backward_kernel,
-         {"gh_ptr": f32, "gw_ptr": f32, "x_ptr": f32, "stat_h_ptr": f32, "stat_w_ptr": f32,
-          "gx_ptr": f32}, {"WITH_MAX": True, **coord, "FOLD": True}, ("sxw", "sgw")),
-        (T._coord_scale_kernel,
-         {"x_ptr": f32, "uh_ptr": "bf16", "uw_ptr": "bf16", "c_ptr": f32, "k_ptr": f32,
-          "y_ptr": f32}, {"HAS_C": True, **coord}, ("sxc", "syc")),
-        (T._coord_scale_backward_kernel,
-         {"gy_ptr": f32, "x_ptr": f32, "uh_ptr": "bf16", "uw_ptr": "bf16", "c_ptr": f32,
-          "k_ptr": f32, "gx_ptr": f32, "rows_gu_ptr": f32, "cols_gu_ptr": f32,
-          "rows_g_ptr": f32},
-         {"HAS_C": False, "WRITE_GX": True, "REDUCE": True, "REDUCE_G": False,
-          **coord, "ACC": tl.float64}, ("sgyc", "sxc", "sgxc")),
-    ]
-    for fn, pointers, constexprs, unit_strides in jobs:
-        kernel = compile_kernel(fn, pointers, constexprs, unit_strides)
-        assert kernel.asm.get("cubin"), fn.__name__
-        print(f"{fn.__name__}: sm_90 cubin, {len(kernel.asm['cubin'])} bytes")
+    # Two at a time: much of a compilation (MLIR passes, ptxas) runs outside the GIL.
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = dict(zip(jobs, pool.map(build, jobs.values()), strict=True))
+    for key, head, tail in lines:
+        pipelined, plain = done[key]
+        print(f"{head} | pipelined {pipelined} B | plain {plain} B | {tail}")
+    print(f"{len(done)} distinct variants compiled")
     return 0
 
 

@@ -2,8 +2,10 @@
 
 - :mod:`.torch_fused`: fused autograd functions in plain torch (``backend="torch"``).
 - :mod:`.triton_ops`: Triton kernels as ``torch.library`` custom ops (``backend="triton"``),
-  imported only when a block asks for them.
-- :mod:`.backend`: the choice (``"auto"`` resolves per device).
+  imported only when a block asks for them: :mod:`.triton_dsa` and :mod:`.triton_coord`, one
+  per block, on :mod:`.triton_common`.
+- :mod:`.backend`: the choice (``"auto"`` resolves per device and, on CUDA, per measured
+  shape rule).
 """
 
 from __future__ import annotations

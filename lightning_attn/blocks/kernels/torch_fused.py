@@ -190,8 +190,10 @@ class _AxisMeanPool(Function):
         grad_y, ku_h, u_w, scale_c = stashed
         grad_x = grad_y * ku_h
         torch.addcmul(grad_w.to(grad_x.dtype), grad_x, u_w, out=grad_x)
-        if scale_c is not None:
+        if isinstance(scale_c, torch.Tensor):
             grad_x.addcmul_(grad_y, scale_c)
+        elif scale_c is not None:  # a number (a fixed beta)
+            grad_x.add_(grad_y, alpha=scale_c)
         grad_x.add_(grad_h)
         return grad_x, None
 
@@ -205,27 +207,36 @@ def axis_mean_pool(
 
 
 class _AxisScale(Function):
-    """``y = x * (c + k * u_h * u_w)`` without a full-size ``att`` or ``scale``."""
+    """``y = x * (c + k * u_h * u_w)`` without a full-size ``att`` or ``scale``; ``c`` and
+    ``k`` 0-d tensors or numbers, ``c=None`` 0 and ``k=None`` 1."""
 
     @staticmethod
     def forward(ctx, x, u_h, u_w, c, k, stash, x_needs_grad):
-        ctx.save_for_backward(x, u_h, u_w, c, k)
+        c_t = c if isinstance(c, torch.Tensor) else None
+        k_t = k if isinstance(k, torch.Tensor) else None
+        ctx.save_for_backward(x, u_h, u_w, c_t, k_t)
+        ctx.numbers = (c, k)
         ctx.stash = stash
         ctx.x_needs_grad = x_needs_grad
-        y = x * (k * u_h)
+        y = x * (u_h if k is None else k * u_h)
         y.mul_(u_w)
-        if c is not None:
-            y.addcmul_(x, c)
+        if c_t is not None:
+            y.addcmul_(x, c_t)
+        elif c is not None:
+            y.add_(x, alpha=c)
         return y
 
     @staticmethod
     @first_derivative_only
     def backward(ctx, grad_y):
-        x, u_h, u_w, c, k = ctx.saved_tensors
+        x, u_h, u_w, c_t, k_t = ctx.saved_tensors
+        c, k = ctx.numbers
+        c = c_t if c_t is not None else c
+        k = k_t if k_t is not None else k
         _, need_h, need_w, need_c, need_k, _, _ = ctx.needs_input_grad
         grad_h = grad_w = grad_c = grad_k = None
         if ctx.x_needs_grad:  # the pooling's backward writes grad_x (see axis_mean_pool)
-            ctx.stash.put(grad_y, k * u_h, u_w, c)
+            ctx.stash.put(grad_y, u_h if k is None else k * u_h, u_w, c)
         if need_h or need_w or need_c or need_k:
             g = grad_y * x
             u_h, u_w = u_h.to(g.dtype), u_w.to(g.dtype)  # autocast may leave them in bf16
@@ -235,11 +246,12 @@ class _AxisScale(Function):
                 grad_c = g.sum().reshape(c.shape)
             gh = torch.matmul(g, u_w.transpose(-1, -2))  # (B,C,H,1)
             if need_h:
-                grad_h = gh * k
+                grad_h = gh if k is None else gh * k
             if need_k:
                 grad_k = (gh * u_h).sum().reshape(k.shape)
             if need_w:
-                grad_w = torch.matmul(u_h.transpose(-1, -2), g) * k  # (B,C,1,W)
+                grad_w = torch.matmul(u_h.transpose(-1, -2), g)  # (B,C,1,W)
+                grad_w = grad_w if k is None else grad_w * k
         return None, grad_h, grad_w, grad_c, grad_k, None, None
 
 
@@ -247,12 +259,13 @@ def axis_scale(
     x: torch.Tensor,
     u_h: torch.Tensor,
     u_w: torch.Tensor,
-    c: torch.Tensor | None,
-    k: torch.Tensor,
+    c: torch.Tensor | float | None,
+    k: torch.Tensor | float | None,
     stash: GradStash,
 ) -> torch.Tensor:
-    """``x (B,C,H,W) * (c + k * u_h (B,C,H,1) * u_w (B,C,1,W))``, ``c`` and ``k`` 0-d;
-    ``c=None`` stands for an exact zero (its full-size pass is skipped).
+    """``x (B,C,H,W) * (c + k * u_h (B,C,H,1) * u_w (B,C,1,W))``, ``c`` and ``k`` 0-d
+    tensors or numbers; ``c=None`` stands for an exact zero (its full-size pass is skipped),
+    ``k=None`` for an exact one.
 
     The ``x``-gradient is delivered by :func:`axis_mean_pool`'s backward through ``stash``;
     ``x`` must be the tensor given to it.
