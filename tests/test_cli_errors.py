@@ -69,3 +69,19 @@ def test_the_debug_variable_shows_the_traceback(monkeypatch, tmp_path):
     config = str(ROOT / "examples/configs/dsa.yaml")
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         main(["fit", "--config", config, "--data.batch_size", "0", "--trainer.logger", "false"])
+
+
+def test_the_adversarial_tables_add_up(capsys):
+    """``scripts/adversarial_table.py`` counts every table: at least 150 inputs, none raw or
+    silent."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("adversarial_table",
+                                                  ROOT / "scripts" / "adversarial_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main()
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    cells = [c.strip() for c in last.strip("|").split("|")]
+    assert cells[0] == "all" and int(cells[1]) >= 150
+    assert cells[4:] == ["0", "0"]
