@@ -219,7 +219,8 @@ def chart_layout(
 def tag_table() -> list[tuple[str, str]]:
     """``(tag pattern, what it is)`` for every logged quantity, for the docs."""
     rows = []
-    for section, declared in _GROUPS.items():
+    for section in ("mask", "router", "param"):
+        declared = _GROUPS[section]
         group = {"mask": "<mask>", "router": "router", "param": "param"}[section]
         for q in declared:
             if q.tag is not None:

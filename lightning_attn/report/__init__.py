@@ -21,12 +21,12 @@ module                 what it does
 =====================  =========================================================================
 """
 
+from ..core.problems import Verdict
 from .document import MetricSpec, Report, ReportTable, RunReport, build_report
+from .experiments import group_experiments
 from .reading import ReportError, RunLog, find_runs, read_runs
 from .series import RunTags, parse_tags
 from .statistics import stats_from_scalars
-from ..core.problems import Verdict
-from .experiments import group_experiments
 from .verdicts import RunHealth, judge_run, thresholds_from_config
 from .writer import ReportFiles, load_runs, write_report
 

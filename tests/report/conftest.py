@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from .report_models import PlantedNet
 
 from lightning_attn.callbacks import AttentionDiagnostics
 from lightning_attn.report import ReportFiles, write_report
+
+from .report_models import PlantedNet
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,12 @@ import warnings
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from .report_models import BLOCKS, PlantedNet
 
 from lightning_attn.callbacks import AttentionDiagnostics
 from lightning_attn.core.tags import ScalarTag
 from lightning_attn.report import build_report, load_runs
+
+from .report_models import BLOCKS, PlantedNet
 
 
 class Evaluated(PlantedNet):

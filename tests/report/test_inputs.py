@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from .synthetic import BLOCK, write_run
 
 from lightning_attn.cli import main as cli_main
 from lightning_attn.report import ReportError, find_runs, judge_run, load_runs, parse_tags
 from lightning_attn.report.command import main
+
+from .synthetic import BLOCK, write_run
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:

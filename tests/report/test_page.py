@@ -3,10 +3,10 @@ and warnings matching the planted problems and the callback's own warnings."""
 
 from __future__ import annotations
 
+from lightning_attn.report import load_runs
+
 from .html_page import PNG, read_page
 from .report_models import BLOCKS
-
-from lightning_attn.report import load_runs
 
 
 def test_page_names_every_block_with_its_figure(planted_report):

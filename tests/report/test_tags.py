@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import io
 
-from .html_page import read_page
 from PIL import Image
-from .synthetic import BLOCK, problem, write_run
 
 from lightning_attn.report import judge_run, load_runs, parse_tags, write_report
+
+from .html_page import read_page
+from .synthetic import BLOCK, problem, write_run
 
 
 def _judge(path):
@@ -74,7 +75,8 @@ def test_evaluation_tags_min_max_and_the_preferred_map(tmp_path):
     log, tags, _ = _judge(run)
     assert set(tags.blocks) == {"train", "val"}
     val = tags.blocks["val"][BLOCK]
-    assert val.masks["mask"]["std"].steps == [10, 20, 30] and val.router.get("entropy_norm") is not None
+    assert val.masks["mask"]["std"].steps == [10, 20, 30]
+    assert val.router.get("entropy_norm") is not None
     assert set(tags.train[BLOCK].masks["mask"]) == {"mean", "std", "min", "max", "sat_low",
                                                     "sat_high"}
     tag, image = tags.last_map()
