@@ -23,7 +23,7 @@ the previous step would be freed during the step and lower the figure by one ``x
   memory allocated before the step.
 
 The seed is the seeds' own code (``tests/blocks/seed_reference.py``); the library blocks load
-its weights. Goals (issue "Triton kernels built to the memory floor"): the Triton path at most
+its weights. Goals: the Triton path at most
 0.7x the seed and no more than the ``torch`` backend, for both blocks.
 """
 

@@ -239,7 +239,7 @@ def test_dsa_bad_eps_names_the_argument(eps, exc):
 
 
 # --------------------------------------------------------------------------------------
-# Meaningful ranges, float32 storage, empty and mismatched inputs (issue 10)
+# Meaningful ranges, float32 storage, empty and mismatched inputs
 # --------------------------------------------------------------------------------------
 
 
