@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .aux_loss import RouterAuxMixin
 from .kernels import (
     BACKENDS,
     Backend,
@@ -59,7 +60,7 @@ def _inverse_softplus(t: float, eps: float) -> float:
     return target + math.log(-math.expm1(-target))
 
 
-class DynamicSpatialAttention(RecordingMixin, nn.Module):
+class DynamicSpatialAttention(RecordingMixin, RouterAuxMixin, nn.Module):
     """Spatial attention whose mask mixes K convolution branches with per-sample weights.
 
     From ``x (B,C,H,W)``: ``s = [mean_c(x), max_c(x)]`` ``(B,2,H,W)``; a router
@@ -91,6 +92,12 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
         fused: deprecated: ``True`` is ``backend="torch"``, ``False`` ``backend="plain"``.
 
     Shapes: ``x (B,C,H,W) -> y (B,C,H,W), mask (B,1,H,W)[, rw (B,K)]``.
+
+    Remedies built in: :meth:`set_temperature` writes ``T`` in place (what
+    :class:`~lightning_attn.callbacks.TemperatureSchedule` calls; ``eps`` is the floor of a
+    learnable ``T``), and each forward keeps its router logits ``(B,K)``
+    (:attr:`router_logits`) for the auxiliary router losses
+    (:func:`~lightning_attn.blocks.attention_aux_loss`).
     """
 
     def __init__(
@@ -194,6 +201,27 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
     def trainable_attention_parameters(self) -> dict[str, nn.Parameter]:
         return {"temperature": self.t_raw} if self.learnable_temperature else {}
 
+    @torch.no_grad()
+    def set_temperature(self, value: float) -> None:
+        """Set ``T`` to ``value`` in place: the buffer ``T``, or ``t_raw`` of a learnable
+        temperature (so that ``softplus(t_raw) + eps == value``, up to float32 rounding).
+
+        The tensor stays the same object, so a compiled forward keeps its graph (no
+        recompilation) and DDP replicas stay in step when every process writes the same
+        value. A learnable ``T`` keeps learning from the new value unless something (like
+        :class:`~lightning_attn.callbacks.TemperatureSchedule`) holds it.
+        """
+        value = check_float32_temperature(check_positive_float("temperature", value))
+        if self.learnable_temperature:
+            if value <= self.eps:
+                raise ValueError(
+                    f"temperature={value!r} must exceed eps={self.eps!r}: a learnable "
+                    "T = softplus(t_raw) + eps is always above eps"
+                )
+            self.t_raw.fill_(_inverse_softplus(value, self.eps))
+        else:
+            self.T.fill_(value)
+
     def _merged_plain_weight(self) -> torch.Tensor:
         # All plain branches as one conv: zero-pad each kernel to the largest size.
         n_plain = len(self.kernel_sizes)
@@ -243,6 +271,7 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
             hidden = F.relu(F.linear(s.mean(dim=(2, 3)), conv1.weight.flatten(1), conv1.bias))
             logits = F.linear(hidden, conv2.weight.flatten(1), conv2.bias)  # (B,K)
         rw = torch.softmax(logits, dim=1)
+        self.keep_router_logits(logits)  # a reference for the auxiliary losses: no op
 
         if backend == "plain":
             z = torch.stack([br(s) for br in self.branches], dim=1)  # (B,K,1,H,W)
@@ -264,6 +293,13 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
         if self.return_router_weights:
             return y, mask, rw
         return y, mask
+
+    def __getstate__(self) -> dict:
+        # The kept router logits belong to the live forward (and a non-leaf tensor cannot be
+        # deep-copied): copies and pickles start without them.
+        state = super().__getstate__()
+        state.pop("_router_logits", None)
+        return state
 
     def extra_repr(self) -> str:
         return (
