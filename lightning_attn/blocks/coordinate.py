@@ -37,6 +37,18 @@ class HSwish(nn.Module):
         return x * F.relu6(x + 3.0) / 6.0
 
 
+#: How far inside (0, 1) a bounded blend starts when its value is 0 or 1 (sigmoid never
+#: reaches them): logit(0.99) = 4.6, where the sigmoid's slope is still 1 % of its peak.
+_BOUNDED_MARGIN = 0.01
+
+
+def _bounded_raw(value: torch.Tensor) -> torch.Tensor:
+    """``logit`` of ``value`` clipped to ``[0.01, 0.99]``: the raw parameter of a bounded
+    blend, same shape, device and dtype."""
+    v = value.detach().clamp(_BOUNDED_MARGIN, 1.0 - _BOUNDED_MARGIN)
+    return torch.logit(v)
+
+
 def _scalar(module: nn.Module, name: str, value: float, learnable: bool) -> None:
     tensor = torch.tensor(float(value))
     if learnable:
@@ -127,6 +139,12 @@ class CoordinateAttention(RecordingMixin, nn.Module):
             ``"triton"`` (Triton kernels; CUDA). See
             :mod:`lightning_attn.blocks.kernels.backend`.
         fused: deprecated: ``True`` is ``backend="torch"``, ``False`` ``backend="plain"``.
+        bounded: keep every learnable alpha / alpha_h / alpha_w / beta in ``[0, 1]`` as
+            ``sigmoid`` of a raw parameter (``alpha_raw``, ``alpha_h_raw``, ... in the state
+            dict instead of ``alpha``, ...), so it can never amplify or invert the mask.
+            It starts at its value clipped to ``[0.01, 0.99]`` (a sigmoid never reaches 0
+            or 1). Needs ``learnable_alpha`` or ``learnable_beta``; fixed values are already
+            checked to lie in ``[0, 1]``.
         rd_ratio, act_layer, gate_layer: timm's names, accepted as aliases:
             ``rd_ratio=1/32`` is ``reduction=32``; ``act_layer`` ``"hard_swish"``/``"relu"``
             or ``nn.Hardswish``/``nn.ReLU``; ``gate_layer`` ``"sigmoid"``/``"hard_sigmoid"``
@@ -157,6 +175,7 @@ class CoordinateAttention(RecordingMixin, nn.Module):
         spatial_gate: bool = False,
         backend: Backend = "auto",
         fused: bool | None = None,
+        bounded: bool = False,
         *,
         rd_ratio: float | None = None,
         act_layer: str | type[nn.Module] | None = None,
@@ -260,22 +279,46 @@ class CoordinateAttention(RecordingMixin, nn.Module):
 
         self.gate_fn = torch.sigmoid if self.gate == "sigmoid" else F.hardsigmoid
 
+        if not isinstance(bounded, bool):
+            raise TypeError(f"bounded must be a bool, got {bounded!r} ({type(bounded).__name__})")
+        if bounded and not (self.learnable_alpha or self.learnable_beta):
+            raise ValueError(
+                "bounded=True reparametrises learnable alphas and betas, but neither "
+                "learnable_alpha nor learnable_beta is set (fixed values are already checked "
+                "to lie in [0, 1])"
+            )
+        self.bounded = bounded
+        if bounded:
+            # Replace each learnable scalar by its raw parameter (same device and dtype).
+            for name in self._scalar_names():
+                value = getattr(self, name)
+                if isinstance(value, nn.Parameter):
+                    delattr(self, name)
+                    self.register_parameter(name + "_raw", nn.Parameter(_bounded_raw(value)))
+
     # -- parameters seen by diagnostics -------------------------------------------------
     def _scalar_names(self) -> tuple[str, ...]:
         names = ("alpha_h", "alpha_w") if self.per_axis_alpha else ("alpha",)
         return names + (("beta",) if self.use_beta else ())
 
+    def _blend(self, name: str) -> torch.Tensor | float:
+        """The value of ``alpha`` / ``alpha_h`` / ``alpha_w`` / ``beta``: ``sigmoid`` of its
+        raw parameter when bounded, else the parameter, buffer or float itself."""
+        raw = self._parameters.get(name + "_raw") if self.bounded else None
+        return torch.sigmoid(raw) if raw is not None else getattr(self, name)
+
     def attention_parameters(self) -> dict[str, torch.Tensor]:
         out = {}
         for name in self._scalar_names():
-            value = getattr(self, name)
+            value = self._blend(name)
             out[name] = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)
         return out
 
     def trainable_attention_parameters(self) -> dict[str, nn.Parameter]:
         out = {}
         for name in self._scalar_names():
-            value = getattr(self, name)
+            raw = self._parameters.get(name + "_raw") if self.bounded else None
+            value = raw if raw is not None else getattr(self, name)
             if isinstance(value, nn.Parameter):
                 out[name] = value
         return out
@@ -338,17 +381,20 @@ class CoordinateAttention(RecordingMixin, nn.Module):
 
     def _apply_plain(self, x, a_h, a_w):
         # The seed's ops, in the seed's order.
+        beta = self._blend("beta") if self.use_beta else None
         if self.per_axis_alpha:
-            scale_h = (1.0 - self.alpha_h) + self.alpha_h * a_h
-            scale_w = (1.0 - self.alpha_w) + self.alpha_w * a_w
+            alpha_h, alpha_w = self._blend("alpha_h"), self._blend("alpha_w")
+            scale_h = (1.0 - alpha_h) + alpha_h * a_h
+            scale_w = (1.0 - alpha_w) + alpha_w * a_w
             scale = scale_h * scale_w
             if self.use_beta:
-                scale = 1.0 + self.beta * (scale - 1.0)
+                scale = 1.0 + beta * (scale - 1.0)
         else:
+            alpha = self._blend("alpha")
             att = a_h * a_w
             if self.use_beta:
-                att = 1.0 + self.beta * (att - 1.0)
-            scale = (1.0 - self.alpha) + self.alpha * att
+                att = 1.0 + beta * (att - 1.0)
+            scale = (1.0 - alpha) + alpha * att
         return x * scale
 
     def _k_is_one(self) -> bool:
@@ -366,13 +412,16 @@ class CoordinateAttention(RecordingMixin, nn.Module):
 
     def _apply_fused(self, x, a_h, a_w, backend, stash):
         # Every variant is x * (c + k * u_h * u_w) with small u_h, u_w and scalar c = 1 - k.
+        beta = self._blend("beta") if self.use_beta else None
         if self.per_axis_alpha:
-            u_h = (1.0 - self.alpha_h) + self.alpha_h * a_h
-            u_w = (1.0 - self.alpha_w) + self.alpha_w * a_w
-            k = self.beta if self.use_beta else 1.0
+            alpha_h, alpha_w = self._blend("alpha_h"), self._blend("alpha_w")
+            u_h = (1.0 - alpha_h) + alpha_h * a_h
+            u_w = (1.0 - alpha_w) + alpha_w * a_w
+            k = beta if self.use_beta else 1.0
         else:
+            alpha = self._blend("alpha")
             u_h, u_w = a_h, a_w
-            k = self.alpha * self.beta if self.use_beta else self.alpha
+            k = alpha * beta if self.use_beta else alpha
         k = torch.as_tensor(k, dtype=x.dtype, device=x.device) if not torch.is_tensor(k) else k
         c = None if self._k_is_one() else 1.0 - k
         if backend == "triton":
@@ -406,6 +455,7 @@ class CoordinateAttention(RecordingMixin, nn.Module):
             f"gate={self.gate!r}, beta={self.use_beta}, bottleneck_layers="
             f"{self.bottleneck_layers}, head_groups={self.head_groups}, "
             f"spatial_gate={self.spatial_gate}, backend={self.backend!r}"
+            + (", bounded=True" if self.bounded else "")
         )
 
 
