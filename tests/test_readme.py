@@ -9,6 +9,7 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 from setuptools.config.pyprojecttoml import read_configuration
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -140,3 +141,24 @@ def test_readme_own_block_records_like_the_library_blocks():
     assert isinstance(block, AttentionBlock)
     stats = quick_mask_check(block, torch.randn(2, 4, 8, 8))
     assert set(stats) == {"mask"} and 0 < stats["mask"].mean < 1
+
+
+def test_readme_remedies_snippet_runs_as_written(tmp_path, monkeypatch):
+    """The Remedies story, with fewer steps and samples: the schedule holds the temperature of
+    stages 1 and 2 (not the excluded stage 3) and the router losses are logged."""
+    (code,) = _python_blocks("### Remedies")
+    code = code.replace("max_epochs=5", "max_steps=3, log_every_n_steps=1, "
+                        "enable_progress_bar=False")
+    code = code.replace("num_train=4000", "num_train=48, num_val=16, num_test=16, batch_size=16")
+    assert "max_steps=3" in code and "num_train=48" in code
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "readme_remedies"}
+    exec(compile(code, str(README), "exec"), namespace)
+    model, schedule = namespace["model"], namespace["schedule"]
+    temps = {n: model.get_submodule(n).temperature.item() for n in model.block_names}
+    want = schedule.value_at(2)  # the value of the last step
+    assert temps["net.features.attn1.block"] == pytest.approx(want, rel=1e-5)
+    assert temps["net.features.attn2.block"] == pytest.approx(want, rel=1e-5)
+    assert temps["net.features.attn3.block"] != pytest.approx(want, rel=1e-3)  # excluded
+    metrics = namespace["trainer"].callback_metrics
+    assert {"train/aux/balance", "train/aux/z_loss", "train/aux/loss"} <= set(metrics)
