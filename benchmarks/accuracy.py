@@ -1,16 +1,28 @@
-"""Accuracy benchmark: baseline vs DSA vs CoordinateAttention on cluttered digits.
+"""Accuracy benchmark: baseline vs DSA vs CoordinateAttention, with and without remedies.
 
 Each model is :class:`~lightning_attn.modules.AttentionClassifier` with the same backbone,
-data, optimiser and budget; only the attention block differs. Model and data settings are
-read from ``examples/configs/{baseline,dsa,coord}.yaml`` (their ``model`` section without the
-optimiser, and their ``data`` section with the sample counts below); the optimiser is AdamW
-(lr 3e-3, weight decay 1e-4) with a cosine schedule. Every model is trained with 3 seeds
-(initialisation and batch order; the rendered dataset is fixed) and tested after the last
-epoch (no checkpoint selection). Prints a markdown table:
+data, optimiser and budget; only the attention block and its remedies differ. Model and data
+settings are read from ``examples/configs/{baseline,dsa,dsa_remedies,coord}.yaml`` (their
+``model`` section without the optimiser, their ``data`` section with the sample counts below,
+and the ``TemperatureSchedule`` of ``trainer.callbacks``); the optimiser is AdamW (lr 3e-3,
+weight decay 1e-4) with a cosine schedule. The rows (``--models`` picks some):
+
+- ``baseline``, ``DSA`` (``dsa.yaml``);
+- ``DSA + temperature schedule``: ``dsa.yaml`` with the ``TemperatureSchedule`` of
+  ``dsa_remedies.yaml``; ``DSA + balance loss``: ``dsa.yaml`` with its ``aux_loss``;
+  ``DSA + both``: ``dsa_remedies.yaml`` as it is;
+- ``CoordinateAttention``: ``coord.yaml``; ``CoordinateAttention (bounded alphas)``: the
+  same with ``bounded: true`` (its learnable alphas kept in ``[0, 1]``).
+
+Every model is trained with 3 seeds (initialisation and batch order; the rendered dataset is
+fixed) and tested after the last epoch (no checkpoint selection). Prints a markdown table:
 
 - test accuracy, mean ± std over seeds;
 - localisation score of each block's mask on the test set (mean over seeds;
   1.00 = no better than a uniform mask; ``-`` = no spatial mask);
+- warned steps: the share of the diagnostics' logging steps at which at least one health
+  rule fired (``AttentionDiagnostics.last_problems`` non-empty after the point), over all
+  seeds, and the kinds that fired;
 - parameter count;
 - training throughput in samples/s (time inside training steps: forward, backward,
   optimiser, and ``AttentionDiagnostics`` on every ``--log-every``-th step; one process,
@@ -22,8 +34,9 @@ comparison (seed 0 of each model, and the table above) is written through
 :func:`lightning_attn.report.write_report` to ``<logdir>/<timestamp>/report/report.html``.
 A ``rich`` bar shows the progress over all fits.
 
-    python benchmarks/accuracy.py                  # ~8-11 min on one CPU core
+    python benchmarks/accuracy.py                  # ~25 min on one CPU core
     python benchmarks/accuracy.py --seeds 1 --epochs 1 --num-train 512   # smoke run
+    python benchmarks/accuracy.py --models "DSA,DSA + both"               # some rows
 """
 
 from __future__ import annotations
@@ -34,6 +47,8 @@ import math
 import statistics
 import time
 import warnings
+from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -52,13 +67,40 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from lightning_attn.callbacks import AttentionDiagnostics, AttentionWarning
+from lightning_attn.callbacks import AttentionDiagnostics, AttentionWarning, TemperatureSchedule
 from lightning_attn.data import ClutteredDigitsDataModule
 from lightning_attn.modules import AttentionClassifier
 from lightning_attn.report import ReportTable, write_report
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
-MODELS = {"baseline": "baseline.yaml", "DSA": "dsa.yaml", "CoordinateAttention": "coord.yaml"}
+REMEDIES = "dsa_remedies.yaml"
+
+
+def _schedule_of(config: str) -> list[dict]:
+    """The TemperatureSchedule entries (init_args) of a config's ``trainer.callbacks``."""
+    cfg = yaml.safe_load((CONFIGS / config).read_text())
+    return [
+        dict(cb.get("init_args") or {}) for cb in cfg.get("trainer", {}).get("callbacks") or []
+        if str(cb.get("class_path", "")).rsplit(".", 1)[-1] == "TemperatureSchedule"
+    ]
+
+
+def _aux_loss_of(config: str) -> dict:
+    return dict(yaml.safe_load((CONFIGS / config).read_text())["model"].get("aux_loss") or {})
+
+
+#: label -> (config, model overrides, TemperatureSchedule init_args)
+MODELS: dict[str, tuple[str, Callable[[], dict], Callable[[], list[dict]]]] = {
+    "baseline": ("baseline.yaml", dict, list),
+    "DSA": ("dsa.yaml", dict, list),
+    "DSA + temperature schedule": ("dsa.yaml", dict, lambda: _schedule_of(REMEDIES)),
+    "DSA + balance loss": ("dsa.yaml", lambda: {"aux_loss": _aux_loss_of(REMEDIES)}, list),
+    "DSA + both": (REMEDIES, dict, lambda: _schedule_of(REMEDIES)),
+    "CoordinateAttention": ("coord.yaml", dict, list),
+    "CoordinateAttention (bounded alphas)": (
+        "coord.yaml", lambda: {"coord": {"bounded": True}}, list,
+    ),
+}
 
 
 class StepTimer(pl.Callback):
@@ -75,6 +117,26 @@ class StepTimer(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.seconds += time.perf_counter() - self._t0
         self.samples += batch[0].shape[0]
+
+
+class WarnedSteps(pl.Callback):
+    """Counts the diagnostics' logging steps at which a health rule fired (after it in the
+    callback list: it reads the point the diagnostics just finished)."""
+
+    def __init__(self, diagnostics: AttentionDiagnostics) -> None:
+        self.diagnostics = diagnostics
+        self.points = 0
+        self.warned = 0
+        self.kinds: Counter[str] = Counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.diagnostics.num_points == self.points:
+            return  # no new logging point in this batch
+        self.points = self.diagnostics.num_points
+        problems = self.diagnostics.last_problems
+        if problems:
+            self.warned += 1
+            self.kinds.update({p.kind for p in problems})
 
 
 class Advance(pl.Callback):
@@ -107,19 +169,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="TensorBoard runs and the report go to LOGDIR/<timestamp>/")
     p.add_argument("--log-every", type=int, default=20,
                    help="Trainer(log_every_n_steps=...): diagnostics and loss every N steps")
-    return p.parse_args(argv)
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma-separated rows to run, of: {', '.join(MODELS)}")
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        p.error(f"unknown --models {unknown}; choose from {list(MODELS)}")
+    return args
 
 
-def load_config(config: str) -> tuple[dict, dict]:
-    """``(model kwargs without optimiser/scheduler, data kwargs)`` of an example config."""
+def load_config(config: str, overrides: dict | None = None) -> tuple[dict, dict]:
+    """``(model kwargs without optimiser/scheduler, data kwargs)`` of an example config,
+    with ``overrides`` merged into the model kwargs (one level deep for dict values)."""
     cfg = yaml.safe_load((CONFIGS / config).read_text())
     model = {k: v for k, v in cfg["model"].items() if k not in ("optimizer", "lr_scheduler")}
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(model.get(key), dict):
+            model[key] = {**model[key], **value}
+        else:
+            model[key] = value
     return model, dict(cfg["data"])
 
 
 def run_one(
     model_kw: dict, data_kw: dict, seed: int, args: argparse.Namespace,
-    logger: TensorBoardLogger, callbacks: list[pl.Callback],
+    logger: TensorBoardLogger, callbacks: list[pl.Callback], schedules: list[dict] = (),
 ) -> dict:
     pl.seed_everything(seed, verbose=False)
     data = ClutteredDigitsDataModule(
@@ -131,11 +206,14 @@ def run_one(
         lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=args.epochs),
     )
     timer = StepTimer()
+    diagnostics = AttentionDiagnostics(summary=False)
+    warned = WarnedSteps(diagnostics)
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, log_every_n_steps=args.log_every,
-        callbacks=[timer, AttentionDiagnostics(summary=False), *callbacks],
+        callbacks=[timer, *(TemperatureSchedule(**kw) for kw in schedules), diagnostics, warned,
+                   *callbacks],
     )
     trainer.fit(model, data)
     (res,) = trainer.test(model, data, verbose=False)
@@ -145,12 +223,27 @@ def run_one(
         "params": sum(p.numel() for p in model.parameters()),
         "throughput": timer.samples / timer.seconds,
         "blocks": len(model.block_names),
+        "points": warned.points,
+        "warned": warned.warned,
+        "kinds": warned.kinds,
     }
 
 
 def _mean_std(values: list[float]) -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}"
+
+
+def _warned(runs: list[dict]) -> str:
+    points = sum(r["points"] for r in runs)
+    if not points or not runs[0]["blocks"]:
+        return "-"
+    kinds = Counter()
+    for r in runs:
+        kinds.update(r["kinds"])
+    share = 100 * sum(r["warned"] for r in runs) / points
+    named = ", ".join(f"{k} {100 * n / points:.0f}%" for k, n in kinds.most_common())
+    return f"{share:.0f}%" + (f" ({named})" if named else "")
 
 
 def _steps_per_fit(data_kw: dict, args: argparse.Namespace) -> int:
@@ -169,8 +262,11 @@ def main(argv: list[str] | None = None) -> str:
     root = Path(args.logdir) / datetime.now().strftime("%Y%m%d-%H%M%S")
     start = time.perf_counter()
     console = Console(stderr=True)
-    configs = {label: load_config(config) for label, config in MODELS.items()}
-    total = sum(_steps_per_fit(data_kw, args) for _, data_kw in configs.values()) * args.seeds
+    configs = {
+        label: (*load_config(MODELS[label][0], MODELS[label][1]()), MODELS[label][2]())
+        for label in args.models
+    }
+    total = sum(_steps_per_fit(data_kw, args) for _, data_kw, _ in configs.values()) * args.seeds
     rows, report_runs, cells = [], {}, []
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -178,14 +274,16 @@ def main(argv: list[str] | None = None) -> str:
     )
     with progress:
         task = progress.add_task("starting", total=total)
-        for label, (model_kw, data_kw) in configs.items():
+        for label, (model_kw, data_kw, schedules) in configs.items():
             runs = []
             for seed in range(args.seeds):
                 t = time.perf_counter()
                 logger = TensorBoardLogger(root, name=label, version=f"seed_{seed}",
                                            default_hp_metric=False)
                 advance = Advance(progress, task, f"{label} seed {seed}")
-                runs.append(run_one(model_kw, data_kw, seed, args, logger, [advance]))
+                runs.append(
+                    run_one(model_kw, data_kw, seed, args, logger, [advance], schedules)
+                )
                 if seed == 0:
                     report_runs[label] = logger.log_dir
                 progress.console.print(
@@ -198,13 +296,13 @@ def main(argv: list[str] | None = None) -> str:
                 vals = [r["loc"][i] for r in runs if i < len(r["loc"]) and r["loc"][i] is not None]
                 locs.append(f"{statistics.mean(vals):.2f}" if vals else "-")
             cell = [
-                label, _mean_std([r["acc"] for r in runs]), " / ".join(locs),
+                label, _mean_std([r["acc"] for r in runs]), " / ".join(locs), _warned(runs),
                 f"{runs[0]['params']:,}", f"{statistics.mean(r['throughput'] for r in runs):.0f}",
             ]
             cells.append(cell)
             rows.append("| " + " | ".join(cell) + " |")
-    columns = ["model", "test acc % (mean ± std)", "localisation (stage 1 / 2 / 3)", "params",
-               "train samples/s"]
+    columns = ["model", "test acc % (mean ± std)", "localisation (stage 1 / 2 / 3)",
+               "warned steps (kinds)", "params", "train samples/s"]
     setup = (
         f"Cluttered digits {data_kw['canvas_size']}x{data_kw['canvas_size']}, "
         f"{args.num_train} train / {args.num_test} test samples, {args.epochs} epochs, "
@@ -216,7 +314,7 @@ def main(argv: list[str] | None = None) -> str:
             setup,
             "",
             "| " + " | ".join(columns) + " |",
-            "|---|---|---|---|---|",
+            "|---|---|---|---|---|---|",
             *rows,
             "",
             f"total benchmark time: {time.perf_counter() - start:.0f} s",
@@ -225,7 +323,7 @@ def main(argv: list[str] | None = None) -> str:
     print(table)
     files = write_report(
         report_runs, root / "report", metrics=["test/acc", "train/loss"],
-        title="Accuracy benchmark: baseline vs DSA vs CoordinateAttention",
+        title="Accuracy benchmark: baseline vs DSA vs CoordinateAttention, with remedies",
         tables=[ReportTable("accuracy benchmark (all seeds)", columns, cells,
                             setup + ". Curves and verdicts below: seed 0 of each model.")],
     )

@@ -19,6 +19,7 @@ of its forward (see :mod:`lightning_attn.blocks.recording`).
 from .blocks import (
     AttentionBlock,
     AttentionWarning,
+    AuxLossWeights,
     CoordinateAtt,
     CoordinateAttention,
     DynamicSpatialAttention,
@@ -26,6 +27,7 @@ from .blocks import (
     MaskCollapseWarning,
     RecordingConfig,
     RecordingMixin,
+    attention_aux_loss,
     attention_names,
     create_attention,
     quick_mask_check,
@@ -37,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionBlock",
     "AttentionWarning",
+    "AuxLossWeights",
     "CoordinateAtt",
     "CoordinateAttention",
     "DynamicSpatialAttention",
@@ -44,8 +47,19 @@ __all__ = [
     "MaskCollapseWarning",
     "RecordingConfig",
     "RecordingMixin",
+    "TemperatureSchedule",
+    "attention_aux_loss",
     "attention_names",
     "create_attention",
     "quick_mask_check",
     "register_attention",
 ]
+
+
+def __getattr__(name: str):
+    # The callback needs Lightning; `import lightning_attn` alone stays pure torch.
+    if name == "TemperatureSchedule":
+        from .callbacks import TemperatureSchedule
+
+        return TemperatureSchedule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

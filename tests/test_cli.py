@@ -54,7 +54,7 @@ def test_help_describes_the_tool_and_version_prints(capsys) -> None:
     assert capsys.readouterr().out.strip() == f"lightning-attn {__version__}"
 
 
-@pytest.mark.parametrize("name", ["baseline", "dsa", "coord"])
+@pytest.mark.parametrize("name", ["baseline", "dsa", "coord", "dsa_remedies"])
 def test_example_configs_build(name: str, tmp_path) -> None:
     cli = build_cli(
         ["--config", str(CONFIGS / f"{name}.yaml"), *TINY_DATA,
@@ -62,8 +62,10 @@ def test_example_configs_build(name: str, tmp_path) -> None:
         run=False,
     )
     assert isinstance(cli.model, AttentionClassifier)
-    assert cli.model.hparams.attention == {"baseline": "none"}.get(name, name)
-    if name == "dsa":  # the block arguments of the config reached the blocks
+    assert cli.model.hparams.attention == {"baseline": "none", "dsa_remedies": "dsa"}.get(
+        name, name
+    )
+    if name in ("dsa", "dsa_remedies"):  # the block arguments of the config reached the blocks
         assert cli.model.hparams.dsa["kernels"] == [3, 7]
         assert all(b.t_raw.requires_grad for b in _blocks(cli.model, "DynamicSpatialAttention"))
     if name == "coord":
@@ -134,6 +136,51 @@ def test_progress_bar_follows_the_trainer_options(extra, bar, tmp_path) -> None:
     )
     bars = [type(cb).__name__ for cb in cli.trainer.callbacks if "ProgressBar" in type(cb).__name__]
     assert bars == ([bar] if bar else [])
+
+
+def test_remedies_config_builds(tmp_path) -> None:
+    from lightning_attn.callbacks import TemperatureSchedule
+
+    cli = build_cli(
+        ["--config", str(CONFIGS / "dsa_remedies.yaml"), *TINY_DATA,
+         "--trainer.logger.init_args.save_dir", str(tmp_path)],
+        run=False,
+    )
+    config = yaml.safe_load((CONFIGS / "dsa_remedies.yaml").read_text())
+    assert cli.model.aux_weights == {k: float(v) for k, v in config["model"]["aux_loss"].items()}
+    assert cli.model.hparams.aux_loss["balance"] == config["model"]["aux_loss"]["balance"]
+    (schedule,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, TemperatureSchedule)]
+    wanted = config["trainer"]["callbacks"][0]["init_args"]
+    for key, value in wanted.items():
+        got = getattr(schedule, key)
+        assert (list(got) if isinstance(got, tuple) else got) == value, key
+    assert {"AttentionDiagnostics", "ModelCheckpoint"} <= {
+        type(cb).__name__ for cb in cli.trainer.callbacks
+    }
+
+
+def test_remedies_from_the_command_line_and_in_help(tmp_path, capsys) -> None:
+    from lightning_attn.callbacks import TemperatureSchedule
+
+    cli = build_cli(
+        ["--config", str(CONFIGS / "dsa.yaml"), *TINY_DATA,
+         "--trainer.logger.init_args.save_dir", str(tmp_path),
+         "--trainer.callbacks+=TemperatureSchedule", "--trainer.callbacks.start", "6",
+         "--trainer.callbacks.mode", "linear", "--model.aux_loss.balance", "0.02",
+         "--model.coord.bounded", "true"],
+        run=False,
+    )
+    (schedule,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, TemperatureSchedule)]
+    assert (schedule.start, schedule.mode, schedule.end) == (6.0, "linear", 1.0)
+    assert cli.model.aux_weights == {"balance": 0.02}
+    assert cli.model.hparams.coord["bounded"] is True
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    for shown in ("--model.aux_loss.balance", "--model.aux_loss.importance",
+                  "--model.aux_loss.entropy", "--model.aux_loss.z_loss", "--model.coord.bounded",
+                  "TemperatureSchedule"):
+        assert shown in out, shown
 
 
 def test_ddp_config_builds(tmp_path) -> None:

@@ -71,6 +71,8 @@ CLAIMED = {
     (ROOT / "docs/blocks.md", "## A timm or torchvision model in `AttentionClassifier`"):
         "test_backbone_story_trains_a_timm_model_with_diagnostics",
     (ROOT / "docs/report.md", "## Verdicts"): "test_report_snippet_writes_a_page",
+    (ROOT / "docs/remedies.md", "## All three in one run"):
+        "test_remedies_snippet_runs_as_written",
 }
 
 
@@ -256,6 +258,27 @@ def test_report_snippet_writes_a_page(tmp_path, monkeypatch):
     assert files.html.exists()
     assert [v.status for run in files.report.runs for v in run.health.verdicts.values()] == [
         "healthy", "problem"]
+
+
+def test_remedies_snippet_runs_as_written(tmp_path, monkeypatch):
+    """The remedies story, with fewer steps and samples: the schedule holds the temperature of
+    stages 1 and 2 (not the excluded stage 3) and the router losses are logged."""
+    page = ROOT / "docs/remedies.md"
+    (code,) = _python(page, "## All three in one run")
+    code = code.replace("max_epochs=5", "max_steps=3, log_every_n_steps=1, "
+                        "enable_progress_bar=False")
+    code = code.replace("num_train=4000", "num_train=48, num_val=16, num_test=16, batch_size=16")
+    assert "max_steps=3" in code and "num_train=48" in code
+    monkeypatch.chdir(tmp_path)
+    namespace = _run(code, page, "docs_remedies")
+    model, schedule = namespace["model"], namespace["schedule"]
+    temps = {n: model.get_submodule(n).temperature.item() for n in model.block_names}
+    want = schedule.value_at(2)  # the value of the last step
+    assert temps["net.features.attn1.block"] == pytest.approx(want, rel=1e-5)
+    assert temps["net.features.attn2.block"] == pytest.approx(want, rel=1e-5)
+    assert temps["net.features.attn3.block"] != pytest.approx(want, rel=1e-3)  # excluded
+    metrics = namespace["trainer"].callback_metrics
+    assert {"train/aux/balance", "train/aux/z_loss", "train/aux/loss"} <= set(metrics)
 
 
 # -- shell commands --------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 - :class:`DynamicSpatialAttention`, :class:`CoordinateAttention` (alias ``CoordinateAtt``),
   built directly or by name with :func:`create_attention`.
+- :mod:`.aux_loss`: the auxiliary router losses (importance, load balance, entropy bonus,
+  z-loss) and :func:`attention_aux_loss`, which adds them to any module's loss.
 - :mod:`.recording`: how a block measures itself inside its forward (the protocol the
   diagnostics read); what it measures is declared once in :mod:`lightning_attn.core`.
 - :mod:`.adapters`: the attention already in users' models (timm, torchvision, their own)
@@ -20,6 +22,15 @@ from ..core.statistics import (
 )
 from ..core.warnings import *  # noqa: F403 - every category, listed in warnings.__all__
 from .adapters import AttentionAdapter, register_attention_adapter
+from .aux_loss import (
+    AUX_TERMS,
+    AuxLossWeights,
+    RouterAuxMixin,
+    attention_aux_loss,
+    attention_aux_terms,
+    find_router_blocks,
+    router_aux_terms,
+)
 from .coordinate import CoordinateAtt, CoordinateAttention, HSwish
 from .dynamic_spatial import DynamicSpatialAttention
 from .mask_check import quick_mask_check
@@ -33,8 +44,10 @@ from .recording import (
 from .registry import IdentityAttention, attention_names, create_attention, register_attention
 
 __all__ = [
+    "AUX_TERMS",
     "AttentionAdapter",
     "AttentionBlock",
+    "AuxLossWeights",
     "BlockStats",
     "CoordinateAtt",
     "CoordinateAttention",
@@ -46,14 +59,19 @@ __all__ = [
     "ParameterSpec",
     "RecordingConfig",
     "RecordingMixin",
+    "RouterAuxMixin",
     "RouterStats",
     "StatisticsLayout",
+    "attention_aux_loss",
+    "attention_aux_terms",
     "attention_names",
     "create_attention",
     "find_attention_blocks",
+    "find_router_blocks",
     "quick_mask_check",
     "register_attention",
     "register_attention_adapter",
+    "router_aux_terms",
     "spatial_map",
     *_warnings.__all__,
 ]

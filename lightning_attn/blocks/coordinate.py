@@ -48,6 +48,18 @@ from .recording import RecordingMixin
 __all__ = ["CoordinateAttention", "CoordinateAtt", "HSwish"]
 
 
+#: How far inside (0, 1) a bounded blend starts when its value is 0 or 1 (sigmoid never
+#: reaches them): logit(0.99) = 4.6, where the sigmoid's slope is still 1 % of its peak.
+_BOUNDED_MARGIN = 0.01
+
+
+def _bounded_raw(value: torch.Tensor) -> torch.Tensor:
+    """``logit`` of ``value`` clipped to ``[0.01, 0.99]``: the raw parameter of a bounded
+    blend, same shape, device and dtype."""
+    v = value.detach().clamp(_BOUNDED_MARGIN, 1.0 - _BOUNDED_MARGIN)
+    return torch.logit(v)
+
+
 def _scalar(module: nn.Module, name: str, value: float, learnable: bool, dd: dict) -> None:
     tensor = torch.tensor(float(value), **dd)
     if learnable:
@@ -143,6 +155,12 @@ class CoordinateAttention(RecordingMixin, nn.Module):
             ``"triton"`` (Triton kernels; CUDA). See
             :mod:`lightning_attn.blocks.kernels.backend`.
         fused: deprecated: ``True`` is ``backend="torch"``, ``False`` ``backend="plain"``.
+        bounded: keep every learnable alpha / alpha_h / alpha_w / beta in ``[0, 1]`` as
+            ``sigmoid`` of a raw parameter (``alpha_raw``, ``alpha_h_raw``, ... in the state
+            dict instead of ``alpha``, ...), so it can never amplify or invert the mask.
+            It starts at its value clipped to ``[0.01, 0.99]`` (a sigmoid never reaches 0
+            or 1). Needs ``learnable_alpha`` or ``learnable_beta``; fixed values are already
+            checked to lie in ``[0, 1]``.
         rd_ratio, rd_divisor, rd_channels: timm's names for the middle width:
             ``max(min_mid_channels, floor(C * rd_ratio))`` (``rd_ratio=1/32`` is
             ``reduction=32``), rounded to a multiple of ``rd_divisor`` when given;
@@ -183,6 +201,7 @@ class CoordinateAttention(RecordingMixin, nn.Module):
         spatial_gate: bool = False,
         backend: Backend = "auto",
         fused: bool | None = None,
+        bounded: bool = False,
         *,
         rd_ratio: float | None = None,
         rd_divisor: int | None = None,
@@ -330,6 +349,22 @@ class CoordinateAttention(RecordingMixin, nn.Module):
 
         self.gate_fn = torch.sigmoid if self.gate == "sigmoid" else F.hardsigmoid
 
+        bounded = check_bool("bounded", bounded)
+        if bounded and not (self.learnable_alpha or self.learnable_beta):
+            raise ValueError(
+                "bounded=True reparametrises learnable alphas and betas, but neither "
+                "learnable_alpha nor learnable_beta is set (fixed values are already checked "
+                "to lie in [0, 1])"
+            )
+        self.bounded = bounded
+        if bounded:
+            # Replace each learnable scalar by its raw parameter (same device and dtype).
+            for name in self._scalar_names():
+                value = getattr(self, name)
+                if isinstance(value, nn.Parameter):
+                    delattr(self, name)
+                    self.register_parameter(name + "_raw", nn.Parameter(_bounded_raw(value)))
+
     @property
     def channels(self) -> int:
         """``C`` of the input (the same as ``in_channels``, the seed's name)."""
@@ -340,17 +375,24 @@ class CoordinateAttention(RecordingMixin, nn.Module):
         names = ("alpha_h", "alpha_w") if self.per_axis_alpha else ("alpha",)
         return names + (("beta",) if self.use_beta else ())
 
+    def _blend(self, name: str) -> torch.Tensor | float:
+        """The value of ``alpha`` / ``alpha_h`` / ``alpha_w`` / ``beta``: ``sigmoid`` of its
+        raw parameter when bounded, else the parameter, buffer or float itself."""
+        raw = self._parameters.get(name + "_raw") if self.bounded else None
+        return torch.sigmoid(raw) if raw is not None else getattr(self, name)
+
     def attention_parameters(self) -> dict[str, torch.Tensor]:
         out = {}
         for name in self._scalar_names():
-            value = getattr(self, name)
+            value = self._blend(name)
             out[name] = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)
         return out
 
     def trainable_attention_parameters(self) -> dict[str, nn.Parameter]:
         out = {}
         for name in self._scalar_names():
-            value = getattr(self, name)
+            raw = self._parameters.get(name + "_raw") if self.bounded else None
+            value = raw if raw is not None else getattr(self, name)
             if isinstance(value, nn.Parameter):
                 out[name] = value
         return out
@@ -362,7 +404,7 @@ class CoordinateAttention(RecordingMixin, nn.Module):
         return {
             name: ParameterSpec(
                 0.0, 1.0, "unit_margin", _SYMBOLS[name],
-                f"fix it ({_LEARNABLE_FLAG[name]}=False) or lower its learning rate",
+                f"bounded=True keeps it in [0, 1]; or fix it ({_LEARNABLE_FLAG[name]}=False)",
             )
             for name in self._scalar_names()
         }
@@ -431,17 +473,20 @@ class CoordinateAttention(RecordingMixin, nn.Module):
 
     def _apply_plain(self, x, a_h, a_w):
         # The seed's ops, in the seed's order.
+        beta = self._blend("beta") if self.use_beta else None
         if self.per_axis_alpha:
-            scale_h = (1.0 - self.alpha_h) + self.alpha_h * a_h
-            scale_w = (1.0 - self.alpha_w) + self.alpha_w * a_w
+            alpha_h, alpha_w = self._blend("alpha_h"), self._blend("alpha_w")
+            scale_h = (1.0 - alpha_h) + alpha_h * a_h
+            scale_w = (1.0 - alpha_w) + alpha_w * a_w
             scale = scale_h * scale_w
             if self.use_beta:
-                scale = 1.0 + self.beta * (scale - 1.0)
+                scale = 1.0 + beta * (scale - 1.0)
         else:
+            alpha = self._blend("alpha")
             att = a_h * a_w
             if self.use_beta:
-                att = 1.0 + self.beta * (att - 1.0)
-            scale = (1.0 - self.alpha) + self.alpha * att
+                att = 1.0 + beta * (att - 1.0)
+            scale = (1.0 - alpha) + alpha * att
         return x * scale
 
     def _k_is_one(self) -> bool:
@@ -463,12 +508,14 @@ class CoordinateAttention(RecordingMixin, nn.Module):
         # and 0): a tensor made from a number here would be a host-to-device copy in every
         # forward, which also breaks CUDA-graph capture.
         if self.per_axis_alpha:
-            u_h = (1.0 - self.alpha_h) + self.alpha_h * a_h
-            u_w = (1.0 - self.alpha_w) + self.alpha_w * a_w
-            k = self.beta if self.use_beta else None
+            alpha_h, alpha_w = self._blend("alpha_h"), self._blend("alpha_w")
+            u_h = (1.0 - alpha_h) + alpha_h * a_h
+            u_w = (1.0 - alpha_w) + alpha_w * a_w
+            k = self._blend("beta") if self.use_beta else None
         else:
+            alpha = self._blend("alpha")
             u_h, u_w = a_h, a_w
-            k = self.alpha * self.beta if self.use_beta else self.alpha
+            k = alpha * self._blend("beta") if self.use_beta else alpha
         c = None if self._k_is_one() else 1.0 - k
         if backend == "triton":
             return load_triton_ops().coord_scale(x, u_h, u_w, c, k, stash[0])
@@ -623,6 +670,7 @@ class CoordinateAttention(RecordingMixin, nn.Module):
             f"gate={self.gate!r}, beta={self.use_beta}, bottleneck_layers="
             f"{self.bottleneck_layers}, head_groups={self.head_groups}, "
             f"spatial_gate={self.spatial_gate}, backend={self.backend!r}"
+            + (", bounded=True" if self.bounded else "")
         )
 
 

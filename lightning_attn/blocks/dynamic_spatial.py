@@ -26,6 +26,7 @@ from ..core.validation import (
     check_positive_float,
     check_size,
 )
+from .aux_loss import RouterAuxMixin
 from .factory import ActLayer, activation_name, factory_kwargs, gate_name, make_activation
 from .kernels import (
     BACKENDS,
@@ -101,7 +102,7 @@ def _channels_or_old_kernels(owner: str, channels: object, kernels: object):
     return check_size("channels", channels, 1, MAX_CHANNELS, "MAX_CHANNELS"), kernels
 
 
-class DynamicSpatialAttention(RecordingMixin, nn.Module):
+class DynamicSpatialAttention(RecordingMixin, RouterAuxMixin, nn.Module):
     """Spatial attention whose mask mixes K convolution branches with per-sample weights.
 
     From ``x (B,C,H,W)``: ``s = [mean_c(x), max_c(x)]`` ``(B,2,H,W)``; a router
@@ -149,6 +150,12 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
     branches, ``router_hidden`` up to ``MAX_ROUTER_HIDDEN`` (4096).
 
     Shapes: ``x (B,C,H,W) -> y (B,C,H,W), mask (B,1,H,W)[, rw (B,K)]``.
+
+    Remedies built in: :meth:`set_temperature` writes ``T`` in place (what
+    :class:`~lightning_attn.callbacks.TemperatureSchedule` calls; ``eps`` is the floor of a
+    learnable ``T``), and each forward keeps its router logits ``(B,K)``
+    (:attr:`router_logits`) for the auxiliary router losses
+    (:func:`~lightning_attn.blocks.attention_aux_loss`).
     """
 
     def __init__(
@@ -294,6 +301,27 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
             "learnable_temperature=False, or a larger eps to keep it away from 0",
         )}
 
+    @torch.no_grad()
+    def set_temperature(self, value: float) -> None:
+        """Set ``T`` to ``value`` in place: the buffer ``T``, or ``t_raw`` of a learnable
+        temperature (so that ``softplus(t_raw) + eps == value``, up to float32 rounding).
+
+        The tensor stays the same object, so a compiled forward keeps its graph (no
+        recompilation) and DDP replicas stay in step when every process writes the same
+        value. A learnable ``T`` keeps learning from the new value unless something (like
+        :class:`~lightning_attn.callbacks.TemperatureSchedule`) holds it.
+        """
+        value = check_float32_temperature(check_positive_float("temperature", value))
+        if self.learnable_temperature:
+            if value <= self.eps:
+                raise ValueError(
+                    f"temperature={value!r} must exceed eps={self.eps!r}: a learnable "
+                    "T = softplus(t_raw) + eps is always above eps"
+                )
+            self.t_raw.fill_(_inverse_softplus(value, self.eps))
+        else:
+            self.T.fill_(value)
+
     def _merged_plain_weight(self) -> torch.Tensor:
         # All plain branches as one conv: zero-pad each kernel to the largest size.
         n_plain = len(self.kernel_sizes)
@@ -348,6 +376,7 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
             hidden = act(F.linear(s.mean(dim=(2, 3)), conv1.weight.flatten(1), conv1.bias))
             logits = F.linear(hidden, conv2.weight.flatten(1), conv2.bias)  # (B,K)
         rw = torch.softmax(logits, dim=1)
+        self.keep_router_logits(logits)  # a reference for the auxiliary losses: no op
 
         if small_plain:
             z = torch.stack([br(s) for br in self.branches], dim=1)  # (B,K,1,H,W)
@@ -369,6 +398,13 @@ class DynamicSpatialAttention(RecordingMixin, nn.Module):
         if self.return_router_weights:
             return y, mask, rw
         return y, mask
+
+    def __getstate__(self) -> dict:
+        # The kept router logits belong to the live forward (and a non-leaf tensor cannot be
+        # deep-copied): copies and pickles start without them.
+        state = super().__getstate__()
+        state.pop("_router_logits", None)
+        return state
 
     def extra_repr(self) -> str:
         act = f"router_act={self.router_act!r}, " if self.router_act != "relu" else ""

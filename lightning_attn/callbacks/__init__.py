@@ -9,6 +9,7 @@ callback                                  what it does
 :class:`ParameterTrajectoryMonitor`       temperature / alpha / beta and gradient norms
 :class:`AttentionMapLogger`               mask overlays on the first validation images
 :class:`AttentionSummary`                 ``rich`` table at the end of each training epoch
+:class:`TemperatureSchedule`              anneals the blocks' temperature (a remedy)
 ========================================  ==================================================
 
 The path of a statistic: block forward -> the block's on-device accumulator
@@ -33,6 +34,7 @@ from .presets import (
 )
 from .schedule import LoggingSchedule
 from .summary import render_summary
+from .temperature import TemperatureSchedule
 from .writers import DiagnosticsOutput, DiagnosticsWriter, TensorBoardWriter, register_writer
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "RouterEntropyMonitor",
     "RouterStats",
     "StatisticsCollector",
+    "TemperatureSchedule",
     "TensorBoardWriter",
     "find_problems",
     "register_writer",

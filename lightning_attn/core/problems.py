@@ -374,16 +374,19 @@ class ProblemKind:
 PROBLEM_KINDS: dict[str, ProblemKind] = {k.name: k for k in (
     ProblemKind(
         "mask_collapse", w.MaskCollapseWarning, "mask", "collapse", "collapsed",
-        "a higher temperature (DSA) or a lower alpha (CoordinateAttention), a lower learning "
-        "rate for the attention, and check that the features reaching the block are not "
-        "(nearly) constant",
+        "DSA: a lower temperature (mask = gate(logit / T): a high T flattens it towards 0.5), "
+        "or a lower start= of TemperatureSchedule if it fires while the schedule holds T "
+        "high; CoordinateAttention: a lower alpha; a lower learning rate for the attention, "
+        "and check that the features reaching the block are not (nearly) constant",
         _mask_collapse, ("std_threshold",), "mask std",
         lambda t, k, s: [Line("mask std", f"collapse < {t.std_threshold:g}", t.std_threshold)],
     ),
     ProblemKind(
         "mask_saturation", w.MaskSaturationWarning, "mask", "saturation", "saturated",
-        "a higher temperature (DSA: temperature=2.0 or learnable_temperature=True), "
-        "gate='hardsigmoid', a lower learning rate, or normalised inputs",
+        "DSA: TemperatureSchedule(start=4.0, end=1.0, handoff='learnable') keeps the gate "
+        "soft while the branches learn (exclude=[...] a block it should leave sharper), "
+        "learnable_temperature=True with a larger eps as a floor (T >= eps), or "
+        "gate='hardsigmoid'; a gate saturated near 1 passes its input and can be benign",
         _mask_saturation,
         ("saturation_low", "saturation_high", "saturation_threshold"),
         "mask saturation (share of values)",
@@ -394,8 +397,10 @@ PROBLEM_KINDS: dict[str, ProblemKind] = {k.name: k for k in (
     ProblemKind(
         "router_collapse", w.RouterCollapseWarning, "router", "r.collapse",
         "router collapsed onto one branch",
-        "a higher temperature, less weight decay on the router, a lower learning rate, or a "
-        "single-branch block if one branch is all you need",
+        "the router balance loss: AttentionClassifier(aux_loss={'balance': 0.01}) "
+        "(--model.aux_loss.balance 0.01) or loss = loss + attention_aux_loss(self, "
+        "balance=0.01); z_loss=1e-3 if the router logits grow; less weight decay on the "
+        "router, or a single-branch block if one branch is all you need",
         _router_collapse, ("router_collapse_threshold",), "router entropy",
         lambda t, k, s: [Line("router entropy", f"collapse < {t.router_collapse_threshold:g}",
                               t.router_collapse_threshold)],
@@ -403,8 +408,9 @@ PROBLEM_KINDS: dict[str, ProblemKind] = {k.name: k for k in (
     ProblemKind(
         "router_indifference", w.RouterIndifferenceWarning, "router", "indifference",
         "router ignoring its input",
-        "a larger router_hidden, a higher learning rate for the router, fewer branches, or a "
-        "longer indifference_warmup_steps if the run is still young",
+        "lower or zero router-loss weights (aux_loss balance / importance / entropy push "
+        "towards uniform routing), a larger router_hidden, a higher learning rate for the "
+        "router, fewer branches, or a longer indifference_warmup_steps if the run is young",
         _router_indifference,
         ("router_indifference_threshold", "indifference_warmup_steps"), "router entropy",
         lambda t, k, s: [Line(
@@ -415,8 +421,9 @@ PROBLEM_KINDS: dict[str, ProblemKind] = {k.name: k for k in (
     ),
     ProblemKind(
         "dead_branch", w.DeadBranchWarning, "router", "dead branch", "dead branch",
-        "removing the branch (fewer `kernels` or use_dilated=False), re-initialising the "
-        "router, or a higher temperature early in training",
+        "the router balance loss (aux_loss={'balance': 0.01} or {'importance': 0.1}, or "
+        "attention_aux_loss(self, balance=0.01)) brings usage back to every branch; or remove "
+        "the branch (fewer `kernels` or use_dilated=False)",
         _dead_branch, ("dead_branch_factor",), "branch usage (mean router weight)",
         lambda t, k, s: [Line(
             "branch usage (mean router weight)",
@@ -425,18 +432,18 @@ PROBLEM_KINDS: dict[str, ProblemKind] = {k.name: k for k in (
     ),
     ProblemKind(
         "nonfinite", w.NonFiniteWarning, None, "non-finite", "non-finite values",
-        "a lower learning rate, gradient clipping (Trainer(gradient_clip_val=1.0)), float32 "
-        "instead of 16-bit precision, or a larger `eps` for a learnable temperature; look for "
-        "the first step where the inputs of this block blow up (under 16-bit mixed precision "
-        "the GradScaler skips a step with an Inf gradient: a one-off early is normal, "
-        "repeated ones are not)",
+        "gradient clipping (Trainer(gradient_clip_val=1.0)), a lower learning rate, float32 "
+        "instead of 16-bit, the router z-loss against router-logit blow-up (aux_loss="
+        "{'z_loss': 1e-3}), or a larger eps for a learnable temperature; look for the first "
+        "step where this block's inputs blow up (under 16-bit mixed precision the GradScaler "
+        "skips a step with an Inf gradient: a one-off early is normal, repeated ones are not)",
         _nonfinite,
     ),
     ProblemKind(
         "parameter_drift", w.ParameterDriftWarning, "param", "drift", "drifting parameter",
-        "a lower learning rate or more weight decay for it, fixing it (learnable_alpha=False, "
-        "learnable_temperature=False), or a bounded parametrisation (e.g. "
-        "torch.nn.utils.parametrize with a sigmoid)",
+        "CoordinateAttention(bounded=True) keeps learnable alphas and betas in [0, 1]; a DSA "
+        "temperature: TemperatureSchedule(handoff='fixed') holds it, eps is its floor, or "
+        "learnable_temperature=False; a lower learning rate or more weight decay for it",
         _drift, ("temperature_min", "temperature_max", "unit_margin"), "parameters",
         lambda t, k, specs: _param_lines(t, specs),
     ),

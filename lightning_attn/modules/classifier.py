@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -13,7 +14,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_attn.blocks import find_attention_blocks
+from lightning_attn.blocks import (
+    AuxLossWeights,
+    attention_aux_terms,
+    find_attention_blocks,
+    find_router_blocks,
+)
+from lightning_attn.callbacks.schedule import LoggingSchedule
 from lightning_attn.core.validation import check_int
 from lightning_attn.metrics import LocalisationScore
 
@@ -90,10 +97,11 @@ class AttentionClassifier(pl.LightningModule):
     the object (:class:`~lightning_attn.metrics.LocalisationScore`).
 
     Logged: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``,
-    ``test/acc`` and, per block with a spatial mask, ``val/loc/<block>`` and
-    ``test/loc/<block>`` (``<block>`` is its ``named_modules()`` path, e.g.
-    ``net.features.attn1.block``). Accuracy and localisation are torchmetrics objects
-    logged as such, so they are reduced across processes.
+    ``test/acc`` (``train/aux/...`` too, see ``aux_loss``) and, per block with a spatial
+    mask, ``val/loc/<block>`` and ``test/loc/<block>`` (``<block>`` is its
+    ``named_modules()`` path, e.g. ``net.features.attn1.block``). Accuracy and
+    localisation are torchmetrics objects logged as such, so they are reduced across
+    processes.
 
     Args:
         num_classes: number of classes (``>= 2``).
@@ -120,6 +128,14 @@ class AttentionClassifier(pl.LightningModule):
             arguments, ``in_channels`` to ``coord``, must keep their defaults). Its
             attention blocks are found as the built-in ones are (localisation score,
             diagnostics); assigning ``model.net = other`` before ``fit`` works as well.
+        aux_loss: weights of the auxiliary router losses
+            (:class:`~lightning_attn.blocks.AuxLossWeights`: ``importance``, ``balance``,
+            ``entropy``, ``z_loss``; a dict of some of them works too), added to the training
+            loss (:func:`~lightning_attn.blocks.attention_aux_loss`); all zero (default):
+            nothing is computed. Non-zero weights need blocks with a router (``"dsa"``).
+            Then ``train/loss`` is the cross-entropy plus ``train/aux/loss`` (the weighted
+            sum), and each term with a non-zero weight is logged as ``train/aux/<term>``
+            (its mean over the blocks, unweighted) at the Trainer's logging steps.
 
     ``save_hyperparameters`` keeps everything except ``optimizer`` and ``lr_scheduler``
     (callables do not load with ``torch.load(weights_only=True)``; the CLI writes them to
@@ -148,11 +164,14 @@ class AttentionClassifier(pl.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         backbone: nn.Module | None = None,
+        aux_loss: AuxLossWeights = AuxLossWeights(),  # noqa: B008  (frozen)
     ) -> None:
         super().__init__()
         # Plain dicts before save_hyperparameters reads them: checkpoints load with
         # torch.load(weights_only=True) and hparams.yaml stays plain YAML.
         dsa, coord = block_options("dsa", dsa), block_options("coord", coord)
+        aux_weights = AuxLossWeights.coerce(aux_loss)
+        aux_loss = dataclasses.asdict(aux_weights)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "backbone"])
         if backbone is not None:
             _check_backbone_arguments(backbone, self.hparams)
@@ -183,6 +202,14 @@ class AttentionClassifier(pl.LightningModule):
         self.val_loc = nn.ModuleList()
         self.test_loc = nn.ModuleList()
         self._sync_blocks()
+        #: ``term -> weight`` of the auxiliary router losses with a non-zero weight.
+        self.aux_weights: dict[str, float] = aux_weights.nonzero()
+        if self.aux_weights and not find_router_blocks(self.net):
+            raise ValueError(
+                f"aux_loss={aux_weights} needs attention blocks with a router, but "
+                f"attention={attention!r} has none: use attention='dsa' or zero weights"
+            )
+        self._log_schedule = LoggingSchedule()
 
     def _sync_blocks(self) -> None:
         """One localisation metric per attention block of ``self.net``: again whenever the
@@ -283,10 +310,28 @@ class AttentionClassifier(pl.LightningModule):
         x, y, _ = self._unpack(batch)
         logits = self._check_logits(self(x), x.shape[0])
         loss = F.cross_entropy(logits, y)
+        if self.aux_weights:  # only the terms with a non-zero weight are computed
+            terms = attention_aux_terms(self.net, tuple(self.aux_weights))
+            aux = None
+            for term, weight in self.aux_weights.items():
+                aux = weight * terms[term] if aux is None else aux + weight * terms[term]
+            loss = loss + aux
+            if self._logs_this_step():  # LightningModule.log costs ~1 ms a value: not every step
+                kw = {"batch_size": x.shape[0]}
+                self.log("train/aux/loss", aux.detach(), **kw)
+                for term, value in terms.items():
+                    self.log(f"train/aux/{term}", value.detach(), **kw)
         self.train_acc(logits, y)
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         self.log("train/acc", self.train_acc, on_step=True, on_epoch=True, batch_size=x.shape[0])
         return loss
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning writes this training batch's ``self.log`` values (its rule, from
+        the Trainer's counters); ``True`` without a Trainer."""
+        if self._trainer is None:
+            return True
+        return self._log_schedule.decide(self.trainer)[0] or bool(self.trainer.should_stop)
 
     def _eval_step(self, batch: Batch, stage: str) -> None:
         x, y, boxes = self._unpack(batch)
