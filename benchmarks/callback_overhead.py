@@ -16,7 +16,7 @@ without and one with the callback, compile both graphs (recording off and on) fi
 
 Targets (a benchmark, not a test): eager <= 1 % slower at 50 and <= 5 % at every step;
 compiled <= 2 % and <= 10 %. ``--model efficientnet_b0``: timm's EfficientNet-B0 (16
-squeeze-excite modules, diagnosed through the adapters) on 64x64 images instead of the small
+squeeze-excite modules, diagnosed through the adapters) on 32x32 images instead of the small
 CNN; target <= 2 % at 50. The adapters' hooks stay attached in the chunks without the callback
 (they are attached when the fit starts), so their cost while recording is off is measured
 apart: the forward with the hooks attached against without, interleaved.
@@ -73,7 +73,7 @@ def efficientnet_b0() -> nn.Module:
     return timm.create_model("efficientnet_b0", num_classes=10, in_chans=1)
 
 
-BODIES = {"small": (Body, 32), "efficientnet_b0": (efficientnet_b0, 64)}
+BODIES = {"small": (Body, 32), "efficientnet_b0": (efficientnet_b0, 32)}
 
 
 class SmallNet(LightningModule):

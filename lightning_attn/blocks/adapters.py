@@ -139,6 +139,13 @@ class AdapterRecorder(RecordingMixin):
             paths.setdefault(path, []).append(name)
         if adapter.router is not None:
             paths.setdefault(adapter.router, []).append("<router>")
+        if len(paths) == 1 and len(next(iter(paths.values()))) == 1:
+            # One part (a squeeze-excite gate, a router): it is the whole forward's record, one
+            # hook instead of two (hooks cost on every step, recording or not).
+            (path, (name,)), = paths.items()
+            self._handles = [module.get_submodule(path).register_forward_hook(
+                self._direct_hook(path, name))]
+            return
         self._handles = [
             module.get_submodule(path).register_forward_hook(self._part_hook(path, names))
             for path, names in paths.items()
@@ -155,6 +162,20 @@ class AdapterRecorder(RecordingMixin):
     def parameters(self, recurse: bool = True):
         module = self.module
         return iter(()) if module is None else module.parameters(recurse)
+
+    def _direct_hook(self, path: str, name: str):
+        convert = self.adapter.convert.get(path)
+
+        def hook(submodule: nn.Module, inputs: tuple, output: Any) -> None:
+            if not (self._attn_recording or self._attn_capture):
+                return
+            value = convert(submodule, inputs, output) if convert is not None else output
+            if name == "<router>":
+                self.record({}, value)
+            else:
+                self.record({name: value})
+
+        return hook
 
     def _part_hook(self, path: str, names: list[str]):
         convert = self.adapter.convert.get(path)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .validation import check_nonnegative_float
+from ..core.validation import check_nonnegative_float
 
 __all__ = [
     "AUX_TERMS",

@@ -14,7 +14,7 @@ the masks (and router weights) it computed anyway::
 While recording is off (every step but the logging steps) ``record`` tests two flags and
 returns. While it is on, it adds the forward's sums, counts, extrema and histogram counts
 into the block's accumulator on the device with tensor operations only
-(:func:`~lightning_attn.blocks.statistics.accumulate`): no Python callback, no ``.item()``,
+(:meth:`~lightning_attn.core.statistics.Accumulator.add`): no Python callback, no ``.item()``,
 no host sync, nothing ``torch.compile`` cannot trace. Flipping the flag adds at most one graph
 per compiled frame (dynamo guards on it); nothing is kept between forwards but the
 accumulator, a plain tensor attribute (not a buffer: never in the state dict, never broadcast

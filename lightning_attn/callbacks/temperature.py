@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ..blocks.recording import find_attention_blocks
-from ..blocks.validation import (
+from ..core.validation import (
     check_choice,
     check_float32_temperature,
     check_int,

@@ -579,7 +579,7 @@ def verdict(
     words = ", ".join(f"{phrase(k)} at step {s}" for k, s in warned.items())
     if pending:
         now = "; ".join(
-            f"{phrase(k)} now {_describe(k, last[k])}" if k in last
+            _describe(k, last[k]) if k in last
             else f"{k} not measured at the last point" for k in pending
         )
         return Verdict(block, "warned", f"warned earlier ({words}); at step {step}: {now}, "

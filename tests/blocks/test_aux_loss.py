@@ -12,7 +12,6 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning_attn.blocks.statistics import block_stats
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -27,6 +26,7 @@ from lightning_attn.blocks import (
     find_router_blocks,
     router_aux_terms,
 )
+from lightning_attn.core.statistics import block_stats
 
 
 class OpCounter(TorchDispatchMode):
@@ -292,7 +292,7 @@ def _entropy_norm(block: DynamicSpatialAttention, x: torch.Tensor) -> float:
     block.start_recording("test")
     with torch.no_grad():
         block(x)
-    values = block.recorded_statistics.tolist()
+    values = block.recorded_statistics().tolist()
     block.stop_recording("test")
     block.clear_recording()
     return block_stats(block.statistics_layout, values).router.entropy_norm

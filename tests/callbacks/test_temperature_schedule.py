@@ -24,8 +24,7 @@ import lightning_attn
 from lightning_attn import CoordinateAttention, DynamicSpatialAttention
 from lightning_attn.callbacks import AttentionDiagnostics, TemperatureSchedule
 
-sys.path.insert(0, str(Path(__file__).parent))
-from cb_models import make_data  # noqa: E402
+from .cb_models import make_data
 
 SCRIPT = Path(__file__).with_name("temperature_ddp_script.py")
 

@@ -137,7 +137,7 @@ def test_noise_just_below_a_threshold_after_a_warning_is_not_a_recovery():
     shares = [0.51] + [0.43, 0.47, 0.44, 0.46, 0.45, 0.47, 0.43, 0.44, 0.44, 0.44]
     v = verdict("b", _history(shares), {"mask_saturation": 0})
     assert v.status == "warned" and v.kinds == ("mask_saturation",)
-    assert "saturated now saturated share 0.44 < 0.5" in v.text
+    assert "at step 100: saturated share 0.44 < 0.5, not yet back" in v.text
 
 
 def test_a_recovery_past_the_margin_that_lasts_is_recovered():
