@@ -18,7 +18,10 @@ def _seed_threads_dtype():
 
 @pytest.fixture
 def dynamo_reset():
-    """A clean torch.compile cache before and after a compile test."""
+    """A clean torch.compile cache and counters before and after a compile test
+    (``torch._dynamo.reset()`` leaves dynamo's counters as they were)."""
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     yield
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
