@@ -25,6 +25,7 @@ point, and changing the phase never recompiles anything.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -427,6 +428,7 @@ def quantity(group: str, tag: str | None, title: str, default: Any = math.nan, *
     return field(default=default, metadata={"quantity": spec})
 
 
+@functools.cache
 def quantities(stats_class: type) -> tuple[Quantity, ...]:
     """The :class:`Quantity` declarations of :class:`MaskStats` or :class:`RouterStats`."""
     return tuple(
@@ -552,6 +554,7 @@ PARAM_QUANTITIES: tuple[Quantity, ...] = (
 )
 
 
+@functools.cache
 def all_quantities() -> tuple[Quantity, ...]:
     """Every reported quantity: masks', the router's, then the parameters'."""
     return quantities(MaskStats) + quantities(RouterStats) + PARAM_QUANTITIES

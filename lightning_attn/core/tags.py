@@ -11,6 +11,7 @@ point's scalars, :func:`chart_layout` the TensorBoard charts, all from the decla
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -92,8 +93,7 @@ class ScalarTag:
         return next(q for q in _GROUPS[self.section] if q.name == self.quantity)
 
     def format(self) -> str:
-        leaf = self.declaration().leaf(branch=self.branch, param=self.param)
-        return "/".join((stage_prefix(self.stage), self.block, self.group, leaf))
+        return _format(self)
 
     @classmethod
     def parse(cls, tag: str) -> ScalarTag | None:
@@ -115,6 +115,13 @@ class ScalarTag:
                 branch = int(named["branch"]) if named.get("branch") is not None else None
                 return cls(stage, block, group, q.name, branch, named.get("param"))
         return None
+
+
+@functools.lru_cache(maxsize=65536)
+def _format(tag: ScalarTag) -> str:
+    # Cached: a run logs the same few dozen tags at every point.
+    leaf = tag.declaration().leaf(branch=tag.branch, param=tag.param)
+    return "/".join((stage_prefix(tag.stage), tag.block, tag.group, leaf))
 
 
 def is_attention_tag(tag: str) -> bool:
