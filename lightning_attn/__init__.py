@@ -13,7 +13,9 @@ counts (and the router's entropy and branch usage) to an accumulator on the devi
 callbacks (``lightning_attn.callbacks``) switch it on for logging steps, read it once, reduce
 it across processes and reset it. A block of your own joins by inheriting
 :class:`RecordingMixin` and calling ``self.record(masks=..., router_weights=...)`` at the end
-of its forward (see :mod:`lightning_attn.blocks.recording`).
+of its forward (see :mod:`lightning_attn.blocks.recording`); a module you cannot edit joins
+through an adapter (:func:`register_attention_adapter`). What is measured and judged is
+declared once in :mod:`lightning_attn.core`.
 """
 
 from .blocks import (
@@ -32,7 +34,9 @@ from .blocks import (
     create_attention,
     quick_mask_check,
     register_attention,
+    register_attention_adapter,
 )
+from .core import HealthThresholds
 
 __version__ = "0.1.0"
 
@@ -43,6 +47,7 @@ __all__ = [
     "CoordinateAtt",
     "CoordinateAttention",
     "DynamicSpatialAttention",
+    "HealthThresholds",
     "IdentityAttention",
     "MaskCollapseWarning",
     "RecordingConfig",
@@ -53,6 +58,7 @@ __all__ = [
     "create_attention",
     "quick_mask_check",
     "register_attention",
+    "register_attention_adapter",
 ]
 
 
