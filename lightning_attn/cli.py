@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentError
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -117,6 +118,8 @@ def build_cli(args: list[str] | dict | None = None, **kwargs) -> AttentionCLI:
     """
     parser_kwargs = {
         "prog": "lightning-attn", "description": DESCRIPTION, "version": __version__,
+        # a parse error is raised (main() prints it as one line), not printed with the usage
+        "exit_on_error": False,
         **kwargs.pop("parser_kwargs", {}),
     }
     return AttentionCLI(
@@ -191,6 +194,13 @@ def main(args: list[str] | None = None) -> None:
     AttentionCLI.parsed = None
     try:
         build_cli(args)
+    except ArgumentError as err:  # jsonargparse's own check of a type, choice or key
+        if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise
+        message = " ".join(str(err).split())
+        print(f"lightning-attn: error: {message} (lightning-attn {' '.join(argv[:1])} --help "
+              "lists the options)", file=sys.stderr)
+        raise SystemExit(2) from None
     except (ValueError, TypeError) as err:
         if not _ours(err) or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise

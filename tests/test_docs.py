@@ -117,7 +117,7 @@ def test_trainer_story_runs_and_logs_documented_tags(tmp_path, monkeypatch):
 def test_timm_story_diagnoses_the_models_own_attention(tmp_path, monkeypatch):
     (code,) = _python(README, "## Diagnose the attention already in your timm model")
     code = code.replace("max_steps=20", "max_steps=5, enable_progress_bar=False")
-    code = code.replace("num_train=320, num_val=64", "num_train=64, num_val=16, batch_size=16")
+    code = code.replace("num_train=320", "num_train=64, batch_size=16")
     monkeypatch.chdir(tmp_path)
     namespace = _run(code, README, "readme_timm")
     metrics = namespace["trainer"].callback_metrics
@@ -128,7 +128,7 @@ def test_timm_story_diagnoses_the_models_own_attention(tmp_path, monkeypatch):
 def test_our_blocks_in_your_models_recipe_runs_with_real_timm():
     """README's attn_layer / se_layer / insert_attention recipe, with the real timm (random
     init: nothing downloads)."""
-    from lightning_attn import CoordinateAttention
+    from lightning_attn import CoordinateAttention, DynamicSpatialAttention
 
     (code,) = _python(README, "## Our blocks in your models")
     assert "pretrained=True" not in re.sub(r"#.*", "", code)
@@ -137,6 +137,7 @@ def test_our_blocks_in_your_models_recipe_runs_with_real_timm():
     assert count(namespace["resnet"], CoordinateAttention) == 8
     assert count(namespace["effnet"], CoordinateAttention) == 16
     assert count(namespace["convnext"], CoordinateAttention) == 2
+    assert count(namespace["resnet_dsa"], DynamicSpatialAttention) == 8
     assert namespace["convnext"].stages_2_attn.in_channels == 384
 
 

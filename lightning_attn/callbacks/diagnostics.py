@@ -36,7 +36,7 @@ from torch.optim import Optimizer
 
 from .. import __version__
 from ..blocks.recording import find_attention_blocks
-from ..core.problems import HealthThresholds, Problem, find_problems
+from ..core.problems import HealthThresholds, Problem, measure, problems_of
 from ..core.statistics import HISTOGRAM_BINS, SECTIONS, GlobalStats, RecordingConfig
 from ..core.tags import (
     CONFIG_TAG,
@@ -356,7 +356,9 @@ class AttentionDiagnostics(Callback):
         self._point = None
         stats = self._collector.finish(trainer, LoggingSchedule.step(trainer), "train")
         self._warn_missing(stats)
-        problems = find_problems(stats, self.thresholds, sections=self.sections)
+        measured = measure(stats, self.thresholds, sections=self.sections)
+        problems = problems_of(measured, stats.step)
+        self._reporter.clear(key for key, m in measured.items() if m.clear)
         self.last_stats, self.last_problems = stats, problems
         output = self._output
         if scalars:
@@ -391,7 +393,8 @@ class AttentionDiagnostics(Callback):
                 continue
             self._missing_warned.add(name)
             rank_zero_warn(
-                f"attention block {name!r} recorded no statistics during the logging step at "
+                f"MissingStatisticsWarning: attention block {name!r} recorded no statistics "
+                "during the logging step at "
                 f"step {stats.step}: it did not run in that step, or it ran somewhere its "
                 "recording cannot reach (torch.jit, torch.export, an ONNX or TensorRT engine, "
                 "a forward that does not call self.record(...)). Exclude it "

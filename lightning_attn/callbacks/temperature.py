@@ -18,8 +18,9 @@ How the value travels, and why it is safe:
 - The diagnostics read ``block.attention_parameters()``, which returns that tensor: the
   scheduled values are the ``attn/<block>/param/temperature`` trajectory and the report's.
 - While the schedule holds a learnable temperature, its gradient is dropped after each
-  backward: the optimizer neither moves it nor builds moments for it (its gradient norm is
-  logged as NaN). With ``handoff="learnable"`` the optimizer takes it over from ``end``.
+  backward: the optimizer neither moves it nor builds moments for it (no gradient norm is
+  logged for it until the hand-off). With ``handoff="learnable"`` the optimizer takes it
+  over from ``end``.
 """
 
 from __future__ import annotations

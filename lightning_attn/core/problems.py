@@ -32,6 +32,7 @@ __all__ = [
     "find_problems",
     "measure",
     "phrase",
+    "problems_of",
     "verdict",
 ]
 
@@ -376,8 +377,9 @@ PROBLEM_KINDS: dict[str, ProblemKind] = {k.name: k for k in (
         "mask_collapse", w.MaskCollapseWarning, "mask", "collapse", "collapsed",
         "DSA: a lower temperature (mask = gate(logit / T): a high T flattens it towards 0.5), "
         "or a lower start= of TemperatureSchedule if it fires while the schedule holds T "
-        "high; CoordinateAttention: a lower alpha; a lower learning rate for the attention, "
-        "and check that the features reaching the block are not (nearly) constant",
+        "high; in either block a lower learning rate for the attention, and check that the "
+        "features reaching the block vary (flat features give a flat mask, as often at "
+        "initialisation: a collapse that clears is warned about again only if it returns)",
         _mask_collapse, ("std_threshold",), "mask std",
         lambda t, k, s: [Line("mask std", f"collapse < {t.std_threshold:g}", t.std_threshold)],
     ),
@@ -494,6 +496,15 @@ def measure(
     return out
 
 
+def problems_of(measured: Mapping[tuple[str, str], Measurement], step: int) -> list[Problem]:
+    """The bad measurements of one point (:func:`measure`) as :class:`Problem` records."""
+    return [
+        Problem(block, kind, m.value, m.threshold, step, m.quantity, m.detail,
+                PROBLEM_KINDS[kind].hint)
+        for (block, kind), m in measured.items() if m.bad
+    ]
+
+
 def find_problems(
     stats: GlobalStats,
     thresholds: HealthThresholds,
@@ -503,11 +514,7 @@ def find_problems(
     """The problems of ``stats`` among ``kinds`` (default: all), reading only the statistics
     in ``sections`` (default: all). At most one per block and kind (the worst mask, branch or
     parameter), in block order, then kind order."""
-    return [
-        Problem(block, kind, m.value, m.threshold, stats.step, m.quantity, m.detail,
-                PROBLEM_KINDS[kind].hint)
-        for (block, kind), m in measure(stats, thresholds, kinds, sections).items() if m.bad
-    ]
+    return problems_of(measure(stats, thresholds, kinds, sections), stats.step)
 
 
 # -- verdicts -------------------------------------------------------------------------------

@@ -39,9 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
             "  lightning-attn report runs/demo/version_0 --output report\n"
             "  lightning-attn report baseline=runs/baseline dsa=runs/dsa coord=runs/coord \\\n"
             "      --output report --metric val/acc --metric val/loss\n\n"
-            "Each directory under a LOGDIR that holds event files is one run (as in "
-            "TensorBoard).\nOpen OUTPUT/report.html in a browser; paste OUTPUT/report.md "
-            "(with its PNGs) into a README or a pull request."
+            "Each directory under a LOGDIR that holds event files is a version (as in "
+            "TensorBoard); the versions of\none training run (a resume from last.ckpt) are "
+            "joined, and the validate / test runs of its checkpoints\nattached to it. Open "
+            "OUTPUT/report.html in a browser; paste OUTPUT/report.md (with its PNGs) into a "
+            "README or a pull request."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -54,7 +54,9 @@ def _identity(run: RunLog) -> _Identity:
 
 
 def _first_step(run: RunLog) -> int:
-    steps = [s.steps[0] for s in run.scalars.values() if len(s)]
+    """The first step with a diagnostics scalar (not, say, TensorBoard's ``hp_metric``)."""
+    steps = [s.steps[0] for tag, s in run.scalars.items()
+             if len(s) and ScalarTag.parse(tag) is not None]
     return min(steps, default=0)
 
 

@@ -87,9 +87,13 @@ def _logged_problems(tags: RunTags, notes: list[str]) -> list[Problem] | None:
 
 
 def _judged_phase(tags: RunTags) -> str:
-    if tags.train or not tags.blocks:
+    """``"train"``, unless the run is an evaluation (``validate`` / ``test`` of a checkpoint,
+    or an older run with evaluation points only): then its evaluation points are judged. A
+    fit that logged no training point yet keeps "no data"."""
+    fn = (tags.config or {}).get("fn")
+    if tags.train or not tags.blocks or fn not in (None, "validate", "test"):
         return "train"
-    return next(p for p in ("val", "test", *tags.blocks) if p in tags.blocks)
+    return next(p for p in ("test", "val", *tags.blocks) if p in tags.blocks)
 
 
 def judge_run(run: RunLog, tags: RunTags) -> RunHealth:
@@ -99,6 +103,9 @@ def judge_run(run: RunLog, tags: RunTags) -> RunHealth:
     sections = frozenset(sections if isinstance(sections, list) else SECTIONS)
     infos = tags.infos()
     phase = _judged_phase(tags)
+    if phase != "train":
+        notes.append(f"an evaluation run: the verdicts judge its {phase} points (the callback "
+                     "warns about training points only)")
 
     # The rules on every logged point (every measurement decides the verdict; the first
     # problem of each (block, kind) gives the warnings when the run did not log its own).
@@ -127,8 +134,8 @@ def judge_run(run: RunLog, tags: RunTags) -> RunHealth:
     verdicts = {}
     for block in tags.block_names():
         warned: dict[str, int] = {}
-        for p in warnings:
-            if p.block == block:
-                warned.setdefault(p.kind, p.step)
+        for p in warnings:  # in step order: a kind warned again (after it cleared) keeps
+            if p.block == block:  # its latest warning, which a recovery must outlast
+                warned[p.kind] = p.step
         verdicts[block] = verdict(block, history.get(block, []), warned)
     return RunHealth(thresholds, source, warnings, warnings_source, verdicts, notes, phase)
