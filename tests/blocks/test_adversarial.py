@@ -15,7 +15,6 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -23,25 +22,9 @@ from torch import nn
 
 from lightning_attn import CoordinateAttention, DynamicSpatialAttention
 
+from ..adversarial import Case, clear, correct
+
 NAN = float("nan")
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    run: Callable[[], object]
-    outcome: str  # "clear" | "correct"
-    error: type[BaseException] | None = None
-    needles: tuple[str, ...] = ()
-    check: Callable[[object], bool] | None = None
-
-
-def clear(id: str, run: Callable[[], object], error: type, *needles: str) -> Case:
-    return Case(id, run, "clear", error, needles)
-
-
-def correct(id: str, run: Callable[[], object], check: Callable[[object], bool]) -> Case:
-    return Case(id, run, "correct", check=check)
 
 
 def x(*shape: int, **kw) -> torch.Tensor:

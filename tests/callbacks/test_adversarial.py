@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -21,27 +19,15 @@ from lightning_attn.callbacks import (
     NonFiniteWarning,
 )
 
+from ..adversarial import Case, correct
+from ..adversarial import clear as _clear
 from .cb_models import FakeNet, MemoryLogger, PlainNet, make_data, make_trainer
 
 NAN = float("nan")
 
 
-@dataclass(frozen=True)
-class Case:
-    id: str
-    run: Callable[[object], object]  # takes tmp_path
-    outcome: str  # "clear" | "correct"
-    error: type[BaseException] | None = None
-    needles: tuple[str, ...] = ()
-    check: Callable[[object], bool] | None = None
-
-
 def clear(id, run, error, *needles):
-    return Case(id, lambda tmp: run(), "clear", error, needles)
-
-
-def correct(id, run, check):
-    return Case(id, run, "correct", check=check)
+    return _clear(id, lambda tmp: run(), error, *needles)
 
 
 def _fit(tmp, model=None, callbacks=None, **kwargs):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import timm
@@ -19,23 +18,7 @@ from lightning_attn import CoordinateAttention, DynamicSpatialAttention
 from lightning_attn.modules import insert_attention as insert
 from lightning_attn.modules import inserted_attention, remove_attention
 
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    run: Callable[[], object]
-    outcome: str  # "clear" | "correct"
-    error: type[BaseException] | None = None
-    needles: tuple[str, ...] = ()
-    check: Callable[[object], bool] | None = None
-
-
-def clear(id: str, run: Callable[[], object], error: type, *needles: str) -> Case:
-    return Case(id, run, "clear", error, needles)
-
-
-def correct(id: str, run: Callable[[], object], check: Callable[[object], bool]) -> Case:
-    return Case(id, run, "correct", check=check)
+from ..adversarial import Case, clear, correct
 
 
 class Net(nn.Module):
