@@ -118,8 +118,6 @@ def build_cli(args: list[str] | dict | None = None, **kwargs) -> AttentionCLI:
     """
     parser_kwargs = {
         "prog": "lightning-attn", "description": DESCRIPTION, "version": __version__,
-        # a parse error is raised (main() prints it as one line), not printed with the usage
-        "exit_on_error": False,
         **kwargs.pop("parser_kwargs", {}),
     }
     return AttentionCLI(
@@ -193,7 +191,8 @@ def main(args: list[str] | None = None) -> None:
         return
     AttentionCLI.parsed = None
     try:
-        build_cli(args)
+        # A parse error is raised (and printed below as one line), not printed with the usage.
+        build_cli(args, parser_kwargs={"exit_on_error": False})
     except ArgumentError as err:  # jsonargparse's own check of a type, choice or key
         if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise
