@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pytest
+
 
 @dataclass(frozen=True)
 class Case:
@@ -26,3 +28,19 @@ def clear(id: str, run: Callable[[], object], error: type, *needles: str) -> Cas
 
 def correct(id: str, run: Callable[..., object], check: Callable[[object], bool]) -> Case:
     return Case(id, run, "correct", check=check)
+
+
+def assert_outcome(case: Case, *args: object, one_line: bool = False) -> None:
+    """Run ``case`` (with ``args``) and check it gives its outcome: the error with every
+    needle in its message (on one line with ``one_line``), or a result ``check`` accepts."""
+    if case.outcome == "clear":
+        with pytest.raises(case.error) as err:
+            case.run(*args)
+        message = str(err.value)
+        for needle in case.needles:
+            assert needle in message, f"{needle!r} not in {message!r}"
+        if one_line:
+            assert "\n" not in message.strip()
+    else:
+        assert case.outcome == "correct"
+        assert case.check(case.run(*args))

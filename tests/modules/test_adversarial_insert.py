@@ -18,7 +18,7 @@ from lightning_attn import CoordinateAttention, DynamicSpatialAttention
 from lightning_attn.modules import insert_attention as insert
 from lightning_attn.modules import inserted_attention, remove_attention
 
-from ..adversarial import Case, clear, correct
+from ..adversarial import Case, assert_outcome, clear, correct
 
 
 class Net(nn.Module):
@@ -189,15 +189,7 @@ def _called_twice() -> int:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_adversarial_insert(case: Case) -> None:
-    if case.outcome == "clear":
-        with pytest.raises(case.error) as err:
-            case.run()
-        message = str(err.value)
-        for needle in case.needles:
-            assert needle in message, f"{needle!r} not in {message!r}"
-    else:
-        assert case.outcome == "correct"
-        assert case.check(case.run())
+    assert_outcome(case)
 
 
 def test_outcome_counts() -> None:
