@@ -67,7 +67,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from lightning_attn.callbacks import AttentionDiagnostics, AttentionWarning, TemperatureSchedule
+from lightning_attn.callbacks import AttentionDiagnostics, TemperatureSchedule
+from lightning_attn.core import AttentionWarning
 from lightning_attn.data import ClutteredDigitsDataModule
 from lightning_attn.modules import AttentionClassifier
 from lightning_attn.report import ReportTable, write_report

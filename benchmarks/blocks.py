@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils import benchmark  # noqa: E402
 
-from lightning_attn import CoordinateAttention, DynamicSpatialAttention  # noqa: E402
+from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention  # noqa: E402
 
 THREADS = 2
 DSA_SHAPES = [(8, 64, 56, 56), (32, 64, 32, 32), (8, 256, 14, 14)]

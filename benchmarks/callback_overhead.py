@@ -40,7 +40,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_attn import create_attention
+from lightning_attn.blocks import create_attention
 from lightning_attn.callbacks import AttentionDiagnostics
 
 TARGETS = {("eager", 50): 0.01, ("eager", 1): 0.05, ("compiled", 50): 0.02,
@@ -183,7 +183,7 @@ class Interleave(Callback):
 def hook_cost(model: str, repeats: int = 30) -> tuple[float, float]:
     """Median eager forward time (ms) of ``model`` without and with the adapters' hooks
     attached and recording off, interleaved."""
-    from lightning_attn.blocks.recording import find_attention_blocks
+    from lightning_attn.blocks.discovery import find_attention_blocks
     from lightning_attn.core.statistics import RecordingConfig
 
     net = SmallNet(False, model).body.eval()

@@ -50,7 +50,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from lightning_attn import CoordinateAttention, DynamicSpatialAttention  # noqa: E402
+from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention  # noqa: E402
 from lightning_attn.blocks.kernels import triton_importable  # noqa: E402
 
 VARIANTS = ("seed", "plain", "torch", "triton")

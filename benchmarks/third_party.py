@@ -20,8 +20,8 @@ import torch
 import torch._dynamo.testing
 import torchvision
 
-from lightning_attn.blocks.adapters import _ADAPTERS
-from lightning_attn.blocks.recording import find_attention_blocks
+from lightning_attn.blocks.adapters import adapters_in_force
+from lightning_attn.blocks.discovery import find_attention_blocks
 from lightning_attn.core.statistics import GlobalStats, RecordingConfig, block_stats
 from lightning_attn.core.tags import scalar_metrics
 
@@ -56,7 +56,7 @@ def _offline(model, x):
     """Mask / router values per module, from plain forward hooks (not the adapters')."""
     caught, handles = {}, []
     for name, module in model.named_modules():
-        adapter = next((a for a in _ADAPTERS if a.matches(module)), None)
+        adapter = next((a for a in adapters_in_force() if a.matches(module)), None)
         if adapter is None:
             continue
         paths = set(adapter.masks.values()) | ({adapter.router} if adapter.router else set())
@@ -72,7 +72,7 @@ def _offline(model, x):
         h.remove()
     out = {}
     for name, by_path in caught.items():
-        adapter = next(a for a in _ADAPTERS if a.matches(model.get_submodule(name)))
+        adapter = next(a for a in adapters_in_force() if a.matches(model.get_submodule(name)))
         order, values = {}, {}
         for mask, path in adapter.masks.items():
             values[mask] = by_path[path][order.get(path, 0)]

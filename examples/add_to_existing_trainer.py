@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from lightning_attn import DynamicSpatialAttention
+from lightning_attn.blocks import DynamicSpatialAttention
 from lightning_attn.callbacks import AttentionDiagnostics
 from lightning_attn.data import ClutteredDigitsDataModule
 from lightning_attn.modules import OutputOnly

@@ -1,71 +1,50 @@
 """lightning-attn: attention blocks for CNNs and Lightning callbacks that diagnose them.
 
-Blocks (``lightning_attn.blocks``, pure torch): :class:`DynamicSpatialAttention` and
-:class:`CoordinateAttention` (alias ``CoordinateAtt``), built directly or by name with
-:func:`create_attention` (``"dsa"``, ``"coord"``, ``"none"``).
+Each public name has one home, in the subpackage that defines it:
 
-Recording
----------
-Each block measures itself inside its own forward, with tensor operations only, so that the
-diagnostics see through ``torch.compile`` and cost nothing on steps that do not log: while
-``block.recording`` is on, ``forward`` adds its masks' sums, counts, extrema and histogram
-counts (and the router's entropy and branch usage) to an accumulator on the device; the
-callbacks (``lightning_attn.callbacks``) switch it on for logging steps, read it once, reduce
-it across processes and reset it. A block of your own joins by inheriting
-:class:`RecordingMixin` and calling ``self.record(masks=..., router_weights=...)`` at the end
-of its forward (see :mod:`lightning_attn.blocks.recording`); a module you cannot edit joins
-through an adapter (:func:`register_attention_adapter`). What is measured and judged is
-declared once in :mod:`lightning_attn.core`.
+- :mod:`lightning_attn.blocks` (pure torch): ``DynamicSpatialAttention``,
+  ``CoordinateAttention``, ``create_attention``, ``RecordingMixin``, the adapters for timm's
+  and torchvision's attention, the router losses.
+- :mod:`lightning_attn.callbacks` (Lightning): ``AttentionDiagnostics``,
+  ``TemperatureSchedule`` and the writers.
+- :mod:`lightning_attn.core` (no Lightning, mostly no torch): what is measured and judged —
+  statistics, ``HealthThresholds``, problem kinds, tags, warning categories.
+- :mod:`lightning_attn.modules`, :mod:`lightning_attn.data`, :mod:`lightning_attn.metrics`,
+  :mod:`lightning_attn.report` (offline: no Lightning, no torch).
+
+Importing this package imports none of them: ``import lightning_attn.report`` stays light.
 """
 
-from .blocks import (
-    AttentionBlock,
-    AttentionWarning,
-    AuxLossWeights,
-    CoordinateAtt,
-    CoordinateAttention,
-    DynamicSpatialAttention,
-    IdentityAttention,
-    MaskCollapseWarning,
-    RecordingConfig,
-    RecordingMixin,
-    attention_aux_loss,
-    attention_names,
-    create_attention,
-    quick_mask_check,
-    register_attention,
-    register_attention_adapter,
-)
-from .core import HealthThresholds
+from __future__ import annotations
+
+import importlib
+import warnings
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AttentionBlock",
-    "AttentionWarning",
-    "AuxLossWeights",
-    "CoordinateAtt",
-    "CoordinateAttention",
-    "DynamicSpatialAttention",
-    "HealthThresholds",
-    "IdentityAttention",
-    "MaskCollapseWarning",
-    "RecordingConfig",
-    "RecordingMixin",
-    "TemperatureSchedule",
-    "attention_aux_loss",
-    "attention_names",
-    "create_attention",
-    "quick_mask_check",
-    "register_attention",
-    "register_attention_adapter",
-]
+__all__ = ["__version__"]
+
+#: Names this package used to re-export, and their home (they still resolve, with a warning).
+_MOVED = {
+    **dict.fromkeys(
+        ("AttentionBlock", "AuxLossWeights", "CoordinateAtt", "CoordinateAttention",
+         "DynamicSpatialAttention", "IdentityAttention", "RecordingMixin", "attention_aux_loss",
+         "attention_names", "create_attention", "quick_mask_check", "register_attention",
+         "register_attention_adapter"),
+        "lightning_attn.blocks"),
+    **dict.fromkeys(("AttentionWarning", "HealthThresholds", "MaskCollapseWarning",
+                     "RecordingConfig"), "lightning_attn.core"),
+    "TemperatureSchedule": "lightning_attn.callbacks",
+}
 
 
 def __getattr__(name: str):
-    # The callback needs Lightning; `import lightning_attn` alone stays pure torch.
-    if name == "TemperatureSchedule":
-        from .callbacks import TemperatureSchedule
-
-        return TemperatureSchedule
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    home = _MOVED.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"lightning_attn.{name} is deprecated and will be removed in the next release: "
+        f"import it from its home, `from {home} import {name}`",
+        FutureWarning, stacklevel=2,
+    )
+    return getattr(importlib.import_module(home), name)

@@ -128,7 +128,7 @@ def test_timm_story_diagnoses_the_models_own_attention(tmp_path, monkeypatch):
 def test_our_blocks_in_your_models_recipe_runs_with_real_timm():
     """README's attn_layer / se_layer / insert_attention recipe, with the real timm (random
     init: nothing downloads)."""
-    from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+    from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention
 
     (code,) = _python(README, "## Our blocks in your models")
     assert "pretrained=True" not in re.sub(r"#.*", "", code)
@@ -144,7 +144,7 @@ def test_our_blocks_in_your_models_recipe_runs_with_real_timm():
 def test_timm_attn_layer_recipe_runs_with_real_timm():
     """The attn_layer / se_layer recipe, with the real timm (random init, nothing
     downloads: the snippet builds without pretrained weights)."""
-    from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+    from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention
 
     page = ROOT / "docs/blocks.md"
     (code,) = _python(page, "## Our blocks inside timm models: `attn_layer` / `se_layer`")
@@ -202,8 +202,7 @@ def test_options_snippet_runs_as_written(tmp_path, monkeypatch):
 
 
 def test_own_block_records_like_the_library_blocks():
-    from lightning_attn import quick_mask_check
-    from lightning_attn.blocks import AttentionBlock
+    from lightning_attn.blocks import AttentionBlock, quick_mask_check
 
     for page in (README, ROOT / "docs/diagnostics.md"):
         (code,) = _python(page, "## Your own block")
@@ -214,20 +213,24 @@ def test_own_block_records_like_the_library_blocks():
 
 
 def test_adapter_snippet_joins_a_users_gate():
-    from lightning_attn.blocks.adapters import _ADAPTERS
-    from lightning_attn.blocks.recording import find_attention_blocks
+    from lightning_attn.blocks.adapters import Registration, adapters_in_force
+    from lightning_attn.blocks.discovery import find_attention_blocks
 
     page = ROOT / "docs/diagnostics.md"
     (code,) = _python(page, "## The attention already in your model: adapters")
-    before = len(_ADAPTERS)
+    before = adapters_in_force()
+    namespace = _run(code, page, "docs_adapter")
     try:
-        gate = _run(code, page, "docs_adapter")["Gate"]
-        blocks, _ = find_attention_blocks(torch.nn.Sequential(gate(3)), third_party=True)
+        blocks, _ = find_attention_blocks(torch.nn.Sequential(namespace["Gate"](3)),
+                                          third_party=True)
         assert list(blocks) == ["0"]
         for recorder in blocks.values():
             recorder.clear_recording()
     finally:
-        del _ADAPTERS[: len(_ADAPTERS) - before]
+        for value in namespace.values():
+            if isinstance(value, Registration):
+                value.remove()
+    assert adapters_in_force() == before
 
 
 @pytest.mark.slow  # ~5 s: a resnet18 trained for 5 steps with the diagnostics

@@ -7,21 +7,20 @@
 - :mod:`.recording`: how a block measures itself inside its forward (the protocol the
   diagnostics read); what it measures is declared once in :mod:`lightning_attn.core`.
 - :mod:`.adapters`: the attention already in users' models (timm, torchvision, their own)
-  records through hooks, without a change to its code.
+  records through hooks, without a change to its code; :mod:`.discovery` finds every
+  attention module of a model.
 - :mod:`.kernels`: the ``backend`` implementations (torch fused path, Triton).
+
+What the blocks measure (``RecordingConfig``, the statistics) and the warning categories are
+:mod:`lightning_attn.core`'s: each public name has one home.
 """
 
-from ..core import warnings as _warnings
-from ..core.statistics import (
-    BlockStats,
-    GlobalStats,
-    MaskStats,
-    ParameterSpec,
-    RouterStats,
-    StatisticsLayout,
+from .adapters import (
+    BUILTIN_ADAPTERS,
+    AttentionAdapter,
+    attention_adapter,
+    register_attention_adapter,
 )
-from ..core.warnings import *  # noqa: F403 - every category, listed in warnings.__all__
-from .adapters import AttentionAdapter, register_attention_adapter
 from .aux_loss import (
     AUX_TERMS,
     AuxLossWeights,
@@ -32,36 +31,26 @@ from .aux_loss import (
     router_aux_terms,
 )
 from .coordinate import CoordinateAtt, CoordinateAttention, HSwish
+from .discovery import find_attention_blocks
 from .dynamic_spatial import DynamicSpatialAttention
 from .mask_check import quick_mask_check
-from .recording import (
-    AttentionBlock,
-    RecordingConfig,
-    RecordingMixin,
-    find_attention_blocks,
-    spatial_map,
-)
+from .recording import AttentionBlock, RecordingMixin, spatial_map
 from .registry import IdentityAttention, attention_names, create_attention, register_attention
 
 __all__ = [
     "AUX_TERMS",
+    "BUILTIN_ADAPTERS",
     "AttentionAdapter",
     "AttentionBlock",
     "AuxLossWeights",
-    "BlockStats",
     "CoordinateAtt",
     "CoordinateAttention",
     "DynamicSpatialAttention",
-    "GlobalStats",
     "HSwish",
     "IdentityAttention",
-    "MaskStats",
-    "ParameterSpec",
-    "RecordingConfig",
     "RecordingMixin",
     "RouterAuxMixin",
-    "RouterStats",
-    "StatisticsLayout",
+    "attention_adapter",
     "attention_aux_loss",
     "attention_aux_terms",
     "attention_names",
@@ -73,5 +62,4 @@ __all__ = [
     "register_attention_adapter",
     "router_aux_terms",
     "spatial_map",
-    *_warnings.__all__,
 ]

@@ -3,9 +3,11 @@
 A module that does not call :meth:`~.recording.RecordingMixin.record` itself (timm's
 ``SEModule``, torchvision's ``SqueezeExcitation``, a user's gate) joins the diagnostics
 through an adapter: a declaration of which submodule's output is a mask or the router
-weights::
+weights, passed where it applies or registered for the process::
 
-    register_attention_adapter(MyGate, masks={"mask": "sigmoid"})   # one line
+    gate = attention_adapter(MyGate, masks={"mask": "sigmoid"})
+    AttentionDiagnostics(adapters=[gate])                              # this callback
+    register_attention_adapter(MyGate, masks={"mask": "sigmoid"})      # every discovery
 
 When the diagnostics find such a module they attach an :class:`AdapterRecorder`: forward
 hooks on the named submodules hand their outputs to it, and a hook on the module itself
@@ -16,14 +18,15 @@ outputs and state dict are untouched; the hooks are removed when the diagnostics
 The built-in adapters (timm's ``SEModule``, ``EffectiveSEModule``, ``SqueezeExciteCl``,
 EfficientNet's ``SqueezeExcite``, ``EcaModule``, ``CecaModule``, ``CbamModule``,
 ``LightCbamModule``, ``GatherExcite``, ``CoordAttn``, ``SelectiveKernel``, ``SplitAttn``, and
-torchvision's ``SqueezeExcitation``) are registered by class *name*: nothing is imported, and a
-model without such modules never touches timm or torchvision.
+torchvision's ``SqueezeExcitation``) match by class *name*: nothing is imported, and a model
+without such modules never touches timm or torchvision. They are an immutable tuple
+(:data:`BUILTIN_ADAPTERS`); a registration returns the handle that undoes it.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,10 +36,14 @@ from torch import nn
 from .recording import RecordingMixin
 
 __all__ = [
+    "BUILTIN_ADAPTERS",
     "AdapterRecorder",
     "AttentionAdapter",
-    "adapter_declared",
-    "adapter_for",
+    "Registration",
+    "adapter_matching",
+    "adapters_in_force",
+    "attention_adapter",
+    "check_adapters",
     "register_attention_adapter",
 ]
 
@@ -80,10 +87,7 @@ class AttentionAdapter:
         return hit and (self.applies is None or bool(self.applies(module)))
 
 
-_ADAPTERS: list[AttentionAdapter] = []
-
-
-def register_attention_adapter(
+def attention_adapter(
     target: type | str,
     masks: Mapping[str, str] | None = None,
     router: str | None = None,
@@ -92,13 +96,10 @@ def register_attention_adapter(
     applies: Callable[[nn.Module], bool] | None = None,
     branch_names: tuple[str, ...] | Callable[[nn.Module], tuple[str, ...]] | None = None,
 ) -> AttentionAdapter:
-    """Declare how ``target`` modules expose their masks and router weights (see
-    :class:`AttentionAdapter`); the latest registration for a class wins.
-
-    Example: a gate whose ``sigmoid`` submodule gives the mask::
-
-        register_attention_adapter(MyGate, masks={"mask": "sigmoid"})
-    """
+    """A checked :class:`AttentionAdapter`: how ``target`` modules expose their masks and
+    router weights. Pass it where it applies (``AttentionDiagnostics(adapters=[...])``,
+    ``find_attention_blocks(..., adapters=[...])``) or register it for the whole process
+    (:func:`register_attention_adapter`)."""
     if not isinstance(target, (type, str)) or (isinstance(target, str) and ":" not in target):
         raise TypeError(
             f"target must be a module class or 'package.module:QualName', got {target!r}"
@@ -111,10 +112,74 @@ def register_attention_adapter(
             raise TypeError(f"masks must map mask names to submodule paths, got {masks!r}")
     if router is not None and num_branches is None:
         raise ValueError("router=... needs num_branches (K of its weights)")
-    adapter = AttentionAdapter(target, masks, router, num_branches, dict(convert or {}),
-                               applies, branch_names)
-    _ADAPTERS.insert(0, adapter)
-    return adapter
+    return AttentionAdapter(target, masks, router, num_branches, dict(convert or {}),
+                            applies, branch_names)
+
+
+class Registration:
+    """What :func:`register_attention_adapter` returns: :meth:`remove` undoes the
+    registration (also as a context manager: ``with register_attention_adapter(...):``)."""
+
+    def __init__(self, adapter: AttentionAdapter, registry: list[AttentionAdapter]) -> None:
+        self.adapter = adapter
+        self._registry = registry
+
+    def remove(self) -> None:
+        """Forget the adapter (a second call does nothing)."""
+        if self.adapter in self._registry:
+            self._registry.remove(self.adapter)
+
+    def __enter__(self) -> Registration:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+#: The adapters registered for the whole process, latest first (each with its handle).
+_registered: list[AttentionAdapter] = []
+
+
+def register_attention_adapter(
+    target: type | str | AttentionAdapter, **declaration: Any
+) -> Registration:
+    """Use an adapter in every discovery of this process, before the built-in ones (the
+    latest registration for a class wins): an :class:`AttentionAdapter`, or
+    :func:`attention_adapter`'s arguments. Returns the handle that undoes it.
+
+    Example: a gate whose ``sigmoid`` submodule gives the mask::
+
+        register_attention_adapter(MyGate, masks={"mask": "sigmoid"})
+    """
+    adapter = target if isinstance(target, AttentionAdapter) and not declaration else (
+        attention_adapter(target, **declaration))
+    _registered.insert(0, adapter)
+    return Registration(adapter, _registered)
+
+
+def check_adapters(adapters: Iterable[AttentionAdapter]) -> tuple[AttentionAdapter, ...]:
+    """``adapters`` as a tuple, each an :class:`AttentionAdapter`, or a ``TypeError``."""
+    adapters = tuple(adapters)
+    for adapter in adapters:
+        if not isinstance(adapter, AttentionAdapter):
+            raise TypeError(
+                "adapters must be AttentionAdapter declarations (attention_adapter(...)), got "
+                f"{adapter!r}"
+            )
+    return adapters
+
+
+def adapters_in_force(extra: Iterable[AttentionAdapter] = ()) -> tuple[AttentionAdapter, ...]:
+    """The adapters a discovery tries, in order: ``extra`` (passed for one call or callback),
+    the registered ones (latest first), then :data:`BUILTIN_ADAPTERS`."""
+    return (*check_adapters(extra), *_registered, *BUILTIN_ADAPTERS)
+
+
+def adapter_matching(
+    module: nn.Module, adapters: Iterable[AttentionAdapter]
+) -> AttentionAdapter | None:
+    """The first of ``adapters`` that applies to ``module``, else ``None``."""
+    return next((a for a in adapters if a.matches(module)), None)
 
 
 class AdapterRecorder(RecordingMixin):
@@ -207,31 +272,6 @@ class AdapterRecorder(RecordingMixin):
     def clear_recording(self) -> None:
         super().clear_recording()
         self.remove_hooks()
-        module = self.module
-        if module is not None and _RECORDERS.get(module) is self:
-            del _RECORDERS[module]
-
-
-_RECORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def adapter_declared(module: nn.Module) -> bool:
-    """Whether an adapter is registered for ``module`` (nothing is attached)."""
-    return module in _RECORDERS or any(a.matches(module) for a in _ADAPTERS)
-
-
-def adapter_for(module: nn.Module) -> AdapterRecorder | None:
-    """The recorder of ``module`` if an adapter is registered for it (made, and its hooks
-    attached, on the first call; the same one until the diagnostics stop)."""
-    recorder = _RECORDERS.get(module)
-    if recorder is not None:
-        return recorder
-    for adapter in _ADAPTERS:
-        if adapter.matches(module):
-            recorder = AdapterRecorder(module, adapter)
-            _RECORDERS[module] = recorder
-            return recorder
-    return None
 
 
 # -- built-in adapters: timm and torchvision, by class name -------------------------------------
@@ -258,31 +298,33 @@ def _radix_router(module: nn.Module, inputs: tuple, output: torch.Tensor) -> tor
 
 
 _TIMM = "timm.layers"
-for _name in (f"{_TIMM}.squeeze_excite:SEModule", f"{_TIMM}.squeeze_excite:EffectiveSEModule",
-              f"{_TIMM}.squeeze_excite:SqueezeExciteCl",
-              "timm.models._efficientnet_blocks:SqueezeExcite",
-              f"{_TIMM}.eca:EcaModule", f"{_TIMM}.eca:CecaModule",
-              f"{_TIMM}.gather_excite:GatherExcite"):
-    register_attention_adapter(_name, masks={"mask": "gate"})
-register_attention_adapter(f"{_TIMM}.cbam:CbamModule",
-                           masks={"channel": "channel.gate", "spatial": "spatial.gate"})
-register_attention_adapter(f"{_TIMM}.cbam:LightCbamModule",
-                           masks={"channel": "channel", "spatial": "spatial.gate"},
-                           convert={"channel": _light_channel_mask})
-register_attention_adapter(f"{_TIMM}.coord_attn:CoordAttn",
-                           masks={"mask_h": "gate", "mask_w": "gate"})
-register_attention_adapter(
-    f"{_TIMM}.selective_kernel:SelectiveKernel", router="attn",
-    num_branches=lambda m: m.num_paths, convert={"attn": _paths_router},
-    branch_names=lambda m: tuple(
-        f"{p.conv.kernel_size[0]}x{p.conv.kernel_size[0]} d{p.conv.dilation[0]}"
-        if hasattr(p, "conv") else f"path {i}" for i, p in enumerate(m.paths)),
+_SE_GATES = (f"{_TIMM}.squeeze_excite:SEModule", f"{_TIMM}.squeeze_excite:EffectiveSEModule",
+             f"{_TIMM}.squeeze_excite:SqueezeExciteCl",
+             "timm.models._efficientnet_blocks:SqueezeExcite",
+             f"{_TIMM}.eca:EcaModule", f"{_TIMM}.eca:CecaModule",
+             f"{_TIMM}.gather_excite:GatherExcite")
+
+#: timm's and torchvision's attention, by class name (nothing is imported). Immutable: add
+#: your own with ``adapters=[attention_adapter(...)]`` or :func:`register_attention_adapter`.
+BUILTIN_ADAPTERS: tuple[AttentionAdapter, ...] = (
+    *(attention_adapter(name, masks={"mask": "gate"}) for name in _SE_GATES),
+    attention_adapter(f"{_TIMM}.cbam:CbamModule",
+                      masks={"channel": "channel.gate", "spatial": "spatial.gate"}),
+    attention_adapter(f"{_TIMM}.cbam:LightCbamModule",
+                      masks={"channel": "channel", "spatial": "spatial.gate"},
+                      convert={"channel": _light_channel_mask}),
+    attention_adapter(f"{_TIMM}.coord_attn:CoordAttn", masks={"mask_h": "gate", "mask_w": "gate"}),
+    attention_adapter(
+        f"{_TIMM}.selective_kernel:SelectiveKernel", router="attn",
+        num_branches=lambda m: m.num_paths, convert={"attn": _paths_router},
+        branch_names=lambda m: tuple(
+            f"{p.conv.kernel_size[0]}x{p.conv.kernel_size[0]} d{p.conv.dilation[0]}"
+            if hasattr(p, "conv") else f"path {i}" for i, p in enumerate(m.paths)),
+    ),
+    attention_adapter(f"{_TIMM}.split_attn:SplitAttn", router="rsoftmax",
+                      num_branches=lambda m: m.radix, convert={"rsoftmax": _radix_router},
+                      applies=lambda m: m.radix > 1),
+    attention_adapter(f"{_TIMM}.split_attn:SplitAttn", masks={"mask": "rsoftmax"},
+                      applies=lambda m: m.radix == 1),
+    attention_adapter("torchvision.ops.misc:SqueezeExcitation", masks={"mask": "scale_activation"}),
 )
-register_attention_adapter(f"{_TIMM}.split_attn:SplitAttn", router="rsoftmax",
-                           num_branches=lambda m: m.radix, convert={"rsoftmax": _radix_router},
-                           applies=lambda m: m.radix > 1)
-register_attention_adapter(f"{_TIMM}.split_attn:SplitAttn", masks={"mask": "rsoftmax"},
-                           applies=lambda m: m.radix == 1)
-register_attention_adapter("torchvision.ops.misc:SqueezeExcitation",
-                           masks={"mask": "scale_activation"})
-del _name

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.statistics import ParameterSpec
+from ..core.tensor_checks import check_input
 from ..core.validation import (
     MAX_CHANNELS,
     MAX_KERNEL_EXTENT,
     MAX_KERNEL_SIZE,
     check_bool,
     check_choice,
-    check_input,
     check_int,
     check_parameter_budget,
     check_size,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.statistics import ParameterSpec
+from ..core.tensor_checks import check_float32_temperature, check_input
 from ..core.validation import (
     MAX_BRANCHES,
     MAX_CHANNELS,
@@ -20,8 +21,6 @@ from ..core.validation import (
     MAX_ROUTER_HIDDEN,
     check_bool,
     check_choice,
-    check_float32_temperature,
-    check_input,
     check_nonnegative_float,
     check_positive_float,
     check_size,

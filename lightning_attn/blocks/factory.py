@@ -24,13 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.validation import (
-    MAX_CHANNELS,
-    check_device,
-    check_dtype,
-    check_finite_float,
-    check_size,
-)
+from ..core.tensor_checks import check_device, check_dtype
+from ..core.validation import MAX_CHANNELS, check_finite_float, check_size
 
 __all__ = [
     "ACTIVATIONS",

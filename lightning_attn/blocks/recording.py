@@ -42,28 +42,21 @@ A block joins the diagnostics by implementing :class:`AttentionBlock` (inherit
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping, Sequence
-from fnmatch import fnmatchcase
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Hashable, Mapping
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from ..core.accumulator import Accumulator
 from ..core.statistics import (
     PHASES,
-    Accumulator,
     ParameterSpec,
     RecordingConfig,
     StatisticsLayout,
 )
 
-__all__ = [
-    "AttentionBlock",
-    "RecordingConfig",
-    "RecordingMixin",
-    "find_attention_blocks",
-    "spatial_map",
-]
+__all__ = ["AttentionBlock", "RecordingMixin", "spatial_map"]
 
 
 def spatial_map(masks: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
@@ -109,6 +102,9 @@ _RECORDING_STATE = (
     "_attn_recording", "_attn_recording_holders", "_attn_histograms", "_attn_capture",
     "_attn_capture_holders", "_attn_accumulator", "_attn_captured",
 )
+#: What belongs to the live run and never travels with a copy: the recording state, and the
+#: TemperatureSchedule driving the block (if any).
+_LIVE_STATE = (*_RECORDING_STATE, "_attn_schedule_owner")
 
 
 class RecordingMixin:
@@ -323,54 +319,6 @@ class RecordingMixin:
         # A pickled or deep-copied model (ddp_spawn, EMA copies, checkpoints of the module)
         # starts without recording state: flags and accumulators belong to the live run.
         state = self.__dict__.copy()  # type: ignore[attr-defined]
-        for key in _RECORDING_STATE:
+        for key in _LIVE_STATE:
             state.pop(key, None)
         return state
-
-
-def _unwrap(root: nn.Module) -> nn.Module:
-    # DistributedDataParallel / DataParallel keep the real module under ``.module``.
-    while isinstance(root, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        root = root.module
-    return root
-
-
-_COMPILE_SEGMENT = "_orig_mod"  # torch.compile's OptimizedModule keeps the module under it
-
-
-def find_attention_blocks(
-    root: nn.Module,
-    include: Sequence[str] | None = None,
-    exclude: Iterable[str] = (),
-    third_party: bool = False,
-) -> tuple[dict[str, Any], list[str]]:
-    """Every :class:`AttentionBlock` under ``root`` by qualified name, in module order, and
-    the include/exclude patterns that matched no block.
-
-    Names never carry DDP's ``module.`` prefix (the wrapper is looked through) nor
-    ``torch.compile``'s ``_orig_mod.``. ``include`` (fnmatch patterns) keeps only matching
-    blocks; ``exclude`` then leaves matching ones out. ``third_party``: also every module
-    with a registered adapter (:mod:`.adapters`: timm's and torchvision's attention), as its
-    :class:`~.adapters.AdapterRecorder` (hooks attached to the included ones).
-    """
-    from .adapters import adapter_declared, adapter_for  # adapters build on this module
-
-    root = _unwrap(root)
-    found: dict[str, Any] = {}
-    for name, module in root.named_modules():
-        if module is root or not (isinstance(module, AttentionBlock) or (
-                third_party and adapter_declared(module))):
-            continue
-        clean = ".".join(part for part in name.split(".") if part != _COMPILE_SEGMENT)
-        found.setdefault(clean, module)
-    exclude = tuple(exclude)
-    unmatched = [
-        p for p in (*(include or ()), *exclude) if not any(fnmatchcase(n, p) for n in found)
-    ]
-    blocks = {
-        name: module if isinstance(module, AttentionBlock) else adapter_for(module)
-        for name, module in found.items()
-        if (include is None or any(fnmatchcase(name, p) for p in include))
-        and not any(fnmatchcase(name, p) for p in exclude)
-    }
-    return blocks, unmatched

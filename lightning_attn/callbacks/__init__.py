@@ -18,10 +18,6 @@ problems and tags as declared in :mod:`lightning_attn.core` -> the writer seam
 (:mod:`.writers`) -> loggers, the table (:mod:`.summary`), the report.
 """
 
-from ..core import warnings as _warnings
-from ..core.problems import PROBLEM_KINDS, HealthThresholds, Problem, find_problems
-from ..core.statistics import SECTIONS, BlockStats, GlobalStats, MaskStats, RouterStats
-from ..core.warnings import *  # noqa: F403 - every category, listed in warnings.__all__
 from .collector import StatisticsCollector
 from .diagnostics import AttentionDiagnostics
 from .health import ON_PROBLEM, ProblemReporter
@@ -32,36 +28,31 @@ from .presets import (
     ParameterTrajectoryMonitor,
     RouterEntropyMonitor,
 )
-from .schedule import LoggingSchedule
 from .summary import render_summary
 from .temperature import TemperatureSchedule
-from .writers import DiagnosticsOutput, DiagnosticsWriter, TensorBoardWriter, register_writer
+from .writers import (
+    DEFAULT_WRITERS,
+    DiagnosticsOutput,
+    DiagnosticsWriter,
+    TensorBoardWriter,
+    register_writer,
+)
 
 __all__ = [
+    "DEFAULT_WRITERS",
     "ON_PROBLEM",
-    "PROBLEM_KINDS",
-    "SECTIONS",
     "AttentionDiagnostics",
     "AttentionMapLogger",
     "AttentionSummary",
-    "BlockStats",
     "DiagnosticsOutput",
     "DiagnosticsWriter",
-    "GlobalStats",
-    "HealthThresholds",
-    "LoggingSchedule",
     "MaskHealthMonitor",
-    "MaskStats",
     "ParameterTrajectoryMonitor",
-    "Problem",
     "ProblemReporter",
     "RouterEntropyMonitor",
-    "RouterStats",
     "StatisticsCollector",
     "TemperatureSchedule",
     "TensorBoardWriter",
-    "find_problems",
     "register_writer",
     "render_summary",
-    *_warnings.__all__,
 ]

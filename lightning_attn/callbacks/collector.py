@@ -127,10 +127,6 @@ class StatisticsCollector:
         """Whether a point of any phase is being recorded."""
         return bool(self._open)
 
-    def recording_phase(self, phase: str) -> bool:
-        """Whether a point of ``phase`` is being recorded."""
-        return phase in self._open
-
     def open(self, phase: str = "train", histograms: bool = False) -> None:
         """Start recording a point of ``phase`` (a training logging step, or an evaluation
         run); ``histograms``: the point writes histograms."""

@@ -1,6 +1,6 @@
 """AttentionDiagnostics: the one statistics callback, configured by sections and thresholds.
 
-Hook flow of one training logging point (one optimizer step; see :mod:`.schedule`)::
+Hook flow of one training logging point (one optimizer step; see :mod:`lightning_attn.schedule`)::
 
     on_train_batch_start      the schedule says "measure" -> every block records (a flag)
       forward(s)              each block adds its sums to its accumulator, in the graph
@@ -35,7 +35,9 @@ from rich.console import Console
 from torch.optim import Optimizer
 
 from .. import __version__
-from ..blocks.recording import find_attention_blocks
+from ..blocks.adapters import AttentionAdapter, check_adapters
+from ..blocks.discovery import find_attention_blocks
+from ..core.categories import MissingStatisticsWarning
 from ..core.problems import HealthThresholds, Problem, measure, problems_of
 from ..core.statistics import HISTOGRAM_BINS, SECTIONS, GlobalStats, RecordingConfig
 from ..core.tags import (
@@ -53,13 +55,12 @@ from ..core.validation import (
     check_int,
     check_patterns,
 )
-from ..core.warnings import MissingStatisticsWarning
+from ..schedule import LoggingSchedule
 from .collector import StatisticsCollector
 from .health import ProblemReporter
 from .maps import render_maps
-from .schedule import LoggingSchedule
 from .summary import render_summary
-from .writers import DiagnosticsOutput
+from .writers import DiagnosticsOutput, DiagnosticsWriter, check_writers
 
 __all__ = ["SECTIONS", "AttentionDiagnostics"]
 
@@ -67,8 +68,15 @@ Section = Literal["router", "mask", "param"]
 OnProblem = Literal["warn", "raise", "stop", "ignore"]
 #: Lightning's evaluation stages -> the phase they record in (and their tags' prefix).
 _EVAL_PHASES = {"validate": "val", "sanity_check": "val", "test": "test"}
-#: The fields of HealthThresholds, accepted as keyword arguments until the next release.
-_DEPRECATED = tuple(f.name for f in dataclasses.fields(HealthThresholds))
+#: The threshold keywords of the release before ``thresholds=HealthThresholds(...)``, accepted
+#: (with a FutureWarning) until the next release. A literal list: a field added to
+#: HealthThresholds since is a field only, never a keyword of the callback.
+_DEPRECATED = (
+    "std_threshold", "saturation_low", "saturation_high", "saturation_threshold",
+    "router_collapse_threshold", "router_indifference_threshold",
+    "indifference_warmup_steps", "dead_branch_factor", "temperature_min", "temperature_max",
+    "unit_margin",
+)
 
 
 def _images_of(batch: Any) -> torch.Tensor | None:
@@ -108,6 +116,11 @@ class AttentionDiagnostics(Callback):
             (``val/attn/...``, ``test/attn/...``).
         log_statistics: write the statistics to the loggers (``False``: only warnings and
             the table).
+        adapters: adapters (:func:`~lightning_attn.blocks.attention_adapter`) for attention
+            modules of your own, for this callback only; tried before the registered and the
+            built-in ones.
+        writers: :class:`~lightning_attn.callbacks.DiagnosticsWriter` subclasses for logger
+            backends of your own, for this callback only.
 
     The threshold fields used to be keyword arguments of their own (``std_threshold=...``);
     they are still accepted, with a ``FutureWarning``, until the next release.
@@ -131,6 +144,8 @@ class AttentionDiagnostics(Callback):
         summary: bool = True,
         eval_statistics: bool = True,
         log_statistics: bool = True,
+        adapters: Sequence[AttentionAdapter] = (),
+        writers: Sequence[type[DiagnosticsWriter]] = (),
         **deprecated: Any,
     ) -> None:
         self.include = check_patterns("include", include, allow_none=True)
@@ -144,9 +159,12 @@ class AttentionDiagnostics(Callback):
             )
         unknown = sorted(set(deprecated) - set(_DEPRECATED))
         if unknown:
+            fields = [f.name for f in dataclasses.fields(HealthThresholds)]
+            hint = (f"; {', '.join(u for u in unknown if u in fields)} go in "
+                    "thresholds=HealthThresholds(...)" if set(unknown) & set(fields) else "")
             raise TypeError(
-                f"{type(self).__name__} got unexpected keyword arguments {unknown}; thresholds "
-                f"go in thresholds=HealthThresholds(...) (fields: {list(_DEPRECATED)})"
+                f"{type(self).__name__} got unexpected keyword arguments {unknown}{hint} "
+                f"(HealthThresholds fields: {fields})"
             )
         overrides = {k: v for k, v in deprecated.items() if v is not None}
         if overrides:
@@ -172,6 +190,8 @@ class AttentionDiagnostics(Callback):
         self.summary = check_bool("summary", summary)
         self.eval_statistics = check_bool("eval_statistics", eval_statistics)
         self.log_statistics = check_bool("log_statistics", log_statistics)
+        self.adapters = check_adapters(adapters)
+        self.writers = check_writers(writers)
         #: The statistics and problems of the latest training point (host floats only).
         self.last_stats: GlobalStats | None = None
         self.last_problems: list[Problem] = []
@@ -223,7 +243,7 @@ class AttentionDiagnostics(Callback):
 
     # -- setup -----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._output = DiagnosticsOutput(trainer)
+        self._output = DiagnosticsOutput(trainer, self.writers)
         owner = type(self).__name__
         if stage == "fit" and self.sections and self._schedule.interval(trainer) == 0:
             rank_zero_warn(f"{owner}: log_every_n_steps is 0, so no statistics are gathered")
@@ -245,7 +265,7 @@ class AttentionDiagnostics(Callback):
         if self._module_ref is not None and self._module_ref() is pl_module:
             return
         blocks, unmatched = find_attention_blocks(pl_module, self.include, self.exclude,
-                                                  third_party=True)
+                                                  third_party=True, adapters=self.adapters)
         for pattern in unmatched:
             rank_zero_warn(f"{type(self).__name__}: pattern {pattern!r} matches no attention "
                            f"block")

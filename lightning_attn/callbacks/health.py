@@ -11,9 +11,9 @@ from collections.abc import Iterable
 
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ..core.categories import AttentionProblemError
 from ..core.problems import PROBLEM_KINDS, Problem
 from ..core.validation import check_choice
-from ..core.warnings import AttentionProblemError
 
 __all__ = ["ON_PROBLEM", "ProblemReporter"]
 

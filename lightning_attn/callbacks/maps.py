@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from ..core.presentation import short_names
+
 __all__ = [
     "colormap",
     "colour_scale",
@@ -18,7 +20,6 @@ __all__ = [
     "make_grid",
     "overlay",
     "render_maps",
-    "short_names",
     "to_display",
     "upsample_mask",
 ]
@@ -87,23 +88,6 @@ def make_grid(tiles: torch.Tensor, padding: int = 2, pad_value: float = 1.0) -> 
             grid[:, y : y + h, x : x + w] = tiles[i, j]
     return grid
 
-
-def short_names(names: Sequence[str]) -> list[str]:
-    """The shortest dotted suffix of each name that no other name ends with, and of at
-    least two parts (one part, like ``block`` or ``5``, rarely says which block it is).
-
-    ``["net.features.attn1.block", "net.features.attn2.block"]`` ->
-    ``["attn1.block", "attn2.block"]``.
-    """
-    parts = [n.split(".") for n in names]
-    out = []
-    for i, p in enumerate(parts):
-        for k in range(min(2, len(p)), len(p) + 1):
-            suffix = p[-k:]
-            if not any(j != i and q[-k:] == suffix for j, q in enumerate(parts)):
-                break
-        out.append(".".join(suffix))
-    return out
 
 
 def label_columns(grid: torch.Tensor, labels: Sequence[str], tile_width: int,
@@ -182,7 +166,7 @@ def render_maps(
     if base is not None:
         columns.append(F.interpolate(base, size=shown, mode="nearest"))
         labels.append("input")
-    for label, m in zip(short_names(list(maps)), maps.values(), strict=True):
+    for label, m in zip(short_names(list(maps)).values(), maps.values(), strict=True):
         heat = upsample_mask(m[:n], size)
         tile = overlay(base, heat, overlay_alpha) if base is not None else colormap(heat)
         columns.append(F.interpolate(tile, size=shown, mode="nearest"))

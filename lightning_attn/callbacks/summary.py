@@ -1,6 +1,6 @@
 """The ``rich`` summary table: every block's health at a glance, readable at 80 columns.
 
-Its columns are :data:`lightning_attn.core.statistics.SUMMARY_COLUMNS` and the titles of the
+Its columns are :data:`lightning_attn.core.presentation.SUMMARY_COLUMNS` and the titles of the
 problem kinds; this module only lays them out.
 """
 
@@ -11,10 +11,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from rich import box
 from rich.table import Table
 
+from ..core.presentation import SUMMARY_COLUMNS, short_names
 from ..core.problems import PROBLEM_KINDS, Problem
-from ..core.statistics import SECTIONS, SUMMARY_COLUMNS, BlockInfo, GlobalStats
+from ..core.statistics import SECTIONS, BlockInfo, GlobalStats
 from .health import ProblemReporter
-from .maps import short_names
 
 __all__ = ["render_summary"]
 
@@ -36,7 +36,7 @@ def render_summary(
     says so when they are.
     """
     names = list(stats.blocks)
-    short = dict(zip(names, short_names(names), strict=True))
+    short = short_names(names)
     by_name = {i.name: i for i in infos}
     shortened = any(short[n] != n for n in names)
     table = Table(

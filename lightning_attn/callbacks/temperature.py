@@ -35,14 +35,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from ..blocks.recording import find_attention_blocks
-from ..core.validation import (
-    check_choice,
-    check_float32_temperature,
-    check_int,
-    check_patterns,
-    check_positive_float,
-)
+from ..blocks.discovery import find_attention_blocks
+from ..core.tensor_checks import check_float32_temperature
+from ..core.validation import check_choice, check_int, check_patterns, check_positive_float
 
 __all__ = ["HANDOFFS", "INTERVALS", "MODES", "TemperatureSchedule"]
 
@@ -54,8 +49,14 @@ MODES: tuple[str, ...] = ("linear", "cosine", "exponential")
 INTERVALS: tuple[str, ...] = ("step", "epoch")
 HANDOFFS: tuple[str, ...] = ("fixed", "learnable")
 
-# Which schedule holds which block: two schedules writing one temperature is an error.
-_OWNERS: weakref.WeakKeyDictionary[nn.Module, TemperatureSchedule] = weakref.WeakKeyDictionary()
+#: The block attribute naming the schedule that holds it (a weak reference, dropped from
+#: copies like the recording state): two schedules writing one temperature is an error.
+_OWNER = "_attn_schedule_owner"
+
+
+def _owner(block: nn.Module) -> TemperatureSchedule | None:
+    ref = block.__dict__.get(_OWNER)
+    return ref() if ref is not None else None
 
 
 def _temperature_value(name: str, value: object) -> float:
@@ -194,7 +195,7 @@ class TemperatureSchedule(Callback):
                     f"block {name!r}: its learnable T = softplus(t_raw) + eps is always above "
                     "eps"
                 )
-            other = _OWNERS.get(block)
+            other = _owner(block)
             if other is not None and other is not self and other._blocks:
                 raise ValueError(
                     f"block {name!r} is already scheduled by another {owner}; give each "
@@ -203,7 +204,7 @@ class TemperatureSchedule(Callback):
         self._release()
         self._blocks = dict(blocks)
         for block in blocks.values():
-            _OWNERS[block] = self
+            block.__dict__[_OWNER] = weakref.ref(self)
 
     @staticmethod
     def _learnable(block: nn.Module) -> bool:
@@ -211,8 +212,8 @@ class TemperatureSchedule(Callback):
 
     def _release(self) -> None:
         for block in self._blocks.values():
-            if _OWNERS.get(block) is self:
-                del _OWNERS[block]
+            if _owner(block) is self:
+                del block.__dict__[_OWNER]
         self._blocks = {}
 
     # -- writing ---------------------------------------------------------------------------

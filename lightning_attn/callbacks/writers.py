@@ -18,14 +18,14 @@ Another logger backend is one file::
         logger_type = MyLogger
         def image(self, tag, image, step): self.logger.experiment.log_image(tag, image, step)
 
-    register_writer(MyWriter)
+    AttentionDiagnostics(writers=[MyWriter])    # this callback
+    register_writer(MyWriter)                   # every callback of the process (undo: .remove())
 """
 
 from __future__ import annotations
 
 import json
-import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -34,9 +34,12 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from tensorboard.compat.proto.summary_pb2 import Summary
 
 __all__ = [
+    "DEFAULT_WRITERS",
     "DiagnosticsOutput",
     "DiagnosticsWriter",
     "TensorBoardWriter",
+    "WriterRegistration",
+    "check_writers",
     "register_writer",
     "writer_for",
 ]
@@ -75,9 +78,10 @@ class TensorBoardWriter(DiagnosticsWriter):
     """Histograms, images, texts and the custom-scalars layout to a ``TensorBoardLogger``."""
 
     logger_type = TensorBoardLogger
-    # The merged layout of each SummaryWriter: TensorBoard shows one layout per run, and
-    # several callbacks may log into the same run.
-    _layouts: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
+    #: Attribute of the SummaryWriter holding its merged layout: TensorBoard shows one layout
+    #: per run, and several callbacks may log into the same run, so the layout lives with the
+    #: run's writer (not in this class, and not in a module table).
+    LAYOUT_ATTRIBUTE: ClassVar[str] = "_lightning_attn_layout"
 
     @property
     def _writer(self):
@@ -90,7 +94,7 @@ class TensorBoardWriter(DiagnosticsWriter):
         tensorboard_scalars_event(self.logger, metrics, step)
 
     def layout(self, layout: Mapping[str, dict[str, list]]) -> None:
-        merged = self._layouts.setdefault(self._writer, {})
+        merged = self._writer.__dict__.setdefault(self.LAYOUT_ATTRIBUTE, {})
         for category, charts in layout.items():
             merged.setdefault(category, {}).update(charts)
         self._writer.add_custom_scalars(merged)
@@ -138,36 +142,75 @@ def tensorboard_scalars_event(
     logger.experiment._get_file_writer().add_summary(summary, step)
 
 
-_WRITERS: list[type[DiagnosticsWriter]] = [TensorBoardWriter]
+#: The writers every callback knows (immutable): a backend of your own goes in
+#: ``AttentionDiagnostics(writers=[...])`` or :func:`register_writer`.
+DEFAULT_WRITERS: tuple[type[DiagnosticsWriter], ...] = (TensorBoardWriter,)
+#: Writers registered for the whole process (each with the handle that undoes it).
+_registered: list[type[DiagnosticsWriter]] = []
 
 
-def register_writer(writer: type[DiagnosticsWriter]) -> None:
-    """Use ``writer`` for every logger that is an instance of ``writer.logger_type`` (the
-    most specific registered writer wins)."""
-    if not (isinstance(writer, type) and issubclass(writer, DiagnosticsWriter)):
-        raise TypeError(f"writer must be a DiagnosticsWriter subclass, got {writer!r}")
-    if writer not in _WRITERS:
-        _WRITERS.append(writer)
+class WriterRegistration:
+    """What :func:`register_writer` returns: :meth:`remove` undoes it (also ``with ...:``)."""
+
+    def __init__(self, writer: type[DiagnosticsWriter]) -> None:
+        self.writer = writer
+
+    def remove(self) -> None:
+        if self.writer in _registered:
+            _registered.remove(self.writer)
+
+    def __enter__(self) -> WriterRegistration:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
 
 
-def writer_for(logger: Logger) -> DiagnosticsWriter:
-    """The most specific registered writer for ``logger`` (the base one at least)."""
-    candidates = [w for w in _WRITERS if isinstance(logger, w.logger_type)]
-    best = DiagnosticsWriter
-    for w in candidates:
-        if issubclass(w.logger_type, best.logger_type):
+def check_writers(writers: Iterable[object]) -> tuple[type[DiagnosticsWriter], ...]:
+    """``writers`` as a tuple, each a :class:`DiagnosticsWriter` subclass, or a
+    ``TypeError``."""
+    writers = tuple(writers)
+    for writer in writers:
+        if not (isinstance(writer, type) and issubclass(writer, DiagnosticsWriter)):
+            raise TypeError(f"writers must be DiagnosticsWriter subclasses, got {writer!r}")
+    return writers
+
+
+def register_writer(writer: type[DiagnosticsWriter]) -> WriterRegistration:
+    """Use ``writer`` for every logger that is an instance of ``writer.logger_type``, in every
+    callback of this process (the most specific writer wins); returns the handle that undoes
+    it."""
+    if check_writers((writer,))[0] not in _registered:
+        _registered.append(writer)
+    return WriterRegistration(writer)
+
+
+def writer_for(
+    logger: Logger, writers: Sequence[type[DiagnosticsWriter]] = ()
+) -> DiagnosticsWriter:
+    """The most specific writer for ``logger`` among ``writers``, the registered ones and
+    :data:`DEFAULT_WRITERS` (on a tie the first of them, so ``writers`` win), else the base
+    writer (scalars only)."""
+    best: type[DiagnosticsWriter] | None = None
+    for w in (*check_writers(writers), *_registered, *DEFAULT_WRITERS):
+        if not isinstance(logger, w.logger_type):
+            continue
+        if best is None or (issubclass(w.logger_type, best.logger_type)
+                            and w.logger_type is not best.logger_type):
             best = w
-    return best(logger)
+    return (best or DiagnosticsWriter)(logger)
 
 
 class DiagnosticsOutput:
     """Where one callback's output goes, for one Trainer (a writer per logger, rank zero)."""
 
-    def __init__(self, trainer: pl.Trainer) -> None:
+    def __init__(
+        self, trainer: pl.Trainer, writers: Sequence[type[DiagnosticsWriter]] = ()
+    ) -> None:
         self.trainer = trainer
         self.writers: list[DiagnosticsWriter] = []
         if trainer.is_global_zero:
-            self.writers = [writer_for(logger) for logger in trainer.loggers]
+            self.writers = [writer_for(logger, writers) for logger in trainer.loggers]
 
     @property
     def rich_writers(self) -> list[DiagnosticsWriter]:

@@ -1,17 +1,26 @@
-"""The core: what the diagnostics know, with no Lightning import.
+"""The core: what the diagnostics know, with no Lightning import (and, but for
+:mod:`.accumulator` and :mod:`.tensor_checks`, no torch: the offline report reads it alone).
 
 Read by the blocks (what to accumulate), the callbacks (what to log and judge) and the
 offline report (what the logs mean) alike:
 
 - :mod:`.statistics`: each statistic, declared once — its accumulator slots and how they
-  reduce, the reported quantities with their tags, charts and titles, the summary table.
+  reduce, the reported quantities with their tags, charts and titles.
+- :mod:`.accumulator`: the on-device accumulator that lays the slots out (torch).
+- :mod:`.presentation`: the report's panels, the summary table's columns, short block names.
 - :mod:`.problems`: each problem kind, declared once — its rule, thresholds, words, remedy
   and chart lines; :class:`HealthThresholds`; verdicts.
 - :mod:`.tags`: the tag schema (format and parse).
-- :mod:`.warnings`: the warning categories; :mod:`.validation`: the argument checks.
+- :mod:`.categories`: the warning categories; :mod:`.validation` and :mod:`.tensor_checks`:
+  the argument checks.
+
+Each public name has one home: the names below are this package's, and no other package
+exports them again.
 """
 
-from . import warnings as _warnings
+from . import categories as _categories
+from .categories import *  # noqa: F403 - every category, listed in categories.__all__
+from .presentation import short_names
 from .problems import (
     PROBLEM_KINDS,
     VERDICT_WORDS,
@@ -28,7 +37,6 @@ from .statistics import (
     HISTOGRAM_BINS,
     PHASES,
     SECTIONS,
-    Accumulator,
     BlockInfo,
     BlockStats,
     GlobalStats,
@@ -40,7 +48,6 @@ from .statistics import (
     block_stats,
 )
 from .tags import ScalarTag, scalar_metrics
-from .warnings import *  # noqa: F403 - every category, listed in warnings.__all__
 
 __all__ = [
     "HISTOGRAM_BINS",
@@ -48,7 +55,6 @@ __all__ = [
     "PROBLEM_KINDS",
     "SECTIONS",
     "VERDICT_WORDS",
-    "Accumulator",
     "BlockInfo",
     "BlockStats",
     "GlobalStats",
@@ -67,6 +73,7 @@ __all__ = [
     "find_problems",
     "measure",
     "scalar_metrics",
+    "short_names",
     "verdict",
-    *_warnings.__all__,
+    *_categories.__all__,
 ]

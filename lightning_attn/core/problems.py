@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from . import warnings as w
+from . import categories as w
 from .statistics import SECTIONS, BlockStats, GlobalStats, MaskStats, ParameterSpec, RouterStats
 from .validation import check_fraction, check_int, check_positive_float
 

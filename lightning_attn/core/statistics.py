@@ -1,25 +1,23 @@
 """Every statistic of an attention block, declared once; everything else is derived.
 
-A statistic has two declarations, both in this file:
+A statistic has two declarations, both in this file (which imports no torch: the report reads
+it without):
 
 * **Slots** (:data:`MASK_SLOTS`, :data:`ROUTER_SLOTS`): what a forward adds to the block's
   on-device accumulator and how accumulators combine across forwards, micro-batches and
   processes (``sum``, ``min`` or ``max``) — torchmetrics' ``add_state(dist_reduce_fx=...)``.
-  :class:`Accumulator` lays them out and adds them inside the forward with tensor operations
-  only: no host sync, no Python callback, nothing ``torch.compile`` cannot trace.
+  :class:`~.accumulator.Accumulator` lays them out and adds them inside the forward with
+  tensor operations only (each measure is a function of tensors, using their methods).
 * **Quantities**: the fields of :class:`MaskStats` and :class:`RouterStats` (and
   :data:`PARAM_QUANTITIES`), each with its :func:`quantity` metadata: how it is computed from
   the reduced slots on the host, its tag leaf, its chart and its title. Tags
-  (:mod:`.tags`), the TensorBoard chart layout, the summary table (:data:`SUMMARY_COLUMNS`),
+  (:mod:`.tags`), the TensorBoard chart layout, the summary table (:mod:`.presentation`),
   the report's series and figures all iterate these declarations.
 
 Adding a statistic is a slot (if it needs a new sum) and a field here; a warning on it is one
-:class:`~.problems.ProblemKind` in :mod:`.problems` and its category in :mod:`.warnings`.
+:class:`~.problems.ProblemKind` in :mod:`.problems` and its category in :mod:`.categories`.
 
-Phases never mix: the accumulator holds one row per phase (:data:`PHASES`) and a forward adds
-to the row its :attr:`Accumulator.phase` tensor names (set by the diagnostics when Lightning
-enters or leaves a loop), so no order of hooks can put an evaluation forward into a training
-point, and changing the phase never recompiles anything.
+The accumulator holds one row per phase (:data:`PHASES`): phases never mix.
 """
 
 from __future__ import annotations
@@ -29,35 +27,31 @@ import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+from .presentation import Chart
 from .validation import check_fraction, check_int
 
 __all__ = [
     "HISTOGRAM_BINS",
     "MASK_SLOTS",
-    "PANELS",
     "PARAM_QUANTITIES",
     "PHASES",
     "ROUTER_SLOTS",
     "SECTIONS",
-    "SUMMARY_COLUMNS",
-    "Accumulator",
     "BlockInfo",
     "BlockStats",
-    "Chart",
     "GlobalStats",
     "MaskStats",
-    "Panel",
     "ParameterSpec",
     "Quantity",
     "RecordingConfig",
     "RouterStats",
     "Slot",
     "StatisticsLayout",
-    "accumulator_dtype",
     "all_quantities",
     "block_stats",
     "from_logged",
@@ -74,11 +68,6 @@ HISTOGRAM_BINS = 50
 #: Group names a mask may not take (they name the router's and the parameters' tags).
 RESERVED_GROUPS: tuple[str, ...] = ("router", "param")
 
-
-def accumulator_dtype(device: torch.device | str) -> torch.dtype:
-    """float64 where the device has it (exact counts, sums of squares near collapse),
-    float32 on MPS."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 @dataclass(frozen=True)
@@ -132,12 +121,12 @@ def router_entropy(router_weights: torch.Tensor) -> torch.Tensor:
     """Per-sample entropy ``-sum_k w_k log w_k`` (natural log, ``0 log 0 = 0``): ``(B,K) -> (B,)``.
     """
     w = router_weights.detach().float()
-    return -torch.special.xlogy(w, w).sum(dim=1)
+    return -w.xlogy(w).sum(dim=1)
 
 
 def _count(v: torch.Tensor, v64: torch.Tensor, config: RecordingConfig) -> torch.Tensor:
     # A fill with the element count, not a tensor copied from the host.
-    return torch.full((), v.numel(), dtype=v64.dtype, device=v.device)
+    return v64.new_full((), v.numel())
 
 
 #: A mask's slots. float64 sums: the std comes from E[x^2] - E[x]^2, which loses digits to
@@ -150,24 +139,21 @@ MASK_SLOTS: tuple[Slot, ...] = (
     Slot("sum_sq", "sum", lambda v, v64, c: v64.square().sum()),
     Slot("n_low", "sum", lambda v, v64, c: (v < c.saturation_low).sum(dtype=v64.dtype)),
     Slot("n_high", "sum", lambda v, v64, c: (v > c.saturation_high).sum(dtype=v64.dtype)),
-    Slot("n_finite", "sum", lambda v, v64, c: torch.isfinite(v).sum(dtype=v64.dtype)),
+    Slot("n_finite", "sum", lambda v, v64, c: v.isfinite().sum(dtype=v64.dtype)),
     Slot("min", "min", lambda v, v64, c: v.amin().to(v64.dtype)),
     Slot("max", "max", lambda v, v64, c: v.amax().to(v64.dtype)),
 )
 
 #: A router's slots (``count`` counts samples).
 ROUTER_SLOTS: tuple[Slot, ...] = (
-    Slot("count", "sum", lambda w, dtype: torch.full((), w.shape[0], dtype=dtype,
-                                                      device=w.device)),
+    Slot("count", "sum", lambda w, dtype: w.new_full((), w.shape[0], dtype=dtype)),
     Slot("sum_entropy", "sum", lambda w, dtype: router_entropy(w).sum(dtype=dtype)),
-    Slot("n_finite", "sum", lambda w, dtype: torch.isfinite(w).all(dim=1).sum(dtype=dtype)),
+    Slot("n_finite", "sum", lambda w, dtype: w.isfinite().all(dim=1).sum(dtype=dtype)),
     Slot("sum_w", "sum", lambda w, dtype: w.sum(dim=0, dtype=dtype), per_branch=True),
 )
 
-_NEUTRAL = {"sum": 0.0, "min": math.inf, "max": -math.inf}
-
-
-def _slot_width(slot: Slot, k: int) -> int:
+def slot_width(slot: Slot, k: int) -> int:
+    """Entries of ``slot`` in a row of a block whose router has ``k`` branches."""
     return k if slot.per_branch else 1
 
 
@@ -213,7 +199,7 @@ class StatisticsLayout:
         router = None
         if k:
             router = len(kinds)
-            kinds += [s.reduce for s in ROUTER_SLOTS for _ in range(_slot_width(s, k))]
+            kinds += [s.reduce for s in ROUTER_SLOTS for _ in range(slot_width(s, k))]
         hists = {}
         if bins:
             for name in (*self.mask_names, *(("router",) if k else ())):
@@ -225,17 +211,12 @@ class StatisticsLayout:
         ):
             object.__setattr__(self, name, value)
 
-    def initial(self, device: torch.device | str) -> torch.Tensor:
-        """An empty row ``(size,)``: zeros, ``+inf`` in the minima, ``-inf`` in the maxima."""
-        return torch.tensor([_NEUTRAL[k] for k in self.reductions],
-                            dtype=accumulator_dtype(device), device=device)
-
     def slots(self, values: Sequence[float], offset: int, declared: Sequence[Slot]) -> _Slots:
         """The host values of the slots ``declared`` starting at ``offset`` of a row."""
         k = self.num_branches or 0
         out, pos = {}, offset
         for slot in declared:
-            width = _slot_width(slot, k)
+            width = slot_width(slot, k)
             out[slot.name] = (tuple(values[pos:pos + width]) if slot.per_branch
                               else values[pos])
             pos += width
@@ -248,145 +229,10 @@ class _Slots(dict):
     __getattr__ = dict.__getitem__
 
 
-class Accumulator:
-    """One block's on-device accumulator: a row per phase, and the phase being recorded.
-
-    Args:
-        layout: the block's layout.
-        config: saturation thresholds and bins (constants of the compiled graph).
-        device: where the forward runs.
-
-    ``values`` is ``(len(PHASES), layout.size)``; ``phase`` a 0-d int64 tensor indexing it (a
-    tensor, not a Python int: changing it never recompiles).
-    """
-
-    def __init__(
-        self, layout: StatisticsLayout, config: RecordingConfig, device: torch.device | str
-    ) -> None:
-        self.layout = layout
-        self.config = config
-        self.initial = layout.initial(device)  # what a reset copies from (no host copy)
-        self.values = self.initial.repeat(len(PHASES), 1)
-        self.phase = torch.zeros((), dtype=torch.long, device=device)
-        codes = torch.tensor([("sum", "min", "max").index(k) for k in layout.reductions],
-                             device=device)
-        self._is_min, self._is_max = codes == 1, codes == 2
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    def set_phase(self, phase: str) -> None:
-        """Later forwards add to ``phase``'s row (a device fill; outside the forward)."""
-        self.phase.fill_(PHASES.index(phase))
-
-    def reset(self, phase: str) -> None:
-        """Empty ``phase``'s row in place (same tensor: no recompilation)."""
-        self.values[PHASES.index(phase)].copy_(self.initial)
-
-    def row(self, phase: str) -> torch.Tensor:
-        """``phase``'s row ``(layout.size,)``, a view on the device."""
-        return self.values[PHASES.index(phase)]
-
-    @torch.no_grad()
-    def add(
-        self,
-        masks: Mapping[str, torch.Tensor],
-        router_weights: torch.Tensor | None,
-        histograms: bool,
-    ) -> None:
-        """Add one forward's statistics to the current phase's row, on the device.
-
-        ``masks``: name -> mask (any shape, values expected in ``[0, 1]``); masks the layout
-        does not declare are left out. ``router_weights``: ``(B, K)`` softmax weights or
-        ``None``. ``histograms``: add the histogram counts (when the layout has bins).
-
-        One contribution row is built (few whole-tensor ops per mask: each costs a dispatch,
-        or a kernel launch on a GPU in eager mode), then combined with the phase's row slot by
-        slot and written back: three ops whatever the number of statistics.
-        """
-        layout, dtype, initial = self.layout, self.values.dtype, self.initial
-        bins = layout.histogram_bins
-        pieces = [torch.ones(1, dtype=dtype, device=self.device)]  # forwards
-        hists: dict[str, torch.Tensor] = {}
-        for name, off in layout.mask_offsets.items():
-            mask = masks.get(name)
-            if mask is None or mask.numel() == 0:
-                pieces.append(initial[off:off + len(MASK_SLOTS)])
-                continue
-            v = mask.detach().reshape(-1).float()
-            v64 = v.to(dtype)
-            pieces.append(torch.stack([slot.measure(v, v64, self.config) for slot in MASK_SLOTS]))
-            if bins and histograms:
-                hists[name] = _histogram(v, bins, dtype)
-        rw = router_weights
-        if layout.router_offset is not None:
-            k = layout.num_branches
-            width = sum(_slot_width(s, k) for s in ROUTER_SLOTS)
-            if rw is None or rw.shape[0] == 0:
-                pieces.append(initial[layout.router_offset:layout.router_offset + width])
-            else:
-                w = rw.detach().float()
-                pieces += [slot.measure(w, dtype).reshape(-1) for slot in ROUTER_SLOTS]
-                if bins and histograms:
-                    hists["router"] = _histogram(w.reshape(-1), bins, dtype)
-        for name, off in layout.histogram_offsets.items():
-            pieces.append(hists[name] if name in hists else initial[off:off + bins])
-        contribution = torch.cat(pieces)
-        phase = self.phase.reshape(1)
-        row = self.values.index_select(0, phase)[0]
-        combined = torch.where(
-            self._is_min, torch.minimum(row, contribution),
-            torch.where(self._is_max, torch.maximum(row, contribution), row + contribution),
-        )
-        self.values.index_copy_(0, phase, combined.unsqueeze(0))
-
-
-def _histogram(v: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
-    # Finite values in [0, 1] only (1.0 in the last bin). index_add_, not histc (its parallel
-    # CPU loop stalls on busy machines) nor bincount (on CUDA it reads the index range back to
-    # the host, and under torch.compile its output size is data-dependent).
-    inside = torch.isfinite(v) & (v >= 0.0) & (v <= 1.0)
-    index = (torch.where(inside, v, 0.0) * bins).long().clamp_(0, bins - 1)
-    return torch.zeros(bins, dtype=dtype, device=v.device).index_add_(0, index, inside.to(dtype))
-
-
 # ------------------------------------------------------------------------------------------
 # Quantities: what is reported, each declared once
 # ------------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class Panel:
-    """A chart of the report's block figure: its title, section and axes."""
-
-    title: str
-    section: str
-    ylim: tuple[float | None, float | None] | None = None
-    log: bool = False
-
-
-#: The report's panels of a block, in rows (router, masks, parameters).
-PANELS: tuple[tuple[Panel, ...], ...] = (
-    (Panel("router entropy", "router", (0.0, None)),
-     Panel("branch usage (mean router weight)", "router", (0.0, 1.0))),
-    (Panel("mask mean", "mask", (0.0, 1.0)),
-     Panel("mask std", "mask", (0.0, None)),
-     Panel("mask saturation (share of values)", "mask", (0.0, 1.0))),
-    (Panel("parameters", "param"),
-     Panel("gradient norms of the learnable parameters", "param", log=True)),
-)
-
-
-@dataclass(frozen=True)
-class Chart:
-    """Where a quantity is drawn: its panel's title and the curve's label (a format string
-    over ``{mask}``, ``{branch}``, ``{param}`` and the thresholds' fields); ``band``:
-    ``"low"``/``"high"`` draws it as the edge of a shaded band instead of a curve."""
-
-    panel: str
-    label: str
-    band: str | None = None
 
 
 @dataclass(frozen=True)
@@ -729,51 +575,3 @@ def block_stats(
     )
 
 
-# ------------------------------------------------------------------------------------------
-# The summary table's columns (the rich table in the console)
-# ------------------------------------------------------------------------------------------
-
-
-def _num(v: float, digits: int = 2) -> str:
-    return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
-
-
-@dataclass(frozen=True)
-class Column:
-    """A column of the summary table: its title, the section it shows, and its cell."""
-
-    title: str
-    section: str
-    cell: Callable[[BlockStats, BlockInfo | None], str]
-    justify: str = "left"
-
-
-def _router_cell(bs: BlockStats, info: BlockInfo | None) -> str:
-    r = bs.router
-    if r is None:
-        return "-"
-    names = info.branch_names if info is not None else None
-    labels = names or tuple(f"b{k}" for k in range(r.num_branches))
-    return "\n".join([f"H {_num(r.entropy_norm)}"] + [
-        f"{label.replace(' ', '')} {_num(u)}" for label, u in zip(labels, r.usage, strict=False)
-    ])
-
-
-def _params_cell(bs: BlockStats, info: BlockInfo | None) -> str:
-    specs = bs.param_specs or (info.param_specs if info is not None else {})
-    return "\n".join(
-        f"{(specs[n].symbol if n in specs and specs[n].symbol else n)} {_num(v)}"
-        for n, v in bs.params.items()
-    ) or "-"
-
-
-#: The summary table: one row per block (one line per mask / branch inside a cell).
-SUMMARY_COLUMNS: tuple[Column, ...] = (
-    Column("router\nH/logK", "router", _router_cell),
-    Column("mask", "mask", lambda bs, info: "\n".join(bs.masks) or "-"),
-    Column("mean±std", "mask", lambda bs, info: "\n".join(
-        f"{_num(m.mean)}±{_num(m.std)}" for m in bs.masks.values()) or "-", "right"),
-    Column("sat\nlo/hi", "mask", lambda bs, info: "\n".join(
-        f"{m.sat_low:.0%}/{m.sat_high:.0%}" for m in bs.masks.values()) or "-", "right"),
-    Column("params", "param", _params_cell),
-)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .statistics import (
@@ -235,13 +235,3 @@ def tag_table() -> list[tuple[str, str]]:
                 what = q.title.format(mask="the mask's", branch="branch <k>", param="<name>")
                 rows.append((f"attn/<block>/{group}/{leaf}", what))
     return rows
-
-
-def tags_by_block(scalars: Mapping[str, object]) -> dict[str, list[ScalarTag]]:
-    """The diagnostics' scalar tags among ``scalars``' keys, parsed, by block."""
-    out: dict[str, list[ScalarTag]] = {}
-    for tag in scalars:
-        parsed = ScalarTag.parse(tag)
-        if parsed is not None:
-            out.setdefault(parsed.block, []).append(parsed)
-    return out

@@ -1,7 +1,8 @@
 """Argument and input checks of the whole package: every error names the argument and value.
 
 Blocks, callbacks, modules and the CLI all check their arguments here (in the core, which
-imports nothing else of the package).
+imports nothing else of the package, and no torch: the checks of tensors, devices and dtypes
+are in :mod:`.tensor_checks`).
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Sequence
-
-import torch
 
 __all__ = [
     "MAX_BLOCK_PARAMETERS",
@@ -21,19 +20,16 @@ __all__ = [
     "MAX_ROUTER_HIDDEN",
     "check_bool",
     "check_choice",
-    "check_device",
-    "check_dtype",
     "check_parameter_budget",
     "check_size",
+    "check_size_range",
     "check_fraction",
     "check_patterns",
     "check_int",
     "check_finite_float",
     "check_nonnegative_float",
     "check_positive_float",
-    "check_float32_temperature",
     "check_unit_interval",
-    "check_input",
 ]
 
 
@@ -85,27 +81,6 @@ def check_parameter_budget(owner: str, count: int, what: str) -> None:
             f"in float32), above the limit of {MAX_BLOCK_PARAMETERS:,} "
             "(MAX_BLOCK_PARAMETERS in lightning_attn.core.validation)"
         )
-
-
-def check_device(name: str, value: object) -> torch.device | None:
-    """``None`` or anything ``torch.device`` takes (``"cuda:0"``, ``0``, a device)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int, torch.device)):
-        raise TypeError(f"{name} must be a torch.device, a string or an int, got {value!r}")
-    try:
-        return torch.device(value)
-    except (RuntimeError, ValueError) as err:
-        raise ValueError(f"{name}={value!r} is not a torch device: {err}") from None
-
-
-def check_dtype(name: str, value: object) -> torch.dtype | None:
-    """``None`` or a floating-point ``torch.dtype`` (a block's parameters are floats)."""
-    if value is None:
-        return None
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point torch.dtype or None, got {value!r}")
-    return value
 
 
 def check_int(name: str, value: object, minimum: int) -> int:
@@ -181,19 +156,27 @@ def check_unit_interval(name: str, value: object) -> float:
     return v
 
 
-def check_float32_temperature(value: float, name: str = "temperature") -> float:
-    """A temperature that stays a finite, non-zero number once stored in float32.
-
-    ``1e-46`` becomes ``0`` (every mask NaN) and ``1e39`` becomes ``inf`` (every mask 0.5).
-    """
-    stored = float(torch.tensor(value, dtype=torch.float32))
-    if stored == 0.0 or not math.isfinite(stored):
-        info = torch.finfo(torch.float32)
-        raise ValueError(
-            f"{name}={value!r} becomes {stored} in float32, the dtype it is stored in; use a "
-            f"value between {info.tiny:.3g} and {info.max:.3g}"
+def check_size_range(name: str, value: object, minimum: int) -> tuple[int, int]:
+    """An int ``n`` (meaning ``(n, n)``) or a pair ``(lo, hi)`` with ``minimum <= lo <= hi``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        lo = hi = int(value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(
+                    f"{name} must be an int or a pair of ints (min, max), got {value!r}"
+                )
+        lo, hi = int(value[0]), int(value[1])
+    else:
+        raise TypeError(
+            f"{name} must be an int or a pair of ints (min, max), got {value!r} "
+            f"({type(value).__name__})"
         )
-    return value
+    if lo < minimum:
+        raise ValueError(f"{name} minimum must be >= {minimum}, got {name}={value!r}")
+    if lo > hi:
+        raise ValueError(f"{name} minimum {lo} is larger than its maximum {hi} ({name}={value!r})")
+    return lo, hi
 
 
 def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
@@ -202,65 +185,3 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     if not isinstance(value, str) or value.lower() not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
     return value.lower()
-
-
-def check_input(
-    x: object,
-    module_name: str,
-    channels: int | None = None,
-    param_dtype: torch.dtype | None = None,
-    param_device: torch.device | None = None,
-    channels_name: str = "in_channels",
-) -> None:
-    """Raise a clear error unless ``x`` is a floating-point ``(B, C, H, W)`` tensor that the
-    block's parameters can meet.
-
-    ``C``, ``H`` and ``W`` must be at least 1 (``B = 0`` is a valid empty batch); with
-    ``channels``, ``C`` must equal it (``channels_name`` names the argument in the message).
-
-    With ``param_device``, ``x`` must be on that device: a convolution would fail deep inside
-    with a message naming neither tensor, and a ``meta`` input into a CPU block would
-    otherwise run without a word. This compares two ``torch.device`` objects (no host sync;
-    under ``torch.compile`` a guard, not a graph break).
-
-    With ``param_dtype``, ``x`` must have the parameters' dtype unless autocast is on for its
-    device, which casts both to its own dtype: a bf16 input to a float32 block would otherwise
-    fail deep inside a convolution. Autocast never casts float64, so a float64 input (or
-    float64 parameters) must match even under autocast.
-    """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{module_name} expects a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(
-            f"{module_name} expects a 4-D input (B, C, H, W), got shape {tuple(x.shape)}"
-        )
-    if not x.is_floating_point():
-        raise TypeError(f"{module_name} expects a floating-point input, got dtype {x.dtype}")
-    empty = [d for d, n in zip("CHW", x.shape[1:], strict=True) if n == 0]
-    if empty:
-        raise ValueError(
-            f"{module_name} expects C, H and W >= 1, got shape {tuple(x.shape)} "
-            f"({', '.join(empty)} = 0)"
-        )
-    if channels is not None and x.shape[1] != channels:
-        raise ValueError(
-            f"{module_name} expects input of shape (B, {channels}, H, W) "
-            f"({channels_name}={channels}), got {tuple(x.shape)}"
-        )
-    if param_device is not None and x.device != param_device:
-        raise RuntimeError(
-            f"{module_name} has its parameters on {param_device} but got an input on "
-            f"{x.device}: move the block (block.to({str(x.device)!r})) or the input "
-            f"(x.to({str(param_device)!r}))"
-        )
-    if param_dtype is not None and x.dtype != param_dtype:
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if not autocast or torch.float64 in (x.dtype, param_dtype):
-            where = "under autocast (which never casts float64)" if autocast else (
-                "outside autocast"
-            )
-            raise TypeError(
-                f"{module_name} has {param_dtype} parameters but got a {x.dtype} input "
-                f"{where}: convert the block (block.to({x.dtype})) or the input "
-                f"(x.to({param_dtype})), or run under torch.autocast"
-            )

@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_attn.core.validation import check_int
+from lightning_attn.core.validation import (
+    check_bool,
+    check_choice,
+    check_finite_float,
+    check_int,
+    check_nonnegative_float,
+    check_size_range,
+)
 
 __all__ = [
     "SPLITS",
@@ -47,7 +54,6 @@ SPLITS: tuple[str, ...] = get_args(Split)
 _SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
 _PARTITION_STREAM = 0  # SeedSequence stream used for the source-scan partition
 _NUM_CLASSES = 10
-_SOURCE_SIZE = 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,46 +61,11 @@ _SOURCE_SIZE = 8
 # --------------------------------------------------------------------------------------------
 
 
-def _check_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    return float(value)
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
-    return bool(value)
-
-
-def _check_size_range(name: str, value: object, minimum: int) -> tuple[int, int]:
-    """An int ``n`` (meaning ``(n, n)``) or a pair ``(lo, hi)`` with ``minimum <= lo <= hi``."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        lo = hi = int(value)
-    elif isinstance(value, (tuple, list)) and len(value) == 2:
-        for v in value:
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise TypeError(
-                    f"{name} must be an int or a pair of ints (min, max), got {value!r}"
-                )
-        lo, hi = int(value[0]), int(value[1])
-    else:
-        raise TypeError(
-            f"{name} must be an int or a pair of ints (min, max), got {value!r} "
-            f"({type(value).__name__})"
-        )
-    if lo < minimum:
-        raise ValueError(f"{name} minimum must be >= {minimum}, got {name}={value!r}")
-    if lo > hi:
-        raise ValueError(f"{name} minimum {lo} is larger than its maximum {hi} ({name}={value!r})")
-    return lo, hi
-
-
 def _check_fractions(val_fraction: object, test_fraction: object) -> tuple[float, float]:
     out = []
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        v = _check_float(name, value)
-        if not (math.isfinite(v) and 0.0 < v < 1.0):
+        v = check_finite_float(name, value)
+        if not 0.0 < v < 1.0:
             raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}")
         out.append(v)
     if out[0] + out[1] >= 1.0:
@@ -103,12 +74,6 @@ def _check_fractions(val_fraction: object, test_fraction: object) -> tuple[float
             f"val_fraction={val_fraction!r} + test_fraction={test_fraction!r} = {out[0] + out[1]}"
         )
     return out[0], out[1]
-
-
-def _check_split(split: object) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
-    return str(split)
 
 
 @dataclass(frozen=True)
@@ -133,22 +98,20 @@ class ClutteredDigitsConfig:
 
     def __post_init__(self) -> None:
         canvas = check_int("canvas_size", self.canvas_size, 8)
-        digit = _check_size_range("digit_size", self.digit_size, 4)
+        digit = check_size_range("digit_size", self.digit_size, 4)
         if digit[1] > canvas:
             raise ValueError(
                 f"canvas_size={canvas} is smaller than the largest digit size {digit[1]} "
                 f"(digit_size={self.digit_size!r})"
             )
         clutter_n = check_int("num_clutter", self.num_clutter, 0)
-        clutter = _check_size_range("clutter_size", self.clutter_size, 1)
+        clutter = check_size_range("clutter_size", self.clutter_size, 1)
         if clutter[1] > digit[0]:
             raise ValueError(
                 f"clutter_size={self.clutter_size!r}: the largest clutter crop {clutter[1]} "
                 f"exceeds the smallest digit size {digit[0]} it is cut from"
             )
-        noise = _check_float("noise_std", self.noise_std)
-        if not math.isfinite(noise) or noise < 0:
-            raise ValueError(f"noise_std must be a finite number >= 0, got {self.noise_std!r}")
+        noise = check_nonnegative_float("noise_std", self.noise_std)
         object.__setattr__(self, "canvas_size", canvas)
         object.__setattr__(self, "digit_size", digit)
         object.__setattr__(self, "num_clutter", clutter_n)
@@ -368,7 +331,7 @@ class ClutteredDigitsDataset(Dataset):
     ) -> None:
         num_samples = check_int("num_samples", num_samples, 1)
         seed = check_int("seed", seed, 0)
-        split = _check_split(split)
+        split = check_choice("split", split, SPLITS)
         if config is None:
             config = ClutteredDigitsConfig()
         elif not isinstance(config, ClutteredDigitsConfig):
@@ -480,7 +443,7 @@ class ClutteredDigitsDataModule(pl.LightningDataModule):
         self.val_fraction, self.test_fraction = _check_fractions(val_fraction, test_fraction)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.num_workers = check_int("num_workers", num_workers, 0)
-        self.pin_memory = _check_bool("pin_memory", pin_memory)
+        self.pin_memory = check_bool("pin_memory", pin_memory)
         self.seed = check_int("seed", seed, 0)
         self.save_hyperparameters()
         # cheap (cached sklearn load + per-class shuffle); fails here if a class has no train scan
@@ -505,7 +468,7 @@ class ClutteredDigitsDataModule(pl.LightningDataModule):
 
     def dataset(self, split: Split) -> ClutteredDigitsDataset:
         """The rendered dataset of ``split`` (rendered on first use, then cached)."""
-        split = _check_split(split)
+        split = check_choice("split", split, SPLITS)
         if split not in self._datasets:
             self._datasets[split] = ClutteredDigitsDataset(
                 self.source_splits[split],

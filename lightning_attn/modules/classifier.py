@@ -20,9 +20,9 @@ from lightning_attn.blocks import (
     find_attention_blocks,
     find_router_blocks,
 )
-from lightning_attn.callbacks.schedule import LoggingSchedule
 from lightning_attn.core.validation import check_int
 from lightning_attn.metrics import LocalisationScore
+from lightning_attn.schedule import LoggingSchedule
 
 from .backbone import AttentionCNN
 from .options import (

@@ -21,7 +21,6 @@ module                 what it does
 =====================  =========================================================================
 """
 
-from ..core.problems import Verdict
 from .document import MetricSpec, Report, ReportTable, RunReport, build_report
 from .experiments import group_experiments
 from .reading import ReportError, RunLog, find_runs, read_runs
@@ -40,7 +39,6 @@ __all__ = [
     "RunLog",
     "RunReport",
     "RunTags",
-    "Verdict",
     "build_report",
     "find_runs",
     "group_experiments",

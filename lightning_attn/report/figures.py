@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
+from ..core.presentation import PANELS, short_names
 from ..core.problems import PROBLEM_KINDS, HealthThresholds, Problem, phrase
-from ..core.statistics import PANELS, BlockInfo, Quantity, all_quantities
+from ..core.statistics import BlockInfo, Quantity, all_quantities
 from .reading import Series
 from .series import BlockSeries
 
@@ -325,18 +326,6 @@ COMPARISONS: tuple[Comparison, ...] = (
 )
 
 
-def short_names(names: Sequence[str]) -> tuple[dict[str, str], str]:
-    """Block names without the dotted prefix they all share (``net.features.attn1.block``
-    -> ``attn1.block``), and that prefix."""
-    parts = [n.split(".") for n in names]
-    common = 0
-    if parts:
-        shortest = min(len(p) for p in parts)
-        while common < shortest - 1 and len({p[common] for p in parts}) == 1:
-            common += 1
-    prefix = ".".join(parts[0][:common]) + "." if common else ""
-    return {n: ".".join(p[common:]) for n, p in zip(names, parts, strict=True)}, prefix
-
 
 def comparison_figure(
     comparison: Comparison,
@@ -356,7 +345,7 @@ def comparison_figure(
     # first appearance order, each once
     blocks = list(dict.fromkeys(b for curves in per_run for b, _, _ in curves))
     subs = list(dict.fromkeys(sub for curves in per_run for _, sub, _ in curves))
-    short, prefix = short_names(blocks)
+    short = short_names(blocks)
     colors = {b: PALETTE[i % len(PALETTE)] for i, b in enumerate(blocks)}
     styles = {sub: LINESTYLES[i % len(LINESTYLES)] for i, sub in enumerate(subs)}
     cols = len(runs)
@@ -391,7 +380,7 @@ def comparison_figure(
         lines.update({k: h for k, h in handles.items() if k in thresholds_shown})  # last
         fig.legend(lines.values(), lines.keys(), loc="outside lower center",
                    ncols=min(5, len(lines)))
-        title = comparison.title + (f"   (blocks {prefix}*)" if prefix else "")
+        title = comparison.title
         fig.suptitle(title, fontsize=10.5, fontweight="bold", x=0.01, ha="left")
         return _png(fig)
 

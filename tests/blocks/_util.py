@@ -8,7 +8,7 @@ import os
 import torch
 from torch import nn
 
-from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention
 from lightning_attn.blocks.kernels import triton_importable
 
 from . import seed_reference as seed

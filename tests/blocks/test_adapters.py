@@ -13,8 +13,8 @@ import torch._dynamo.testing
 from torch import nn
 
 from lightning_attn.blocks import RecordingMixin, register_attention_adapter
-from lightning_attn.blocks.adapters import _ADAPTERS, AdapterRecorder
-from lightning_attn.blocks.recording import find_attention_blocks
+from lightning_attn.blocks.adapters import AdapterRecorder, adapters_in_force
+from lightning_attn.blocks.discovery import find_attention_blocks
 from lightning_attn.core.statistics import RecordingConfig, block_stats
 
 timm = pytest.importorskip("timm")  # installed by the project's set-up (scripts/bootstrap.sh)
@@ -64,7 +64,7 @@ def _offline(model: nn.Module, x: torch.Tensor) -> dict[str, dict[str, torch.Ten
     caught: dict[str, dict[str, list[torch.Tensor]]] = {}
     handles = []
     for name, module in model.named_modules():
-        adapter = next((a for a in _ADAPTERS if a.matches(module)), None)
+        adapter = next((a for a in adapters_in_force() if a.matches(module)), None)
         if adapter is None:
             continue
         paths = {p: [] for p in adapter.masks.values()}
@@ -82,7 +82,7 @@ def _offline(model: nn.Module, x: torch.Tensor) -> dict[str, dict[str, torch.Ten
     out = {}
     for name, by_path in caught.items():
         module = model.get_submodule(name)
-        adapter = next(a for a in _ADAPTERS if a.matches(module))
+        adapter = next(a for a in adapters_in_force() if a.matches(module))
         values: dict[str, torch.Tensor] = {}
         order: dict[str, int] = {}
         for mask, path in adapter.masks.items():
@@ -207,8 +207,7 @@ class Gate(nn.Module):
 
 
 def test_a_users_gate_joins_with_one_line():
-    register_attention_adapter(Gate, masks={"mask": "sigmoid"})
-    try:
+    with register_attention_adapter(Gate, masks={"mask": "sigmoid"}):
         model = nn.Sequential(nn.Conv2d(3, 4, 3), Gate(4))
         (name, recorder), = find_attention_blocks(model, third_party=True)[0].items()
         assert name == "1" and isinstance(recorder, AdapterRecorder)
@@ -221,8 +220,6 @@ def test_a_users_gate_joins_with_one_line():
         model(x)
         assert recorder.captured_map.shape == (2, 1, 7, 7)  # a spatial mask has a map
         recorder.clear_recording()
-    finally:
-        _ADAPTERS.pop(0)
 
 
 def test_registration_is_checked():

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention
 
 from ..adversarial import Case, assert_outcome, clear, correct
 

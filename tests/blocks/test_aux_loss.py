@@ -15,17 +15,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_attn import CoordinateAttention, DynamicSpatialAttention
 from lightning_attn.blocks import (
     AUX_TERMS,
     AuxLossWeights,
-    RecordingConfig,
+    CoordinateAttention,
+    DynamicSpatialAttention,
     RouterAuxMixin,
     attention_aux_loss,
     attention_aux_terms,
     find_router_blocks,
     router_aux_terms,
 )
+from lightning_attn.core import RecordingConfig
 from lightning_attn.core.statistics import block_stats
 
 

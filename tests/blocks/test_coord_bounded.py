@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from lightning_attn import CoordinateAttention
+from lightning_attn.blocks import CoordinateAttention
 
 from ._util import BACKENDS
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_attn import CoordinateAtt, CoordinateAttention
+from lightning_attn.blocks import CoordinateAtt, CoordinateAttention
 
 from . import seed_reference as seed
 from ._util import (

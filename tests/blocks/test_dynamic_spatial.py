@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_attn import DynamicSpatialAttention
-from lightning_attn.blocks import RecordingConfig
+from lightning_attn.blocks import DynamicSpatialAttention
+from lightning_attn.core import RecordingConfig
 from lightning_attn.core.statistics import block_stats
 
 from . import seed_reference as seed

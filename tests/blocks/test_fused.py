@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention
 from lightning_attn.blocks.kernels import resolve_backend
 
 from ._util import COORD_C, COORD_CASES, DSA_CASES, TOL, assert_close, assert_runs_match, run_block

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention
 
 from ._util import (
     BACKENDS,

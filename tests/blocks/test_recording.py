@@ -11,14 +11,15 @@ import torch._dynamo.testing
 from torch import nn
 
 import lightning_attn
-from lightning_attn import CoordinateAttention, DynamicSpatialAttention, quick_mask_check
 from lightning_attn.blocks import (
     AttentionBlock,
-    MaskCollapseWarning,
-    RecordingConfig,
+    CoordinateAttention,
+    DynamicSpatialAttention,
     RecordingMixin,
+    quick_mask_check,
     spatial_map,
 )
+from lightning_attn.core import MaskCollapseWarning, RecordingConfig
 from lightning_attn.core.statistics import block_stats
 
 from . import seed_reference as seed

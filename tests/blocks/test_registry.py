@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lightning_attn
-from lightning_attn import (
+from lightning_attn.blocks import (
     CoordinateAttention,
     DynamicSpatialAttention,
     IdentityAttention,

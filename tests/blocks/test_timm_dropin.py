@@ -17,8 +17,11 @@ from timm.models._efficientnet_builder import decode_arch_def
 from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
-from lightning_attn import CoordinateAttention, DynamicSpatialAttention
-from lightning_attn.blocks import find_attention_blocks
+from lightning_attn.blocks import (
+    CoordinateAttention,
+    DynamicSpatialAttention,
+    find_attention_blocks,
+)
 
 from ._util import BACKENDS
 

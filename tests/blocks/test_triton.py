@@ -23,7 +23,7 @@ import torch
 from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention
 from lightning_attn.blocks.kernels import triton_importable
 
 from ._util import (

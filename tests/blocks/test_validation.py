@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention
 
 from ._util import BACKENDS
 

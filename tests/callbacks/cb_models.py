@@ -11,8 +11,8 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_attn import create_attention
-from lightning_attn.blocks import ParameterSpec, RecordingMixin
+from lightning_attn.blocks import RecordingMixin, create_attention
+from lightning_attn.core import ParameterSpec
 
 
 def make_data(n: int = 32, channels: int = 1, size: int = 8, classes: int = 3, seed: int = 0):

@@ -21,8 +21,11 @@ from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from lightning_attn import DynamicSpatialAttention, attention_aux_loss  # noqa: E402
-from lightning_attn.blocks import attention_aux_terms  # noqa: E402
+from lightning_attn.blocks import (  # noqa: E402
+    DynamicSpatialAttention,
+    attention_aux_loss,
+    attention_aux_terms,  # noqa: E402
+)
 from lightning_attn.callbacks import TemperatureSchedule  # noqa: E402
 
 

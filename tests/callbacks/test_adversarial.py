@@ -11,13 +11,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from lightning_attn.callbacks import (
-    AttentionDiagnostics,
-    HealthThresholds,
-    MaskHealthMonitor,
-    MissingStatisticsWarning,
-    NonFiniteWarning,
-)
+from lightning_attn.callbacks import AttentionDiagnostics, MaskHealthMonitor
+from lightning_attn.core import HealthThresholds, MissingStatisticsWarning, NonFiniteWarning
 
 from ..adversarial import Case, assert_outcome, correct
 from ..adversarial import clear as _clear

@@ -5,13 +5,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_attn.blocks import RecordingConfig, RecordingMixin
-from lightning_attn.callbacks import (
-    AttentionDiagnostics,
-    HealthThresholds,
-    MaskHealthMonitor,
-    MissingStatisticsWarning,
-)
+from lightning_attn.blocks import RecordingMixin
+from lightning_attn.callbacks import AttentionDiagnostics, MaskHealthMonitor
+from lightning_attn.core import HealthThresholds, MissingStatisticsWarning, RecordingConfig
 
 from .cb_models import FakeBlock, FakeNet, MemoryLogger, make_data, make_trainer
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_attn.callbacks import AttentionDiagnostics, MaskCollapseWarning
+from lightning_attn.callbacks import AttentionDiagnostics
+from lightning_attn.core import MaskCollapseWarning
 
 from .cb_models import FakeNet, MemoryLogger, make_trainer
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
-from lightning_attn.callbacks import AttentionDiagnostics, NonFiniteWarning
+from lightning_attn.callbacks import AttentionDiagnostics
+from lightning_attn.core import NonFiniteWarning
 
 from .cb_models import FakeNet, MemoryLogger, make_data, make_trainer
 

@@ -1,21 +1,25 @@
 """Constructor checks, presets, block discovery, state keys and pickling."""
 
+import dataclasses
 import pickle
 
 import pytest
 from torch import nn
 
-from lightning_attn import CoordinateAttention, DynamicSpatialAttention
-from lightning_attn.blocks import find_attention_blocks
+from lightning_attn.blocks import (
+    CoordinateAttention,
+    DynamicSpatialAttention,
+    find_attention_blocks,
+)
 from lightning_attn.callbacks import (
     AttentionDiagnostics,
     AttentionMapLogger,
     AttentionSummary,
-    HealthThresholds,
     MaskHealthMonitor,
     ParameterTrajectoryMonitor,
     RouterEntropyMonitor,
 )
+from lightning_attn.core import HealthThresholds
 
 from .cb_models import FakeBlock, TinyAttnNet, make_trainer
 
@@ -87,12 +91,29 @@ def test_flat_thresholds_override_the_thresholds_object_for_one_release():
         AttentionDiagnostics(std=0.1)
 
 
+def test_only_the_old_threshold_keywords_are_deprecated_never_a_new_field():
+    from lightning_attn.callbacks.diagnostics import _DEPRECATED
+
+    fields = [f.name for f in dataclasses.fields(HealthThresholds)]
+    for name in _DEPRECATED:  # every old keyword still works, with a FutureWarning
+        with pytest.warns(FutureWarning, match=f"HealthThresholds\\({name}="):
+            AttentionDiagnostics(**{name: getattr(HealthThresholds(), name)})
+    newer = [f for f in fields if f not in _DEPRECATED]
+    assert "recovery_margin" in newer
+    for name in newer:  # a field added since is a field only
+        with pytest.raises(TypeError, match=f"unexpected keyword arguments \\['{name}'\\]; "
+                           f"{name} go in thresholds=HealthThresholds"):
+            AttentionDiagnostics(**{name: getattr(HealthThresholds(), name)})
+
+
 def test_constructor_is_small_and_booleans_are_booleans():
     import inspect
 
     params = [p for p in inspect.signature(AttentionDiagnostics).parameters.values()
               if p.kind is not p.VAR_KEYWORD]
-    assert len(params) <= 12
+    # 12 options, plus the adapters and writers this callback alone uses (state lives in
+    # instances, not in process-wide registries)
+    assert len(params) <= 14
     for name in ("summary", "eval_statistics", "log_statistics"):
         with pytest.raises(TypeError, match=f"{name} must be a bool"):
             AttentionDiagnostics(**{name: "no"})

@@ -3,8 +3,8 @@
 from rich.console import Console
 
 from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention
-from lightning_attn.callbacks import HealthThresholds, find_problems, render_summary
-from lightning_attn.callbacks.maps import short_names
+from lightning_attn.callbacks import render_summary
+from lightning_attn.core import HealthThresholds, find_problems
 from lightning_attn.core.statistics import (
     BlockInfo,
     BlockStats,
@@ -48,9 +48,3 @@ def test_table_fits_80_columns_with_whole_names_and_branch_labels():
     assert "collapse!" in text  # mask_w's std 0.001 is active at this step
     assert "shortest unique name" in text
 
-
-def test_short_names():
-    assert short_names(["a.b.attn1.block", "a.b.attn2.block"]) == ["attn1.block", "attn2.block"]
-    assert short_names(["net.2.block", "net.5"]) == ["2.block", "net.5"]
-    assert short_names(["x.attn", "y.attn"]) == ["x.attn", "y.attn"]
-    assert short_names(["dsa"]) == ["dsa"]

@@ -20,8 +20,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
-import lightning_attn
-from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention
 from lightning_attn.callbacks import AttentionDiagnostics, TemperatureSchedule
 
 from .cb_models import make_data
@@ -409,7 +408,3 @@ def test_patterns_choose_the_blocks(tmp_path) -> None:
     assert bound == [(["a"], ["b"])]
     assert _train_values(model)[0][1:] == pytest.approx((3.0, 0.5))
 
-
-def test_exported_from_the_package_root() -> None:
-    assert lightning_attn.TemperatureSchedule is TemperatureSchedule
-    assert "TemperatureSchedule" in lightning_attn.__all__

@@ -8,21 +8,23 @@ from torch.utils.data import TensorDataset
 
 from lightning_attn.callbacks import (
     AttentionDiagnostics,
+    MaskHealthMonitor,
+    ParameterTrajectoryMonitor,
+    RouterEntropyMonitor,
+)
+from lightning_attn.core import (
     AttentionProblemError,
     AttentionWarning,
     DeadBranchWarning,
     HealthThresholds,
     MaskCollapseWarning,
-    MaskHealthMonitor,
     MaskSaturationWarning,
     NonFiniteWarning,
     ParameterDriftWarning,
-    ParameterTrajectoryMonitor,
     RouterCollapseWarning,
-    RouterEntropyMonitor,
     RouterIndifferenceWarning,
 )
-from lightning_attn.core.statistics import Accumulator
+from lightning_attn.core.accumulator import Accumulator
 
 from .cb_models import (
     FakeNet,

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from lightning_attn.core.accumulator import Accumulator, empty_row
 from lightning_attn.core.statistics import (
     PHASES,
-    Accumulator,
     MaskStats,
     RecordingConfig,
     StatisticsLayout,
@@ -118,9 +118,9 @@ def test_layout_offsets_and_reductions():
     assert layout.mask_offsets == {"mask_h": 1, "mask_w": 9}
     assert layout.router_offset == 17 and layout.histogram_offsets["mask_h"] == 23
     assert layout.histogram_offsets == {"mask_h": 23, "mask_w": 27, "router": 31}
-    assert layout.size == 35 == len(layout.reductions) == layout.initial("cpu").numel()
+    assert layout.size == 35 == len(layout.reductions) == empty_row(layout, "cpu").numel()
     assert layout.reductions[7:9] == ("min", "max")
-    assert layout.initial("cpu")[7] == math.inf
+    assert empty_row(layout, "cpu")[7] == math.inf
     with pytest.raises(ValueError, match="35 accumulator values"):
         block_stats(layout, [0.0] * 3)
 

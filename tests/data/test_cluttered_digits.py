@@ -314,7 +314,7 @@ def test_setup_is_idempotent_and_rejects_unknown_stage(dm: ClutteredDigitsDataMo
         ({"val_fraction": 0.0}, r"val_fraction must be in the open interval \(0, 1\), got 0.0"),
         ({"val_fraction": 1.0}, r"val_fraction must be in the open interval \(0, 1\), got 1.0"),
         ({"test_fraction": -0.2}, r"test_fraction must be in .*got -0.2"),
-        ({"test_fraction": float("nan")}, r"test_fraction must be in .*nan"),
+        ({"test_fraction": float("nan")}, r"test_fraction must be a finite number, got nan"),
         (
             {"val_fraction": 0.5, "test_fraction": 0.5},
             r"val_fraction \+ test_fraction must be < 1.*val_fraction=0.5.*test_fraction=0.5",

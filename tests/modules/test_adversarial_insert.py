@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from lightning_attn import CoordinateAttention, DynamicSpatialAttention
+from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention
 from lightning_attn.modules import insert_attention as insert
 from lightning_attn.modules import inserted_attention, remove_attention
 

@@ -14,8 +14,11 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_attn import CoordinateAttention, DynamicSpatialAttention
-from lightning_attn.blocks import find_attention_blocks
+from lightning_attn.blocks import (
+    CoordinateAttention,
+    DynamicSpatialAttention,
+    find_attention_blocks,
+)
 from lightning_attn.modules import (
     AttentionClassifier,
     insert_attention,

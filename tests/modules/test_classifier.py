@@ -211,7 +211,7 @@ def test_bad_arguments_raise(kwargs, error, match) -> None:
 
 
 def test_output_only_in_sequential_and_network_layout() -> None:
-    from lightning_attn import DynamicSpatialAttention
+    from lightning_attn.blocks import DynamicSpatialAttention
 
     seq = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), OutputOnly(DynamicSpatialAttention()))
     assert seq(torch.rand(2, 1, 8, 8)).shape == (2, 4, 8, 8)

@@ -10,8 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_attn import CoordinateAttention, DynamicSpatialAttention
-from lightning_attn.blocks import find_attention_blocks
+from lightning_attn.blocks import (
+    CoordinateAttention,
+    DynamicSpatialAttention,
+    find_attention_blocks,
+)
 from lightning_attn.modules import (
     first_tensor,
     infer_out_channels,

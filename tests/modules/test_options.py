@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_attn import CoordinateAttention, DynamicSpatialAttention, attention_names
+from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention, attention_names
 from lightning_attn.data.cluttered_digits import SPLITS, Split
 from lightning_attn.modules import AttentionClassifier, CoordOptions, DSAOptions
 from lightning_attn.modules.backbone import ACTIVATIONS, DOWNSAMPLING

@@ -16,7 +16,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_attn import create_attention
+from lightning_attn.blocks import create_attention
 
 BLOCKS = ("healthy", "collapsed", "dead")
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from lightning_attn.callbacks import (
+from lightning_attn.core import (
     PROBLEM_KINDS,
     BlockStats,
     GlobalStats,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from ..core.validation import check_int
+from .core.validation import check_int
 
 __all__ = ["LoggingSchedule"]
 

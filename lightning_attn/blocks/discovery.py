@@ -1,0 +1,72 @@
+"""Discovery: every attention module of a model, by qualified name.
+
+Our blocks and users' own implement :class:`~.recording.AttentionBlock`; the attention already
+in timm's and torchvision's models is found through its adapter (:mod:`.adapters`). Names are
+those of ``model.named_modules()``, seen through DDP's and ``torch.compile``'s wrappers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from fnmatch import fnmatchcase
+from typing import Any
+
+from torch import nn
+
+from .adapters import AdapterRecorder, AttentionAdapter, adapter_matching, adapters_in_force
+from .recording import AttentionBlock
+
+__all__ = ["find_attention_blocks"]
+
+
+def _unwrap(root: nn.Module) -> nn.Module:
+    # DistributedDataParallel / DataParallel keep the real module under ``.module``.
+    while isinstance(root, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        root = root.module
+    return root
+
+
+_COMPILE_SEGMENT = "_orig_mod"  # torch.compile's OptimizedModule keeps the module under it
+
+
+def find_attention_blocks(
+    root: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Iterable[str] = (),
+    third_party: bool = False,
+    adapters: Iterable[AttentionAdapter] = (),
+) -> tuple[dict[str, Any], list[str]]:
+    """Every :class:`AttentionBlock` under ``root`` by qualified name, in module order, and
+    the include/exclude patterns that matched no block.
+
+    Names never carry DDP's ``module.`` prefix (the wrapper is looked through) nor
+    ``torch.compile``'s ``_orig_mod.``. ``include`` (fnmatch patterns) keeps only matching
+    blocks; ``exclude`` then leaves matching ones out. ``third_party``: also every module an
+    adapter applies to (:mod:`.adapters`: ``adapters`` first, then the registered and the
+    built-in ones: timm's and torchvision's attention; without it, ``adapters`` alone), as a new
+    :class:`~.adapters.AdapterRecorder` with its hooks attached (the caller owns it:
+    ``clear_recording()`` removes them).
+    """
+    root = _unwrap(root)
+    in_force = adapters_in_force(adapters) if third_party else tuple(adapters)
+    found: dict[str, Any] = {}
+    for name, module in root.named_modules():
+        if module is root:
+            continue
+        adapter = None if isinstance(module, AttentionBlock) else adapter_matching(
+            module, in_force)
+        if adapter is None and not isinstance(module, AttentionBlock):
+            continue
+        clean = ".".join(part for part in name.split(".") if part != _COMPILE_SEGMENT)
+        found.setdefault(clean, (module, adapter))
+    exclude = tuple(exclude)
+    unmatched = [
+        p for p in (*(include or ()), *exclude) if not any(fnmatchcase(n, p) for n in found)
+    ]
+    blocks = {
+        name: module if adapter is None else AdapterRecorder(module, adapter)
+        for name, (module, adapter) in found.items()
+        if (include is None or any(fnmatchcase(name, p) for p in include))
+        and not any(fnmatchcase(name, p) for p in exclude)
+    }
+    return blocks, unmatched
