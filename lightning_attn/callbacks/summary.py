@@ -1,6 +1,7 @@
 """The ``rich`` summary table: every block's health at a glance, readable at 80 columns.
 
-Its columns are :data:`lightning_attn.core.presentation.SUMMARY_COLUMNS` and the titles of the
+Its columns are :func:`lightning_attn.core.presentation.summary_columns` (declared on the
+quantities) and the titles of the
 problem kinds; this module only lays them out.
 """
 
@@ -11,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from rich import box
 from rich.table import Table
 
-from ..core.presentation import SUMMARY_COLUMNS, short_names
+from ..core.presentation import short_names, summary_columns
 from ..core.problems import PROBLEM_KINDS, Problem
 from ..core.statistics import SECTIONS, BlockInfo, GlobalStats
 from .health import ProblemReporter
@@ -28,7 +29,7 @@ def render_summary(
     title: str | None = None,
     sections: Iterable[str] = SECTIONS,
 ) -> Table:
-    """One row per block: a cell per column of ``SUMMARY_COLUMNS`` in ``sections`` (one line
+    """One row per block: a cell per column of ``summary_columns()`` in ``sections`` (one line
     per mask or branch), and each warning kind's state: ``kind!`` (a problem at this step,
     red), ``kind@s`` (reported at step ``s``, fine now) or ``ok``.
 
@@ -46,7 +47,7 @@ def render_summary(
         pad_edge=False,
         collapse_padding=True,
     )
-    columns = [c for c in SUMMARY_COLUMNS if c.section in set(sections)]
+    columns = [c for c in summary_columns() if c.section in set(sections)]
     table.add_column("block", style="bold", no_wrap=True, overflow="ellipsis", max_width=24)
     for column in columns:
         table.add_column(column.title, justify=column.justify, no_wrap=True)

@@ -8,41 +8,83 @@ categories take them from :data:`__all__`, which lists every class of this modul
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class AttentionWarning(UserWarning):
-    """Base category of every warning lightning-attn emits about attention health."""
+    """Base category of every warning lightning-attn emits about attention health.
+
+    Each category's docstring says what it means (its first paragraph, in a few words; the
+    README's table) and :attr:`remedy` what to try (the warning itself gives the full hint of
+    its problem kind).
+    """
+
+    remedy: ClassVar[str] = ""
 
 
 class MaskCollapseWarning(AttentionWarning):
-    """A mask's spread fell below its threshold: the mask is (nearly) constant."""
+    """A mask is (nearly) constant: it no longer selects."""
+
+    remedy = ("a lower temperature (DSA; a lower `start=` of `TemperatureSchedule`); features "
+              "that vary (common at initialisation; warned again only if it returns)")
 
 
 class MaskSaturationWarning(AttentionWarning):
-    """Most mask values sit below the low or above the high saturation threshold."""
+    """Most mask values are near 0 or 1: the gate passes (almost) no gradient."""
+
+    remedy = ('`TemperatureSchedule(start=4.0, end=1.0)`, `learnable_temperature=True`, '
+              '`gate="hardsigmoid"`')
 
 
 class RouterCollapseWarning(AttentionWarning):
-    """The router's normalised entropy is near 0: one branch takes (almost) all the weight."""
+    """Every sample goes (almost) entirely to one branch.
+
+    The router's normalised entropy is near 0."""
+
+    remedy = ('`aux_loss={"balance": 0.01}` or `attention_aux_loss(self, balance=0.01)`, less '
+              "weight decay on the router")
 
 
 class RouterIndifferenceWarning(AttentionWarning):
-    """The router's normalised entropy stays near 1 after warm-up: it does not route."""
+    """The router weighs all branches (nearly) equally for every input.
+
+    After the warm-up, its normalised entropy stays near 1: it does not route."""
+
+    remedy = "lower router-loss weights, a larger `router_hidden`, a higher router learning rate"
 
 
 class DeadBranchWarning(AttentionWarning):
-    """A branch's mean router weight is below ``dead_branch_factor / K``."""
+    """A branch is (almost) never used.
+
+    Its mean router weight is below ``dead_branch_factor / K``."""
+
+    remedy = '`aux_loss={"balance": 0.01}`, or fewer `kernels` / `use_dilated=False`'
 
 
 class NonFiniteWarning(AttentionWarning):
-    """A mask, router weight, tracked parameter or its gradient holds NaN or Inf."""
+    """NaN or Inf in a mask, router weight, tracked parameter or its gradient."""
+
+    remedy = ('gradient clipping, float32, `aux_loss={"z_loss": 1e-3}`; find the first step it '
+              "appears")
 
 
 class ParameterDriftWarning(AttentionWarning):
-    """A learnable parameter left the range its block declares for it."""
+    """A learnable alpha / beta / temperature left the range its block declares for it.
+
+    Alpha or beta outside ``[0, 1]``: the attention is amplified or inverted; a temperature
+    outside its range: the gate turns into a step, or flat."""
+
+    remedy = ('`CoordinateAttention(bounded=True)`, `TemperatureSchedule(handoff="fixed")`, a '
+              "fixed value")
 
 
 class MissingStatisticsWarning(AttentionWarning):
-    """A watched block recorded nothing during a logging step."""
+    """A watched block recorded nothing in a logging step.
+
+    A block compiled and run before the diagnostics attached, or run by
+    ``torch.jit``/``torch.export``/ONNX/TensorRT, cannot be seen."""
+
+    remedy = "check that it runs in training, or `exclude=[...]` it"
 
 
 class AttentionProblemError(RuntimeError):

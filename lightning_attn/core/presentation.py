@@ -1,21 +1,22 @@
-"""How the statistics are shown: the report's panels, the charts quantities are drawn on,
-the summary table's columns, and block names made short.
+"""How the statistics are shown, derived from their declarations: the report's panels, the
+summary table's columns, the report's comparisons, and block names made short.
 
-Declarations only (no torch, no Lightning): :mod:`.statistics` attaches a :class:`Chart` to
-each quantity; the callbacks' table and the offline report lay these out.
+Each quantity of :mod:`.statistics` declares where it shows (its ``chart``, ``cell`` and
+``compare``); this module lays those out, so a new statistic appears in the table and the
+report by its declaration alone. No torch, no Lightning.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .statistics import BlockInfo, BlockStats
+from .statistics import BlockInfo, BlockStats, Quantity, all_quantities
 
-__all__ = ["PANELS", "SUMMARY_COLUMNS", "Chart", "Column", "Panel", "short_names"]
+__all__ = [
+    "PANEL_AXES", "Column", "Panel", "comparisons", "panels", "short_names", "summary_columns",
+]
 
 
 @dataclass(frozen=True)
@@ -28,37 +29,34 @@ class Panel:
     log: bool = False
 
 
-#: The report's panels of a block, in rows (router, masks, parameters).
-PANELS: tuple[tuple[Panel, ...], ...] = (
-    (Panel("router entropy", "router", (0.0, None)),
-     Panel("branch usage (mean router weight)", "router", (0.0, 1.0))),
-    (Panel("mask mean", "mask", (0.0, 1.0)),
-     Panel("mask std", "mask", (0.0, None)),
-     Panel("mask saturation (share of values)", "mask", (0.0, 1.0))),
-    (Panel("parameters", "param"),
-     Panel("gradient norms of the learnable parameters", "param", log=True)),
+#: The axes of the report's panels that want more than the defaults (a panel a quantity
+#: names in its ``chart`` and that is not listed here gets automatic axes).
+PANEL_AXES: tuple[Panel, ...] = (
+    Panel("router entropy", "router", (0.0, None)),
+    Panel("branch usage (mean router weight)", "router", (0.0, 1.0)),
+    Panel("mask mean", "mask", (0.0, 1.0)),
+    Panel("mask std", "mask", (0.0, None)),
+    Panel("mask saturation (share of values)", "mask", (0.0, 1.0)),
+    Panel("gradient norms of the learnable parameters", "param", log=True),
 )
 
 
-@dataclass(frozen=True)
-class Chart:
-    """Where a quantity is drawn: its panel's title and the curve's label (a format string
-    over ``{mask}``, ``{branch}``, ``{param}`` and the thresholds' fields); ``band``:
-    ``"low"``/``"high"`` draws it as the edge of a shaded band instead of a curve."""
-
-    panel: str
-    label: str
-    band: str | None = None
-
-
-
-def _num(v: float, digits: int = 2) -> str:
-    return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
+@functools.cache
+def panels() -> tuple[tuple[Panel, ...], ...]:
+    """The report's panels of a block, one row per section (router, masks, parameters), in
+    the order the quantities' charts name them."""
+    axes = {p.title: p for p in PANEL_AXES}
+    rows: dict[str, dict[str, Panel]] = {}
+    for q in all_quantities():
+        if q.chart is not None:
+            rows.setdefault(q.group, {}).setdefault(
+                q.chart.panel, axes.get(q.chart.panel, Panel(q.chart.panel, q.group)))
+    return tuple(tuple(row.values()) for row in rows.values())
 
 
 @dataclass(frozen=True)
 class Column:
-    """A column of the summary table: its title, the section it shows, and its cell."""
+    """A column of the summary table: its title, the section it shows, and its cell text."""
 
     title: str
     section: str
@@ -66,35 +64,65 @@ class Column:
     justify: str = "left"
 
 
-def _router_cell(bs: BlockStats, info: BlockInfo | None) -> str:
-    r = bs.router
-    if r is None:
-        return "-"
-    names = info.branch_names if info is not None else None
-    labels = names or tuple(f"b{k}" for k in range(r.num_branches))
-    return "\n".join([f"H {_num(r.entropy_norm)}"] + [
-        f"{label.replace(' ', '')} {_num(u)}" for label, u in zip(labels, r.usage, strict=False)
-    ])
+def _mask_names(bs: BlockStats, info: BlockInfo | None) -> str:
+    return "\n".join(bs.masks) or "-"
 
 
-def _params_cell(bs: BlockStats, info: BlockInfo | None) -> str:
-    specs = bs.param_specs or (info.param_specs if info is not None else {})
-    return "\n".join(
-        f"{(specs[n].symbol if n in specs and specs[n].symbol else n)} {_num(v)}"
-        for n, v in bs.params.items()
-    ) or "-"
+def _write(q: Quantity, value: float, **names: str) -> str:
+    return q.cell.format.format(value=value, **names)
 
 
-#: The summary table: one row per block (one line per mask / branch inside a cell).
-SUMMARY_COLUMNS: tuple[Column, ...] = (
-    Column("router\nH/logK", "router", _router_cell),
-    Column("mask", "mask", lambda bs, info: "\n".join(bs.masks) or "-"),
-    Column("mean±std", "mask", lambda bs, info: "\n".join(
-        f"{_num(m.mean)}±{_num(m.std)}" for m in bs.masks.values()) or "-", "right"),
-    Column("sat\nlo/hi", "mask", lambda bs, info: "\n".join(
-        f"{m.sat_low:.0%}/{m.sat_high:.0%}" for m in bs.masks.values()) or "-", "right"),
-    Column("params", "param", _params_cell),
-)
+def _cell_text(section: str, declared: tuple[Quantity, ...]):
+    """The cell of one column: its quantities' values in one block's statistics."""
+    join = declared[0].cell.join
+
+    def cell(bs: BlockStats, info: BlockInfo | None) -> str:
+        lines: list[str] = []
+        if section == "mask":
+            lines = [join.join(_write(q, getattr(m, q.name)) for q in declared)
+                     for m in bs.masks.values()]
+        elif section == "router" and bs.router is not None:
+            labels = (info.branch_names if info is not None else None) or tuple(
+                f"b{k}" for k in range(bs.router.num_branches))
+            for q in declared:
+                value = getattr(bs.router, q.name)
+                lines += ([_write(q, v, branch=label.replace(" ", ""))
+                           for label, v in zip(labels, value, strict=False)]
+                          if q.per_branch else [_write(q, value)])
+        elif section == "param":
+            specs = bs.param_specs or (info.param_specs if info is not None else {})
+            by_quantity = {"value": bs.params, "grad_norm": bs.grad_norms}
+            for q in declared:
+                lines += [_write(q, v, symbol=(specs[n].symbol if n in specs and specs[n].symbol
+                                               else n))
+                          for n, v in by_quantity[q.name].items()]
+        return "\n".join(lines) or "-"
+
+    return cell
+
+
+@functools.cache
+def summary_columns() -> tuple[Column, ...]:
+    """The summary table's columns: one per :class:`~.statistics.Cell` column title declared
+    on the quantities, in declaration order (router, masks, parameters), with the masks'
+    names before the first mask column."""
+    columns: list[Column] = []
+    by_title: dict[tuple[str, str], list[Quantity]] = {}
+    for q in all_quantities():
+        if q.cell is not None:
+            by_title.setdefault((q.group, q.cell.column), []).append(q)
+    for (section, title), declared in by_title.items():
+        if section == "mask" and not any(c.section == "mask" for c in columns):
+            columns.append(Column("mask", "mask", _mask_names))
+        columns.append(Column(title, section, _cell_text(section, tuple(declared)),
+                              declared[0].cell.justify))
+    return tuple(columns)
+
+
+@functools.cache
+def comparisons() -> tuple[Quantity, ...]:
+    """The quantities the report compares across runs (those declaring ``compare``)."""
+    return tuple(q for q in all_quantities() if q.compare is not None)
 
 
 def short_names(names: Sequence[str]) -> dict[str, str]:

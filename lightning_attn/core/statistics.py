@@ -32,11 +32,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-from .presentation import Chart
 from .validation import check_fraction, check_int
 
 __all__ = [
     "HISTOGRAM_BINS",
+    "Cell",
+    "Chart",
+    "Comparison",
     "MASK_SLOTS",
     "PARAM_QUANTITIES",
     "PHASES",
@@ -234,6 +236,40 @@ class _Slots(dict):
 # ------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Chart:
+    """Where a quantity is drawn in the report's block figure: its panel's title and the
+    curve's label (a format string over ``{mask}``, ``{branch}``, ``{param}`` and the
+    thresholds' fields); ``band``: ``"low"``/``"high"`` draws it as the edge of a shaded band
+    instead of a curve."""
+
+    panel: str
+    label: str
+    band: str | None = None
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Where a quantity shows in the console's summary table: the ``column`` it joins, and
+    how one value is written (``format`` over ``{value}``, and ``{branch}`` or ``{symbol}``
+    for per-branch and parameter quantities). Quantities of a mask that share a column are
+    written on one line per mask, joined by ``join`` (``"0.50±0.10"``); router and parameter
+    quantities take a line each."""
+
+    column: str
+    format: str = "{value:.2f}"
+    join: str = " "
+    justify: str = "left"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A quantity compared across runs in the report (one panel per run): the figure's
+    ``title`` and its y range (``None``: automatic)."""
+
+    title: str
+    ylim: tuple[float, float] | None = None
+
 
 @dataclass(frozen=True)
 class Quantity:
@@ -249,7 +285,9 @@ class Quantity:
         derive: from the group's other quantities: what a reader of logged scalars uses
             when the quantity is not logged.
         inputs: the quantities ``derive`` reads (a reader derives it where they are logged).
-        chart: where the report draws it.
+        chart: where the report's block figure draws it.
+        cell: where the console's summary table shows it.
+        compare: the report's comparison of runs that shows it.
         per_branch: one value per router branch (a tuple).
     """
 
@@ -261,6 +299,8 @@ class Quantity:
     derive: Callable[[Mapping[str, Any]], Any] | None = None
     inputs: tuple[str, ...] = ()
     chart: Chart | None = None
+    cell: Cell | None = None
+    compare: Comparison | None = None
     per_branch: bool = False
 
     def leaf(self, branch: int | None = None, param: str | None = None) -> str:
@@ -315,17 +355,23 @@ class MaskStats:
     count: int = quantity("mask", None, "{mask} values counted", 0,
                           value=lambda s: int(s.count), derive=lambda q: 1)
     mean: float = quantity("mask", "mean", "{mask} mean", value=lambda s: s.sum / s.count,
-                           chart=Chart("mask mean", "mean"))
+                           chart=Chart("mask mean", "mean"),
+                           cell=Cell("mean±std", join="±", justify="right"),
+                           compare=Comparison("mask mean", (0.0, 1.0)))
     std: float = quantity("mask", "std", "{mask} std", value=_std,
-                          chart=Chart("mask std", "std"))
+                          chart=Chart("mask std", "std"),
+                          cell=Cell("mean±std", join="±", justify="right"),
+                          compare=Comparison("mask std"))
     sat_low: float = quantity("mask", "sat_low", "{mask} share below saturation_low", 0.0,
                               value=lambda s: s.n_low / s.count,
                               chart=Chart("mask saturation (share of values)",
-                                          "below {saturation_low:g}"))
+                                          "below {saturation_low:g}"),
+                              cell=Cell("sat\nlo/hi", "{value:.0%}", "/", "right"))
     sat_high: float = quantity("mask", "sat_high", "{mask} share above saturation_high", 0.0,
                                value=lambda s: s.n_high / s.count,
                                chart=Chart("mask saturation (share of values)",
-                                           "above {saturation_high:g}"))
+                                           "above {saturation_high:g}"),
+                               cell=Cell("sat\nlo/hi", "{value:.0%}", "/", "right"))
     nonfinite: int = quantity("mask", None, "{mask} NaN or Inf values", 0,
                               value=lambda s: int(round(s.count - s.n_finite)),
                               derive=_any_nonfinite("mean", "std"), inputs=("mean", "std"))
@@ -337,7 +383,10 @@ class MaskStats:
                                 derive=lambda q: q.get("sat_low", 0.0) + q.get("sat_high", 0.0),
                                 inputs=("sat_low", "sat_high"),
                                 chart=Chart("mask saturation (share of values)",
-                                            "below + above"))
+                                            "below + above"),
+                                compare=Comparison(
+                                    "saturated share of mask values (below + above)",
+                                    (0.0, 1.0)))
 
     def __post_init__(self) -> None:
         if math.isnan(self.saturated):  # derived unless given
@@ -376,11 +425,15 @@ class RouterStats:
                                                                 len(q.get("usage", ()))),
                                    inputs=("entropy", "usage"),
                                    chart=Chart("router entropy",
-                                               "normalised (0: one branch, 1: uniform)"))
+                                               "normalised (0: one branch, 1: uniform)"),
+                                   cell=Cell("router\nH/logK", "H {value:.2f}"),
+                                   compare=Comparison("normalised router entropy",
+                                                      (0.0, 1.05)))
     usage: tuple[float, ...] = quantity("router", "usage_{branch}", "usage of {branch}", (),
                                         value=lambda s: tuple(w / s.count for w in s.sum_w),
                                         chart=Chart("branch usage (mean router weight)",
                                                     "{branch}"),
+                                        cell=Cell("router\nH/logK", "{branch} {value:.2f}"),
                                         per_branch=True)
     nonfinite: int = quantity("router", None, "router samples with NaN or Inf", 0,
                               value=lambda s: int(round(s.count - s.n_finite)),
@@ -394,7 +447,9 @@ class RouterStats:
 
 #: The scalar parameters' quantities (temperature, alpha, ...; read outside the forward).
 PARAM_QUANTITIES: tuple[Quantity, ...] = (
-    Quantity("value", "param", "{param}", "{param}", chart=Chart("parameters", "{param}")),
+    Quantity("value", "param", "{param}", "{param}", chart=Chart("parameters", "{param}"),
+             cell=Cell("params", "{symbol} {value:.2f}"),
+             compare=Comparison("attention parameters")),
     Quantity("grad_norm", "param", "{param}_grad_norm", "{param} gradient norm",
              chart=Chart("gradient norms of the learnable parameters", "{param}")),
 )
@@ -402,8 +457,9 @@ PARAM_QUANTITIES: tuple[Quantity, ...] = (
 
 @functools.cache
 def all_quantities() -> tuple[Quantity, ...]:
-    """Every reported quantity: masks', the router's, then the parameters'."""
-    return quantities(MaskStats) + quantities(RouterStats) + PARAM_QUANTITIES
+    """Every reported quantity, section by section (:data:`SECTIONS`: the router's, masks',
+    then the parameters'): the order of the table's columns and the report's panels."""
+    return quantities(RouterStats) + quantities(MaskStats) + PARAM_QUANTITIES
 
 
 def _from_slots(stats_class: type, s: _Slots) -> Any:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
-from ..core.presentation import PANELS, short_names
+from ..core import presentation
+from ..core.presentation import comparisons, short_names
 from ..core.problems import PROBLEM_KINDS, HealthThresholds, Problem, phrase
 from ..core.statistics import BlockInfo, Quantity, all_quantities
 from .reading import Series
@@ -131,7 +132,7 @@ def _panels(
     stages: dict[str, BlockSeries], thresholds: HealthThresholds,
     branch_label: Callable[[int], str], info: BlockInfo | None = None,
 ) -> list[list[_Panel]]:
-    """The panels of a block in rows (:data:`~lightning_attn.core.statistics.PANELS`), each
+    """The panels of a block in rows (:func:`~lightning_attn.core.presentation.panels`), each
     with the curves of the quantities declared on it and the lines of the problem kinds that
     judge them; empty panels and rows left out."""
     ordered = sorted(stages.items(), key=lambda kv: (kv[0] != "train", kv[0]))
@@ -142,7 +143,7 @@ def _panels(
              if n in learnable}
     several = len({m for bs in stages.values() for m in bs.masks}) > 1
     rows = []
-    for row in PANELS:
+    for row in presentation.panels():
         panels = []
         for declared in row:
             panel = _Panel(declared.title, declared.section, ylim=declared.ylim,
@@ -292,16 +293,21 @@ LINESTYLES = ("-", "--", ":", "-.")
 @dataclass(frozen=True)
 class Comparison:
     """A quantity compared across runs (training points), with the lines of the kinds that
-    judge it."""
+    judge it: made from each quantity that declares ``compare``."""
 
-    title: str
-    group: str
-    name: str
-    ylim: tuple[float, float] | None = None
+    quantity: Quantity
 
     @property
-    def quantity(self) -> Quantity:
-        return next(q for q in all_quantities() if (q.group, q.name) == (self.group, self.name))
+    def title(self) -> str:
+        return self.quantity.compare.title
+
+    @property
+    def ylim(self) -> tuple[float, float] | None:
+        return self.quantity.compare.ylim
+
+    @property
+    def group(self) -> str:
+        return self.quantity.group
 
     def curves(self, bs: BlockSeries) -> list[Curve]:
         q = self.quantity
@@ -316,15 +322,8 @@ class Comparison:
                 and line.x0 == 0]
 
 
-COMPARISONS: tuple[Comparison, ...] = (
-    Comparison("normalised router entropy", "router", "entropy_norm", (0.0, 1.05)),
-    Comparison("mask mean", "mask", "mean", (0.0, 1.0)),
-    Comparison("mask std", "mask", "std"),
-    Comparison("saturated share of mask values (below + above)", "mask", "saturated",
-               (0.0, 1.0)),
-    Comparison("attention parameters", "param", "value"),
-)
-
+#: The report's comparisons of runs, one per quantity declaring ``compare``.
+COMPARISONS: tuple[Comparison, ...] = tuple(Comparison(q) for q in comparisons())
 
 
 def comparison_figure(

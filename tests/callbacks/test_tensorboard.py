@@ -16,15 +16,17 @@ from lightning_attn.callbacks import (
     RouterEntropyMonitor,
 )
 from lightning_attn.callbacks.maps import MIN_TILE_WIDTH
+from lightning_attn.core.statistics import MaskStats, RouterStats, quantities
 
 from .cb_models import FakeNet, TinyAttnNet, make_trainer
 
-EXPECTED_SCALARS = {
-    "attn/dsa/router/entropy", "attn/dsa/router/entropy_norm",
-    "attn/dsa/router/usage_0", "attn/dsa/router/usage_1",
-    *(f"attn/dsa/mask/{s}" for s in ("mean", "std", "min", "max", "sat_low", "sat_high")),
-    *(f"attn/coord/{m}/{s}" for m in ("mask_h", "mask_w")
-      for s in ("mean", "std", "min", "max", "sat_low", "sat_high")),
+_MASK_LEAVES = [q.tag for q in quantities(MaskStats) if q.tag is not None]
+_ROUTER_LEAVES = [q.tag.format(branch=k) for q in quantities(RouterStats) if q.tag is not None
+                  for k in (range(2) if q.per_branch else (None,))]
+EXPECTED_SCALARS = {  # TinyAttnNet: a 2-branch DSA and a CoordinateAttention
+    *(f"attn/dsa/router/{leaf}" for leaf in _ROUTER_LEAVES),
+    *(f"attn/dsa/mask/{leaf}" for leaf in _MASK_LEAVES),
+    *(f"attn/coord/{m}/{leaf}" for m in ("mask_h", "mask_w") for leaf in _MASK_LEAVES),
     "attn/dsa/param/temperature", "attn/dsa/param/temperature_grad_norm",
     "attn/coord/param/alpha_h", "attn/coord/param/alpha_h_grad_norm",
     "attn/coord/param/alpha_w", "attn/coord/param/alpha_w_grad_norm",

@@ -7,6 +7,7 @@ import io
 
 from PIL import Image
 
+from lightning_attn.core.statistics import MaskStats, quantities
 from lightning_attn.report import judge_run, load_runs, parse_tags, write_report
 
 from .html_page import read_page
@@ -77,8 +78,8 @@ def test_evaluation_tags_min_max_and_the_preferred_map(tmp_path):
     val = tags.blocks["val"][BLOCK]
     assert val.masks["mask"]["std"].steps == [10, 20, 30]
     assert val.router.get("entropy_norm") is not None
-    assert set(tags.train[BLOCK].masks["mask"]) == {"mean", "std", "min", "max", "sat_low",
-                                                    "sat_high"}
+    assert set(tags.train[BLOCK].masks["mask"]) == {
+        q.name for q in quantities(MaskStats) if q.tag is not None}
     tag, image = tags.last_map()
     assert tag == "val/attn/maps"
     assert Image.open(io.BytesIO(image.encoded)).getpixel((0, 0))[:3] == (0, 255, 0)
