@@ -30,7 +30,7 @@ from lightning_attn.core.problems import PROBLEM_KINDS, VERDICT_WORDS, HealthThr
 from lightning_attn.core.tags import tag_table  # noqa: E402
 
 #: The files that hold generated tables.
-PAGES = ("README.md", "docs/diagnostics.md", "docs/report.md")
+PAGES = ("README.md", "docs/diagnostics.md", "docs/report.md", "docs/design.md")
 
 
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -108,6 +108,20 @@ def thresholds() -> str:
     return _markdown(("threshold", "default", "means"), rows)
 
 
+def private_apis() -> str:
+    """docs/design.md: every reach-in past a library's public API (declared with its canary
+    in tests/test_private_apis.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "private_apis", ROOT / "tests/test_private_apis.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [(f"`{name}`", whose, where, why)
+            for name, (whose, where, why) in module.PRIVATE_APIS.items()]
+    return _markdown(("private name", "of", "used in", "why"), rows)
+
+
 #: name -> the function that makes that table.
 TABLES: dict[str, Callable[[], str]] = {
     "warnings-short": warnings_short,
@@ -115,6 +129,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "tags": tags,
     "verdicts": verdicts,
     "thresholds": thresholds,
+    "private-apis": private_apis,
 }
 
 _BLOCK = re.compile(

@@ -112,7 +112,7 @@ class CoordinateAttention(RecordingMixin, nn.Module):
     ``Conv1x1(C->mid) -> BN -> act`` on both; ``a_h = sigmoid(conv_h(.)) (B,C,H,1)``,
     ``a_w = sigmoid(conv_w(.)) (B,C,1,W)``; ``y = x * ((1 - alpha) + alpha * a_h * a_w)``.
 
-    Add-ons (numbers as in SPEC.md), each independent:
+    Add-ons (numbers as in docs/spec.md), each independent:
         1. ``pool="mean_max"``: axis pooling ``(mean + max) / 2``.
         2. ``axis_kernel=k``: depthwise ``(k,1)``/``(1,k)`` convs ``dw_h``/``dw_w`` on the
            pooled axes (the seed uses 3).

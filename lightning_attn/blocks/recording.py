@@ -26,7 +26,7 @@ forward::
     block.configure_recording(RecordingConfig(), device)  # once, before the first forward
     block.start_recording(holder)      # a logging step begins (empties the accumulator)
     ...forwards...
-    values = block.recorded_statistics # the accumulator, on the device
+    values = block.recorded_statistics("train")  # the phase's row, on the device
     block.stop_recording(holder)
 
 While capture is held (:meth:`RecordingMixin.start_capture`), the forward also keeps its

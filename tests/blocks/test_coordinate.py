@@ -106,7 +106,7 @@ def _bn(t, sd, prefix, training):
 
 
 def coord_formula(x, p, kw, training):
-    """SPEC.md section 2 from a parameter dict ``p`` (state dict + alpha/beta values)."""
+    """docs/spec.md section 2 from a parameter dict ``p`` (state dict + alpha/beta values)."""
     c = x.shape[1]
     h = x.shape[2]
     x_h = x.mean(dim=3, keepdim=True)  # (B,C,H,1)

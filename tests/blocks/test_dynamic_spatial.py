@@ -98,7 +98,7 @@ def _odd(k: int) -> int:
 
 
 def dsa_formula(x: torch.Tensor, sd: dict, kw: dict):
-    """SPEC.md section 1, op by op, from a state dict."""
+    """docs/spec.md section 1, op by op, from a state dict."""
     kernels = [_odd(k) for k in kw.get("kernels", (3, 7))]
     s = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
     pooled = s.mean(dim=(2, 3), keepdim=True)
