@@ -7,13 +7,16 @@ import torch
 
 from lightning_attn.core.accumulator import Accumulator, empty_row
 from lightning_attn.core.statistics import (
+    MASK_SLOTS,
     PHASES,
+    ROUTER_SLOTS,
     MaskStats,
     RecordingConfig,
     StatisticsLayout,
     block_stats,
     from_logged,
     router_entropy,
+    slot_width,
 )
 
 
@@ -115,13 +118,16 @@ def test_histogram_counts_finite_values_in_unit_interval():
 
 def test_layout_offsets_and_reductions():
     layout = StatisticsLayout(("mask_h", "mask_w"), 3, 4)
-    assert layout.mask_offsets == {"mask_h": 1, "mask_w": 9}
-    assert layout.router_offset == 17 and layout.histogram_offsets["mask_h"] == 23
-    assert layout.histogram_offsets == {"mask_h": 23, "mask_w": 27, "router": 31}
-    assert layout.size == 35 == len(layout.reductions) == empty_row(layout, "cpu").numel()
-    assert layout.reductions[7:9] == ("min", "max")
-    assert empty_row(layout, "cpu")[7] == math.inf
-    with pytest.raises(ValueError, match="35 accumulator values"):
+    mask, router = len(MASK_SLOTS), sum(slot_width(s, 3) for s in ROUTER_SLOTS)
+    assert layout.mask_offsets == {"mask_h": 1, "mask_w": 1 + mask}
+    hist = 1 + 2 * mask + router  # the bins follow the forward count, the masks and router
+    assert layout.router_offset == 1 + 2 * mask
+    assert layout.histogram_offsets == {"mask_h": hist, "mask_w": hist + 4, "router": hist + 8}
+    size = hist + 12
+    assert layout.size == size == len(layout.reductions) == empty_row(layout, "cpu").numel()
+    first_min = 1 + [s.name for s in MASK_SLOTS].index("min")
+    assert layout.reductions[first_min] == "min" and empty_row(layout, "cpu")[first_min] == math.inf
+    with pytest.raises(ValueError, match=f"{size} accumulator values"):
         block_stats(layout, [0.0] * 3)
 
 

@@ -13,6 +13,7 @@ from lightning_attn.core.statistics import (
     MaskStats,
     RouterStats,
     StatisticsLayout,
+    quantities,
 )
 from lightning_attn.core.tags import ScalarTag, chart_layout, scalar_metrics, tag_table
 
@@ -28,7 +29,12 @@ STATS = BlockStats(
 def test_every_logged_tag_round_trips(phase):
     stats = GlobalStats(7, {"net.attn": STATS, "attn": STATS}, phase)
     metrics = scalar_metrics(stats, ("mask", "router", "param"))
-    assert len(metrics) == 2 * (2 * 6 + 2 + 3 + 2 + 1)
+    per_block = (
+        len(STATS.masks) * sum(q.tag is not None for q in quantities(MaskStats))
+        + sum((STATS.router.num_branches if q.per_branch else 1)
+              for q in quantities(RouterStats) if q.tag is not None)
+        + len(STATS.params) + len(STATS.grad_norms))
+    assert len(metrics) == 2 * per_block
     for tag, value in metrics.items():
         parsed = ScalarTag.parse(tag)
         assert parsed is not None and parsed.format() == tag and parsed.stage == phase

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from lightning_attn.core.statistics import MaskStats, quantities
+
 BLOCK = "net.stage1.dsa"
 
 
@@ -34,6 +36,9 @@ def write_run(
             "mask/min": 0.1, "mask/max": 0.9, "mask/sat_low": 0.01, "mask/sat_high": 0.02,
             "param/temperature": 1.0 + step / 100, "param/temperature_grad_norm": 0.01,
         }
+        # every other declared mask statistic, so the run has what a callback would log
+        values.update({f"mask/{q.tag}": 0.0 for q in quantities(MaskStats)
+                       if q.tag is not None and f"mask/{q.tag}" not in values})
         for tag, value in values.items():
             w.add_scalar(f"attn/{BLOCK}/{tag}", value, step)
         if evaluation:

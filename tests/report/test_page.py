@@ -99,8 +99,9 @@ def test_several_runs_side_by_side(compared_report):
     assert [s.mode for s in report.metrics] == ["max", "min"]  # loss: lower is better
     page = read_page(files.html.read_text())
     assert {"Run: tensorboard", "Run: csv"} <= set(page.heading_texts("h2"))
-    # metrics, 5 comparisons, the TensorBoard run's maps, a figure per block of each run
-    assert len(page.png_images()) == len(files.figures) == 1 + 5 + 1 + 2 * len(BLOCKS)
+    # metrics, the comparisons, the TensorBoard run's maps, a figure per block of each run
+    figures = 1 + len(comparisons()) + 1 + 2 * len(BLOCKS)
+    assert len(page.png_images()) == len(files.figures) == figures
     assert len({p.name for p in files.figures}) == len(files.figures)  # no file overwritten
     for name in ("val/acc final", "val/loss best (min)"):
         assert name in files.markdown.read_text()
