@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from lightning_attn.cli import main as cli_main
 from lightning_attn.report import ReportError, find_runs, judge_run, load_runs, parse_tags
@@ -68,6 +69,7 @@ def test_corrupt_event_file_is_named_and_skipped(tmp_path, capsys):
 def test_truncated_event_file_keeps_what_precedes_the_damage(tmp_path):
     run = write_run(tmp_path / "run", steps=tuple(range(10, 110, 10)))
     (event,) = run.glob("events.out.tfevents.*")
+    last = [v.tag for e in EventFileLoader(str(event)).Load() for v in e.summary.value][-1]
     data = event.read_bytes()
     event.write_bytes(data[: len(data) - 30])  # cut into the last record
     (log,) = load_runs(run, progress=False)
@@ -75,7 +77,7 @@ def test_truncated_event_file_keeps_what_precedes_the_damage(tmp_path):
     assert note.startswith(f"event file '{event}' is damaged at byte") and "kept the" in note
     # every record before the damage is kept: all but the last scalar written
     assert log.scalars[f"attn/{BLOCK}/mask/std"].steps[-1] == 100
-    assert log.scalars[f"attn/{BLOCK}/param/temperature_grad_norm"].steps[-1] == 90
+    assert log.scalars[last].steps[-1] == 90
 
 
 def test_only_unreadable_files(tmp_path, capsys):
