@@ -32,7 +32,11 @@ tensorboard: setup
 clean:
 	rm -rf .venv runs lightning_logs .pytest_cache .ruff_cache
 
-# On a CUDA machine: the Triton path's tests and benchmark (< 8 min), writing gpu-check.json
-# and gpu-check.md. Fails at once, with a clear message, where no GPU is visible.
-gpu-check: setup
-	$(PY) benchmarks/gpu_check.py
+# On a CUDA machine, with nothing but torch, triton and pytest installed (no setup, no
+# network): the Triton path's tests and benchmark in one time budget (BUDGET seconds),
+# writing gpu-check.md, .json and .jsonl. Fails at once, with a clear message, where no GPU
+# is visible. GPU_PY: the Python with torch (.venv's if there is one).
+GPU_PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+BUDGET ?= 360
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py --budget $(BUDGET)

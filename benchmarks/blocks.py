@@ -25,7 +25,6 @@ Device mode (``--device cuda``, or ``--smoke``): see :func:`device_main`.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -46,6 +45,21 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils import benchmark  # noqa: E402
 
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from benchmarks.measure import (  # noqa: E402
+    GPU_SHAPES,
+    LAYOUTS,
+    TABLE_HEADER,
+    VariantGroup,
+    copy_bandwidth,
+    first,
+    kernel_tables,
+    parse_shape,
+    table_row,
+)
 from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention  # noqa: E402
 
 THREADS = 2
@@ -68,10 +82,6 @@ def make_block(kind: str, channels: int, fused: bool) -> torch.nn.Module:
     if kind == "dsa":
         return DynamicSpatialAttention(backend="torch" if fused else "plain")
     return CoordinateAttention(channels, backend="torch" if fused else "plain")
-
-
-def first(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 def step_fn(block, x, grad, backward: bool):
@@ -135,190 +145,37 @@ def compare(kind: str, shape, mode: str, repeats: int, min_run_time: float):
 # Device mode: every backend against the seed code
 # --------------------------------------------------------------------------------------
 
-#: The GPU shapes of the Triton path's goals (W = 56, 32, 14, 7), for both blocks.
-DEVICE_SHAPES = [(64, 256, 56, 56), (256, 64, 32, 32), (128, 1024, 14, 14), (8, 2048, 7, 7)]
 SMOKE_SHAPES = {"dsa": [(2, 5, 7, 9), (3, 4, 6, 6)], "coord": [(2, 8, 6, 7), (3, 16, 5, 5)]}
 VARIANTS = ("seed", "compile(seed)", "plain", "torch", "triton", "compile(triton)")
 #: "bf16": x and the blocks in bfloat16; "bf16 autocast": float32 x and weights under
 #: torch.autocast (the blocks' small maps in bfloat16).
 DTYPES = ("fp32", "bf16", "bf16 autocast")
-LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
-#: Full-size passes over x's bytes at the floor: 3 forward, 4 backward.
-FLOOR_PASSES = {"fwd": 3, "fwd+bwd": 7}
 #: The Triton path's goals on an H100, forward+backward.
 GOALS = {"vs_seed": 2.5, "vs_compiled_seed": 2.0, "floor_share": 0.6, "memory_vs_seed": 0.7}
-_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _seed_module():
-    """tests/blocks/seed_reference.py: the seeds' code, copied verbatim."""
-    spec = importlib.util.spec_from_file_location(
-        "seed_reference", _ROOT / "tests" / "blocks" / "seed_reference.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def device_blocks(kind: str, channels: int, device, dtype, compile_backend: str | None,
-                  variants) -> dict:
-    """The seed block and, with its weights, the library block on every backend; compiled
-    variants wrap copies of the seed and triton blocks."""
-    seed_mod = _seed_module()
-    torch.manual_seed(0)
-    if kind == "dsa":
-        seed = seed_mod.DynamicSpatialAttention()
-        make = DynamicSpatialAttention
-    else:
-        seed = seed_mod.CoordinateAtt(channels)
-        def make(backend):
-            return CoordinateAttention(channels, backend=backend)
-    seed = seed.to(device=device, dtype=dtype)
-    blocks = {}
-    for name in variants:
-        if name == "seed":
-            blocks[name] = seed
-        elif name.startswith("compile("):
-            if compile_backend is None:
-                continue
-            inner = name[len("compile("):-1]
-            base = seed if inner == "seed" else make(backend=inner)
-            if inner != "seed":
-                base.load_state_dict(seed.state_dict(), strict=True)
-            blocks[name] = torch.compile(base.to(device=device, dtype=dtype),
-                                         backend=compile_backend)
-        else:
-            block = make(backend=name)
-            block.load_state_dict(seed.state_dict(), strict=True)
-            blocks[name] = block.to(device=device, dtype=dtype)
-    return blocks
-
-
-def _step(block, x, grad, backward: bool, autocast: bool):
-    def forward():
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            return first(block(x))
-
-    if backward:
-        def run():
-            x.grad = None
-            y = forward()
-            y.backward(grad.to(y.dtype))
-            return y
-    else:
-        def run():
-            with torch.no_grad():
-                return forward()
-    return run
-
-
-def _time_ms(run, min_run_time: float) -> float:
-    run()  # compiles Triton kernels (and autotunes them) and torch.compile graphs
-    run()
-    timer = benchmark.Timer(stmt="run()", globals={"run": run})  # syncs CUDA
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
-def _peak_mb(run, x) -> float | None:
-    """Peak memory one step holds beyond what was held before it, ``x.grad`` cleared first
-    (a gradient left from the last step would be freed during the step and hide one x)."""
-    if x.device.type != "cuda":
-        return None
-    x.grad = None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def kernel_profile(run, device, rows: int = 12) -> list[dict]:
-    """The kernels of one step by self time (torch.profiler): name, calls, microseconds."""
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    run()
-    with profile(activities=activities) as prof:
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
-    events.sort(key=lambda e: getattr(e, attr), reverse=True)
-    return [{"kernel": e.key, "calls": e.count, "us": getattr(e, attr)} for e in events[:rows]]
-
-
-def copy_bandwidth(device, numel: int) -> float:
-    """Bytes per second of a large device copy (read + write), the peak the floor is set
-    against."""
-    src = torch.empty(numel, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), 0.5)
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
-
-
-def device_rows(kind, shape, dtype_name, layout, device, args, bandwidth):
-    autocast = dtype_name == "bf16 autocast"
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    compile_here = not args.no_compile and dtype_name in args.compile_dtypes and (
-        args.compile_shapes is None or tuple(shape) in args.compile_shapes)
-    compile_backend = args.compile if compile_here else None
-    blocks = device_blocks(kind, shape[1], device, dtype, compile_backend, args.variants)
-    torch.manual_seed(1)
-    x = torch.randn(*shape, device=device, dtype=dtype)
-    x = x.contiguous(memory_format=LAYOUTS[layout]).requires_grad_()
-    grad = torch.randn(*shape, device=device, dtype=dtype)
-    rows = []
-    for mode in args.modes:
-        backward = mode == "fwd+bwd"
-        reference = None
-        for name, block in blocks.items():
-            run = _step(block, x, grad, backward, autocast)
-            row = {"block": kind, "shape": list(shape), "dtype": dtype_name, "layout": layout,
-                   "mode": mode, "variant": name}
-            if backward:  # values and input gradient against the seed's
-                x.grad = None
-                y = run().detach()
-                got = (y, x.grad.detach().clone())
-                if reference is None:
-                    reference = got
-                row["diff"] = [
-                    float((a.float() - b.float()).abs().max())
-                    for a, b in zip(got, reference, strict=True)
-                ]
-            row["ms"] = _time_ms(run, args.min_run_time)
-            row["peak_mb"] = _peak_mb(run, x) if backward else None
-            floor_bytes = FLOOR_PASSES[mode] * x.numel() * x.element_size()
-            row["floor_share"] = floor_bytes / (row["ms"] * 1e-3) / bandwidth
-            if args.profile and backward:
-                row["kernels"] = kernel_profile(run, device)
-            rows.append(row)
-            print(f"  {kind} {tuple(shape)} {dtype_name} {layout} {mode} {name}: "
-                  f"{row['ms']:.3f} ms", file=sys.stderr, flush=True)
-        seed_row = next((r for r in rows if r["mode"] == mode and r["variant"] == "seed"), None)
-        for r in rows:
-            if r["mode"] == mode and seed_row is not None:
-                r["vs_seed"] = seed_row["ms"] / r["ms"]
-                if r.get("peak_mb") is not None and seed_row.get("peak_mb"):
-                    r["mem_vs_seed"] = r["peak_mb"] / seed_row["peak_mb"]
-    return rows
+def configure_device(device) -> None:
+    """TF32 off (the fp32 columns compare exact arithmetic) and room for the compiled
+    variants' recompilations (shapes x autocast x grad mode per seed class)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else (
+        "cache_size_limit")
+    setattr(torch._dynamo.config, limit, 64)
 
 
 def goal_failures(rows) -> list[str]:
     """The Triton path's forward+backward rows that miss a goal of :data:`GOALS`."""
     out = []
-    by_key = {(r["block"], tuple(r["shape"]), r["dtype"], r["layout"], r["mode"],
-               r["variant"]): r for r in rows}
-    for (block, shape, dtype, layout, mode, variant), r in by_key.items():
-        if variant != "triton" or mode != "fwd+bwd":
+    for r in rows:
+        if r["variant"] != "triton" or r["mode"] != "fwd+bwd" or "ms" not in r:
             continue
-        where = f"{block} {shape} {dtype} {layout}"
+        where = f"{r['block']} {tuple(r['shape'])} {r['dtype']} {r['layout']}"
         if r.get("vs_seed") is not None and r["vs_seed"] < GOALS["vs_seed"]:
             out.append(f"{where}: {r['vs_seed']:.2f}x the seed < {GOALS['vs_seed']}x")
-        compiled = by_key.get((block, shape, dtype, layout, mode, "compile(seed)"))
-        if compiled is not None and compiled["ms"] / r["ms"] < GOALS["vs_compiled_seed"]:
-            out.append(f"{where}: {compiled['ms'] / r['ms']:.2f}x torch.compile(seed) < "
+        compiled = r.get("vs_compiled_seed")
+        if compiled is not None and compiled < GOALS["vs_compiled_seed"]:
+            out.append(f"{where}: {compiled:.2f}x torch.compile(seed) < "
                        f"{GOALS['vs_compiled_seed']}x")
         if r["floor_share"] < GOALS["floor_share"]:
             out.append(f"{where}: {r['floor_share']:.0%} of the 7-pass floor < "
@@ -329,65 +186,24 @@ def goal_failures(rows) -> list[str]:
     return out
 
 
-def markdown_table(rows) -> str:
-    lines = ["| block | (B,C,H,W) | dtype | layout | pass | variant | ms | x seed | floor | "
-             "peak MB | diff y / grad x |", "|---" * 11 + "|"]
-    for r in rows:
-        peak = f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else "-"
-        diff = "/".join(f"{d:.1e}" for d in r["diff"]) if "diff" in r else "-"
-        vs = f"{r['vs_seed']:.2f}x" if r.get("vs_seed") is not None else "-"
-        lines.append(f"| {r['block']} | {tuple(r['shape'])} | {r['dtype']} | {r['layout']} | "
-                     f"{r['mode']} | {r['variant']} | {r['ms']:.3f} | {vs} | "
-                     f"{r['floor_share']:.0%} | {peak} | {diff} |")
-    return "\n".join(lines)
-
-
-def kernel_tables(rows) -> str:
-    """Markdown: the per-kernel profile of one forward+backward step of each variant."""
-    out = []
-    for r in rows:
-        if not r.get("kernels"):
-            continue
-        out.append(f"{r['block']} {tuple(r['shape'])} {r['dtype']} {r['layout']} "
-                   f"{r['variant']}, one forward+backward:\n")
-        out.append("| kernel | calls | self us |\n|---|---|---|")
-        out += [f"| {k['kernel'][:70]} | {k['calls']} | {k['us']:.0f} |" for k in r["kernels"]]
-        out.append("")
-    return "\n".join(out)
-
-
-def parse_shape(text: str) -> tuple[int, int, int, int]:
-    parts = tuple(int(p) for p in text.replace("x", ",").split(","))
-    if len(parts) != 4 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(
-            f"--shapes takes B,C,H,W with positive sizes, got {text!r}"
-        )
-    return parts
-
-
 def device_main(args) -> int:
     """Seed code, torch.compile(seed), plain, torch, triton and torch.compile(triton) on one
-    device, same weights.
+    device, same weights (:class:`benchmarks.measure.VariantGroup`).
 
     For each block, shape, dtype (``fp32``; ``bf16``: x and weights in bfloat16; ``bf16
     autocast``) and layout, forward and forward+backward: median ms (``torch.utils.benchmark``,
-    which synchronises CUDA), speed against the seed, share of the floor (3 forward / 7
-    forward+backward passes over ``x``'s bytes, against the bandwidth of a large device copy
-    measured in the same run), peak memory beyond what the step's inputs hold
-    (``torch.cuda.max_memory_allocated``, ``x.grad`` cleared first), and the largest
-    difference of ``y`` and ``grad_x`` from the seed's (TF32 off, so fp32 columns compare
-    exact arithmetic); with ``--profile`` the kernels of one step, by self time.
-    ``--smoke`` runs the same code on tiny CPU shapes.
+    which synchronises CUDA), speed against the seed and torch.compile(seed), share of the
+    floor (3 forward / 7 forward+backward passes over ``x``'s bytes, against the bandwidth of
+    a large device copy measured in the same run), peak memory beyond what the step's inputs
+    hold and its ratio to the seed's, and the largest difference of ``y`` and ``grad_x`` from
+    the seed's (TF32 off, so fp32 columns compare exact arithmetic); with ``--profile`` the
+    kernels of one step, by self time. ``--smoke`` runs the same code on tiny CPU shapes.
     """
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else (
-        "cache_size_limit")
-    setattr(torch._dynamo.config, limit, 64)  # shapes x autocast x grad mode per seed class
+    configure_device(device)
     bandwidth = copy_bandwidth(device, 2**22 if args.smoke else 2**28)
     import triton
 
@@ -398,6 +214,8 @@ def device_main(args) -> int:
           f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
     if args.smoke:
         print("SMOKE RUN: tiny shapes, Triton under its interpreter: these times mean nothing")
+    print()
+    print(TABLE_HEADER, flush=True)
     rows = []
 
     def save():
@@ -405,19 +223,26 @@ def device_main(args) -> int:
             Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
     for kind in args.blocks:
-        shapes = args.shapes or (SMOKE_SHAPES[kind] if args.smoke else DEVICE_SHAPES)
+        shapes = args.shapes or (SMOKE_SHAPES[kind] if args.smoke else GPU_SHAPES)
         for shape in shapes:
             for dtype_name in args.dtypes:
                 for layout in args.layouts:
-                    rows += device_rows(kind, shape, dtype_name, layout, device, args,
-                                        bandwidth)
+                    compile_here = not args.no_compile and dtype_name in args.compile_dtypes and (
+                        args.compile_shapes is None or tuple(shape) in args.compile_shapes)
+                    group = VariantGroup(kind, shape, dtype_name, layout, device,
+                                         args.variants, args.compile if compile_here else None,
+                                         bandwidth)
+                    for mode in args.modes:
+                        for variant in group.blocks:
+                            rows.append(group.measure(variant, mode, args.min_run_time,
+                                                      kernels=args.profile))
+                            print(table_row(rows[-1]), flush=True)
                     save()  # a run cut short still leaves what it measured
-    print("times: medians (torch.utils.benchmark); x seed: speed relative to the seed code; "
-          "floor: 3 (fwd) or 7 (fwd+bwd) passes over x's bytes at the copy bandwidth; "
-          "peak: memory a step holds beyond its inputs; diff: max |y - y_seed| / "
-          "max |grad_x - grad_x_seed|")
     print()
-    print(markdown_table(rows))
+    print("times: medians (torch.utils.benchmark); x seed, x compile(seed): speed relative to "
+          "the seed code and torch.compile of it; floor: 3 (fwd) or 7 (fwd+bwd) passes over "
+          "x's bytes at the copy bandwidth; peak: memory a step holds beyond its inputs; "
+          "diff: max |y - y_seed| / max |grad_x - grad_x_seed|")
     if args.profile:
         print()
         print(kernel_tables(rows))

@@ -506,12 +506,16 @@ if CUDA:  # inductor's C++ codegen takes ~30 s per block on a 2-core CPU: GPU ma
 #: channel plane, for DSA) starts 16-byte aligned; a 14-wide row is only 8-byte aligned
 #: and a 7-wide one 4. Before the hints every CoordinateAttention load was 4 bytes.
 _LOAD_BYTES = {
-    "_coord_": {56: 16, 28: 16, 14: 8, 7: 4},
-    "_dsa_": {56: 16, 28: 16, 14: 16, 7: 4},
+    "_coord_": {56: 16, 28: 16, 14: 8, 7: 4, 8192: 16},
+    "_dsa_": {56: 16, 28: 16, 14: 16, 7: 4, 8192: 16},
 }
+#: Shared memory one program may use on sm_90 (227 KiB).
+_SM90_SHARED = 232448
 
 
-def _compile_for_sm90(*args: str) -> str:
+def _compile_for_sm90(*args: str) -> list[dict]:
+    """The variants ``triton_sm90_compile.py`` compiled, one dict per planned launch and
+    configuration: kernel, block, w, dtype, layout, config, pipelined, plain, shared."""
     import triton
 
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
@@ -524,35 +528,77 @@ def _compile_for_sm90(*args: str) -> str:
         env=env, capture_output=True, text=True, timeout=1200,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    rows = []
+    for line in done.stdout.splitlines():
+        if "sm_90 cubin" not in line:
+            continue
+        name, _, block, width, dtype, layout, config, pipelined, plain, shared, _shape = (
+            c.strip() for c in line.replace(": sm_90", " | sm_90").split("|"))
+        rows.append({"kernel": name, "block": block, "w": int(width.removeprefix("W=")),
+                     "dtype": dtype, "layout": layout, "config": config,
+                     "pipelined": int(pipelined.split()[1]), "plain": int(plain.split()[1]),
+                     "shared": int(shared.split()[1]), "line": line})
+    return rows
+
+
+def _check_compiled_variant(row: dict) -> None:
+    """Full-width pipelined x loads and shared memory within an sm_90 program's."""
+    assert row["shared"] <= _SM90_SHARED, f"{row['line']}: shared memory over sm_90's"
+    if "combine" in row["kernel"] or "sum_splits" in row["kernel"]:
+        assert row["config"] == "-", row["line"]  # no loop over x: Triton's defaults
+        return
+    # channels_last: runs of C channels, 16 bytes at any W
+    want = 16 if row["layout"] == "nhwc" else next(
+        v for k, v in _LOAD_BYTES.items() if row["kernel"].startswith(k))[row["w"]]
+    assert row["pipelined"] == want, f"{row['line']}: {row['pipelined']} B per load, want {want}"
 
 
 def test_kernels_compile_for_an_h100_with_full_width_loads():
-    """The kernels a GPU runs at W = 56, 28, 14 and 7 (float32 NCHW, one forward+backward of
-    each block, as the host code plans them for 132 SMs) through Triton's real compiler down
-    to sm_90 cubins (~40 s with a cold Triton cache, a few with a warm one): what the
-    interpreter cannot check. Needs no GPU; ptxas ships with triton's CUDA backend. The x
-    loads of the loops are pipelined (cp.async) and as wide as the rows' alignment allows;
-    channels_last (checked at W = 7) loads 16 bytes. ``triton_sm90_compile.py --full``
-    compiles every dtype and layout (~200 variants, minutes)."""
-    lines = [ln for ln in _compile_for_sm90().splitlines() if "sm_90 cubin" in ln]
-    kernels = {ln.split(":")[0] for ln in lines}
+    """What runs by default on a GPU at W = 56, 28, 14, 7 and 8192 (float32 NCHW, one
+    forward+backward of each block, as the host code plans them for 132 SMs, each launch
+    with the configuration the rule picks for its shape class) through Triton's real
+    compiler down to sm_90 cubins (~15 s with a cold Triton cache, a few with a warm one):
+    what the interpreter cannot check. Needs no GPU; ptxas ships with triton's CUDA
+    backend. The x loads of the loops are pipelined (cp.async) and as wide as the rows'
+    alignment allows; channels_last (checked at W = 7) loads 16 bytes; every program fits
+    in sm_90's shared memory. ``triton_sm90_compile.py --full`` compiles every dtype and
+    layout (minutes)."""
+    rows = _compile_for_sm90("--rule-only")
+    kernels = {r["kernel"] for r in rows}
     assert len(kernels) == 10, kernels  # 6 DSA (2 combine the split C), 4 CoordinateAttention
     checked = set()
-    for ln in lines:
-        name, _, _block, width, _dtype, layout, pipelined, *_ = (
-            c.strip() for c in ln.replace(": sm_90", " | sm_90").split("|")
-        )
-        if "combine" in name or "sum_splits" in name:
-            continue  # small maps only
-        w = int(width.removeprefix("W="))
-        got = int(pipelined.split()[1])
-        # channels_last: runs of C = 2048 channels, 16 bytes at any W
-        want = 16 if layout == "nhwc" else next(
-            v for k, v in _LOAD_BYTES.items() if name.startswith(k))[w]
-        assert got == want, f"{ln}: {got} B per load, want {want}"
-        checked.add((name, w, layout))
-    assert len(checked) == 8 * 4 + 8, sorted(checked)
+    for r in rows:
+        _check_compiled_variant(r)
+        if r["config"] != "-":
+            assert r["config"].endswith("(rule)"), r["line"]
+            checked.add((r["kernel"], r["w"], r["layout"]))
+    assert len(checked) == 8 * 5 + 8, sorted(checked)
+    # every shape class the rule knows runs somewhere: DSA's channel loop is long at W = 56,
+    # one step at W = 7; a CoordinateAttention row of 8192 is wider than the GPU tile
+    classes = {(r["kernel"][:6], r["w"], r["layout"]): r["config"].split()[0] for r in rows
+               if r["config"] != "-"}
+    assert classes[("_dsa_s", 56, "nchw")] == "long"
+    assert classes[("_dsa_s", 7, "nchw")] == "short"
+    assert classes[("_coord", 56, "nchw")] == "short"
+    assert classes[("_coord", 8192, "nchw")] == "wide"
+
+
+@pytest.mark.slow
+def test_every_autotune_config_compiles_for_an_h100():
+    """With autotuning opted in (``LIGHTNING_ATTN_TRITON_AUTOTUNE=1``) every looped launch
+    can run with every configuration of ``LAUNCH_CONFIGS``: each one, at every shape of
+    the test above, compiles for sm_90 with the same load widths and within shared memory
+    (~200 variants, ~1 minute with a cold Triton cache)."""
+    rows = _compile_for_sm90()
+    configs = {}
+    for r in rows:
+        _check_compiled_variant(r)
+        if r["config"] != "-":
+            configs.setdefault((r["kernel"], r["w"], r["layout"]), set()).add(
+                r["config"].split()[0])
+    assert len(configs) == 8 * 5 + 8
+    for key, names in configs.items():
+        assert names == set(common.LAUNCH_CONFIGS), (key, names)
 
 
 def test_cpu_tensor_without_the_interpreter_is_a_clear_error(monkeypatch):
@@ -842,6 +888,68 @@ def test_split_reductions_match_one_program_and_are_deterministic(monkeypatch):
         common.clear_caches()
 
 
+def determinism_outputs() -> list[torch.Tensor]:
+    """y, grad_x and every parameter gradient of DSA (every option) and CoordinateAttention
+    (every add-on) on fixed inputs, with the GPU's tile sizes (under the interpreter too):
+    DSA's channel reduction split across programs and combined, CoordinateAttention's loop
+    down H in three steps."""
+    old = common.INTERPRETER_TILES
+    common.INTERPRETER_TILES = common.GPU_TILES
+    common.clear_caches()
+    try:
+        torch.manual_seed(0)
+        out = []
+        for block, shape in (
+            (DynamicSpatialAttention(**DSA_CASES["all"], backend="triton"), (1, 24, 9, 15)),
+            (CoordinateAttention(4, **COORD_CASES["all"][0], backend="triton"), (1, 4, 40, 100)),
+        ):
+            block = block.to(DEVICE)
+            x = torch.randn(shape).to(DEVICE).requires_grad_()
+            y = block(x)
+            y = y[0] if isinstance(y, tuple) else y
+            y.backward(torch.randn(shape).to(DEVICE))
+            out += [y.detach(), x.grad]
+            out += [p.grad for p in block.parameters() if p.grad is not None]
+        return [t.detach().cpu().contiguous() for t in out]
+    finally:
+        common.INTERPRETER_TILES = old
+        common.clear_caches()
+
+
+def _bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(
+        s.shape == t.shape and s.dtype == t.dtype
+        and torch.equal(s.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+        for s, t in zip(a, b, strict=True))
+
+
+def test_same_inputs_give_bitwise_equal_outputs_in_calls_and_processes(monkeypatch, tmp_path):
+    """Under the default configuration (no autotuning) the same inputs give bitwise the
+    same outputs and gradients of both blocks over repeated calls and in fresh processes
+    (with other hash seeds: nothing may depend on the order of a set or dict of strings)."""
+    monkeypatch.delenv(common.AUTOTUNE_ENV, raising=False)
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != common.AUTOTUNE_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    code = ("import sys, torch; from tests.blocks.test_triton import determinism_outputs; "
+            "torch.save(determinism_outputs(), sys.argv[1])")
+    # two fresh processes at once, while this one computes its own
+    children = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"{seed}.pt")],
+                                 cwd=root, env={**env, "PYTHONHASHSEED": str(seed)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for seed in (1, 2)]
+    runs = [determinism_outputs() for _ in range(2)]
+    assert len(runs[0]) >= 8 and all(t.isfinite().all() for t in runs[0])
+    assert all(t.abs().sum() > 0 for t in runs[0][:4])
+    for again in runs[1:]:
+        assert _bitwise_equal(runs[0], again), "repeated calls differ"
+    for seed, child in zip((1, 2), children, strict=True):
+        _, err = child.communicate(timeout=600)
+        assert child.returncode == 0, err[-3000:]
+        fresh = torch.load(tmp_path / f"{seed}.pt")
+        assert _bitwise_equal(runs[0], fresh), f"a fresh process (PYTHONHASHSEED={seed}) differs"
+
+
 # --------------------------------------------------------------------------------------
 # Host path: integer arithmetic, memoised parameters, vector widths, tuning, devices
 # --------------------------------------------------------------------------------------
@@ -897,23 +1005,53 @@ def test_launch_parameters_are_memoised_per_shape_strides_and_dtype(monkeypatch)
     assert len(calls) == 4
 
 
-def test_autotuning_on_cuda_only():
-    """CUDA: triton.autotune over warps, pipelining stages and a tile divisor, keyed on the
-    sizes and layout; the interpreter (and LIGHTNING_ATTN_TRITON_AUTOTUNE=0) runs fixed
-    tiles."""
+def test_autotuning_is_opt_in(monkeypatch):
+    """By default each looped kernel runs the one configuration the rule picks for its shape
+    class (the same bits from run to run and rank to rank); LIGHTNING_ATTN_TRITON_AUTOTUNE=1
+    opts into triton.autotune over every configuration on CUDA, keyed on the sizes and
+    layout. The interpreter never tunes; a value other than 0 or 1 is a clear error."""
     kernel = coord._coord_scale_kernel
-    fn, extra = common.select_kernel(kernel, coord._KEY, torch.device("cuda", 0))
-    assert fn is not kernel and extra == {}
-    assert len(fn.configs) >= 4 and fn.keys == coord._KEY
-    assert {"NUM_STAGES", "TILE_DIV"} <= set(fn.configs[0].kwargs)
-    assert {c.num_warps for c in fn.configs} == {4, 8}
-    assert common.select_kernel(kernel, coord._KEY, torch.device("cpu")) == (
-        kernel, common.FIXED_CONFIG)
-    os.environ["LIGHTNING_ATTN_TRITON_AUTOTUNE"] = "0"
-    try:
-        assert common.select_kernel(kernel, coord._KEY, torch.device("cuda", 0))[0] is kernel
-    finally:
-        del os.environ["LIGHTNING_ATTN_TRITON_AUTOTUNE"]
+    config = common.LAUNCH_CONFIGS["long"]
+    cuda = torch.device("cuda", 0)
+    monkeypatch.delenv(common.AUTOTUNE_ENV, raising=False)
+    for device in (cuda, torch.device("cpu")):
+        assert common.select_kernel(kernel, coord._KEY, device, config) == (
+            kernel, {"NUM_STAGES": 3, "TILE_DIV": 1, "num_warps": 4})
+    monkeypatch.setenv(common.AUTOTUNE_ENV, "1")
+    fn, extra = common.select_kernel(kernel, coord._KEY, cuda, config)
+    assert fn is not kernel and extra == {} and fn.keys == coord._KEY
+    assert [(c.kwargs, c.num_warps) for c in fn.configs] == [
+        (c.constexprs, c.num_warps) for c in common.LAUNCH_CONFIGS.values()]
+    assert common.select_kernel(kernel, coord._KEY, torch.device("cpu"), config)[0] is kernel
+    monkeypatch.setenv(common.AUTOTUNE_ENV, "yes")
+    with pytest.raises(ValueError, match="LIGHTNING_ATTN_TRITON_AUTOTUNE must be 1 .* 'yes'"):
+        common.select_kernel(kernel, coord._KEY, cuda, config)
+
+
+def test_one_fixed_config_per_shape_class():
+    """The rule: a step larger than the GPU tile is "wide" (8 warps), else a loop of at
+    least LONG_LOOP steps is "long" (3 stages), else "short"; the tile divisor stays 1 (it
+    changes the order of the sums). Planned for 132 SMs, the benchmark shapes fall into the
+    classes the sm_90 compile test compiles."""
+    assert common.shape_class(2048, 1) == "short"
+    assert common.shape_class(2048, common.LONG_LOOP - 1) == "short"
+    assert common.shape_class(2048, common.LONG_LOOP) == "long"
+    assert common.shape_class(4096, 1) == "wide" == common.shape_class(4096, 100)
+    assert {c.tile_div for n, c in common.LAUNCH_CONFIGS.items() if n != "halved"} == {1}
+    assert common.launch_config(4096, 1).num_warps == 8
+    with pytest.raises(ValueError, match="tile_elements=0"):
+        common.shape_class(0, 1)
+    want = {  # (block, shape): (DSA NCHW, CoordinateAttention NCHW)
+        (64, 256, 56, 56): ("long", "short"), (256, 64, 32, 32): ("long", "short"),
+        (128, 1024, 14, 14): ("long", "short"), (8, 2048, 7, 7): ("short", "short"),
+        (2, 16, 3, 8192): ("short", "wide"),
+    }
+    names = {c: n for n, c in common.LAUNCH_CONFIGS.items()}
+    with common.plan_for_gpu(132):
+        for shape, (dsa_class, coord_class) in want.items():
+            x = torch.empty(shape, device="meta")
+            assert names[dsa._grid(x).config] == dsa_class, shape
+            assert names[coord.coord_launch(x).config] == coord_class, shape
 
 
 def test_every_launch_runs_under_the_tensors_device(monkeypatch):

@@ -10,19 +10,22 @@ block (linked, as the blocks call them) on ``meta`` tensors of the benchmark sha
 132-SM GPU (:func:`~lightning_attn.blocks.kernels.triton_common.plan_for_gpu`), and records
 it instead of launching (:func:`~lightning_attn.blocks.kernels.triton_common.record_launches`).
 Each launch is compiled with the signature Triton would give it at run time (pointers
-16-byte aligned, integers specialised on divisibility by 16 and on 1, the fixed
-configuration's constexprs), so the variants compiled are those that run at W = 56, 28, 14
-and 7. Identical variants compile once.
+16-byte aligned, integers specialised on divisibility by 16 and on 1) and with every
+configuration it can run with: the one the rule picks for its shape class (what runs by
+default) and every other of ``LAUNCH_CONFIGS`` (what opt-in autotuning may pick). So the
+variants compiled are those that run at W = 56, 28, 14, 7 and 8192 (a row wider than the
+GPU tile). Identical variants compile once.
 
-Printed per variant: kernel, where it runs, and the widest global loads in its PTX in
-bytes: pipelined (``cp.async ... 0x10``: 16; the full-size loads of the ``tl.range`` loops)
-and plain (``ld.global.v4.b32``: 16). Run by test_triton.py in a subprocess (the test process has
+Printed per variant: kernel, where it runs, its configuration (``(rule)``: the default's),
+the widest global loads in its PTX in bytes: pipelined (``cp.async ... 0x10``: 16; the
+full-size loads of the ``tl.range`` loops) and plain (``ld.global.v4.b32``: 16), and its
+shared memory. Run by test_triton.py in a subprocess (the test process has
 ``TRITON_INTERPRET=1`` set and the kernels must be imported without it).
 
-    python tests/blocks/triton_sm90_compile.py           # fp32 NCHW, W = 56, 28, 14, 7
-                                                         # (and channels_last at 7)
-    python tests/blocks/triton_sm90_compile.py --full    # + W = 32, bf16, channels_last
-    python tests/blocks/triton_sm90_compile.py --configs # also every autotune config
+    python tests/blocks/triton_sm90_compile.py              # fp32 NCHW, W = 56, 28, 14, 7,
+                                                            # 8192 (and channels_last at 7)
+    python tests/blocks/triton_sm90_compile.py --rule-only  # only what runs by default
+    python tests/blocks/triton_sm90_compile.py --full       # + W = 32, bf16, channels_last
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ from triton.compiler import compile as triton_compile  # noqa: E402
 from lightning_attn.blocks.kernels import triton_common as common  # noqa: E402
 from lightning_attn.blocks.kernels import triton_coord, triton_dsa  # noqa: E402
 
-#: The benchmark shapes of the GPU check (W = 56, 32, 14, 7) and W = 28.
+#: The benchmark shapes of the GPU check (W = 56, 32, 14, 7), W = 28, and rows wider than
+#: the GPU tile (the "wide" shape class: CoordinateAttention at W = 8192, the widest row).
 SHAPES = ((64, 256, 56, 56), (256, 64, 32, 32), (128, 512, 28, 28), (128, 1024, 14, 14),
-          (8, 2048, 7, 7))
+          (8, 2048, 7, 7), (2, 16, 3, 8192))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 _TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
@@ -118,12 +122,11 @@ def planned_launches(shape, dtype, layout, mean_max: bool = True
     return out
 
 
-def signature_of(launch: common.Launch, config: dict):
-    """Triton's run-time specialisation of the launch: ``(signature, constants, attrs)``."""
+def signature_of(launch: common.Launch, config_constexprs: dict):
+    """Triton's run-time specialisation of the launch with a configuration's constexprs:
+    ``(signature, constants, attrs)``."""
     fn = launch.kernel
-    constants = dict(launch.constexprs)
-    if launch.tuned_key is not None:
-        constants.update(config)
+    constants = {**launch.constexprs, **config_constexprs}
     signature, attrs = {}, {}
     params = {p.name: p for p in fn.params}
     for i, (name, arg) in enumerate(zip(fn.arg_names, launch.args + (None,) * 99, strict=False)):
@@ -167,54 +170,65 @@ def _key(signature, constants, attrs) -> tuple:
             tuple(sorted(attrs)))
 
 
+def launch_configs(launch: common.Launch, rule_only: bool):
+    """``(name, config)`` of every configuration ``launch`` can run with: the rule's
+    (``"name (rule)"``) and, unless ``rule_only``, every autotune candidate; ``(None,
+    None)`` for a kernel without a loop (Triton's defaults)."""
+    if launch.config is None:
+        return [(None, None)]
+    rule = next(n for n, c in common.LAUNCH_CONFIGS.items() if c == launch.config)
+    out = [(f"{rule} (rule)", launch.config)]
+    if not rule_only:
+        out += [(n, c) for n, c in common.LAUNCH_CONFIGS.items() if n != rule]
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true",
                         help="fp32 and bf16, NCHW and channels_last (default: fp32 NCHW)")
-    parser.add_argument("--configs", action="store_true",
-                        help="compile every autotune configuration, not only the fixed one")
+    parser.add_argument("--rule-only", action="store_true",
+                        help="only the configuration the rule picks (what runs by default), "
+                             "not every autotune candidate too")
     parser.add_argument("--jobs", type=int, default=2, help="compilations at a time")
     args = parser.parse_args(argv)
-    # Default: fp32 NCHW at one shape per width class (56, 28, 14, 7), add-on 1 at the
-    # first only, and channels_last at the last.
+    # Default: fp32 NCHW at one shape per width class (56, 28, 14, 7, and a row wider than
+    # the GPU tile), add-on 1 at the first only, and channels_last at W = 7.
     shapes = SHAPES if args.full else tuple(s for s in SHAPES if s[3] != 32)
     all_combos = [(d, lay) for d in DTYPES for lay in LAYOUTS]
-    configs = [dict(common.FIXED_CONFIG)]
-    if args.configs:
-        configs += [dict(c.kwargs, num_warps=c.num_warps) for c in common.gpu_configs()]
     target = GPUTarget("cuda", 90, 32)
     jobs, lines = {}, []
     for shape in shapes:
         combos = all_combos if args.full else [("fp32", "nchw")] + (
-            [("fp32", "nhwc")] if shape == shapes[-1] else [])
+            [("fp32", "nhwc")] if shape[3] == 7 else [])
         for dtype_name, layout_name in combos:
             launches = planned_launches(shape, DTYPES[dtype_name], LAYOUTS[layout_name],
                                         mean_max=args.full or shape == shapes[0])
             for block, launch in launches:
-                for config in configs if launch.tuned_key is not None else configs[:1]:
-                    config = dict(config)
-                    warps = config.pop("num_warps", launch.num_warps or 4)
-                    sig, consts, attrs = signature_of(launch, config)
+                for name, config in launch_configs(launch, args.rule_only):
+                    constexprs = config.constexprs if config else {}
+                    warps = config.num_warps if config else 4
+                    sig, consts, attrs = signature_of(launch, constexprs)
                     key = (launch.kernel.fn.__name__, warps, _key(sig, consts, attrs))
                     jobs[key] = (launch.kernel, sig, consts, attrs, warps)
-                    tuned = f" {config}" if args.configs and launch.tuned_key else ""
                     lines.append((key, f"{launch.kernel.fn.__name__}: sm_90 cubin | {block} | "
-                                       f"W={shape[3]} | {dtype_name} | {layout_name}",
-                                  f"{shape}{tuned}"))
+                                       f"W={shape[3]} | {dtype_name} | {layout_name} | "
+                                       f"{name or '-'}", f"{shape}"))
 
     def build(job):
         kernel, sig, consts, attrs, warps = job
         compiled = triton_compile(ASTSource(kernel, sig, consts, attrs), target=target,
                                   options={"num_warps": warps})
         assert compiled.asm.get("cubin"), kernel
-        return load_widths(compiled.asm["ptx"])
+        return (*load_widths(compiled.asm["ptx"]), compiled.metadata.shared)
 
     # Two at a time: much of a compilation (MLIR passes, ptxas) runs outside the GIL.
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         done = dict(zip(jobs, pool.map(build, jobs.values()), strict=True))
     for key, head, tail in lines:
-        pipelined, plain = done[key]
-        print(f"{head} | pipelined {pipelined} B | plain {plain} B | {tail}")
+        pipelined, plain, shared = done[key]
+        print(f"{head} | pipelined {pipelined} B | plain {plain} B | shared {shared} B | "
+              f"{tail}")
     print(f"{len(done)} distinct variants compiled")
     return 0
 

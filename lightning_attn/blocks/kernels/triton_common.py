@@ -8,13 +8,17 @@ runs under :func:`launch_guard`, ``torch.cuda.device(x.device)`` on CUDA: Triton
 the *current* device, which is not ``x``'s when ``x`` is on ``cuda:1`` without
 ``torch.cuda.set_device``.
 
-Tuning. On CUDA each kernel is wrapped in ``triton.autotune`` over a few configurations of
-warps, software-pipelining stages (``tl.range(..., num_stages=NUM_STAGES)``) and a tile
-divisor, keyed on the sizes, the layout flags and the dtypes (Triton adds the dtypes of
-tensor arguments to the key). The first call at a new key times every configuration: warm
-up before CUDA-graph capture. Under Triton's interpreter (CPU tensors, the tests) the
-kernels run with fixed tiles (:data:`FIXED_CONFIG`): the interpreter would run every
-configuration.
+Configurations. A kernel that loops over ``x`` (``tl.range``) runs with warps, software
+pipelining stages and a divisor of the host's tile along the looped dimension
+(:class:`LaunchConfig`). By default one fixed configuration per shape class, chosen by
+:func:`launch_config` from the launch's own tile size and loop length (integers the host
+already has): the same inputs give bitwise the same outputs from call to call, process to
+process and rank to rank. ``LIGHTNING_ATTN_TRITON_AUTOTUNE=1`` opts into ``triton.autotune``
+over every configuration of :data:`LAUNCH_CONFIGS` on CUDA (:func:`autotune_enabled`): the
+first call at a new key times each, and as the configurations sum in different orders
+(another tile step, another reduction layout) a tuned result can differ in its last bits
+from run to run and rank to rank. Under Triton's interpreter the configuration changes
+nothing but the tile divisor, which the rule keeps at 1.
 
 Loads. ``tl.multiple_of`` hints, checked on the host by :func:`vector_width`, tell the
 compiler that row (or plane) starts are aligned, so that rows whose width in elements is
@@ -38,26 +42,32 @@ __all__ = [
     "ACC_ADD",
     "ACC_MAX",
     "ACC_MIN",
+    "AUTOTUNE_ENV",
     "DOUBLE_BACKWARD",
-    "FIXED_CONFIG",
     "GPU_TILES",
     "INTERPRETER_TILES",
+    "LAUNCH_CONFIGS",
+    "LONG_LOOP",
     "Launch",
     "LaunchCache",
+    "LaunchConfig",
     "TileSizes",
     "acc_dtype",
     "acc_torch",
+    "autotune_enabled",
     "cdiv",
     "check_span",
     "clear_caches",
     "launch",
+    "launch_config",
     "launch_guard",
     "min_programs",
     "next_pow2",
     "plan_for_gpu",
-    "record_launches",
     "pow2_divisor",
+    "record_launches",
     "select_kernel",
+    "shape_class",
     "tensor_key",
     "tile_sizes",
     "vector_width",
@@ -303,41 +313,85 @@ def tensor_key(t: Tensor) -> tuple:
 # Tuning
 # ------------------------------------------------------------------------------------------
 
-#: The tunable meta-parameters' values under the interpreter (and when tuning is off): two
-#: pipelining stages (the interpreter ignores them), the host's tiles undivided.
-FIXED_CONFIG = {"NUM_STAGES": 2, "TILE_DIV": 1}
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How a kernel that loops over ``x`` runs: ``num_warps``, the pipelining stages of its
+    ``tl.range`` loop (``NUM_STAGES``) and a divisor of the host's tile along the looped
+    dimension (``TILE_DIV``: fewer registers per step, twice the steps)."""
+
+    num_warps: int
+    num_stages: int
+    tile_div: int
+
+    @property
+    def constexprs(self) -> dict[str, int]:
+        return {"NUM_STAGES": self.num_stages, "TILE_DIV": self.tile_div}
+
+
+#: Every configuration a looped kernel can run with: :func:`launch_config` picks one of the
+#: first three per shape class; opt-in autotuning times all four at each new key.
+LAUNCH_CONFIGS: dict[str, LaunchConfig] = {
+    # a loop of one or two steps: a second stage prefetches the next step, a third idles
+    "short": LaunchConfig(num_warps=4, num_stages=2, tile_div=1),
+    # a longer loop: a third stage keeps two steps of loads in flight
+    "long": LaunchConfig(num_warps=4, num_stages=3, tile_div=1),
+    # a step larger than the GPU tile (one CoordinateAttention row wider than 2048): twice
+    # the warps keep 16 elements per thread and tensor, two stages keep the shared memory of
+    # up to three 8192-wide rows in bounds
+    "wide": LaunchConfig(num_warps=8, num_stages=2, tile_div=1),
+    # autotuning only: half steps, fewer registers per thread
+    "halved": LaunchConfig(num_warps=4, num_stages=3, tile_div=2),
+}
+#: Loop steps from which a launch is "long".
+LONG_LOOP = 3
+#: The environment variable that opts into autotuning (``1``; ``0`` or unset: the rule).
+AUTOTUNE_ENV = "LIGHTNING_ATTN_TRITON_AUTOTUNE"
+
+
+def shape_class(tile_elements: int, loop_steps: int) -> str:
+    """The shape class of a launch whose loop steps over ``tile_elements`` elements of ``x``
+    ``loop_steps`` times per program: ``"wide"`` above the GPU tile (:data:`GPU_TILES`),
+    else ``"long"`` from :data:`LONG_LOOP` steps, else ``"short"``."""
+    if tile_elements < 1 or loop_steps < 0:
+        raise ValueError(f"shape_class needs tile_elements >= 1 and loop_steps >= 0, got "
+                         f"tile_elements={tile_elements}, loop_steps={loop_steps}")
+    if tile_elements > GPU_TILES.elements:
+        return "wide"
+    return "long" if loop_steps >= LONG_LOOP else "short"
+
+
+def launch_config(tile_elements: int, loop_steps: int) -> LaunchConfig:
+    """The one configuration that runs by default for such a launch (see :func:`shape_class`)."""
+    return LAUNCH_CONFIGS[shape_class(tile_elements, loop_steps)]
 
 
 def gpu_configs() -> list[triton.Config]:
-    """What ``triton.autotune`` tries on CUDA: warps, pipelining stages of the kernels'
-    ``tl.range`` loops, and a divisor of the host's tile along the looped dimension (fewer
-    registers per thread at large tiles, e.g. CoordinateAttention's backward at small W)."""
-    return [
-        triton.Config({"NUM_STAGES": 2, "TILE_DIV": 1}, num_warps=4),
-        triton.Config({"NUM_STAGES": 3, "TILE_DIV": 1}, num_warps=8),
-        triton.Config({"NUM_STAGES": 3, "TILE_DIV": 2}, num_warps=4),
-        triton.Config({"NUM_STAGES": 4, "TILE_DIV": 2}, num_warps=8),
-    ]
+    """What ``triton.autotune`` tries on CUDA when opted in: :data:`LAUNCH_CONFIGS`."""
+    return [triton.Config(c.constexprs, num_warps=c.num_warps) for c in LAUNCH_CONFIGS.values()]
 
 
 _TUNED: dict = {}
 
 
-def tuning_enabled() -> bool:
-    """Autotuning on CUDA, unless ``LIGHTNING_ATTN_TRITON_AUTOTUNE=0`` (fixed tiles, e.g.
-    inside a CUDA-graph capture that must not time anything)."""
-    return os.environ.get("LIGHTNING_ATTN_TRITON_AUTOTUNE", "1") != "0"
+def autotune_enabled() -> bool:
+    """Whether ``LIGHTNING_ATTN_TRITON_AUTOTUNE=1`` opts into autotuning on CUDA (read at
+    each launch; off by default: one fixed configuration per shape class)."""
+    value = os.environ.get(AUTOTUNE_ENV, "0")
+    if value not in ("0", "1", ""):
+        raise ValueError(f"{AUTOTUNE_ENV} must be 1 (autotune) or 0 (the fixed "
+                         f"configuration per shape class), got {value!r}")
+    return value == "1"
 
 
-def select_kernel(kernel, key: list[str], device: torch.device):
-    """``(kernel to launch, extra launch kwargs)``: the autotuned wrapper on CUDA, the plain
-    kernel with :data:`FIXED_CONFIG` elsewhere."""
-    if device.type == "cuda" and tuning_enabled():
+def select_kernel(kernel, key: list[str], device: torch.device, config: LaunchConfig):
+    """``(kernel to launch, extra launch kwargs)``: ``config`` (the rule's) by default, the
+    autotuned wrapper over :data:`LAUNCH_CONFIGS` on CUDA when opted in."""
+    if device.type == "cuda" and autotune_enabled():
         tuned = _TUNED.get(kernel)
         if tuned is None:
             tuned = _TUNED[kernel] = triton.autotune(configs=gpu_configs(), key=key)(kernel)
         return tuned, {}
-    return kernel, dict(FIXED_CONFIG)
+    return kernel, {**config.constexprs, "num_warps": config.num_warps}
 
 
 # ------------------------------------------------------------------------------------------
@@ -352,7 +406,8 @@ class Launch(NamedTuple):
     grid: tuple[int, ...]
     args: tuple
     constexprs: dict
-    num_warps: int | None
+    #: the rule's configuration (looped kernels; ``None``: Triton's defaults)
+    config: LaunchConfig | None
     tuned_key: list[str] | None
 
 
@@ -378,19 +433,19 @@ def launch(
     args: tuple,
     constexprs: dict,
     tuned_key: list[str] | None = None,
-    num_warps: int | None = None,
+    config: LaunchConfig | None = None,
 ) -> None:
     """Launch ``kernel`` on ``grid``: the one place every kernel of both blocks starts.
 
-    With ``tuned_key`` on CUDA the autotuned wrapper picks warps, stages and the tile
-    divisor; otherwise :data:`FIXED_CONFIG` and ``num_warps`` (Triton's default if None).
+    A looped kernel passes its autotune ``tuned_key`` and the rule's ``config``
+    (:func:`select_kernel`); the others run with Triton's defaults.
     """
+    if (tuned_key is None) != (config is None):
+        raise ValueError(f"launch of {kernel}: tuned_key and config go together")
     if _RECORDING is not None:
-        _RECORDING.append(Launch(kernel, grid, args, dict(constexprs), num_warps, tuned_key))
+        _RECORDING.append(Launch(kernel, grid, args, dict(constexprs), config, tuned_key))
         return
     fn, extra = kernel, {}
-    if tuned_key is not None:
-        fn, extra = select_kernel(kernel, tuned_key, device)
-    if fn is kernel and num_warps is not None:
-        extra["num_warps"] = num_warps
+    if config is not None:
+        fn, extra = select_kernel(kernel, tuned_key, device, config)
     fn[grid](*args, **constexprs, **extra)

@@ -45,13 +45,14 @@ from .triton_common import (
     ACC_ADD,
     ACC_MAX,
     DOUBLE_BACKWARD,
-    GPU_TILES,
     LaunchCache,
+    LaunchConfig,
     acc_dtype,
     acc_torch,
     cdiv,
     check_span,
     launch,
+    launch_config,
     launch_guard,
     next_pow2,
     tensor_key,
@@ -108,10 +109,14 @@ def _coord_planes(pid, C, n_planes, FOLD: tl.constexpr, BLOCK_C: tl.constexpr):
 def _rows(pb, pc, offs_h, sb, sc, sh, VEC: tl.constexpr):
     """Row offsets ``b * sb + c * sc + h * sh`` ``[BLOCK_C, ROWS]`` (int64), declared
     multiples of ``VEC`` (checked on the host: every stride is) so that rows load ``VEC``
-    elements at a time."""
-    rows = (pb * sb + pc * sc)[:, None] + offs_h[None, :] * sh
+    elements at a time. The plane and height parts are declared apart: a hint on the
+    ``[1, 1]`` sum (one row per step, W >= 2048) fails Triton's sm_90 coalescing pass."""
+    planes = pb * sb + pc * sc
+    heights = offs_h * sh
     if VEC > 1:  # only then: the hint replaces what the compiler knows (contiguity in C too)
-        rows = tl.multiple_of(rows, (VEC, VEC))
+        planes = tl.multiple_of(planes, VEC)
+        heights = tl.multiple_of(heights, VEC)
+    rows = planes[:, None] + heights[None, :]
     return rows
 
 
@@ -347,7 +352,8 @@ class CoordLaunch(NamedTuple):
     grid: tuple[int]
     #: FOLD, BLOCK_C, BLOCK_H, BLOCK_W, VEC
     constexprs: dict
-    num_warps: int
+    #: a ``BLOCK_C * BLOCK_H * BLOCK_W`` step, ``H / BLOCK_H`` steps per program
+    config: LaunchConfig
     vec: int
 
 
@@ -383,9 +389,8 @@ def _coord_launch(x: Tensor, *others: Tensor) -> CoordLaunch:
     grid = (cdiv(b * c, block_c),) if fold else (b * cdiv(c, block_c),)
     constexprs = {"FOLD": fold, "BLOCK_C": block_c, "BLOCK_H": block_h, "BLOCK_W": block_w,
                   "VEC": vec}
-    # Without autotuning: 4 warps up to the GPU tile's 2048 elements, 8 above.
-    warps = 4 if block_c * block_h * block_w <= GPU_TILES.elements else 8
-    return CoordLaunch(grid, constexprs, warps, vec)
+    config = launch_config(block_c * block_h * block_w, cdiv(h, block_h))
+    return CoordLaunch(grid, constexprs, config, vec)
 
 
 # ------------------------------------------------------------------------------------------
@@ -421,7 +426,7 @@ def _coord_pool_impl(x: Tensor, with_max: bool) -> tuple[Tensor, Tensor, Tensor,
         launch(
             _coord_pool_kernel, p.grid, x.device,
             (x, x_h, x_w, *stats, c, h, w // p.vec, b * c, *x.stride()),
-            dict(WITH_MAX=with_max, ACC=acc_dtype(x), **p.constexprs), _KEY, p.num_warps,
+            dict(WITH_MAX=with_max, ACC=acc_dtype(x), **p.constexprs), _KEY, p.config,
         )
     return outs
 
@@ -461,7 +466,7 @@ def _coord_pool_backward_impl(
              c, h, w // p.vec, b * c, *xs.stride(), *gy.stride(), *grad_x.stride()),
             dict(WITH_MAX=with_max, LINKED=linked, ACC=acc_dtype(grad_h, grad_w, x),
                  **p.constexprs),
-            _KEY, p.num_warps,
+            _KEY, p.config,
         )
     return grad_x
 
@@ -527,7 +532,7 @@ def _coord_scale_impl(
              ch, h, w // p.vec, b * ch, *x.stride(), *y.stride()),
             dict(C_TENSOR=c is not None, K_TENSOR=k is not None,
                  ACC=acc_dtype(x, u_h, u_w, c, k), **p.constexprs),
-            _KEY, p.num_warps,
+            _KEY, p.config,
         )
     return y
 
@@ -579,7 +584,7 @@ def _coord_scale_backward_impl(
             dict(C_TENSOR=c is not None, K_TENSOR=k is not None, WRITE_GX=write_gx,
                  REDUCE=need_maps, REDUCE_G=need_c, PIECES=linked,
                  ACC=acc_dtype(grad_y, x, u_h, u_w, c, k), **p.constexprs),
-            _KEY, p.num_warps,
+            _KEY, p.config,
         )
     return grad_x, rows_gu, cols_gu, rows_g, pieces
 

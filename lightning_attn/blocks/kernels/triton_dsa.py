@@ -63,11 +63,13 @@ from .triton_common import (
     ACC_MIN,
     DOUBLE_BACKWARD,
     LaunchCache,
+    LaunchConfig,
     acc_dtype,
     acc_torch,
     cdiv,
     check_span,
     launch,
+    launch_config,
     launch_guard,
     min_programs,
     next_pow2,
@@ -393,11 +395,15 @@ class _Grid(NamedTuple):
     n_sblk: int
     n_split: int
     c_per_split: int
+    #: the looped kernels' configuration: a ``BLOCK_C * BLOCK_S`` step, ``c_per_split /
+    #: BLOCK_C`` steps per program
+    config: LaunchConfig
 
 
 def _grid(x: Tensor) -> _Grid:
     """Programs over (sample, pixel block, channel range): ``C`` is split into ranges of
-    whole ``BLOCK_C`` steps when the pixel blocks alone would make too few programs."""
+    whole ``BLOCK_C`` steps when the pixel blocks alone would make too few programs; the
+    launch configuration follows from the step and the steps per range."""
     b, c, h, w = x.shape
     block_c, block_s = dsa_tiles(x)
     n_sblk = cdiv(h * w, block_s)
@@ -408,7 +414,8 @@ def _grid(x: Tensor) -> _Grid:
     if programs < target and steps > 1:
         per_split = cdiv(steps, min(steps, cdiv(target, programs))) * block_c
         n_split = cdiv(c, per_split)
-    return _Grid((programs * n_split,), block_c, block_s, n_sblk, n_split, per_split)
+    config = launch_config(block_c * block_s, cdiv(per_split, block_c))
+    return _Grid((programs * n_split,), block_c, block_s, n_sblk, n_split, per_split, config)
 
 
 def _params(kind: str, tensors: tuple[Tensor, ...], extra: tuple = ()):
@@ -462,7 +469,7 @@ def _dsa_summary_impl(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
              *strides),
             dict(FLAT=flat, VEC=vec, SPLIT=split, ACC=acc_dtype(x), BLOCK_C=g.block_c,
                  BLOCK_S=g.block_s),
-            _KEY,
+            _KEY, g.config,
         )
         if split:
             n = b * h * w
@@ -503,7 +510,7 @@ def _dsa_summary_backward_impl(
              c, h * w // vec, w, g.n_sblk, g.n_split, g.c_per_split, *strides[4:]),
             dict(FLAT_GY=flat_gy, FLAT_GX=flat_gx, LINKED=linked, VEC=vec,
                  ACC=acc_dtype(grad_s, gy), BLOCK_C=g.block_c, BLOCK_S=g.block_s),
-            _KEY,
+            _KEY, g.config,
         )
     return grad_x
 
@@ -555,7 +562,7 @@ def _dsa_apply_impl(
              *strides),
             dict(FLAT_X=flat_x, FLAT_Y=flat_y, VEC=vec, ACC=acc_dtype(x, mask),
                  BLOCK_C=g.block_c, BLOCK_S=g.block_s),
-            _KEY,
+            _KEY, g.config,
         )
     return y
 
@@ -607,7 +614,7 @@ def _dsa_apply_backward_impl(
             dict(FLAT_GY=flat_gy, FLAT_X=flat_x, FLAT_GX=flat_gx, WRITE_GX=write_gx,
                  WRITE_GM=need_mask, COPY_MASK=copy_mask, SPLIT=split, VEC=vec,
                  ACC=acc_dtype(grad_y, x, mask), BLOCK_C=g.block_c, BLOCK_S=g.block_s),
-            _KEY,
+            _KEY, g.config,
         )
         if split:
             n = b * h * w
