@@ -21,7 +21,7 @@ from lightning_attn.modules import infer_out_channels, inserted_attention, remov
 from lightning_attn.modules import insert_attention as insert
 
 from ..adversarial import Case, assert_outcome, clear, correct
-from .layout_models import ConvNeXtLike, small_swin
+from .surgery_models import ConvNeXtLike, Gate, small_swin
 
 
 class Net(nn.Module):
@@ -171,14 +171,6 @@ CASES = [
 SWIN_X = torch.rand(2, 3, 64, 64)  # small_swin's stages: (2, 16, 16, 24), (2, 8, 8, 48), ...
 SQUARE = torch.rand(2, 3, 8, 8)  # ConvNeXtLike's stage: (2, 8, 8, 8), C == H == W
 
-
-class Gate(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.channels = channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(x)
 
 
 def _swin(*after: str, **kwargs) -> nn.Module:

@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_attn.blocks import find_attention_blocks
 from lightning_attn.modules import AttentionClassifier, AttentionCNN, OutputOnly
 
+from .surgery_models import Gate
+
 S = 16  # image side
 SMALL = {"stage_widths": (4, 8), "num_classes": 3}
 COORD_KW = {"reduction": 2, "min_mid_channels": 2}
@@ -221,16 +223,6 @@ def test_output_only_in_sequential_and_network_layout() -> None:
     assert net(torch.rand(2, 1, 16, 16)).shape == (2, 10)
     assert list(find_attention_blocks(net)[0]) == [f"features.attn{i}.block" for i in (1, 2, 3)]
 
-
-class Gate(nn.Module):
-    """A block of one's own: ``x * sigmoid(x)``."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.channels = channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(x)
 
 
 def test_blocks_of_ones_own_for_one_model(tmp_path) -> None:

@@ -22,7 +22,7 @@ from lightning_attn.modules import (
     remove_attention,
 )
 
-from .layout_models import ConvNeXtLike, small_swin
+from .surgery_models import ConvNeXtLike, small_swin
 
 X = torch.randn(2, 3, 64, 64)
 
@@ -119,7 +119,7 @@ def test_resnet_stages_stay_channels_first_when_c_equals_w() -> None:
 
 
 def test_blocks_from_factories_for_one_call() -> None:
-    class Gate(nn.Module):
+    class Scale(nn.Module):
         def __init__(self, channels: int, scale: float = 1.0) -> None:
             super().__init__()
             self.channels, self.scale = channels, scale
@@ -128,9 +128,10 @@ def test_blocks_from_factories_for_one_call() -> None:
             return x * self.scale
 
     model = small_swin()
-    insert_attention(model, ["layers.2"], "gate", example_input=X, factories={"gate": Gate},
+    insert_attention(model, ["layers.2"], "gate", example_input=X, factories={"gate": Scale},
                      scale=0.5)
-    assert isinstance(model.layers_2_attn, Gate) and model.layers_2_attn.channels == 96
+    block = model.layers_2_attn
+    assert isinstance(block, Scale) and block.channels == 96 and block.scale == 0.5
     with pytest.raises(ValueError, match=r"unknown attention 'gate'; known names: \['coord'"):
         insert_attention(small_swin(), ["layers.2"], "gate")
     assert "gate" not in attention_names()  # nothing registered for the process

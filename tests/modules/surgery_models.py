@@ -1,6 +1,5 @@
-"""Models whose stage outputs have a known layout, for the insert_attention tests: timm's
-Swin code at a small size (channels-last stages) and a ConvNeXt-like block (channels-last
-inside, channels-first out)."""
+"""Models for the surgery tests: timm's Swin code at a small size (channels-last stages), a
+ConvNeXt-like block (channels-last inside, channels-first out), and a block of one's own."""
 
 from __future__ import annotations
 
@@ -43,3 +42,14 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.norm(self.dw(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+
+
+class Gate(nn.Module):
+    """A block of one's own, built as ``factory(channels)``: ``x * sigmoid(x)``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
