@@ -1,7 +1,8 @@
 """Attention blocks: pure ``torch.nn`` modules, no Lightning import.
 
 - :class:`DynamicSpatialAttention`, :class:`CoordinateAttention` (alias ``CoordinateAtt``),
-  built directly or by name with :func:`create_attention`.
+  built directly or by name with :func:`create_attention` (names: the immutable
+  :data:`BUILTIN_FACTORIES`, ``factories=`` for one call, or :func:`register_attention`).
 - :mod:`.aux_loss`: the auxiliary router losses (importance, load balance, entropy bonus,
   z-loss) and :func:`attention_aux_loss`, which adds them to any module's loss.
 - :mod:`.recording`: how a block measures itself inside its forward (the protocol the
@@ -35,17 +36,26 @@ from .discovery import find_attention_blocks
 from .dynamic_spatial import DynamicSpatialAttention
 from .mask_check import quick_mask_check
 from .recording import AttentionBlock, RecordingMixin, spatial_map
-from .registry import IdentityAttention, attention_names, create_attention, register_attention
+from .registry import (
+    BUILTIN_FACTORIES,
+    FactoryRegistration,
+    IdentityAttention,
+    attention_names,
+    create_attention,
+    register_attention,
+)
 
 __all__ = [
     "AUX_TERMS",
     "BUILTIN_ADAPTERS",
+    "BUILTIN_FACTORIES",
     "AttentionAdapter",
     "AttentionBlock",
     "AuxLossWeights",
     "CoordinateAtt",
     "CoordinateAttention",
     "DynamicSpatialAttention",
+    "FactoryRegistration",
     "HSwish",
     "IdentityAttention",
     "RecordingMixin",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import typing
 from collections.abc import Mapping
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +28,15 @@ from ..core.validation import (
 from .factory import (
     GATES,
     ActLayer,
+    BlockSettings,
     HSwish,
     activation_name,
-    factory_kwargs,
+    constructor_arguments,
     gate_name,
     make_activation,
     reduced_width,
 )
 from .kernels import (
-    BACKENDS,
     Backend,
     backend_from_fused,
     check_triton_input,
@@ -102,6 +103,133 @@ def _parameter_count(
     count += 2 * c * axis_kernel if axis_kernel is not None else 0
     count += 9 * c + c * c + c if spatial else 0
     return count
+
+
+def _axis_settings(axis_kernel: object, axis_dilation: object) -> tuple[int | None, int]:
+    """``(axis_kernel, axis_dilation)`` checked: an odd kernel whose dilated span fits."""
+    axis_dilation = check_size("axis_dilation", axis_dilation, 1, MAX_KERNEL_EXTENT,
+                               "MAX_KERNEL_EXTENT")
+    if axis_kernel is None:
+        if axis_dilation != 1:
+            raise ValueError(
+                f"axis_dilation={axis_dilation} needs the axis convolutions: set axis_kernel "
+                "(the seed uses 3)"
+            )
+        return None, axis_dilation
+    axis_kernel = check_size("axis_kernel", axis_kernel, 1, MAX_KERNEL_SIZE, "MAX_KERNEL_SIZE")
+    if axis_kernel % 2 == 0:
+        raise ValueError(f"axis_kernel must be odd, got {axis_kernel}")
+    check_size("axis_dilation * (axis_kernel - 1) + 1", axis_dilation * (axis_kernel - 1) + 1,
+               1, MAX_KERNEL_EXTENT, "MAX_KERNEL_EXTENT")
+    return axis_kernel, axis_dilation
+
+
+def _channels_argument(owner: str, channels: object, in_channels: object) -> tuple[str, int]:
+    """``(the argument's name, C)``: ``channels``, or the seed's spelling ``in_channels``."""
+    if in_channels is not None:
+        if channels is not None:
+            raise TypeError(
+                f"{owner} got both channels={channels!r} and in_channels={in_channels!r}: "
+                "they are the same argument"
+            )
+        return "in_channels", check_size("in_channels", in_channels, 1, MAX_CHANNELS,
+                                         "MAX_CHANNELS")
+    if channels is None:
+        raise TypeError(f"{owner} needs channels, the C of its (B, C, H, W) input")
+    return "channels", check_size("channels", channels, 1, MAX_CHANNELS, "MAX_CHANNELS")
+
+
+@dataclass(frozen=True)
+class CoordinateSettings(BlockSettings):
+    """What the arguments of a :class:`CoordinateAttention` resolve to, checked:
+    :meth:`check` is the one place that validates them, the constructor builds the layers
+    from the result. Aliases are resolved: ``channels`` or the seed's ``in_channels`` ->
+    ``in_channels``, timm's ``rd_*`` -> ``mid_channels``, ``act_layer`` / ``gate_layer`` ->
+    ``act_name`` / ``gate``."""
+
+    in_channels: int
+    mid_channels: int
+    act_name: str
+    act_layer: object  # the class passed as act_layer (it is the one that runs), or None
+    gate: str
+    alpha: float
+    learnable_alpha: bool
+    per_axis_alpha: bool
+    beta: float | None
+    learnable_beta: bool
+    bounded: bool
+    pool: str
+    axis_kernel: int | None
+    axis_dilation: int
+    bottleneck_layers: int
+    head_groups: int
+    spatial_gate: bool
+    bias: bool
+
+    ATTRIBUTES: ClassVar[tuple[str, ...]] = (
+        "in_channels", "mid_channels", "act_name", "gate", "pool", "axis_kernel",
+        "axis_dilation", "per_axis_alpha", "learnable_alpha", "learnable_beta", "bounded",
+        "bottleneck_layers", "head_groups", "spatial_gate", "backend",
+    )
+
+    @classmethod
+    def check(
+        cls, owner: str, *, channels, reduction, min_mid_channels, act, alpha,
+        learnable_alpha, pool, axis_kernel, axis_dilation, per_axis_alpha, gate, beta,
+        learnable_beta, bottleneck_layers, head_groups, spatial_gate, backend, fused, bounded,
+        rd_ratio, rd_divisor, rd_channels, act_layer, gate_layer, bias, in_channels, device,
+        dtype,
+    ) -> CoordinateSettings:
+        """Every argument of the constructor by name (``fused`` is already mapped onto
+        ``backend`` there); a ``TypeError`` / ``ValueError`` names the first bad one."""
+        del fused
+        backend, dd = cls.check_backend_and_factory(owner, backend, device, dtype)
+        name, c = _channels_argument(owner, channels, in_channels)
+        reduction = check_int("reduction", reduction, 1)
+        min_mid = check_size("min_mid_channels", min_mid_channels, 1, MAX_CHANNELS,
+                             "MAX_CHANNELS")
+        act = check_choice("act", act, ACT_NAMES) if act_layer is None else _alias(
+            "act", act, ACT_NAMES, "hswish", "act_layer", activation_name("act_layer", act_layer))
+        gate = check_choice("gate", gate, GATES) if gate_layer is None else _alias(
+            "gate", gate, GATES, "sigmoid", "gate_layer", gate_name("gate_layer", gate_layer))
+        alpha = check_unit_interval("alpha", alpha)
+        learnable_alpha = check_bool("learnable_alpha", learnable_alpha)
+        per_axis_alpha = check_bool("per_axis_alpha", per_axis_alpha)
+        learnable_beta = check_bool("learnable_beta", learnable_beta)
+        spatial_gate = check_bool("spatial_gate", spatial_gate)
+        bias = check_bool("bias", bias)
+        pool = check_choice("pool", pool, ("mean", "mean_max"))
+        axis_kernel, axis_dilation = _axis_settings(axis_kernel, axis_dilation)
+        if bottleneck_layers not in (1, 2) or isinstance(bottleneck_layers, bool):
+            raise ValueError(f"bottleneck_layers must be 1 or 2, got {bottleneck_layers!r}")
+        head_groups = check_int("head_groups", head_groups, 1)
+        if learnable_beta and beta is None:
+            raise ValueError("learnable_beta=True needs a starting value: set beta")
+        beta = None if beta is None else check_unit_interval("beta", beta)
+        mid = reduced_width(c, reduction, min_mid, rd_ratio, rd_divisor, rd_channels)
+        if c % head_groups or mid % head_groups:
+            raise ValueError(
+                f"head_groups={head_groups} must divide both {name}={c} and the middle width "
+                f"mid={mid} (max(min_mid_channels, {name} // reduction))"
+            )
+        check_parameter_budget(owner, _parameter_count(
+            c, mid, axis_kernel, bottleneck_layers, head_groups, spatial_gate, bias
+        ), f"{name}={c}, mid={mid}, spatial_gate={spatial_gate}")
+        bounded = check_bool("bounded", bounded)
+        if bounded and not (learnable_alpha or learnable_beta):
+            raise ValueError(
+                "bounded=True reparametrises learnable alphas and betas, but neither "
+                "learnable_alpha nor learnable_beta is set (fixed values are already checked "
+                "to lie in [0, 1])"
+            )
+        return cls(
+            in_channels=c, mid_channels=mid, act_name=act, act_layer=act_layer, gate=gate,
+            alpha=alpha, learnable_alpha=learnable_alpha, per_axis_alpha=per_axis_alpha,
+            beta=beta, learnable_beta=learnable_beta, bounded=bounded, pool=pool,
+            axis_kernel=axis_kernel, axis_dilation=axis_dilation,
+            bottleneck_layers=bottleneck_layers, head_groups=head_groups,
+            spatial_gate=spatial_gate, bias=bias, backend=backend, factory_kwargs=dd,
+        )
 
 
 class CoordinateAttention(RecordingMixin, nn.Module):
@@ -214,150 +342,51 @@ class CoordinateAttention(RecordingMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        owner = type(self).__name__
-        dd = factory_kwargs(device, dtype)
-        backend = check_choice("backend", backend_from_fused(fused, backend, owner), BACKENDS)
-        if backend == "triton":
-            load_triton_ops(f"{owner}(backend='triton')")
-        if in_channels is not None:  # the seed's spelling
-            if channels is not None:
-                raise TypeError(
-                    f"{owner} got both channels={channels!r} and in_channels={in_channels!r}: "
-                    "they are the same argument"
-                )
-            channels = in_channels
-        if channels is None:
-            raise TypeError(f"{owner} needs channels, the C of its (B, C, H, W) input")
-        name = "in_channels" if in_channels is not None else "channels"
-        in_channels = check_size(name, channels, 1, MAX_CHANNELS, "MAX_CHANNELS")
-        reduction = check_int("reduction", reduction, 1)
-        min_mid_channels = check_size(
-            "min_mid_channels", min_mid_channels, 1, MAX_CHANNELS, "MAX_CHANNELS"
-        )
-        if act_layer is None:
-            act = check_choice("act", act, ACT_NAMES)
-        else:
-            mapped = activation_name("act_layer", act_layer)
-            act = _alias("act", act, ACT_NAMES, "hswish", "act_layer", mapped)
-        if gate_layer is None:
-            gate = check_choice("gate", gate, GATES)
-        else:
-            gate = _alias("gate", gate, GATES, "sigmoid", "gate_layer",
-                          gate_name("gate_layer", gate_layer))
-        alpha = check_unit_interval("alpha", alpha)
-        learnable_alpha = check_bool("learnable_alpha", learnable_alpha)
-        per_axis_alpha = check_bool("per_axis_alpha", per_axis_alpha)
-        learnable_beta = check_bool("learnable_beta", learnable_beta)
-        spatial_gate = check_bool("spatial_gate", spatial_gate)
-        bias = check_bool("bias", bias)
-        self.pool = check_choice("pool", pool, ("mean", "mean_max"))
-        self.gate = gate
-        axis_dilation = check_size("axis_dilation", axis_dilation, 1, MAX_KERNEL_EXTENT,
-                                   "MAX_KERNEL_EXTENT")
-        if axis_kernel is not None:
-            axis_kernel = check_size("axis_kernel", axis_kernel, 1, MAX_KERNEL_SIZE,
-                                     "MAX_KERNEL_SIZE")
-            if axis_kernel % 2 == 0:
-                raise ValueError(f"axis_kernel must be odd, got {axis_kernel}")
-            check_size("axis_dilation * (axis_kernel - 1) + 1",
-                       axis_dilation * (axis_kernel - 1) + 1, 1, MAX_KERNEL_EXTENT,
-                       "MAX_KERNEL_EXTENT")
-        elif axis_dilation != 1:
-            raise ValueError(
-                f"axis_dilation={axis_dilation} needs the axis convolutions: set axis_kernel "
-                "(the seed uses 3)"
-            )
-        if bottleneck_layers not in (1, 2) or isinstance(bottleneck_layers, bool):
-            raise ValueError(f"bottleneck_layers must be 1 or 2, got {bottleneck_layers!r}")
-        head_groups = check_int("head_groups", head_groups, 1)
-        if learnable_beta and beta is None:
-            raise ValueError("learnable_beta=True needs a starting value: set beta")
-        if beta is not None:
-            beta = check_unit_interval("beta", beta)
+        backend = backend_from_fused(fused, backend, type(self).__name__)  # warns at the call
+        settings = CoordinateSettings.check(type(self).__name__,
+                                            **constructor_arguments(locals()))
+        settings.set_attributes(self)
+        self._build_layers(settings)
+        self._build_blends(settings)
+        self.gate_fn = torch.sigmoid if settings.gate == "sigmoid" else F.hardsigmoid
 
-        mid = reduced_width(
-            in_channels, reduction, min_mid_channels, rd_ratio, rd_divisor, rd_channels
-        )
-        if in_channels % head_groups or mid % head_groups:
-            raise ValueError(
-                f"head_groups={head_groups} must divide both {name}={in_channels} and "
-                f"the middle width mid={mid} (max(min_mid_channels, {name} // reduction))"
-            )
-        check_parameter_budget(owner, _parameter_count(
-            in_channels, mid, axis_kernel, bottleneck_layers, head_groups, spatial_gate, bias
-        ), f"{name}={in_channels}, mid={mid}, spatial_gate={spatial_gate}")
-
-        self.in_channels = in_channels
-        self.mid_channels = mid
-        self.axis_kernel = axis_kernel
-        self.axis_dilation = axis_dilation
-        self.per_axis_alpha = per_axis_alpha
-        self.learnable_alpha = learnable_alpha
-        self.learnable_beta = learnable_beta
-        self.bottleneck_layers = bottleneck_layers
-        self.head_groups = head_groups
-        self.spatial_gate = spatial_gate
-        self.backend = backend
-        self.act_name = act
-
-        if axis_kernel is not None:
-            k, d = axis_kernel, axis_dilation
+    def _build_layers(self, s: CoordinateSettings) -> None:
+        """The convolutions, norms and activation, in the seed's order (its state-dict keys)."""
+        c, mid, dd = s.in_channels, s.mid_channels, s.factory_kwargs
+        if s.axis_kernel is not None:
+            k, d = s.axis_kernel, s.axis_dilation
             pad = d * (k - 1) // 2
-            self.dw_h = nn.Conv2d(
-                in_channels, in_channels, (k, 1), padding=(pad, 0), dilation=(d, 1),
-                groups=in_channels, bias=False, **dd,
-            )
-            self.dw_w = nn.Conv2d(
-                in_channels, in_channels, (1, k), padding=(0, pad), dilation=(1, d),
-                groups=in_channels, bias=False, **dd,
-            )
-
-        if bottleneck_layers == 1:
-            self.conv1 = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False, **dd)
+            self.dw_h = nn.Conv2d(c, c, (k, 1), padding=(pad, 0), dilation=(d, 1), groups=c,
+                                  bias=False, **dd)
+            self.dw_w = nn.Conv2d(c, c, (1, k), padding=(0, pad), dilation=(1, d), groups=c,
+                                  bias=False, **dd)
+        if s.bottleneck_layers == 1:
+            self.conv1 = nn.Conv2d(c, mid, kernel_size=1, bias=False, **dd)
             self.bn1 = nn.BatchNorm2d(mid, **dd)
         else:
-            self.conv1a = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False, **dd)
+            self.conv1a = nn.Conv2d(c, mid, kernel_size=1, bias=False, **dd)
             self.bn1a = nn.BatchNorm2d(mid, **dd)
             self.conv1b = nn.Conv2d(mid, mid, kernel_size=1, bias=False, **dd)
             self.bn1b = nn.BatchNorm2d(mid, **dd)
-        self.act = make_activation(act, act_layer)
+        self.act = make_activation(s.act_name, s.act_layer)
+        self.conv_h = nn.Conv2d(mid, c, kernel_size=1, groups=s.head_groups, bias=s.bias, **dd)
+        self.conv_w = nn.Conv2d(mid, c, kernel_size=1, groups=s.head_groups, bias=s.bias, **dd)
+        if s.spatial_gate:
+            self.spatial_dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False, **dd)
+            self.spatial_pw = nn.Conv2d(c, c, 1, bias=True, **dd)
 
-        self.conv_h = nn.Conv2d(
-            mid, in_channels, kernel_size=1, groups=head_groups, bias=bias, **dd
-        )
-        self.conv_w = nn.Conv2d(
-            mid, in_channels, kernel_size=1, groups=head_groups, bias=bias, **dd
-        )
-
-        if self.per_axis_alpha:
-            _scalar(self, "alpha_h", alpha, self.learnable_alpha, dd)
-            _scalar(self, "alpha_w", alpha, self.learnable_alpha, dd)
-        else:
-            _scalar(self, "alpha", alpha, self.learnable_alpha, dd)
-        self.use_beta = beta is not None
-        if self.learnable_beta:
-            _scalar(self, "beta", beta, learnable=True, dd=dd)
+    def _build_blends(self, s: CoordinateSettings) -> None:
+        """``alpha`` (or ``alpha_h`` / ``alpha_w``) and ``beta``: parameters when learnable
+        (as ``sigmoid`` of a ``*_raw`` parameter when bounded), else buffers; a fixed beta is
+        a plain float as in the seed (outside the state dict, exact in float64)."""
+        for name in ("alpha_h", "alpha_w") if s.per_axis_alpha else ("alpha",):
+            _scalar(self, name, s.alpha, s.learnable_alpha, s.factory_kwargs)
+        self.use_beta = s.beta is not None
+        if s.learnable_beta:
+            _scalar(self, "beta", s.beta, learnable=True, dd=s.factory_kwargs)
         elif self.use_beta:
-            # As in the seed: a plain float, outside the state dict, exact in float64.
-            self.beta = beta
-
-        if self.spatial_gate:
-            self.spatial_dw = nn.Conv2d(
-                in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False, **dd
-            )
-            self.spatial_pw = nn.Conv2d(in_channels, in_channels, 1, bias=True, **dd)
-
-        self.gate_fn = torch.sigmoid if self.gate == "sigmoid" else F.hardsigmoid
-
-        bounded = check_bool("bounded", bounded)
-        if bounded and not (self.learnable_alpha or self.learnable_beta):
-            raise ValueError(
-                "bounded=True reparametrises learnable alphas and betas, but neither "
-                "learnable_alpha nor learnable_beta is set (fixed values are already checked "
-                "to lie in [0, 1])"
-            )
-        self.bounded = bounded
-        if bounded:
+            self.beta = s.beta
+        if s.bounded:
             # Replace each learnable scalar by its raw parameter (same device and dtype).
             for name in self._scalar_names():
                 value = getattr(self, name)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +27,16 @@ from ..core.validation import (
     check_size,
 )
 from .aux_loss import RouterAuxMixin
-from .factory import ActLayer, activation_name, factory_kwargs, gate_name, make_activation
+from .factory import (
+    ActLayer,
+    BlockSettings,
+    activation_name,
+    check_reduction,
+    constructor_arguments,
+    gate_name,
+    make_activation,
+)
 from .kernels import (
-    BACKENDS,
     Backend,
     backend_from_fused,
     check_triton_input,
@@ -95,10 +103,119 @@ def _channels_or_old_kernels(owner: str, channels: object, kernels: object):
             f"convention), and this will be an error in 0.3: write "
             f"{owner}(kernels={tuple(channels)!r})",
             FutureWarning,
-            stacklevel=3,
+            stacklevel=4,  # the constructor's caller (via the settings' check)
         )
         return None, channels
     return check_size("channels", channels, 1, MAX_CHANNELS, "MAX_CHANNELS"), kernels
+
+
+@dataclass(frozen=True)
+class DynamicSpatialSettings(BlockSettings):
+    """What the arguments of a :class:`DynamicSpatialAttention` resolve to, checked:
+    :meth:`check` is the one place that validates them, the constructor builds the layers
+    from the result (aliases resolved: ``gate_layer`` -> ``gate``, ``act_layer`` ->
+    ``router_act``; timm's ``rd_*`` checked and left out, see the class's docs)."""
+
+    channels: int | None
+    kernel_sizes: tuple[int, ...]  # the plain branches, odd
+    use_dilated: bool
+    dilated_kernel: int | None  # odd; None without use_dilated
+    dilated_d: int | None
+    gate: str
+    router_act: str
+    act_layer: object  # the class passed as act_layer (it is the one that runs), or None
+    temperature: float
+    learnable_temperature: bool
+    eps: float
+    router_hidden: int
+    bias: bool
+    return_router_weights: bool
+    return_mask: bool
+
+    ATTRIBUTES: ClassVar[tuple[str, ...]] = (
+        "channels", "eps", "return_router_weights", "return_mask", "backend", "gate",
+        "router_act", "kernel_sizes", "use_dilated", "learnable_temperature",
+    )
+
+    @classmethod
+    def check(
+        cls, owner: str, *, channels, kernels, use_dilated, dilated_kernel, dilated_d, gate,
+        temperature, learnable_temperature, eps, router_hidden, bias, return_router_weights,
+        return_mask, backend, fused, rd_ratio, rd_divisor, rd_channels, act_layer, gate_layer,
+        device, dtype,
+    ) -> DynamicSpatialSettings:
+        """Every argument of the constructor by name (``fused`` is already mapped onto
+        ``backend`` there); a ``TypeError`` / ``ValueError`` names the first bad one."""
+        del fused
+        channels, kernels = _channels_or_old_kernels(owner, channels, kernels)
+        backend, dd = cls.check_backend_and_factory(owner, backend, device, dtype)
+        temperature = check_float32_temperature(check_positive_float("temperature", temperature))
+        gate = check_choice("gate", gate, _GATES)
+        if gate_layer is not None:
+            mapped = gate_name("gate_layer", gate_layer)
+            if gate not in ("sigmoid", mapped):
+                raise ValueError(
+                    f"gate_layer gives {mapped!r} but gate={gate!r}: give one of them"
+                )
+            gate = mapped
+        act = "relu" if act_layer is None else activation_name("act_layer", act_layer)
+        check_reduction(rd_ratio, rd_divisor, rd_channels)  # accepted from timm, not used
+        router_hidden = check_size(
+            "router_hidden", router_hidden, 1, MAX_ROUTER_HIDDEN, "MAX_ROUTER_HIDDEN"
+        )
+        eps = check_nonnegative_float("eps", eps)
+        use_dilated = check_bool("use_dilated", use_dilated)
+        learnable_temperature = check_bool("learnable_temperature", learnable_temperature)
+        bias = check_bool("bias", bias)
+        return_router_weights = check_bool("return_router_weights", return_router_weights)
+        return_mask = check_bool("return_mask", return_mask)
+        if learnable_temperature and temperature <= eps:
+            raise ValueError(
+                f"temperature={temperature!r} must exceed eps={eps!r} when "
+                "learnable_temperature=True: T = softplus(t_raw) + eps is always above eps"
+            )
+        ks = _branch_kernels(kernels, use_dilated)
+        dk, dilated_d = (_dilated_branch(dilated_kernel, dilated_d) if use_dilated
+                         else (None, None))
+        if not return_mask and return_router_weights:
+            raise ValueError(
+                "return_mask=False (return y alone) contradicts return_router_weights=True"
+            )
+        return cls(
+            channels=channels, kernel_sizes=ks, use_dilated=use_dilated, dilated_kernel=dk,
+            dilated_d=dilated_d, gate=gate, router_act=act, act_layer=act_layer,
+            temperature=temperature, learnable_temperature=learnable_temperature, eps=eps,
+            router_hidden=router_hidden, bias=bias,
+            return_router_weights=return_router_weights, return_mask=return_mask,
+            backend=backend, factory_kwargs=dd,
+        )
+
+
+def _branch_kernels(kernels: object, use_dilated: bool) -> tuple[int, ...]:
+    """The plain branches' kernel sizes, odd (an even size raised by one, as in the seed)."""
+    if isinstance(kernels, (str, bytes)) or not isinstance(kernels, Sequence):
+        raise TypeError(f"kernels must be a sequence of ints, got {kernels!r}")
+    if len(kernels) + use_dilated > MAX_BRANCHES:
+        raise ValueError(
+            f"kernels has {len(kernels)} entries, above the limit of {MAX_BRANCHES} "
+            "branches (MAX_BRANCHES in lightning_attn.core.validation)"
+        )
+    ks = tuple(_odd_kernel(f"kernels[{i}]", k) for i, k in enumerate(kernels))
+    if not ks and not use_dilated:
+        raise ValueError(
+            "DynamicSpatialAttention needs at least one branch: kernels=() with "
+            "use_dilated=False leaves none"
+        )
+    return ks
+
+
+def _dilated_branch(dilated_kernel: object, dilated_d: object) -> tuple[int, int]:
+    """``(kernel, dilation)`` of the dilated branch: an odd kernel whose span fits."""
+    dk = _odd_kernel("dilated_kernel", dilated_kernel)
+    dilated_d = check_size("dilated_d", dilated_d, 1, MAX_KERNEL_EXTENT, "MAX_KERNEL_EXTENT")
+    check_size("dilated_d * (dilated_kernel - 1) + 1", dilated_d * (dk - 1) + 1, 1,
+               MAX_KERNEL_EXTENT, "MAX_KERNEL_EXTENT")
+    return dk, dilated_d
 
 
 class DynamicSpatialAttention(RecordingMixin, RouterAuxMixin, nn.Module):
@@ -137,9 +254,14 @@ class DynamicSpatialAttention(RecordingMixin, RouterAuxMixin, nn.Module):
         fused: deprecated: ``True`` is ``backend="torch"``, ``False`` ``backend="plain"``.
         act_layer: timm's name for the router's hidden activation (default ReLU): a timm
             activation name or class, as timm's EfficientNet passes its block's activation
-            to ``se_layer``. DSA has no channel reduction, so timm's ``rd_ratio`` does not
-            apply (an unexpected keyword; timm's EfficientNet builder then leaves it out).
+            to ``se_layer``.
         gate_layer: timm's name for ``gate`` (``"sigmoid"``, ``"hard_sigmoid"`` or the class).
+        rd_ratio, rd_divisor, rd_channels: timm's channel reduction of an SE layer, which
+            timm's model configs pass to ``attn_layer`` / ``se_layer`` (NF-RegNet, RegNetZ,
+            EfficientNet, CSPNet ...). Checked as timm means them (``rd_ratio`` in ``(0, 1]``,
+            ``rd_divisor`` with ``rd_ratio``, ints ``>= 1``) and then not used: DSA has no
+            channel reduction (its router starts from the 2-channel mean/max summary, its only
+            width is ``router_hidden``), so they cannot change what it computes.
         device, dtype: where and in which floating dtype the parameters and buffers are
             created (the ``torch.nn`` factory keywords, which timm passes).
 
@@ -177,104 +299,48 @@ class DynamicSpatialAttention(RecordingMixin, RouterAuxMixin, nn.Module):
         *,
         act_layer: ActLayer | None = None,
         gate_layer: ActLayer | None = None,
+        rd_ratio: float | None = None,
+        rd_divisor: int | None = None,
+        rd_channels: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        owner = type(self).__name__
-        channels, kernels = _channels_or_old_kernels(owner, channels, kernels)
-        dd = factory_kwargs(device, dtype)
-        backend = check_choice("backend", backend_from_fused(fused, backend, owner), BACKENDS)
-        if backend == "triton":
-            load_triton_ops(f"{owner}(backend='triton')")
-        temperature = check_float32_temperature(check_positive_float("temperature", temperature))
-        gate = check_choice("gate", gate, _GATES)
-        if gate_layer is not None:
-            mapped = gate_name("gate_layer", gate_layer)
-            if gate not in ("sigmoid", mapped):
-                raise ValueError(
-                    f"gate_layer gives {mapped!r} but gate={gate!r}: give one of them"
-                )
-            gate = mapped
-        act = "relu" if act_layer is None else activation_name("act_layer", act_layer)
-        router_hidden = check_size(
-            "router_hidden", router_hidden, 1, MAX_ROUTER_HIDDEN, "MAX_ROUTER_HIDDEN"
-        )
-        eps = check_nonnegative_float("eps", eps)
-        use_dilated = check_bool("use_dilated", use_dilated)
-        learnable_temperature = check_bool("learnable_temperature", learnable_temperature)
-        bias = check_bool("bias", bias)
-        return_router_weights = check_bool("return_router_weights", return_router_weights)
-        return_mask = check_bool("return_mask", return_mask)
-        if learnable_temperature and temperature <= eps:
-            raise ValueError(
-                f"temperature={temperature!r} must exceed eps={eps!r} when "
-                "learnable_temperature=True: T = softplus(t_raw) + eps is always above eps"
-            )
-        if isinstance(kernels, (str, bytes)) or not isinstance(kernels, Sequence):
-            raise TypeError(f"kernels must be a sequence of ints, got {kernels!r}")
-        if len(kernels) + use_dilated > MAX_BRANCHES:
-            raise ValueError(
-                f"kernels has {len(kernels)} entries, above the limit of {MAX_BRANCHES} "
-                "branches (MAX_BRANCHES in lightning_attn.core.validation)"
-            )
-        ks = [_odd_kernel(f"kernels[{i}]", k) for i, k in enumerate(kernels)]
-        if use_dilated:
-            dk = _odd_kernel("dilated_kernel", dilated_kernel)
-            dilated_d = check_size(
-                "dilated_d", dilated_d, 1, MAX_KERNEL_EXTENT, "MAX_KERNEL_EXTENT"
-            )
-            check_size("dilated_d * (dilated_kernel - 1) + 1", dilated_d * (dk - 1) + 1, 1,
-                       MAX_KERNEL_EXTENT, "MAX_KERNEL_EXTENT")
-        if not ks and not use_dilated:
-            raise ValueError(
-                "DynamicSpatialAttention needs at least one branch: kernels=() with "
-                "use_dilated=False leaves none"
-            )
-
-        if not return_mask and return_router_weights:
-            raise ValueError(
-                "return_mask=False (return y alone) contradicts return_router_weights=True"
-            )
-
-        self.channels = channels
-        self.eps = eps
-        self.return_router_weights = return_router_weights
-        self.return_mask = return_mask
-        self.backend = backend
-        self.gate = gate
-        self.router_act = act
-        self.kernel_sizes = tuple(ks)
-        self.use_dilated = use_dilated
-
-        self.branches = nn.ModuleList(
-            nn.Conv2d(2, 1, kernel_size=k, padding=k // 2, bias=False, **dd) for k in ks
-        )
-        if use_dilated:
-            self.branches.append(
-                nn.Conv2d(
-                    2, 1, kernel_size=dk, padding=dilated_d * (dk - 1) // 2,
-                    dilation=dilated_d, bias=False, **dd,
-                )
-            )
-        self.num_branches = len(self.branches)
-        self.branch_names = tuple(f"{k}x{k}" for k in ks) + (
-            (f"{dk}x{dk} d{dilated_d}",) if use_dilated else ()
-        )
-        self.gate_fn = torch.sigmoid if gate == "sigmoid" else F.hardsigmoid
-
-        self.learnable_temperature = learnable_temperature
-        if self.learnable_temperature:
-            self.t_raw = nn.Parameter(torch.tensor(_inverse_softplus(temperature, eps), **dd))
+        backend = backend_from_fused(fused, backend, type(self).__name__)  # warns at the call
+        settings = DynamicSpatialSettings.check(type(self).__name__,
+                                                **constructor_arguments(locals()))
+        settings.set_attributes(self)
+        self._build_branches(settings)
+        self.gate_fn = torch.sigmoid if settings.gate == "sigmoid" else F.hardsigmoid
+        dd = settings.factory_kwargs
+        if settings.learnable_temperature:
+            t_raw = _inverse_softplus(settings.temperature, settings.eps)
+            self.t_raw = nn.Parameter(torch.tensor(t_raw, **dd))
         else:
-            self.register_buffer("T", torch.tensor(temperature, **dd))
-
+            self.register_buffer("T", torch.tensor(settings.temperature, **dd))
         self.router = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(2, router_hidden, 1, bias=bias, **dd),
-            make_activation(act, act_layer),
-            nn.Conv2d(router_hidden, self.num_branches, 1, bias=bias, **dd),
+            nn.Conv2d(2, settings.router_hidden, 1, bias=settings.bias, **dd),
+            make_activation(settings.router_act, settings.act_layer),
+            nn.Conv2d(settings.router_hidden, self.num_branches, 1, bias=settings.bias, **dd),
         )
+
+    def _build_branches(self, s: DynamicSpatialSettings) -> None:
+        """One ``Conv2d(2 -> 1, k)`` per plain kernel, then the dilated one (``branches``),
+        with their count and labels (``num_branches``, ``branch_names``)."""
+        dd = s.factory_kwargs
+        self.branches = nn.ModuleList(
+            nn.Conv2d(2, 1, kernel_size=k, padding=k // 2, bias=False, **dd)
+            for k in s.kernel_sizes
+        )
+        names = [f"{k}x{k}" for k in s.kernel_sizes]
+        if s.use_dilated:
+            k, d = s.dilated_kernel, s.dilated_d
+            self.branches.append(nn.Conv2d(2, 1, kernel_size=k, padding=d * (k - 1) // 2,
+                                           dilation=d, bias=False, **dd))
+            names.append(f"{k}x{k} d{d}")
+        self.num_branches = len(self.branches)
+        self.branch_names = tuple(names)
 
     def _get_T(self) -> torch.Tensor:
         if self.learnable_temperature:

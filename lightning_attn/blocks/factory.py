@@ -8,8 +8,11 @@ So that both blocks are drop-ins wherever timm takes an attention layer
   usually ``None``): parameters and buffers are created there directly;
 - timm's layer names: ``act_layer`` and ``gate_layer`` as timm's activation names
   (``"swish"``, ``"hard_swish"``, ``"hard_sigmoid"``, ...) or classes (``nn.SiLU``,
-  ``nn.Hardswish``, timm's own ``HardSwish`` ...), and, where a block has a reduced middle
-  width, ``rd_ratio`` / ``rd_divisor`` / ``rd_channels``.
+  ``nn.Hardswish``, timm's own ``HardSwish`` ...), ``bias``, and timm's channel reduction
+  ``rd_ratio`` / ``rd_divisor`` / ``rd_channels`` (a middle width where a block has one,
+  checked and unused where it has none);
+- every other keyword timm's model configs pass to an attention layer is refused, with its
+  reason in :data:`TIMM_KEYWORDS_REFUSED`.
 
 Nothing here imports timm: timm's classes are recognised by their module and name.
 """
@@ -18,26 +21,43 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.tensor_checks import check_device, check_dtype
-from ..core.validation import MAX_CHANNELS, check_finite_float, check_size
+from ..core.validation import MAX_CHANNELS, check_choice, check_finite_float, check_size
+from .kernels import BACKENDS, load_triton_ops
 
 __all__ = [
     "ACTIVATIONS",
     "ActLayer",
+    "BlockSettings",
     "GATES",
     "HSwish",
+    "TIMM_KEYWORDS_REFUSED",
     "activation_name",
+    "check_reduction",
+    "constructor_arguments",
     "factory_kwargs",
     "gate_name",
     "make_activation",
     "make_divisible",
 ]
+
+
+#: The keywords timm's model configs pass to ``attn_layer`` / ``se_layer`` that neither
+#: block takes (a ``TypeError`` names them), each with the reason.
+TIMM_KEYWORDS_REFUSED: Mapping[str, str] = MappingProxyType({
+    "block_size": "the block size of timm's BatNonLocalAttn, which bat_resnext26ts's config "
+                  "passes along with attn_layer='bat'; neither block has blocks of positions. "
+                  "Replacing that layer, pass attn_kwargs={} too",
+})
 
 
 class HSwish(nn.Module):
@@ -179,6 +199,45 @@ def gate_name(argument: str, value: object) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class BlockSettings:
+    """The checked settings of a block, what its layers are built from: each block's own
+    subclass adds its fields and a ``check`` classmethod, the one place its constructor's
+    arguments are validated."""
+
+    backend: str
+    factory_kwargs: Mapping[str, object]  # device / dtype for the torch.nn constructors
+
+    #: The settings the block keeps as plain attributes (its forward reads them).
+    ATTRIBUTES: ClassVar[tuple[str, ...]] = ("backend",)
+
+    @staticmethod
+    def check_backend_and_factory(
+        owner: str, backend: object, device: object, dtype: object
+    ) -> tuple[str, dict[str, object]]:
+        """``(backend, factory_kwargs)`` checked, the Triton kernels loaded for ``"triton"``
+        (a clear error where they cannot load, before anything is built)."""
+        dd = factory_kwargs(device, dtype)
+        backend = check_choice("backend", backend, BACKENDS)
+        if backend == "triton":
+            load_triton_ops(f"{owner}(backend='triton')")
+        return backend, dd
+
+    def set_attributes(self, module: nn.Module) -> None:
+        """Set :attr:`ATTRIBUTES` on ``module``: plain attributes, which a forward reads as
+        constants and a user may still change (``block.backend = "plain"``)."""
+        for name in self.ATTRIBUTES:
+            setattr(module, name, getattr(self, name))
+
+
+def constructor_arguments(frame_locals: Mapping[str, object]) -> dict[str, object]:
+    """The arguments of a constructor, from its ``locals()`` taken before it binds any other
+    name: each parameter by name, less ``self`` and the ``__class__`` cell of a method that
+    calls ``super()``. A block hands them all to its one check this way, so a new keyword
+    cannot be forgotten there (the check takes each by name and refuses one it lacks)."""
+    return {k: v for k, v in frame_locals.items() if k not in ("self", "__class__")}
+
+
 def factory_kwargs(device: object, dtype: object) -> dict[str, object]:
     """``{"device": ..., "dtype": ...}`` for ``torch.nn`` layer constructors, checked."""
     return {"device": check_device("device", device), "dtype": check_dtype("dtype", dtype)}
@@ -190,6 +249,28 @@ def make_divisible(value: float, divisor: int) -> int:
     timm's ``rd_divisor``."""
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def check_reduction(
+    rd_ratio: object = None,
+    rd_divisor: object = None,
+    rd_channels: object = None,
+    limit: int = MAX_CHANNELS,
+) -> tuple[float | None, int | None, int | None]:
+    """timm's reduction keywords checked: ``rd_ratio`` in ``(0, 1]``, ``rd_divisor`` (which
+    needs ``rd_ratio``) and ``rd_channels`` ints in ``[1, limit]``; each may be ``None``."""
+    if rd_channels is not None:
+        rd_channels = check_size("rd_channels", rd_channels, 1, limit, "MAX_CHANNELS")
+    if rd_ratio is None:
+        if rd_divisor is not None:
+            raise ValueError(f"rd_divisor={rd_divisor!r} needs rd_ratio (timm's meaning)")
+        return None, None, rd_channels
+    r = check_finite_float("rd_ratio", rd_ratio)
+    if not 0 < r <= 1:
+        raise ValueError(f"rd_ratio must be in (0, 1], got {rd_ratio!r}")
+    if rd_divisor is not None:
+        rd_divisor = check_size("rd_divisor", rd_divisor, 1, limit, "MAX_CHANNELS")
+    return r, rd_divisor, rd_channels
 
 
 def reduced_width(
@@ -214,28 +295,24 @@ def reduced_width(
     An explicit ``reduction`` or ``min_mid_channels`` that contradicts them is a
     ``ValueError``.
     """
+    rd_ratio, rd_divisor, rd_channels = check_reduction(rd_ratio, rd_divisor, rd_channels, limit)
     if rd_channels is not None:
-        mid = check_size("rd_channels", rd_channels, 1, limit, "MAX_CHANNELS")
         if reduction != default_reduction or min_mid_channels != default_min_mid:
             raise ValueError(
                 f"rd_channels={rd_channels!r} sets the middle width exactly; it contradicts "
                 f"reduction={reduction!r} / min_mid_channels={min_mid_channels!r}: give one"
             )
-        return mid
+        return rd_channels
     if rd_ratio is None:
-        if rd_divisor is not None:
-            raise ValueError(f"rd_divisor={rd_divisor!r} needs rd_ratio (timm's meaning)")
         return max(min_mid_channels, channels // reduction)
-    r = check_finite_float("rd_ratio", rd_ratio)
-    if not 0 < r <= 1:
-        raise ValueError(f"rd_ratio must be in (0, 1], got {rd_ratio!r}")
-    if reduction != default_reduction and not math.isclose(reduction * r, 1.0, rel_tol=1e-6):
+    if reduction != default_reduction and not math.isclose(
+        reduction * rd_ratio, 1.0, rel_tol=1e-6
+    ):
         raise ValueError(
             f"rd_ratio={rd_ratio!r} contradicts reduction={reduction!r}: give one of them"
         )
     # 1e-9 absorbs the binary rounding of 1/n (49 * (1/49) is 0.9999999999999999).
-    width = channels * r
+    width = channels * rd_ratio
     if rd_divisor is not None:
-        d = check_size("rd_divisor", rd_divisor, 1, limit, "MAX_CHANNELS")
-        return max(min_mid_channels, make_divisible(width, d))
+        return max(min_mid_channels, make_divisible(width, rd_divisor))
     return max(min_mid_channels, math.floor(width + 1e-9))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ def check_config(
     downsample: str,
     dropout: float,
     stem_stride: int = 1,
+    attention_factories: Mapping[str, Callable[..., nn.Module]] | None = None,
 ) -> None:
     """Raise a ``ValueError`` / ``TypeError`` naming the first bad argument and its value."""
     check_int("in_channels", in_channels, 1)
@@ -44,8 +45,9 @@ def check_config(
         check_int(f"stage_widths[{i}]", w, 1)
     check_int("depth", depth, 1)
     check_int("stem_stride", stem_stride, 1)
-    if not isinstance(attention, str) or attention not in attention_names():
-        raise ValueError(f"unknown attention {attention!r}; known names: {attention_names()}")
+    known = attention_names(attention_factories)
+    if not isinstance(attention, str) or attention not in known:
+        raise ValueError(f"unknown attention {attention!r}; known names: {known}")
     if attention_kwargs is not None and not isinstance(attention_kwargs, Mapping):
         raise TypeError(f"attention_kwargs must be a dict or None, got {attention_kwargs!r}")
     check_choice("activation", activation, tuple(ACTIVATIONS))
@@ -69,9 +71,12 @@ class ConvBNAct(nn.Sequential):
         )
 
 
-def _make_block(name: str, channels: int, kwargs: Mapping[str, Any]) -> nn.Module:
+def _make_block(
+    name: str, channels: int, kwargs: Mapping[str, Any],
+    factories: Mapping[str, Callable[..., nn.Module]] | None,
+) -> nn.Module:
     try:
-        return create_attention(name, channels, **dict(kwargs))
+        return create_attention(name, channels, factories=factories, **dict(kwargs))
     except TypeError as err:  # an unknown keyword: say which block and which kwargs
         raise TypeError(f"attention_kwargs {dict(kwargs)!r} do not fit {name!r}: {err}") from err
 
@@ -82,8 +87,10 @@ class AttentionCNN(nn.Module):
     ``features`` is ``stage1, attn1, stage2, attn2, ...``: stage ``i`` is ``depth`` ConvBNAct
     layers of width ``stage_widths[i]``, preceded (for ``i > 0``) by a 2x downsampling
     (max-pool, avg-pool or a stride-2 first conv); ``attn{i}`` is
-    ``OutputOnly(create_attention(attention, width, **attention_kwargs))``. The very first
-    conv has stride ``stem_stride`` (2 quarters the cost of every stage on large images).
+    ``OutputOnly(create_attention(attention, width, **attention_kwargs))`` (``attention`` may
+    name one of ``attention_factories``, blocks of your own for this network: see
+    :func:`~lightning_attn.blocks.create_attention`). The very first conv has stride
+    ``stem_stride`` (2 quarters the cost of every stage on large images).
 
     Shapes: ``x (B,in_channels,H,W) -> logits (B,num_classes)``;
     ``H, W >= stem_stride * 2**(stages-1)``.
@@ -101,11 +108,12 @@ class AttentionCNN(nn.Module):
         downsample: Downsample = "maxpool",
         dropout: float = 0.0,
         stem_stride: int = 1,
+        attention_factories: Mapping[str, Callable[..., nn.Module]] | None = None,
     ) -> None:
         super().__init__()
         check_config(
             in_channels, num_classes, stage_widths, depth, attention, attention_kwargs,
-            activation, downsample, dropout, stem_stride,
+            activation, downsample, dropout, stem_stride, attention_factories,
         )
         self.in_channels = in_channels
         self.num_stages = len(stage_widths)
@@ -124,7 +132,8 @@ class AttentionCNN(nn.Module):
                 stage.append(ConvBNAct(cin, width, activation, stride=stride if j == 0 else 1))
                 cin = width
             layers[f"stage{i + 1}"] = nn.Sequential(*stage)
-            layers[f"attn{i + 1}"] = OutputOnly(_make_block(attention, width, kwargs))
+            layers[f"attn{i + 1}"] = OutputOnly(
+                _make_block(attention, width, kwargs, attention_factories))
         self.features = nn.Sequential(layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)

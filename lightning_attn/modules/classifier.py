@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -79,6 +79,11 @@ _CNN_ARGUMENTS = (
     "in_channels", "stage_widths", "depth", "attention", "attention_kwargs", "activation",
     "downsample", "dropout", "stem_stride", "dsa", "coord",
 )
+# What the CNN receives otherwise than by name: its blocks' keywords, merged from these.
+_BLOCK_ARGUMENTS = ("attention_kwargs", "dsa", "coord")
+# Callables and modules: the CLI writes the first two to config.yaml, a module is weights,
+# and the factories are code (passed again to load_from_checkpoint, as backbone is).
+_NOT_HYPERPARAMETERS = ("optimizer", "lr_scheduler", "backbone", "attention_factories")
 # Where a checkpoint of a model with backbone= names the backbone's class (see
 # on_save_checkpoint): a reload without backbone= is then a clear error, not a key mismatch.
 _BACKBONE_KEY = "lightning_attn_backbone"
@@ -136,6 +141,10 @@ class AttentionClassifier(pl.LightningModule):
             Then ``train/loss`` is the cross-entropy plus ``train/aux/loss`` (the weighted
             sum), and each term with a non-zero weight is logged as ``train/aux/<term>``
             (its mean over the blocks, unweighted) at the Trainer's logging steps.
+        attention_factories: name -> ``factory(channels, **kwargs)``: blocks of your own
+            for ``attention`` to name, for this model only (see
+            :func:`~lightning_attn.blocks.create_attention`); code, not a hyperparameter:
+            pass them again to ``load_from_checkpoint``.
 
     ``save_hyperparameters`` keeps everything except ``optimizer`` and ``lr_scheduler``
     (callables do not load with ``torch.load(weights_only=True)``; the CLI writes them to
@@ -165,6 +174,7 @@ class AttentionClassifier(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         backbone: nn.Module | None = None,
         aux_loss: AuxLossWeights = AuxLossWeights(),  # noqa: B008  (frozen)
+        attention_factories: Mapping[str, Callable[..., nn.Module]] | None = None,
     ) -> None:
         super().__init__()
         # Plain dicts before save_hyperparameters reads them: checkpoints load with
@@ -172,32 +182,13 @@ class AttentionClassifier(pl.LightningModule):
         dsa, coord = block_options("dsa", dsa), block_options("coord", coord)
         aux_weights = AuxLossWeights.coerce(aux_loss)
         aux_loss = dataclasses.asdict(aux_weights)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "backbone"])
-        if backbone is not None:
-            _check_backbone_arguments(backbone, self.hparams)
-            check_int("num_classes", num_classes, 2)
-            self.net = backbone
-        else:
-            self.net = AttentionCNN(
-                in_channels=in_channels,
-                num_classes=num_classes,
-                stage_widths=stage_widths,
-                depth=depth,
-                attention=attention,
-                attention_kwargs=block_kwargs(
-                    attention, {"dsa": dsa, "coord": coord}, attention_kwargs
-                ),
-                activation=activation,
-                downsample=downsample,
-                dropout=dropout,
-                stem_stride=stem_stride,
-            )
+        self.save_hyperparameters(ignore=list(_NOT_HYPERPARAMETERS))
+        self.net = self._network(backbone, attention_factories)
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_acc, self.val_acc, self.test_acc = (
+            MulticlassAccuracy(num_classes, average="micro") for _ in range(3))
         self.block_names: list[str] = []
         self.val_loc = nn.ModuleList()
         self.test_loc = nn.ModuleList()
@@ -210,6 +201,31 @@ class AttentionClassifier(pl.LightningModule):
                 f"attention={attention!r} has none: use attention='dsa' or zero weights"
             )
         self._log_schedule = LoggingSchedule()
+
+    def _network(
+        self, backbone: nn.Module | None,
+        factories: Mapping[str, Callable[..., nn.Module]] | None,
+    ) -> nn.Module:
+        """``backbone`` (then the CNN's arguments must keep their defaults), else the built-in
+        :class:`AttentionCNN` from the hyperparameters."""
+        hp = self.hparams
+        if backbone is not None:
+            if factories is not None:
+                raise ValueError(
+                    "attention_factories name blocks for the built-in AttentionCNN, which "
+                    f"backbone={type(backbone).__name__} replaces: leave them out"
+                )
+            _check_backbone_arguments(backbone, hp)
+            check_int("num_classes", hp.num_classes, 2)
+            return backbone
+        return AttentionCNN(
+            **{name: hp[name] for name in _CNN_ARGUMENTS if name not in _BLOCK_ARGUMENTS},
+            num_classes=hp.num_classes,
+            attention_kwargs=block_kwargs(
+                hp.attention, {"dsa": hp.dsa, "coord": hp.coord}, hp.attention_kwargs
+            ),
+            attention_factories=factories,
+        )
 
     def _sync_blocks(self) -> None:
         """One localisation metric per attention block of ``self.net``: again whenever the

@@ -3,7 +3,7 @@ keeping every existing state-dict key."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -38,20 +38,76 @@ def _last_channels(module: nn.Module) -> int | None:
     return found
 
 
-def _output_shapes(
+#: The two layouts of a 4-D feature map, in timm's names (``output_fmt``): channels at dim 1
+#: (convolutional stages) or last (timm's and torchvision's Swin stages, token MLPs).
+LAYOUTS = ("NCHW", "NHWC")
+
+
+def _width(module: nn.Module) -> tuple[int, int] | None:
+    """``(width, dim)`` a module's output carries its width in, when it says so: 1 for
+    convolutions and the norms of ``(B, C, H, W)`` maps (``out_channels``, ``num_features``,
+    ``num_channels``), 3 for linear layers and LayerNorm, which act on the last dim
+    (``out_features``, ``normalized_shape``; a ``...2d`` norm such as timm's ``LayerNorm2d``
+    normalises dim 1)."""
+    for attr, dim in (("out_channels", 1), ("num_features", 1), ("num_channels", 1),
+                      ("out_features", 3)):
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, dim
+    shape = getattr(module, "normalized_shape", None)
+    if isinstance(shape, tuple) and len(shape) == 1 and isinstance(shape[0], int):
+        return shape[0], 1 if type(module).__name__.endswith("2d") else 3
+    return None
+
+
+class _FeatureMap:
+    """What one example pass saw of a target: its output's shape (or type's name) and, for
+    each of its submodules that ran and declares a width, ``(width, dim, output shape)``."""
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, ...] | str | None = None
+        self.widths: list[tuple[int, int, tuple[int, ...]]] = []
+
+    def layout(self, name: str) -> str:
+        """``"NHWC"`` when the submodules whose output has the target's shape put their width
+        in the last dim, ``"NCHW"`` when they put it in dim 1 or none says (the convention);
+        a ``ValueError`` when they disagree."""
+        dims = set()
+        for width, prior, shape in self.widths:
+            if shape == self.shape:
+                found = {d for d in (1, 3) if shape[d] == width}
+                dims |= {prior} if len(found) == 2 else found  # C == W: the module's own dim
+        if dims == {1, 3}:
+            raise ValueError(
+                f"cannot tell the layout of the output of {name!r} (shape {self.shape}): its "
+                "submodules give channels both in dim 1 (B, C, H, W) and in the last dim "
+                "(B, H, W, C); pass output_fmt='NCHW' or 'NHWC'"
+            )
+        return "NHWC" if dims == {3} else "NCHW"
+
+
+def _feature_maps(
     model: nn.Module, names: Sequence[str], example_input: torch.Tensor
-) -> dict[str, tuple[int, ...] | str]:
-    """Shape of each named submodule's output (the type's name when it is not a tensor: the
-    block would receive it as it is) on one ``eval``/no-grad pass of the model; names never
-    called are absent."""
-    seen: dict[str, tuple[int, ...] | str] = {}
+) -> dict[str, _FeatureMap]:
+    """What each named submodule outputs (its shape, or its type's name when it is not a
+    tensor: the block would receive it as it is) on one ``eval``/no-grad pass of the model,
+    with the widths its submodules declare; names never called keep ``shape=None``."""
+    seen = {name: _FeatureMap() for name in names}
     handles = []
     for name in names:
 
-        def hook(_mod, _inp, out, name=name):
-            seen[name] = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        def output(_mod, _inp, out, name=name):
+            seen[name].shape = (
+                tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__)
 
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
+        def width(mod, _inp, out, name=name):
+            declared = _width(mod)
+            if declared is not None and isinstance(out, torch.Tensor) and out.dim() == 4:
+                seen[name].widths.append((*declared, tuple(out.shape)))
+
+        target = model.get_submodule(name)
+        handles.append(target.register_forward_hook(output))
+        handles += [m.register_forward_hook(width) for m in target.modules()]
     was_training = model.training
     try:
         model.eval()
@@ -74,8 +130,8 @@ def _output_shapes(
     return seen
 
 
-def _feature_map_channels(name: str, shape: tuple[int, ...] | str | None) -> int:
-    """``C`` of a ``(B, C, H, W)`` output shape, or a ``ValueError`` saying what was seen."""
+def _check_feature_map(name: str, shape: tuple[int, ...] | str | None) -> None:
+    """A ``ValueError`` unless ``shape`` is that of a 4-D feature map."""
     if shape is None:
         raise ValueError(
             f"{name!r} was not called during the forward pass of example_input, so no "
@@ -87,7 +143,41 @@ def _feature_map_channels(name: str, shape: tuple[int, ...] | str | None) -> int
             f"the output of {name!r} is not a 4-D (B, C, H, W) feature map: got {seen} on "
             "example_input; attention blocks go after convolutional stages"
         )
-    return shape[1]
+
+
+def _check_output_fmt(
+    names: list[str], output_fmt: str | Mapping[str, str] | None
+) -> dict[str, str]:
+    if output_fmt is None:
+        return {}
+    if isinstance(output_fmt, str):
+        output_fmt = dict.fromkeys(names, output_fmt)
+    if not isinstance(output_fmt, Mapping):
+        raise TypeError(
+            f"output_fmt must be 'NCHW', 'NHWC', a dict name -> one of them, or None, got "
+            f"{output_fmt!r}"
+        )
+    unknown = sorted(set(output_fmt) - set(names))
+    if unknown:
+        raise ValueError(f"output_fmt names {unknown}, which are not in after={names}")
+    for fmt in output_fmt.values():
+        if fmt not in LAYOUTS:
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {fmt!r}")
+    return dict(output_fmt)
+
+
+def _layouts(
+    model: nn.Module, names: Sequence[str], example_input: torch.Tensor,
+    given: Mapping[str, str],
+) -> dict[str, tuple[int, str]]:
+    """``(C, layout)`` of each named submodule's output on ``example_input``: the layout in
+    ``given``, else read from its submodules (:meth:`_FeatureMap.layout`)."""
+    out = {}
+    for name, seen in _feature_maps(model, names, example_input).items():
+        _check_feature_map(name, seen.shape)
+        layout = given.get(name) or seen.layout(name)
+        out[name] = (seen.shape[3] if layout == "NHWC" else seen.shape[1], layout)
+    return out
 
 
 def infer_out_channels(
@@ -95,9 +185,10 @@ def infer_out_channels(
 ) -> dict[str, int]:
     """Output channels of each named submodule.
 
-    With ``example_input``: dim 1 of each output on one ``eval``/no-grad forward of ``model``
-    (forward hooks, removed afterwards; train/eval mode restored); an output that is not a
-    4-D ``(B, C, H, W)`` map, or a submodule the pass never calls, is a ``ValueError``.
+    With ``example_input``: ``C`` of each output on one ``eval``/no-grad forward of ``model``
+    (forward hooks, removed afterwards; train/eval mode restored): dim 1, or the last dim of
+    a channels-last ``(B, H, W, C)`` output (a Swin stage; see :func:`insert_attention`). An
+    output that is not 4-D, or a submodule the pass never calls, is a ``ValueError``.
 
     Without it, in this order of evidence:
 
@@ -110,8 +201,7 @@ def infer_out_channels(
     Raises ``ValueError`` for a submodule where none of these applies.
     """
     if example_input is not None:
-        shapes = _output_shapes(model, names, example_input)
-        return {name: _feature_map_channels(name, shapes.get(name)) for name in names}
+        return {n: c for n, (c, _) in _layouts(model, names, example_input, {}).items()}
     out: dict[str, int] = {}
     for name in names:
         module = model.get_submodule(name)
@@ -127,7 +217,8 @@ def infer_out_channels(
 
 class _ApplyAttention:
     """The forward hook :func:`insert_attention` puts on a target: ``output -> y`` of the
-    block registered as ``host.<attr>``.
+    block registered as ``host.<attr>``, permuted around the block when the target's output
+    is channels-last (``layout="NHWC"``: the block sees ``(B, C, H, W)``).
 
     The block is looked up on every call (not held), so the hook always runs the block the
     model's state dict holds and says so clearly when it was deleted. A plain class (not a
@@ -135,10 +226,19 @@ class _ApplyAttention:
     ``host`` to the copy's own module).
     """
 
-    def __init__(self, host: nn.Module, attr: str, target: str) -> None:
+    # Class-level defaults: a hook pickled before these existed reads channels-first.
+    channels: int | None = None
+    layout: str = "NCHW"
+
+    def __init__(
+        self, host: nn.Module, attr: str, target: str, channels: int | None = None,
+        layout: str = "NCHW",
+    ) -> None:
         self.host = host
         self.attr = attr
         self.target = target
+        self.channels = channels
+        self.layout = layout
 
     def block(self) -> nn.Module | None:
         return self.host._modules.get(self.attr)
@@ -151,7 +251,33 @@ class _ApplyAttention:
                 f"from {type(self.host).__name__}; take the insertion out with "
                 f"remove_attention(model, [{self.target!r}])"
             )
+        if not isinstance(output, torch.Tensor) or output.dim() != 4:
+            return first_tensor(block(output))  # the block says what it expected
+        self._check_layout(output)
+        if self.layout == "NHWC":
+            y = first_tensor(block(output.permute(0, 3, 1, 2)))
+            return y.permute(0, 2, 3, 1).contiguous()
         return first_tensor(block(output))
+
+    def _check_layout(self, output: torch.Tensor) -> None:
+        """A ``ValueError`` naming the layout when ``output`` does not carry the block's
+        channels where its layout says (a wrong channel count in the right place is the
+        block's to report, as for a block built by hand)."""
+        c, shape = self.channels, tuple(output.shape)
+        if c is None:
+            return
+        if self.layout == "NCHW" and shape[1] != c and shape[3] == c:
+            seen, fix = "channels-last, (B, H, W, C)", "NHWC"
+        elif self.layout == "NHWC" and shape[3] != c:
+            seen = "channels-first, (B, C, H, W)" if shape[1] == c else f"to hold no C={c}"
+            fix = "NCHW"
+        else:
+            return
+        raise ValueError(
+            f"the output of {self.target!r} has shape {shape}: it looks {seen}, but the block "
+            f"{self.attr!r} after it was inserted for an {self.layout} map with C={c}; insert "
+            f"it again with example_input (which reads the layout) or output_fmt={fix!r}"
+        )
 
 
 def _like(block: nn.Module, model: nn.Module, target: str, kwargs: Mapping) -> nn.Module:
@@ -248,6 +374,8 @@ def insert_attention(
     *,
     channels: int | Mapping[str, int] | None = None,
     example_input: torch.Tensor | None = None,
+    output_fmt: str | Mapping[str, str] | None = None,
+    factories: Mapping[str, Callable[..., nn.Module]] | None = None,
     **kwargs,
 ) -> nn.Module:
     """Insert an attention block after each submodule named in ``after`` (in place), keeping
@@ -280,14 +408,29 @@ def insert_attention(
     Args:
         model: any ``nn.Module`` whose named submodules output ``(B, C, H, W)`` features.
         after: dotted submodule names as in ``model.named_modules()``.
-        name: block name for :func:`~lightning_attn.create_attention` (``"dsa"``,
-            ``"coord"``, ``"none"``).
+        name: block name for :func:`~lightning_attn.blocks.create_attention` (``"dsa"``,
+            ``"coord"``, ``"none"``, a registered name or one of ``factories``).
         channels: ``C`` for every block (an int) or per name (a dict); otherwise inferred
             by :func:`infer_out_channels`.
         example_input: a batch for one ``eval``/no-grad pass that reads (and checks) each
-            output's shape; a non-4-D output is a ``ValueError`` naming its shape, and so is
-            an error of the model on it.
+            output's shape and layout; a non-4-D output is a ``ValueError`` naming its shape,
+            and so is an error of the model on it.
+        output_fmt: the layout of the outputs (one for all, or per name): ``"NCHW"``
+            (``(B, C, H, W)``) or ``"NHWC"`` (channels-last ``(B, H, W, C)``, as timm's and
+            torchvision's Swin stages give). By default read on ``example_input``, else
+            ``"NCHW"``. After an ``"NHWC"`` output the hook permutes around the block, which
+            sees ``(B, C, H, W)``, and hands on ``(B, H, W, C)``.
+        factories: name -> ``factory(channels, **kwargs)`` for this call, beside the
+            built-in and registered names (:func:`~lightning_attn.blocks.create_attention`).
         **kwargs: the block's constructor arguments.
+
+    The layout is read from the submodules that ran inside each target: those that declare
+    a width (``out_channels`` / ``num_features`` of convolutions and norms in dim 1,
+    ``out_features`` / ``normalized_shape`` of linear layers and LayerNorm in the last dim)
+    and whose output has the target's shape. If they disagree (a square map whose ``C``
+    equals its ``W``, with both kinds inside), it is a ``ValueError`` asking for
+    ``output_fmt``. Whatever the layout, each forward checks the block's ``C`` is where the
+    layout puts it, and names the layout when it is the other one.
 
     Each block is made like its target: on its device, in its floating dtype (unless
     ``device=`` / ``dtype=`` are given) and in the model's train/eval mode.
@@ -296,50 +439,70 @@ def insert_attention(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(name, str) or name not in attention_names():
-        raise ValueError(f"unknown attention {name!r}; known names: {attention_names()}")
+    known = attention_names(factories)
+    if not isinstance(name, str) or name not in known:
+        raise ValueError(f"unknown attention {name!r}; known names: {known}")
     names = _check_names(model, after)
     given = _check_channels(names, channels)
-    hosts = {}
-    for target in names:
-        existing = _hooks_of(model.get_submodule(target))
-        if existing:
-            (hook,) = existing.values()
-            raise ValueError(
-                f"{target!r} already has attention inserted after it ({hook.attr!r} in "
-                f"{type(hook.host).__name__}); call remove_attention(model, [{target!r}]) "
-                "first to replace it"
-            )
-        host, attr = _host(model, target)
-        if hasattr(host, attr):
-            raise ValueError(
-                f"cannot insert attention after {target!r}: {type(host).__name__} already "
-                f"has an attribute {attr!r}"
-            )
-        hosts[target] = (host, attr)
-    if example_input is not None:
-        seen = infer_out_channels(model, names, example_input)
-        for target, c in given.items():
-            if c != seen[target]:
-                raise ValueError(
-                    f"channels[{target!r}]={c} but the output of {target!r} on example_input "
-                    f"has {seen[target]} channels"
-                )
-        chans = {**seen, **given}
-    else:
-        todo = [n for n in names if n not in given]
-        chans = {**given, **(infer_out_channels(model, todo) if todo else {})}
+    formats = _check_output_fmt(names, output_fmt)
+    hosts = {target: _free_host(model, target) for target in names}
+    maps = _target_maps(model, names, example_input, given, formats)
     # Build every block before changing the model, so a bad keyword leaves it untouched. A
     # block takes the model's train/eval mode: a new module is in training mode, which in a
     # model set to eval would normalise with batch statistics (and update running ones).
     blocks = {
-        target: _like(create_attention(name, chans[target], **kwargs), model, target, kwargs)
-        for target in names
+        target: _like(create_attention(name, c, factories=factories, **kwargs), model, target,
+                      kwargs)
+        for target, (c, _) in maps.items()
     }
     for target, (host, attr) in hosts.items():
         host.add_module(attr, blocks[target])
-        model.get_submodule(target).register_forward_hook(_ApplyAttention(host, attr, target))
+        hook = _ApplyAttention(host, attr, target, *maps[target])
+        model.get_submodule(target).register_forward_hook(hook)
     return model
+
+
+def _free_host(model: nn.Module, target: str) -> tuple[nn.Module, str]:
+    """:func:`_host` of ``target``, or a ``ValueError`` when a block is already inserted
+    after it or the attribute name is taken."""
+    existing = _hooks_of(model.get_submodule(target))
+    if existing:
+        (hook,) = existing.values()
+        raise ValueError(
+            f"{target!r} already has attention inserted after it ({hook.attr!r} in "
+            f"{type(hook.host).__name__}); call remove_attention(model, [{target!r}]) "
+            "first to replace it"
+        )
+    host, attr = _host(model, target)
+    if hasattr(host, attr):
+        raise ValueError(
+            f"cannot insert attention after {target!r}: {type(host).__name__} already "
+            f"has an attribute {attr!r}"
+        )
+    return host, attr
+
+
+def _target_maps(
+    model: nn.Module, names: list[str], example_input: torch.Tensor | None,
+    given: Mapping[str, int], formats: Mapping[str, str],
+) -> dict[str, tuple[int, str]]:
+    """``(C, layout)`` of each target's output: read on ``example_input`` (``given`` channels
+    must agree), else ``given`` or inferred from the modules (layout: ``formats``, else
+    channels-first)."""
+    if example_input is None:
+        todo = [n for n in names if n not in given]
+        chans = {**given, **(infer_out_channels(model, todo) if todo else {})}
+        return {n: (chans[n], formats.get(n, "NCHW")) for n in names}
+    seen = _layouts(model, names, example_input, formats)
+    for target, c in given.items():
+        if c != seen[target][0]:
+            layout = seen[target][1]
+            raise ValueError(
+                f"channels[{target!r}]={c} but the output of {target!r} on example_input "
+                f"has {seen[target][0]} channels"
+                + (" (channels-last: its last dim)" if layout == "NHWC" else "")
+            )
+    return seen
 
 
 def inserted_attention(model: nn.Module) -> dict[str, nn.Module]:

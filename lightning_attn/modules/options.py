@@ -128,7 +128,8 @@ def block_kwargs(
     see :func:`block_options`) with ``attention_kwargs`` on top (any keyword of the block's
     constructor, aliases and deprecated ones included; an unknown key is a ``TypeError``).
     Blocks without an options dataclass (``"none"``, names added with
-    ``register_attention``) get ``attention_kwargs`` alone."""
+    ``register_attention`` or passed as ``attention_factories``) get ``attention_kwargs``
+    alone."""
     if attention_kwargs is not None and not isinstance(attention_kwargs, Mapping):
         raise TypeError(f"attention_kwargs must be a dict or None, got {attention_kwargs!r}")
     extra = dict(attention_kwargs or {})

@@ -15,8 +15,10 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -86,8 +88,9 @@ DSA_CASES = [
           "prelu", "parameters"),
     clear("dsa act_layer=nn.Linear", lambda: D(act_layer=nn.Linear), ValueError, "act_layer",
           "Linear"),
-    clear("dsa rd_ratio=0.25 (no reduction)", lambda: D(rd_ratio=0.25), TypeError,
-          "rd_ratio"),
+    correct("dsa rd_ratio=0.25 (timm's reduction: checked, not used)",
+            lambda: D(rd_ratio=0.25, rd_divisor=8), lambda b: _same_layout(b, D())),
+    clear("dsa rd_ratio=2", lambda: D(rd_ratio=2), ValueError, "rd_ratio", "(0, 1]"),
     clear("dsa device='gpu0'", lambda: D(device="gpu0"), ValueError, "device='gpu0'"),
     clear("dsa dtype=torch.int64", lambda: D(dtype=torch.int64), TypeError, "dtype",
           "torch.int64"),
@@ -216,7 +219,36 @@ COORD_CASES = [
         x(2, 8, 5, 5, dtype=torch.float64)), lambda o: o.dtype == torch.float64),
 ]
 
-CASES = DSA_CASES + COORD_CASES
+# -- surgery: the blocks as timm's attn_layer / se_layer, with what timm's configs pass ---------
+DSA_LAYER = partial(D, return_mask=False)  # timm wants a tensor back
+
+
+def _timm(name: str, layer: Callable, cls: type) -> list[nn.Module]:
+    model = timm.create_model(name, pretrained=False, num_classes=3, attn_layer=layer)
+    return [m for m in model.modules() if isinstance(m, cls)]
+
+
+SURGERY_CASES = [
+    clear("dsa rd_divisor without rd_ratio", lambda: D(rd_divisor=8), ValueError,
+          "rd_divisor=8 needs rd_ratio"),
+    clear("dsa rd_channels=0", lambda: D(rd_channels=0), ValueError,
+          "rd_channels must be >= 1, got 0"),
+    clear("dsa rd_ratio='0.25'", lambda: D(rd_ratio="0.25"), TypeError, "rd_ratio", "'0.25'"),
+    clear("coord block_size=8 (BatNonLocalAttn's keyword)", lambda: C(8, block_size=8),
+          TypeError, "block_size"),
+    clear("dsa block_size=8 (BatNonLocalAttn's keyword)", lambda: D(8, block_size=8),
+          TypeError, "block_size"),
+    correct("dsa as nf_regnet_b0's attn_layer (rd_ratio=0.5)",
+            lambda: _timm("nf_regnet_b0", DSA_LAYER, D), lambda blocks: len(blocks) == 16),
+    correct("dsa as regnetz_b16's attn_layer (rd_ratio=0.25)",
+            lambda: _timm("regnetz_b16", DSA_LAYER, D), lambda blocks: len(blocks) == 22),
+    correct("coord as test_nfnet's attn_layer (rd_ratio=0.25, rd_divisor=8)",
+            lambda: _timm("test_nfnet", C, C),
+            lambda blocks: [(b.in_channels, b.mid_channels) for b in blocks][:2]
+            == [(32, 8), (64, 16)]),
+]
+
+CASES = DSA_CASES + COORD_CASES + SURGERY_CASES
 
 
 def _warns(make: Callable[[], object]) -> object:
@@ -225,6 +257,12 @@ def _warns(make: Callable[[], object]) -> object:
         out = make()
     assert [w.category for w in caught] == [FutureWarning]
     return out
+
+
+def _same_layout(block: nn.Module, reference: nn.Module) -> bool:
+    """The same state-dict keys and shapes: the same computation up to the weights."""
+    shapes = {k: v.shape for k, v in block.state_dict().items()}
+    return shapes == {k: v.shape for k, v in reference.state_dict().items()}
 
 
 def _same_as_contiguous(block: nn.Module) -> bool:
@@ -241,7 +279,8 @@ def test_adversarial_input(case: Case) -> None:
 def test_outcome_counts() -> None:
     """The counts the issue's adversarial table reports for the blocks."""
     assert len({c.id for c in CASES}) == len(CASES)
-    assert Counter(c.outcome for c in CASES) == {"clear": 70, "correct": 17}
+    assert Counter(c.outcome for c in CASES) == {"clear": 75, "correct": 21}
+    assert Counter(c.outcome for c in SURGERY_CASES) == {"clear": 5, "correct": 3}
 
 
 @pytest.mark.parametrize("make", [lambda: D(8), lambda: C(8)], ids=["dsa", "coord"])

@@ -7,14 +7,15 @@ import torch
 from torch import nn
 
 from lightning_attn.blocks import (
+    BUILTIN_FACTORIES,
     CoordinateAttention,
     DynamicSpatialAttention,
+    FactoryRegistration,
     IdentityAttention,
     attention_names,
     create_attention,
     register_attention,
 )
-from lightning_attn.blocks import registry as registry_module
 
 
 def test_known_names():
@@ -94,27 +95,60 @@ def test_constructor_errors_pass_through():
         create_attention("dsa", 16, no_such_option=1)
 
 
-def test_register_attention(monkeypatch):
-    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
+class Mine(nn.Module):
+    def __init__(self, channels, scale=1.0):
+        super().__init__()
+        self.channels, self.scale = channels, scale
 
-    class Mine(nn.Module):
-        def __init__(self, channels, scale=1.0):
-            super().__init__()
-            self.channels, self.scale = channels, scale
+    def forward(self, x):
+        return x * self.scale
 
-        def forward(self, x):
-            return x * self.scale
 
-    register_attention("mine", Mine)
-    assert "mine" in attention_names()
-    block = create_attention("mine", 12, scale=2.0)
-    assert isinstance(block, Mine) and block.channels == 12 and block.scale == 2.0
-    with pytest.raises(ValueError, match="mine"):
-        register_attention("mine", Mine)
-    with pytest.raises(ValueError, match="dsa"):
-        register_attention("dsa", Mine)
-    with pytest.raises(ValueError):
-        register_attention("", Mine)
+def test_register_attention_returns_the_handle_that_undoes_it():
+    before = attention_names()
+    registration = register_attention("mine", Mine)
+    try:
+        assert isinstance(registration, FactoryRegistration)
+        assert attention_names() == sorted([*before, "mine"])
+        block = create_attention("mine", 12, scale=2.0)
+        assert isinstance(block, Mine) and block.channels == 12 and block.scale == 2.0
+        with pytest.raises(ValueError, match="'mine' is already registered"):
+            register_attention("mine", Mine)
+        with pytest.raises(ValueError, match="'dsa' is already built in"):
+            register_attention("dsa", Mine)
+        with pytest.raises(ValueError, match="non-empty string"):
+            register_attention("", Mine)
+        with pytest.raises(TypeError, match="factory must be callable"):
+            register_attention("other", 3)
+    finally:
+        registration.remove()
+    assert attention_names() == before
+    registration.remove()  # a second call does nothing
+    with register_attention("mine", Mine):
+        assert "mine" in attention_names()
+    assert attention_names() == before
+
+
+def test_factories_for_one_call_leave_the_process_untouched():
+    before = attention_names()
+    block = create_attention("mine", 6, factories={"mine": Mine}, scale=3.0)
+    assert isinstance(block, Mine) and block.channels == 6 and block.scale == 3.0
+    assert attention_names({"mine": Mine}) == sorted([*before, "mine"])
+    assert attention_names() == before and "mine" not in BUILTIN_FACTORIES
+    with pytest.raises(ValueError, match=r"unknown attention name 'mine'.*'coord'"):
+        create_attention("mine", 6)
+    with pytest.raises(ValueError, match="'coord' is already built in"):
+        create_attention("coord", 6, factories={"coord": Mine})
+    with pytest.raises(TypeError, match=r"factories\['mine'\] must be callable"):
+        create_attention("mine", 6, factories={"mine": "Mine"})
+    with pytest.raises(TypeError, match="factories must be a mapping"):
+        create_attention("mine", 6, factories=[Mine])
+
+
+def test_the_builtin_factories_are_immutable():
+    with pytest.raises(TypeError):
+        BUILTIN_FACTORIES["mine"] = Mine  # type: ignore[index]
+    assert set(BUILTIN_FACTORIES) == {"dsa", "coord", "none"}
 
 
 def test_the_blocks_package_exports_the_blocks_api():

@@ -6,6 +6,7 @@ blocks' table)."""
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Callable
 
@@ -13,12 +14,14 @@ import pytest
 import timm
 import torch
 from torch import nn
+from torchvision.models import swin_t
 
-from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention
+from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention, attention_names
+from lightning_attn.modules import infer_out_channels, inserted_attention, remove_attention
 from lightning_attn.modules import insert_attention as insert
-from lightning_attn.modules import inserted_attention, remove_attention
 
 from ..adversarial import Case, assert_outcome, clear, correct
+from .surgery_models import ConvNeXtLike, Gate, small_swin
 
 
 class Net(nn.Module):
@@ -164,6 +167,96 @@ CASES = [
 ]
 
 
+# -- surgery: layouts and blocks of one's own ---------------------------------------------------
+SWIN_X = torch.rand(2, 3, 64, 64)  # small_swin's stages: (2, 16, 16, 24), (2, 8, 8, 48), ...
+SQUARE = torch.rand(2, 3, 8, 8)  # ConvNeXtLike's stage: (2, 8, 8, 8), C == H == W
+
+
+
+def _swin(*after: str, **kwargs) -> nn.Module:
+    return insert(small_swin(), list(after), **kwargs)
+
+
+def _same_after(make: Callable[[nn.Module], nn.Module]) -> bool:
+    """``make(model)`` of a Swin with a channels-last insertion computes what it does."""
+    model = _swin("layers.1", name="coord", example_input=SWIN_X, alpha=0.5)
+    return torch.equal(make(model)(SWIN_X), model(SWIN_X))
+
+
+def _removed_restores() -> bool:
+    model = small_swin()
+    plain = model(SWIN_X)
+    insert(model, ["layers.0", "layers.1"], "dsa", example_input=SWIN_X)
+    return torch.equal(remove_attention(model)(SWIN_X), plain)
+
+
+SURGERY_CASES = [
+    correct("timm Swin stage (B, H, W, C): a block over C, permuted around it",
+            lambda: _swin("layers.0", "layers.1", name="coord", example_input=SWIN_X),
+            lambda m: [b.in_channels for b in inserted_attention(m).values()] == [24, 48]
+            and m(SWIN_X).shape == (2, 3)),
+    correct("torchvision swin_t features (B, H, W, C) read as channels-last",
+            lambda: infer_out_channels(swin_t(num_classes=3), ["features.0", "features.3"],
+                                       torch.rand(1, 3, 64, 64)),
+            lambda chans: chans == {"features.0": 96, "features.3": 192}),
+    clear("Swin stage, channels by hand without example_input: the forward names the layout",
+          lambda: _swin("layers.0", name="dsa", channels=24)(SWIN_X), ValueError,
+          "(2, 16, 16, 24): it looks channels-last", "output_fmt='NHWC'"),
+    correct("Swin stage, channels by hand with output_fmt='NHWC'",
+            lambda: _swin("layers.0", name="dsa", channels=24, output_fmt="NHWC")(SWIN_X),
+            lambda y: y.shape == (2, 3)),
+    clear("Swin stage, neither channels nor example_input",
+          lambda: _swin("layers.0", name="coord"), ValueError,
+          "cannot infer the output channels of 'layers.0' (SwinTransformerStage)"),
+    clear("channels=H against a channels-last example",
+          lambda: _swin("layers.0", name="coord", channels=16, example_input=SWIN_X),
+          ValueError, "channels['layers.0']=16", "has 24 channels (channels-last"),
+    clear("output_fmt='nhwc'", lambda: insert(Net(), ["layer1"], output_fmt="nhwc"),
+          ValueError, "output_fmt must be 'NCHW' or 'NHWC', got 'nhwc'"),
+    clear("output_fmt=1", lambda: insert(Net(), ["layer1"], output_fmt=1), TypeError,
+          "output_fmt must be", "got 1"),
+    clear("output_fmt names another target",
+          lambda: insert(Net(), ["layer1"], output_fmt={"layer9": "NHWC"}), ValueError,
+          "output_fmt names ['layer9']"),
+    clear("NHWC given for a channels-first output: the forward names the layout",
+          lambda: insert(Net(), ["layer1"], "coord", output_fmt="NHWC")(X), ValueError,
+          "(2, 8, 16, 16): it looks channels-first", "output_fmt='NCHW'"),
+    clear("square map with both layouts inside (C == H == W)",
+          lambda: insert(ConvNeXtLike(), ["stage"], "coord", example_input=SQUARE),
+          ValueError, "cannot tell the layout of the output of 'stage'", "output_fmt="),
+    correct("square map with output_fmt='NCHW' given",
+            lambda: insert(ConvNeXtLike(), ["stage"], "coord", example_input=SQUARE,
+                           output_fmt="NCHW"),
+            lambda m: m.stage_attn.in_channels == 8 and m(SQUARE).shape == (2, 8, 8, 8)),
+    correct("channels-last inside, channels-first out (ConvNeXt-like, 16x12)",
+            lambda: insert(ConvNeXtLike(), ["stage"], "coord",
+                           example_input=torch.rand(2, 3, 16, 12)),
+            lambda m: m.stage_attn.in_channels == 8),
+    correct("conv stage with C == H == W stays channels-first",
+            lambda: insert(Net(), ["layer1"], "coord", example_input=torch.rand(2, 3, 8, 8)),
+            lambda m: m.layer1_attn.in_channels == 8 and m(torch.rand(2, 3, 8, 8)).shape
+            == (2, 5)),
+    correct("deepcopy of a channels-last insertion", lambda: _same_after(copy.deepcopy),
+            lambda ok: ok),
+    correct("remove_attention after channels-last insertions restores the model",
+            _removed_restores, lambda ok: ok),
+    correct("a block of one's own for one call (factories=), nothing registered",
+            lambda: insert(Net(), ["layer1"], "gate", factories={"gate": Gate}),
+            lambda m: isinstance(m.layer1_attn, Gate) and m.layer1_attn.channels == 8
+            and "gate" not in attention_names()),
+    clear("factories taking a built-in name",
+          _untouched_after(lambda m: insert(m, ["layer1"], "dsa", factories={"dsa": Gate})),
+          ValueError, "'dsa' is already built in"),
+    clear("factories not a mapping", lambda: insert(Net(), ["layer1"], "gate",
+                                                    factories=[Gate]),
+          TypeError, "factories must be a mapping"),
+    clear("unknown name, with the call's factories listed",
+          lambda: insert(Net(), ["layer1"], "gat", factories={"gate": Gate}), ValueError,
+          "unknown attention 'gat'", "'gate'"),
+]
+CASES += SURGERY_CASES
+
+
 def _with_attr() -> Net:
     model = Net()
     model.layer1_attn = nn.Identity()
@@ -195,4 +288,5 @@ def test_adversarial_insert(case: Case) -> None:
 def test_outcome_counts() -> None:
     """The counts the issue's adversarial table reports for insert_attention."""
     assert len({c.id for c in CASES}) == len(CASES)
-    assert Counter(c.outcome for c in CASES) == {"clear": 28, "correct": 7}
+    assert Counter(c.outcome for c in CASES) == {"clear": 39, "correct": 16}
+    assert Counter(c.outcome for c in SURGERY_CASES) == {"clear": 11, "correct": 9}

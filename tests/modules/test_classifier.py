@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_attn.blocks import find_attention_blocks
 from lightning_attn.modules import AttentionClassifier, AttentionCNN, OutputOnly
 
+from .surgery_models import Gate
+
 S = 16  # image side
 SMALL = {"stage_widths": (4, 8), "num_classes": 3}
 COORD_KW = {"reduction": 2, "min_mid_channels": 2}
@@ -220,3 +222,21 @@ def test_output_only_in_sequential_and_network_layout() -> None:
                        attention_kwargs=COORD_KW)
     assert net(torch.rand(2, 1, 16, 16)).shape == (2, 10)
     assert list(find_attention_blocks(net)[0]) == [f"features.attn{i}.block" for i in (1, 2, 3)]
+
+
+
+def test_blocks_of_ones_own_for_one_model(tmp_path) -> None:
+    model = AttentionClassifier(attention="gate", attention_factories={"gate": Gate}, **SMALL)
+    gates = [m.block for m in model.net.features if isinstance(m, OutputOnly)]
+    assert [type(g) for g in gates] == [Gate, Gate] and [g.channels for g in gates] == [4, 8]
+    assert "attention_factories" not in model.hparams  # code, not a hyperparameter
+    path = tmp_path / "gate.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": pl.__version__}, path)
+    loaded = AttentionClassifier.load_from_checkpoint(path, attention_factories={"gate": Gate})
+    assert isinstance(loaded.net.features.attn1.block, Gate)
+    with pytest.raises(ValueError, match=r"unknown attention 'gate'; known names: \['coord'"):
+        AttentionClassifier(attention="gate", **SMALL)  # nothing was registered
+    with pytest.raises(ValueError, match="attention_factories name blocks for the built-in"):
+        AttentionClassifier(backbone=nn.Linear(4, 3), num_classes=3,
+                            attention_factories={"gate": Gate})
