@@ -79,6 +79,39 @@ _DEPRECATED = (
 )
 
 
+def _thresholds_of(
+    owner: str, thresholds: HealthThresholds | None, deprecated: dict[str, Any]
+) -> HealthThresholds:
+    """``thresholds`` with the deprecated threshold keywords applied (a ``FutureWarning``);
+    any other keyword is a ``TypeError`` that says where a threshold goes."""
+    thresholds = HealthThresholds() if thresholds is None else thresholds
+    if not isinstance(thresholds, HealthThresholds):
+        raise TypeError(f"thresholds must be a HealthThresholds, got {type(thresholds).__name__}")
+    unknown = sorted(set(deprecated) - set(_DEPRECATED))
+    if unknown:
+        fields = [f.name for f in dataclasses.fields(HealthThresholds)]
+        hint = (f"; {', '.join(u for u in unknown if u in fields)} go in "
+                "thresholds=HealthThresholds(...)" if set(unknown) & set(fields) else "")
+        raise TypeError(f"{owner} got unexpected keyword arguments {unknown}{hint} "
+                        f"(HealthThresholds fields: {fields})")
+    overrides = {k: v for k, v in deprecated.items() if v is not None}
+    if overrides:
+        keywords = ", ".join(f"{k}=..." for k in overrides)
+        warnings.warn(
+            f"{owner}({keywords}) is deprecated and will be removed in the next release: "
+            f"pass thresholds=HealthThresholds({keywords})", FutureWarning, stacklevel=3,
+        )
+    return dataclasses.replace(thresholds, **overrides)
+
+
+def _check_sections(sections: object) -> tuple[str, ...]:
+    if isinstance(sections, str):
+        sections = (sections,)
+    if not isinstance(sections, Sequence):
+        raise TypeError(f"sections must be a sequence of {list(SECTIONS)}, got {sections!r}")
+    return tuple(check_choice(f"sections[{i}]", s, SECTIONS) for i, s in enumerate(sections))
+
+
 def _images_of(batch: Any) -> torch.Tensor | None:
     x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
     if isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point():
@@ -151,40 +184,9 @@ class AttentionDiagnostics(Callback):
         self.include = check_patterns("include", include, allow_none=True)
         self.exclude = check_patterns("exclude", exclude, allow_none=False) or ()
         self._schedule = LoggingSchedule(log_every_n_steps, histogram_every_n_steps)
-        if thresholds is None:
-            thresholds = HealthThresholds()
-        if not isinstance(thresholds, HealthThresholds):
-            raise TypeError(
-                f"thresholds must be a HealthThresholds, got {type(thresholds).__name__}"
-            )
-        unknown = sorted(set(deprecated) - set(_DEPRECATED))
-        if unknown:
-            fields = [f.name for f in dataclasses.fields(HealthThresholds)]
-            hint = (f"; {', '.join(u for u in unknown if u in fields)} go in "
-                    "thresholds=HealthThresholds(...)" if set(unknown) & set(fields) else "")
-            raise TypeError(
-                f"{type(self).__name__} got unexpected keyword arguments {unknown}{hint} "
-                f"(HealthThresholds fields: {fields})"
-            )
-        overrides = {k: v for k, v in deprecated.items() if v is not None}
-        if overrides:
-            warnings.warn(
-                f"{type(self).__name__}({', '.join(f'{k}=...' for k in overrides)}) is "
-                "deprecated and will be removed in the next release: pass "
-                f"thresholds=HealthThresholds({', '.join(f'{k}=...' for k in overrides)})",
-                FutureWarning, stacklevel=2,
-            )
-        self.thresholds = dataclasses.replace(thresholds, **overrides)
+        self.thresholds = _thresholds_of(type(self).__name__, thresholds, deprecated)
         self._reporter = ProblemReporter(on_problem)
-        if isinstance(sections, str):
-            sections = (sections,)
-        if not isinstance(sections, Sequence):
-            raise TypeError(
-                f"sections must be a sequence of {list(SECTIONS)}, got {sections!r}"
-            )
-        self.sections = tuple(
-            check_choice(f"sections[{i}]", s, SECTIONS) for i, s in enumerate(sections)
-        )
+        self.sections = _check_sections(sections)
         self.num_images = check_int("num_images", num_images, 0)
         self.overlay_alpha = check_fraction("overlay_alpha", overlay_alpha)
         self.summary = check_bool("summary", summary)
