@@ -525,10 +525,11 @@ class CoordinateAttention(RecordingMixin, nn.Module):
             return False
         if self.per_axis_alpha:
             return True
-        # A fixed alpha on the host is read for free; on an accelerator that would sync.
+        # A fixed alpha on the host is read for free; on an accelerator that would sync, and
+        # under torch.compile the read would break the graph (the general path is exact too).
         return (
             not self.learnable_alpha and self.alpha.device.type == "cpu"
-            and float(self.alpha) == 1.0
+            and not torch.compiler.is_compiling() and float(self.alpha) == 1.0
         )
 
     def _apply_fused(self, x, a_h, a_w, backend, stash):

@@ -455,6 +455,10 @@ _COMPILE_BLOCKS = {
     "coord_all": (lambda: CoordinateAttention(COORD_C, **COORD_CASES["all"][0], backend="triton"),
                   {"forward": ["coord_pool", "coord_scale"],
                    "backward": ["coord_pool_backward", "coord_scale_backward"]}),
+    # a fixed alpha of 1 on the host: eager skips a pass by reading it, compiled must not
+    "coord_default": (lambda: CoordinateAttention(COORD_C, backend="triton"),
+                      {"forward": ["coord_pool", "coord_scale"],
+                       "backward": ["coord_pool_backward", "coord_scale_backward"]}),
 }
 
 
