@@ -45,6 +45,11 @@ class MissingStatisticsWarning(AttentionWarning):
     """A watched block recorded nothing during a logging step."""
 
 
+class DiagnosticsStateWarning(AttentionWarning):
+    """A checkpoint's diagnostics state is missing, unreadable or of an earlier release: the
+    run continues under a new ``run_id``, which the warning names."""
+
+
 class AttentionProblemError(RuntimeError):
     """Raised instead of a warning when the diagnostics run with ``on_problem="raise"``.
 
