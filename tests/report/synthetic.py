@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from lightning_attn.core.tags import encode_name
+
 BLOCK = "net.stage1.dsa"
 
 
@@ -22,8 +24,10 @@ def write_run(
     evaluation: bool = False,
     maps: tuple[str, ...] = (),
     other: dict[str, float] | None = None,
+    block: str = BLOCK,
 ) -> Path:
-    """One DSA block ``net.stage1.dsa`` with three branches; returns ``path``."""
+    """One DSA block (``net.stage1.dsa`` unless ``block`` says) with three branches; returns
+    ``path``."""
     w = SummaryWriter(str(path))
     if config is not None:
         w.add_text("attn/config", json.dumps(config), 0)
@@ -35,10 +39,10 @@ def write_run(
             "param/temperature": 1.0 + step / 100, "param/temperature_grad_norm": 0.01,
         }
         for tag, value in values.items():
-            w.add_scalar(f"attn/{BLOCK}/{tag}", value, step)
+            w.add_scalar(f"attn/{encode_name(block)}/{tag}", value, step)
         if evaluation:
             for tag in ("mask/mean", "mask/std", "router/entropy_norm"):
-                w.add_scalar(f"val/attn/{BLOCK}/{tag}", values[tag], step)
+                w.add_scalar(f"val/attn/{encode_name(block)}/{tag}", values[tag], step)
         for tag, value in (other or {}).items():
             w.add_scalar(tag, value, step)
     for i, tag in enumerate(maps):
