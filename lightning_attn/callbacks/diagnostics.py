@@ -748,7 +748,6 @@ def _return_state_from_spawn(trainer: pl.Trainer, callback: AttentionDiagnostics
     callbacks[callback._token] = callback
 
 
-
 def _subclasses(cls: type) -> list[type]:
     return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
 
