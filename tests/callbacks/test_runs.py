@@ -74,12 +74,15 @@ def test_a_sweep_of_three_fits_with_one_callback_is_three_runs(tmp_path):
     assert steps == [2, 3, 4]  # each run its own curve, none overwriting another
 
 
-def test_a_sweep_reusing_one_logger_is_three_runs_in_one_folder(tmp_path):
+@pytest.mark.parametrize("writers", ["one logger", "a logger per fit"])
+def test_a_sweep_logging_to_one_folder_is_three_runs_there(tmp_path, writers):
     callback = _diag()
     logger = TensorBoardLogger(tmp_path, name="shared", version=0)
     for max_steps in (2, 3, 4):
+        if writers != "one logger":  # the same folder, a writer (event file) of its own
+            logger = TensorBoardLogger(tmp_path, name="shared", version=0)
         _fit(tmp_path, [callback], logger=logger, max_steps=max_steps)
-    logger.experiment.flush()
+        logger.experiment.flush()
     runs = load_runs(tmp_path / "shared", progress=False)
     assert len(runs) == 3
     assert sorted(len(r.scalars["attn/block/mask/std"]) for r in runs) == [2, 3, 4]
