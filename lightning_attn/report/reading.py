@@ -374,9 +374,9 @@ def _runs_apart(run: RunLog, logs: dict[tuple[int, str | None], RunLog]) -> RunL
     if len(empty) < len(order):
         for r in empty:
             i = order.index(r)
-            into = next((o for o in order[i + 1:] + order[:i][::-1] if o not in empty))
-            by_run[into] = by_run.pop(r) + by_run[into] if order.index(into) > i else (
-                by_run[into] + by_run.pop(r))
+            into = next(o for o in order[i + 1:] + order[:i][::-1] if o not in empty)
+            piece = by_run.pop(r)  # kept in event order: before a later run, after an earlier
+            by_run[into] = piece + by_run[into] if order.index(into) > i else by_run[into] + piece
             files_of[into] |= files_of.pop(r)
     merged = merge_logs(run.name, list(logs.values()) or [run], run.notes)
     if len(by_run) > 1:
