@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -31,9 +32,11 @@ from jsonargparse import ArgumentError
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_attn import __version__
 from lightning_attn.callbacks import AttentionDiagnostics
+from lightning_attn.callbacks.diagnostics import check_distinct
 from lightning_attn.data import ClutteredDigitsDataModule
 from lightning_attn.modules import AttentionClassifier
 
@@ -86,6 +89,7 @@ class AttentionCLI(LightningCLI):
         # refuses `enable_progress_bar=False` next to a progress-bar callback.
         given = config.get("callbacks") or []
         given = given if isinstance(given, list) else [given]
+        check_distinct([*given, *callbacks])  # the hint, before Lightning's generic refusal
         if config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in given + list(callbacks)
         ):
@@ -179,7 +183,9 @@ def main(args: list[str] | None = None) -> None:
     """Console-script entry point ``lightning-attn``.
 
     A value our checks refuse ends with one line, ``lightning-attn: error: <key>: <why>``, and
-    exit status 2, as a usage error; ``LIGHTNING_ATTN_DEBUG=1`` shows the traceback too.
+    exit status 2, as a usage error; ``LIGHTNING_ATTN_DEBUG=1`` shows the traceback too. A run
+    ended by SIGTERM saves what Lightning saves (the ``ModelCheckpoint``'s checkpoint on
+    exception) and exits with status 143 (128 + SIGTERM), so a scheduler sees it was killed.
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["report"]:  # offline, not a LightningCLI subcommand
@@ -193,6 +199,9 @@ def main(args: list[str] | None = None) -> None:
     try:
         # A parse error is raised (and printed below as one line), not printed with the usage.
         build_cli(args, parser_kwargs={"exit_on_error": False})
+    except SIGTERMException:  # a SystemExit without a code: status 0, "success", otherwise
+        print("lightning-attn: stopped by SIGTERM (exit status 143)", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except ArgumentError as err:  # jsonargparse's own check of a type, choice or key
         if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise

@@ -37,6 +37,12 @@ BAD = [
     (["--diagnostics.overlay_alpha", "2"], "diagnostics.overlay_alpha"),
     (["--diagnostics.thresholds.std_threshold", "7"], "diagnostics.thresholds.std_threshold"),
     (["--ckpt_path", "/no/such/last.ckpt"], "ckpt_path"),
+    # two diagnostics callbacks alike: the hint how to tell them apart, before Lightning's
+    # generic refusal
+    (["--trainer.callbacks+=AttentionDiagnostics", "--trainer.callbacks.on_problem=stop"],
+     "trainer.callbacks"),
+    (["--trainer.callbacks+=MaskHealthMonitor", "--trainer.callbacks+=MaskHealthMonitor"],
+     "trainer.callbacks"),
     (["--model.dropout", "abc"], None),
     (["--model.attention", "transformer"], None),
 ]

@@ -16,6 +16,12 @@ attention-map images. Each phase records into its own accumulator row (the hooks
 Lightning's loops switch the row), so a validation run inside an accumulation window, a
 sanity check or ``trainer.validate`` between fits never adds to a training point. On every
 other training batch the hooks compare two integers.
+
+A *run* is one ``fit``: every fit started without ``ckpt_path`` gets a new ``run_id`` and
+fresh warning state (a callback reused by a sweep warns about each model); a fit resumed from
+a checkpoint holding this callback's state continues its run; an evaluation carries the
+``run_id`` of the run it evaluates (the checkpoint's, or the fit before it). Every
+diagnostics callback of one Trainer shares the run's ``run_id``.
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ import dataclasses
 import uuid
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from rich.console import Console
 from torch.optim import Optimizer
@@ -37,7 +44,7 @@ from torch.optim import Optimizer
 from .. import __version__
 from ..blocks.adapters import AttentionAdapter, check_adapters
 from ..blocks.discovery import find_attention_blocks
-from ..core.categories import MissingStatisticsWarning
+from ..core.categories import DiagnosticsStateWarning, MissingStatisticsWarning
 from ..core.problems import HealthThresholds, Problem, measure, problems_of
 from ..core.statistics import HISTOGRAM_BINS, SECTIONS, GlobalStats, RecordingConfig
 from ..core.tags import (
@@ -112,6 +119,14 @@ def _check_sections(sections: object) -> tuple[str, ...]:
     return tuple(check_choice(f"sections[{i}]", s, SECTIONS) for i, s in enumerate(sections))
 
 
+#: This process's callbacks by token, for the state that ``ddp_spawn`` workers send back
+#: (weak: a callback no longer used is forgotten).
+_AWAITING: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+#: Key of the state in the spawn launcher's extra results (and the launcher attribute
+#: holding the callbacks that send theirs).
+_SPAWN_KEY = "lightning_attn"
+
+
 def _images_of(batch: Any) -> torch.Tensor | None:
     x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
     if isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point():
@@ -158,6 +173,11 @@ class AttentionDiagnostics(Callback):
     The threshold fields used to be keyword arguments of their own (``std_threshold=...``);
     they are still accepted, with a ``FutureWarning``, until the next release.
 
+    Several in one Trainer (the presets, say) must differ in what they watch: ``include``,
+    ``exclude``, ``sections`` or ``adapters`` (their ``state_key``, under which a checkpoint
+    keeps each one's state). Two that differ only in thresholds or ``on_problem`` are one
+    callback too many: Lightning refuses them ("more than one stateful callback").
+
     Example::
 
         trainer = Trainer(log_every_n_steps=50, callbacks=[AttentionDiagnostics()])
@@ -185,7 +205,7 @@ class AttentionDiagnostics(Callback):
         self.exclude = check_patterns("exclude", exclude, allow_none=False) or ()
         self._schedule = LoggingSchedule(log_every_n_steps, histogram_every_n_steps)
         self.thresholds = _thresholds_of(type(self).__name__, thresholds, deprecated)
-        self._reporter = ProblemReporter(on_problem)
+        self._on_problem = ProblemReporter(on_problem).on_problem  # checked
         self.sections = _check_sections(sections)
         self.num_images = check_int("num_images", num_images, 0)
         self.overlay_alpha = check_fraction("overlay_alpha", overlay_alpha)
@@ -194,15 +214,24 @@ class AttentionDiagnostics(Callback):
         self.log_statistics = check_bool("log_statistics", log_statistics)
         self.adapters = check_adapters(adapters)
         self.writers = check_writers(writers)
+        #: Finds this instance when its state comes back from ``ddp_spawn`` workers.
+        self._token = uuid.uuid4().hex
+        _AWAITING[self._token] = self
+        self._init_runtime()
+        self._new_run()
+
+    def _new_run(self) -> None:
+        """Forget the previous fit's run: its id, points, warnings and log directories."""
         #: The statistics and problems of the latest training point (host floats only).
         self.last_stats: GlobalStats | None = None
         self.last_problems: list[Problem] = []
-        #: Identifies the training run across resumes and the evaluations of its
+        #: Identifies the run (one fit) across resumes and the evaluations of its
         #: checkpoints (kept in checkpoints; the report groups runs by it).
         self.run_id: str | None = None
+        self._reporter = ProblemReporter(self.on_problem)
         self._num_points = 0
         self._layout_dirs: list[str] = []
-        self._init_runtime()
+        self._missing_warned: set[str] = set()
 
     def _init_runtime(self) -> None:
         bins = HISTOGRAM_BINS if self._schedule.histogram_every_n_steps != 0 else 0
@@ -214,12 +243,15 @@ class AttentionDiagnostics(Callback):
         self._point: tuple[bool, bool] | None = None  # (scalars, histograms) being recorded
         self._eval_phase: str | None = None  # the evaluation point being recorded
         self._capturing = False
-        self._missing_warned: set[str] = set()
+        #: The checkpoint this stage restored from, and why this callback's state in it was
+        #: not used (``None``: it was).
+        self._checkpoint: str | None = None
+        self._state_refused: str | None = None
 
     # -- identity and options --------------------------------------------------------------
     @property
     def on_problem(self) -> str:
-        return self._reporter.on_problem
+        return self._on_problem
 
     @property
     def log_every_n_steps(self) -> int | None:
@@ -239,12 +271,20 @@ class AttentionDiagnostics(Callback):
     def state_key(self) -> str:
         # Keyed on what the callback watches and logs, not on its thresholds (as
         # EarlyStopping keys on what it monitors): a resumed run may change a threshold.
-        return self._generate_state_key(
-            sections=self.sections, include=self.include, exclude=self.exclude
-        )
+        watched: dict[str, Any] = {
+            "sections": self.sections, "include": self.include, "exclude": self.exclude}
+        if self.adapters:  # absent otherwise: the keys of earlier checkpoints stay valid
+            watched["adapters"] = tuple(_adapter_key(a) for a in self.adapters)
+        return self._generate_state_key(**watched)
 
     # -- setup -----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before the checkpoint's states are restored: a fit is a new run unless its
+        # checkpoint brings this callback's state (load_state_dict then restores it).
+        if stage == "fit":
+            self._new_run()
+        self._checkpoint, self._state_refused = None, None
+        _return_state_from_spawn(trainer, self)
         self._output = DiagnosticsOutput(trainer, self.writers)
         owner = type(self).__name__
         if stage == "fit" and self.sections and self._schedule.interval(trainer) == 0:
@@ -283,14 +323,34 @@ class AttentionDiagnostics(Callback):
         self._module_ref = weakref.ref(pl_module)
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After the checkpoint's callback states are restored: a resumed fit, and an
-        # evaluation of a checkpoint, carry the run_id of the fit that wrote it.
+        # After the checkpoint's callback states are restored (some strategies restore
+        # after on_fit_start): a resumed fit, and an evaluation of a checkpoint, carry the
+        # run_id of the fit that wrote it.
         self._bind(trainer, pl_module)
-        if self.run_id is None:
-            self.run_id = uuid.uuid4().hex
+        self._ensure_run(trainer)
+
+    def _ensure_run(self, trainer: pl.Trainer) -> None:
+        """The run's id: restored, a peer's (every diagnostics callback of the Trainer logs
+        into the same run) or new; a new one after a checkpoint is said, once."""
+        if self.run_id is not None:
+            return
+        peers = [cb for cb in trainer.callbacks if isinstance(cb, AttentionDiagnostics)]
+        self.run_id = next((p.run_id for p in peers if p.run_id), None) or uuid.uuid4().hex
+        if self._checkpoint is None:
+            return
+        why = self._state_refused or "it holds an earlier release's state, without a run_id"
+        restarted = "resumed" if trainer.state.fn == "fit" else "evaluating"
+        rank_zero_warn(
+            f"DiagnosticsStateWarning: {type(self).__name__}: {restarted} from checkpoint "
+            f"{self._checkpoint!r}, but {why}: this is a new run, run_id {self.run_id} (the "
+            "report shows it apart from the run that wrote the checkpoint; its warnings "
+            "start afresh)",
+            category=DiagnosticsStateWarning,
+        )
+        self._checkpoint = None  # said once
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(trainer, pl_module)
+        self._bind(trainer, pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(trainer, pl_module)
@@ -312,6 +372,7 @@ class AttentionDiagnostics(Callback):
     on_validation_end = on_test_end = on_predict_end = _back_to_training
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ensure_run(trainer)
         self._write_config(trainer)
 
     def _write_config(self, trainer: pl.Trainer) -> None:
@@ -558,23 +619,46 @@ class AttentionDiagnostics(Callback):
     # -- checkpointing and pickling --------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
+            "version": __version__,
             "reported": self._reporter.state_dict(),
             "num_points": self._num_points,
             "layout_dirs": list(self._layout_dirs),
             "run_id": self.run_id,
         }
 
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Before load_state_dict, which Lightning calls only if the checkpoint holds state
+        # under this callback's key: the checkpoint decides the run.
+        self.run_id = None
+        self._checkpoint = str(trainer.ckpt_path)
+        states = checkpoint.get("callbacks") or {}
+        ours = {c.__qualname__ for c in (AttentionDiagnostics, *_subclasses(AttentionDiagnostics))}
+        others = sorted(k for k in states if isinstance(k, str) and k.split("{")[0] in ours
+                        and k != self.state_key)
+        self._state_refused = "it holds no state of this callback" + (
+            f" (only of {', '.join(others)}: include, exclude, sections and adapters must "
+            "match to continue a run)" if others else
+            " (it was written without it)")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._reporter.load_state_dict(state_dict.get("reported", {}))
-        self._num_points = int(state_dict.get("num_points", 0))
-        self._layout_dirs = list(state_dict.get("layout_dirs", []))
-        self.run_id = state_dict.get("run_id") or self.run_id
+        """Restore a run; a state this version cannot read is left out, and said
+        (:class:`~lightning_attn.core.DiagnosticsStateWarning` when the run starts)."""
+        try:
+            reporter, num_points, layout_dirs, run_id = _read_state(state_dict)
+        except (TypeError, ValueError) as err:
+            self._state_refused = f"its {type(self).__name__} state is unreadable ({err})"
+            return
+        self._reporter.reported, self._reporter.active = reporter
+        self._num_points, self._layout_dirs, self.run_id = num_points, layout_dirs, run_id
+        self._state_refused = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Configuration and history travel (ddp_spawn); modules, tensors and writers do not.
         state = self.__dict__.copy()
         for key in ("_collector", "_output", "_module_ref", "_point", "_eval_phase",
-                    "_capturing", "_missing_warned"):
+                    "_capturing", "_checkpoint", "_state_refused"):
             state.pop(key, None)
         return state
 
@@ -582,3 +666,114 @@ class AttentionDiagnostics(Callback):
         self.__dict__.update(state)
         self._init_runtime()
 
+    # -- ddp_spawn: the run's state back to the main process ----------------------------
+    def _spawn_state(self) -> dict[str, Any]:
+        return {"state": self.state_dict(), "last_stats": self.last_stats,
+                "last_problems": list(self.last_problems),
+                "missing_warned": set(self._missing_warned)}
+
+    def _restore_spawned(self, spawned: dict[str, Any]) -> None:
+        self.load_state_dict(spawned["state"])
+        self.last_stats, self.last_problems = spawned["last_stats"], spawned["last_problems"]
+        self._missing_warned = spawned["missing_warned"]
+
+
+#: What may differ between two callbacks that watch the same (their state_key aside).
+_SETTINGS = ("thresholds", "on_problem", "log_every_n_steps", "num_images", "summary",
+             "eval_statistics", "log_statistics", "writers")
+
+
+def _alike(first: AttentionDiagnostics, second: AttentionDiagnostics) -> ValueError:
+    name = type(first).__name__
+    differ = [s for s in _SETTINGS if getattr(first, s) != getattr(second, s)]
+    return ValueError(
+        f"callbacks has two {name} that watch the same blocks and statistics "
+        f"(sections={list(first.sections)}, include={first.include}, exclude="
+        f"{list(first.exclude)}); a checkpoint could not tell their states apart. Tell them "
+        "apart by what they watch: include=/exclude= (other blocks), sections= (other "
+        "statistics) or adapters=; or keep one callback"
+        + (f" (they differ only in {', '.join(differ)})" if differ else
+           " (they are identical: one is enough)")
+    )
+
+
+def check_distinct(callbacks: Sequence[Callback]) -> None:
+    """A ``ValueError`` with the hint how to tell them apart if two diagnostics callbacks of
+    ``callbacks`` share a ``state_key`` (Lightning refuses such a pair when it builds the
+    Trainer, with a generic message that points at this class's documentation)."""
+    seen: dict[str, AttentionDiagnostics] = {}
+    for cb in callbacks:
+        if isinstance(cb, AttentionDiagnostics):
+            first = seen.setdefault(cb.state_key, cb)
+            if first is not cb:
+                raise _alike(first, cb)
+
+
+class _SpawnedState:
+    """The run's state of every diagnostics callback of a ``ddp_spawn`` worker; unpickled in
+    the main process, it hands each state to the callback it came from."""
+
+    def __init__(self, states: dict[str, dict[str, Any]]) -> None:
+        self.states = states
+
+    def __reduce__(self) -> tuple:
+        return (_receive_spawned, (self.states,))
+
+
+def _receive_spawned(states: dict[str, dict[str, Any]]) -> None:
+    for token, spawned in states.items():
+        callback = _AWAITING.get(token)
+        if callback is not None:
+            callback._restore_spawned(spawned)
+
+
+def _return_state_from_spawn(trainer: pl.Trainer, callback: AttentionDiagnostics) -> None:
+    """Under ``ddp_spawn`` / ``ddp_fork`` the fit runs in worker processes, and the main
+    process gets back what the launcher's ``get_extra_results`` returns (its documented
+    hook for extra results). The worker's launcher adds the callbacks' state to it; when
+    the main process reads it, :class:`_SpawnedState` restores each callback there."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if not isinstance(launcher, _MultiProcessingLauncher):
+        return
+    callbacks = launcher.__dict__.get(_SPAWN_KEY)
+    if callbacks is None:
+        callbacks = launcher.__dict__[_SPAWN_KEY] = {}
+        extra_results = launcher.get_extra_results
+
+        def get_extra_results(trainer: pl.Trainer) -> dict[str, Any]:
+            extra = extra_results(trainer)
+            extra[_SPAWN_KEY] = _SpawnedState(
+                {token: cb._spawn_state() for token, cb in callbacks.items()})
+            return extra
+
+        launcher.get_extra_results = get_extra_results
+    callbacks[callback._token] = callback
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
+
+
+def _adapter_key(adapter: AttentionAdapter) -> str:
+    target = adapter.target
+    name = target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
+    return f"{name}{sorted(adapter.masks)}" + (f"+{adapter.router}" if adapter.router else "")
+
+
+def _read_state(state: Any) -> tuple[tuple[dict, set], int, list[str], str | None]:
+    """The parts of a checkpointed state, checked: a ``ValueError`` naming the field that
+    is not what this version (or an earlier release) wrote."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"a {type(state).__name__}, not a mapping")
+    reporter = ProblemReporter.read_state(state.get("reported", {}))
+    num_points = state.get("num_points", 0)
+    if not isinstance(num_points, int) or isinstance(num_points, bool) or num_points < 0:
+        raise ValueError(f"num_points is {num_points!r}, not a count")
+    layout_dirs = state.get("layout_dirs", [])
+    if not isinstance(layout_dirs, (list, tuple)) or not all(
+            isinstance(d, str) for d in layout_dirs):
+        raise ValueError(f"layout_dirs is {layout_dirs!r}, not a list of folders")
+    run_id = state.get("run_id")
+    if run_id is not None and (not isinstance(run_id, str) or not run_id):
+        raise ValueError(f"run_id is {run_id!r}, not a run's id")
+    return reporter, num_points, list(layout_dirs), run_id

@@ -7,7 +7,7 @@ stop training everywhere, or nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -79,10 +79,25 @@ class ProblemReporter:
     def state_dict(self) -> dict[str, object]:
         return {"reported": dict(self.reported), "active": sorted(self.active)}
 
-    def load_state_dict(self, state: dict) -> None:
-        if "reported" in state and isinstance(state["reported"], dict):
-            self.reported = {str(k): int(v) for k, v in state["reported"].items()}
-            self.active = {str(k) for k in state.get("active", [])}
-        else:  # a checkpoint of an earlier release: key -> step, every key still active
-            self.reported = {str(k): int(v) for k, v in state.items()}
-            self.active = set(self.reported)
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict`'s (or an earlier release's ``{key: step}``); a state
+        of another shape is a ``ValueError`` saying what is wrong, and changes nothing."""
+        self.reported, self.active = self.read_state(state)
+
+    @staticmethod
+    def read_state(state: object) -> tuple[dict[str, int], set[str]]:
+        """``(reported, active)`` of a checkpointed state, checked (see
+        :meth:`load_state_dict`)."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"reported is a {type(state).__name__}, not a mapping")
+        current = "reported" in state and isinstance(state["reported"], Mapping)
+        # An earlier release kept key -> step only, every key still active.
+        reported = state["reported"] if current else state
+        active = state.get("active", []) if current else list(reported)
+        for key, step in reported.items():
+            if not isinstance(key, str) or "|" not in key or not isinstance(step, int) or (
+                    isinstance(step, bool)):
+                raise ValueError(f"reported holds {key!r}: {step!r}, not 'block|kind': step")
+        if not isinstance(active, (list, tuple, set)) or not all(k in reported for k in active):
+            raise ValueError(f"reported's active keys {active!r} are not all reported keys")
+        return dict(reported), set(active)

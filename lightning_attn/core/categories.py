@@ -87,6 +87,11 @@ class MissingStatisticsWarning(AttentionWarning):
     remedy = "check that it runs in training, or `exclude=[...]` it"
 
 
+class DiagnosticsStateWarning(AttentionWarning):
+    """A checkpoint's diagnostics state is missing, unreadable or of an earlier release: the
+    run continues under a new ``run_id``, which the warning names."""
+
+
 class AttentionProblemError(RuntimeError):
     """Raised instead of a warning when the diagnostics run with ``on_problem="raise"``.
 

@@ -7,14 +7,21 @@ statistics (one point per validation / test run) carry the stage in front:
 declaration (:mod:`.statistics`): ``mean``, ``usage_2``, ``temperature_grad_norm``.
 :class:`ScalarTag` formats and parses them (a round trip), :func:`scalar_metrics` writes a
 point's scalars, :func:`chart_layout` the TensorBoard charts, all from the declarations.
+
+Names are the modules' own (any string a ``ModuleDict`` key can be): in a tag, a block, mask
+or parameter name has ``%``, ``/`` and control characters percent-encoded
+(:func:`encode_name`; ``"res/3x3"`` -> ``"res%2F3x3"``), so a tag splits one way only; every
+other name (unicode, quotes, HTML included) is written as it is.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from .statistics import (
     PARAM_QUANTITIES,
@@ -32,6 +39,8 @@ __all__ = [
     "PROBLEMS_TAG",
     "ScalarTag",
     "chart_layout",
+    "decode_name",
+    "encode_name",
     "histogram_tag",
     "is_attention_tag",
     "maps_tag",
@@ -50,6 +59,26 @@ _GROUPS: dict[str, tuple[Quantity, ...]] = {
     "param": PARAM_QUANTITIES,
     "mask": quantities(MaskStats),
 }
+
+
+def _percent(char: str) -> str:
+    # UTF-8 bytes; a lone surrogate (a str Python allows) keeps its three bytes.
+    return "".join(f"%{b:02X}" for b in char.encode("utf-8", "surrogatepass"))
+
+
+def encode_name(name: str) -> str:
+    """``name`` as one part of a tag: ``%``, ``/`` and control characters (and lone
+    surrogates, which no log format can store) percent-encoded; any other name unchanged
+    (``encode_name("stages.0.attn") == "stages.0.attn"``)."""
+    return "".join(
+        _percent(c) if c in "%/" or unicodedata.category(c) in ("Cc", "Cs") else c
+        for c in name
+    )
+
+
+def decode_name(part: str) -> str:
+    """The name :func:`encode_name` wrote as ``part``."""
+    return unquote(part, errors="surrogatepass") if "%" in part else part
 
 
 def stage_prefix(stage: str = "train") -> str:
@@ -113,15 +142,19 @@ class ScalarTag:
             if found:
                 named = found.groupdict()
                 branch = int(named["branch"]) if named.get("branch") is not None else None
-                return cls(stage, block, group, q.name, branch, named.get("param"))
+                param = named.get("param")
+                return cls(stage, decode_name(block), decode_name(group), q.name, branch,
+                           None if param is None else decode_name(param))
         return None
 
 
 @functools.lru_cache(maxsize=65536)
 def _format(tag: ScalarTag) -> str:
     # Cached: a run logs the same few dozen tags at every point.
-    leaf = tag.declaration().leaf(branch=tag.branch, param=tag.param)
-    return "/".join((stage_prefix(tag.stage), tag.block, tag.group, leaf))
+    param = None if tag.param is None else encode_name(tag.param)
+    leaf = tag.declaration().leaf(branch=tag.branch, param=param)
+    group = tag.group if tag.section != "mask" else encode_name(tag.group)
+    return "/".join((stage_prefix(tag.stage), encode_name(tag.block), group, leaf))
 
 
 def is_attention_tag(tag: str) -> bool:
@@ -132,8 +165,8 @@ def is_attention_tag(tag: str) -> bool:
 
 def histogram_tag(block: str, name: str, stage: str = "train") -> str:
     """``attn/<block>/<mask>/hist`` or, for ``name == "router"``, ``.../router/weights_hist``."""
-    leaf = (name, "hist") if name != "router" else ("router", "weights_hist")
-    return "/".join((stage_prefix(stage), block, *leaf))
+    leaf = (encode_name(name), "hist") if name != "router" else ("router", "weights_hist")
+    return "/".join((stage_prefix(stage), encode_name(block), *leaf))
 
 
 def maps_tag(stage: str) -> str:

@@ -12,6 +12,10 @@ to the report:
 * an evaluation (``fn`` validate / test) joins the run whose ``run_id`` it carries; one whose
   training run is not there stays a run of its own, judged on its evaluation points;
 * a version without ``attn/config`` (older runs, CSV logs) stays as it is.
+
+A folder holding several ``run_id`` s (two writers at once, or one logger reused by a sweep
+or by ``trainer.validate`` before ``fit``) is read as that many runs
+(:attr:`~.reading.RunLog.parts`, each noted), grouped like any other.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..core.tags import CONFIG_TAG, ScalarTag
-from .reading import RunLog, Series, natural_key
+from .reading import RunLog, merge_logs, natural_key
 
 __all__ = ["group_experiments"]
 
@@ -60,25 +64,6 @@ def _first_step(run: RunLog) -> int:
     return min(steps, default=0)
 
 
-def _join(name: str, runs: Sequence[RunLog], notes: list[str]) -> RunLog:
-    """One run from several, in order: a later run's value wins on a shared step."""
-    first = runs[0]
-    out = RunLog(name, first.path, first.kind, notes=list(notes))
-    for run in runs:
-        for tag, series in run.scalars.items():
-            merged = dict(zip(*(out.scalars[tag].steps, out.scalars[tag].values),
-                              strict=True)) if tag in out.scalars else {}
-            merged.update(zip(series.steps, series.values, strict=True))
-            steps = sorted(merged)
-            out.scalars[tag] = Series(steps, [merged[s] for s in steps])
-        for tag, images in run.images.items():
-            out.images[tag] = sorted(out.images.get(tag, []) + images, key=lambda r: r.step)
-        for tag, texts in run.texts.items():
-            out.texts[tag] = sorted(out.texts.get(tag, []) + texts, key=lambda t: t[0])
-        out.notes += run.notes
-    return out
-
-
 def _base(labels: Sequence[str]) -> str:
     bases = {(_VERSION.match(label).group("base") if _VERSION.match(label) else label)
              for label in labels}
@@ -87,6 +72,7 @@ def _base(labels: Sequence[str]) -> str:
 
 def group_experiments(runs: Sequence[RunLog]) -> list[RunLog]:
     """The runs of one LOGDIR grouped by experiment (see the module docstring)."""
+    runs = [part for run in runs for part in (run.parts or [run])]
     ids = [_identity(r) for r in runs]
     fits: dict[str, list[int]] = {}
     for i, ident in enumerate(ids):
@@ -107,9 +93,10 @@ def group_experiments(runs: Sequence[RunLog]) -> list[RunLog]:
             if ident.fn in ("validate", "test") and not any(
                     (t := ScalarTag.parse(tag)) is not None and t.stage == "train"
                     for tag in run.scalars):
-                where = f" of checkpoint {ident.ckpt}" if ident.ckpt else ""
-                run.notes.append(f"an evaluation ({ident.fn}){where}; the training run it "
-                                 "evaluated is not under this LOGDIR, so its evaluation "
+                where = (f" of checkpoint {ident.ckpt}; the training run it evaluated is "
+                         "not under this LOGDIR" if ident.ckpt else
+                         " of a model in memory, not of a fit's checkpoint")
+                run.notes.append(f"an evaluation ({ident.fn}){where}, so its evaluation "
                                  "points are judged")
             out.append(run)
             continue
@@ -135,5 +122,5 @@ def group_experiments(runs: Sequence[RunLog]) -> list[RunLog]:
             evaluations.append(RunLog(run.name, run.path, run.kind, run.scalars, run.images,
                                       texts, run.notes))
         name = _base([runs[j].name for j in members])
-        out.append(_join(name, [runs[j] for j in members] + evaluations, notes))
+        out.append(merge_logs(name, [runs[j] for j in members] + evaluations, notes))
     return out

@@ -59,6 +59,7 @@ STYLE = {
     "axes.formatter.useoffset": False,
     "figure.facecolor": "white",
     "savefig.facecolor": "white",
+    "text.parse_math": False,  # a name with two "$" is text, not math (nor a parse error)
 }
 PALETTE = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
@@ -194,6 +195,18 @@ def _marks(panel: _Panel, kind: str) -> bool:
     return False
 
 
+def _shown(text: str) -> str:
+    """``text`` as matplotlib can draw it: a lone surrogate (a str Python allows in a
+    module's name, no font can draw) as its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _legend(label: str) -> str:
+    # Matplotlib leaves a label starting with "_" out of the legend: a zero-width space
+    # keeps a block or run named "_x" in it, shown as it is.
+    return _shown(f"\u200b{label}" if label.startswith("_") else label)
+
+
 def _draw(ax, panel: _Panel, warnings: Sequence[Problem]) -> None:
     colors: dict[str, str] = {}
     for label, stage, s, dotted in panel.curves:
@@ -205,7 +218,7 @@ def _draw(ax, panel: _Panel, warnings: Sequence[Problem]) -> None:
             style.update(linestyle=":")
         # one legend entry per quantity (its first stage); the line styles of the stages are
         # explained once under the figure
-        ax.plot(s.steps, _clean(s.values), color=color, label=label, **style)
+        ax.plot(s.steps, _clean(s.values), color=color, label=_legend(label), **style)
     for label, lo, hi, match in panel.bands:
         common = dict(zip(hi.steps, hi.values, strict=True))
         steps = [s for s in lo.steps if s in common]
@@ -240,7 +253,7 @@ def _draw(ax, panel: _Panel, warnings: Sequence[Problem]) -> None:
         cur_low, cur_high = ax.get_ylim()
         ax.set_ylim(low if low is not None else cur_low,
                     max(high, cur_high) if high is not None else cur_high)
-    ax.set_title(panel.title)
+    ax.set_title(_shown(panel.title))
     handles, labels = ax.get_legend_handles_labels()
     unique: dict[str, object] = {}
     for h, label in zip(handles, labels, strict=True):
@@ -277,7 +290,7 @@ def block_figure(
                 ax.xaxis.set_tick_params(labelbottom=True)
                 if r == len(rows) - 1:
                     ax.set_xlabel("step")
-        fig.suptitle(title, fontsize=10.5, fontweight="bold", x=0.01, ha="left")
+        fig.suptitle(_shown(title), fontsize=10.5, fontweight="bold", x=0.01, ha="left")
         keys = [STAGE_KEYS[s] for s in STAGE_KEYS if s in stages]
         if len(keys) > 1:
             fig.supxlabel("   ".join(keys), fontsize=8, color="#555555", x=0.99, ha="right")
@@ -353,7 +366,7 @@ def comparison_figure(
         fig = Figure(figsize=(max(4.2 * cols, 7.0), 3.0), layout="constrained")
         axes = fig.subplots(1, cols, squeeze=False, sharex=True, sharey=True)[0]
         for ax, (name, _, thresholds), curves in zip(axes, runs, per_run, strict=True):
-            ax.set_title(name)
+            ax.set_title(_shown(name))
             ax.set_xlabel("step")
             ax.yaxis.set_tick_params(labelleft=True)
             if not curves:
@@ -362,7 +375,7 @@ def comparison_figure(
                 continue
             for block, sub, s in curves:
                 ax.plot(s.steps, _clean(s.values), color=colors[block],
-                        linestyle=styles[sub], label=f"{short[block]} {sub}".strip(),
+                        linestyle=styles[sub], label=_legend(f"{short[block]} {sub}".strip()),
                         marker="o" if len(s) == 1 else None)
             for label, y in comparison.lines(thresholds):
                 thresholds_shown.add(label)
@@ -380,7 +393,7 @@ def comparison_figure(
         fig.legend(lines.values(), lines.keys(), loc="outside lower center",
                    ncols=min(5, len(lines)))
         title = comparison.title
-        fig.suptitle(title, fontsize=10.5, fontweight="bold", x=0.01, ha="left")
+        fig.suptitle(_shown(title), fontsize=10.5, fontweight="bold", x=0.01, ha="left")
         return _png(fig)
 
 
@@ -405,13 +418,13 @@ def metrics_figure(
                 ax.set_visible(False)
                 continue
             metric = present[i]
-            ax.set_title(metric)
+            ax.set_title(_shown(metric))
             logged = [(name, series[metric]) for name, series in runs if metric in series]
             if all(len(s) == 1 for _, s in logged):
                 _bars(ax, logged, colors)
                 continue
             for name, s in logged:
-                ax.plot(s.steps, _clean(s.values), color=colors[name], label=name,
+                ax.plot(s.steps, _clean(s.values), color=colors[name], label=_legend(name),
                         marker="o" if len(s) <= 30 else None, markersize=4)
             ax.set_xlabel("step")
         handles: dict[str, object] = {}
@@ -428,7 +441,7 @@ def _bars(ax, logged: Sequence[tuple[str, Series]], colors: dict[str, str]) -> N
     names = [name for name, _ in logged][::-1]  # first run on top
     values = [s.last for _, s in logged][::-1]
     shown = _clean(values)
-    ax.barh(names, [0.0 if math.isnan(v) else v for v in shown],
+    ax.barh([_shown(n) for n in names], [0.0 if math.isnan(v) else v for v in shown],
             color=[colors[n] for n in names], height=0.6)
     for y, v in enumerate(values):
         ax.text(0 if not math.isfinite(v) else v, y, f" {v:.4g}", va="center", fontsize=8)

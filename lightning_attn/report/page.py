@@ -4,14 +4,20 @@ The HTML page carries its style and its figures (base64 PNG ``data:`` URLs): no 
 font, nothing fetched, so it opens from a file, an e-mail or a CI artifact. The Markdown
 document shows the same content and links the PNG files written beside it, for a README or a
 pull request.
+
+Every text from the runs (run and block names, notes, paths) is escaped for the format it
+lands in: HTML-escaped in the page, Markdown-escaped (or a code span long enough to hold it)
+in the document, so a name is shown as it is and never becomes markup.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import html
 import math
+import re
 from collections.abc import Sequence
 
 from .. import __version__
@@ -103,7 +109,13 @@ def _count(status: str, n: int) -> str:
 
 
 def _anchor(*parts: str) -> str:
-    return "-".join(slug(p) for p in parts)
+    """An ``id`` for the page: readable, and distinct for names that slug alike
+    (``res/3x3`` and ``res-3x3``)."""
+    text = "-".join(slug(p) for p in parts)
+    if any(slug(p) != p for p in parts):
+        text += "-" + hashlib.sha1("\0".join(parts).encode("utf-8", "surrogatepass")
+                                   ).hexdigest()[:8]
+    return text
 
 
 def _steps(run: RunReport) -> str:
@@ -318,26 +330,46 @@ def render_html(report: Report) -> str:
 
 
 # -- Markdown --------------------------------------------------------------------------------
-def _md_cell(text: object) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+#: What may start Markdown (or HTML) inline: backslash-escaped, so it shows as itself.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#~&!$])")
+_LINE_BREAKS = re.compile(r"[\r\n\u2028\u2029]+")
+
+
+def _md(text: object) -> str:
+    """``text`` as Markdown that shows it as it is (one line)."""
+    return _MD_SPECIAL.sub(r"\\\1", _LINE_BREAKS.sub(" ", str(text)))
+
+
+def _md_code(text: object, in_table: bool = False) -> str:
+    """``text`` as a code span: fenced by more backticks than it holds in a row, padded when
+    it starts or ends with a backtick or a space (the padding is not shown). In a table, a
+    ``|`` is escaped even in a code span (GFM splits the cells first)."""
+    text = _LINE_BREAKS.sub(" ", str(text))
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    if text[:1] in ("`", " ") or text[-1:] in ("`", " "):
+        text = f" {text} "
+    if in_table:
+        text = text.replace("|", "\\|")
+    return f"{fence}{text}{fence}"
 
 
 def _md_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(_md_cell(c) for c in columns) + " |",
+    """``columns`` are plain text; ``rows`` are Markdown already (numbers as they are)."""
+    lines = ["| " + " | ".join(_md(c) for c in columns) + " |",
              "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def _md_img(fig: FigureFile) -> str:
-    text = f"![{fig.title}]({fig.filename})"
-    return f"{text}\n\n_{fig.caption}_" if fig.caption else text
+    text = f"![{_md(fig.title)}]({fig.filename})"
+    return f"{text}\n\n_{_md(fig.caption)}_" if fig.caption else text
 
 
 def render_markdown(report: Report) -> str:
     """The Markdown document (figures as links to the PNG files beside it)."""
     several = len(report.runs) > 1
-    out = [f"# {report.title}", "",
+    out = [f"# {_md(report.title)}", "",
            f"{len(report.runs)} run{'s' if several else ''} · generated {report.generated} by "
            f"lightning-attn {__version__}", "", "## Summary", ""]
     columns = _summary_columns(report)
@@ -345,47 +377,50 @@ def render_markdown(report: Report) -> str:
     for run in report.runs:
         counts = _verdict_counts(run)
         verdicts = ", ".join(_count(s, n) for s, n in sorted(counts.items()))
-        row = [run.name, len(run.tags.block_names()), verdicts or "no attention statistics",
+        row = [_md(run.name), len(run.tags.block_names()),
+               verdicts or "no attention statistics",
                len(run.health.warnings) if run.has_attention else "-", _steps(run)]
         for spec in report.metrics:
-            row += list(_metric_cells(run.metrics[spec.name]))
+            row += [_md(c) for c in _metric_cells(run.metrics[spec.name])]
         rows.append(row)
     out += [_md_table(columns, rows), ""]
     for table in report.tables:
-        out += [f"### {table.title}", "", _md_table(table.columns, table.rows), ""]
+        out += [f"### {_md(table.title)}", "",
+                _md_table(table.columns, [[_md(c) for c in row] for row in table.rows]), ""]
         if table.note:
-            out += [table.note, ""]
+            out += [_md(table.note), ""]
     if report.metrics_figure is not None:
         out += ["## Metrics", "", _md_img(report.metrics_figure), ""]
     if report.comparisons:
         out += ["## Attention statistics side by side", ""]
         if report.not_compared:
-            out += [f"Not shown (no attention statistics): {', '.join(report.not_compared)}.",
-                    ""]
+            out += [f"Not shown (no attention statistics): "
+                    f"{_md(', '.join(report.not_compared))}.", ""]
         for fig in report.comparisons:
             out += [_md_img(fig), ""]
     for run in report.runs:
         h2, h3 = ("##", "###")
-        out += [f"{h2} {'Run: ' if several else ''}{run.name}", "",
-                f"`{run.log.path}` · {run.log.kind} · steps {_steps(run)}", ""]
+        out += [f"{h2} {'Run: ' if several else ''}{_md(run.name)}", "",
+                f"{_md_code(run.log.path)} · {run.log.kind} · steps {_steps(run)}", ""]
         notes = run.notes()
         if notes:
-            out += ["> **Notes**"] + [f"> - {n}" for n in notes] + [""]
+            out += ["> **Notes**"] + [f"> - {_md(n)}" for n in notes] + [""]
         if not run.has_attention:
-            out += [run.absence, ""]
+            out += [_md(run.absence), ""]
             continue
-        rows = [[f"`{b}`", f"**{v.status}**: {v.text}", len(run.health.block_warnings(b))]
+        rows = [[_md_code(b, in_table=True), f"**{v.status}**: {_md(v.text)}",
+                 len(run.health.block_warnings(b))]
                 for b, v in ((b, run.health.verdicts[b]) for b in run.tags.block_names())]
         out += [f"{h3} Verdicts", "", _md_table(["block", "verdict", "warnings"], rows), "",
-                f"Thresholds: {run.health.thresholds_source}.", "",
-                f"{h3} Warnings", "", f"_{run.health.warnings_source}._", ""]
+                f"Thresholds: {_md(run.health.thresholds_source)}.", "",
+                f"{h3} Warnings", "", f"_{_md(run.health.warnings_source)}._", ""]
         if run.health.warnings:
             wrows = []
             for p in run.health.warnings:
                 text, remedy = p.detail, p.hint
-                wrows.append([f"`{p.block}`", p.step, phrase(p.kind),
-                              f"{_num(p.value)} (threshold {_num(p.threshold)})", text,
-                              remedy or "-"])
+                wrows.append([_md_code(p.block, in_table=True), p.step, _md(phrase(p.kind)),
+                              f"{_num(p.value)} (threshold {_num(p.threshold)})", _md(text),
+                              _md(remedy or "-")])
             out += [_md_table(["block", "step", "problem", "value", "what happened", "try"],
                               wrows), ""]
         else:
@@ -394,7 +429,7 @@ def render_markdown(report: Report) -> str:
             out += [f"{h3} Attention maps", "", _md_img(run.attention_map), ""]
         for block in run.tags.block_names():
             v = run.health.verdicts[block]
-            out += [f"{h3} `{block}`", "", f"**{v.status}**: {v.text}", ""]
+            out += [f"{h3} {_md_code(block)}", "", f"**{v.status}**: {_md(v.text)}", ""]
             fig = run.block_figures.get(block)
             if fig is not None:
                 out += [_md_img(fig), ""]

@@ -12,12 +12,20 @@ with a ``rich`` progress bar over their bytes (the reader checks a CRC per recor
 Python: about 3 MB/s). A file that cannot be opened, or whose records stop before its end
 (a truncated or corrupt file), is named in :attr:`RunLog.notes`; the records before the
 damage are kept, as TensorBoard keeps them.
+
+A folder may hold several runs: two writers at once (two event files), or one logger reused
+by a sweep or by ``trainer.validate`` before ``fit`` (one file). Each run starts with its
+``attn/config`` record, which carries its ``run_id``; every event belongs to the run whose
+record came last before it in its file (the events before a file's first record, to that
+record's run). A folder with more than one ``run_id`` keeps them apart in
+:attr:`RunLog.parts`.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import re
 import stat
@@ -34,6 +42,8 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+
+from ..core.tags import CONFIG_TAG, is_attention_tag
 
 __all__ = [
     "ImageRecord",
@@ -118,6 +128,8 @@ class RunLog:
         texts: tag -> ``(step, text)`` in step order (``add_text``'s ``/text_summary``
             suffix removed).
         notes: what went wrong while reading (skipped or damaged files), one line each.
+        parts: the runs of a folder that holds several ``run_id`` s (each a
+            :class:`RunLog` of its own); empty when it holds one.
     """
 
     name: str
@@ -127,6 +139,26 @@ class RunLog:
     images: dict[str, list[ImageRecord]] = field(default_factory=dict)
     texts: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    parts: list[RunLog] = field(default_factory=list)
+
+
+def merge_logs(name: str, logs: Sequence[RunLog], notes: Sequence[str] = ()) -> RunLog:
+    """One run from several, in order: a later run's value wins on a shared step."""
+    first = logs[0]
+    out = RunLog(name, first.path, first.kind, notes=list(notes))
+    for log in logs:
+        for tag, series in log.scalars.items():
+            merged = dict(zip(out.scalars[tag].steps, out.scalars[tag].values, strict=True)
+                          ) if tag in out.scalars else {}
+            merged.update(zip(series.steps, series.values, strict=True))
+            steps = sorted(merged)
+            out.scalars[tag] = Series(steps, [merged[s] for s in steps])
+        for tag, images in log.images.items():
+            out.images[tag] = sorted(out.images.get(tag, []) + images, key=lambda r: r.step)
+        for tag, texts in log.texts.items():
+            out.texts[tag] = sorted(out.texts.get(tag, []) + texts, key=lambda t: t[0])
+        out.notes += [n for n in log.notes if n not in out.notes]
+    return out
 
 
 def _is_event_file(name: str) -> bool:
@@ -230,13 +262,15 @@ class _EventRecords:
         self.advance = advance
         self.notes = notes
         self.used = False
+        self.current = 0  # index of the file being read
 
     def Load(self) -> Iterator:  # noqa: N802 - the accumulator's loader protocol
         from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
         from tensorboard.compat.proto import event_pb2
 
         self.used = True
-        for path in self.files:
+        for index, path in enumerate(self.files):
+            self.current = index
             try:
                 size = path.stat().st_size
             except OSError as err:
@@ -272,21 +306,98 @@ def _strip_text_suffix(tag: str) -> str:
     return tag[: -len("/text_summary")] if tag.endswith("/text_summary") else tag
 
 
+#: The tag of the runs' configuration records, as TensorBoard's text plugin writes it.
+_CONFIG_TEXT = f"{CONFIG_TAG}/text_summary"
+
+
+def _run_id_of(event) -> str | None:
+    """The ``run_id`` of an ``attn/config`` record, else ``None``."""
+    for value in event.summary.value:
+        if value.tag != _CONFIG_TEXT or not value.tensor.string_val:
+            continue
+        try:
+            doc = json.loads(value.tensor.string_val[0].decode("utf-8", "replace"))
+        except ValueError:
+            return None
+        run_id = doc.get("run_id") if isinstance(doc, dict) else None
+        return run_id if isinstance(run_id, str) and run_id else None
+    return None
+
+
 def _read_events(source: RunSource, advance: Callable[[int], None]) -> RunLog:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.util import tensor_util
 
     run = RunLog(source.name, source.path, source.kind, notes=list(source.notes))
     directory = source.path if source.path.is_dir() else source.path.parent
-    acc = EventAccumulator(str(directory), size_guidance=SIZE_GUIDANCE)
     records = _EventRecords(source.files, advance, run.notes)
-    # Our loader instead of the accumulator's own: the same files and reader, plus progress
-    # and a note for each damaged file. Should a tensorboard release rename the attribute,
-    # Reload() reads the directory itself (same data, no progress).
-    acc._generator = records
-    acc.Reload()
+    # Our loader instead of the accumulator's own: the same files and reader, plus progress,
+    # a note for each damaged file, and one accumulator per (file, run_id). Should a
+    # tensorboard release rename the accumulator's event method, one accumulator reads the
+    # directory itself (same data, one run, no progress).
+    accumulators: dict[tuple[int, str | None], EventAccumulator] = {}
+    if hasattr(EventAccumulator, "_ProcessEvent"):
+        current: dict[int, str | None] = {}
+        for event in records.Load():
+            found = _run_id_of(event) if event.HasField("summary") else None
+            if found is not None:
+                current[records.current] = found
+            key = (records.current, current.get(records.current))
+            if key not in accumulators:
+                accumulators[key] = EventAccumulator(str(directory),
+                                                     size_guidance=SIZE_GUIDANCE)
+            accumulators[key]._ProcessEvent(event)
+    else:
+        acc = accumulators[(0, None)] = EventAccumulator(str(directory),
+                                                         size_guidance=SIZE_GUIDANCE)
+        acc.Reload()
     if not records.used:
         advance(source.size)
+    return _runs_apart(run, {key: _log_of(acc, run.name, source)
+                             for key, acc in accumulators.items()})
+
+
+def _runs_apart(run: RunLog, logs: dict[tuple[int, str | None], RunLog]) -> RunLog:
+    """The folder's run from its (file, run_id) pieces: all of them merged, in order, and
+    each run apart in ``parts`` when there are several run_ids."""
+    by_run: dict[str | None, list[RunLog]] = {}
+    files_of: dict[str | None, set[int]] = {}
+    for (index, run_id), log in logs.items():
+        if run_id is None:  # the file's events before its first record: that record's run
+            run_id = next((r for i, r in logs if i == index and r is not None), None)
+        by_run.setdefault(run_id, []).append(log)
+        files_of.setdefault(run_id, set()).add(index)
+    # A piece without diagnostics (a user's own SummaryWriter, or the configuration alone
+    # of an earlier release's second callback) is no run: it joins its neighbour.
+    order = list(by_run)
+    empty = [r for r in order if not any(is_attention_tag(tag) for log in by_run[r]
+                                         for tag in (*log.scalars, *log.images))]
+    if len(empty) < len(order):
+        for r in empty:
+            i = order.index(r)
+            into = next(o for o in order[i + 1:] + order[:i][::-1] if o not in empty)
+            piece = by_run.pop(r)  # kept in event order: before a later run, after an earlier
+            by_run[into] = piece + by_run[into] if order.index(into) > i else by_run[into] + piece
+            files_of[into] |= files_of.pop(r)
+    merged = merge_logs(run.name, list(logs.values()) or [run], run.notes)
+    if len(by_run) > 1:
+        files = len(set().union(*files_of.values()))
+        listed = ", ".join(r if r is not None else "a writer without attn/config"
+                           for r in by_run)
+        note = (f"this folder holds {len(by_run)} runs ({listed}; written to {files} event "
+                f"file{'s' if files > 1 else ''}): shown apart")
+        merged.parts = [
+            merge_logs(f"{run.name} [run {r[:8] if r else 'without id'}]", parts,
+                       [*run.notes, note])
+            for r, parts in by_run.items()
+        ]
+    return merged
+
+
+def _log_of(acc, name: str, source: RunSource) -> RunLog:
+    """What one accumulator holds, as a :class:`RunLog`."""
+    from tensorboard.util import tensor_util
+
+    run = RunLog(name, source.path, source.kind)
     tags = acc.Tags()
     for tag in tags.get("scalars", []):
         points: dict[int, float] = {}

@@ -121,9 +121,9 @@ def write_report(
             path.write_bytes(fig.png)
             figures.append(path)
         html_path = out / "report.html"
-        html_path.write_text(render_html(report), encoding="utf-8")
+        html_path.write_text(render_html(report), encoding="utf-8", errors="backslashreplace")
         md_path = out / "report.md"
-        md_path.write_text(render_markdown(report), encoding="utf-8")
+        md_path.write_text(render_markdown(report), encoding="utf-8", errors="backslashreplace")
     except OSError as err:
         raise ReportError(f"cannot write the report to {str(out)!r}: {err}") from err
     return ReportFiles(html_path, md_path, tuple(figures), report)

@@ -11,12 +11,21 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from lightning_attn.blocks import attention_adapter
 from lightning_attn.callbacks import AttentionDiagnostics, MaskHealthMonitor
-from lightning_attn.core import HealthThresholds, MissingStatisticsWarning, NonFiniteWarning
+from lightning_attn.callbacks.diagnostics import check_distinct
+from lightning_attn.core import (
+    DiagnosticsStateWarning,
+    HealthThresholds,
+    MaskCollapseWarning,
+    MissingStatisticsWarning,
+    NonFiniteWarning,
+)
+from lightning_attn.core.tags import ScalarTag
 
 from ..adversarial import Case, assert_outcome, correct
 from ..adversarial import clear as _clear
-from .cb_models import FakeNet, MemoryLogger, PlainNet, make_data, make_trainer
+from .cb_models import FakeBlock, FakeNet, MemoryLogger, PlainNet, make_data, make_trainer
 
 NAN = float("nan")
 
@@ -155,7 +164,294 @@ def _fit_two():
                                                log_every_n_steps=1)])
 
 
-CASES = CONSTRUCTOR + RUNS
+# -- lifecycles: a run is one fit ---------------------------------------------------------------
+def _collapsing() -> FakeNet:
+    return FakeNet(transform=lambda x: torch.full_like(x, 0.5))
+
+
+def _fits(tmp, *steps, callback=None, models=None):
+    """Fits of one callback (a sweep): each fit's (run_id, num_points, warnings)."""
+    cb = callback or A(log_every_n_steps=1, num_images=0, summary=False)
+    out = []
+    for i, n in enumerate(steps):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(tmp, [cb], max_steps=n).fit(models[i] if models else _collapsing())
+        out.append((cb.run_id, cb.num_points, caught))
+    return out
+
+
+def _kinds(caught, category) -> int:
+    return sum(issubclass(w.category, category) for w in caught)
+
+
+class Evaluated(FakeNet):
+    def validation_step(self, batch, batch_idx):
+        self(batch[0])
+
+    test_step = validation_step
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+    def val_dataloader(self):
+        return self.train_dataloader()
+
+    test_dataloader = predict_dataloader = val_dataloader
+
+
+def _then(tmp, first: str, second: str, ckpt: bool = False):
+    """Two stages on one Trainer (and callback): the run_id after each, and the warnings."""
+    cb = A(log_every_n_steps=1, num_images=0, summary=False)
+    trainer = make_trainer(tmp, [cb], max_steps=2, limit_val_batches=1, limit_test_batches=1,
+                           enable_checkpointing=ckpt)
+    model = Evaluated(transform=lambda x: torch.full_like(x, 0.5))
+    ids = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for stage in (first, second):
+            getattr(trainer, stage)(model)
+            ids.append(cb.run_id)
+    return ids, caught
+
+
+def _crash_then_fit(tmp):
+    cb = A(log_every_n_steps=1, num_images=0, summary=False)
+
+    class Crashes(FakeNet):
+        def training_step(self, batch, batch_idx):
+            raise RuntimeError("planned")
+
+    with pytest.raises(RuntimeError, match="planned"):
+        make_trainer(tmp, [cb], max_steps=2).fit(Crashes())
+    crashed = cb.run_id
+    return crashed, _fits(tmp, 2, callback=cb)[0]
+
+
+def _copy_then_fit(tmp):
+    import copy
+
+    cb = A(log_every_n_steps=1, num_images=0, summary=False)
+    first = _fits(tmp, 2, callback=cb)[0]
+    return first, _fits(tmp, 3, callback=copy.deepcopy(cb))[0]
+
+
+def _presets_share(tmp):
+    cbs = [MaskHealthMonitor(log_every_n_steps=1), A(sections=["router"], log_every_n_steps=1,
+                                                    num_images=0, summary=False)]
+    _fit(tmp, callbacks=cbs)
+    return cbs
+
+
+def _checkpointed(tmp, callbacks, edit=None):
+    """A fit's checkpoint (its callbacks' states edited by ``edit``)."""
+    trainer = make_trainer(tmp, callbacks, max_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(_collapsing())
+    path = f"{tmp}/first.ckpt"
+    trainer.save_checkpoint(path)
+    if edit is not None:
+        checkpoint = torch.load(path, weights_only=False)
+        edit(checkpoint["callbacks"])
+        torch.save(checkpoint, path)
+    return path
+
+
+def _resumed(tmp, before, edit=None, stage="fit"):
+    """The callback resumed (or evaluating) from a checkpoint of ``before``, and what it said."""
+    ckpt = _checkpointed(tmp, before, edit)
+    cb = A(log_every_n_steps=1, num_images=0, summary=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(tmp, [cb], max_steps=4, limit_val_batches=1,
+                               limit_test_batches=1)
+        getattr(trainer, stage)(Evaluated(transform=lambda x: torch.full_like(x, 0.5)),
+                                ckpt_path=ckpt)
+    said = [str(w.message) for w in caught if issubclass(w.category, DiagnosticsStateWarning)]
+    return cb, said, before
+
+
+def _said_once_naming(result, *needles):
+    cb, said, _ = result
+    return len(said) == 1 and cb.run_id in said[0] and all(n in said[0] for n in needles)
+
+
+def _state_of(key_of, state):
+    return lambda states: states.__setitem__(key_of(), state)
+
+
+def _default_key():
+    return A().state_key
+
+
+LIFECYCLES = [
+    correct("a second fit of one callback warns about its own model",
+            lambda tmp: _fits(tmp, 2, 2),
+            lambda r: [_kinds(c, MaskCollapseWarning) for _, _, c in r] == [1, 1]),
+    correct("three fits of one callback are three runs",
+            lambda tmp: _fits(tmp, 2, 2, 2), lambda r: len({i for i, _, _ in r}) == 3),
+    correct("points are counted per fit", lambda tmp: _fits(tmp, 2, 3),
+            lambda r: [n for _, n, _ in r] == [2, 3]),
+    correct("a healthy fit, then a collapsing one: only the second warns",
+            lambda tmp: _fits(tmp, 2, 2, models=[FakeNet(), _collapsing()]),
+            lambda r: [_kinds(c, MaskCollapseWarning) for _, _, c in r] == [0, 1]),
+    correct("validate before fit: the fit is a run of its own",
+            lambda tmp: _then(tmp, "validate", "fit"),
+            lambda r: r[0][0] is not None and r[0][1] not in (None, r[0][0])),
+    correct("validate after fit carries the fit's run_id",
+            lambda tmp: _then(tmp, "fit", "validate"), lambda r: r[0][0] == r[0][1]),
+    correct("test after fit carries the fit's run_id",
+            lambda tmp: _then(tmp, "fit", "test"), lambda r: r[0][0] == r[0][1]),
+    correct("predict between stages leaves the run_id",
+            lambda tmp: _then(tmp, "fit", "predict"), lambda r: r[0][0] == r[0][1]),
+    correct("a fit after a crashed fit is a new run", _crash_then_fit,
+            lambda r: r[1][0] not in (None, r[0]) and _kinds(r[1][2], MaskCollapseWarning)),
+    correct("a deep copy of a used callback starts its own run", _copy_then_fit,
+            lambda r: r[1][0] != r[0][0] and r[1][1] == 3),
+    correct("the callbacks of one Trainer share the run_id", _presets_share,
+            lambda cbs: cbs[0].run_id == cbs[1].run_id is not None),
+    correct("resume without the callback's state: said once, naming the run",
+            lambda tmp: _resumed(tmp, []), lambda r: _said_once_naming(r, "written without")),
+    correct("resume from another configuration's state: said, naming it",
+            lambda tmp: _resumed(tmp, [A(sections=["mask"], log_every_n_steps=1)]),
+            lambda r: _said_once_naming(r, "'sections': ('mask',)")),
+    correct("resume with the state continues the run silently",
+            lambda tmp: _resumed(tmp, [A(log_every_n_steps=1)]),
+            lambda r: r[1] == [] and r[0].run_id == r[2][0].run_id and r[0].num_points == 4),
+    correct("validate a checkpoint without the state: said, naming the run",
+            lambda tmp: _resumed(tmp, [], stage="validate"),
+            lambda r: _said_once_naming(r, "evaluating")),
+    correct("test a checkpoint with the state: the fit's run_id",
+            lambda tmp: _resumed(tmp, [A(log_every_n_steps=1)], stage="test"),
+            lambda r: r[1] == [] and r[0].run_id == r[2][0].run_id),
+]
+
+
+# -- names: any module name is a tag that parses back ---------------------------------------
+class Named(FakeNet):
+    """FakeNet whose block sits in a ModuleDict under ``name``."""
+
+    def __init__(self, name: str, block=None):
+        super().__init__()
+        self.blocks = torch.nn.ModuleDict({name: block or FakeBlock()})
+        del self.block
+
+    def forward(self, x):
+        return self.head(next(iter(self.blocks.values()))(x).flatten(1))
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+
+def _tags_of(tmp, name, block=None):
+    cb, logger, _ = _fit(tmp, Named(name, block))
+    return {ScalarTag.parse(t) for _, m in logger.attn() for t in m} - {None}, cb
+
+
+def _round_trip(name, mask="mask", param="temperature"):
+    def check(result):
+        tags, cb = result
+        block = f"blocks.{name}"
+        return (block in cb.last_stats.blocks
+                and {t.block for t in tags} == {block}
+                and mask in {t.group for t in tags}
+                and param in {t.param for t in tags if t.param})
+    return check
+
+
+class OddMask(FakeBlock):
+    mask_names = ("m%2F 1",)
+
+    def forward(self, x):
+        self.record(masks={"m%2F 1": self.mask_of(x)}, router_weights=self.router_of(x))
+        return x * self.gain
+
+
+class OddParam(FakeBlock):
+    def attention_parameters(self):
+        return {"t/1%": self.gain.detach()}
+
+    def trainable_attention_parameters(self):
+        return {"t/1%": self.gain}
+
+    def attention_parameter_specs(self):
+        return {}
+
+
+class BadMask(FakeBlock):
+    def __init__(self, name):
+        super().__init__()
+        self.mask_names = (name,)
+
+
+NAMES = [
+    correct(f"block named {name!r}", lambda tmp, n=name: _tags_of(tmp, n), _round_trip(name))
+    for name in ("res/3x3", "a%2Fb", "注意力🙂", "new\nline", "attn", "<b>x</b>", "back`tick")
+] + [
+    correct("mask named 'm%2F 1'", lambda tmp: _tags_of(tmp, "b", OddMask()),
+            _round_trip("b", mask="m%2F 1")),
+    correct("parameter named 't/1%'", lambda tmp: _tags_of(tmp, "b", OddParam()),
+            _round_trip("b", param="t/1%")),
+    clear("mask named 'router'", lambda: BadMask("router").statistics_layout, ValueError,
+          "mask_names", "router"),
+    clear("mask named 'a/b'", lambda: BadMask("a/b").statistics_layout, ValueError,
+          "mask_names", "a/b"),
+]
+
+
+# -- faults: checkpoints this version cannot read, two callbacks alike ---------------------
+BAD_STATES = [
+    (["a", "list"], "a list, not a mapping"),
+    ({"num_points": "many"}, "num_points is 'many'"),
+    ({"num_points": -3}, "num_points is -3"),
+    ({"num_points": True}, "num_points is True"),
+    ({"layout_dirs": 5}, "layout_dirs is 5"),
+    ({"layout_dirs": [1]}, "layout_dirs is [1]"),
+    ({"run_id": 7}, "run_id is 7"),
+    ({"run_id": ""}, "run_id is ''"),
+    ({"reported": [1, 2]}, "reported is a list"),
+    ({"reported": {"block|mask_collapse": "x"}}, "'block|mask_collapse': 'x'"),
+    ({"reported": {"no-bar": 1}}, "'no-bar': 1"),
+    ({"reported": {"reported": {"b|k": 1}, "active": ["c|k"]}}, "active keys"),
+]
+
+FAULTS = [
+    correct(f"a checkpointed state where {said}",
+            lambda tmp, s=state: _resumed(tmp, [A(log_every_n_steps=1)],
+                                          _state_of(_default_key, s)),
+            lambda r, n=said: _said_once_naming(r, "unreadable", n) and r[0].num_points == 2)
+    for state, said in BAD_STATES
+] + [
+    correct("an earlier release's state (no run_id): resumed, the new run named",
+            lambda tmp: _resumed(tmp, [A(log_every_n_steps=1)], _state_of(
+                _default_key, {"reported": {"block|mask_collapse": 1}, "num_points": 2})),
+            lambda r: _said_once_naming(r, "earlier release") and r[0].num_points == 4),
+    correct("an earlier release's reporter state ({key: step})",
+            lambda tmp: _resumed(tmp, [A(log_every_n_steps=1)], _state_of(
+                _default_key, {"reported": {"block|mask_collapse": 1}, "num_points": 2,
+                               "run_id": "abc"})),
+            lambda r: r[1] == [] and r[0].run_id == "abc"
+            and r[0]._reporter.active == {"block|mask_collapse"}),
+    correct("a future release's extra fields are ignored",
+            lambda tmp: _resumed(tmp, [A(log_every_n_steps=1)], lambda states: states[
+                _default_key()].update(future={"x": 1})),
+            lambda r: r[1] == [] and r[0].run_id == r[2][0].run_id),
+    clear("two AttentionDiagnostics alike in one Trainer",
+          lambda: check_distinct([A(), A(on_problem="stop")]), ValueError,
+          "include=/exclude=", "sections=", "adapters=", "differ only in on_problem"),
+    clear("two presets alike in one Trainer",
+          lambda: check_distinct([MaskHealthMonitor(), MaskHealthMonitor()]), ValueError,
+          "MaskHealthMonitor", "identical: one is enough"),
+    correct("two callbacks told apart by their adapters share a Trainer",
+            lambda tmp: _fit(tmp, callbacks=[
+                A(log_every_n_steps=1, summary=False),
+                A(log_every_n_steps=1, summary=False, adapters=[attention_adapter(
+                    torch.nn.Sigmoid, masks={"mask": ""})])]),
+            lambda r: r[1].attn() != []),
+]
+
+CASES = CONSTRUCTOR + RUNS + LIFECYCLES + NAMES + FAULTS
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -167,4 +463,4 @@ def test_callback_input(case: Case, tmp_path) -> None:
 
 def test_no_raw_and_no_silent_row() -> None:
     assert {c.outcome for c in CASES} <= {"clear", "correct"}
-    assert len(CASES) >= 40
+    assert len(CASES) >= 80

@@ -15,7 +15,15 @@ from lightning_attn.core.statistics import (
     StatisticsLayout,
     quantities,
 )
-from lightning_attn.core.tags import ScalarTag, chart_layout, scalar_metrics, tag_table
+from lightning_attn.core.tags import (
+    ScalarTag,
+    chart_layout,
+    decode_name,
+    encode_name,
+    histogram_tag,
+    scalar_metrics,
+    tag_table,
+)
 
 STATS = BlockStats(
     masks={"mask_h": MaskStats(10, 0.5, 0.1, 0.0, 0.1, 0, 0.1, 0.9),
@@ -66,3 +74,28 @@ def test_chart_layout_and_docs_table_come_from_the_declarations():
     rows = dict(tag_table())
     assert rows["attn/<block>/<mask>/sat_low"] == "the mask's share below saturation_low"
     assert "attn/<block>/param/<name>_grad_norm" in rows
+
+
+#: Names a ModuleDict key (or a block's mask, or a parameter) may carry.
+NAMES = ["res/3x3", "a%2Fb", "100%", "%", "héllo 注意力 🙂", 'say "hi"', "<b>x</b>", "a`b",
+         "new\nline", "tab\there", "x\ud800", "attn", "val", "router", "", " ", "a|b", "$x$"]
+
+
+@pytest.mark.parametrize("name", NAMES, ids=[ascii(n) for n in NAMES])
+def test_any_name_round_trips_through_a_tag(name):
+    assert decode_name(encode_name(name)) == name
+    assert "/" not in encode_name(name)
+    for tag in (ScalarTag("train", name, "mask", "std"),
+                ScalarTag("val", f"net.{name}", f"m{name}", "mean"),
+                ScalarTag("test", "b", "router", "usage", branch=2),
+                ScalarTag("train", name, "param", "grad_norm", param=f"{name}_grad_norm"),
+                ScalarTag("train", name, "param", "value", param=name or "t")):
+        assert ScalarTag.parse(tag.format()) == tag, tag.format()
+
+
+def test_ordinary_names_are_written_as_they_are():
+    assert ScalarTag("train", "stages.0.attn", "mask_h", "std").format() == (
+        "attn/stages.0.attn/mask_h/std")
+    assert ScalarTag("train", "blocks.res/3x3", "mask", "std").format() == (
+        "attn/blocks.res%2F3x3/mask/std")
+    assert histogram_tag("a/b", "m%") == "attn/a%2Fb/m%25/hist"

@@ -11,6 +11,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_attn.core.statistics import MaskStats, quantities
+from lightning_attn.core.tags import encode_name
 
 BLOCK = "net.stage1.dsa"
 
@@ -24,8 +25,10 @@ def write_run(
     evaluation: bool = False,
     maps: tuple[str, ...] = (),
     other: dict[str, float] | None = None,
+    block: str = BLOCK,
 ) -> Path:
-    """One DSA block ``net.stage1.dsa`` with three branches; returns ``path``."""
+    """One DSA block (``net.stage1.dsa`` unless ``block`` says) with three branches; returns
+    ``path``."""
     w = SummaryWriter(str(path))
     if config is not None:
         w.add_text("attn/config", json.dumps(config), 0)
@@ -40,10 +43,10 @@ def write_run(
         values.update({f"mask/{q.tag}": 0.0 for q in quantities(MaskStats)
                        if q.tag is not None and f"mask/{q.tag}" not in values})
         for tag, value in values.items():
-            w.add_scalar(f"attn/{BLOCK}/{tag}", value, step)
+            w.add_scalar(f"attn/{encode_name(block)}/{tag}", value, step)
         if evaluation:
             for tag in ("mask/mean", "mask/std", "router/entropy_norm"):
-                w.add_scalar(f"val/attn/{BLOCK}/{tag}", values[tag], step)
+                w.add_scalar(f"val/attn/{encode_name(block)}/{tag}", values[tag], step)
         for tag, value in (other or {}).items():
             w.add_scalar(tag, value, step)
     for i, tag in enumerate(maps):

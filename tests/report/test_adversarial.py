@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
+from lightning_attn.core.tags import encode_name
 from lightning_attn.report.command import main
 
 from .synthetic import BLOCK, problem, write_run
@@ -115,6 +116,110 @@ CASES: list[tuple[str, str, Callable[[Path], list[str]], str]] = [
 ]
 
 
+def _points(w: SummaryWriter, block: str, steps, stage: str = "") -> None:
+    for step in steps:
+        for tag, value in (("mask/mean", 0.5), ("mask/std", 0.1)):
+            w.add_scalar(f"{stage}attn/{block}/{tag}", value, step)
+
+
+def _config(w: SummaryWriter, run_id: object, fn: str = "fit") -> None:
+    w.add_text("attn/config", json.dumps({"run_id": run_id, "fn": fn, "thresholds": {}}), 0)
+
+
+def _one_writer(path: Path, *runs: tuple[str, str]) -> Path:
+    """One writer (a logger reused): ``(run_id, fn)`` one after another, each with points."""
+    w = SummaryWriter(str(path))
+    for run_id, fn in runs:
+        _config(w, run_id, "fit" if fn == "none" else fn)
+        if fn != "none":  # "none": the configuration alone
+            _points(w, BLOCK, (10, 20), "val/" if fn == "validate" else "")
+    w.close()
+    return path
+
+
+def _two_writers(path: Path, second: str | None = "b" * 32) -> Path:
+    """Two writers at once in one folder, their events interleaved (``second`` None: the
+    second writes without attn/config, as an earlier release or a user's own writer)."""
+    first, other = SummaryWriter(str(path), filename_suffix=".1"), SummaryWriter(
+        str(path), filename_suffix=".2")
+    _config(first, "a" * 32)
+    if second is not None:
+        _config(other, second)
+    for step in (10, 20, 30):
+        _points(first, BLOCK, (step,))
+        if second is not None:
+            _points(other, BLOCK, (step,))
+        else:
+            other.add_scalar("train/loss", 1.0, step)
+    first.close()
+    other.close()
+    return path
+
+
+def _named(path: Path, *blocks: str, raw: bool = False) -> Path:
+    """A run whose blocks carry ``blocks`` names (their tags encoded, or ``raw``)."""
+    w = SummaryWriter(str(path))
+    for block in blocks:
+        _points(w, block if raw else encode_name(block), (10, 20))
+    w.close()
+    return path
+
+
+def _versions(path: Path) -> Path:
+    for version, steps in (("version_0", (10, 20)), ("version_1", (30, 40))):
+        w = SummaryWriter(str(path / version))
+        _config(w, "c" * 32)
+        _points(w, BLOCK, steps)
+        w.close()
+    return path
+
+
+LIFECYCLES_AND_NAMES: list[tuple[str, str, Callable[[Path], list[str]], str]] = [
+    ("two writers at once in one folder, two run_ids", "correct",
+     lambda t: [str(_two_writers(t / "r"))], "this folder holds 2 runs"),
+    ("a writer without attn/config beside a run", "correct",
+     lambda t: [str(_two_writers(t / "r", None))], "report of 1 run"),
+    ("one logger reused by a sweep: two run_ids one after another", "correct",
+     lambda t: [str(_one_writer(t / "r", ("a" * 32, "fit"), ("b" * 32, "fit")))],
+     "report of 2 run(s)"),
+    ("validate before fit on one logger", "correct",
+     lambda t: [str(_one_writer(t / "r", ("a" * 32, "validate"), ("b" * 32, "fit")))],
+     "of a model in memory"),
+    ("three runs in one folder, one of them resumed into it", "correct",
+     lambda t: [str(_one_writer(t / "r", ("a" * 32, "fit"), ("b" * 32, "fit"),
+                                ("a" * 32, "fit")))], "this folder holds 2 runs"),
+    ("an earlier release's two callbacks: two run_ids, the first without points", "correct",
+     lambda t: [str(_one_writer(t / "r", ("a" * 32, "none"), ("b" * 32, "fit")))],
+     "report of 1 run"),
+    ("two versions of one run_id (a resumed fit)", "correct",
+     lambda t: [str(_versions(t / "exp"))], "joined the versions of one training run"),
+    ("attn/config whose run_id is not a string", "correct",
+     lambda t: [str(_one_writer(t / "r", (5, "fit")))], "report of 1 run"),
+    ("a block named 'res/3x3'", "correct", lambda t: [str(_named(t / "r", "net.res/3x3"))],
+     "### `net.res/3x3`"),
+    ("a block named 'a%2Fb' (a literal percent)", "correct",
+     lambda t: [str(_named(t / "r", "a%2Fb"))], "### `a%2Fb`"),
+    ("a block named with HTML", "correct",
+     lambda t: [str(_named(t / "r", "<img src=x onerror=alert(1)>"))],
+     "### `<img src=x onerror=alert(1)>`"),
+    ("a block named with backticks", "correct", lambda t: [str(_named(t / "r", "a`b``c"))],
+     "### ```a`b``c```"),
+    ("a block named with a newline", "correct", lambda t: [str(_named(t / "r", "a\nb"))],
+     "### `a b`"),
+    ("a block named with a lone surrogate", "correct",
+     lambda t: [str(_named(t / "r", "x\ud800"))], "report of 1 run"),
+    ("blocks whose names differ only in '/' and '-'", "correct",
+     lambda t: [str(_named(t / "r", "res/3x3", "res-3x3"))], "### `res-3x3`"),
+    ("a tag with an invalid percent sequence", "correct",
+     lambda t: [str(_named(t / "r", "net%ZZ", raw=True))], "### `net%ZZ`"),
+    ("a run named with Markdown and HTML", "correct",
+     lambda t: [f"<b>x</b>|*y*={_named(t / 'r', 'net')}"], "\\<b\\>x\\</b\\>\\|\\*y\\*"),
+    ("a title with a backtick and HTML", "correct",
+     lambda t: [str(_named(t / "r", "net")), "--title", "`<script>`"],
+     "# \\`\\<script\\>\\`"),
+]
+
+
 def _eval_only(path: Path) -> Path:
     w = SummaryWriter(str(path))
     for step in (10, 20):
@@ -122,6 +227,9 @@ def _eval_only(path: Path) -> Path:
             w.add_scalar(f"val/attn/{BLOCK}/{tag}", value, step)
     w.close()
     return path
+
+
+CASES += LIFECYCLES_AND_NAMES
 
 
 @pytest.mark.parametrize(("case", "outcome", "make", "says"), CASES, ids=[c[0] for c in CASES])
@@ -144,5 +252,5 @@ def test_report_input(case, outcome, make, says, tmp_path, capsys):
         assert len(errors) == 1 and says in errors[0], stderr
     else:
         assert code == 0, stderr
-        assert says in stdout + stderr
+        assert says in stdout + stderr + (out / "report.md").read_text(encoding="utf-8")
         assert (out / "report.html").exists()
