@@ -45,6 +45,11 @@ class MissingStatisticsWarning(AttentionWarning):
     """A watched block recorded nothing during a logging step."""
 
 
+class RecordingContractWarning(AttentionWarning):
+    """A block recorded what its ``record()`` contract rules out: mask values outside
+    ``[0, 1]``, or router weights off the simplex (negative, or rows not summing to 1)."""
+
+
 class AttentionProblemError(RuntimeError):
     """Raised instead of a warning when the diagnostics run with ``on_problem="raise"``.
 

@@ -90,7 +90,8 @@ SUMMARY_COLUMNS: tuple[Column, ...] = (
     Column("router\nH/logK", "router", _router_cell),
     Column("mask", "mask", lambda bs, info: "\n".join(bs.masks) or "-"),
     Column("mean±std", "mask", lambda bs, info: "\n".join(
-        f"{_num(m.mean)}±{_num(m.std)}" for m in bs.masks.values()) or "-", "right"),
+        f"{_num(m.mean)}±{_num(m.std) if m.std_defined or m.nonfinite else 'n/a'}"
+        for m in bs.masks.values()) or "-", "right"),
     Column("sat\nlo/hi", "mask", lambda bs, info: "\n".join(
         f"{m.sat_low:.0%}/{m.sat_high:.0%}" for m in bs.masks.values()) or "-", "right"),
     Column("params", "param", _params_cell),

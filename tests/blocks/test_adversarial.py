@@ -1,5 +1,6 @@
 """Adversarial table for the blocks: every bad or edge input tried against
-DynamicSpatialAttention and CoordinateAttention, with its outcome class.
+DynamicSpatialAttention and CoordinateAttention, with its outcome class; and the recording's
+execution patterns and degenerate numbers (:mod:`.recording_rows`).
 
 - ``clear``: an exception of the named type whose message names the argument (or the tensor
   property) and the value — what a user can act on.
@@ -23,6 +24,7 @@ from torch import nn
 from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention
 
 from ..adversarial import Case, assert_outcome, clear, correct
+from .recording_rows import DEGENERATE_CASES, EXECUTION_CASES
 
 NAN = float("nan")
 
@@ -216,7 +218,7 @@ COORD_CASES = [
         x(2, 8, 5, 5, dtype=torch.float64)), lambda o: o.dtype == torch.float64),
 ]
 
-CASES = DSA_CASES + COORD_CASES
+CASES = DSA_CASES + COORD_CASES + EXECUTION_CASES + DEGENERATE_CASES
 
 
 def _warns(make: Callable[[], object]) -> object:
@@ -241,7 +243,8 @@ def test_adversarial_input(case: Case) -> None:
 def test_outcome_counts() -> None:
     """The counts the issue's adversarial table reports for the blocks."""
     assert len({c.id for c in CASES}) == len(CASES)
-    assert Counter(c.outcome for c in CASES) == {"clear": 70, "correct": 17}
+    assert Counter(c.outcome for c in CASES) == {"clear": 70, "correct": 17 + 21 + 18}
+    assert (len(EXECUTION_CASES), len(DEGENERATE_CASES)) == (21, 18)
 
 
 @pytest.mark.parametrize("make", [lambda: D(8), lambda: C(8)], ids=["dsa", "coord"])
