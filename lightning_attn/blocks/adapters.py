@@ -192,19 +192,24 @@ def adapter_matching(
 
 
 class _AttachedHook:
-    """A hook of an :class:`AdapterRecorder`, for the module it was attached to only.
+    """A hook of an :class:`AdapterRecorder`, for the module it was attached to only: calls
+    ``fn`` while the recorder records or captures.
 
     A copy of that module (``copy.deepcopy``: an EMA such as timm's ``ModelEmaV3``,
     ``torch.optim.swa_utils.AveragedModel``, a snapshot; or a pickle) gets a
     :class:`_CopiedHook` in its place: the copy's forwards never reach this recorder.
     """
 
-    def __init__(self, fn: Callable[..., None]) -> None:
-        self.fn = fn
+    __slots__ = ("fn", "id", "recorder")
+
+    def __init__(self, recorder: AdapterRecorder, fn: Callable[..., None]) -> None:
+        self.recorder, self.fn = recorder, fn
         self.id: int | None = None  # the handle's id, set when attached
 
     def __call__(self, module: nn.Module, *args: Any) -> None:
-        self.fn(module, *args)
+        recorder = self.recorder
+        if recorder._attn_recording or recorder._attn_capture:  # all a step not logging costs
+            self.fn(module, *args)
 
     def __deepcopy__(self, memo: dict) -> _CopiedHook:
         return _CopiedHook(self.id)
@@ -230,9 +235,9 @@ class _CopiedHook:
                 del hooks[self.id]
 
 
-def _attach(target: nn.Module, fn: Callable[..., None], pre: bool = False,
-            always: bool = False) -> RemovableHandle:
-    hook = _AttachedHook(fn)
+def _attach(recorder: AdapterRecorder, target: nn.Module, fn: Callable[..., None],
+            pre: bool = False, always: bool = False) -> RemovableHandle:
+    hook = _AttachedHook(recorder, fn)
     handle = (target.register_forward_pre_hook(hook) if pre
               else target.register_forward_hook(hook, always_call=always))
     hook.id = handle.id
@@ -285,16 +290,17 @@ class AdapterRecorder(RecordingMixin):
             # One part (a squeeze-excite gate, a router): it is the whole forward's record, one
             # hook instead of two (hooks cost on every step, recording or not).
             (path, (name,)), = paths.items()
-            self._handles = [_attach(module.get_submodule(path), self._direct_hook(path, name))]
+            self._handles = [_attach(self, module.get_submodule(path),
+                                     self._direct_hook(path, name))]
             return
         self._handles = [
-            _attach(module.get_submodule(path), self._part_hook(path, names))
+            _attach(self, module.get_submodule(path), self._part_hook(path, names))
             for path, names in paths.items()
         ]
         if scoped:
-            self._handles.append(_attach(module, self._enter_hook, pre=True))
+            self._handles.append(_attach(self, module, self._enter_hook, pre=True))
         # always_call: a forward that raises still ends the record (no part left behind)
-        self._handles.append(_attach(module, self._flush_hook, always=True))
+        self._handles.append(_attach(self, module, self._flush_hook, always=True))
 
     @property
     def module(self) -> nn.Module | None:
@@ -307,14 +313,11 @@ class AdapterRecorder(RecordingMixin):
         module = self.module
         return iter(()) if module is None else module.parameters(recurse)
 
-    def _listening(self) -> bool:
-        return (self._attn_recording or self._attn_capture) and not recomputing()
-
     def _direct_hook(self, path: str, name: str):
         convert = self.adapter.convert.get(path)
 
         def hook(submodule: nn.Module, inputs: tuple, output: Any) -> None:
-            if not self._listening():
+            if recomputing():
                 return
             value = convert(submodule, inputs, output) if convert is not None else output
             if name == "<router>":
@@ -328,7 +331,7 @@ class AdapterRecorder(RecordingMixin):
         convert = self.adapter.convert.get(path)
 
         def hook(submodule: nn.Module, inputs: tuple, output: Any) -> None:
-            if not self._listening() or (self.scoped and not self._inside):
+            if recomputing() or (self.scoped and not self._inside):
                 return
             value = convert(submodule, inputs, output) if convert is not None else output
             calls = self._parts.setdefault("<calls>", {})
@@ -342,10 +345,7 @@ class AdapterRecorder(RecordingMixin):
         self._inside = True
 
     def _flush_hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        if self.scoped:
-            self._inside = False
-        if not (self._attn_recording or self._attn_capture):
-            return
+        self._inside = False
         parts, self._parts = self._parts, {}
         if output is None or recomputing():
             return  # the forward raised (an always-called hook gets no output), or reruns
