@@ -81,8 +81,9 @@ def spatial_map(masks: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
 def recomputing() -> bool:
     """Whether the code running now is a forward run again inside a backward pass: the
     recomputation of activation checkpointing (:func:`torch.utils.checkpoint.checkpoint`
-    reentrant or not, ``checkpoint_sequential``, Lightning's and FSDP's activation
-    checkpointing, which use it). Such a forward already ran, and was recorded, before.
+    reentrant or not, ``checkpoint_sequential``, and what builds on them: timm's
+    ``set_grad_checkpointing``, torch's ``checkpoint_wrapper``). Such a forward already ran,
+    and was recorded, before.
 
     Eager forwards only: while ``torch.compile`` traces, ``False`` (a compiled backward
     recomputes from its graph, which replays no recording; and asking the autograd engine
@@ -92,14 +93,16 @@ def recomputing() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
-@torch.library.custom_op("lightning_attn::first_run", mutates_args=(),
-                         tags=(torch.Tag.cudagraph_unsafe,))
+# CUDA graphs would freeze the answer (the tag is torch >= 2.7's; older ones run it eagerly).
+_CUDAGRAPH_UNSAFE = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t)
+
+
+@torch.library.custom_op("lightning_attn::first_run", mutates_args=(), tags=_CUDAGRAPH_UNSAFE)
 def first_run(like: torch.Tensor) -> torch.Tensor:
     """``not recomputing()`` as a 0-d bool tensor on ``like``'s device, asked when the op
     runs, not when it is traced: what a compiled graph (a block compiled on its own and
     called inside an eager :func:`torch.utils.checkpoint.checkpoint`) needs to leave a
-    recomputation out. A fill, no host sync; unsafe for CUDA graphs, which would freeze the
-    answer."""
+    recomputation out. A fill, no host sync."""
     return torch.full((), not recomputing(), dtype=torch.bool, device=like.device)
 
 
