@@ -38,6 +38,18 @@ PRIVATE_APIS: dict[str, tuple[str, str, str]] = {
     "_forward_hooks": (
         "torch nn.Module", "modules/insert.py",
         "finding and removing the hooks insert_attention added (by their handle id)"),
+    "_forward_pre_hooks": (
+        "torch nn.Module", "blocks/adapters.py",
+        "a copied model removes the adapters' hooks it inherited (by their id)"),
+    "_forward_hooks_always_called": (
+        "torch nn.Module", "blocks/adapters.py", "the same, for hooks with always_call=True"),
+    "_forward_hooks_with_kwargs": (
+        "torch nn.Module", "blocks/adapters.py", "the same, for hooks registered with kwargs"),
+    "_C": ("torch", "blocks/recording.py", "the C extension holding the autograd engine's state"),
+    "_current_graph_task_id": (
+        "torch autograd engine", "blocks/recording.py",
+        "-1 outside a backward pass: a forward run inside one is checkpointing's "
+        "recomputation, which must not record again"),
     "_parameters": (
         "torch nn.Module", "blocks/coordinate.py", "a raw parameter by name, or None"),
     "_trainer": (
@@ -153,6 +165,34 @@ def test_module_children_hooks_and_parameters():
     assert not host._forward_hooks
     assert host[0]._parameters.get("weight") is host[0].weight
     assert host[0]._parameters.get("nothing") is None
+
+
+def test_module_hook_dicts_hold_each_kind_of_hook_by_id():
+    module = nn.Linear(2, 2)
+    pre = module.register_forward_pre_hook(lambda m, i: None)
+    always = module.register_forward_hook(lambda m, i, o: None, always_call=True)
+    kwargs = module.register_forward_hook(lambda m, a, k, o: None, with_kwargs=True)
+    assert pre.id in module._forward_pre_hooks
+    assert module._forward_hooks_always_called[always.id] is True
+    assert module._forward_hooks_with_kwargs[kwargs.id] is True
+
+
+def test_autograd_graph_task_id_says_whether_a_backward_runs():
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(torch._C._current_graph_task_id())
+            return grad
+
+    assert torch._C._current_graph_task_id() == -1
+    Probe.apply(torch.ones(2, requires_grad=True)).sum().backward()
+    assert seen and seen[0] != -1
 
 
 def test_callback_state_key_helper():

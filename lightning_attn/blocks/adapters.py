@@ -13,7 +13,11 @@ When the diagnostics find such a module they attach an :class:`AdapterRecorder`:
 hooks on the named submodules hand their outputs to it, and a hook on the module itself
 records them as one forward, through the same accumulator as our own blocks (compile-safe:
 the hooks read the same two flags, and do nothing else while recording is off). The module's
-outputs and state dict are untouched; the hooks are removed when the diagnostics stop.
+outputs and state dict are untouched; the hooks are removed when the diagnostics stop. They
+record for the module they were attached to only: a copy of it (``copy.deepcopy``, an EMA, a
+pickle) gets inert hooks, a forward rerun by activation checkpointing records nothing, and a
+hooked submodule the model shares with other modules gives only the calls made inside its
+module's forward.
 
 The built-in adapters (timm's ``SEModule``, ``EffectiveSEModule``, ``SqueezeExciteCl``,
 EfficientNet's ``SqueezeExcite``, ``EcaModule``, ``CecaModule``, ``CbamModule``,
@@ -32,8 +36,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from .recording import RecordingMixin
+from .recording import RecordingMixin, recomputing
 
 __all__ = [
     "BUILTIN_ADAPTERS",
@@ -82,9 +87,13 @@ class AttentionAdapter:
         if isinstance(self.target, type):
             hit = isinstance(module, self.target)
         else:
-            hit = any(f"{c.__module__}:{c.__qualname__}" == self.target
-                      for c in type(module).__mro__)
+            hit = is_instance_by_name(module, self.target)
         return hit and (self.applies is None or bool(self.applies(module)))
+
+
+def is_instance_by_name(obj: object, target: str) -> bool:
+    """``isinstance`` for a class named ``"package.module:QualName"``, without importing it."""
+    return any(f"{c.__module__}:{c.__qualname__}" == target for c in type(obj).__mro__)
 
 
 def attention_adapter(
@@ -182,13 +191,89 @@ def adapter_matching(
     return next((a for a in adapters if a.matches(module)), None)
 
 
+class _AttachedHook:
+    """A hook of an :class:`AdapterRecorder`, for the module it was attached to only: calls
+    ``fn`` while the recorder records or captures.
+
+    A copy of that module (``copy.deepcopy``: an EMA such as timm's ``ModelEmaV3``,
+    ``torch.optim.swa_utils.AveragedModel``, a snapshot; or a pickle) gets a
+    :class:`_CopiedHook` in its place: the copy's forwards never reach this recorder.
+    """
+
+    __slots__ = ("fn", "id", "recorder")
+
+    def __init__(self, recorder: AdapterRecorder, fn: Callable[..., None]) -> None:
+        self.recorder, self.fn = recorder, fn
+        self.id: int | None = None  # the handle's id, set when attached
+
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        recorder = self.recorder
+        if recorder._attn_recording or recorder._attn_capture:  # all a step not logging costs
+            self.fn(module, *args)
+
+    def __deepcopy__(self, memo: dict) -> _CopiedHook:
+        return _CopiedHook(self.id)
+
+    def __reduce__(self) -> tuple:
+        return (_CopiedHook, (self.id,))
+
+
+class _CopiedHook:
+    """What a copy of a hooked module holds where the original holds an
+    :class:`_AttachedHook`: nothing is recorded, and (eager) it removes itself from the copy
+    the first time it runs."""
+
+    def __init__(self, id: int | None) -> None:
+        self.id = id
+
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        if torch.compiler.is_compiling():
+            return  # a no-op in the graph; the eager forwards remove it
+        for hooks in (module._forward_hooks, module._forward_pre_hooks,
+                      module._forward_hooks_always_called, module._forward_hooks_with_kwargs):
+            if hooks.get(self.id) is self or isinstance(hooks.get(self.id), bool):
+                del hooks[self.id]
+
+
+def _attach(recorder: AdapterRecorder, target: nn.Module, fn: Callable[..., None],
+            pre: bool = False, always: bool = False) -> RemovableHandle:
+    hook = _AttachedHook(recorder, fn)
+    handle = (target.register_forward_pre_hook(hook) if pre
+              else target.register_forward_hook(hook, always_call=always))
+    hook.id = handle.id
+    return handle
+
+
+def hooked_paths(adapter: AttentionAdapter) -> dict[str, list[str]]:
+    """Submodule path -> the names its calls fill, in call order (``"<router>"``: the router
+    weights); ``""`` is the adapted module itself."""
+    paths: dict[str, list[str]] = {}
+    for name, path in adapter.masks.items():
+        paths.setdefault(path, []).append(name)
+    if adapter.router is not None:
+        paths.setdefault(adapter.router, []).append("<router>")
+    return paths
+
+
 class AdapterRecorder(RecordingMixin):
     """The recording of one adapted module: the protocol of our blocks, fed by hooks.
 
     Not a module: the adapted module's parameters, outputs and state dict stay its own.
+
+    Args:
+        module: the adapted module.
+        adapter: its declaration.
+        scoped: the hooked submodules also run outside ``module`` (a submodule shared with
+            another module): take only the calls made inside ``module``'s forward (one more
+            hook, a pre-hook on ``module``). :func:`~.discovery.find_attention_blocks` sets it
+            where the model holds a hooked submodule under two names.
+
+    A forward recorded is one call of ``module`` (``k`` calls in one step: ``k`` forwards);
+    a forward run again for recomputation (activation checkpointing) records nothing; a
+    copy of ``module`` records nothing (:class:`_AttachedHook`).
     """
 
-    def __init__(self, module: nn.Module, adapter: AttentionAdapter) -> None:
+    def __init__(self, module: nn.Module, adapter: AttentionAdapter, scoped: bool = False) -> None:
         self._module = weakref.ref(module)
         self.adapter = adapter
         self.mask_names = tuple(adapter.masks)
@@ -197,25 +282,25 @@ class AdapterRecorder(RecordingMixin):
         names = adapter.branch_names
         self.branch_names = names(module) if callable(names) else names
         self.training = module.training
+        self.scoped = scoped
         self._parts: dict[str, Any] = {}
-        # path -> the names its calls fill, in call order; "<router>" for the router
-        paths: dict[str, list[str]] = {}
-        for name, path in adapter.masks.items():
-            paths.setdefault(path, []).append(name)
-        if adapter.router is not None:
-            paths.setdefault(adapter.router, []).append("<router>")
-        if len(paths) == 1 and len(next(iter(paths.values()))) == 1:
+        self._inside = False  # scoped: a forward of the module is running
+        paths = hooked_paths(adapter)
+        if len(paths) == 1 and len(next(iter(paths.values()))) == 1 and not scoped:
             # One part (a squeeze-excite gate, a router): it is the whole forward's record, one
             # hook instead of two (hooks cost on every step, recording or not).
             (path, (name,)), = paths.items()
-            self._handles = [module.get_submodule(path).register_forward_hook(
-                self._direct_hook(path, name))]
+            self._handles = [_attach(self, module.get_submodule(path),
+                                     self._direct_hook(path, name))]
             return
         self._handles = [
-            module.get_submodule(path).register_forward_hook(self._part_hook(path, names))
+            _attach(self, module.get_submodule(path), self._part_hook(path, names))
             for path, names in paths.items()
         ]
-        self._handles.append(module.register_forward_hook(self._flush_hook))
+        if scoped:
+            self._handles.append(_attach(self, module, self._enter_hook, pre=True))
+        # always_call: a forward that raises still ends the record (no part left behind)
+        self._handles.append(_attach(self, module, self._flush_hook, always=True))
 
     @property
     def module(self) -> nn.Module | None:
@@ -232,7 +317,7 @@ class AdapterRecorder(RecordingMixin):
         convert = self.adapter.convert.get(path)
 
         def hook(submodule: nn.Module, inputs: tuple, output: Any) -> None:
-            if not (self._attn_recording or self._attn_capture):
+            if recomputing():
                 return
             value = convert(submodule, inputs, output) if convert is not None else output
             if name == "<router>":
@@ -246,7 +331,7 @@ class AdapterRecorder(RecordingMixin):
         convert = self.adapter.convert.get(path)
 
         def hook(submodule: nn.Module, inputs: tuple, output: Any) -> None:
-            if not (self._attn_recording or self._attn_capture):
+            if recomputing() or (self.scoped and not self._inside):
                 return
             value = convert(submodule, inputs, output) if convert is not None else output
             calls = self._parts.setdefault("<calls>", {})
@@ -256,10 +341,14 @@ class AdapterRecorder(RecordingMixin):
 
         return hook
 
+    def _enter_hook(self, module: nn.Module, inputs: tuple) -> None:
+        self._inside = True
+
     def _flush_hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        if not (self._attn_recording or self._attn_capture):
-            return
+        self._inside = False
         parts, self._parts = self._parts, {}
+        if output is None or recomputing():
+            return  # the forward raised (an always-called hook gets no output), or reruns
         parts.pop("<calls>", None)
         router = parts.pop("<router>", None)
         self.record(parts, router)

@@ -7,16 +7,24 @@ those of ``model.named_modules()``, seen through DDP's and ``torch.compile``'s w
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
 from torch import nn
 
-from .adapters import AdapterRecorder, AttentionAdapter, adapter_matching, adapters_in_force
+from .adapters import (
+    AdapterRecorder,
+    AttentionAdapter,
+    adapter_matching,
+    adapters_in_force,
+    hooked_paths,
+    is_instance_by_name,
+)
 from .recording import AttentionBlock
 
-__all__ = ["find_attention_blocks"]
+__all__ = ["AVERAGED_MODELS", "averaged_copies", "find_attention_blocks"]
 
 
 def _unwrap(root: nn.Module) -> nn.Module:
@@ -27,6 +35,28 @@ def _unwrap(root: nn.Module) -> nn.Module:
 
 
 _COMPILE_SEGMENT = "_orig_mod"  # torch.compile's OptimizedModule keeps the module under it
+
+#: The wrappers that hold an averaged copy of a model, by class name (nothing is imported):
+#: timm's EMAs, and torch's ``AveragedModel`` (SWA; the EMA of Lightning's
+#: ``WeightAveraging`` and of ``get_ema_multi_avg_fn``).
+AVERAGED_MODELS: tuple[str, ...] = (
+    "timm.utils.model_ema:ModelEmaV2",
+    "timm.utils.model_ema:ModelEmaV3",
+    "torch.optim.swa_utils:AveragedModel",
+)
+
+
+def _clean(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part != _COMPILE_SEGMENT)
+
+
+def averaged_copies(root: nn.Module) -> list[str]:
+    """The qualified names (as :func:`find_attention_blocks` gives them) of the averaged
+    copies of a model held under ``root`` (:data:`AVERAGED_MODELS`): their blocks are
+    blocks like any other, which run where the user runs the copy (usually evaluation only).
+    """
+    return [_clean(name) for name, module in _unwrap(root).named_modules()
+            if any(is_instance_by_name(module, target) for target in AVERAGED_MODELS)]
 
 
 def find_attention_blocks(
@@ -57,16 +87,26 @@ def find_attention_blocks(
             module, in_force)
         if adapter is None and not isinstance(module, AttentionBlock):
             continue
-        clean = ".".join(part for part in name.split(".") if part != _COMPILE_SEGMENT)
-        found.setdefault(clean, (module, adapter))
+        found.setdefault(_clean(name), (module, adapter))
     exclude = tuple(exclude)
     unmatched = [
         p for p in (*(include or ()), *exclude) if not any(fnmatchcase(n, p) for n in found)
     ]
+    names = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
     blocks = {
-        name: module if adapter is None else AdapterRecorder(module, adapter)
+        name: module if adapter is None else AdapterRecorder(
+            module, adapter, scoped=_shares_a_hooked_submodule(module, adapter, names))
         for name, (module, adapter) in found.items()
         if (include is None or any(fnmatchcase(name, p) for p in include))
         and not any(fnmatchcase(name, p) for p in exclude)
     }
     return blocks, unmatched
+
+
+def _shares_a_hooked_submodule(
+    module: nn.Module, adapter: AttentionAdapter, names: Counter[int]
+) -> bool:
+    # A submodule the model holds under two names (one nn.Sigmoid given to two gates) runs
+    # for both: its recorder must take only the calls made inside its own module's forward.
+    return any(names[id(module.get_submodule(path))] > 1
+               for path in hooked_paths(adapter) if path)

@@ -56,7 +56,7 @@ from ..core.statistics import (
     StatisticsLayout,
 )
 
-__all__ = ["AttentionBlock", "RecordingMixin", "spatial_map"]
+__all__ = ["AttentionBlock", "RecordingMixin", "recomputing", "spatial_map"]
 
 
 def spatial_map(masks: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
@@ -76,6 +76,39 @@ def spatial_map(masks: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
     if heat is None or heat.shape[-2:] == (1, 1):
         return None
     return heat.mean(dim=1, keepdim=True)
+
+
+def recomputing() -> bool:
+    """Whether the code running now is a forward run again inside a backward pass: the
+    recomputation of activation checkpointing (:func:`torch.utils.checkpoint.checkpoint`
+    reentrant or not, ``checkpoint_sequential``, and what builds on them: timm's
+    ``set_grad_checkpointing``, torch's ``checkpoint_wrapper``). Such a forward already ran,
+    and was recorded, before.
+
+    Eager forwards only: while ``torch.compile`` traces, ``False`` (a compiled backward
+    recomputes from its graph, which replays no recording; and asking the autograd engine
+    would break the graph).
+    """
+    # The autograd engine's current graph task: -1 outside a backward pass.
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+# CUDA graphs would freeze the answer (the tag is torch >= 2.7's; older ones run it eagerly).
+_CUDAGRAPH_UNSAFE = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t)
+
+
+@torch.library.custom_op("lightning_attn::first_run", mutates_args=(), tags=_CUDAGRAPH_UNSAFE)
+def first_run(like: torch.Tensor) -> torch.Tensor:
+    """``not recomputing()`` as a 0-d bool tensor on ``like``'s device, asked when the op
+    runs, not when it is traced: what a compiled graph (a block compiled on its own and
+    called inside an eager :func:`torch.utils.checkpoint.checkpoint`) needs to leave a
+    recomputation out. A fill, no host sync."""
+    return torch.full((), not recomputing(), dtype=torch.bool, device=like.device)
+
+
+@first_run.register_fake
+def _(like: torch.Tensor) -> torch.Tensor:
+    return torch.empty((), dtype=torch.bool, device=like.device)
 
 
 @runtime_checkable
@@ -130,16 +163,27 @@ class RecordingMixin:
         self, masks: Mapping[str, torch.Tensor], router_weights: torch.Tensor | None = None
     ) -> None:
         """Record one forward's masks (name -> tensor, values in ``[0, 1]``) and router weights
-        ``(B, K)``. Call it at the end of ``forward``; it never changes what the forward
-        returns. Costs two attribute tests when neither recording nor capture is on."""
+        ``(B, K)`` (non-negative, each row summing to 1: softmax probabilities, not logits).
+        Call it at the end of ``forward``; it never changes what the forward returns. Costs
+        two attribute tests when neither recording nor capture is on. What breaks the
+        contract is not checked here (that would sync the host every forward): the
+        diagnostics read it from the point's extremes and warn once per block
+        (:class:`~lightning_attn.core.RecordingContractWarning`).
+
+        A forward that runs again to recompute activations for the backward pass
+        (:func:`torch.utils.checkpoint.checkpoint`, reentrant or not) records nothing
+        (:func:`recomputing`): its values were recorded when it first ran. A module called
+        ``k`` times in one forward of the model records ``k`` forwards' values."""
+        if not (self._attn_recording or self._attn_capture) or recomputing():
+            return
         if self._attn_recording:
             self._check_recorded(masks, router_weights)
             # Compiled, the histogram counts fuse into the graph and a flag would add a
-            # graph: always. Eager, only on the steps that write them.
-            self._attn_accumulator.add(
-                masks, router_weights,
-                histograms=torch.compiler.is_compiling() or self._attn_histograms,
-            )
+            # graph: always. Eager, only on the steps that write them. Compiled, whether
+            # this forward is a recomputation is asked when the graph runs.
+            acc, compiling = self._attn_accumulator, torch.compiler.is_compiling()
+            acc.add(masks, router_weights, histograms=compiling or self._attn_histograms,
+                    keep=first_run(acc.phase) if compiling else None)
         if self._attn_capture:
             self._attn_captured = spatial_map(masks)
 

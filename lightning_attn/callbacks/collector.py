@@ -3,10 +3,10 @@
 The path of a number, from block to logger::
 
     block.forward -> block.record() -> the block's accumulator row of the current phase
-        -> StatisticsCollector.finish(phase): every block's row, the scalar parameters and
-           the gradient norms in one vector -> one all_gather across processes -> combined
-           slot by slot on the device (sums added,
-           minima and maxima taken) -> one copy to the host
+        -> StatisticsCollector.finish(phase): every block's row, the scalar parameters (as
+           the forwards used them: taken before the optimizer step) and the gradient norms
+           in one vector -> one all_gather across processes -> combined slot by slot on the
+           device (sums added, minima and maxima taken) -> one copy to the host
         -> GlobalStats (lightning_attn.core.statistics) -> problems, loggers, table, report
 
 Between points the collector holds no tensor and the blocks do not record.
@@ -83,6 +83,7 @@ class StatisticsCollector:
         self.infos: list[BlockInfo] = []
         self._open: set[str] = set()
         self._grad_norms: dict[int, torch.Tensor] = {}
+        self._params: dict[str, torch.Tensor | None] = {}  # phase -> values the forwards used
         self._kinds: torch.Tensor | None = None
         self._kind_codes: list[int] = []
 
@@ -135,6 +136,7 @@ class StatisticsCollector:
         for block in self.blocks.values():
             block.start_recording(self, histograms, phase)
         self._open.add(phase)
+        self._params.pop(phase, None)
         if phase == "train":
             self._grad_norms = {}
 
@@ -144,6 +146,7 @@ class StatisticsCollector:
             for block in self.blocks.values():
                 block.stop_recording(self, phase)
         self._open.discard(phase)
+        self._params.pop(phase, None)
         if phase == "train":
             self._grad_norms = {}
 
@@ -159,6 +162,7 @@ class StatisticsCollector:
         optimizer is read at that optimizer's step, not after a later backward added to it)."""
         if "train" not in self._open:
             return
+        self.snapshot_parameters("train")  # before this (or any) optimizer updates them
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for i, (block, name) in enumerate(self._trainable()):
             param = block.trainable_attention_parameters().get(name)
@@ -169,6 +173,29 @@ class StatisticsCollector:
                 torch.full((), _NOT_READ, dtype=torch.float64, device=param.device)
                 if grad is None else torch.linalg.vector_norm(grad.detach().double())
             )
+
+    @torch.no_grad()
+    def snapshot_parameters(self, phase: str = "train") -> None:
+        """Take the scalar parameters' values for ``phase``'s open point now, the values its
+        forwards used: before the optimizer updates them (training; the first optimizer step
+        of the point) or while an evaluation runs (a callback such as Lightning's
+        ``WeightAveraging`` swaps the averaged weights in for validation only). Only the
+        first call of a point counts; a point never snapshot reads them when it finishes.
+        A device copy, no host sync."""
+        if phase in self._open and phase not in self._params and self.blocks:
+            self._params[phase] = self._parameter_values(self._device())
+
+    def _parameter_values(self, device: torch.device) -> torch.Tensor | None:
+        # Stacked: a copy, which an in-place update of the parameter leaves as it was.
+        values = []
+        for info in self.infos:
+            current = self.blocks[info.name].attention_parameters()
+            values += [
+                torch.as_tensor(current[n], dtype=torch.float64).to(device).reshape(())
+                if n in current else torch.full((), math.nan, dtype=torch.float64, device=device)
+                for n in info.param_names
+            ]
+        return torch.stack(values) if values else None
 
     def _device(self) -> torch.device:
         return next(iter(self.blocks.values())).accumulator.device
@@ -182,21 +209,15 @@ class StatisticsCollector:
             self.close(phase)
             return GlobalStats(step=step, blocks={}, phase=phase)
         device = self._device()
-        parts, params = [], []
+        self.snapshot_parameters(phase)  # no optimizer stepped: the values are still those
+        params = self._params.pop(phase)
         # The blocks' layouts now: another consumer may have widened one since `bind`.
         layouts = [self.blocks[info.name].statistics_layout for info in self.infos]
-        for info in self.infos:
-            block = self.blocks[info.name]
-            parts.append(block.recorded_statistics(phase).to(device))
-            current = block.attention_parameters()
-            params += [
-                torch.as_tensor(current[n], dtype=torch.float64).to(device).reshape(())
-                if n in current else torch.full((), math.nan, dtype=torch.float64, device=device)
-                for n in info.param_names
-            ]
+        parts = [self.blocks[info.name].recorded_statistics(phase).to(device)
+                 for info in self.infos]
         dtype = parts[0].dtype
-        if params:  # blocks without scalar parameters (a user's gate) have none
-            parts.append(torch.stack(params).to(dtype))
+        if params is not None:  # blocks without scalar parameters (a user's gate) have none
+            parts.append(params.to(dtype))
         n_grads = len(self._trainable())
         if phase == "train" and n_grads:
             grads = [self._grad_norms.get(i) for i in range(n_grads)]

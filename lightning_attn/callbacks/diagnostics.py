@@ -4,7 +4,8 @@ Hook flow of one training logging point (one optimizer step; see :mod:`lightning
 
     on_train_batch_start      the schedule says "measure" -> every block records (a flag)
       forward(s)              each block adds its sums to its accumulator, in the graph
-    on_before_optimizer_step  gradient norms of the learnable scalars
+    on_before_optimizer_step  the scalar parameters as the forwards used them (before the
+                              update) and the gradient norms of the learnable ones
     on_train_batch_end        on the micro-batch that steps the optimizer: one vector, one
                               collective, one host copy (:mod:`.collector`) -> statistics
                               -> problems (:mod:`.health`) and the writer seam
@@ -43,10 +44,20 @@ from torch.optim import Optimizer
 
 from .. import __version__
 from ..blocks.adapters import AttentionAdapter, check_adapters
-from ..blocks.discovery import find_attention_blocks
-from ..core.categories import DiagnosticsStateWarning, MissingStatisticsWarning
+from ..blocks.discovery import averaged_copies, find_attention_blocks
+from ..core.categories import (
+    DiagnosticsStateWarning,
+    MissingStatisticsWarning,
+    RecordingContractWarning,
+)
 from ..core.problems import HealthThresholds, Problem, measure, problems_of
-from ..core.statistics import HISTOGRAM_BINS, SECTIONS, GlobalStats, RecordingConfig
+from ..core.statistics import (
+    HISTOGRAM_BINS,
+    SECTIONS,
+    GlobalStats,
+    RecordingConfig,
+    contract_breaches,
+)
 from ..core.tags import (
     CONFIG_TAG,
     PROBLEMS_TAG,
@@ -232,6 +243,7 @@ class AttentionDiagnostics(Callback):
         self._num_points = 0
         self._layout_dirs: list[str] = []
         self._missing_warned: set[str] = set()
+        self._contract_warned: set[str] = set()
 
     def _init_runtime(self) -> None:
         bins = HISTOGRAM_BINS if self._schedule.histogram_every_n_steps != 0 else 0
@@ -247,6 +259,7 @@ class AttentionDiagnostics(Callback):
         #: not used (``None``: it was).
         self._checkpoint: str | None = None
         self._state_refused: str | None = None
+        self._averaged: set[str] = set()  # blocks of an averaged copy (an EMA submodule)
 
     # -- identity and options --------------------------------------------------------------
     @property
@@ -320,6 +333,10 @@ class AttentionDiagnostics(Callback):
                 + "; the callback will do nothing"
             )
         self._collector.bind(blocks, pl_module.device)
+        # An averaged copy's blocks (an EMA as a submodule) run where the user runs the copy:
+        # watched in every phase, not expected in training points.
+        copies = tuple(f"{name}." for name in averaged_copies(pl_module))
+        self._averaged = {name for name in blocks if name.startswith(copies)}
         self._module_ref = weakref.ref(pl_module)
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -439,6 +456,7 @@ class AttentionDiagnostics(Callback):
         self._point = None
         stats = self._collector.finish(trainer, LoggingSchedule.step(trainer), "train")
         self._warn_missing(stats)
+        self._warn_contract(stats)
         measured = measure(stats, self.thresholds, sections=self.sections)
         problems = problems_of(measured, stats.step)
         self._reporter.clear(key for key, m in measured.items() if m.clear)
@@ -472,7 +490,7 @@ class AttentionDiagnostics(Callback):
 
     def _warn_missing(self, stats: GlobalStats) -> None:
         for name, bs in stats.blocks.items():
-            if bs.forwards or name in self._missing_warned:
+            if bs.forwards or name in self._missing_warned or name in self._averaged:
                 continue
             self._missing_warned.add(name)
             rank_zero_warn(
@@ -483,6 +501,30 @@ class AttentionDiagnostics(Callback):
                 "a forward that does not call self.record(...)). Exclude it "
                 "(exclude=[...]) if it is not meant to run in training.",
                 category=MissingStatisticsWarning,
+            )
+
+    def _warn_contract(self, stats: GlobalStats) -> None:
+        """Once per block: what it recorded outside ``record()``'s contract (judged on the
+        host from the point's extremes: no sync in the forward)."""
+        sections = set(self.sections)
+        for name, bs in stats.blocks.items():
+            if name in self._contract_warned:
+                continue
+            seen = contract_breaches(dataclasses.replace(
+                bs, masks=bs.masks if "mask" in sections else {},
+                router=bs.router if "router" in sections else None))
+            if not seen:
+                continue
+            self._contract_warned.add(name)
+            where = "" if stats.phase == "train" else f" in {stats.phase}"
+            rank_zero_warn(
+                f"RecordingContractWarning: attention block {name!r} recorded "
+                f"{'; '.join(seen)} at step {stats.step}{where}. record() takes masks in "
+                "[0, 1] and router weights on the simplex (softmax probabilities: rows "
+                "summing to 1); these statistics mean little, and the histograms leave out "
+                "the values outside [0, 1]. Record the gate's output after its sigmoid / "
+                "softmax, not its logits (an adapter: convert=... to weights).",
+                category=RecordingContractWarning,
             )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -535,6 +577,8 @@ class AttentionDiagnostics(Callback):
             self._capturing = True
 
     def _eval_batch_end(self, trainer: pl.Trainer, batch: Any) -> None:
+        if self._eval_phase is not None:  # the parameters the evaluation runs with
+            self._collector.snapshot_parameters(self._eval_phase)
         if not self._capturing:
             return
         maps = {}
@@ -562,6 +606,7 @@ class AttentionDiagnostics(Callback):
         if phase is None:
             return
         stats = self._collector.finish(trainer, LoggingSchedule.step(trainer), phase)
+        self._warn_contract(stats)
         self._output.scalars(scalar_metrics(stats, self.sections), stats.step)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -658,7 +703,7 @@ class AttentionDiagnostics(Callback):
         # Configuration and history travel (ddp_spawn); modules, tensors and writers do not.
         state = self.__dict__.copy()
         for key in ("_collector", "_output", "_module_ref", "_point", "_eval_phase",
-                    "_capturing", "_checkpoint", "_state_refused"):
+                    "_capturing", "_checkpoint", "_state_refused", "_averaged"):
             state.pop(key, None)
         return state
 

@@ -91,12 +91,15 @@ class Accumulator:
         masks: Mapping[str, torch.Tensor],
         router_weights: torch.Tensor | None,
         histograms: bool,
+        keep: torch.Tensor | None = None,
     ) -> None:
         """Add one forward's statistics to the current phase's row, on the device.
 
         ``masks``: name -> mask (any shape, values expected in ``[0, 1]``); masks the layout
         does not declare are left out. ``router_weights``: ``(B, K)`` softmax weights or
         ``None``. ``histograms``: add the histogram counts (when the layout has bins).
+        ``keep``: a 0-d bool tensor; ``False`` leaves the row as it is (decided on the device,
+        where a compiled graph cannot branch on it).
 
         One contribution row is built (few whole-tensor ops per mask: each costs a dispatch,
         or a kernel launch on a GPU in eager mode), then combined with the phase's row slot by
@@ -136,6 +139,8 @@ class Accumulator:
             self._is_min, torch.minimum(row, contribution),
             torch.where(self._is_max, torch.maximum(row, contribution), row + contribution),
         )
+        if keep is not None:
+            combined = torch.where(keep, combined, row)
         self.values.index_copy_(0, phase, combined.unsqueeze(0))
 
 

@@ -88,8 +88,23 @@ class MissingStatisticsWarning(AttentionWarning):
 
 
 class DiagnosticsStateWarning(AttentionWarning):
-    """A checkpoint's diagnostics state is missing, unreadable or of an earlier release: the
-    run continues under a new ``run_id``, which the warning names."""
+    """A checkpoint held no diagnostics state this callback can use: the run continues under a
+    new ``run_id``.
+
+    The state is missing (saved without the callback, or by one with other settings),
+    unreadable, or of an earlier release; the warning names the checkpoint and the new run."""
+
+    remedy = ("resume with the same callback settings (the report then joins the runs), or "
+              "read on: the curves start again under the new run")
+
+
+class RecordingContractWarning(AttentionWarning):
+    """A block recorded masks outside ``[0, 1]`` or router weights off the simplex.
+
+    Its ``record()`` contract rules them out (negative weights, or rows not summing to 1:
+    logits in place of softmax weights); the histograms leave such values out."""
+
+    remedy = "record the gate's output after its sigmoid / softmax"
 
 
 class AttentionProblemError(RuntimeError):

@@ -9,6 +9,7 @@ report by its declaration alone. No torch, no Lightning.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -68,8 +69,11 @@ def _mask_names(bs: BlockStats, info: BlockInfo | None) -> str:
     return "\n".join(bs.masks) or "-"
 
 
-def _write(q: Quantity, value: float, **names: str) -> str:
-    return q.cell.format.format(value=value, **names)
+def _write(q: Quantity, value: float, undefined: bool = False, **names: str) -> str:
+    # NaN from data that was finite is a statistic undefined for the point (the std of one
+    # value): "n/a", not a number
+    return "n/a" if undefined and math.isnan(value) else q.cell.format.format(value=value,
+                                                                                **names)
 
 
 def _cell_text(section: str, declared: tuple[Quantity, ...]):
@@ -79,7 +83,7 @@ def _cell_text(section: str, declared: tuple[Quantity, ...]):
     def cell(bs: BlockStats, info: BlockInfo | None) -> str:
         lines: list[str] = []
         if section == "mask":
-            lines = [join.join(_write(q, getattr(m, q.name)) for q in declared)
+            lines = [join.join(_write(q, getattr(m, q.name), not m.nonfinite) for q in declared)
                      for m in bs.masks.values()]
         elif section == "router" and bs.router is not None:
             labels = (info.branch_names if info is not None else None) or tuple(

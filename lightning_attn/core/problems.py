@@ -209,7 +209,8 @@ def _routing(bs: BlockStats) -> RouterStats | None:
 
 
 def _mask_collapse(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
-    masks = _finite_masks(bs)
+    # A std undefined at this point (one value) is not measured: no verdict either way.
+    masks = {n: m for n, m in _finite_masks(bs).items() if m.std_defined}
     if not masks:
         return None
     name, m = min(masks.items(), key=lambda item: item[1].std)

@@ -56,6 +56,7 @@ __all__ = [
     "StatisticsLayout",
     "all_quantities",
     "block_stats",
+    "contract_breaches",
     "from_logged",
     "quantities",
     "router_entropy",
@@ -146,12 +147,16 @@ MASK_SLOTS: tuple[Slot, ...] = (
     Slot("max", "max", lambda v, v64, c: v.amax().to(v64.dtype)),
 )
 
-#: A router's slots (``count`` counts samples).
+#: A router's slots (``count`` counts samples). The extremes of the weights and of their row
+#: sums say whether they were weights on the simplex (:func:`contract_breaches`).
 ROUTER_SLOTS: tuple[Slot, ...] = (
     Slot("count", "sum", lambda w, dtype: w.new_full((), w.shape[0], dtype=dtype)),
     Slot("sum_entropy", "sum", lambda w, dtype: router_entropy(w).sum(dtype=dtype)),
     Slot("n_finite", "sum", lambda w, dtype: w.isfinite().all(dim=1).sum(dtype=dtype)),
     Slot("sum_w", "sum", lambda w, dtype: w.sum(dim=0, dtype=dtype), per_branch=True),
+    Slot("w_min", "min", lambda w, dtype: w.amin().to(dtype)),
+    Slot("row_sum_min", "min", lambda w, dtype: w.sum(dim=1).amin().to(dtype)),
+    Slot("row_sum_max", "max", lambda w, dtype: w.sum(dim=1).amax().to(dtype)),
 )
 
 def slot_width(slot: Slot, k: int) -> int:
@@ -335,10 +340,10 @@ def _any_nonfinite(*names: str) -> Callable[[Mapping[str, Any]], int]:
 
 
 def _std(s: _Slots) -> float:
-    if not (math.isfinite(s.sum) and math.isfinite(s.sum_sq)):
+    # NaN for a NaN or Inf value, as the sums; NaN as well where the unbiased std is
+    # undefined: one value (batch 1 and a 1x1 map, a gate of one channel).
+    if not (math.isfinite(s.sum) and math.isfinite(s.sum_sq)) or s.count <= 1:
         return math.nan
-    if s.count <= 1:
-        return 0.0
     return math.sqrt(max((s.sum_sq - s.sum * s.sum / s.count) / (s.count - 1), 0.0))
 
 
@@ -350,6 +355,9 @@ class MaskStats:
     ``sat_low`` / ``sat_high`` are the shares of values below / above the saturation
     thresholds, ``saturated`` their sum; ``nonfinite`` counts NaN and Inf values (then
     ``mean``, ``std`` and the extremes are NaN or Inf too, as the values they stand for).
+
+    A point of a single value has no unbiased std: ``std`` is NaN with a finite ``mean``
+    (:attr:`std_defined` is ``False``), and no rule judges it — undefined, not non-finite.
     """
 
     count: int = quantity("mask", None, "{mask} values counted", 0,
@@ -374,7 +382,8 @@ class MaskStats:
                                cell=Cell("sat\nlo/hi", "{value:.0%}", "/", "right"))
     nonfinite: int = quantity("mask", None, "{mask} NaN or Inf values", 0,
                               value=lambda s: int(round(s.count - s.n_finite)),
-                              derive=_any_nonfinite("mean", "std"), inputs=("mean", "std"))
+                              # the mean, not the std: a std is NaN for one value as well
+                              derive=_any_nonfinite("mean"), inputs=("mean",))
     min: float = quantity("mask", "min", "{mask} min", value=lambda s: s.min,
                           chart=Chart("mask mean", "min to max", band="low"))
     max: float = quantity("mask", "max", "{mask} max", value=lambda s: s.max,
@@ -391,6 +400,12 @@ class MaskStats:
     def __post_init__(self) -> None:
         if math.isnan(self.saturated):  # derived unless given
             object.__setattr__(self, "saturated", self.sat_low + self.sat_high)
+
+    @property
+    def std_defined(self) -> bool:
+        """Whether ``std`` means something: more than one value, none of them NaN or Inf (a
+        NaN ``std`` beside a finite ``mean`` is a point of one value)."""
+        return math.isfinite(self.std)
 
     def saturation_split(self, low: float, high: float) -> str:
         """``"12.0% < 0.05, 3.0% > 0.95"``: how the saturated share splits."""
@@ -439,6 +454,12 @@ class RouterStats:
                               value=lambda s: int(round(s.count - s.n_finite)),
                               derive=_any_nonfinite("usage", "entropy_norm"),
                               inputs=("usage", "entropy_norm"))
+    weight_min: float = quantity("router", None, "smallest router weight",
+                                 value=lambda s: s.w_min)
+    row_sum_min: float = quantity("router", None, "smallest sum of a sample's router weights",
+                                  value=lambda s: s.row_sum_min)
+    row_sum_max: float = quantity("router", None, "largest sum of a sample's router weights",
+                                  value=lambda s: s.row_sum_max)
 
     @property
     def num_branches(self) -> int:
@@ -631,3 +652,30 @@ def block_stats(
     )
 
 
+
+
+#: How far a row of router weights may sum away from 1 and still be on the simplex: float32
+#: softmax rounding is ~1e-7 per weight, bf16's ~4e-3.
+SIMPLEX_TOLERANCE = 1e-2
+
+
+def contract_breaches(bs: BlockStats) -> list[str]:
+    """What ``bs`` shows of a recording that broke the contract of ``record()``, in words
+    (empty when kept): mask values outside ``[0, 1]``, router weights below 0 or rows not
+    summing to 1 (within :data:`SIMPLEX_TOLERANCE`: logits passed in place of softmax
+    weights). Read from the extremes, which cover every forward of the point; NaN and Inf
+    are the ``nonfinite`` rule's, not a breach. The histograms count only the finite values
+    in ``[0, 1]``.
+    """
+    found = [
+        f"mask {name!r} took values in [{m.min:.4g}, {m.max:.4g}], outside [0, 1]"
+        for name, m in bs.masks.items() if not m.nonfinite and (m.min < 0.0 or m.max > 1.0)
+    ]
+    r = bs.router
+    if r is not None and not r.nonfinite:
+        if r.weight_min < 0.0:
+            found.append(f"router weights as low as {r.weight_min:.4g}, below 0")
+        if r.row_sum_min < 1 - SIMPLEX_TOLERANCE or r.row_sum_max > 1 + SIMPLEX_TOLERANCE:
+            found.append(f"router weight rows summing to [{r.row_sum_min:.4g}, "
+                         f"{r.row_sum_max:.4g}], not 1")
+    return found

@@ -229,3 +229,37 @@ def test_registration_is_checked():
         register_attention_adapter(Gate)
     with pytest.raises(ValueError, match="num_branches"):
         register_attention_adapter(Gate, router="sigmoid")
+
+
+def test_gates_sharing_one_submodule_are_measured_apart_compiled(dynamo_reset):
+    # Two gates given one nn.Sigmoid (also used outside them): each recorder takes only the
+    # calls made inside its own module's forward — one pre-hook more, still one graph.
+    from .recording_rows import GATE, Shared, inputs, matches
+
+    model, x = Shared(), inputs(batch=2)
+    blocks, _ = find_attention_blocks(model, third_party=True, adapters=[GATE])
+    assert {n: b.scoped for n, b in blocks.items()} == {"first": True, "second": True}
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    try:
+        for b in blocks.values():
+            b.configure_recording(CONFIG, "cpu")
+        for step in range(4):  # a logging step every other step
+            on = step % 2 == 1
+            for b in blocks.values():
+                (b.start_recording if on else b.stop_recording)()
+            compiled(x)
+            if not on:
+                continue
+            stats = {n: block_stats(b.statistics_layout, b.recorded_statistics().tolist())
+                     for n, b in blocks.items()}
+            with torch.no_grad():
+                first = torch.sigmoid(model.first.conv(x))
+                second = torch.sigmoid(model.second.conv(x * first))
+            assert matches(stats["first"].masks["mask"], first)
+            assert matches(stats["second"].masks["mask"], second)
+        assert counter.frame_count == 2
+        assert torch._dynamo.utils.counters["graph_break"] == {}
+    finally:
+        for b in blocks.values():
+            b.clear_recording()

@@ -1,5 +1,6 @@
 """Adversarial table for the blocks: every bad or edge input tried against
-DynamicSpatialAttention and CoordinateAttention, with its outcome class.
+DynamicSpatialAttention and CoordinateAttention, with its outcome class; and the recording's
+execution patterns and degenerate numbers (:mod:`.recording_rows`).
 
 - ``clear``: an exception of the named type whose message names the argument (or the tensor
   property) and the value — what a user can act on.
@@ -25,6 +26,7 @@ from torch import nn
 from lightning_attn.blocks import CoordinateAttention, DynamicSpatialAttention
 
 from ..adversarial import Case, assert_outcome, clear, correct
+from .recording_rows import DEGENERATE_CASES, EXECUTION_CASES
 
 NAN = float("nan")
 
@@ -248,7 +250,7 @@ SURGERY_CASES = [
             == [(32, 8), (64, 16)]),
 ]
 
-CASES = DSA_CASES + COORD_CASES + SURGERY_CASES
+CASES = DSA_CASES + COORD_CASES + SURGERY_CASES + EXECUTION_CASES + DEGENERATE_CASES
 
 
 def _warns(make: Callable[[], object]) -> object:
@@ -279,8 +281,9 @@ def test_adversarial_input(case: Case) -> None:
 def test_outcome_counts() -> None:
     """The counts the issue's adversarial table reports for the blocks."""
     assert len({c.id for c in CASES}) == len(CASES)
-    assert Counter(c.outcome for c in CASES) == {"clear": 75, "correct": 21}
+    assert Counter(c.outcome for c in CASES) == {"clear": 75, "correct": 21 + 21 + 18}
     assert Counter(c.outcome for c in SURGERY_CASES) == {"clear": 5, "correct": 3}
+    assert (len(EXECUTION_CASES), len(DEGENERATE_CASES)) == (21, 18)
 
 
 @pytest.mark.parametrize("make", [lambda: D(8), lambda: C(8)], ids=["dsa", "coord"])

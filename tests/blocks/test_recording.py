@@ -9,6 +9,7 @@ import torch
 import torch._dynamo
 import torch._dynamo.testing
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import lightning_attn
 from lightning_attn.blocks import (
@@ -411,3 +412,58 @@ def test_records_under_bf16_autocast(backend):
         _, mask = block(x)
     got = block_stats(block.statistics_layout, block.recorded_statistics().tolist())
     _check_mask(got.masks["mask"], mask)
+
+
+# --------------------------------------------------------------------------------------
+# Recomputation: activation checkpointing records each forward once, compiled too
+# --------------------------------------------------------------------------------------
+
+
+class Checkpointed(nn.Module):
+    """A UserGate run under torch.utils.checkpoint; ``gate`` may be the gate compiled alone."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.block = UserGate(3)
+        self.gate = self.block
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        return checkpoint(self.gate, x, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor",
+                                                                 marks=pytest.mark.slow)])
+@pytest.mark.parametrize("compiled", ["model", "gate alone"])
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_checkpointing_records_each_forward_once_compiled(reentrant, compiled, backend,
+                                                           dynamo_reset):
+    # "model": checkpointing inside the compiled graph (its backward recomputes from the
+    # graph); "gate alone": a compiled block called by an eager checkpoint, whose graph runs
+    # again in backward (the recording asks, when the graph runs, whether it is a rerun).
+    model = Checkpointed(reentrant)
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    want = _record(model.block, x).masks["mask"]
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    if compiled == "model":
+        run = torch.compile(model, backend=counter, fullgraph=True)
+    else:
+        model.gate, run = torch.compile(model.block, backend=counter, fullgraph=True), model
+    model.block.configure_recording(CONFIG, "cpu")
+    frames = []
+    for step in range(6):  # a logging step every other step
+        on = step % 2 == 1
+        if on:
+            model.block.start_recording()
+        run(x).sum().backward()
+        if on:
+            got = block_stats(model.block.statistics_layout,
+                              model.block.recorded_statistics().tolist())
+            model.block.stop_recording()
+            assert got.forwards == 1
+            assert got.masks["mask"].count == want.count
+            assert got.masks["mask"].std == pytest.approx(want.std, rel=1e-4)
+            assert got.histograms["mask"] == _record(model.block, x).histograms["mask"]
+        frames.append(counter.frame_count)
+    assert torch._dynamo.utils.counters["graph_break"] == {}
+    assert frames[1] == frames[-1]  # graphs made by the first logging step, none after

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_attn.blocks import RecordingMixin, create_attention
+from lightning_attn.blocks import RecordingMixin, attention_adapter, create_attention
 from lightning_attn.core import ParameterSpec
 
 
@@ -154,6 +154,7 @@ class FakeNet(LightningModule):
         self.transform = transform
         self.keep_batches = keep_batches
         self.seen: list[tuple[int, torch.Tensor]] = []
+        self.gains_used: list[tuple[int, float]] = []
         self.recording_seen: list[bool] = []
         self.lr = lr
 
@@ -169,6 +170,7 @@ class FakeNet(LightningModule):
             xt = self.transform(x) if self.transform is not None else x
             step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
             self.seen.append((step, xt.detach().clone()))
+            self.gains_used.append((step, self.block.gain.item()))  # what this forward uses
         loss = F.cross_entropy(self(x), y)
         self.log("train/loss", loss)
         return loss
@@ -249,3 +251,102 @@ def make_trainer(tmp_path, callbacks, max_steps: int = 4, logger=False, **kwargs
         default_root_dir=str(tmp_path),
         **kwargs,
     )
+
+
+class ValidatedNet(FakeNet):
+    """FakeNet with a validation loop over ``val_data`` (default: the training data)."""
+
+    def __init__(self, val_data: TensorDataset | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.val_data = val_data if val_data is not None else self.data
+
+    def validation_step(self, batch, batch_idx):
+        self(batch[0])
+
+    def val_dataloader(self):
+        return DataLoader(self.val_data, batch_size=self.batch_size)
+
+
+class Gate(nn.Module):
+    """A user's gate, joining the diagnostics through an adapter (``GATE``): ``act`` gives
+    the mask ``(B, 1, H, W)``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 1, 3, padding=1)
+        self.act = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.act(self.conv(x))
+
+
+GATE = attention_adapter(Gate, masks={"mask": "act"})
+
+
+class GatedNet(LightningModule):
+    """conv -> Gate -> head, with an averaged copy of ``net`` (timm's ``ModelEmaV3`` or
+    torch's ``AveragedModel``): ``copy="teacher"`` makes it when training starts (after the
+    diagnostics attached) and runs it on every batch as a distillation teacher;
+    ``copy="validated"`` holds it as the submodule ``ema`` from ``__init__`` and validates
+    with it. ``gate_masks`` keeps (step, the mask of ``net``'s gate) of every training batch.
+    """
+
+    def __init__(self, copy: str | None = None, kind: str = "ModelEmaV3", lr: float = 0.1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), Gate(4))
+        self.head = nn.Linear(4, 3)
+        self.copy, self.kind, self.lr = copy, kind, lr
+        self.ema = self._average() if copy == "validated" else None
+        self.teacher: list[nn.Module] = []  # a list: not a submodule
+        self.gate_masks: list[tuple[int, torch.Tensor]] = []
+
+    def _average(self) -> nn.Module:
+        from timm.utils import ModelEmaV3
+        from torch.optim.swa_utils import AveragedModel
+
+        made = ModelEmaV3(self.net, decay=0.5) if self.kind == "ModelEmaV3" else AveragedModel(
+            self.net)
+        with torch.no_grad():
+            for p in made.module.parameters():
+                p.add_(0.3)  # an average that drifted: its masks differ from the model's
+        return made
+
+    def forward(self, x):
+        return self.head(self.net(x).mean(dim=(2, 3)))
+
+    def on_train_start(self) -> None:
+        if self.copy == "teacher":
+            self.teacher = [self._average()]
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        with torch.no_grad():  # sigmoid, not gate.act: that call would be recorded
+            mask = torch.sigmoid(self.net[1].conv(self.net[0](x)))
+            self.gate_masks.append((self.global_step, mask))
+        features = self.net(x).mean(dim=(2, 3))
+        loss = F.cross_entropy(self.head(features), y)
+        if self.teacher:
+            with torch.no_grad():
+                target = self.teacher[0].module(x).mean(dim=(2, 3))
+            loss = loss + F.mse_loss(features, target)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            if self.kind == "ModelEmaV3":
+                self.ema.update(self.net)
+            else:
+                self.ema.update_parameters(self.net)
+
+    def validation_step(self, batch, batch_idx):
+        self.ema.module(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([*self.net.parameters(), *self.head.parameters()], lr=self.lr)
+
+    def train_dataloader(self):
+        return DataLoader(make_data(16, size=6), batch_size=4)
+
+    def val_dataloader(self):
+        return DataLoader(make_data(8, size=6, seed=1), batch_size=4)

@@ -9,23 +9,38 @@ import warnings
 
 import pytest
 import torch
+from rich.console import Console
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import TensorDataset
 
 from lightning_attn.blocks import attention_adapter
 from lightning_attn.callbacks import AttentionDiagnostics, MaskHealthMonitor
 from lightning_attn.callbacks.diagnostics import check_distinct
+from lightning_attn.callbacks.summary import render_summary
 from lightning_attn.core import (
+    AttentionWarning,
     DiagnosticsStateWarning,
     HealthThresholds,
     MaskCollapseWarning,
     MissingStatisticsWarning,
     NonFiniteWarning,
+    RecordingContractWarning,
 )
 from lightning_attn.core.tags import ScalarTag
 
 from ..adversarial import Case, assert_outcome, correct
 from ..adversarial import clear as _clear
-from .cb_models import FakeBlock, FakeNet, MemoryLogger, PlainNet, make_data, make_trainer
+from .cb_models import (
+    GATE,
+    FakeBlock,
+    FakeNet,
+    GatedNet,
+    MemoryLogger,
+    PlainNet,
+    ValidatedNet,
+    make_data,
+    make_trainer,
+)
 
 NAN = float("nan")
 
@@ -451,7 +466,174 @@ FAULTS = [
             lambda r: r[1].attn() != []),
 ]
 
-CASES = CONSTRUCTOR + RUNS + LIFECYCLES + NAMES + FAULTS
+
+# -- execution patterns: a recording belongs to the module and the forward that ran -----------
+class Checkpointed(FakeNet):
+    """FakeNet whose block runs under torch.utils.checkpoint."""
+
+    def __init__(self, reentrant: bool, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        x = x.requires_grad_()  # the reentrant variant needs an input that requires grad
+        return self.head(checkpoint(self.block, x, use_reentrant=self.reentrant).flatten(1))
+
+
+class CalledTwice(FakeNet):
+    def forward(self, x):
+        return self.head((self.block(x) + self.block(1 - x)).flatten(1))
+
+
+class UsedParameters(FakeNet):
+    """FakeNet that keeps the gain every forward uses (a forward per micro-batch)."""
+
+    def forward(self, x):
+        self.gains_used.append((self.global_step, self.block.gain.item()))
+        return super().forward(x)
+
+
+def _histograms(tmp, model):
+    cb = A(log_every_n_steps=1, histogram_every_n_steps=1, num_images=0, summary=False)
+    _, logger, _ = _fit(tmp, model, cb)
+    return cb.last_stats.blocks["block"], logger.attn()
+
+
+def _as_without_checkpointing(tmp, reentrant: bool) -> bool:
+    torch.manual_seed(0)
+    got, got_log = _histograms(tmp / "checkpointed", Checkpointed(reentrant))
+    torch.manual_seed(0)
+    want, want_log = _histograms(tmp / "plain", FakeNet())
+    assert got.forwards == want.forwards == 1 and got.histograms == want.histograms
+    assert got.masks["mask"].count == want.masks["mask"].count
+    for (step, g), (ref_step, w) in zip(got_log, want_log, strict=True):
+        assert step == ref_step and g.keys() == w.keys()
+        assert all(g[t] == pytest.approx(w[t], rel=1e-6, abs=1e-9) for t in w), step
+    return True
+
+
+def _own_forwards_only(tmp, kind: str) -> bool:
+    """A teacher copy made when training starts never records into the original, and keeps
+    no live hook once the fit is over."""
+    model = GatedNet("teacher", kind)
+    cb, _, _ = _fit(tmp, model, A(log_every_n_steps=1, num_images=0, summary=False,
+                                  adapters=[GATE]))
+    got = cb.last_stats.blocks["net.1"]
+    (mask,) = [m for s, m in model.gate_masks if s == 1]
+    assert got.forwards == 1 and got.masks["mask"].count == mask.numel()
+    assert got.masks["mask"].mean == pytest.approx(mask.double().mean().item(), rel=1e-6)
+    teacher = model.teacher[0].module
+    teacher(torch.rand(1, 1, 6, 6))
+    return not any(m._forward_hooks for m in teacher.modules())
+
+
+def _validated_average(tmp, kind: str) -> bool:
+    """An averaged copy held as a submodule from the start and validated: its blocks log
+    their validation points under their own names, and are not missing from training."""
+    model = GatedNet("validated", kind)
+    cb, logger, caught = _fit(tmp, model, A(log_every_n_steps=1, num_images=0, summary=False,
+                                            adapters=[GATE]),
+                              limit_val_batches=1, val_check_interval=2)
+    assert not _warned(MissingStatisticsWarning)((cb, logger, caught))
+    x = next(iter(model.val_dataloader()))[0]
+    with torch.no_grad():
+        gate = model.ema.module[1]
+        mask = torch.sigmoid(gate.conv(model.ema.module[0](x))).double()
+    (_, val), = logger.attn(prefix="val/attn/")
+    assert val["val/attn/ema.module.1/mask/mean"] == pytest.approx(mask.mean().item(), rel=1e-6)
+    assert val["val/attn/ema.module.1/mask/std"] == pytest.approx(mask.std().item(), rel=1e-5)
+    return not any("val/attn/net.1/" in t for t in val)  # the model did not run in validation
+
+
+def _weight_averaging(tmp) -> bool:
+    """Lightning's EMAWeightAveraging validates with the averaged weights: the validation
+    point's parameters are those (read while validation runs, whatever the callbacks'
+    order)."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    model = ValidatedNet(lr=5.0)
+    cb = A(log_every_n_steps=1, num_images=0, summary=False)
+    _, logger, _ = _fit(tmp, model, [EMAWeightAveraging(decay=0.5), cb], limit_val_batches=1,
+                        val_check_interval=2)
+    (_, val), = logger.attn(prefix="val/attn/")
+    # on_train_end copies the average into the model: the gain validation ran with
+    return val["val/attn/block/param/temperature"] == pytest.approx(model.block.gain.item())
+
+
+def _parameters_the_forwards_used(tmp, **kwargs) -> bool:
+    model = UsedParameters(lr=20.0)
+    _, logger, _ = _fit(tmp, model, **kwargs)
+    used = dict(model.gains_used)  # the last forward of each step (micro-batches: the same)
+    logged = {s: r["attn/block/param/temperature"]
+              for s, r in logger.attn("attn/block/param/temperature")}
+    assert len(logged) == 2 and len(set(logged.values())) == 2  # the lr moves it
+    return all(v == pytest.approx(used[s], rel=1e-6) for s, v in logged.items())
+
+
+EXECUTION = [
+    correct("a block under torch.utils.checkpoint (reentrant)",
+            lambda tmp: _as_without_checkpointing(tmp, True), bool),
+    correct("a block under torch.utils.checkpoint (non-reentrant)",
+            lambda tmp: _as_without_checkpointing(tmp, False), bool),
+    correct("a block called twice in each forward", lambda tmp: _fit(tmp, CalledTwice()),
+            lambda r: (r[0].last_stats.blocks["block"].forwards == 2
+                       and r[0].last_stats.blocks["block"].masks["mask"].count == 2 * 8 * 64)),
+    correct("timm ModelEmaV3 teacher made when training starts",
+            lambda tmp: _own_forwards_only(tmp, "ModelEmaV3"), bool),
+    correct("torch AveragedModel teacher made when training starts",
+            lambda tmp: _own_forwards_only(tmp, "AveragedModel"), bool),
+    correct("timm ModelEmaV3 submodule validated",
+            lambda tmp: _validated_average(tmp, "ModelEmaV3"), bool),
+    correct("torch AveragedModel submodule validated",
+            lambda tmp: _validated_average(tmp, "AveragedModel"), bool),
+    correct("Lightning's EMAWeightAveraging before the diagnostics", _weight_averaging, bool),
+    correct("a large learning rate: parameters as the forward used them",
+            _parameters_the_forwards_used, bool),
+    correct("a large learning rate with gradient accumulation",
+            lambda tmp: _parameters_the_forwards_used(tmp, accumulate_grad_batches=2), bool),
+]
+
+
+# -- degenerate numbers: undefined is not a problem, outside the contract is named ----------
+def _contract(category):
+    def check(result) -> bool:
+        caught = [w for w in result[2] if issubclass(w.category, category)]
+        assert len(caught) == 1, [str(w.message) for w in caught]  # once, over two points
+        return "'block'" in str(caught[0].message)
+    return check
+
+
+def _one_value_points(tmp):
+    cb, logger, caught = _fit(tmp, FakeNet(data=make_data(4, size=1), batch_size=1,
+                                          num_branches=1))
+    stds = [r["attn/block/mask/std"] for _, r in logger.attn("attn/block/mask/std")]
+    table = Console(width=100, record=True)
+    table.print(render_summary(cb.last_stats, cb.last_problems, {}, []))
+    return stds, caught, table.export_text()
+
+
+def _logits_net() -> FakeNet:
+    model = FakeNet()
+    model.block.router_of = lambda x: 4 * x[:, 0, 0, :3]  # logits, no softmax
+    return model
+
+
+DEGENERATE = [
+    correct("points of one mask value (batch 1, 1x1 map)", _one_value_points,
+            lambda r: (len(r[0]) == 2 and all(math.isnan(s) for s in r[0])
+                       and not any(issubclass(w.category, AttentionWarning) for w in r[1])
+                       and "±n/a" in r[2])),
+    correct("masks outside [0, 1] (3x - 1)", lambda tmp: _fit(tmp, FakeNet(
+        transform=lambda x: 3 * x - 1)), _contract(RecordingContractWarning)),
+    correct("router logits in place of weights", lambda tmp: _fit(tmp, _logits_net()),
+            _contract(RecordingContractWarning)),
+    correct("NaN masks are no contract breach", lambda tmp: _fit(tmp, NaNMask()),
+            lambda r: not _warned(RecordingContractWarning)(r)),
+    correct("masks in [0, 1] are no contract breach", lambda tmp: _fit(tmp, FakeNet()),
+            lambda r: not _warned(RecordingContractWarning)(r)),
+]
+
+CASES = CONSTRUCTOR + RUNS + LIFECYCLES + NAMES + FAULTS + EXECUTION + DEGENERATE
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

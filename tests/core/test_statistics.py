@@ -87,7 +87,20 @@ def test_constant_mask_has_zero_std_and_nonfinite_is_counted():
 def test_no_value_and_single_value():
     assert _run([]).masks == {} and _run([]).forwards == 0
     assert _run([torch.empty(0, 1, 3, 3)]).masks == {}
-    assert _run([torch.tensor([0.3])]).masks["mask"].std == 0.0
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1, 1, 1)], ids=["one value", "batch 1 of a 1x1 map"])
+def test_the_std_of_one_value_is_undefined_not_nonfinite(shape):
+    # torch.tensor([0.3]).std() is nan too: the unbiased std of one value does not exist
+    stats = _run([torch.full(shape, 0.3)]).masks["mask"]
+    assert math.isnan(stats.std) and not stats.std_defined
+    assert stats.mean == pytest.approx(0.3) and stats.nonfinite == 0 and stats.count == 1
+    # read back from the logged scalars (no counts there), it is still not a NaN value
+    logged = from_logged(MaskStats, {"mean": stats.mean, "std": stats.std, "min": 0.3,
+                                     "max": 0.3, "sat_low": 0.0, "sat_high": 0.0})
+    assert logged.nonfinite == 0 and not logged.std_defined
+    nan = from_logged(MaskStats, {"mean": math.nan, "std": math.nan})
+    assert nan.nonfinite == 1
 
 
 def test_router_statistics_by_hand():

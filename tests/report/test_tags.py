@@ -89,3 +89,12 @@ def test_evaluation_tags_min_max_and_the_preferred_map(tmp_path):
     assert "val/attn/maps at step 30" in page.text
     assert "a fix" in page.text and "mask_collapse happened" in page.text  # message, remedy
     assert len(page.png_images()) == 2  # the block and the map
+
+
+def test_an_undefined_std_is_not_measured_not_a_problem(tmp_path):
+    # A std logged NaN beside a finite mean is a point of one value (batch 1, 1x1 map): no
+    # rule judges it, and it is not a NaN value (the nonfinite rule reads the mean).
+    _, _, health = _judge(write_run(tmp_path / "one value", std=float("nan")))
+    verdict = health.verdicts[BLOCK]
+    assert verdict.status == "healthy", verdict.text
+    assert health.warnings == []
