@@ -24,6 +24,7 @@ Another logger backend is one file::
 from __future__ import annotations
 
 import json
+import textwrap
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -37,6 +38,7 @@ __all__ = [
     "DiagnosticsOutput",
     "DiagnosticsWriter",
     "TensorBoardWriter",
+    "json_text",
     "register_writer",
     "writer_for",
 ]
@@ -138,6 +140,14 @@ def tensorboard_scalars_event(
     logger.experiment._get_file_writer().add_summary(summary, step)
 
 
+def json_text(document: Mapping[str, Any]) -> str:
+    """``document`` as the text of a text event: pretty-printed JSON with every line indented
+    four spaces. TensorBoard's Text tab renders Markdown, which shows those lines as one code
+    block, key per line (compact JSON would be one paragraph); JSON allows the leading
+    whitespace, so the text stays one document for ``json.loads`` and the report."""
+    return textwrap.indent(json.dumps(document, sort_keys=True, indent=2, default=str), "    ")
+
+
 _WRITERS: list[type[DiagnosticsWriter]] = [TensorBoardWriter]
 
 
@@ -199,7 +209,7 @@ class DiagnosticsOutput:
             writer.image(tag, image, step)
 
     def json(self, tag: str, document: Mapping[str, Any], step: int) -> None:
-        text = json.dumps(document, sort_keys=True, default=str)
+        text = json_text(document)
         for writer in self.rich_writers:
             writer.text(tag, text, step)
 
