@@ -24,6 +24,10 @@ import time
 from functools import partial
 from pathlib import Path
 
+from lightning_attn.environment import ignore_known_warnings
+
+ignore_known_warnings()  # before Lightning, which gives one on import
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar

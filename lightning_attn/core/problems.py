@@ -43,15 +43,16 @@ class HealthThresholds:
 
     Args:
         std_threshold: a mask whose std is below this has collapsed.
-        saturation_low, saturation_high: a mask value below / above these is saturated.
+        saturation_low: a mask value below this is saturated (near 0).
+        saturation_high: a mask value above this is saturated (near 1).
         saturation_threshold: warn when the saturated share exceeds this.
         router_collapse_threshold: warn when the normalised router entropy is below this.
         router_indifference_threshold: warn when it is above this ...
         indifference_warmup_steps: ... at ``step >= indifference_warmup_steps``.
         dead_branch_factor: a branch whose mean weight is below ``dead_branch_factor / K``
             is dead (``0.1`` gives the ``1/(10K)`` rule).
-        temperature_min, temperature_max: a learnable temperature outside this range has
-            drifted.
+        temperature_min: a learnable temperature below this has drifted.
+        temperature_max: a learnable temperature above this has drifted.
         unit_margin: a learnable blend (alpha, beta) more than this outside ``[0, 1]`` has
             drifted (the blocks' default ``alpha=1.0`` sits on the edge: a first step past it
             is not yet a drift).

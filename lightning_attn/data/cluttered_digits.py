@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_attn.core.validation import check_int
+from lightning_attn.environment import require
 
 __all__ = [
     "SPLITS",
@@ -163,9 +164,8 @@ class ClutteredDigitsConfig:
 
 @lru_cache(maxsize=1)
 def _load_source_digits_cached() -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    datasets = require("sklearn.datasets", "ClutteredDigitsDataModule (its source digits)")
+    digits = datasets.load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0)
     labels = torch.from_numpy(digits.target.astype(np.int64))
     return images, labels
