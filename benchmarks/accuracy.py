@@ -11,8 +11,9 @@ weight decay 1e-4) with a cosine schedule. The rows (``--models`` picks some):
 - ``DSA + temperature schedule``: ``dsa.yaml`` with the ``TemperatureSchedule`` of
   ``dsa_remedies.yaml``; ``DSA + balance loss``: ``dsa.yaml`` with its ``aux_loss``;
   ``DSA + both``: ``dsa_remedies.yaml`` as it is;
-- ``CoordinateAttention``: ``coord.yaml``; ``CoordinateAttention (bounded alphas)``: the
-  same with ``bounded: true`` (its learnable alphas kept in ``[0, 1]``).
+- ``CoordinateAttention``: ``coord.yaml`` (its learnable alphas kept in ``[0, 1]``:
+  ``bounded: true``); ``CoordinateAttention (unbounded alphas)``: the same with
+  ``bounded: false``.
 
 Every model is trained with 3 seeds (initialisation and batch order; the rendered dataset is
 fixed) and tested after the last epoch (no checkpoint selection). Prints a markdown table:
@@ -102,8 +103,8 @@ MODELS: dict[str, tuple[str, Callable[[], dict], Callable[[], list[dict]]]] = {
     "DSA + balance loss": ("dsa.yaml", lambda: {"aux_loss": _aux_loss_of(REMEDIES)}, list),
     "DSA + both": (REMEDIES, dict, lambda: _schedule_of(REMEDIES)),
     "CoordinateAttention": ("coord.yaml", dict, list),
-    "CoordinateAttention (bounded alphas)": (
-        "coord.yaml", lambda: {"coord": {"bounded": True}}, list,
+    "CoordinateAttention (unbounded alphas)": (
+        "coord.yaml", lambda: {"coord": {"bounded": False}}, list,
     ),
 }
 
