@@ -1,4 +1,4 @@
-"""Demo: DynamicSpatialAttention learns where the digit is, on a CPU in under 2 minutes.
+"""Demo: DynamicSpatialAttention learns where the digit is, on one CPU thread.
 
 Trains :class:`~lightning_attn.modules.AttentionClassifier` with a DSA block after each of
 its three stages on cluttered digits (a handwritten digit pasted on a 48x48 canvas full of
@@ -12,7 +12,7 @@ digit fragments and noise), with the attention diagnostics, then reports:
 and ends by writing the report of its own run (``lightning_attn.report.write_report``: curves,
 attention maps, warnings and a verdict per block) and printing its path.
 
-    .venv/bin/python examples/demo.py            # ~2 min of training, one CPU thread (make demo)
+    .venv/bin/python examples/demo.py            # make demo; its time: docs/results.md
     .venv/bin/python examples/demo.py --quick    # a smoke run in seconds
     make tensorboard                             # TensorBoard on runs/
 """
@@ -23,6 +23,10 @@ import argparse
 import time
 from functools import partial
 from pathlib import Path
+
+from lightning_attn.environment import ignore_known_warnings
+
+ignore_known_warnings()  # before Lightning, which gives one on import
 
 import lightning.pytorch as pl
 import torch
@@ -36,8 +40,7 @@ from lightning_attn.data import ClutteredDigitsDataModule
 from lightning_attn.modules import AttentionClassifier, DSAOptions
 from lightning_attn.report import write_report
 
-#: The demo's budget: about 2 min of training on one thread of a 2-core CPU (117-126 s
-#: measured with the diagnostics on, torch 2.13).
+#: The demo's budget (its measured time, with the machine and load: docs/results.md).
 FULL = {"num_train": 5000, "num_val": 1000, "num_test": 1000, "epochs": 6, "log_every": 10}
 QUICK = {"num_train": 256, "num_val": 128, "num_test": 128, "epochs": 1, "log_every": 1}
 

@@ -17,14 +17,13 @@ Importing this package imports none of them: ``import lightning_attn.report`` st
 
 from __future__ import annotations
 
-import importlib
-import warnings
-
 __version__ = "0.1.0"
 
 __all__ = ["__version__"]
 
-#: Names this package used to re-export, and their home (they still resolve, with a warning).
+#: Names this package used to re-export, and their home: asking the package for one is an
+#: ``AttributeError`` that names the import to use (not a warning on every access: tools such
+#: as jsonargparse probe packages for names, and a correct set-up must start without one).
 _MOVED = {
     **dict.fromkeys(
         ("AttentionBlock", "AuxLossWeights", "CoordinateAtt", "CoordinateAttention",
@@ -40,11 +39,5 @@ _MOVED = {
 
 def __getattr__(name: str):
     home = _MOVED.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(
-        f"lightning_attn.{name} is deprecated and will be removed in the next release: "
-        f"import it from its home, `from {home} import {name}`",
-        FutureWarning, stacklevel=2,
-    )
-    return getattr(importlib.import_module(home), name)
+    where = f": import it from its home, `from {home} import {name}`" if home else ""
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}{where}")

@@ -15,6 +15,9 @@ optimizer steps has exactly ``S // log_every_n_steps`` points.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import lightning.pytorch as pl
 
 from .core.validation import check_int
@@ -72,6 +75,31 @@ class LoggingSchedule:
         step = self.step(trainer) + 1
         every, hist_every = self.interval(trainer), self.histogram_interval(trainer)
         return (every > 0 and step % every == 0, hist_every > 0 and step % hist_every == 0)
+
+    @staticmethod
+    def checkpoint_step(checkpoint: Mapping[str, Any]) -> int | None:
+        """The step of the weights in a Lightning ``checkpoint``: where the fit logged its
+        points about them, ``None`` in a checkpoint without Lightning's counters.
+
+        Weights after ``k`` optimizer steps were validated at step ``k - 1`` (Lightning
+        counts the step of a batch after its hooks and validation), and a checkpoint's
+        ``global_step`` is ``k`` whenever it was saved. Its loop counter
+        (``_batches_that_stepped``) says ``k - 1`` or ``k`` depending on when it was saved,
+        and is used only with several optimizer steps per batch (``global_step`` then counts
+        them all). An evaluation of the checkpoint is logged at this step, where the fit
+        logged these weights, not at the evaluating Trainer's own counter (0 in a new
+        Trainer: ``validate``/``test`` restore the weights, not the loops)."""
+        optimizer_steps = checkpoint.get("global_step")
+        if not isinstance(optimizer_steps, int) or optimizer_steps < 0:
+            return None
+        try:
+            epoch_loop = checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]
+            batches = int(epoch_loop["_batches_that_stepped"])
+        except (KeyError, TypeError, ValueError):
+            batches = optimizer_steps
+        if optimizer_steps - batches in (0, 1):  # one optimizer step per batch
+            return max(optimizer_steps - 1, 0)
+        return batches
 
     @staticmethod
     def steps_optimizer(trainer: pl.Trainer) -> bool:

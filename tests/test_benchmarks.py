@@ -273,3 +273,22 @@ def test_memory_benchmark_smoke(tmp_path):
     assert {r["block"] for r in rows} == {"dsa", "coord"} and len(rows) == 8
     assert all(r["peak_x"] > 1 for r in rows)  # y and grad_x at least
     assert "goals are not evaluated" in done.stdout
+
+
+def test_the_accuracy_benchmark_runs_at_the_configs_budget():
+    """``--budget config``: the epochs, images and logging interval of the shipped configs
+    (the remedy claims at the budget the configs train with); the default stays short."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("accuracy", ROOT / "benchmarks/accuracy.py")
+    accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accuracy)
+    config = yaml.safe_load((ROOT / "examples/configs/dsa_remedies.yaml").read_text())
+    args = accuracy.parse_args(["--budget", "config", "--models", "DSA,DSA + both"])
+    assert (args.epochs, args.num_train, args.log_every) == (
+        config["trainer"]["max_epochs"], config["data"]["num_train"],
+        config["trainer"]["log_every_n_steps"])
+    short = accuracy.parse_args(["--epochs", "2"])
+    assert (short.epochs, short.num_train, short.log_every) == (2, 4000, 20)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_attn import __version__
 from lightning_attn.cli import build_cli, main
@@ -71,8 +72,13 @@ def test_example_configs_build(name: str, tmp_path) -> None:
     if name == "coord":
         assert {b.pool for b in _blocks(cli.model, "CoordinateAttention")} == {"mean_max"}
     names = {type(cb).__name__ for cb in cli.trainer.callbacks}
-    assert {"ModelCheckpoint", "RichProgressBar"} <= names
+    assert "RichProgressBar" in names and _checkpoint(cli)
     assert cli.trainer.logger.save_dir == str(tmp_path)
+
+
+def _checkpoint(cli) -> ModelCheckpoint:
+    (checkpoint,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    return checkpoint
 
 
 def _blocks(model: torch.nn.Module, kind: str) -> list[torch.nn.Module]:
@@ -154,9 +160,8 @@ def test_remedies_config_builds(tmp_path) -> None:
     for key, value in wanted.items():
         got = getattr(schedule, key)
         assert (list(got) if isinstance(got, tuple) else got) == value, key
-    assert {"AttentionDiagnostics", "ModelCheckpoint"} <= {
-        type(cb).__name__ for cb in cli.trainer.callbacks
-    }
+    assert "AttentionDiagnostics" in {type(cb).__name__ for cb in cli.trainer.callbacks}
+    assert _checkpoint(cli)
 
 
 def test_remedies_from_the_command_line_and_in_help(tmp_path, capsys) -> None:
@@ -231,3 +236,29 @@ def test_ddp_fit_then_resume(tmp_path) -> None:
     resumed = set(runs.rglob("*.ckpt")) - set(ckpts)
     assert {c.parent.parent for c in resumed} != {last.parent.parent}  # a new version
     assert max(torch.load(c, weights_only=True)["global_step"] for c in resumed) == 8 > step
+
+
+def test_coord_config_keeps_its_learnable_alphas_in_range(tmp_path) -> None:
+    """coord.yaml's alphas are bounded (docs/remedies.md: ahead at its own budget), so no
+    optimizer step can make them drift: pushed as far as a raw parameter goes, no block
+    reports a parameter_drift."""
+    from lightning_attn.core.problems import HealthThresholds, find_problems
+    from lightning_attn.core.statistics import BlockStats, GlobalStats
+
+    cli = build_cli(
+        ["--config", str(CONFIGS / "coord.yaml"), *TINY_DATA,
+         "--trainer.logger.init_args.save_dir", str(tmp_path)],
+        run=False,
+    )
+    blocks = _blocks(cli.model, "CoordinateAttention")
+    for block in blocks:
+        assert block.bounded and set(block.attention_parameters()) >= {"alpha_h", "alpha_w"}
+        with torch.no_grad():
+            for raw in block.trainable_attention_parameters().values():
+                raw.fill_(50.0)
+        params = {n: float(v) for n, v in block.attention_parameters().items()}
+        assert all(0.0 <= v <= 1.0 for v in params.values()), params
+        stats = GlobalStats(step=1, blocks={"b": BlockStats(
+            params=params, trainable=frozenset(params),
+            param_specs=block.attention_parameter_specs())})
+        assert find_problems(stats, HealthThresholds()) == []

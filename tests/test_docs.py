@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from setuptools.config.pyprojecttoml import read_configuration
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -256,12 +257,51 @@ def test_report_snippet_writes_a_page(tmp_path, monkeypatch):
     page = ROOT / "docs/report.md"
     (code,) = _python(page, "## Verdicts")
     monkeypatch.chdir(tmp_path)
-    write_run(tmp_path / "runs" / "baseline", other={"val/acc": 0.5})
-    write_run(tmp_path / "runs" / "dsa", std=0.001, other={"val/acc": 0.7})
+    write_run(tmp_path / "runs" / "demo", std=0.001, other={"val/acc": 0.7})  # as make demo
     files = _run(code, page, "docs_report")["files"]
     assert files.html.exists()
     assert [v.status for run in files.report.runs for v in run.health.verdicts.values()] == [
-        "healthy", "problem"]
+        "problem"]
+
+
+def _demo_logdir() -> str:
+    """Where ``make demo`` logs: the demo's ``--logdir`` default and its logger's name."""
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "examples/demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    trainer, _, _ = demo.build(demo.QUICK, demo.parse_args([]).logdir)
+    return str(Path(trainer.logger.save_dir) / trainer.logger.name)
+
+
+def test_every_report_command_names_runs_that_its_page_creates():
+    """A LOGDIR in a report command of the docs (a shell line or a ``write_report`` call) is
+    written by ``make demo`` or by a ``lightning-attn fit --config`` earlier on the same
+    page: a new user can run the pages in order."""
+    checked = 0
+    for page in PAGES:
+        created: set[str] = set()
+        for _, language, code in _sections(page):
+            for line in code.replace("\\\n", " ").splitlines():
+                line = line.split("#")[0]
+                if re.search(r"\bmake demo\b", line):
+                    created.add(_demo_logdir())
+                fit = re.search(r"lightning-attn fit --config (\S+\.yaml)", line)
+                if fit and language == "bash":
+                    logger = yaml.safe_load((ROOT / fit.group(1)).read_text())["trainer"]["logger"]
+                    args = logger["init_args"]
+                    created.add(f"{args['save_dir']}/{args['name']}")
+                logdirs = []
+                if language == "bash" and "lightning-attn report" in line:
+                    words = line.split("lightning-attn report", 1)[1].split()
+                    logdirs = [w.split("=")[-1] for w in words if not w.startswith("-") and (
+                        not words[words.index(w) - 1].startswith("-") or w == words[0])]
+                elif language == "python" and "write_report(" in line:
+                    logdirs = re.findall(r'"[^"]*": "(runs/[^"]+)"', line)
+                for logdir in logdirs:
+                    checked += 1
+                    assert logdir.rstrip("/") in created or any(
+                        logdir.startswith(c + "/") for c in created), (page.name, line)
+    assert checked >= 4
 
 
 def test_remedies_snippet_runs_as_written(tmp_path, monkeypatch):
@@ -286,7 +326,7 @@ def test_remedies_snippet_runs_as_written(tmp_path, monkeypatch):
 
 
 # -- shell commands --------------------------------------------------------------------------
-def test_shell_commands_need_no_activated_environment():
+def test_shell_commands_need_no_activatedenvironment():
     """Every command in the bash blocks is a make target or a tool under .venv/bin/ that the
     install provides, so it runs from the repository root in a plain shell."""
     targets = set(re.findall(r"^([a-z][\w-]*):", (ROOT / "Makefile").read_text(), re.M))

@@ -89,3 +89,16 @@ def test_license_is_the_full_apache_2_text() -> None:
 def test_markers_are_registered_and_strict(pytestconfig) -> None:
     assert pytestconfig.getoption("strict_markers")
     assert any(m.startswith("slow:") for m in pytestconfig.getini("markers"))
+
+
+def test_optional_dependencies_are_extras_that_the_dev_extra_installs() -> None:
+    """matplotlib (the report) and scikit-learn (the digits) are extras, not dependencies;
+    ``make test`` / ``make demo`` install the dev extra, which includes every extra."""
+    from lightning_attn.environment import EXTRAS
+
+    extras = PROJECT["optional-dependencies"]
+    for dist, extra in EXTRAS.values():
+        assert dist not in REQUIREMENTS, dist
+        assert dist in {Requirement(r).name for r in extras[extra]}, (dist, extra)
+    (own,) = [r for r in map(Requirement, extras["dev"]) if r.name == PROJECT["name"]]
+    assert set(own.extras) == {extra for _, extra in EXTRAS.values()}

@@ -71,6 +71,22 @@ PRIVATE_APIS: dict[str, tuple[str, str, str]] = {
         "LightningCLI", "cli.py (override)", "adding the RichProgressBar unless one is given"),
     "_run_subcommand": (
         "LightningCLI", "cli.py (override)", "checking ckpt_path before anything is built"),
+    "_option_string_actions": (
+        "argparse ArgumentParser", "_trainer_cli.py",
+        "every option of the parser, to name the one a prefix abbreviates"),
+    "_actions": ("argparse ArgumentParser", "_trainer_cli.py",
+                 "the options, to show the help's short list"),
+    "_action_groups": ("argparse ArgumentParser", "_trainer_cli.py",
+                       "the help's groups, to show the short list in each"),
+    "_group_actions": ("argparse argument group", "_trainer_cli.py",
+                       "a group's options, hidden while the short help is formatted"),
+    "_has_run": ("Lightning validation loop", "_trainer_cli.py",
+                 "whether validation ran, before naming a missing monitored metric"),
+    "_save_topk_checkpoint": (
+        "Lightning ModelCheckpoint", "_trainer_cli.py (override)",
+        "naming a missing monitored metric and its nearest, once, instead of all of them"),
+    "_save_monitor_checkpoint": (
+        "Lightning ModelCheckpoint", "_trainer_cli.py", "what the override leaves to Lightning"),
     "_generator": (
         "TensorBoard EventAccumulator", "report/reading.py (assigned)",
         "the report's own record loader: progress and a note per damaged file"),
@@ -234,6 +250,29 @@ def test_lightning_cli_hooks_the_package_overrides():
     assert params == ["self", "config", "callbacks"]
     assert list(inspect.signature(LightningCLI._run_subcommand).parameters) == [
         "self", "subcommand"]
+
+
+def test_argparse_parser_internals():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    group = parser.add_argument_group("g")
+    action = group.add_argument("--name")
+    assert parser._option_string_actions["--name"] is action and action in parser._actions
+    assert group in parser._action_groups and group._group_actions == [action]
+
+
+def test_model_checkpoint_and_loop_internals(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    params = list(inspect.signature(ModelCheckpoint._save_topk_checkpoint).parameters)
+    assert params == ["self", "trainer", "monitor_candidates"]
+    params = list(inspect.signature(ModelCheckpoint._save_monitor_checkpoint).parameters)
+    assert params == ["self", "trainer", "monitor_candidates"]
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path)
+    assert trainer.fit_loop.epoch_loop.val_loop._has_run is False
 
 
 def test_event_accumulator_generator(tmp_path):

@@ -29,12 +29,13 @@ def test_every_public_name_is_exported_by_one_package() -> None:
     assert {n: h for n, h in homes.items() if len(h) > 1} == {}
 
 
-def test_the_old_root_names_still_resolve_with_a_warning_naming_their_home() -> None:
+def test_an_old_root_name_says_where_it_lives_now() -> None:
     for name, home in lightning_attn._MOVED.items():
-        with pytest.warns(FutureWarning, match=f"from {home} import {name}"):
-            moved = getattr(lightning_attn, name)
-        assert moved is getattr(importlib.import_module(home), name)
-    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        assert name in importlib.import_module(home).__all__
+        with pytest.raises(AttributeError, match=f"from {home} import {name}"):
+            getattr(lightning_attn, name)
+    assert getattr(lightning_attn, "CoordinateAttention", None) is None  # probes stay quiet
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'$"):
         lightning_attn.nothing_here  # noqa: B018
 
 

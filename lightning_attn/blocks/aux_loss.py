@@ -1,6 +1,6 @@
 """Auxiliary router losses: balance and stability terms for blocks with a router.
 
-A block with a router (:class:`~lightning_attn.DynamicSpatialAttention`, or a block of yours
+A block with a router (:class:`~lightning_attn.blocks.DynamicSpatialAttention`, or a block of yours
 that inherits :class:`RouterAuxMixin`) keeps the router logits of its latest forward,
 ``z (B, K)``, as part of the autograd graph (a reference, not a copy: nothing is computed).
 After the forward, the terms below are computed from them, in the graph, so their gradients

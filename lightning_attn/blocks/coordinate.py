@@ -266,17 +266,25 @@ class CoordinateAttention(RecordingMixin, nn.Module):
     Args:
         channels: ``C`` of the input, first (as timm passes it; the seed's ``in_channels=``
             is accepted by keyword too).
-        reduction, min_mid_channels: middle width ``max(min_mid_channels, C // reduction)``
-            (at most :data:`~lightning_attn.core.validation.MAX_CHANNELS`).
+        reduction: middle width ``max(min_mid_channels, C // reduction)`` (at most
+            :data:`~lightning_attn.core.validation.MAX_CHANNELS`).
+        min_mid_channels: the smallest middle width (see ``reduction``).
         act: the activation after the shared 1x1 convolution: ``"hswish"`` (the seed's),
             ``"relu"``, or any of :data:`Activation` (timm's activation set).
-        alpha: blend in ``[0, 1]`` (0: identity, 1: full attention); ``learnable_alpha``
-            makes it (or ``alpha_h``/``alpha_w``) a parameter.
-        pool, axis_kernel, axis_dilation, per_axis_alpha, gate, beta, learnable_beta,
-        bottleneck_layers, head_groups, spatial_gate: the add-ons above (``beta`` in
-            ``[0, 1]``; ``axis_kernel`` at most
-            :data:`~lightning_attn.core.validation.MAX_KERNEL_SIZE`, its span
+        alpha: blend in ``[0, 1]`` (0: identity, 1: full attention).
+        learnable_alpha: makes ``alpha`` (or ``alpha_h``/``alpha_w``) a parameter.
+        pool: axis pooling, ``"mean"`` or ``"mean_max"`` (add-on 1).
+        axis_kernel: size ``k`` of the depthwise axis convs (add-on 2; at most
+            :data:`~lightning_attn.core.validation.MAX_KERNEL_SIZE`); ``None``: none.
+        axis_dilation: their dilation (add-on 3; the span
             ``axis_dilation * (axis_kernel - 1) + 1`` at most ``MAX_KERNEL_EXTENT``).
+        per_axis_alpha: one blend per axis, ``alpha_h`` and ``alpha_w`` (add-on 4).
+        gate: ``"sigmoid"`` or ``"hardsigmoid"`` for ``a_h`` and ``a_w`` (add-on 5).
+        beta: the attention residual in ``[0, 1]`` (add-on 6); ``None``: none.
+        learnable_beta: makes ``beta`` a parameter.
+        bottleneck_layers: 1, or 2 for the two-layer bottleneck (add-on 7).
+        head_groups: groups of ``conv_h`` / ``conv_w`` (add-on 8).
+        spatial_gate: the spatial gate after the blend (add-on 9).
         backend: ``"auto"`` (default: the path measured fastest on the input's device),
             ``"plain"`` (the seed's ops; double backward), ``"torch"`` (``x * scale`` in one
             fused autograd function that never builds ``att`` or ``scale`` at full size) or

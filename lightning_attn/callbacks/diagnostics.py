@@ -13,7 +13,11 @@ Hook flow of one training logging point (one optimizer step; see :mod:`lightning
 
 Validation and test runs record over every batch and log one point per run
 (``val/attn/...``, ``test/attn/...``); the first validation / test batch also gives the
-attention-map images. Each phase records into its own accumulator row (the hooks of
+attention-map images. A ``validate``/``test`` call logs at the step of the weights it
+evaluates: that of the checkpoint it loaded (a new Trainer's own counter is 0), or the
+Trainer's own step after a fit; it writes an ``attn/evaluation`` record saying which (the
+step is ``null`` for weights of unknown step: the report then draws a marker, not a point
+of the training curve). Each phase records into its own accumulator row (the hooks of
 Lightning's loops switch the row), so a validation run inside an accumulation window, a
 sanity check or ``trainer.validate`` between fits never adds to a training point. On every
 other training batch the hooks compare two integers.
@@ -60,6 +64,7 @@ from ..core.statistics import (
 )
 from ..core.tags import (
     CONFIG_TAG,
+    EVALUATION_TAG,
     PROBLEMS_TAG,
     chart_layout,
     histogram_tag,
@@ -154,7 +159,8 @@ class AttentionDiagnostics(Callback):
     forward — eager or compiled — then logs them exactly over the global batch under DDP.
 
     Args:
-        include, exclude: fnmatch patterns of block names to watch / leave out.
+        include: fnmatch patterns of the block names to watch (``None``: every block).
+        exclude: fnmatch patterns of block names to leave out.
         log_every_n_steps: ``None`` (default) follows ``Trainer(log_every_n_steps=...)``: the
             points then share the module's own logging rows; ``0`` never.
         histogram_every_n_steps: mask / router-weight histograms (TensorBoard); ``None``
@@ -254,6 +260,8 @@ class AttentionDiagnostics(Callback):
         self._module_ref: weakref.ref | None = None
         self._point: tuple[bool, bool] | None = None  # (scalars, histograms) being recorded
         self._eval_phase: str | None = None  # the evaluation point being recorded
+        self._checkpoint_step: int | None = None  # of the checkpoint this call loaded
+        self._eval_step: int | None = None  # where this validate / test call logs
         self._capturing = False
         #: The checkpoint this stage restored from, and why this callback's state in it was
         #: not used (``None``: it was).
@@ -297,6 +305,7 @@ class AttentionDiagnostics(Callback):
         if stage == "fit":
             self._new_run()
         self._checkpoint, self._state_refused = None, None
+        self._checkpoint_step = None  # on_load_checkpoint, after setup, sets this call's
         _return_state_from_spawn(trainer, self)
         self._output = DiagnosticsOutput(trainer, self.writers)
         owner = type(self).__name__
@@ -373,18 +382,49 @@ class AttentionDiagnostics(Callback):
         self._start(trainer, pl_module)
         self._collector.set_phase("val")
         if trainer.state.fn == "validate":
-            self._write_config(trainer)
+            self._start_evaluation(trainer, "val")
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(trainer, pl_module)
         self._collector.set_phase("test")
+        self._start_evaluation(trainer, "test")
+
+    def _weights_step(self, trainer: pl.Trainer) -> int | None:
+        """The step of the weights a ``validate``/``test`` call evaluates: its checkpoint's,
+        else the Trainer's own after training steps, else unknown (``None``: a new Trainer
+        given a model trained elsewhere, or not at all)."""
+        if getattr(trainer, "ckpt_path", None) is not None and self._checkpoint_step is not None:
+            return self._checkpoint_step
+        step = LoggingSchedule.step(trainer)
+        return step if step > 0 else None
+
+    def _start_evaluation(self, trainer: pl.Trainer, phase: str) -> None:
+        weights = self._weights_step(trainer)
+        logged = LoggingSchedule.step(trainer)  # where Lightning logs the module's metrics
+        self._eval_step = logged if weights is None else weights
         self._write_config(trainer)
+        if self._collector.blocks and self._output is not None:
+            ckpt = getattr(trainer, "ckpt_path", None)
+            self._output.json(EVALUATION_TAG, {
+                "fn": str(getattr(trainer.state.fn, "value", trainer.state.fn)),
+                "phase": phase, "run_id": self.run_id,
+                "ckpt_path": None if ckpt is None else str(ckpt),
+                "step": weights, "logged_step": logged,
+            }, self._eval_step)
+
+    def _logging_step(self, trainer: pl.Trainer) -> int:
+        """The step an evaluation point is logged at (see :meth:`_start_evaluation`)."""
+        if trainer.state.fn in ("validate", "test") and self._eval_step is not None:
+            return self._eval_step
+        return LoggingSchedule.step(trainer)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._collector.set_phase("predict")
 
     def _back_to_training(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._collector.set_phase("train")
+        if trainer.state.fn in ("validate", "test"):
+            self._eval_step = None
 
     on_validation_end = on_test_end = on_predict_end = _back_to_training
 
@@ -402,7 +442,7 @@ class AttentionDiagnostics(Callback):
             return  # resumed into a run that already has its layout and configuration
         if self.log_statistics:
             output.layout(chart_layout(self._collector.infos, self.sections))
-        output.json(CONFIG_TAG, self._config_document(trainer), LoggingSchedule.step(trainer))
+        output.json(CONFIG_TAG, self._config_document(trainer), self._logging_step(trainer))
         self._layout_dirs += [d for d in dirs if d not in self._layout_dirs]
 
     def _config_document(self, trainer: pl.Trainer) -> dict[str, Any]:
@@ -593,7 +633,7 @@ class AttentionDiagnostics(Callback):
         if images is not None and images.shape[0] != next(iter(maps.values())).shape[0]:
             images = images[: self.num_images]
         grid = render_maps(images, maps, self.overlay_alpha)
-        self._output.image(maps_tag(stage), grid, LoggingSchedule.step(trainer))
+        self._output.image(maps_tag(stage), grid, self._logging_step(trainer))
 
     def _stop_capture(self) -> None:
         if self._capturing:
@@ -605,7 +645,7 @@ class AttentionDiagnostics(Callback):
         phase, self._eval_phase = self._eval_phase, None
         if phase is None:
             return
-        stats = self._collector.finish(trainer, LoggingSchedule.step(trainer), phase)
+        stats = self._collector.finish(trainer, self._logging_step(trainer), phase)
         self._warn_contract(stats)
         self._output.scalars(scalar_metrics(stats, self.sections), stats.step)
 
@@ -675,7 +715,9 @@ class AttentionDiagnostics(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         # Before load_state_dict, which Lightning calls only if the checkpoint holds state
-        # under this callback's key: the checkpoint decides the run.
+        # under this callback's key: the checkpoint decides the run, and an evaluation of it
+        # is drawn at its step.
+        self._checkpoint_step = LoggingSchedule.checkpoint_step(checkpoint)
         self.run_id = None
         self._checkpoint = str(trainer.ckpt_path)
         states = checkpoint.get("callbacks") or {}
@@ -703,7 +745,8 @@ class AttentionDiagnostics(Callback):
         # Configuration and history travel (ddp_spawn); modules, tensors and writers do not.
         state = self.__dict__.copy()
         for key in ("_collector", "_output", "_module_ref", "_point", "_eval_phase",
-                    "_capturing", "_checkpoint", "_state_refused", "_averaged"):
+                    "_capturing", "_checkpoint", "_state_refused", "_averaged",
+                    "_checkpoint_step", "_eval_step"):
             state.pop(key, None)
         return state
 

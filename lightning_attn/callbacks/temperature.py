@@ -2,7 +2,7 @@
 
 Dynamic convolution anneals its softmax temperature from high to 1 over the first epochs, so
 that every branch gets trained before the attention sharpens. This callback does the same for
-every block with a temperature (:class:`~lightning_attn.DynamicSpatialAttention`, or any
+every block with a temperature (:class:`~lightning_attn.blocks.DynamicSpatialAttention`, or any
 block with a ``set_temperature(value)`` method): a high ``T`` keeps DSA's gate
 ``sigmoid(wlogit / T)`` away from 0 and 1 (no saturation, gradient everywhere) while the
 branches learn, then the gate sharpens to ``end``.

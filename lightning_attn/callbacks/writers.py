@@ -25,6 +25,7 @@ Another logger backend is one file::
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -40,6 +41,7 @@ __all__ = [
     "TensorBoardWriter",
     "WriterRegistration",
     "check_writers",
+    "json_text",
     "register_writer",
     "writer_for",
 ]
@@ -143,6 +145,14 @@ def tensorboard_scalars_event(
     logger.experiment._get_file_writer().add_summary(summary, step)
 
 
+def json_text(document: Mapping[str, Any]) -> str:
+    """``document`` as the text of a text event: pretty-printed JSON with every line indented
+    four spaces. TensorBoard's Text tab renders Markdown, which shows those lines as one code
+    block, key per line (compact JSON would be one paragraph); JSON allows the leading
+    whitespace, so the text stays one document for ``json.loads`` and the report."""
+    return textwrap.indent(json.dumps(document, sort_keys=True, indent=2, default=str), "    ")
+
+
 #: The writers every callback knows (immutable): a backend of your own goes in
 #: ``AttentionDiagnostics(writers=[...])`` or :func:`register_writer`.
 DEFAULT_WRITERS: tuple[type[DiagnosticsWriter], ...] = (TensorBoardWriter,)
@@ -243,7 +253,7 @@ class DiagnosticsOutput:
             writer.image(tag, image, step)
 
     def json(self, tag: str, document: Mapping[str, Any], step: int) -> None:
-        text = json.dumps(document, sort_keys=True, default=str)
+        text = json_text(document)
         for writer in self.rich_writers:
             writer.text(tag, text, step)
 

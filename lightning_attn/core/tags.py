@@ -35,6 +35,7 @@ from .statistics import (
 
 __all__ = [
     "CONFIG_TAG",
+    "EVALUATION_TAG",
     "PREFIX",
     "PROBLEMS_TAG",
     "ScalarTag",
@@ -52,6 +53,9 @@ __all__ = [
 PREFIX = "attn"
 PROBLEMS_TAG = f"{PREFIX}/problems"
 CONFIG_TAG = f"{PREFIX}/config"
+#: One JSON record per ``validate``/``test`` call: the step of the weights it evaluated (that
+#: of their checkpoint; ``null`` when unknown) and the step Lightning logged its metrics at.
+EVALUATION_TAG = f"{PREFIX}/evaluation"
 _MAPS = "maps"
 #: The quantities of each tag group (a mask's name is any group but these two).
 _GROUPS: dict[str, tuple[Quantity, ...]] = {

@@ -38,6 +38,7 @@ from lightning_attn.core.validation import (
     check_nonnegative_float,
     check_size_range,
 )
+from lightning_attn.environment import require
 
 __all__ = [
     "SPLITS",
@@ -126,9 +127,8 @@ class ClutteredDigitsConfig:
 
 @lru_cache(maxsize=1)
 def _load_source_digits_cached() -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    datasets = require("sklearn.datasets", "ClutteredDigitsDataModule (its source digits)")
+    digits = datasets.load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0)
     labels = torch.from_numpy(digits.target.astype(np.int64))
     return images, labels

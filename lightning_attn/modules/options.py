@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 AttentionName = Literal["dsa", "coord", "none"]
-"""The blocks of :func:`~lightning_attn.create_attention` (``"none"``: no attention)."""
+"""The blocks of :func:`~lightning_attn.blocks.create_attention` (``"none"``: no attention)."""
 Activation = Literal["relu", "gelu", "silu"]
 Downsample = Literal["maxpool", "avgpool", "stride"]
 

@@ -21,13 +21,23 @@ module                 what it does
 =====================  =========================================================================
 """
 
-from .document import MetricSpec, Report, ReportTable, RunReport, build_report
-from .experiments import group_experiments
-from .reading import ReportError, RunLog, find_runs, read_runs
-from .series import RunTags, parse_tags
-from .statistics import stats_from_scalars
-from .verdicts import RunHealth, judge_run, thresholds_from_config
-from .writer import ReportFiles, load_runs, write_report
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Public name -> the module defining it. Imported on first use: ``lightning-attn report
+#: --help`` and ``from lightning_attn.report.command import ...`` import none of them.
+_EXPORTS = {
+    **dict.fromkeys(("MetricSpec", "Report", "ReportTable", "RunReport", "build_report"),
+                    ".document"),
+    "group_experiments": ".experiments",
+    **dict.fromkeys(("ReportError", "RunLog", "find_runs", "read_runs"), ".reading"),
+    **dict.fromkeys(("RunTags", "parse_tags"), ".series"),
+    "stats_from_scalars": ".statistics",
+    **dict.fromkeys(("RunHealth", "judge_run", "thresholds_from_config"), ".verdicts"),
+    **dict.fromkeys(("ReportFiles", "load_runs", "write_report"), ".writer"),
+}
 
 __all__ = [
     "MetricSpec",
@@ -50,3 +60,13 @@ __all__ = [
     "thresholds_from_config",
     "write_report",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

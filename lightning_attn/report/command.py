@@ -5,7 +5,9 @@
         --output report --metric val/acc --metric val/loss
 
 Bad input (a LOGDIR that does not exist, no event file, no ``attn/`` tag, an unknown
-metric) ends with one line on stderr and exit status 1; usage errors with status 2.
+metric) or a missing optional dependency (matplotlib: the ``report`` extra) ends with one line
+on stderr and exit status 1; usage errors with status 2. The arguments are parsed before
+anything heavy is imported: ``--help`` and a usage error never import torch or matplotlib.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .reading import ReportError
+from ..environment import MissingExtraError
 
 __all__ = ["build_parser", "main"]
 
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _logdirs(items: Sequence[str]) -> dict[str, str] | list[str]:
+    from .reading import ReportError
+
     named: dict[str, str] = {}
     plain: list[str] = []
     for item in items:
@@ -84,14 +88,16 @@ def _logdirs(items: Sequence[str]) -> dict[str, str] | list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status (0 ok, 1 bad input, 2 usage)."""
     args = build_parser().parse_args(argv)
-    from .writer import write_report  # after parsing: --help stays fast
+    from .reading import ReportError  # after parsing: --help stays fast
 
     try:
+        from .writer import write_report
+
         files = write_report(
             _logdirs(args.logdirs), args.output, metrics=args.metric, title=args.title,
             progress=not args.no_progress,
         )
-    except ReportError as err:
+    except (ReportError, MissingExtraError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
     for note in files.notes:

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
 from ..core.tags import is_attention_tag
+from .experiments import step_unknown
 from .figures import COMPARISONS, block_figure, comparison_figure, metrics_figure
 from .reading import ReportError, RunLog, Series, progress_bar
 from .series import RunTags, parse_tags
@@ -237,7 +238,8 @@ def build_report(
         task = bar.add_task("drawing figures", total=total)
         if specs:
             png = metrics_figure(
-                [s.name for s in specs], [(r.name, r.log.scalars) for r in runs]
+                [s.name for s in specs], [(r.name, r.log.scalars) for r in runs],
+                unplaced={r.name for r in runs if step_unknown(r.log)},
             )
             if png is not None:
                 report.metrics_figure = FigureFile(names("metrics"), "metrics", png)
@@ -269,7 +271,7 @@ def build_report(
                     f"{run.name} · {block}" if len(runs) > 1 else block, stages,
                     run.health.thresholds, run.health.block_warnings(block),
                     lambda k, b=block, t=run.tags: t.branch_label(b, k),
-                    run.tags.infos().get(block),
+                    run.tags.infos().get(block), step_unknown=step_unknown(run.log),
                 )
                 if png is not None:
                     run.block_figures[block] = FigureFile(names(run.name, block), block, png)

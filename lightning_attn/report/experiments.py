@@ -16,6 +16,14 @@ to the report:
 A folder holding several ``run_id`` s (two writers at once, or one logger reused by a sweep
 or by ``trainer.validate`` before ``fit``) is read as that many runs
 (:attr:`~.reading.RunLog.parts`, each noted), grouped like any other.
+
+Each ``validate``/``test`` call writes an ``attn/evaluation`` record with the step of the
+weights it evaluated (its checkpoint's) and the step Lightning logged the module's own
+metrics at (0 in a new Trainer). The diagnostics' evaluation tags are already at the first;
+the module's metrics of that call are moved there too, so a checkpoint's ``val/acc`` sits at
+the checkpoint's step, not at 0. An evaluation of weights of unknown step (no checkpoint, a
+new Trainer) is never attached to a training run: it stays a run of its own, drawn as a
+marker (:func:`step_unknown`).
 """
 
 from __future__ import annotations
@@ -25,10 +33,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..core.tags import CONFIG_TAG, ScalarTag
-from .reading import RunLog, merge_logs, natural_key
+from ..core.tags import CONFIG_TAG, EVALUATION_TAG, ScalarTag, is_attention_tag
+from .reading import RunLog, Series, merge_logs, natural_key
 
-__all__ = ["group_experiments"]
+__all__ = ["group_experiments", "step_unknown"]
 
 _VERSION = re.compile(r"^(?P<base>.*?)/?version_\d+$")
 
@@ -57,6 +65,47 @@ def _identity(run: RunLog) -> _Identity:
     return _Identity(None, fn, None)
 
 
+def _evaluations(run: RunLog) -> list[dict]:
+    """The ``attn/evaluation`` records of a run, in step order."""
+    out = []
+    for _, text in run.texts.get(EVALUATION_TAG, []):
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and doc.get("phase") in ("val", "test") and isinstance(
+                doc.get("logged_step"), int):
+            out.append(doc)
+    return out
+
+
+def step_unknown(run: RunLog) -> bool:
+    """Whether ``run`` holds evaluations only, all of weights whose step is unknown: its
+    steps say nothing (the figures draw its values as markers, not against the step)."""
+    records = _evaluations(run)
+    return bool(records) and all(r.get("step") is None for r in records) and not any(
+        (t := ScalarTag.parse(tag)) is not None and t.stage == "train" for tag in run.scalars)
+
+
+def _place_evaluations(run: RunLog, evaluation_only: bool) -> None:
+    """Move the module's own metrics of each evaluation from the step Lightning logged them
+    at to the step of the weights evaluated: in a version of its own every scalar logged at
+    that step; beside a fit (``trainer.test(ckpt_path="best")`` after ``fit``) the tags of
+    the evaluation's stage (``test/...``), so the fit's own points stay."""
+    for record in _evaluations(run):
+        step, logged = record.get("step"), record["logged_step"]
+        if not isinstance(step, int) or step == logged:
+            continue
+        prefix = f"{record['phase']}/"
+        for tag, series in list(run.scalars.items()):
+            if is_attention_tag(tag) or logged not in series.steps or not (
+                    evaluation_only or tag.startswith(prefix)):
+                continue
+            points = dict(zip(series.steps, series.values, strict=True))
+            points[step] = points.pop(logged)
+            run.scalars[tag] = Series(sorted(points), [points[s] for s in sorted(points)])
+
+
 def _first_step(run: RunLog) -> int:
     """The first step with a diagnostics scalar (not, say, TensorBoard's ``hp_metric``)."""
     steps = [s.steps[0] for tag, s in run.scalars.items()
@@ -74,6 +123,8 @@ def group_experiments(runs: Sequence[RunLog]) -> list[RunLog]:
     """The runs of one LOGDIR grouped by experiment (see the module docstring)."""
     runs = [part for run in runs for part in (run.parts or [run])]
     ids = [_identity(r) for r in runs]
+    for run, ident in zip(runs, ids, strict=True):
+        _place_evaluations(run, ident.fn in ("validate", "test"))
     fits: dict[str, list[int]] = {}
     for i, ident in enumerate(ids):
         if ident.run_id is not None and ident.fn == "fit":
@@ -82,15 +133,21 @@ def group_experiments(runs: Sequence[RunLog]) -> list[RunLog]:
     out: list[RunLog] = []
     placed: set[int] = set()
     for i, ident in enumerate(ids):
-        if ident.run_id in fits and ident.fn != "fit":
+        if ident.run_id in fits and ident.fn != "fit" and not step_unknown(runs[i]):
             attached.setdefault(ident.run_id, []).append(i)
     for i, ident in enumerate(ids):
         if i in placed:
             continue
-        if ident.run_id not in fits:
+        if ident.run_id not in fits or (ident.fn != "fit" and i not in attached.get(
+                ident.run_id, [])):
             placed.add(i)
             run = runs[i]
-            if ident.fn in ("validate", "test") and not any(
+            if step_unknown(run):
+                run.notes.append(f"an evaluation ({ident.fn}) of a model in memory, not of a "
+                                 "fit's checkpoint: the step its weights were trained to is "
+                                 "unknown, so its values are drawn as markers, not against the "
+                                 "step, and judged")
+            elif ident.fn in ("validate", "test") and not any(
                     (t := ScalarTag.parse(tag)) is not None and t.stage == "train"
                     for tag in run.scalars):
                 where = (f" of checkpoint {ident.ckpt}; the training run it evaluated is "

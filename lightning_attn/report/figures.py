@@ -9,6 +9,9 @@ Every function returns PNG bytes.
   and a red line at the step of each warning.
 * :func:`comparison_figure`: one statistic, one panel per run, shared axes.
 * :func:`metrics_figure`: the ``--metric`` scalars, runs overlaid.
+
+An evaluation of weights whose step is unknown (no checkpoint) is never drawn against the
+step: in the metrics as a horizontal marker line, in its block figures with no step axis.
 """
 
 from __future__ import annotations
@@ -16,11 +19,16 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
-from matplotlib import rc_context
-from matplotlib.figure import Figure
+from ..environment import missing_extra
+
+try:
+    from matplotlib import rc_context
+    from matplotlib.figure import Figure
+except ImportError as err:  # the `report` extra
+    raise missing_extra("matplotlib", "The report (its figures)") from err
 
 from ..core import presentation
 from ..core.presentation import comparisons, short_names
@@ -66,6 +74,8 @@ PALETTE = (
     "#7f7f7f", "#d62728",
 )
 THRESHOLD_COLOR = "#555555"
+#: The axis / legend words for an evaluation of weights whose step is unknown.
+UNKNOWN_STEP = "no checkpoint: step unknown"
 WARNING_COLOR = "#d62728"
 STAGE_KEYS = {
     "train": "solid: training (each logging step)",
@@ -269,10 +279,12 @@ def block_figure(
     warnings: Sequence[Problem] = (),
     branch_label: Callable[[int], str] = lambda k: f"branch {k}",
     info: BlockInfo | None = None,
+    step_unknown: bool = False,
 ) -> bytes | None:
     """PNG of one block: a row of panels per section (router, masks, parameters), ``None``
     when the block logged nothing. ``info``: the block's description in the run's
-    configuration (its learnable parameters' ranges give the drift lines)."""
+    configuration (its learnable parameters' ranges give the drift lines).
+    ``step_unknown``: the points are evaluations of weights of unknown step (no step axis)."""
     rows = _panels(stages, thresholds, branch_label, info)
     if not rows:
         return None
@@ -287,9 +299,9 @@ def block_figure(
                     ax.set_visible(False)
                     continue
                 _draw(ax, row[c], warnings)
-                ax.xaxis.set_tick_params(labelbottom=True)
+                ax.xaxis.set_tick_params(labelbottom=not step_unknown)
                 if r == len(rows) - 1:
-                    ax.set_xlabel("step")
+                    ax.set_xlabel(UNKNOWN_STEP if step_unknown else "step")
         fig.suptitle(_shown(title), fontsize=10.5, fontweight="bold", x=0.01, ha="left")
         keys = [STAGE_KEYS[s] for s in STAGE_KEYS if s in stages]
         if len(keys) > 1:
@@ -398,11 +410,13 @@ def comparison_figure(
 
 
 def metrics_figure(
-    metrics: Sequence[str], runs: Sequence[tuple[str, dict[str, Series]]]
+    metrics: Sequence[str], runs: Sequence[tuple[str, dict[str, Series]]],
+    unplaced: Collection[str] = (),
 ) -> bytes | None:
     """One panel per metric, every run that has it overlaid (a run's colour is the same in
     every panel); a metric logged once per run (a test score) as horizontal bars.
-    ``runs``: ``(name, {metric: series})``."""
+    ``runs``: ``(name, {metric: series})``; ``unplaced``: names of runs of unknown step (an
+    evaluation with no checkpoint), drawn beside curves as a dashed level, not a point."""
     present = [m for m in metrics if any(m in series for _, series in runs)]
     if not present:
         return None
@@ -424,6 +438,11 @@ def metrics_figure(
                 _bars(ax, logged, colors)
                 continue
             for name, s in logged:
+                if name in unplaced:
+                    for value in _clean(s.values):
+                        ax.axhline(value, color=colors[name], linestyle=(0, (4, 2)),
+                                   linewidth=1.2, label=f"{_legend(name)} ({UNKNOWN_STEP})")
+                    continue
                 ax.plot(s.steps, _clean(s.values), color=colors[name], label=_legend(name),
                         marker="o" if len(s) <= 30 else None, markersize=4)
             ax.set_xlabel("step")

@@ -43,7 +43,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ..core.tags import CONFIG_TAG, is_attention_tag
+from ..core.tags import CONFIG_TAG, EVALUATION_TAG, is_attention_tag
 
 __all__ = [
     "ImageRecord",
@@ -306,14 +306,15 @@ def _strip_text_suffix(tag: str) -> str:
     return tag[: -len("/text_summary")] if tag.endswith("/text_summary") else tag
 
 
-#: The tag of the runs' configuration records, as TensorBoard's text plugin writes it.
-_CONFIG_TEXT = f"{CONFIG_TAG}/text_summary"
+#: The tags of the records that name their run (the configuration of a fit or evaluation,
+#: and each evaluation call's record), as TensorBoard's text plugin writes them.
+_RUN_TEXTS = (f"{CONFIG_TAG}/text_summary", f"{EVALUATION_TAG}/text_summary")
 
 
 def _run_id_of(event) -> str | None:
-    """The ``run_id`` of an ``attn/config`` record, else ``None``."""
+    """The ``run_id`` of an ``attn/config`` or ``attn/evaluation`` record, else ``None``."""
     for value in event.summary.value:
-        if value.tag != _CONFIG_TEXT or not value.tensor.string_val:
+        if value.tag not in _RUN_TEXTS or not value.tensor.string_val:
             continue
         try:
             doc = json.loads(value.tensor.string_val[0].decode("utf-8", "replace"))

@@ -11,7 +11,7 @@ import torch._dynamo.testing
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import lightning_attn
+import lightning_attn.core
 from lightning_attn.blocks import (
     AttentionBlock,
     CoordinateAttention,
@@ -319,7 +319,7 @@ def test_quick_mask_check_coord_collapsed_warns():
     assert any("mask_h" in m for m in messages)
     assert not any("mask_w" in m for m in messages)
     assert block.training
-    assert issubclass(MaskCollapseWarning, lightning_attn.AttentionWarning)
+    assert issubclass(MaskCollapseWarning, lightning_attn.core.AttentionWarning)
     assert issubclass(MaskCollapseWarning, UserWarning)
 
 

@@ -173,3 +173,20 @@ def test_tensorboard_prefix_is_respected(tmp_path):
     make_trainer(tmp_path, [cb], max_steps=2, logger=tb).fit(TinyAttnNet())
     scalars = _events(tb.log_dir).Tags()["scalars"]
     assert "run-attn/dsa/mask/std" in scalars and "attn/dsa/mask/std" not in scalars
+
+
+def test_config_and_problems_read_as_code_blocks_in_tensorboards_text_tab(tmp_path):
+    """TensorBoard's Text tab renders its texts as Markdown: the JSON documents are one code
+    block, a key per line, not one paragraph; the report still reads them as JSON."""
+    from tensorboard import plugin_util
+
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    with pytest.warns(UserWarning, match="std"):
+        make_trainer(tmp_path, [AttentionDiagnostics(log_every_n_steps=1, summary=False)],
+                     max_steps=2, logger=tb).fit(FakeNet(transform=lambda x: x * 0 + 0.5))
+    acc = _events(tb.log_dir)
+    for tag in ("attn/config", "attn/problems"):
+        text = acc.Tensors(f"{tag}/text_summary")[0].tensor_proto.string_val[0].decode()
+        html = plugin_util.markdown_to_safe_html(text)
+        assert html.startswith("<pre><code>{\n") and html.count("\n") > 5, html[:200]
+        assert isinstance(json.loads(text), dict)
