@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..core.tags import CONFIG_TAG, ScalarTag
-from .reading import RunLog, Series, natural_key
+from .reading import RunLog, natural_key
 
 __all__ = ["group_experiments"]
 
@@ -66,11 +66,8 @@ def _join(name: str, runs: Sequence[RunLog], notes: list[str]) -> RunLog:
     out = RunLog(name, first.path, first.kind, notes=list(notes))
     for run in runs:
         for tag, series in run.scalars.items():
-            merged = dict(zip(*(out.scalars[tag].steps, out.scalars[tag].values),
-                              strict=True)) if tag in out.scalars else {}
-            merged.update(zip(series.steps, series.values, strict=True))
-            steps = sorted(merged)
-            out.scalars[tag] = Series(steps, [merged[s] for s in steps])
+            out.scalars[tag] = out.scalars[tag].joined(series) if tag in out.scalars else series
+        out.streams += run.streams
         for tag, images in run.images.items():
             out.images[tag] = sorted(out.images.get(tag, []) + images, key=lambda r: r.step)
         for tag, texts in run.texts.items():
@@ -133,7 +130,7 @@ def group_experiments(runs: Sequence[RunLog]) -> list[RunLog]:
             run = runs[j]
             texts = {t: v for t, v in run.texts.items() if t != CONFIG_TAG}
             evaluations.append(RunLog(run.name, run.path, run.kind, run.scalars, run.images,
-                                      texts, run.notes))
+                                      texts, run.notes, run.streams))
         name = _base([runs[j].name for j in members])
         out.append(_join(name, [runs[j] for j in members] + evaluations, notes))
     return out

@@ -9,6 +9,12 @@ Every function returns PNG bytes.
   and a red line at the step of each warning.
 * :func:`comparison_figure`: one statistic, one panel per run, shared axes.
 * :func:`metrics_figure`: the ``--metric`` scalars, runs overlaid.
+
+A curve kept as an envelope (:mod:`.curves`: more than ``CURVE_POINTS`` points) is drawn
+through the points it kept, the first, last, lowest and highest of each bucket of steps, which
+at the figure's width is the same line as every point; a min-max band is drawn from its
+buckets. Non-finite values are marked with a cross at the foot of the panel, in a whole
+series and an envelope alike (a NaN is otherwise only a gap in the line).
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from matplotlib import rc_context
 from matplotlib.figure import Figure
+from matplotlib.transforms import blended_transform_factory
 
 from ..core.problems import PROBLEM_KINDS, HealthThresholds, Problem, phrase
 from ..core.statistics import PANELS, BlockInfo, Quantity, all_quantities
+from .curves import CURVE_POINTS
 from .reading import Series
 from .series import BlockSeries
 
@@ -88,6 +97,49 @@ def _clean(values: Sequence[float]) -> list[float]:
 
 def _stage_style(stage: str) -> dict:
     return STAGE_STYLE.get(stage, STAGE_STYLE["val"])
+
+
+NONFINITE_LABEL = "× non-finite value (NaN or Inf)"
+ENVELOPE_NOTE = (
+    f"curves of more than {CURVE_POINTS} points: the first, last, lowest and highest point "
+    f"of each of {CURVE_POINTS // 4} step ranges"
+)
+
+
+def _mark_nonfinite(ax, s: Series, color: str) -> None:
+    """A cross at the foot of the panel at each non-finite value's step (an envelope: the
+    first of each bucket)."""
+    steps, _ = s.nonfinite()
+    if steps:
+        ax.plot(steps, [0.03] * len(steps), transform=blended_transform_factory(
+            ax.transData, ax.transAxes), linestyle="none", marker="x", markersize=5,
+            color=color, markeredgewidth=1.4, label=NONFINITE_LABEL, clip_on=False)
+
+
+def _band(ax, lo: Series, hi: Series, **style) -> None:
+    """The band between a low and a high series: at their common steps, or for envelopes
+    from each bucket's lowest low and highest high."""
+    if lo.exact and hi.exact:
+        common = dict(zip(hi.steps, hi.values, strict=True))
+        steps = [s for s in lo.steps if s in common]
+        low = dict(zip(lo.steps, lo.values, strict=True))
+        ax.fill_between(steps, _clean([low[s] for s in steps]),
+                        _clean([common[s] for s in steps]), **style)
+        return
+    xs, lows, highs = [], [], []
+    for series, pick in ((lo, 2), (hi, 3)):
+        env = series.envelope()
+        if env is None:
+            steps, values = series.arrays()
+            env = (steps, steps, values, values)
+        middle = (env[0] + env[1]) / 2.0
+        xs.append(middle)
+        (lows if pick == 2 else highs).append(np.where(np.isfinite(env[pick]), env[pick],
+                                                       np.nan))
+    x = xs[0]
+    upper = np.interp(x, xs[1], np.nan_to_num(highs[0], nan=np.nanmax(highs[0])
+                                              if np.isfinite(highs[0]).any() else 0.0))
+    ax.fill_between(x, lows[0], upper, **style)
 
 
 
@@ -204,14 +256,10 @@ def _draw(ax, panel: _Panel, warnings: Sequence[Problem]) -> None:
         # one legend entry per quantity (its first stage); the line styles of the stages are
         # explained once under the figure
         ax.plot(s.steps, _clean(s.values), color=color, label=label, **style)
+        _mark_nonfinite(ax, s, color)
     for label, lo, hi, match in panel.bands:
-        common = dict(zip(hi.steps, hi.values, strict=True))
-        steps = [s for s in lo.steps if s in common]
-        low = dict(zip(lo.steps, lo.values, strict=True))
-        ax.fill_between(
-            steps, _clean([low[s] for s in steps]), _clean([common[s] for s in steps]),
-            color=colors.get(match, PALETTE[0]), alpha=0.15, linewidth=0, label=label,
-        )
+        _band(ax, lo, hi, color=colors.get(match, PALETTE[0]), alpha=0.15, linewidth=0,
+              label=label)
     if panel.log:
         positive = [v for _, _, s, _ in panel.curves for v in s.values
                     if math.isfinite(v) and v > 0]
@@ -276,8 +324,10 @@ def block_figure(
                 if r == len(rows) - 1:
                     ax.set_xlabel("step")
         fig.suptitle(title, fontsize=10.5, fontweight="bold", x=0.01, ha="left")
-        keys = [STAGE_KEYS[s] for s in STAGE_KEYS if s in stages]
-        if len(keys) > 1:
+        keys = [STAGE_KEYS[s] for s in STAGE_KEYS if s in stages] if len(stages) > 1 else []
+        if any(not c[2].exact for row in rows for panel in row for c in panel.curves):
+            keys.append(ENVELOPE_NOTE)
+        if keys:
             fig.supxlabel("   ".join(keys), fontsize=8, color="#555555", x=0.99, ha="right")
         return _png(fig)
 
@@ -376,6 +426,7 @@ def comparison_figure(
                 ax.plot(s.steps, _clean(s.values), color=colors[block],
                         linestyle=styles[sub], label=f"{short[block]} {sub}".strip(),
                         marker="o" if len(s) == 1 else None)
+                _mark_nonfinite(ax, s, colors[block])
             for label, y in comparison.lines(thresholds):
                 thresholds_shown.add(label)
                 ax.axhline(y, color=THRESHOLD_COLOR, linestyle=(0, (1.5, 2)),
@@ -425,6 +476,7 @@ def metrics_figure(
             for name, s in logged:
                 ax.plot(s.steps, _clean(s.values), color=colors[name], label=name,
                         marker="o" if len(s) <= 30 else None, markersize=4)
+                _mark_nonfinite(ax, s, colors[name])
             ax.set_xlabel("step")
         handles: dict[str, object] = {}
         for ax in axes.flat:
