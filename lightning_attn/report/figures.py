@@ -99,7 +99,7 @@ def _stage_style(stage: str) -> dict:
     return STAGE_STYLE.get(stage, STAGE_STYLE["val"])
 
 
-NONFINITE_LABEL = "× non-finite value (NaN or Inf)"
+NONFINITE_LABEL = "non-finite value (NaN or Inf)"
 ENVELOPE_NOTE = (
     f"curves of more than {CURVE_POINTS} points: the first, last, lowest and highest point "
     f"of each of {CURVE_POINTS // 4} step ranges"
@@ -244,6 +244,15 @@ def _marks(panel: _Panel, kind: str) -> bool:
     return False
 
 
+def _warning_label(kind: str, steps: Sequence[int]) -> str:
+    """``warning: saturated (step 40)``; for several, their first steps and how many more."""
+    if len(steps) == 1:
+        return f"warning: {phrase(kind)} (step {steps[0]})"
+    shown = ", ".join(str(s) for s in steps[:3])
+    more = f" and {len(steps) - 3} more" if len(steps) > 3 else ""
+    return f"warnings: {phrase(kind)} (steps {shown}{more})"
+
+
 def _draw(ax, panel: _Panel, warnings: Sequence[Problem]) -> None:
     colors: dict[str, str] = {}
     for label, stage, s, dotted in panel.curves:
@@ -277,10 +286,13 @@ def _draw(ax, panel: _Panel, warnings: Sequence[Problem]) -> None:
             continue
         ax.hlines(y, max(x0, x_start), x_end, colors=THRESHOLD_COLOR, linestyles=(0, (1.5, 2)),
                   linewidth=1.1, label=label)
+    by_kind: dict[str, list[int]] = {}
     for p in warnings:
         if _marks(panel, p.kind):
-            ax.axvline(p.step, color=WARNING_COLOR, linewidth=1.0, alpha=0.6,
-                       label=f"warning: {phrase(p.kind)} (step {p.step})")
+            by_kind.setdefault(p.kind, []).append(p.step)
+    for kind, steps in by_kind.items():  # one legend entry a kind, however many warnings
+        ax.vlines(steps, 0, 1, transform=ax.get_xaxis_transform(), colors=WARNING_COLOR,
+                  linewidth=1.0, alpha=0.6, label=_warning_label(kind, steps))
     if panel.ylim is not None:
         low, high = panel.ylim
         cur_low, cur_high = ax.get_ylim()

@@ -402,6 +402,10 @@ def render_html(report: Report, limit: int = PAGE_BYTES) -> str:
         return text
     figures = report.figures()
     page.images = dict.fromkeys(f.filename for f in figures)  # every figure linked
+    # room for the note saying so (its longest form)
+    page.notes = [f"This page stays under {limit / 1e6:g} MB: its figures are embedded with "
+                  f"256 colours at 35 % of their size, {len(figures)} of them linked to their "
+                  "PNG files beside it instead."]
     if _size(_render(report, page)) > limit:  # the text alone is over: fewer blocks
         low, high = 0, max(len(r.tags.block_names()) for r in report.runs)
         while low < high:  # the most blocks per run that fit
@@ -418,10 +422,12 @@ def render_html(report: Report, limit: int = PAGE_BYTES) -> str:
     def cost(png: bytes) -> int:  # base64 and the <img> around it
         return 4 * -(-len(png) // 3) + 512
 
-    for scale in (1.0, 0.75, 0.5, 0.35):
+    scale = 1.0
+    encoded = {f.filename: _smaller(f.png, scale) for f in shown}
+    total = sum(cost(b) for b in encoded.values())
+    if total > room:  # bytes go with the area: one more try, smaller by the ratio
+        scale = max(0.35, 0.9 * math.sqrt(max(room, 0) / total))
         encoded = {f.filename: _smaller(f.png, scale) for f in shown}
-        if sum(cost(b) for b in encoded.values()) <= room:
-            break
     how = "with 256 colours" + (f" at {round(scale * 100)} % of their size" if scale < 1 else "")
     linked = 0
     for f in shown:  # in page order, as many as fit; the rest are linked

@@ -162,6 +162,8 @@ def masked_crc32c(data: bytes | memoryview) -> int:
 
 #: Bytes of one batch of rows in :func:`_masked_many` (its padded matrix).
 _BATCH_BYTES = 4 << 20
+#: A row longer than this is checked alone, by segments (a batch of one is a Python loop).
+_LONG_ROW = 64 << 10
 
 
 def _masked_many(buf: bytes, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -173,6 +175,11 @@ def _masked_many(buf: bytes, starts: np.ndarray, lengths: np.ndarray) -> np.ndar
     begins = starts[order].tolist()
     i = 0
     while i < len(order):
+        if sizes[i] > _LONG_ROW:  # the rest are long: each by segments
+            for r in range(i, len(order)):
+                view = memoryview(buf)[begins[r]:begins[r] + sizes[r]]
+                out[order[r]] = _mask(crc32c(view))
+            break
         # a batch: rows whose lengths are within 25 % (or 64 bytes) of its shortest
         limit = max(sizes[i] * 5 // 4, sizes[i] + 64)
         j = i + 1

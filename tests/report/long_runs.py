@@ -43,14 +43,15 @@ class Planted:
     values: dict[str, np.ndarray]  # tag -> value at each step of ``steps``
 
 
-def series_values(steps: np.ndarray, seed: int = 0, shift: float = 0.0) -> dict[str, np.ndarray]:
+def series_values(steps: np.ndarray, seed: int = 0, shift: float = 0.0,
+                  blocks: Sequence[str] = BLOCKS) -> dict[str, np.ndarray]:
     """Every training tag's values at ``steps``: four blocks (router of 3 branches, a mask,
     a temperature) that end warned (``a``), with a problem (``b``), recovered (``c``) and
     healthy (``d``)."""
     rng = np.random.default_rng(seed)
     n = len(steps)
     out: dict[str, np.ndarray] = {}
-    for i, block in enumerate(BLOCKS):
+    for i, block in enumerate(blocks):
         t = steps / 3000.0
         mean = 0.5 + 0.05 * np.sin(7 * t + i) + 0.01 * rng.standard_normal(n) + shift
         std = 0.2 + 0.02 * rng.standard_normal(n)
@@ -109,17 +110,22 @@ def write_long_run(
     image: bytes | None = None,
     extra: Sequence[tuple[int, dict[str, float]]] = (),
     phase: str = "train",
+    texts: Sequence[tuple[str, int, str]] = (),
+    blocks: Sequence[str] = BLOCKS,
 ) -> Planted:
     """An event file in ``path``: the config first, a point per step (one event holding the
     diagnostics, as the callback writes; the loss in its own, as Lightning does), a problem
     record right after its point, validation points and ``val/acc`` every ``val_every``
-    steps, ``extra`` events appended at the end (out of order if their steps are lower)."""
+    steps, ``extra`` events appended at the end (out of order if their steps are lower),
+    then ``texts`` (tag, step, text)."""
     path.mkdir(parents=True, exist_ok=True)
     s = np.asarray(steps, dtype=np.int64)
-    values = series_values(s, seed, shift)
+    values = series_values(s, seed, shift, blocks)
     if phase != "train":  # an evaluation's points only
         values = {f"{phase}/{t}": v for t, v in values.items() if t.startswith("attn/")}
-    by_step = {p["step"]: p for p in problems}
+    by_step: dict[int, list[dict]] = {}
+    for p in problems:
+        by_step.setdefault(p["step"], []).append(p)
     payloads = [Event(wall_time=0.0, file_version="brain.Event:2").SerializeToString()]
     if conf is not None:
         payloads.append(_text_event("attn/config", 0, json.dumps(conf)))
@@ -128,8 +134,8 @@ def write_long_run(
         payloads.append(_scalar_event(step, {t: float(values[t][j]) for t in diag}))
         if "train/loss" in values:
             payloads.append(_scalar_event(step, {"train/loss": float(values["train/loss"][j])}))
-        if step in by_step:
-            payloads.append(_text_event("attn/problems", step, json.dumps(by_step[step])))
+        for p in by_step.get(step, ()):
+            payloads.append(_text_event("attn/problems", step, json.dumps(p)))
         if val_every and step % val_every == 0 and step:
             val = {f"val/{t}": float(values[t][j]) for t in diag
                    if t.endswith(("mask/mean", "mask/std", "mask/sat_low", "mask/sat_high"))}
@@ -142,6 +148,8 @@ def write_long_run(
                         .SerializeToString())
     for step, extra_values in extra:
         payloads.append(_scalar_event(step, extra_values))
+    for tag, step, body in texts:
+        payloads.append(_text_event(tag, step, body))
     (path / "events.out.tfevents.1.synthetic").write_bytes(encode_records(payloads))
     return Planted(tuple(s.tolist()), values)
 

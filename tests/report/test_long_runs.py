@@ -20,7 +20,19 @@ from lightning_attn.report.reading import find_runs, read_runs
 from lightning_attn.report.series import parse_tags
 from lightning_attn.report.verdicts import StreamJudge, judge_run
 
-from .long_runs import BLOCKS, STEPS, accumulated, config, oracle, write_csv_run, write_long_run
+from .long_runs import (
+    BLOCKS,
+    INF_AT,
+    NAN_AT,
+    SPIKE_HIGH,
+    SPIKE_LOW,
+    STEPS,
+    accumulated,
+    config,
+    oracle,
+    write_csv_run,
+    write_long_run,
+)
 
 A, B, C, D = BLOCKS
 
@@ -163,3 +175,71 @@ def test_csv_runs_too(tmp_path):
         (run,) = _load(tmp_path / "csv", limit, watch)
         assert run.kind == "csv"
         _check(run, scalars)
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["while read", "read again"])
+def test_the_envelope_keeps_the_extremes_the_warning_steps_and_the_nans(tmp_path, watch):
+    planted = write_long_run(tmp_path / "run", conf=config(on_problem="ignore"))
+    (run,) = _load(tmp_path / "run", 16, watch)
+    tags = parse_tags(run)
+    health = judge_run(run, tags)
+    warned = {(p.block, p.step) for p in health.warnings}
+    assert {(A, NAN_AT), (A, 1600), (B, 2800), (C, 800)} <= warned
+    index = {s: i for i, s in enumerate(planted.steps)}
+    blocks = tags.train
+    for block, step in warned:  # every curve of the block passes through the warning's point
+        for mask_or_group in (*blocks[block].masks.values(), blocks[block].router):
+            for quantity, series in mask_or_group.items():
+                if isinstance(series, dict):  # per branch
+                    continue
+                tag = series_tag(block, mask_or_group, quantity)
+                kept = dict(zip(series.steps, series.values, strict=True))
+                if tag is None:  # the saturated share, drawn from every point
+                    mask = f"attn/{block}/mask/"
+                    want = planted.values[mask + "sat_low"][index[step]] + planted.values[
+                        mask + "sat_high"][index[step]]
+                else:
+                    want = planted.values[tag][index[step]]
+                assert not series.exact and step in kept, (block, quantity)
+                assert kept[step] == want or (math.isnan(want) and math.isnan(kept[step]))
+    mean = blocks[A].masks["mask"]["mean"]
+    kept = dict(zip(mean.steps, mean.values, strict=True))
+    assert len(mean.steps) <= 5 * 16 // 4 + len(warned)  # a few points, not 300
+    assert kept[SPIKE_HIGH] == pytest.approx(0.97, abs=1e-6)  # the extremes, where they are
+    assert kept[SPIKE_LOW] == pytest.approx(0.03, abs=1e-6)
+    assert math.isnan(kept[NAN_AT]) and NAN_AT in mean.nonfinite()[0]
+    std = blocks[A].masks["mask"]["std"]
+    assert INF_AT in std.nonfinite()[0] and std.nonfinite()[1] == 1
+
+
+def series_tag(block: str, group: dict, quantity: str) -> str | None:
+    """The logged tag of a block's curve (``None``: a derived one)."""
+    if quantity == "saturated":
+        return None
+    section = "router" if quantity.startswith(("entropy", "usage")) else "mask"
+    return f"attn/{block}/{section}/{quantity}"
+
+
+def test_the_figure_draws_the_kept_points_and_marks_the_nans(tmp_path):
+    from matplotlib.figure import Figure
+
+    from lightning_attn.report.figures import NONFINITE_LABEL, _draw, _panels
+
+    write_long_run(tmp_path / "run", conf=config(on_problem="ignore"))
+    (run,) = _load(tmp_path / "run", 16, True)
+    tags = parse_tags(run)
+    health = judge_run(run, tags)
+    stages = {s: b[A] for s, b in tags.blocks.items() if A in b}
+    panel = next(p for row in _panels(stages, health.thresholds, str) for p in row
+                 if p.title.startswith("mask mean"))
+    ax = Figure().subplots()
+    _draw(ax, panel, health.block_warnings(A))
+    lines: dict[str, object] = {}
+    for line in ax.get_lines():  # the training curve is drawn first
+        lines.setdefault(line.get_label(), line)
+    marked = {c.get_label(): c for c in ax.collections}
+    mean = lines["mean"]
+    assert SPIKE_HIGH in list(mean.get_xdata()) and 0.97 == pytest.approx(
+        max(v for v in mean.get_ydata() if v == v), abs=1e-6)
+    assert list(lines[NONFINITE_LABEL].get_xdata()) == [NAN_AT]
+    assert "warning: non-finite values (step 1500)" in marked
