@@ -183,6 +183,8 @@ def accumulated(directories: Sequence[Path]) -> tuple[dict[str, dict[int, float]
             for e in acc.Scalars(tag):
                 scalars.setdefault(tag, {})[int(e.step)] = float(e.value)
         for tag in acc.Tags()["tensors"]:
+            if acc.SummaryMetadata(tag).plugin_data.plugin_name != "text":
+                continue
             for e in acc.Tensors(tag):
                 for item in tensor_util.make_ndarray(e.tensor_proto).reshape(-1).tolist():
                     texts.setdefault(tag.removesuffix("/text_summary"), []).append(

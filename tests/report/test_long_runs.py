@@ -33,6 +33,7 @@ from .long_runs import (
     write_csv_run,
     write_long_run,
 )
+from .synthetic import problem, write_run
 
 A, B, C, D = BLOCKS
 
@@ -243,3 +244,33 @@ def test_the_figure_draws_the_kept_points_and_marks_the_nans(tmp_path):
         max(v for v in mean.get_ydata() if v == v), abs=1e-6)
     assert list(lines[NONFINITE_LABEL].get_xdata()) == [NAN_AT]
     assert "warning: non-finite values (step 1500)" in marked
+
+
+EXISTING = {  # the runs of tests/report/synthetic.py, as the other report tests write them
+    "plain": {},
+    "NaN std": {"std": float("nan")},
+    "collapsed, logged": {"std": 0.001, "config": {"thresholds": {}},
+                          "problems": [problem("mask_collapse", 20)]},
+    "evaluation too": {"evaluation": True, "other": {"val/acc": 0.7}},
+    "huge and negative steps": {"steps": (-5, 0, 10**12)},
+    "one point": {"steps": (5,)},
+}
+
+
+@pytest.mark.parametrize("kwargs", list(EXISTING.values()), ids=list(EXISTING))
+def test_the_existing_synthetic_runs_are_judged_as_before(tmp_path, kwargs):
+    write_run(tmp_path / "run", **kwargs)
+    scalars, _ = accumulated([tmp_path / "run"])
+    for _, limit, watch in MODES:
+        (run,) = _load(tmp_path / "run", max(limit, 8), watch)
+        _check(run, scalars)
+
+
+def test_the_planted_training_run_is_judged_as_before(planted_run):
+    """A real Lightning run: its diagnostics, validation points and metrics."""
+    scalars, _ = accumulated([planted_run.tensorboard])
+    for _, limit, watch in MODES:
+        (run,) = _load(planted_run.tensorboard, limit, watch)
+        _check(run, scalars)
+        if watch:
+            assert run.watched is not None and run.watched.usable(run, parse_tags(run))

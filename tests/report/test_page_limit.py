@@ -91,3 +91,28 @@ def test_a_small_page_is_not_touched():
     assert render_html(report) == render_html(report, 10**9)
     assert "stays under" not in render_html(report)
     assert json.dumps(len(render_html(report))) != "0"
+
+
+def test_the_docs_state_the_limits_as_declared():
+    """docs/report.md's "Long runs" quotes the limits: each as the code declares it."""
+    from pathlib import Path
+
+    from lightning_attn.report.curves import CURVE_POINTS
+    from lightning_attn.report.images import (
+        IMAGE_DECODE_BYTES,
+        SHOWN_HEIGHT,
+        SHOWN_WIDTH,
+        STRIP_BYTES,
+    )
+    from lightning_attn.report.page import PAGE_BYTES
+
+    page = (Path(__file__).parents[2] / "docs" / "report.md").read_text()
+    section = " ".join(page.split("## Long runs", 1)[1].split("\n## ", 1)[0].split())
+    for said in (f"keeps at most {CURVE_POINTS} points", f"at most {CURVE_POINTS // 4} ranges",
+                 f"up to {CURVE_POINTS} points is drawn whole",
+                 f"fits {SHOWN_WIDTH} x {SHOWN_HEIGHT} pixels",
+                 f"about {STRIP_BYTES >> 20} MB of pixels",
+                 f"up to {IMAGE_DECODE_BYTES >> 20} MB of pixels",
+                 f"stays under {PAGE_BYTES // 10**6} MB", f"first and last {TABLE_ROWS // 2} rows",
+                 f"notes their first {NOTE_LINES}", f"per series ({CURVE_POINTS})"):
+        assert said in section, said
