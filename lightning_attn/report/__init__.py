@@ -9,12 +9,15 @@
 =====================  =========================================================================
 module                 what it does
 =====================  =========================================================================
-:mod:`.reading`        find runs, read event files (tensorboard's EventAccumulator) or CSV
+:mod:`.reading`        find runs, read event files (streaming, by records) or CSV; replay
+:mod:`.records`        event-file records: framing, CRC32C by chunks, records too big to hold
+:mod:`.curves`         a series in bounded memory: every point, or an envelope (M4 buckets)
 :mod:`.experiments`    versions of one training run joined, evaluations attached
 :mod:`.series`         group the ``attn/`` tags by stage and block; ``attn/config``/``problems``
 :mod:`.statistics`     logged scalars -> ``GlobalStats`` (the one adapter)
-:mod:`.verdicts`       thresholds, warnings and verdicts by the core's rules
+:mod:`.verdicts`       thresholds, warnings and verdicts by the core's rules, every point
 :mod:`.figures`        matplotlib figures (PNG)
+:mod:`.images`         a logged image at the size shown (large PNGs decoded in strips)
 :mod:`.document`       the report's content; :mod:`.page` lays it out as HTML and Markdown
 :mod:`.writer`         :func:`write_report`
 :mod:`.command`        the ``lightning-attn report`` command

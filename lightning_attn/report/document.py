@@ -6,17 +6,23 @@ page writers (:mod:`.page`) only lay it out.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from ..core.tags import is_attention_tag
 from .experiments import step_unknown
 from .figures import COMPARISONS, block_figure, comparison_figure, metrics_figure
+from .images import shown_image
 from .reading import ReportError, RunLog, Series, progress_bar
 from .series import RunTags, parse_tags
 from .verdicts import RunHealth, judge_run
@@ -78,15 +84,14 @@ class MetricSummary:
 
     @classmethod
     def of(cls, series: Series | None, mode: str) -> MetricSummary:
+        """From every point of ``series``, also one kept as an envelope (its extremes are
+        exact); the earliest step of the best value on a tie."""
         if series is None or not len(series):
             return cls()
-        points = [(v, s) for s, v in zip(series.steps, series.values, strict=True)
-                  if math.isfinite(v)]
-        if not points:
-            return cls(series.last, series.steps[-1])
-        pick = max if mode == "max" else min
-        best, best_step = pick(points, key=lambda p: p[0])
-        return cls(series.last, series.steps[-1], best, best_step)
+        best = series.extreme(mode)
+        if best is None:
+            return cls(series.last, series.last_step)
+        return cls(series.last, series.last_step, *best)
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,7 @@ class RunReport:
     block_figures: dict[str, FigureFile] = field(default_factory=dict)
     attention_map: FigureFile | None = None
     metrics: dict[str, MetricSummary] = field(default_factory=dict)
+    drawing_notes: list[str] = field(default_factory=list)  # what could not be drawn
 
     @property
     def name(self) -> str:
@@ -123,11 +129,11 @@ class RunReport:
         logged = [s for s in self.log.scalars.values() if len(s)]
         if not logged:
             return None
-        return min(s.steps[0] for s in logged), max(s.steps[-1] for s in logged)
+        return min(s.first_step for s in logged), max(s.last_step for s in logged)
 
     def notes(self) -> list[str]:
-        out = list(self.log.notes) + list(self.tags.notes) + list(self.health.notes)
-        return out
+        return (list(self.log.notes) + list(self.tags.notes) + list(self.health.notes)
+                + list(self.drawing_notes))
 
     @property
     def absence(self) -> str:
@@ -206,9 +212,17 @@ def build_report(
     """
     specs = [m if isinstance(m, MetricSpec) else MetricSpec.parse(m) for m in metrics]
     runs = []
-    for log in logs:
-        tags = parse_tags(log)
-        runs.append(RunReport(log, tags, judge_run(log, tags)))
+    bar = progress_bar(progress, TextColumn("[progress.description]{task.description}"),
+                       BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with bar:
+        # runs kept as envelopes are read again (the verdicts read every point)
+        task = bar.add_task("judging", total=max(sum(
+            stream.size for log in logs if not log.exact for stream in log.streams), 1))
+        for log in logs:
+            bar.update(task, description=f"judging {log.name}")
+            tags = parse_tags(log)
+            runs.append(RunReport(log, tags, judge_run(
+                log, tags, lambda n: bar.advance(task, n))))
     if not any(run.has_attention for run in runs):
         names = ", ".join(repr(str(r.log.path)) for r in runs)
         raise ReportError(f"no attn/ tags in {names}: {CALLBACK_HINT}")
@@ -261,10 +275,14 @@ def build_report(
             found = run.tags.last_map()
             if found is not None:
                 tag, image = found
-                run.attention_map = FigureFile(
-                    names(run.name, "attention-maps"), f"{run.name}: attention maps",
-                    image.encoded, _map_caption(run.tags, tag, image.step),
-                )
+                png, why = shown_image(image)
+                if png is not None:
+                    run.attention_map = FigureFile(
+                        names(run.name, "attention-maps"), f"{run.name}: attention maps",
+                        png, _map_caption(run.tags, tag, image.step),
+                    )
+                else:
+                    run.drawing_notes.append(f"{tag} at step {image.step} not shown: {why}")
             for block in run.tags.block_names():
                 stages = {s: b[block] for s, b in run.tags.blocks.items() if block in b}
                 png = block_figure(

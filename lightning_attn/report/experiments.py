@@ -177,7 +177,7 @@ def group_experiments(runs: Sequence[RunLog]) -> list[RunLog]:
             run = runs[j]
             texts = {t: v for t, v in run.texts.items() if t != CONFIG_TAG}
             evaluations.append(RunLog(run.name, run.path, run.kind, run.scalars, run.images,
-                                      texts, run.notes))
+                                      texts, run.notes, run.streams))
         name = _base([runs[j].name for j in members])
         out.append(merge_logs(name, [runs[j] for j in members] + evaluations, notes))
     return out

@@ -12,6 +12,12 @@ Every function returns PNG bytes.
 
 An evaluation of weights whose step is unknown (no checkpoint) is never drawn against the
 step: in the metrics as a horizontal marker line, in its block figures with no step axis.
+
+A curve kept as an envelope (:mod:`.curves`: more than ``CURVE_POINTS`` points) is drawn
+through the points it kept, the first, last, lowest and highest of each bucket of steps, which
+at the figure's width is the same line as every point; a min-max band is drawn from its
+buckets. Non-finite values are marked with a cross at the foot of the panel, in a whole
+series and an envelope alike (a NaN is otherwise only a gap in the line).
 """
 
 from __future__ import annotations
@@ -22,11 +28,14 @@ import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..environment import missing_extra
 
 try:
     from matplotlib import rc_context
     from matplotlib.figure import Figure
+    from matplotlib.transforms import blended_transform_factory
 except ImportError as err:  # the `report` extra
     raise missing_extra("matplotlib", "The report (its figures)") from err
 
@@ -34,6 +43,7 @@ from ..core import presentation
 from ..core.presentation import comparisons, short_names
 from ..core.problems import PROBLEM_KINDS, HealthThresholds, Problem, phrase
 from ..core.statistics import BlockInfo, Quantity, all_quantities
+from .curves import CURVE_POINTS
 from .reading import Series
 from .series import BlockSeries
 
@@ -101,6 +111,49 @@ def _clean(values: Sequence[float]) -> list[float]:
 
 def _stage_style(stage: str) -> dict:
     return STAGE_STYLE.get(stage, STAGE_STYLE["val"])
+
+
+NONFINITE_LABEL = "non-finite value (NaN or Inf)"
+ENVELOPE_NOTE = (
+    f"curves of more than {CURVE_POINTS} points: the first, last, lowest and highest point "
+    f"of each of {CURVE_POINTS // 4} step ranges"
+)
+
+
+def _mark_nonfinite(ax, s: Series, color: str) -> None:
+    """A cross at the foot of the panel at each non-finite value's step (an envelope: the
+    first of each bucket)."""
+    steps, _ = s.nonfinite()
+    if steps:
+        ax.plot(steps, [0.03] * len(steps), transform=blended_transform_factory(
+            ax.transData, ax.transAxes), linestyle="none", marker="x", markersize=5,
+            color=color, markeredgewidth=1.4, label=NONFINITE_LABEL, clip_on=False)
+
+
+def _band(ax, lo: Series, hi: Series, **style) -> None:
+    """The band between a low and a high series: at their common steps, or for envelopes
+    from each bucket's lowest low and highest high."""
+    if lo.exact and hi.exact:
+        common = dict(zip(hi.steps, hi.values, strict=True))
+        steps = [s for s in lo.steps if s in common]
+        low = dict(zip(lo.steps, lo.values, strict=True))
+        ax.fill_between(steps, _clean([low[s] for s in steps]),
+                        _clean([common[s] for s in steps]), **style)
+        return
+    xs, lows, highs = [], [], []
+    for series, pick in ((lo, 2), (hi, 3)):
+        env = series.envelope()
+        if env is None:
+            steps, values = series.arrays()
+            env = (steps, steps, values, values)
+        middle = (env[0] + env[1]) / 2.0
+        xs.append(middle)
+        (lows if pick == 2 else highs).append(np.where(np.isfinite(env[pick]), env[pick],
+                                                       np.nan))
+    x = xs[0]
+    upper = np.interp(x, xs[1], np.nan_to_num(highs[0], nan=np.nanmax(highs[0])
+                                              if np.isfinite(highs[0]).any() else 0.0))
+    ax.fill_between(x, lows[0], upper, **style)
 
 
 
@@ -217,6 +270,15 @@ def _legend(label: str) -> str:
     return _shown(f"\u200b{label}" if label.startswith("_") else label)
 
 
+def _warning_label(kind: str, steps: Sequence[int]) -> str:
+    """``warning: saturated (step 40)``; for several, their first steps and how many more."""
+    if len(steps) == 1:
+        return f"warning: {phrase(kind)} (step {steps[0]})"
+    shown = ", ".join(str(s) for s in steps[:3])
+    more = f" and {len(steps) - 3} more" if len(steps) > 3 else ""
+    return f"warnings: {phrase(kind)} (steps {shown}{more})"
+
+
 def _draw(ax, panel: _Panel, warnings: Sequence[Problem]) -> None:
     colors: dict[str, str] = {}
     for label, stage, s, dotted in panel.curves:
@@ -229,14 +291,10 @@ def _draw(ax, panel: _Panel, warnings: Sequence[Problem]) -> None:
         # one legend entry per quantity (its first stage); the line styles of the stages are
         # explained once under the figure
         ax.plot(s.steps, _clean(s.values), color=color, label=_legend(label), **style)
+        _mark_nonfinite(ax, s, color)
     for label, lo, hi, match in panel.bands:
-        common = dict(zip(hi.steps, hi.values, strict=True))
-        steps = [s for s in lo.steps if s in common]
-        low = dict(zip(lo.steps, lo.values, strict=True))
-        ax.fill_between(
-            steps, _clean([low[s] for s in steps]), _clean([common[s] for s in steps]),
-            color=colors.get(match, PALETTE[0]), alpha=0.15, linewidth=0, label=label,
-        )
+        _band(ax, lo, hi, color=colors.get(match, PALETTE[0]), alpha=0.15, linewidth=0,
+              label=label)
     if panel.log:
         positive = [v for _, _, s, _ in panel.curves for v in s.values
                     if math.isfinite(v) and v > 0]
@@ -254,10 +312,13 @@ def _draw(ax, panel: _Panel, warnings: Sequence[Problem]) -> None:
             continue
         ax.hlines(y, max(x0, x_start), x_end, colors=THRESHOLD_COLOR, linestyles=(0, (1.5, 2)),
                   linewidth=1.1, label=label)
+    by_kind: dict[str, list[int]] = {}
     for p in warnings:
         if _marks(panel, p.kind):
-            ax.axvline(p.step, color=WARNING_COLOR, linewidth=1.0, alpha=0.6,
-                       label=f"warning: {phrase(p.kind)} (step {p.step})")
+            by_kind.setdefault(p.kind, []).append(p.step)
+    for kind, steps in by_kind.items():  # one legend entry a kind, however many warnings
+        ax.vlines(steps, 0, 1, transform=ax.get_xaxis_transform(), colors=WARNING_COLOR,
+                  linewidth=1.0, alpha=0.6, label=_warning_label(kind, steps))
     if panel.ylim is not None:
         low, high = panel.ylim
         cur_low, cur_high = ax.get_ylim()
@@ -303,8 +364,10 @@ def block_figure(
                 if r == len(rows) - 1:
                     ax.set_xlabel(UNKNOWN_STEP if step_unknown else "step")
         fig.suptitle(_shown(title), fontsize=10.5, fontweight="bold", x=0.01, ha="left")
-        keys = [STAGE_KEYS[s] for s in STAGE_KEYS if s in stages]
-        if len(keys) > 1:
+        keys = [STAGE_KEYS[s] for s in STAGE_KEYS if s in stages] if len(stages) > 1 else []
+        if any(not c[2].exact for row in rows for panel in row for c in panel.curves):
+            keys.append(ENVELOPE_NOTE)
+        if keys:
             fig.supxlabel("   ".join(keys), fontsize=8, color="#555555", x=0.99, ha="right")
         return _png(fig)
 
@@ -389,6 +452,7 @@ def comparison_figure(
                 ax.plot(s.steps, _clean(s.values), color=colors[block],
                         linestyle=styles[sub], label=_legend(f"{short[block]} {sub}".strip()),
                         marker="o" if len(s) == 1 else None)
+                _mark_nonfinite(ax, s, colors[block])
             for label, y in comparison.lines(thresholds):
                 thresholds_shown.add(label)
                 ax.axhline(y, color=THRESHOLD_COLOR, linestyle=(0, (1.5, 2)),
@@ -445,6 +509,7 @@ def metrics_figure(
                     continue
                 ax.plot(s.steps, _clean(s.values), color=colors[name], label=_legend(name),
                         marker="o" if len(s) <= 30 else None, markersize=4)
+                _mark_nonfinite(ax, s, colors[name])
             ax.set_xlabel("step")
         handles: dict[str, object] = {}
         for ax in axes.flat:

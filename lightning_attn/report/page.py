@@ -8,6 +8,14 @@ pull request.
 Every text from the runs (run and block names, notes, paths) is escaped for the format it
 lands in: HTML-escaped in the page, Markdown-escaped (or a code span long enough to hold it)
 in the document, so a name is shown as it is and never becomes markup.
+
+The page stays under ``limit`` bytes (:data:`PAGE_BYTES`, 20 MB) whatever the run: a
+warnings table shows its first and last :data:`TABLE_ROWS` // 2 rows, a run's notes the
+first :data:`NOTE_LINES`; when the figures would take the page over the limit they are
+embedded with fewer colours (a 256-colour palette), then smaller, and the last ones are
+linked to their PNG files beside the page instead of embedded; a page whose text alone
+would be over lists the first blocks of each run only. The page says each time what it
+left out.
 """
 
 from __future__ import annotations
@@ -19,12 +27,20 @@ import html
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from .. import __version__
 from ..core.problems import Problem, phrase
 from .document import FigureFile, MetricSummary, Report, ReportTable, RunReport, slug
 
-__all__ = ["render_html", "render_markdown"]
+__all__ = ["NOTE_LINES", "PAGE_BYTES", "TABLE_ROWS", "render_html", "render_markdown"]
+
+#: The most bytes of ``report.html``.
+PAGE_BYTES = 20_000_000
+#: Rows of a warnings table (its first and last half) on the page and in the Markdown.
+TABLE_ROWS = 200
+#: Notes listed per run on the page.
+NOTE_LINES = 50
 
 
 CSS = """
@@ -128,15 +144,29 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _img(fig: FigureFile, cls: str = "", width: int | None = None) -> str:
-    data = base64.b64encode(fig.png).decode("ascii")
-    style = f' style="width:{width}px"' if width else ""
-    klass = f' class="{cls}"' if cls else ""
-    caption = f"<figcaption>{_e(fig.caption)}</figcaption>" if fig.caption else ""
-    return (
-        f'<figure><img{klass}{style} alt="{_e(fig.title)}" '
-        f'src="data:image/png;base64,{data}">{caption}</figure>'
-    )
+@dataclass
+class _Budget:
+    """What the page embeds: figure file name -> the PNG to embed (``None``: linked to the
+    file beside the page), and the blocks listed per run (``None``: all)."""
+
+    images: dict[str, bytes | None] = field(default_factory=dict)
+    blocks: int | None = None
+    notes: list[str] = field(default_factory=list)  # what the page left out, said at its top
+
+    def img(self, fig: FigureFile, cls: str = "", width: int | None = None) -> str:
+        png = self.images.get(fig.filename, fig.png)
+        caption = f"<figcaption>{_e(fig.caption)}</figcaption>" if fig.caption else ""
+        if png is None:
+            return (f'<figure><p class="note"><a href="{_e(fig.filename)}">{_e(fig.title)}'
+                    f"</a> (not embedded: the page stays under its size limit)</p>{caption}"
+                    "</figure>")
+        data = base64.b64encode(png).decode("ascii")
+        style = f' style="width:{width}px"' if width else ""
+        klass = f' class="{cls}"' if cls else ""
+        return (
+            f'<figure><img{klass}{style} alt="{_e(fig.title)}" '
+            f'src="data:image/png;base64,{data}">{caption}</figure>'
+        )
 
 
 def _badge(status: str, text: str | None = None) -> str:
@@ -188,11 +218,23 @@ def _html_extra(table: ReportTable) -> str:
     return f"<h3>{_e(table.title)}</h3>{_html_table(table.columns, rows)}{note}"
 
 
+def _shown_rows(items: Sequence, limit: int) -> tuple[list, int]:
+    """The first and last ``limit // 2`` of ``items`` and how many were left out between."""
+    if len(items) <= limit:
+        return list(items), 0
+    half = limit // 2
+    return list(items[:half]) + list(items[-half:]), len(items) - 2 * half
+
+
 def _html_warnings(warnings: Sequence[Problem], with_block: bool) -> str:
     columns = (["block"] if with_block else []) + ["step", "problem", "value", "what happened",
                                                      "try"]
+    shown, left_out = _shown_rows(warnings, TABLE_ROWS)
     rows = []
-    for p in warnings:
+    for i, p in enumerate(shown):
+        if left_out and i == TABLE_ROWS // 2:
+            rows.append([f'<td colspan="{len(columns)}" class="note">… {left_out} more '
+                         "warnings …</td>"])
         text, remedy = p.detail, p.hint
         row = [f'<td class="mono">{_e(p.block)}</td>'] if with_block else []
         row += [
@@ -209,7 +251,9 @@ def _html_warnings(warnings: Sequence[Problem], with_block: bool) -> str:
 def _html_notes(notes: Sequence[str]) -> str:
     if not notes:
         return ""
-    items = "".join(f"<li>{_e(n)}</li>" for n in notes)
+    items = "".join(f"<li>{_e(n)}</li>" for n in notes[:NOTE_LINES])
+    if len(notes) > NOTE_LINES:
+        items += f"<li>… and {len(notes) - NOTE_LINES} more notes</li>"
     return f'<div class="notes"><strong>Notes</strong><ul>{items}</ul></div>'
 
 
@@ -225,7 +269,7 @@ def _html_thresholds(run: RunReport) -> str:
     )
 
 
-def _html_run(run: RunReport, several: bool) -> str:
+def _html_run(run: RunReport, several: bool, page: _Budget) -> str:
     out = [f'<h2 id="{_anchor("run", run.name)}">{"Run: " if several else ""}{_e(run.name)}</h2>']
     out.append(
         f'<p class="meta"><code>{_e(run.log.path)}</code> · {_e(run.log.kind)} · steps '
@@ -236,6 +280,10 @@ def _html_run(run: RunReport, several: bool) -> str:
         out.append(f"<p>{_e(run.absence)}</p>")
         return "\n".join(out)
     blocks = run.tags.block_names()
+    if page.blocks is not None and len(blocks) > page.blocks:
+        out.append(f'<p class="note">The page lists {page.blocks} of the run\'s {len(blocks)} '
+                   "blocks (its size limit); report.md lists them all.</p>")
+        blocks = blocks[:page.blocks]
     rows = []
     for block in blocks:
         v = run.health.verdicts[block]
@@ -252,7 +300,7 @@ def _html_run(run: RunReport, several: bool) -> str:
     right = []
     if run.attention_map is not None:
         right = [f"<{head}>Attention maps</{head}>",
-                 _img(run.attention_map, "maps", _map_width(run.attention_map.png))]
+                 page.img(run.attention_map, "maps", _map_width(run.attention_map.png))]
     out.append(f'<div class="overview"><div class="verdicts">{"".join(left)}</div>'
                f'<div class="maps">{"".join(right)}</div></div>')
     out.append(f"<{head}>Warnings</{head}>")
@@ -267,7 +315,7 @@ def _html_run(run: RunReport, several: bool) -> str:
         out.append(f'<p class="verdict">{_badge(v.status)} {_e(v.text)}</p>')
         fig = run.block_figures.get(block)
         if fig is not None:
-            out.append(_img(fig))
+            out.append(page.img(fig))
     return "\n".join(out)
 
 
@@ -285,8 +333,7 @@ def _map_width(png: bytes, height: int = 820, width: int = 1200, least: int = 36
     return int(min(max(3 * w, least), width, height * w / max(h, 1)))
 
 
-def render_html(report: Report) -> str:
-    """The self-contained HTML page."""
+def _render(report: Report, page: _Budget) -> str:
     several = len(report.runs) > 1
     nav = ['<a href="#summary">summary</a>']
     if report.metrics_figure is not None:
@@ -302,9 +349,11 @@ def render_html(report: Report) -> str:
         '<h2 id="summary">Summary</h2>',
         _html_summary(report),
     ]
+    if page.notes:
+        body.insert(3, _html_notes(page.notes))
     body += [_html_extra(t) for t in report.tables]
     if report.metrics_figure is not None:
-        body += ['<h2 id="metrics">Metrics</h2>', _img(report.metrics_figure)]
+        body += ['<h2 id="metrics">Metrics</h2>', page.img(report.metrics_figure)]
     if report.comparisons:
         body.append('<h2 id="comparison">Attention statistics side by side</h2>')
         left_out = (
@@ -313,8 +362,8 @@ def render_html(report: Report) -> str:
         )
         body.append('<p class="note">Training statistics of every block, one panel per run, '
                     f"same axes; a block has the same colour in every run.{_e(left_out)}</p>")
-        body += [_img(f) for f in report.comparisons]
-    body += [_html_run(run, several) for run in report.runs]
+        body += [page.img(f) for f in report.comparisons]
+    body += [_html_run(run, several, page) for run in report.runs]
     body.append(
         "<footer>Verdicts and warnings follow the health rules of "
         "<code>lightning_attn.callbacks.health</code> with each run's thresholds. "
@@ -327,6 +376,89 @@ def render_html(report: Report) -> str:
         f"<title>{_e(report.title)}</title><style>{CSS}</style></head>"
         f"<body><main>\n" + "\n".join(b for b in body if b) + "\n</main></body></html>\n"
     )
+
+
+def _size(text: str) -> int:
+    return len(text.encode("utf-8", "backslashreplace"))  # as the page is written
+
+
+def _smaller(png: bytes, scale: float) -> bytes:
+    """``png`` in a 256-colour palette, ``scale`` times as wide and tall."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        im = im.convert("RGB")
+        if scale < 1:
+            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                           Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        im.quantize(256).save(out, format="PNG", optimize=True)
+        return out.getvalue()
+
+
+def _hidden_blocks(report: Report, page: _Budget) -> set[str]:
+    """File names of the block figures of blocks the page does not list."""
+    if page.blocks is None:
+        return set()
+    return {run.block_figures[b].filename for run in report.runs
+            for b in run.tags.block_names()[page.blocks:] if b in run.block_figures}
+
+
+def render_html(report: Report, limit: int = PAGE_BYTES) -> str:
+    """The self-contained HTML page, at most ``limit`` bytes (see the module docstring)."""
+    page = _Budget()
+    text = _render(report, page)
+    if _size(text) <= limit:
+        return text
+    figures = report.figures()
+    page.images = dict.fromkeys(f.filename for f in figures)  # every figure linked
+    # room for the note saying so (its longest form)
+    page.notes = [f"This page stays under {limit / 1e6:g} MB: its figures are embedded with "
+                  f"256 colours at 35 % of their size, {len(figures)} of them linked to their "
+                  "PNG files beside it instead."]
+    if _size(_render(report, page)) > limit:  # the text alone is over: fewer blocks
+        low, high = 0, max(len(r.tags.block_names()) for r in report.runs)
+        while low < high:  # the most blocks per run that fit
+            page.blocks = (low + high + 1) // 2
+            if _size(_render(report, page)) <= limit:
+                low = page.blocks
+            else:
+                high = page.blocks - 1
+        page.blocks = low
+    hidden = _hidden_blocks(report, page)
+    shown = [f for f in figures if f.filename not in hidden]
+    room = limit - _size(_render(report, page)) - 1024
+
+    def cost(png: bytes) -> int:  # base64 and the <img> around it
+        return 4 * -(-len(png) // 3) + 512
+
+    scale = 1.0
+    encoded = {f.filename: _smaller(f.png, scale) for f in shown}
+    total = sum(cost(b) for b in encoded.values())
+    if total > room:  # bytes go with the area: one more try, smaller by the ratio
+        scale = max(0.35, 0.9 * math.sqrt(max(room, 0) / total))
+        encoded = {f.filename: _smaller(f.png, scale) for f in shown}
+    how = "with 256 colours" + (f" at {round(scale * 100)} % of their size" if scale < 1 else "")
+    linked = 0
+    for f in shown:  # in page order, as many as fit; the rest are linked
+        if cost(encoded[f.filename]) <= room:
+            page.images[f.filename] = encoded[f.filename]
+            room -= cost(encoded[f.filename])
+        else:
+            linked += 1
+    page.notes = [f"This page stays under {limit / 1e6:g} MB: its figures are embedded {how}"
+                  + (f", {linked} of them linked to their PNG files beside it instead"
+                     if linked else "") + "."]
+    text = _render(report, page)
+    for f in reversed(shown):  # should the notes have tipped it over
+        if _size(text) <= limit:
+            break
+        if page.images.get(f.filename) is not None:
+            page.images[f.filename] = None
+            text = _render(report, page)
+    return text
 
 
 # -- Markdown --------------------------------------------------------------------------------
@@ -416,7 +548,10 @@ def render_markdown(report: Report) -> str:
                 f"{h3} Warnings", "", f"_{_md(run.health.warnings_source)}._", ""]
         if run.health.warnings:
             wrows = []
-            for p in run.health.warnings:
+            shown, left_out = _shown_rows(run.health.warnings, TABLE_ROWS)
+            for i, p in enumerate(shown):
+                if left_out and i == TABLE_ROWS // 2:
+                    wrows.append(["…", "", f"{left_out} more warnings", "", "", ""])
                 text, remedy = p.detail, p.hint
                 wrows.append([_md_code(p.block, in_table=True), p.step, _md(phrase(p.kind)),
                               f"{_num(p.value)} (threshold {_num(p.threshold)})", _md(text),

@@ -83,6 +83,8 @@ def _derived(q: Quantity, stats: dict[str, Series]) -> Series | None:
     inputs = q.inputs
     if q.tag is not None or q.derive is None or not inputs or any(n not in stats for n in inputs):
         return None  # logged, not derived, or its inputs were not logged
+    if not all(stats[n].exact for n in inputs):
+        return None  # from envelopes it would be wrong: judge_run draws it from every point
     common = sorted(set.intersection(*(set(stats[n].steps) for n in inputs)))
     at = {n: dict(zip(stats[n].steps, stats[n].values, strict=True)) for n in inputs}
     return Series(common, [q.derive({n: at[n][s] for n in inputs}) for s in common])

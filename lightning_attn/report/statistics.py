@@ -8,7 +8,10 @@ it knows nothing of the statistics beyond their declarations.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from functools import lru_cache
 from typing import Any
+
+import numpy as np
 
 from ..core.statistics import (
     BlockInfo,
@@ -20,9 +23,33 @@ from ..core.statistics import (
     quantities,
 )
 from ..core.tags import ScalarTag
-from .reading import RunLog
+from .reading import RunLog, sorted_points
 
-__all__ = ["points", "stats_from_scalars"]
+__all__ = ["parse_tag", "points", "stats_from_scalars"]
+
+
+@lru_cache(maxsize=65536)
+def parse_tag(tag: str) -> ScalarTag | None:
+    """:meth:`ScalarTag.parse`, remembered: a run logs the same tags at every point."""
+    return ScalarTag.parse(tag)
+
+
+@lru_cache(maxsize=1)
+def _router_fields() -> frozenset[str]:
+    return frozenset(q.name for q in quantities(RouterStats) if q.per_branch)
+
+
+@lru_cache(maxsize=1024)
+def _plan(tags: tuple[str, ...], phase: str) -> tuple[tuple[int, str, str, str, Any], ...]:
+    """``(index, block, group, quantity, branch or parameter)`` of each tag of ``phase``
+    among ``tags`` (a run logs the same tags at every point: worked out once)."""
+    out = []
+    for i, tag in enumerate(tags):
+        parsed = parse_tag(tag)
+        if parsed is not None and parsed.stage == phase:
+            sub = parsed.branch if parsed.branch is not None else parsed.param
+            out.append((i, parsed.block, parsed.group, parsed.quantity, sub))
+    return tuple(out)
 
 
 def stats_from_scalars(
@@ -45,18 +72,19 @@ def stats_from_scalars(
     router is NaN or Inf, else 0 (what the health rules read is exact).
     """
     logged: dict[str, dict[str, dict[str, Any]]] = {}
-    for tag, value in scalars.items():
-        parsed = ScalarTag.parse(tag)
-        if parsed is None or parsed.stage != phase:
-            continue
-        group = logged.setdefault(parsed.block, {}).setdefault(parsed.group, {})
-        if parsed.branch is not None:
-            group.setdefault(parsed.quantity, {})[parsed.branch] = float(value)
-        elif parsed.param is not None:
-            group.setdefault(parsed.quantity, {})[parsed.param] = float(value)
+    values_ = list(scalars.values())
+    for i, block, group_name, quantity, sub in _plan(tuple(scalars), phase):
+        by_group = logged.get(block)
+        if by_group is None:
+            by_group = logged[block] = {}
+        group = by_group.get(group_name)
+        if group is None:
+            group = by_group[group_name] = {}
+        if sub is None:
+            group[quantity] = float(values_[i])
         else:
-            group[parsed.quantity] = float(value)
-    router_fields = {q.name for q in quantities(RouterStats) if q.per_branch}
+            group.setdefault(quantity, {})[sub] = float(values_[i])
+    router_fields = _router_fields()
     blocks: dict[str, BlockStats] = {}
     for block, groups in logged.items():
         router, masks, params, grads = None, {}, {}, {}
@@ -82,13 +110,17 @@ def stats_from_scalars(
 
 def points(run: RunLog, phase: str = "train") -> Iterator[tuple[int, dict[str, float]]]:
     """``(step, {tag: value})`` for every step with a diagnostics scalar of ``phase``, in step
-    order."""
-    by_step: dict[int, dict[str, float]] = {}
+    order, from the run's series (each must hold every point: see :attr:`RunLog.exact`)."""
+    names, steps, values = [], [], []
     for tag, series in run.scalars.items():
-        parsed = ScalarTag.parse(tag)
+        parsed = parse_tag(tag)
         if parsed is None or parsed.stage != phase:
             continue
-        for step, value in zip(series.steps, series.values, strict=True):
-            by_step.setdefault(step, {})[tag] = value
-    for step in sorted(by_step):
-        yield step, by_step[step]
+        s, v = series.arrays()
+        names.append(tag)
+        steps.append(s)
+        values.append(v)
+    if not names:
+        return
+    which = np.repeat(np.arange(len(names)), [len(s) for s in steps])
+    yield from sorted_points(names, which, np.concatenate(steps), np.concatenate(values))

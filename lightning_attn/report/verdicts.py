@@ -10,12 +10,22 @@
   training point and the warnings given, with a recovery margin so that noise around a
   threshold does not flip it. A run with no training point (an evaluation of a checkpoint)
   is judged on its evaluation points.
+
+Every point is judged, also in a run whose curves were kept as envelopes
+(:mod:`.curves`): its scalars are read again point by point (:func:`~.reading.replay`).
+What the verdict reads of each point is kept compactly (:class:`CompactHistory`: runs of
+equal outcomes), not the measurements themselves. The same pass pins each warning's point
+on the curves of its block, draws the derived curves (the saturated share) from every point,
+and rebuilds the curves of a run joined from several versions in the joined step order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from array import array
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from ..core.problems import (
@@ -24,16 +34,18 @@ from ..core.problems import (
     Measurement,
     Problem,
     Verdict,
-    find_problems,
     measure,
+    problems_of,
     verdict,
 )
-from ..core.statistics import SECTIONS
-from .reading import RunLog
-from .series import RunTags
-from .statistics import points, stats_from_scalars
+from ..core.statistics import SECTIONS, Quantity, all_quantities
+from ..core.tags import CONFIG_TAG, PROBLEMS_TAG
+from .curves import Series, SeriesBuilder
+from .reading import RunLog, replay
+from .series import BlockSeries, RunTags
+from .statistics import parse_tag, points, stats_from_scalars
 
-__all__ = ["RunHealth", "judge_run", "thresholds_from_config"]
+__all__ = ["CompactHistory", "RunHealth", "StreamJudge", "judge_run", "thresholds_from_config"]
 
 
 @dataclass
@@ -96,8 +108,382 @@ def _judged_phase(tags: RunTags) -> str:
     return next(p for p in ("test", "val", *tags.blocks) if p in tags.blocks)
 
 
-def judge_run(run: RunLog, tags: RunTags) -> RunHealth:
-    """Thresholds, warnings and the verdict of each block of ``run``."""
+# -- what the verdict reads of every point, kept compactly -------------------------------
+_KINDS = tuple(PROBLEM_KINDS)
+_ABSENT, _CLEAR, _NOT_CLEAR = 0, 1, 2
+#: Stand-ins for the measurements before the last point: :func:`verdict` reads only whether
+#: each kind was measured and whether it was clear there.
+_SEEN = {
+    _CLEAR: Measurement(float("nan"), float("nan"), False, True, "", ""),
+    _NOT_CLEAR: Measurement(float("nan"), float("nan"), False, False, "", ""),
+}
+
+
+class _Outcomes(Mapping):
+    """One point's outcome per kind, as :func:`verdict` reads it (``get(kind)``)."""
+
+    __slots__ = ("codes",)
+
+    def __init__(self, codes: tuple[int, ...]) -> None:
+        self.codes = codes
+
+    def __getitem__(self, kind: str) -> Measurement:
+        code = self.codes[_KINDS.index(kind)] if kind in PROBLEM_KINDS else _ABSENT
+        if code == _ABSENT:
+            raise KeyError(kind)
+        return _SEEN[code]
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, c in zip(_KINDS, self.codes, strict=True) if c != _ABSENT)
+
+    def __len__(self) -> int:
+        return sum(c != _ABSENT for c in self.codes)
+
+
+class CompactHistory(Sequence):
+    """A block's ``(step, {kind: measurement})`` at every point, as :func:`verdict` takes it,
+    in memory that grows with the changes, not the points: steps as runs of equal stride,
+    outcomes (measured or not, clear or not) as runs of equal outcomes, and the last point's
+    measurements whole."""
+
+    def __init__(self) -> None:
+        self._steps = array("q")  # start, stride, count of each run of steps
+        self._outcomes: list[list] = []  # [codes, count]
+        self._count = 0
+        self._last: tuple[int, dict[str, Measurement]] | None = None
+
+    def append(self, step: int, measured: dict[str, Measurement]) -> None:
+        codes = tuple(_ABSENT if (m := measured.get(k)) is None else
+                      (_CLEAR if m.clear else _NOT_CLEAR) for k in _KINDS)
+        if self._outcomes and self._outcomes[-1][0] == codes:
+            self._outcomes[-1][1] += 1
+        else:
+            self._outcomes.append([codes, 1])
+        s = self._steps
+        if s and s[-1] == 1:
+            s[-2] = step - s[-3]  # a run of one takes the stride to the next step
+            s[-1] = 2
+        elif s and step == s[-3] + s[-2] * s[-1]:
+            s[-1] += 1
+        else:
+            s.extend((step, 0, 1))
+        self._count += 1
+        self._last = (step, measured)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _step_at(self, i: int) -> int:
+        s = self._steps
+        for r in range(0, len(s), 3):
+            if i < s[r + 2]:
+                return s[r] + s[r + 1] * i
+            i -= s[r + 2]
+        raise IndexError(i)
+
+    def _codes_at(self, i: int) -> tuple[int, ...]:
+        for codes, count in self._outcomes:
+            if i < count:
+                return codes
+            i -= count
+        raise IndexError(i)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._count))]
+        if i < 0:
+            i += self._count
+        if not 0 <= i < self._count:
+            raise IndexError(i)
+        if i == self._count - 1:
+            return self._last
+        return self._step_at(i), _Outcomes(self._codes_at(i))
+
+    def __iter__(self) -> Iterator[tuple[int, Mapping[str, Measurement]]]:
+        def steps() -> Iterator[int]:
+            s = self._steps
+            for r in range(0, len(s), 3):
+                start, stride, count = s[r], s[r + 1], s[r + 2]
+                yield from range(start, start + stride * count, stride) if stride else (
+                    start for _ in range(count))
+
+        def outcomes() -> Iterator[tuple[int, ...]]:
+            for codes, count in self._outcomes:
+                for _ in range(count):
+                    yield codes
+
+        for i, (step, codes) in enumerate(zip(steps(), outcomes(), strict=True)):
+            yield (step, _Outcomes(codes)) if i < self._count - 1 else self._last
+
+
+# -- one pass over every point --------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _derived_quantities() -> tuple[Quantity, ...]:
+    """The mask quantities drawn from others (the saturated share), not logged."""
+    return tuple(q for q in all_quantities()
+                 if q.group == "mask" and q.tag is None and q.derive is not None and q.inputs
+                 and q.chart is not None)
+
+
+@dataclass
+class _Judge:
+    """The health rules on each point of one phase, and what the curves need of it."""
+
+    thresholds: HealthThresholds
+    sections: frozenset[str]
+    infos: Mapping[str, Any]
+    phase: str
+    logged_steps: set[tuple[str, int]] = field(default_factory=set)  # warnings given
+    first: dict[tuple[str, str], Problem] = field(default_factory=dict)
+    history: dict[str, CompactHistory] = field(default_factory=dict)
+    pins: list[tuple[str, int]] = field(default_factory=list)  # (block, step) to keep
+
+    def point(self, step: int, scalars: dict[str, float]) -> None:
+        stats = stats_from_scalars(step, scalars, self.infos, self.phase)
+        measured = measure(stats, self.thresholds, _KINDS, self.sections)
+        by_block: dict[str, dict[str, Measurement]] = {b: {} for b in stats.blocks}
+        for (b, k), m in measured.items():
+            by_block[b][k] = m
+        for block, ms in by_block.items():
+            history = self.history.get(block)
+            if history is None:
+                history = self.history[block] = CompactHistory()
+            history.append(step, ms)
+            if (block, step) in self.logged_steps:
+                self.pins.append((block, step))
+        fresh = {key: m for key, m in measured.items() if m.bad and key not in self.first}
+        for p in problems_of(fresh, step):
+            self.first[(p.block, p.kind)] = p
+            self.pins.append((p.block, step))
+
+
+def _envelope_groups(tags: RunTags) -> dict[tuple[str, str, str], BlockSeries]:
+    """``(stage, block, mask)`` of each mask whose derived curves have an input kept as an
+    envelope (so they must be drawn from every point)."""
+    out = {}
+    for stage, blocks in tags.blocks.items():
+        for name, bs in blocks.items():
+            for mask, stats in bs.masks.items():
+                if any(n in stats and not stats[n].exact
+                       for q in _derived_quantities() for n in q.inputs):
+                    out[(stage, name, mask)] = bs
+    return out
+
+
+def _to_rebuild(run: RunLog) -> set[str]:
+    """The envelopes of a run joined from several versions, or read out of step order: their
+    buckets may hold a value that a later one replaced, so they are built again."""
+    if len(run.streams) > 1 or any(not s.ordered for s in run.streams) or any(
+            not s.ordered for s in run.scalars.values()):
+        return {tag for tag, s in run.scalars.items() if not s.exact}
+    return set()
+
+
+def _needs_replay(run: RunLog, tags: RunTags, phase: str) -> bool:
+    judged = any(not s.exact for tag, s in run.scalars.items()
+                 if (t := parse_tag(tag)) is not None and t.stage == phase)
+    return judged or bool(_envelope_groups(tags)) or bool(_to_rebuild(run))
+
+
+def _replayed(run: RunLog, tags: RunTags, judge: _Judge,
+              advance: Callable[[int], None]) -> None:
+    """Judge every point by reading the run again; complete its curves on the way: the
+    derived ones drawn from every point, each warning's point pinned, and the envelopes of a
+    run joined from several versions (or read out of step order) rebuilt in step order."""
+    redo = _to_rebuild(run)
+    builders = {tag: SeriesBuilder(run.scalars[tag].limit) for tag in redo}
+    derived = _derived_quantities()
+    groups = _envelope_groups(tags)
+    derived_builders: dict[tuple[str, str, str, str], SeriesBuilder] = {}
+    phases = {stage for stage, _, _ in groups} | {judge.phase}
+
+    def wanted(tag: str) -> bool:
+        parsed = parse_tag(tag)
+        return tag in redo or (parsed is not None and parsed.stage in phases)
+
+    def series(tag: str) -> Series:
+        return builders[tag].series if tag in builders else run.scalars[tag]
+
+    # where each tag's value goes: its phase, and the mask group of a derived curve
+    routes: dict[str, tuple[str | None, tuple[str, str, str] | None, str]] = {}
+
+    def route(tag: str) -> tuple[str | None, tuple[str, str, str] | None, str]:
+        parsed = parse_tag(tag)
+        if parsed is None:
+            found = routes[tag] = (None, None, "")
+        else:
+            group = (parsed.stage, parsed.block, parsed.group)
+            found = routes[tag] = (parsed.stage, group if group in groups else None,
+                                   parsed.quantity)
+        return found
+
+    pending = 0
+    for step, point in replay(run.streams, wanted, advance):
+        judged: dict[str, float] = {}
+        inputs: dict[tuple[str, str, str], dict[str, float]] = {}
+        for tag, value in point.items():
+            b = builders.get(tag)
+            if b is not None:
+                b.steps.append(step)
+                b.values.append(value)
+            stage, group, quantity = routes.get(tag) or route(tag)
+            if stage == judge.phase:
+                judged[tag] = value
+            if group is not None:
+                inputs.setdefault(group, {})[quantity] = value
+        pending += len(point)
+        pinned: set[str] = set()
+        if judged:
+            before = len(judge.pins)
+            judge.point(step, judged)
+            if len(judge.pins) > before:
+                pinned = {block for block, _ in judge.pins[before:]}
+                for tag, value in judged.items():
+                    if parse_tag(tag).block in pinned:
+                        series(tag).pin(step, value)
+        for (stage, block, mask), values in inputs.items():
+            for q in derived:
+                if all(n in values for n in q.inputs):
+                    b = derived_builders.get((stage, block, mask, q.name))
+                    if b is None:
+                        b = derived_builders[(stage, block, mask, q.name)] = SeriesBuilder(
+                            groups[(stage, block, mask)].masks[mask][q.inputs[0]].limit)
+                    value = q.derive(values)
+                    b.steps.append(step)
+                    b.values.append(value)
+                    if stage == judge.phase and block in pinned:
+                        b.series.pin(step, value)
+        if pending >= 1 << 16:
+            for b in (*builders.values(), *derived_builders.values()):
+                b.flush()
+            pending = 0
+    for tag, b in builders.items():
+        run.scalars[tag].assign(b.finish())
+    for (stage, block, mask, name), b in derived_builders.items():
+        tags.blocks[stage][block].masks[mask][name] = b.finish()
+
+
+@lru_cache(maxsize=256)
+def _routes(tags: tuple[str, ...]) -> tuple[dict[str, list[tuple[str, str]]],
+                                            dict[tuple[str, str, str], list[tuple[str, str]]]]:
+    """For a point's tags (the same at every point of a run): ``(phase -> [(tag, block)],
+    (phase, block, mask) -> [(tag, quantity)])`` of the diagnostics among them."""
+    phases: dict[str, list[tuple[str, str]]] = {}
+    groups: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
+    for tag in tags:
+        parsed = parse_tag(tag)
+        if parsed is None:
+            continue
+        phases.setdefault(parsed.stage, []).append((tag, parsed.block))
+        if parsed.section == "mask":
+            groups.setdefault((parsed.stage, parsed.block, parsed.group), []).append(
+                (tag, parsed.quantity))
+    return phases, groups
+
+
+class StreamJudge:
+    """Judges a run's points while they are first read (a :class:`~.reading.PointWatcher`),
+    so that :func:`judge_run` need not read the run again: the usual run writes its
+    ``attn/config`` first and its points in step order. Every phase is judged (which one the
+    verdicts take is known at the end). Any doubt, and :func:`judge_run` reads the run again:
+    a configuration met after the first point or changed, points out of step order (see
+    :meth:`usable`)."""
+
+    def __init__(self, collector) -> None:
+        self.series = collector.series
+        self.config: dict[str, Any] | None = None
+        self.judges: dict[str, _Judge] = {}
+        self.logged: set[tuple[str, int]] = set()  # (block, step) of attn/problems records
+        self.derived: dict[tuple[str, str, str, str], SeriesBuilder] = {}
+        self.limit = collector.limit
+        self.valid = True
+        self.last_step: int | None = None
+
+    def text(self, tag: str, step: int, text: str) -> None:
+        if tag not in (CONFIG_TAG, PROBLEMS_TAG):
+            return
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            return
+        if not isinstance(doc, dict):
+            return
+        if tag == CONFIG_TAG:
+            if self.judges and doc != self.config:
+                self.valid = False  # the points before it were judged by another one
+            self.config = doc
+        elif isinstance(doc.get("block"), str) and isinstance(doc.get("step"), int):
+            self.logged.add((doc["block"], doc["step"]))
+
+    def _judge(self, phase: str) -> _Judge:
+        judge = self.judges.get(phase)
+        if judge is None:
+            thresholds, _, _ = thresholds_from_config(self.config)
+            sections = (self.config or {}).get("sections")
+            tags = RunTags(config=self.config)
+            judge = self.judges[phase] = _Judge(
+                thresholds, frozenset(sections if isinstance(sections, list) else SECTIONS),
+                tags.infos(), phase, self.logged if phase == "train" else set())
+        return judge
+
+    def point(self, step: int, values: dict[str, float]) -> None:
+        if not self.valid:
+            return
+        if self.last_step is not None and step < self.last_step:
+            self.valid = False
+            return
+        self.last_step = step
+        phases, groups = _routes(tuple(values))
+        for phase, tags in phases.items():
+            judge = self._judge(phase)
+            before = len(judge.pins)
+            judge.point(step, values)
+            pinned = {block for block, _ in judge.pins[before:]}
+            for tag, block in tags:
+                if block in pinned:
+                    self.series(tag).pin(step, values[tag])
+            for (stage, block, mask), inputs in groups.items():
+                if stage != phase:
+                    continue
+                here = {quantity: values[tag] for tag, quantity in inputs}
+                for q in _derived_quantities():
+                    if all(n in here for n in q.inputs):
+                        key = (stage, block, mask, q.name)
+                        b = self.derived.get(key)
+                        if b is None:
+                            b = self.derived[key] = SeriesBuilder(self.limit)
+                        value = q.derive(here)
+                        b.steps.append(step)
+                        b.values.append(value)
+                        if block in pinned:
+                            b.series.pin(step, value)
+
+    def finish(self, run: RunLog) -> None:
+        run.watched = self if self.valid else None
+
+    def usable(self, run: RunLog, tags: RunTags) -> bool:
+        """Whether its judgement is the one :func:`judge_run` would make by reading again: a
+        run of one stream in step order (each envelope too), judged under the configuration
+        the report reads."""
+        return (self.valid and len(run.streams) == 1 and run.streams[0].ordered
+                and all(s.ordered for s in run.scalars.values()) and self.config == tags.config)
+
+    def complete(self, tags: RunTags) -> None:
+        """The derived curves of masks kept as envelopes, drawn from every point."""
+        groups = _envelope_groups(tags)
+        for (stage, block, mask, name), b in self.derived.items():
+            if (stage, block, mask) in groups:
+                tags.blocks[stage][block].masks[mask][name] = b.finish()
+
+
+def judge_run(run: RunLog, tags: RunTags,
+              advance: Callable[[int], None] = lambda n: None) -> RunHealth:
+    """Thresholds, warnings and the verdict of each block of ``run``.
+
+    Every logged point of the judged phase is read: from the run's series when they hold
+    every point, else again from its files (``advance(bytes)`` follows that reading), which
+    also completes the run's curves (see the module docstring).
+    """
     thresholds, source, notes = thresholds_from_config(tags.config)
     sections = (tags.config or {}).get("sections")
     sections = frozenset(sections if isinstance(sections, list) else SECTIONS)
@@ -107,24 +493,30 @@ def judge_run(run: RunLog, tags: RunTags) -> RunHealth:
         notes.append(f"an evaluation run: the verdicts judge its {phase} points (the callback "
                      "warns about training points only)")
 
-    # The rules on every logged point (every measurement decides the verdict; the first
-    # problem of each (block, kind) gives the warnings when the run did not log its own).
-    first: dict[tuple[str, str], Problem] = {}
-    history: dict[str, list[tuple[int, dict[str, Measurement]]]] = {}
-    for step, scalars in points(run, phase):
-        stats = stats_from_scalars(step, scalars, infos, phase)
-        measured = measure(stats, thresholds, tuple(PROBLEM_KINDS), sections)
-        for block in stats.blocks:
-            history.setdefault(block, []).append(
-                (step, {k: m for (b, k), m in measured.items() if b == block}))
-        for p in find_problems(stats, thresholds, tuple(PROBLEM_KINDS), sections):
-            first.setdefault((p.block, p.kind), p)
-
     logged = _logged_problems(tags, notes) if phase == "train" else None
+    judge = _Judge(thresholds, sections, infos, phase,
+                   {(p.block, p.step) for p in logged or ()})
+    # The rules on every logged point (every measurement decides the verdict; the first
+    # problem of each (block, kind) gives the warnings when the run did not log its own):
+    # judged while the run was read, or from its series when they hold every point, else
+    # by reading it again.
+    watched = run.watched if isinstance(run.watched, StreamJudge) else None
+    if watched is not None and watched.usable(run, tags):
+        judge = watched.judges.get(phase, judge)
+        watched.complete(tags)
+        advance(sum(stream.size for stream in run.streams))
+    elif _needs_replay(run, tags, phase):
+        _replayed(run, tags, judge, advance)
+    else:
+        for step, scalars in points(run, phase):
+            judge.point(step, scalars)
+        if not run.exact:  # what the bar counted on reading again
+            advance(sum(stream.size for stream in run.streams))
+
     if logged is not None:
         warnings, warnings_source = logged, "logged by the callback (attn/problems)"
     else:
-        warnings = list(first.values())
+        warnings = list(judge.first.values())
         warnings_source = (
             "recomputed from the logged statistics with the thresholds above (the run has "
             "no attn/problems)"
@@ -137,5 +529,5 @@ def judge_run(run: RunLog, tags: RunTags) -> RunHealth:
         for p in warnings:  # in step order: a kind warned again (after it cleared) keeps
             if p.block == block:  # its latest warning, which a recovery must outlast
                 warned[p.kind] = p.step
-        verdicts[block] = verdict(block, history.get(block, []), warned)
+        verdicts[block] = verdict(block, judge.history.get(block, CompactHistory()), warned)
     return RunHealth(thresholds, source, warnings, warnings_source, verdicts, notes, phase)

@@ -7,10 +7,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .curves import CURVE_POINTS
 from .document import MetricSpec, Report, ReportTable, build_report
 from .experiments import group_experiments
-from .page import render_html, render_markdown
+from .page import PAGE_BYTES, render_html, render_markdown
 from .reading import ReportError, RunLog, RunSource, find_runs, read_runs
+from .verdicts import StreamJudge
 
 __all__ = ["ReportFiles", "load_runs", "write_report"]
 
@@ -41,16 +43,21 @@ def _named(logdirs: Sequence[PathLike] | Mapping[str, PathLike]) -> list[tuple[s
 
 
 def load_runs(
-    logdirs: Sequence[PathLike] | Mapping[str, PathLike], progress: bool = True
+    logdirs: Sequence[PathLike] | Mapping[str, PathLike], progress: bool = True,
+    curve_points: int = CURVE_POINTS,
 ) -> list[RunLog]:
     """Read every run under ``logdirs`` (paths, or ``{name: path}`` to name the runs) and
     group each LOGDIR's runs by experiment (:mod:`.experiments`: a resumed run joined to its
-    parent, evaluations attached to the training run they evaluated).
+    parent, evaluations attached to the training run they evaluated). A series of more than
+    ``curve_points`` points is kept as an envelope (:mod:`.curves`).
 
     Raises:
         ReportError: a LOGDIR does not exist, holds no event file nor ``metrics.csv``, or
             nothing in it could be read.
+        ValueError: ``curve_points`` is below 8.
     """
+    if not isinstance(curve_points, int) or curve_points < 8:
+        raise ValueError(f"curve_points must be an int of at least 8, got {curve_points!r}")
     per_logdir: list[list[RunSource]] = [find_runs(path, name) for name, path in _named(logdirs)]
     if not any(per_logdir):
         raise ReportError("no LOGDIR given")
@@ -60,7 +67,8 @@ def load_runs(
             seen[s.name] = seen.get(s.name, 0) + 1
             if seen[s.name] > 1:
                 sources[i] = RunSource(f"{s.name} ({seen[s.name]})", s.path, s.kind, s.files)
-    read = read_runs([s for sources in per_logdir for s in sources], progress=progress)
+    read = read_runs([s for sources in per_logdir for s in sources], progress=progress,
+                     limit=curve_points, watch=StreamJudge)
     for run in read:
         if not run.scalars and not run.images and not run.texts:
             detail = "; ".join(run.notes) or "its files hold no scalar"
@@ -79,6 +87,8 @@ def write_report(
     title: str | None = None,
     tables: Sequence[ReportTable] = (),
     progress: bool = True,
+    page_limit: int = PAGE_BYTES,
+    curve_points: int = CURVE_POINTS,
 ) -> ReportFiles:
     """Read runs, judge them and write the report.
 
@@ -93,6 +103,10 @@ def write_report(
         title: page title (default: the run names).
         tables: extra tables for the summary (e.g. a benchmark's results).
         progress: ``rich`` progress bars while reading and drawing.
+        page_limit: the most bytes of ``report.html`` (figures shrunk, then linked, to stay
+            under it; see :mod:`.page`).
+        curve_points: the most points kept per series (an envelope beyond, see
+            :mod:`.curves`).
 
     Returns:
         The paths written and the :class:`Report`.
@@ -100,6 +114,7 @@ def write_report(
     Raises:
         ReportError: bad input (missing LOGDIR, no event file, no ``attn/`` tag, unknown
             metric, ``output`` is a file).
+        ValueError: ``page_limit`` is below 100 kB or ``curve_points`` below 8.
 
     Example::
 
@@ -108,10 +123,13 @@ def write_report(
                              metrics=["val/acc"])
         print(files.html)
     """
+    if not isinstance(page_limit, int) or page_limit < 100_000:
+        raise ValueError(f"page_limit must be an int of at least 100000 bytes, got "
+                         f"{page_limit!r}")
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise ReportError(f"--output {str(out)!r} is a file, not a folder")
-    runs = load_runs(logdirs, progress=progress)
+    runs = load_runs(logdirs, progress=progress, curve_points=curve_points)
     report = build_report(runs, metrics, title, tables, progress=progress)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +139,8 @@ def write_report(
             path.write_bytes(fig.png)
             figures.append(path)
         html_path = out / "report.html"
-        html_path.write_text(render_html(report), encoding="utf-8", errors="backslashreplace")
+        html_path.write_text(render_html(report, page_limit), encoding="utf-8",
+                             errors="backslashreplace")
         md_path = out / "report.md"
         md_path.write_text(render_markdown(report), encoding="utf-8", errors="backslashreplace")
     except OSError as err:

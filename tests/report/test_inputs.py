@@ -144,19 +144,28 @@ def test_a_logdir_with_several_runs(tmp_path):
     assert verdicts == ["healthy", "problem"]
 
 
-def test_progress_counts_every_byte_of_good_and_damaged_files(tmp_path):
-    from lightning_attn.report.reading import _EventRecords
+def test_progress_counts_every_byte_of_good_and_damaged_files(tmp_path, monkeypatch):
+    import lightning_attn.report.reading as reading
 
     run = write_run(tmp_path / "run")
     (good,) = run.glob("events.out.tfevents.*")
     damaged = run / "events.out.tfevents.9.damaged"
     damaged.write_bytes(good.read_bytes()[:-7])
     advanced: list[int] = []
-    notes: list[str] = []
-    events = list(_EventRecords([good, damaged], advanced.append, notes).Load())
+
+    class Bar:  # what read_runs tells its progress bar
+        def __init__(self, *args, **kwargs) -> None: ...
+        def __enter__(self): return self
+        def __exit__(self, *exc) -> None: ...
+        def add_task(self, *args, **kwargs) -> int: return 0
+        def update(self, *args, **kwargs) -> None: ...
+        def advance(self, task: int, n: int) -> None: advanced.append(n)
+
+    monkeypatch.setattr(reading, "progress_bar", Bar)
+    (log,) = reading.read_runs([reading.RunSource("run", run, "tensorboard", (good, damaged))])
     assert sum(advanced) == good.stat().st_size + damaged.stat().st_size  # the bar ends full
-    assert len(notes) == 1 and damaged.name in notes[0]
-    assert len(events) > 1
+    assert len(log.notes) == 1 and damaged.name in log.notes[0]
+    assert len(log.scalars[f"attn/{BLOCK}/mask/std"]) == 3
 
 
 def test_a_fifo_named_like_an_event_file_is_skipped_and_named(tmp_path):
