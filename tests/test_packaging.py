@@ -89,3 +89,19 @@ def test_license_is_the_full_apache_2_text() -> None:
 def test_markers_are_registered_and_strict(pytestconfig) -> None:
     assert pytestconfig.getoption("strict_markers")
     assert any(m.startswith("slow:") for m in pytestconfig.getini("markers"))
+
+
+def test_the_dev_extra_never_brings_another_torch() -> None:
+    """transformers (dev extra) is declared without an extra: the installed release's own
+    requirements then hold no torch, so installing it never replaces the CPU or CUDA build
+    a user chose."""
+    from importlib import metadata
+
+    dev = {Requirement(r).name: Requirement(r) for r in PROJECT["optional-dependencies"]["dev"]}
+    assert not dev["transformers"].extras
+    try:
+        requires = metadata.requires("transformers") or []
+    except metadata.PackageNotFoundError:
+        pytest.skip("transformers is not installed")
+    unconditional = [Requirement(r) for r in requires if "extra ==" not in r]
+    assert not [r for r in unconditional if r.name in ("torch", "torchvision")], unconditional

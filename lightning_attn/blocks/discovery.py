@@ -1,8 +1,10 @@
 """Discovery: every attention module of a model, by qualified name.
 
 Our blocks and users' own implement :class:`~.recording.AttentionBlock`; the attention already
-in timm's and torchvision's models is found through its adapter (:mod:`.adapters`). Names are
-those of ``model.named_modules()``, seen through DDP's and ``torch.compile``'s wrappers.
+in timm's and torchvision's models is found through its adapter (:mod:`.adapters`), and the
+heads of transformer attention (timm, ``nn.MultiheadAttention``, Hugging Face) through their
+head adapters (:mod:`.heads`). Names are those of ``model.named_modules()``, seen through DDP's
+and ``torch.compile``'s wrappers.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from .adapters import AdapterRecorder, AttentionAdapter, adapter_matching, adapters_in_force
+from .heads import HeadAdapter, HeadRecorder, head_adapter_matching
 from .recording import AttentionBlock
 
 __all__ = ["find_attention_blocks"]
@@ -27,6 +30,12 @@ def _unwrap(root: nn.Module) -> nn.Module:
 
 
 _COMPILE_SEGMENT = "_orig_mod"  # torch.compile's OptimizedModule keeps the module under it
+
+
+def _recorder(module: nn.Module, adapter: AttentionAdapter | HeadAdapter) -> Any:
+    if isinstance(adapter, HeadAdapter):
+        return HeadRecorder(module, adapter)
+    return AdapterRecorder(module, adapter)
 
 
 def find_attention_blocks(
@@ -55,6 +64,8 @@ def find_attention_blocks(
             continue
         adapter = None if isinstance(module, AttentionBlock) else adapter_matching(
             module, in_force)
+        if adapter is None and third_party and not isinstance(module, AttentionBlock):
+            adapter = head_adapter_matching(module)
         if adapter is None and not isinstance(module, AttentionBlock):
             continue
         clean = ".".join(part for part in name.split(".") if part != _COMPILE_SEGMENT)
@@ -64,7 +75,7 @@ def find_attention_blocks(
         p for p in (*(include or ()), *exclude) if not any(fnmatchcase(n, p) for n in found)
     ]
     blocks = {
-        name: module if adapter is None else AdapterRecorder(module, adapter)
+        name: module if adapter is None else _recorder(module, adapter)
         for name, (module, adapter) in found.items()
         if (include is None or any(fnmatchcase(name, p) for p in include))
         and not any(fnmatchcase(name, p) for p in exclude)

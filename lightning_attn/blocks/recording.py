@@ -117,6 +117,7 @@ class RecordingMixin:
     mask_names: tuple[str, ...] = ("mask",)
     num_branches: int | None = None
     branch_names: tuple[str, ...] | None = None
+    num_heads: int | None = None  # attention heads (``HeadRecordingMixin``)
 
     # Plain class-level defaults: a block never configured records nothing and holds nothing.
     _attn_recording: bool = False
@@ -127,18 +128,23 @@ class RecordingMixin:
 
     # -- inside forward -------------------------------------------------------------------
     def record(
-        self, masks: Mapping[str, torch.Tensor], router_weights: torch.Tensor | None = None
+        self,
+        masks: Mapping[str, torch.Tensor],
+        router_weights: torch.Tensor | None = None,
+        heads: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """Record one forward's masks (name -> tensor, values in ``[0, 1]``) and router weights
         ``(B, K)``. Call it at the end of ``forward``; it never changes what the forward
-        returns. Costs two attribute tests when neither recording nor capture is on."""
+        returns. Costs two attribute tests when neither recording nor capture is on.
+        ``heads``: per-head reductions (:meth:`~.heads.HeadRecordingMixin.record_heads` gives
+        them)."""
         if self._attn_recording:
             self._check_recorded(masks, router_weights)
             # Compiled, the histogram counts fuse into the graph and a flag would add a
             # graph: always. Eager, only on the steps that write them.
             self._attn_accumulator.add(
                 masks, router_weights,
-                histograms=torch.compiler.is_compiling() or self._attn_histograms,
+                histograms=torch.compiler.is_compiling() or self._attn_histograms, heads=heads,
             )
         if self._attn_capture:
             self._attn_captured = spatial_map(masks)
@@ -170,8 +176,12 @@ class RecordingMixin:
     def statistics_layout(self) -> StatisticsLayout:
         """The layout of a row of :attr:`accumulator` (histograms once configured)."""
         if self._attn_accumulator is None:
-            return StatisticsLayout(tuple(self.mask_names), self.num_branches or None, 0)
+            return self._layout(0)
         return self._attn_accumulator.layout
+
+    def _layout(self, histogram_bins: int) -> StatisticsLayout:
+        return StatisticsLayout(tuple(self.mask_names), self.num_branches or None,
+                                histogram_bins, self.num_heads or None)
 
     @property
     def accumulator(self) -> Accumulator | None:
@@ -210,10 +220,7 @@ class RecordingMixin:
                     f"{type(self).__name__} is recording with {old}; it cannot be "
                     f"reconfigured to {config} until every consumer stops recording"
                 )
-        layout = StatisticsLayout(
-            tuple(self.mask_names), self.num_branches or None, config.histogram_bins
-        )
-        self._attn_accumulator = Accumulator(layout, config, device)
+        self._attn_accumulator = Accumulator(self._layout(config.histogram_bins), config, device)
         # The flags the forward reads become instance attributes now, before the first
         # compiled call: dynamo guards on where an attribute comes from, and a flag moving
         # from the class to the instance later would recompile every frame once more.

@@ -41,6 +41,18 @@ class ParameterDriftWarning(AttentionWarning):
     """A learnable parameter left the range its block declares for it."""
 
 
+class HeadEntropyCollapseWarning(AttentionWarning):
+    """An attention head's normalised entropy fell near 0: its queries attend to one key."""
+
+
+class LogitGrowthWarning(AttentionWarning):
+    """The largest attention logit passed its threshold: the softmax is turning one-hot."""
+
+
+class UnsupportedAttentionWarning(AttentionWarning):
+    """The model holds an attention module the diagnostics cannot measure (named, with why)."""
+
+
 class MissingStatisticsWarning(AttentionWarning):
     """A watched block recorded nothing during a logging step."""
 

@@ -28,13 +28,16 @@ class Panel:
     log: bool = False
 
 
-#: The report's panels of a block, in rows (router, masks, parameters).
+#: The report's panels of a block, in rows (router, masks, heads, parameters).
 PANELS: tuple[tuple[Panel, ...], ...] = (
     (Panel("router entropy", "router", (0.0, None)),
      Panel("branch usage (mean router weight)", "router", (0.0, 1.0))),
     (Panel("mask mean", "mask", (0.0, 1.0)),
      Panel("mask std", "mask", (0.0, None)),
      Panel("mask saturation (share of values)", "mask", (0.0, 1.0))),
+    (Panel("head entropy (normalised: 0 one-hot, 1 uniform)", "heads", (0.0, 1.0)),
+     Panel("max attention logit", "heads"),
+     Panel("attention sink (mass on the first key)", "heads", (0.0, 1.0))),
     (Panel("parameters", "param"),
      Panel("gradient norms of the learnable parameters", "param", log=True)),
 )
@@ -58,12 +61,14 @@ def _num(v: float, digits: int = 2) -> str:
 
 @dataclass(frozen=True)
 class Column:
-    """A column of the summary table: its title, the section it shows, and its cell."""
+    """A column of the summary table: its title, the section it shows, and its cell;
+    ``shown_for``: the column appears only when a block of the point has what it shows."""
 
     title: str
     section: str
     cell: Callable[[BlockStats, BlockInfo | None], str]
     justify: str = "left"
+    shown_for: Callable[[BlockStats], bool] | None = None
 
 
 def _router_cell(bs: BlockStats, info: BlockInfo | None) -> str:
@@ -85,6 +90,14 @@ def _params_cell(bs: BlockStats, info: BlockInfo | None) -> str:
     ) or "-"
 
 
+def _heads_cell(bs: BlockStats, info: BlockInfo | None) -> str:
+    h = bs.heads
+    if h is None:
+        return "-"
+    return (f"H {_num(h.entropy_min)}/{_num(h.entropy_mean)}\nlogit {_num(h.max_logit, 1)}"
+            f"\nsink {_num(h.sink_max)}")
+
+
 #: The summary table: one row per block (one line per mask / branch inside a cell).
 SUMMARY_COLUMNS: tuple[Column, ...] = (
     Column("router\nH/logK", "router", _router_cell),
@@ -93,6 +106,8 @@ SUMMARY_COLUMNS: tuple[Column, ...] = (
         f"{_num(m.mean)}±{_num(m.std)}" for m in bs.masks.values()) or "-", "right"),
     Column("sat\nlo/hi", "mask", lambda bs, info: "\n".join(
         f"{m.sat_low:.0%}/{m.sat_high:.0%}" for m in bs.masks.values()) or "-", "right"),
+    Column("heads\nH min/mean", "heads", _heads_cell,
+           shown_for=lambda bs: bs.heads is not None),
     Column("params", "param", _params_cell),
 )
 
