@@ -231,7 +231,9 @@ class HeadAdapter:
         applies: a predicate on the module (default: every instance).
         kind: what holds its query and key weights (``"qkv"``: one fused projection,
             ``"in_proj"``: ``nn.MultiheadAttention``'s, ``"separate"``: a projection each,
-            ``""``: neither, e.g. convolutions): what a logit clip rescales.
+            ``""``: not known here): what a logit clip rescales.
+        needs: what ``applies`` asks of an instance, in words (for the warning about a
+            module of the class that it does not apply to).
     """
 
     target: str | Callable[[type], bool]
@@ -240,6 +242,7 @@ class HeadAdapter:
     masks: tuple[str, ...] | Callable[[nn.Module], tuple[str, ...]] = ()
     applies: Callable[[nn.Module], bool] | None = None
     kind: str = ""
+    needs: str = ""
 
     def matches_class(self, cls: type) -> bool:
         if isinstance(self.target, str):
@@ -261,7 +264,9 @@ class HeadRecorder(HeadRecordingMixin):
 
     def __init__(self, module: nn.Module, adapter: HeadAdapter) -> None:
         self._module = weakref.ref(module)
-        self._module_id = id(module)
+        # The module and its submodules, by id: a hook called on anything else (a deep copy of
+        # the model carries the hooks) does nothing.
+        self._owned = frozenset(id(m) for m in module.modules())
         self.adapter = adapter
         self.num_heads = adapter.num_heads(module)
         masks = adapter.masks
@@ -278,13 +283,26 @@ class HeadRecorder(HeadRecordingMixin):
         return f"HeadRecorder({type(self.module).__name__})"
 
     def active(self, module: nn.Module) -> bool:
-        """Whether a hook called on ``module`` should do anything now."""
-        return (self._attn_recording or self._attn_tracking) and id(module) == self._module_id
+        """Whether a hook called on ``module`` (the adapted module or one of its submodules)
+        should do anything now."""
+        return (self._attn_recording or self._attn_tracking) and id(module) in self._owned
 
     def clear_recording(self) -> None:
         super().clear_recording()
         self._stash = {}
         self.remove_hooks()
+
+
+class _Undo:
+    """A handle whose ``remove()`` unregisters a module from the wrappers."""
+
+    def __init__(self, undo: Callable[[], None]) -> None:
+        self._undo = undo
+
+    def remove(self) -> None:
+        undo, self._undo = self._undo, None
+        if undo is not None:
+            undo()
 
 
 def _argument(args: tuple, kwargs: Mapping[str, Any], name: str, index: int,
@@ -320,11 +338,11 @@ def _timm_qk_norm(rope: bool, argument_names: tuple[str, ...]):
         rotate = getattr(sys.modules[type(module).__module__], "apply_rot_embed_cat", None)
 
         def on_q(sub: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if recorder.active(module):
+            if recorder.active(sub):
                 recorder._stash["q"] = output
 
         def on_k(sub: nn.Module, inputs: tuple, k: torch.Tensor) -> None:
-            if not recorder.active(module):
+            if not recorder.active(sub):
                 return
             stash, recorder._stash = recorder._stash, {}
             q, embedding = stash.get("q"), stash.get("rope")
@@ -354,7 +372,7 @@ def _swin_window(module: nn.Module, recorder: HeadRecorder) -> list:
     1e-43 of the attention)."""
 
     def on_qkv(sub: nn.Module, inputs: tuple, qkv: torch.Tensor) -> None:
-        if not recorder.active(module):
+        if not recorder.active(sub):
             return
         stash, recorder._stash = recorder._stash, {}
         windows, n, _ = qkv.shape
@@ -477,6 +495,58 @@ def _multihead(module: nn.Module, recorder: HeadRecorder) -> list:
     return [module.register_forward_pre_hook(hook, with_kwargs=True)]
 
 
+# Any module whose forward calls F.scaled_dot_product_attention (timm's fused paths)
+
+
+#: The watched modules whose forward is running, innermost last (pushed by a pre-hook on a
+#: logging step only): the SDPA calls in that forward are theirs.
+_SDPA_CALLERS: list[HeadRecorder] = []
+#: The SDPA function the wrapper replaced (while a recorder uses it), and those recorders.
+_SDPA_ORIGINAL: list[Callable] = []
+_SDPA_USERS: set[int] = set()
+
+
+def _sdpa_wrapper(original: Callable) -> Callable:
+    def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                     is_causal=False, scale=None, **kwargs):
+        if _SDPA_CALLERS and query.dim() == 4:
+            _SDPA_CALLERS[-1].record_heads(query, key, scale=scale, mask=attn_mask,
+                                           causal=is_causal)
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                        is_causal=is_causal, scale=scale, **kwargs)
+
+    scaled_dot_product_attention.__wrapped__ = original
+    return scaled_dot_product_attention
+
+
+def _sdpa_calls(module: nn.Module, recorder: HeadRecorder) -> list:
+    """A module whose forward hands its queries and keys to
+    ``F.scaled_dot_product_attention`` (timm's fused attention paths): while it runs on a
+    logging step, the SDPA calls it makes are recorded with the arguments SDPA gets (queries,
+    keys, mask with any bias folded in, causal flag, scale). ``torch.nn.functional``'s SDPA is
+    wrapped while any such module is watched."""
+    if not _SDPA_ORIGINAL:
+        _SDPA_ORIGINAL.append(F.scaled_dot_product_attention)
+        F.scaled_dot_product_attention = _sdpa_wrapper(_SDPA_ORIGINAL[0])
+    _SDPA_USERS.add(id(recorder))
+
+    def enter(m: nn.Module, args: tuple) -> None:
+        if recorder.active(m):
+            _SDPA_CALLERS.append(recorder)
+
+    def leave(m: nn.Module, args: tuple, output: Any) -> None:
+        if _SDPA_CALLERS and _SDPA_CALLERS[-1] is recorder:
+            _SDPA_CALLERS.pop()
+
+    def undo() -> None:
+        _SDPA_USERS.discard(id(recorder))
+        if not _SDPA_USERS and _SDPA_ORIGINAL:
+            F.scaled_dot_product_attention = _SDPA_ORIGINAL.pop()
+
+    return [module.register_forward_pre_hook(enter),
+            module.register_forward_hook(leave, always_call=True), _Undo(undo)]
+
+
 # timm NonLocalAttn: one head over the positions; GlobalContext: a spatial softmax (one query)
 
 
@@ -488,11 +558,11 @@ def _non_local(module: nn.Module, recorder: HeadRecorder) -> list:
         return x.flatten(2).transpose(1, 2).unsqueeze(1)
 
     def on_t(sub: nn.Module, inputs: tuple, t: torch.Tensor) -> None:
-        if recorder.active(module):
+        if recorder.active(sub):
             recorder._stash["q"] = t
 
     def on_p(sub: nn.Module, inputs: tuple, p: torch.Tensor) -> None:
-        if recorder.active(module):
+        if recorder.active(sub):
             q = recorder._stash.pop("q")
             recorder.record_heads(tokens(q), tokens(p), scale=module.scale)
 
@@ -506,11 +576,11 @@ def _global_context(module: nn.Module, recorder: HeadRecorder) -> list:
     handles = []
 
     def on_logits(sub: nn.Module, inputs: tuple, logits: torch.Tensor) -> None:
-        if recorder.active(module):
+        if recorder.active(sub):
             recorder._stash["logits"] = logits.flatten(1).unsqueeze(1).unsqueeze(1)
 
     def on_gate(sub: nn.Module, inputs: tuple, gate: torch.Tensor) -> None:
-        if recorder.active(module):
+        if recorder.active(sub):
             recorder._stash["mask"] = gate
 
     def flush(m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -535,8 +605,8 @@ def _global_context(module: nn.Module, recorder: HeadRecorder) -> list:
 
 
 _HF_IMPLEMENTATIONS = ("sdpa", "eager")
-#: id(module) -> its recorder, for the wrappers (one module, one recorder at a time).
-_HF_RECORDERS: dict[int, HeadRecorder] = {}
+#: id(module) -> its recorders, for the wrappers (several consumers may watch one module).
+_HF_RECORDERS: dict[int, tuple[HeadRecorder, ...]] = {}
 #: What the wrappers replaced, restored when the last recorder goes: key -> (original, whether
 #: it was an override of the registry instance, which then gets it back).
 _HF_ORIGINALS: dict[tuple[str, str], tuple[Callable, bool]] = {}
@@ -567,11 +637,17 @@ _REGISTRY_CALL = re.compile(r"ALL_ATTENTION_FUNCTIONS\s*(\.get_interface\s*\(|\[
 _SINK_LOGITS = re.compile(r"\bs_aux\s*=")
 
 
+def hands_sink_logits(source: str) -> bool:
+    """Whether a ``transformers`` attention forward (its source) hands learned sink logits
+    (``s_aux``) to its attention function."""
+    return bool(_SINK_LOGITS.search(source))
+
+
 def dispatches_through_registry(source: str) -> bool:
     """Whether a ``transformers`` attention forward (its source) calls its attention through
     ``ALL_ATTENTION_FUNCTIONS`` with the queries and keys as the softmax sees them (and no
     learned sink logits)."""
-    return bool(_REGISTRY_CALL.search(source)) and not _SINK_LOGITS.search(source)
+    return bool(_REGISTRY_CALL.search(source)) and not hands_sink_logits(source)
 
 
 @functools.cache
@@ -599,26 +675,15 @@ def _hf_wrapper(implementation: str, original: Callable) -> Callable:
     names = tuple(inspect.signature(original).parameters)[5:]  # after (module, q, k, v, mask)
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        recorder = _HF_RECORDERS.get(id(module))
-        if recorder is not None and recorder.active(module):
-            options = {**dict(zip(names, args, strict=False)), **kwargs}
-            _hf_record(recorder, implementation, module, query, key, attention_mask, options)
+        for recorder in _HF_RECORDERS.get(id(module), ()):
+            if recorder.active(module):
+                options = {**dict(zip(names, args, strict=False)), **kwargs}
+                _hf_record(recorder, implementation, module, query, key, attention_mask,
+                           options)
         return original(module, query, key, value, attention_mask, *args, **kwargs)
 
     attention.__wrapped__ = original
     return attention
-
-
-class _Undo:
-    """A handle whose ``remove()`` unregisters a module from the wrappers."""
-
-    def __init__(self, undo: Callable[[], None]) -> None:
-        self._undo = undo
-
-    def remove(self) -> None:
-        undo, self._undo = self._undo, None
-        if undo is not None:
-            undo()
 
 
 def _registry() -> Any:
@@ -667,11 +732,15 @@ def _transformers(module: nn.Module, recorder: HeadRecorder) -> list:
     the wrapper records the call's queries, keys (before grouped-query repetition), mask,
     scaling, causal flag, position bias and soft cap, then calls the original."""
     _hf_install(transformers_attention_implementation(module), module)
-    _HF_RECORDERS[id(module)] = recorder
+    key = id(module)
+    _HF_RECORDERS[key] = (*_HF_RECORDERS.get(key, ()), recorder)
 
     def undo() -> None:
-        if _HF_RECORDERS.get(id(module)) is recorder:
-            del _HF_RECORDERS[id(module)]
+        left = tuple(r for r in _HF_RECORDERS.get(key, ()) if r is not recorder)
+        if left:
+            _HF_RECORDERS[key] = left
+        else:
+            _HF_RECORDERS.pop(key, None)
         if not _HF_RECORDERS:
             _hf_uninstall()
 
@@ -688,6 +757,22 @@ def _transformers_heads(module: nn.Module) -> int:
 
 _TIMM = "timm.layers"
 _ROPE_ARGUMENTS = ("x", "rope", "attn_mask", "is_causal")
+#: timm's attention whose fused path hands SDPA what its softmax sees (queries and keys, the
+#: relative position bias folded into the mask): each checked against the oracle on a real
+#: model (tests/blocks/test_heads.py).
+_SDPA_CLASSES = (
+    f"{_TIMM}.attention2d:Attention2d", f"{_TIMM}.attention2d:MultiQueryAttention2d",
+    f"{_TIMM}.attention_pool2d:AttentionPool2d", f"{_TIMM}.attention_pool2d:RotAttentionPool2d",
+    f"{_TIMM}.attention_pool:AttentionPoolLatent", f"{_TIMM}.attention_pool:AttentionPoolPrr",
+    "timm.models.beit:Attention", "timm.models.cait:ClassAttn", "timm.models.cpubone:ConvAttention",
+    "timm.models.davit:WindowAttention", "timm.models.fastvit:Attention",
+    "timm.models.gemma4_vit:Gemma4Attention", "timm.models.hieradet_sam2:MultiScaleAttention",
+    "timm.models.lowformer:ConvAttention", "timm.models.maxxvit:Attention2d",
+    "timm.models.maxxvit:AttentionCl", "timm.models.metaformer:Attention",
+    "timm.models.nextvit:EfficientAttention", "timm.models.pvt_v2:Attention",
+    "timm.models.tiny_vit:Attention", "timm.models.twins:GlobalSubSampleAttn",
+    "timm.models.vision_transformer_relpos:RelPosAttention", "timm.models.volo:Attention",
+)
 
 #: timm's, PyTorch's and transformers' attention, by class name (nothing is imported).
 HEAD_ADAPTERS: tuple[HeadAdapter, ...] = (
@@ -705,10 +790,17 @@ HEAD_ADAPTERS: tuple[HeadAdapter, ...] = (
                 lambda m: 1 if m.conv_attn is not None else None,
                 masks=lambda m: ("mask",) if m.mlp_scale is not None else (),
                 applies=lambda m: m.conv_attn is not None or m.mlp_scale is not None),
+    *(HeadAdapter(target, _sdpa_calls, lambda m: m.num_heads,
+                  applies=lambda m: bool(getattr(m, "fused_attn", True)),
+                  needs="timm's fused attention (fused_attn=True, its default; "
+                        "TIMM_FUSED_ATTN=0 turns it off)")
+      for target in _SDPA_CLASSES),
     HeadAdapter("torch.nn.modules.activation:MultiheadAttention", _multihead,
                 lambda m: m.num_heads, kind="in_proj"),
     HeadAdapter(_registry_class, _transformers, _transformers_heads, applies=_hf_applies,
-                kind="separate"),
+                kind="separate",
+                needs="attn_implementation 'sdpa' or 'eager' (model.set_attn_implementation("
+                      "'sdpa'))"),
 )
 
 

@@ -39,6 +39,27 @@ def timm_swin() -> nn.Module:
     return sharpen(swin, 40.0)
 
 
+def timm_class_attention() -> nn.Module:
+    from timm.models.cait import ClassAttn
+
+    return sharpen(ClassAttn(32, num_heads=4))
+
+
+def timm_spatial_reduction() -> nn.Module:
+    from timm.models.pvt_v2 import Attention
+
+    return sharpen(Attention(32, num_heads=4, sr_ratio=2))
+
+
+def timm_multi_query() -> nn.Module:
+    from timm.layers.attention2d import MultiQueryAttention2d
+
+    # eval: its key/value downsampling has batch norms, whose running statistics a forward in
+    # training mode would move
+    return sharpen(MultiQueryAttention2d(32, num_heads=4, key_dim=8, value_dim=8,
+                                         kv_stride=2)).eval()
+
+
 def encoder(layers: int = 1) -> nn.TransformerEncoder:
     layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
     return sharpen(nn.TransformerEncoder(layer, layers, enable_nested_tensor=True))

@@ -112,7 +112,8 @@ def sharpen(model: torch.nn.Module, factor: float = 6.0) -> torch.nn.Module:
     """Scale the query and key projections: attention far from uniform (random init is
     nearly uniform), so the statistics are not all near 1 and 1/N."""
     names = ("qkv.weight", "q_proj.weight", "k_proj.weight", "query.weight", "key.weight",
-             "in_proj_weight")
+             "in_proj_weight", "q.weight", "k.weight", "kv.weight", "query.proj.weight",
+             "key.proj.weight")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(names):

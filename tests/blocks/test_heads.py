@@ -76,6 +76,13 @@ CASES = {
     "timm eva02 (rotary)": _case(models.timm_eva, lambda m: m(_IMAGES[..., :28, :28])),
     "timm swin (windows)": _case(models.timm_swin, lambda m: m(_IMAGES),
                                  models.SWIN_HIDDEN_BELOW),
+    "timm cait class attention (SDPA)": _case(models.timm_class_attention,
+                                              lambda m: m(_SEQ[:2, :, :].repeat(1, 1, 2))),
+    "timm pvt_v2 spatial reduction (SDPA)": _case(
+        models.timm_spatial_reduction, lambda m: m(_SEQ[:2, :4].repeat(1, 4, 2), [4, 4])),
+    "timm mobilenetv4 multi-query (SDPA)": _case(models.timm_multi_query,
+                                                 lambda m: m(_IMAGES[:, :1].repeat(1, 32, 1, 1)[
+                                                     ..., :8, :8])),
     "mha padded causal": _case(lambda: _mha(batch_first=True), lambda m: m(
         _SEQ, _SEQ, _SEQ, key_padding_mask=_PAD, attn_mask=_CAUSAL, need_weights=False)),
     "mha cross kdim": _case(lambda: _mha(kdim=12, vdim=12), lambda m: m(
@@ -255,6 +262,36 @@ def _compiled_matches_oracle(backend: str) -> None:
             b.clear_recording()
 
 
+def test_sdpa_seam_compiles_with_one_extra_graph():
+    """timm's fused attention paths are read at their SDPA call (a stack of the watched
+    modules running, pushed by their hooks): traced by dynamo without a break."""
+    torch.manual_seed(0)
+    module = models.timm_class_attention()
+    x = _SEQ[:2].repeat(1, 1, 2)
+    blocks = _watch(module)
+    try:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(module, backend=counter, fullgraph=True)
+        for step in range(4):
+            for b in blocks.values():
+                b.stop_recording()
+            with captured_sdpa() as calls, torch.no_grad():
+                module(x)  # eager, for the oracle, recording nothing
+            for b in blocks.values():
+                if step % 2:
+                    b.start_recording()
+            with torch.no_grad():
+                compiled(x)
+        assert compare(read_heads(blocks), calls) < TOLERANCE
+        assert counter.frame_count == 2
+        assert torch._dynamo.utils.counters["graph_break"] == {}
+    finally:
+        for b in blocks.values():
+            b.clear_recording()
+
+
 class GroupedAttention(HeadRecordingMixin, nn.Module):
     """A user's grouped-query attention: one call records its heads."""
 
@@ -281,14 +318,14 @@ def test_a_users_attention_records_with_one_call():
     mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
     blocks, _ = find_attention_blocks(model)  # its own block: no third_party needed
     assert list(blocks) == ["0"] and blocks["0"] is model[0]
-    stats, calls, _ = _recorded(model, lambda: model(x, mask))
+    stats, calls, _ = _recorded(model, lambda: model[0](x, mask))
     assert compare(stats, calls) < TOLERANCE
     wrong = GroupedAttention()
     wrong.num_heads = 3
     wrong.configure_recording(SMALL_CHUNKS, "cpu")
     wrong.start_recording()
-    with pytest.raises(ValueError, match="num_heads=3"):
-        wrong(torch.randn(1, 5, 24))
+    with pytest.raises(ValueError, match="records 4 heads, but num_heads=3"):
+        wrong.record_heads(torch.randn(1, 4, 5, 6), torch.randn(1, 2, 5, 6))
 
 
 def test_a_deep_copy_of_the_model_records_nothing():
