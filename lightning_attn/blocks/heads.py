@@ -170,6 +170,9 @@ class HeadRecordingMixin(RecordingMixin):
         :attr:`tracked_max_logits` (float32, on ``device``: the module's by default), until
         every holder has called :meth:`untrack_max_logits`. Call it before the first
         (compiled) forward: the flag then costs one graph, not a recompilation."""
+        if not self.num_heads:
+            raise ValueError(f"{type(self).__name__} records no attention heads (num_heads="
+                             f"{self.num_heads}): there are no max logits to track")
         if self._attn_logit_max is None:
             if device is None:
                 param = next(self.parameters(), None) if hasattr(self, "parameters") else None

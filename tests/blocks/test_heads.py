@@ -197,6 +197,31 @@ def test_eager_implementation_and_returned_weights_agree():
     _assert_registry_restored()
 
 
+def test_two_consumers_of_one_transformers_module_both_record():
+    """Two callbacks watching one model each get every forward; the registry is restored
+    when the last one stops."""
+    torch.manual_seed(0)
+    model = models.llama()
+    first, second = _watch(model), _watch(model)
+    try:
+        for b in (*first.values(), *second.values()):
+            b.start_recording()
+        with torch.no_grad():
+            model(input_ids=_TOKENS)
+        a, b = read_heads(first), read_heads(second)
+        assert list(a) == list(b) and a == b and all(s.head_count[0] > 0 for s in a.values())
+        for recorder in first.values():
+            recorder.clear_recording()
+        with torch.no_grad():
+            model(input_ids=_TOKENS)
+        assert {n: r.recorded_statistics()[0].item() for n, r in second.items()} == {
+            n: 2.0 for n in second}
+    finally:
+        for recorder in (*first.values(), *second.values()):
+            recorder.clear_recording()
+    _assert_registry_restored()
+
+
 def test_multihead_attention_weights_it_returns_agree():
     """nn.MultiheadAttention's default call (need_weights=True: no SDPA) against the per-head
     weights it returns."""

@@ -83,3 +83,10 @@ def test_heads_are_logged_warned_about_and_unsupported_attention_is_named(tmp_pa
     unsupported = [m for c, m in messages if c is UnsupportedAttentionWarning]
     assert len(unsupported) == 1 and "TalkingHeadAttn ('talking')" in unsupported[0]
     assert "talking heads" in unsupported[0]
+    # the offline report reads the heads' scalars back and judges them as the callback did
+    from lightning_attn.report import write_report
+
+    files = write_report({"vit": tb.log_dir}, tmp_path / "report")
+    (run,) = files.report.runs
+    verdict = run.health.verdicts[block]
+    assert verdict.status == "problem" and "logit_growth" in verdict.kinds
