@@ -102,3 +102,16 @@ def test_optional_dependencies_are_extras_that_the_dev_extra_installs() -> None:
         assert dist in {Requirement(r).name for r in extras[extra]}, (dist, extra)
     (own,) = [r for r in map(Requirement, extras["dev"]) if r.name == PROJECT["name"]]
     assert set(own.extras) == {extra for _, extra in EXTRAS.values()}
+
+
+def test_the_dev_extra_never_brings_another_torch() -> None:
+    """transformers (dev extra) is declared without an extra: the installed release's own
+    requirements then hold no torch, so installing it never replaces the CPU or CUDA build
+    a user chose."""
+    from importlib import metadata
+
+    dev = {Requirement(r).name: Requirement(r) for r in PROJECT["optional-dependencies"]["dev"]}
+    assert not dev["transformers"].extras
+    requires = metadata.requires("transformers") or []  # the dev extra installs it
+    unconditional = [Requirement(r) for r in requires if "extra ==" not in r]
+    assert not [r for r in unconditional if r.name in ("torch", "torchvision")], unconditional

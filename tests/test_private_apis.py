@@ -87,6 +87,15 @@ PRIVATE_APIS: dict[str, tuple[str, str, str]] = {
         "naming a missing monitored metric and its nearest, once, instead of all of them"),
     "_save_monitor_checkpoint": (
         "Lightning ModelCheckpoint", "_trainer_cli.py", "what the override leaves to Lightning"),
+    "_qkv_same_embed_dim": (
+        "torch nn.MultiheadAttention", "blocks/heads.py",
+        "whether q, k and v come from one in_proj_weight (as its own forward decides)"),
+    "_get_rel_pos_bias": (
+        "timm WindowAttention (Swin)", "blocks/heads.py",
+        "the relative position bias its logits add, for the max logit and the entropy"),
+    "_local_mapping": (
+        "transformers AttentionInterface", "blocks/heads.py",
+        "whether 'sdpa' was overridden before ours, to restore exactly what was there"),
     "_generator": (
         "TensorBoard EventAccumulator", "report/reading.py (assigned)",
         "the report's own record loader: progress and a note per damaged file"),
@@ -273,6 +282,38 @@ def test_model_checkpoint_and_loop_internals(tmp_path):
                       enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=tmp_path)
     assert trainer.fit_loop.epoch_loop.val_loop._has_run is False
+
+
+def test_multihead_attention_projection_flag():
+    assert nn.MultiheadAttention(8, 2)._qkv_same_embed_dim is True
+    assert nn.MultiheadAttention(8, 2, kdim=4, vdim=4)._qkv_same_embed_dim is False
+
+
+def test_timm_window_attention_relative_position_bias():
+    from timm.models.swin_transformer import WindowAttention
+
+    attn = WindowAttention(dim=8, num_heads=2, window_size=(3, 3))
+    assert attn._get_rel_pos_bias().shape == (1, 2, 9, 9)
+
+
+def test_transformers_attention_registry_local_overrides():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping or callable(
+        ALL_ATTENTION_FUNCTIONS._local_mapping["sdpa"])
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    had = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
+    previous = ALL_ATTENTION_FUNCTIONS._local_mapping.get("sdpa")
+    try:
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = len  # any callable
+        assert ALL_ATTENTION_FUNCTIONS._local_mapping["sdpa"] is len
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is len
+    finally:
+        if had:
+            ALL_ATTENTION_FUNCTIONS._local_mapping["sdpa"] = previous
+        else:
+            del ALL_ATTENTION_FUNCTIONS._local_mapping["sdpa"]
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original
 
 
 def test_event_accumulator_generator(tmp_path):

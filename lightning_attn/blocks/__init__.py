@@ -8,8 +8,10 @@
 - :mod:`.recording`: how a block measures itself inside its forward (the protocol the
   diagnostics read); what it measures is declared once in :mod:`lightning_attn.core`.
 - :mod:`.adapters`: the attention already in users' models (timm, torchvision, their own)
-  records through hooks, without a change to its code; :mod:`.discovery` finds every
-  attention module of a model.
+  records through hooks, without a change to its code; :mod:`.heads`: transformer attention
+  measures its heads (timm, ``nn.MultiheadAttention``, Hugging Face, a user's own with
+  :class:`HeadRecordingMixin`); :mod:`.discovery` finds every attention module of a model;
+  :mod:`.census` says, for every attention-like class, whether it is diagnosed or why not.
 - :mod:`.kernels`: the ``backend`` implementations (torch fused path, Triton).
 
 What the blocks measure (``RecordingConfig``, the statistics) and the warning categories are
@@ -34,6 +36,7 @@ from .aux_loss import (
 from .coordinate import CoordinateAtt, CoordinateAttention, HSwish
 from .discovery import find_attention_blocks
 from .dynamic_spatial import DynamicSpatialAttention
+from .heads import HEAD_ADAPTERS, HeadRecordingMixin
 from .mask_check import quick_mask_check
 from .recording import AttentionBlock, RecordingMixin, spatial_map
 from .registry import (
@@ -49,6 +52,7 @@ __all__ = [
     "AUX_TERMS",
     "BUILTIN_ADAPTERS",
     "BUILTIN_FACTORIES",
+    "HEAD_ADAPTERS",
     "AttentionAdapter",
     "AttentionBlock",
     "AuxLossWeights",
@@ -57,6 +61,7 @@ __all__ = [
     "DynamicSpatialAttention",
     "FactoryRegistration",
     "HSwish",
+    "HeadRecordingMixin",
     "IdentityAttention",
     "RecordingMixin",
     "RouterAuxMixin",

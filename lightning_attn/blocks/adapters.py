@@ -21,9 +21,11 @@ module's forward.
 
 The built-in adapters (timm's ``SEModule``, ``EffectiveSEModule``, ``SqueezeExciteCl``,
 EfficientNet's ``SqueezeExcite``, ``EcaModule``, ``CecaModule``, ``CbamModule``,
-``LightCbamModule``, ``GatherExcite``, ``CoordAttn``, ``SelectiveKernel``, ``SplitAttn``, and
-torchvision's ``SqueezeExcitation``) match by class *name*: nothing is imported, and a model
-without such modules never touches timm or torchvision. They are an immutable tuple
+``LightCbamModule``, ``GatherExcite``, ``CoordAttn``, ``SimpleCoordAttn``,
+``EfficientLocalAttn``, ``StripAttn``, ``BatNonLocalAttn``, ``SelectiveKernel``,
+``SplitAttn``, the legacy SENet's ``SEModule``, PP-HGNet's ``EseModule``, GhostNetV2/V3's DFC
+gate, and torchvision's ``SqueezeExcitation``) match by class *name*: nothing is imported,
+and a model without such modules never touches timm or torchvision. They are an immutable tuple
 (:data:`BUILTIN_ADAPTERS`); a registration returns the handle that undoes it.
 """
 
@@ -386,6 +388,12 @@ def _radix_router(module: nn.Module, inputs: tuple, output: torch.Tensor) -> tor
     return output.reshape(output.shape[0], radix, -1).transpose(1, 2).reshape(-1, radix)
 
 
+def _bilinear_gate(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    # timm's BilinearAttnTransform applies .sigmoid() inline to conv_p / conv_q's output (then
+    # normalises each row to sum 1): the gate is recomputed from that output (while recording).
+    return output.sigmoid()
+
+
 _TIMM = "timm.layers"
 _SE_GATES = (f"{_TIMM}.squeeze_excite:SEModule", f"{_TIMM}.squeeze_excite:EffectiveSEModule",
              f"{_TIMM}.squeeze_excite:SqueezeExciteCl",
@@ -416,4 +424,19 @@ BUILTIN_ADAPTERS: tuple[AttentionAdapter, ...] = (
     attention_adapter(f"{_TIMM}.split_attn:SplitAttn", masks={"mask": "rsoftmax"},
                       applies=lambda m: m.radix == 1),
     attention_adapter("torchvision.ops.misc:SqueezeExcitation", masks={"mask": "scale_activation"}),
+    # timm's strip-pooling gates (attn_layer "scoord", "ela", "strip")
+    attention_adapter(f"{_TIMM}.coord_attn:SimpleCoordAttn", masks={"mask": "gate"}),
+    attention_adapter(f"{_TIMM}.coord_attn:EfficientLocalAttn",
+                      masks={"mask_h": "gate", "mask_w": "gate"}),
+    attention_adapter(f"{_TIMM}.coord_attn:StripAttn", masks={"mask": "gate"}),
+    # BAT ("bat"): the sigmoid gates of its row and column transforms, before normalisation
+    attention_adapter(f"{_TIMM}.non_local_attn:BatNonLocalAttn",
+                      masks={"mask_h": "ba.conv_p", "mask_w": "ba.conv_q"},
+                      convert={"ba.conv_p": _bilinear_gate, "ba.conv_q": _bilinear_gate}),
+    # the legacy SENet's own SEModule, PP-HGNet's ESE, GhostNetV2/V3's DFC attention
+    attention_adapter("timm.models.senet:SEModule", masks={"mask": "sigmoid"}),
+    attention_adapter("timm.models.hgnet:EseModule", masks={"mask": "sigmoid"}),
+    attention_adapter("timm.models.ghostnet:GhostModuleV2", masks={"mask": "gate_fn"}),
+    attention_adapter("timm.models.ghostnet:GhostModuleV3", masks={"mask": "gate_fn"},
+                      applies=lambda m: m.mode == "shortcut"),
 )

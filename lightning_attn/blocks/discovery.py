@@ -1,8 +1,10 @@
 """Discovery: every attention module of a model, by qualified name.
 
 Our blocks and users' own implement :class:`~.recording.AttentionBlock`; the attention already
-in timm's and torchvision's models is found through its adapter (:mod:`.adapters`). Names are
-those of ``model.named_modules()``, seen through DDP's and ``torch.compile``'s wrappers.
+in timm's and torchvision's models is found through its adapter (:mod:`.adapters`), and the
+heads of transformer attention (timm, ``nn.MultiheadAttention``, Hugging Face) through their
+head adapters (:mod:`.heads`). Names are those of ``model.named_modules()``, seen through DDP's
+and ``torch.compile``'s wrappers.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .adapters import (
     hooked_paths,
     is_instance_by_name,
 )
+from .heads import HeadAdapter, HeadRecorder, head_adapter_matching
 from .recording import AttentionBlock
 
 __all__ = ["AVERAGED_MODELS", "averaged_copies", "find_attention_blocks"]
@@ -59,6 +62,14 @@ def averaged_copies(root: nn.Module) -> list[str]:
             if any(is_instance_by_name(module, target) for target in AVERAGED_MODELS)]
 
 
+def _recorder(module: nn.Module, adapter: AttentionAdapter | HeadAdapter,
+              names: Counter) -> Any:
+    if isinstance(adapter, HeadAdapter):
+        return HeadRecorder(module, adapter)
+    return AdapterRecorder(module, adapter,
+                           scoped=_shares_a_hooked_submodule(module, adapter, names))
+
+
 def find_attention_blocks(
     root: nn.Module,
     include: Sequence[str] | None = None,
@@ -85,6 +96,8 @@ def find_attention_blocks(
             continue
         adapter = None if isinstance(module, AttentionBlock) else adapter_matching(
             module, in_force)
+        if adapter is None and third_party and not isinstance(module, AttentionBlock):
+            adapter = head_adapter_matching(module)
         if adapter is None and not isinstance(module, AttentionBlock):
             continue
         found.setdefault(_clean(name), (module, adapter))
@@ -94,8 +107,7 @@ def find_attention_blocks(
     ]
     names = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
     blocks = {
-        name: module if adapter is None else AdapterRecorder(
-            module, adapter, scoped=_shares_a_hooked_submodule(module, adapter, names))
+        name: module if adapter is None else _recorder(module, adapter, names)
         for name, (module, adapter) in found.items()
         if (include is None or any(fnmatchcase(name, p) for p in include))
         and not any(fnmatchcase(name, p) for p in exclude)

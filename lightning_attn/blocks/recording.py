@@ -150,6 +150,7 @@ class RecordingMixin:
     mask_names: tuple[str, ...] = ("mask",)
     num_branches: int | None = None
     branch_names: tuple[str, ...] | None = None
+    num_heads: int | None = None  # attention heads (``HeadRecordingMixin``)
 
     # Plain class-level defaults: a block never configured records nothing and holds nothing.
     _attn_recording: bool = False
@@ -160,7 +161,10 @@ class RecordingMixin:
 
     # -- inside forward -------------------------------------------------------------------
     def record(
-        self, masks: Mapping[str, torch.Tensor], router_weights: torch.Tensor | None = None
+        self,
+        masks: Mapping[str, torch.Tensor],
+        router_weights: torch.Tensor | None = None,
+        heads: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """Record one forward's masks (name -> tensor, values in ``[0, 1]``) and router weights
         ``(B, K)`` (non-negative, each row summing to 1: softmax probabilities, not logits).
@@ -173,7 +177,8 @@ class RecordingMixin:
         A forward that runs again to recompute activations for the backward pass
         (:func:`torch.utils.checkpoint.checkpoint`, reentrant or not) records nothing
         (:func:`recomputing`): its values were recorded when it first ran. A module called
-        ``k`` times in one forward of the model records ``k`` forwards' values."""
+        ``k`` times in one forward of the model records ``k`` forwards' values. ``heads``:
+        per-head reductions (:meth:`~.heads.HeadRecordingMixin.record_heads` gives them)."""
         if not (self._attn_recording or self._attn_capture) or recomputing():
             return
         if self._attn_recording:
@@ -183,7 +188,7 @@ class RecordingMixin:
             # this forward is a recomputation is asked when the graph runs.
             acc, compiling = self._attn_accumulator, torch.compiler.is_compiling()
             acc.add(masks, router_weights, histograms=compiling or self._attn_histograms,
-                    keep=first_run(acc.phase) if compiling else None)
+                    keep=first_run(acc.phase) if compiling else None, heads=heads)
         if self._attn_capture:
             self._attn_captured = spatial_map(masks)
 
@@ -214,8 +219,12 @@ class RecordingMixin:
     def statistics_layout(self) -> StatisticsLayout:
         """The layout of a row of :attr:`accumulator` (histograms once configured)."""
         if self._attn_accumulator is None:
-            return StatisticsLayout(tuple(self.mask_names), self.num_branches or None, 0)
+            return self._layout(0)
         return self._attn_accumulator.layout
+
+    def _layout(self, histogram_bins: int) -> StatisticsLayout:
+        return StatisticsLayout(tuple(self.mask_names), self.num_branches or None,
+                                histogram_bins, self.num_heads or None)
 
     @property
     def accumulator(self) -> Accumulator | None:
@@ -254,10 +263,7 @@ class RecordingMixin:
                     f"{type(self).__name__} is recording with {old}; it cannot be "
                     f"reconfigured to {config} until every consumer stops recording"
                 )
-        layout = StatisticsLayout(
-            tuple(self.mask_names), self.num_branches or None, config.histogram_bins
-        )
-        self._attn_accumulator = Accumulator(layout, config, device)
+        self._attn_accumulator = Accumulator(self._layout(config.histogram_bins), config, device)
         # The flags the forward reads become instance attributes now, before the first
         # compiled call: dynamo guards on where an attribute comes from, and a flag moving
         # from the class to the instance later would recompile every frame once more.

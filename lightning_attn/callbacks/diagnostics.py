@@ -36,6 +36,7 @@ import uuid
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -48,11 +49,13 @@ from torch.optim import Optimizer
 
 from .. import __version__
 from ..blocks.adapters import AttentionAdapter, check_adapters
+from ..blocks.census import unseen_attention
 from ..blocks.discovery import averaged_copies, find_attention_blocks
 from ..core.categories import (
     DiagnosticsStateWarning,
     MissingStatisticsWarning,
     RecordingContractWarning,
+    UnsupportedAttentionWarning,
 )
 from ..core.problems import HealthThresholds, Problem, measure, problems_of
 from ..core.statistics import (
@@ -65,8 +68,10 @@ from ..core.statistics import (
 from ..core.tags import (
     CONFIG_TAG,
     EVALUATION_TAG,
+    HEADS_TAG,
     PROBLEMS_TAG,
     chart_layout,
+    head_record,
     histogram_tag,
     maps_tag,
     scalar_metrics,
@@ -87,7 +92,7 @@ from .writers import DiagnosticsOutput, DiagnosticsWriter, check_writers
 
 __all__ = ["SECTIONS", "AttentionDiagnostics"]
 
-Section = Literal["router", "mask", "param"]
+Section = Literal["router", "mask", "param", "heads"]
 OnProblem = Literal["warn", "raise", "stop", "ignore"]
 #: Lightning's evaluation stages -> the phase they record in (and their tags' prefix).
 _EVAL_PHASES = {"validate": "val", "sanity_check": "val", "test": "test"}
@@ -172,7 +177,8 @@ class AttentionDiagnostics(Callback):
             (:class:`~lightning_attn.core.AttentionProblemError` on every process),
             ``"stop"`` (warn, then ``trainer.should_stop`` on every process at the same
             step) or ``"ignore"``.
-        sections: the statistics to log: any of ``"router"``, ``"mask"``, ``"param"``.
+        sections: the statistics to log: any of ``"router"``, ``"mask"``, ``"param"``,
+            ``"heads"``.
         num_images: images of the first validation / test batch in the attention-map grid
             (``0``: no maps).
         overlay_alpha: opacity of the masks over the images.
@@ -341,12 +347,30 @@ class AttentionDiagnostics(Callback):
                 + (f" and exclude={list(self.exclude)}" if self.exclude else "")
                 + "; the callback will do nothing"
             )
+        self._warn_unseen(pl_module, blocks)
         self._collector.bind(blocks, pl_module.device)
         # An averaged copy's blocks (an EMA as a submodule) run where the user runs the copy:
         # watched in every phase, not expected in training points.
         copies = tuple(f"{name}." for name in averaged_copies(pl_module))
         self._averaged = {name for name in blocks if name.startswith(copies)}
         self._module_ref = weakref.ref(pl_module)
+
+    def _warn_unseen(self, pl_module: pl.LightningModule, blocks: dict) -> None:
+        # Every attention module the diagnostics cannot measure, by class, with why (modules
+        # left out by include / exclude are left out on purpose).
+        def ignored(name: str) -> bool:
+            name = ".".join(p for p in name.split(".") if p != "_orig_mod")
+            return (self.include is not None and not any(fnmatchcase(name, p)
+                                                         for p in self.include)) or any(
+                fnmatchcase(name, p) for p in self.exclude)
+
+        watched = [getattr(b, "module", b) for b in blocks.values()]
+        for cls, (why, names) in unseen_attention(pl_module, watched, ignored).items():
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            rank_zero_warn(
+                f"UnsupportedAttentionWarning: {cls} ({names[0]!r}{more}) is attention the "
+                f"diagnostics do not measure: {why}", category=UnsupportedAttentionWarning,
+            )
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the checkpoint's callback states are restored (some strategies restore
@@ -506,6 +530,9 @@ class AttentionDiagnostics(Callback):
             self._num_points += 1
             if self.log_statistics:
                 output.scalars(scalar_metrics(stats, self.sections), stats.step)
+                heads = head_record(stats) if "heads" in self.sections else {}
+                if heads:  # the per-head values behind the heads' scalars (heatmaps, report)
+                    output.json(HEADS_TAG, heads, stats.step)
         if histograms:
             output.histograms(
                 {

@@ -47,7 +47,8 @@ def render_summary(
         pad_edge=False,
         collapse_padding=True,
     )
-    columns = [c for c in summary_columns() if c.section in set(sections)]
+    columns = [c for c in summary_columns() if c.section in set(sections) and (
+        c.shown_for is None or any(map(c.shown_for, stats.blocks.values())))]
     table.add_column("block", style="bold", no_wrap=True, overflow="ellipsis", max_width=24)
     for column in columns:
         table.add_column(column.title, justify=column.justify, no_wrap=True)

@@ -1,8 +1,10 @@
 """The on-device accumulator: what a forward adds to a block's statistics, in the graph.
 
 :class:`Accumulator` lays out the slots declared in :mod:`.statistics` (``MASK_SLOTS``,
-``ROUTER_SLOTS``) as one row per phase and adds one forward's contribution with tensor
-operations only: no host sync, no Python callback, nothing ``torch.compile`` cannot trace.
+``ROUTER_SLOTS``, ``HEAD_SLOTS``) as one row per phase and adds one forward's contribution
+with tensor operations only: no host sync, no Python callback, nothing ``torch.compile``
+cannot trace. :func:`head_reductions` measures attention heads from the queries and keys a
+forward has, a chunk of queries at a time.
 The only module of the core that imports torch at import time (the report reads the
 declarations without it).
 
@@ -14,11 +16,12 @@ evaluation forward into a training point, and changing the phase never recompile
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
 from .statistics import (
+    HEAD_SLOTS,
     MASK_SLOTS,
     PHASES,
     ROUTER_SLOTS,
@@ -27,7 +30,14 @@ from .statistics import (
     slot_width,
 )
 
-__all__ = ["Accumulator", "accumulator_dtype", "empty_row"]
+__all__ = [
+    "MASKED_BELOW",
+    "Accumulator",
+    "accumulator_dtype",
+    "empty_row",
+    "head_reductions",
+    "logit_reductions",
+]
 
 _NEUTRAL = {"sum": 0.0, "min": math.inf, "max": -math.inf}
 
@@ -92,6 +102,7 @@ class Accumulator:
         router_weights: torch.Tensor | None,
         histograms: bool,
         keep: torch.Tensor | None = None,
+        heads: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """Add one forward's statistics to the current phase's row, on the device.
 
@@ -99,7 +110,8 @@ class Accumulator:
         does not declare are left out. ``router_weights``: ``(B, K)`` softmax weights or
         ``None``. ``histograms``: add the histogram counts (when the layout has bins).
         ``keep``: a 0-d bool tensor; ``False`` leaves the row as it is (decided on the device,
-        where a compiled graph cannot branch on it).
+        where a compiled graph cannot branch on it). ``heads``: the per-head reductions of
+        :func:`head_reductions` (each ``(H,)``), or ``None``.
 
         One contribution row is built (few whole-tensor ops per mask: each costs a dispatch,
         or a kernel launch on a GPU in eager mode), then combined with the phase's row slot by
@@ -130,6 +142,12 @@ class Accumulator:
                 pieces += [slot.measure(w, dtype).reshape(-1) for slot in ROUTER_SLOTS]
                 if bins and histograms:
                     hists["router"] = _histogram(w.reshape(-1), bins, dtype)
+        if layout.head_offset is not None:
+            if heads is None:
+                width = sum(slot_width(s, 0, layout.num_heads) for s in HEAD_SLOTS)
+                pieces.append(initial[layout.head_offset:layout.head_offset + width])
+            else:
+                pieces += [slot.measure(heads).to(dtype).reshape(-1) for slot in HEAD_SLOTS]
         for name, off in layout.histogram_offsets.items():
             pieces.append(hists[name] if name in hists else initial[off:off + bins])
         contribution = torch.cat(pieces)
@@ -152,3 +170,219 @@ def _histogram(v: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
     index = (torch.where(inside, v, 0.0) * bins).long().clamp_(0, bins - 1)
     return torch.zeros(bins, dtype=dtype, device=v.device).index_add_(0, index, inside.to(dtype))
 
+
+
+#: A float attention mask entry at or below this hides its key (``-inf``, ``finfo.min``, the
+#: ``-1e4`` / ``-1e9`` of older models); above it, the entry is a bias added to the logit. A
+#: mask of a model whose hidden keys get a milder value (Swin's ``-100``) is given as booleans.
+MASKED_BELOW = -1e4
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    # SDPA's broadcasting: a mask or bias of fewer dims lines up on the right.
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
+
+
+def _grouped(t: torch.Tensor, kv_heads: int, group: int) -> torch.Tensor:
+    """``(b, Hq or 1, n, m)`` -> ``(b, kv_heads, group or 1, n, m)``: query heads grouped by the
+    key head they share (grouped-query attention; head ``h`` uses key head ``h // group``)."""
+    t = _as_4d(t)
+    if t.shape[1] == 1:
+        return t.unsqueeze(2)
+    return t.reshape(t.shape[0], kv_heads, group, *t.shape[2:])
+
+
+def _rows(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    # The chunk's queries of a grouped tensor (its query dim may broadcast).
+    if t is None or t.shape[3] == 1:
+        return t
+    return t[:, :, :, start:stop]
+
+
+def _reduce_chunk(
+    s: torch.Tensor, visible: torch.Tensor | None, out: dict[str, torch.Tensor]
+) -> None:
+    """Add the rows of one chunk of logits ``s (B, Hk, g, c, Nk)`` (hidden keys: ``visible``
+    False, broadcastable, or ``None`` when every key is visible) to ``out`` (each ``(Hk, g)``;
+    only ``max_logit`` when that is all ``out`` holds)."""
+    keys = s.shape[-1]
+    if visible is not None:
+        visible = visible.expand(s.shape)
+        s = s.masked_fill(~visible, -math.inf)
+    row_max = s.amax(dim=-1, keepdim=True)  # -inf for a row that sees no key; NaN stays
+    out["max_logit"] = torch.maximum(out["max_logit"], row_max.amax(dim=(0, 3, 4)))
+    if "count" not in out:
+        return
+    shifted = s - row_max.masked_fill(row_max == -math.inf, 0.0)
+    e = shifted.exp()  # a hidden key: exp(-inf) = 0
+    z = e.sum(dim=-1)
+    if visible is not None:
+        shifted = shifted.masked_fill(~visible, 0.0)  # 0 * -inf would be NaN
+        n = visible.sum(dim=-1)
+        counted = n >= 2
+        log_n = n.clamp_min(2).to(s.dtype).log()
+    else:
+        counted = None
+        log_n = math.log(keys) if keys >= 2 else 1.0
+    # -sum p log p with p = e / z: log z - sum(e * shifted) / z
+    entropy = (z.log() - (e * shifted).sum(dim=-1) / z) / log_n
+    sink = e[..., 0] / z
+    if counted is None:
+        rows = s.shape[0] * s.shape[3] if keys >= 2 else 0
+        count = s.new_full(s.shape[1:3], float(rows))
+        if keys < 2:
+            entropy, sink = entropy * 0.0, sink * 0.0
+    else:
+        count = counted.to(s.dtype).sum(dim=(0, 3))
+        entropy = entropy.masked_fill(~counted, 0.0)
+        sink = sink.masked_fill(~counted, 0.0)
+    out["count"] = out["count"] + count
+    out["sum_entropy"] = out["sum_entropy"] + entropy.sum(dim=(0, 3))
+    out["sum_sink"] = out["sum_sink"] + sink.sum(dim=(0, 3))
+
+
+def _visibility(
+    mask: torch.Tensor | None, start: int, stop: int, keys: int, causal: bool,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(visible, added)`` of a chunk: which keys its queries may see (``None``: all), and
+    the float mask's finite part added to the logits (``None``: nothing)."""
+    visible = added = None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            visible = mask
+        else:
+            visible = mask > MASKED_BELOW
+            added = mask.masked_fill(~visible, 0.0)
+    if causal:  # SDPA's is_causal: query i sees keys 0..i (upper-left aligned)
+        rows = torch.arange(start, stop, device=device).unsqueeze(-1)
+        cols = torch.arange(keys, device=device)
+        lower = cols <= rows  # (c, Nk)
+        visible = lower if visible is None else visible & lower
+    return visible, added
+
+
+def _start(
+    heads: int, kv_heads: int, dtype: torch.dtype, device, max_only: bool = False
+) -> dict[str, torch.Tensor]:
+    shape = (kv_heads, heads // kv_heads)
+    out = {"max_logit": torch.full(shape, -math.inf, dtype=dtype, device=device)}
+    if not max_only:
+        zeros = torch.zeros(shape, dtype=dtype, device=device)
+        out.update(count=zeros, sum_entropy=zeros, sum_sink=zeros)
+    return out
+
+
+def _chunk_rows(batch: int, heads: int, queries: int, keys: int, chunk_elements: int) -> int:
+    return max(1, min(queries, chunk_elements // max(1, batch * heads * keys)))
+
+
+def _in_chunks(
+    logits_of: Callable[[int, int], torch.Tensor], queries: int, rows: int,
+    mask: torch.Tensor | None, causal: bool, out: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Reduce the logits of queries ``[start, stop)`` (``logits_of``: ``(B, Hk, g, c, Nk)``),
+    ``rows`` queries at a time, into ``out``; each result flattened to ``(H,)``."""
+    for start in range(0, queries, rows):
+        stop = min(queries, start + rows)
+        s = logits_of(start, stop)
+        visible, added = _visibility(_rows(mask, start, stop), start, stop, s.shape[-1], causal,
+                                     s.device)
+        if added is not None:
+            s = s + added.to(s.dtype)
+        _reduce_chunk(s, visible, out)
+    return {name: value.reshape(-1) for name, value in out.items()}
+
+
+@torch.no_grad()
+def head_reductions(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float | torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    causal: bool = False,
+    softcap: float | None = None,
+    chunk_elements: int,
+    dtype: torch.dtype = torch.float64,
+    max_only: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The per-head sums of :data:`~.statistics.HEAD_SLOTS` of one attention call, from its
+    queries and keys, ``chunk_elements`` logits at a time (never every head's ``N x N`` at
+    once). Tensor operations only: compile-safe, no host sync.
+
+    Args:
+        q: queries ``(B, Hq, Nq, D)``, as the attention uses them (after any norm or rotary
+            embedding).
+        k: keys ``(B, Hk, Nk, D)``; ``Hq`` a multiple of ``Hk`` (grouped-query attention:
+            query head ``h`` uses key head ``h // (Hq // Hk)``).
+        scale: the logits' factor: a number, a tensor of ``Hq`` values (one per head) or one
+            broadcastable to ``(B, Hq, 1, 1)``; ``None``: ``D ** -0.5``.
+        mask: SDPA's ``attn_mask``, broadcastable to ``(B, Hq, Nq, Nk)``: booleans (True:
+            the query may see the key) or floats added to the logits (an entry at or below
+            :data:`MASKED_BELOW` hides its key).
+        bias: floats added to the logits, broadcastable like ``mask`` (relative position
+            bias, ALiBi).
+        causal: query ``i`` sees keys ``0..i`` only (SDPA's ``is_causal``).
+        softcap: logits become ``softcap * tanh(logits / softcap)`` before bias and mask
+            (Gemma 2's soft capping).
+        chunk_elements: logits computed at once (the queries are taken in chunks).
+        dtype: the precision of the computation (the accumulator's).
+        max_only: only ``max_logit`` (no softmax: what a per-step logit clip needs).
+
+    Returns:
+        ``count``, ``sum_entropy``, ``sum_sink``, ``max_logit``: each ``(Hq,)`` in ``dtype``.
+    """
+    if q.dim() != 4 or k.dim() != 4 or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"head statistics need queries (B, Hq, Nq, D) and keys (B, Hk, Nk, D) with Hq a "
+            f"multiple of Hk, got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    batch, heads, queries, dim = max(q.shape[0], k.shape[0]), q.shape[1], q.shape[2], q.shape[3]
+    kv_heads, keys = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    q5 = q.detach().to(dtype).reshape(q.shape[0], kv_heads, group, queries, dim)
+    kt = k.detach().to(dtype).unsqueeze(2).transpose(-1, -2)  # (B, Hk, 1, D, Nk)
+    if scale is None:
+        scale = dim ** -0.5
+    if isinstance(scale, torch.Tensor):
+        scale = scale.detach().to(dtype)
+        scale = _grouped(scale.reshape(1, -1, 1, 1) if scale.dim() == 1 else scale,
+                         kv_heads, group)
+    mask5 = None if mask is None else _grouped(mask.detach(), kv_heads, group)
+    bias5 = None if bias is None else _grouped(bias.detach().to(dtype), kv_heads, group)
+
+    def logits_of(start: int, stop: int) -> torch.Tensor:
+        s = torch.matmul(q5[:, :, :, start:stop], kt) * scale  # (B, Hk, g, c, Nk)
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        return s if bias5 is None else s + _rows(bias5, start, stop)
+
+    out = _start(heads, kv_heads, dtype, q.device, max_only)
+    rows = _chunk_rows(batch, heads, queries, keys, chunk_elements)
+    return _in_chunks(logits_of, queries, rows, mask5, causal, out)
+
+
+@torch.no_grad()
+def logit_reductions(
+    logits: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    chunk_elements: int,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, torch.Tensor]:
+    """:func:`head_reductions` of attention whose logits the forward computed already:
+    ``logits (B, H, Nq, Nk)`` (scaled, with their biases, before the softmax), ``mask`` and
+    ``causal`` as there. For a softmax over positions (a gate's spatial attention: one query,
+    the positions as keys)."""
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be (B, H, Nq, Nk), got shape {tuple(logits.shape)}")
+    batch, heads, queries, keys = logits.shape
+    s5 = logits.detach().to(dtype).unsqueeze(2).transpose(1, 2)  # (B, 1, H, Nq, Nk)
+    mask5 = None if mask is None else _grouped(mask.detach(), 1, heads)
+    out = _start(heads, 1, dtype, logits.device)
+    rows = _chunk_rows(batch, heads, queries, keys, chunk_elements)
+    return _in_chunks(lambda start, stop: s5[:, :, :, start:stop], queries, rows, mask5,
+                      causal, out)

@@ -78,6 +78,34 @@ class ParameterDriftWarning(AttentionWarning):
               "fixed value")
 
 
+class HeadEntropyCollapseWarning(AttentionWarning):
+    """An attention head attends to (nearly) one key per query.
+
+    Its normalised entropy fell near 0 (Zhai et al. 2023: entropy collapse comes with
+    unstable training); a head that looks at one key by design (a previous-token head) sits
+    there too: lower ``head_entropy_threshold`` for such models."""
+
+    remedy = "`qk_norm=True` (timm), `lightning_attn.callbacks.QKClip`, a lower learning rate"
+
+
+class LogitGrowthWarning(AttentionWarning):
+    """An attention logit passed its threshold: the softmax is turning one-hot.
+
+    Growing logits precede the loss spikes of large transformers (Dehghani et al. 2023, the
+    reason for QK-norm); Kimi K2's QK-clip caps them at 100."""
+
+    remedy = "`lightning_attn.callbacks.QKClip`, `qk_norm=True` (timm)"
+
+
+class UnsupportedAttentionWarning(AttentionWarning):
+    """The model holds attention the diagnostics cannot measure.
+
+    The warning names each such class and why (docs/coverage.md lists every class)."""
+
+    remedy = ("an adapter of your own (`attention_adapter(...)`), or `exclude=[...]` to say it "
+              "is not meant to be watched")
+
+
 class MissingStatisticsWarning(AttentionWarning):
     """A watched block recorded nothing in a logging step.
 

@@ -38,6 +38,8 @@ PANEL_AXES: tuple[Panel, ...] = (
     Panel("mask mean", "mask", (0.0, 1.0)),
     Panel("mask std", "mask", (0.0, None)),
     Panel("mask saturation (share of values)", "mask", (0.0, 1.0)),
+    Panel("head entropy (normalised: 0 one-hot, 1 uniform)", "heads", (0.0, 1.0)),
+    Panel("attention sink (mass on the first key)", "heads", (0.0, 1.0)),
     Panel("gradient norms of the learnable parameters", "param", log=True),
 )
 
@@ -57,12 +59,14 @@ def panels() -> tuple[tuple[Panel, ...], ...]:
 
 @dataclass(frozen=True)
 class Column:
-    """A column of the summary table: its title, the section it shows, and its cell text."""
+    """A column of the summary table: its title, the section it shows, and its cell;
+    ``shown_for``: the column appears only when a block of the point has what it shows."""
 
     title: str
     section: str
     cell: Callable[[BlockStats, BlockInfo | None], str]
     justify: str = "left"
+    shown_for: Callable[[BlockStats], bool] | None = None
 
 
 def _mask_names(bs: BlockStats, info: BlockInfo | None) -> str:
@@ -76,24 +80,38 @@ def _write(q: Quantity, value: float, undefined: bool = False, **names: str) -> 
                                                                                 **names)
 
 
+def _items(section: str, bs: BlockStats) -> list:
+    """The statistics a column shows one or more lines of: each mask, the router, the heads."""
+    if section == "mask":
+        return list(bs.masks.values())
+    found = getattr(bs, section, None)
+    return [] if found is None else [found]
+
+
 def _cell_text(section: str, declared: tuple[Quantity, ...]):
-    """The cell of one column: its quantities' values in one block's statistics."""
-    join = declared[0].cell.join
+    """The cell of one column: its quantities' values in one block's statistics. Quantities
+    of one ``Cell.line`` share a line (joined by their ``join``); a per-branch quantity takes a
+    line per branch."""
+    lines_of: dict[int, list[Quantity]] = {}
+    for q in declared:
+        lines_of.setdefault(q.cell.line, []).append(q)
 
     def cell(bs: BlockStats, info: BlockInfo | None) -> str:
         lines: list[str] = []
-        if section == "mask":
-            lines = [join.join(_write(q, getattr(m, q.name), not m.nonfinite) for q in declared)
-                     for m in bs.masks.values()]
-        elif section == "router" and bs.router is not None:
+        if section != "param":
             labels = (info.branch_names if info is not None else None) or tuple(
-                f"b{k}" for k in range(bs.router.num_branches))
-            for q in declared:
-                value = getattr(bs.router, q.name)
-                lines += ([_write(q, v, branch=label.replace(" ", ""))
-                           for label, v in zip(labels, value, strict=False)]
-                          if q.per_branch else [_write(q, value)])
-        elif section == "param":
+                f"b{k}" for k in range(bs.router.num_branches if bs.router else 0))
+            for item in _items(section, bs):
+                finite = not getattr(item, "nonfinite", 0)  # then a NaN is undefined: "n/a"
+                for same in lines_of.values():
+                    if any(q.per_branch for q in same):
+                        lines += [_write(q, v, branch=label.replace(" ", "")) for q in same
+                                  for label, v in zip(labels, getattr(item, q.name),
+                                                      strict=False)]
+                    else:
+                        lines.append(same[0].cell.join.join(
+                            _write(q, getattr(item, q.name), finite) for q in same))
+        else:
             specs = bs.param_specs or (info.param_specs if info is not None else {})
             by_quantity = {"value": bs.params, "grad_norm": bs.grad_norms}
             for q in declared:
@@ -108,8 +126,8 @@ def _cell_text(section: str, declared: tuple[Quantity, ...]):
 @functools.cache
 def summary_columns() -> tuple[Column, ...]:
     """The summary table's columns: one per :class:`~.statistics.Cell` column title declared
-    on the quantities, in declaration order (router, masks, parameters), with the masks'
-    names before the first mask column."""
+    on the quantities, in declaration order (router, masks, heads, parameters), with the
+    masks' names before the first mask column."""
     columns: list[Column] = []
     by_title: dict[tuple[str, str], list[Quantity]] = {}
     for q in all_quantities():
@@ -119,7 +137,9 @@ def summary_columns() -> tuple[Column, ...]:
         if section == "mask" and not any(c.section == "mask" for c in columns):
             columns.append(Column("mask", "mask", _mask_names))
         columns.append(Column(title, section, _cell_text(section, tuple(declared)),
-                              declared[0].cell.justify))
+                              declared[0].cell.justify,
+                              # a column of a section few blocks have: only when one does
+                              (lambda bs: bs.heads is not None) if section == "heads" else None))
     return tuple(columns)
 
 

@@ -17,7 +17,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from . import categories as w
-from .statistics import SECTIONS, BlockStats, GlobalStats, MaskStats, ParameterSpec, RouterStats
+from .statistics import (
+    SECTIONS,
+    BlockStats,
+    GlobalStats,
+    HeadStats,
+    MaskStats,
+    ParameterSpec,
+    RouterStats,
+)
 from .validation import check_fraction, check_int, check_positive_float
 
 __all__ = [
@@ -56,6 +64,10 @@ class HealthThresholds:
         unit_margin: a learnable blend (alpha, beta) more than this outside ``[0, 1]`` has
             drifted (the blocks' default ``alpha=1.0`` sits on the edge: a first step past it
             is not yet a drift).
+        head_entropy_threshold: an attention head whose normalised entropy (entropy / log of
+            the keys a query may see) is below this has collapsed.
+        max_logit_threshold: warn when an attention logit (scaled, before the softmax)
+            passes this.
         recovery_margin: the report calls a warned block *recovered* only once the statistic
             is back past its threshold by this share of the threshold (hysteresis: noise
             around a threshold does not flip a verdict).
@@ -76,17 +88,27 @@ class HealthThresholds:
     # on each of 3 seeds (docs/remedies.md), so an alpha past 1 is not a helpful state to
     # tolerate; 0.05 only spares the first steps past the default alpha=1.0.
     unit_margin: float = 0.05
+    # Normalised entropy 0.1 leaves exp(0.1 * log N) effective keys per query: 1.7 of ViT-B's
+    # 197 tokens, 2.1 of 2048: (nearly) one-hot attention, the "entropy collapse" Zhai et al.
+    # 2023 tie to unstable training, and the "near-zero entropy" before ViT-22B diverged
+    # (Dehghani et al. 2023). At initialisation heads sit near 1. Heads that specialise on one
+    # key by design (previous-token heads of language models) may sit low: lower it there.
+    head_entropy_threshold: float = 0.1
+    # Kimi K2's QK-clip threshold tau = 100: past it, K2 rescales a head's query and key
+    # weights (MuonClip). Dehghani et al. 2023 traced ViT-22B's divergence to "extremely
+    # large values in attention logits"; a fresh transformer's logits are a few units.
+    max_logit_threshold: float = 100.0
     recovery_margin: float = 0.1
 
     def __post_init__(self) -> None:
         for name in (
             "std_threshold", "saturation_low", "saturation_high", "saturation_threshold",
             "router_collapse_threshold", "router_indifference_threshold", "dead_branch_factor",
-            "unit_margin", "recovery_margin",
+            "unit_margin", "head_entropy_threshold", "recovery_margin",
         ):
             object.__setattr__(self, name, check_fraction(name, getattr(self, name)))
         check_int("indifference_warmup_steps", self.indifference_warmup_steps, 0)
-        for name in ("temperature_min", "temperature_max"):
+        for name in ("temperature_min", "temperature_max", "max_logit_threshold"):
             object.__setattr__(self, name, check_positive_float(name, getattr(self, name)))
         for low, high in (("temperature_min", "temperature_max"),
                           ("saturation_low", "saturation_high")):
@@ -205,6 +227,11 @@ def _finite_masks(bs: BlockStats) -> dict[str, MaskStats]:
     return {n: m for n, m in bs.masks.items() if not m.nonfinite}
 
 
+def _finite_heads(bs: BlockStats) -> HeadStats | None:
+    h = bs.heads
+    return h if h is not None and not h.nonfinite else None
+
+
 def _routing(bs: BlockStats) -> RouterStats | None:
     r = bs.router
     return r if r is not None and not r.nonfinite and r.num_branches >= 2 else None
@@ -281,10 +308,48 @@ def _dead_branch(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement 
     )
 
 
+def _worst_head(values: Sequence[float], pick: Callable) -> str:
+    # "head 3" where the per-head values are known (live); the report has the summary only.
+    if not values:
+        return ""
+    h = pick(range(len(values)), key=lambda i: (math.isnan(values[i]), values[i]))
+    return f" (head {h} of {len(values)})"
+
+
+def _head_entropy_collapse(bs: BlockStats, t: HealthThresholds, step: int
+                           ) -> Measurement | None:
+    h = _finite_heads(bs)
+    if h is None or math.isnan(h.entropy_min):
+        return None
+    limit = t.head_entropy_threshold
+    return Measurement(
+        h.entropy_min, limit, *_below(h.entropy_min, limit, t), "lowest head entropy",
+        f"the lowest attention head entropy{_worst_head(h.head_entropy, min)} is "
+        f"{_fmt(h.entropy_min)} < head_entropy_threshold={limit} (normalised: 0 one-hot, 1 "
+        f"uniform; mean over heads {_fmt(h.entropy_mean)}): its queries attend to (nearly) "
+        "one key each",
+    )
+
+
+def _logit_growth(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
+    h = _finite_heads(bs)
+    if h is None or not math.isfinite(h.max_logit):
+        return None
+    limit = t.max_logit_threshold
+    return Measurement(
+        h.max_logit, limit, *_above(h.max_logit, limit, t), "max attention logit",
+        f"the max attention logit{_worst_head(h.head_max_logit, max)} is {_fmt(h.max_logit)} "
+        f"> max_logit_threshold={limit:g} (scaled, before the softmax): the query and key "
+        "weights are growing and the softmax turns one-hot",
+    )
+
+
 def _nonfinite(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
     bad = [f"mask {n!r} ({m.nonfinite} values)" for n, m in bs.masks.items() if m.nonfinite]
     if bs.router is not None and bs.router.nonfinite:
         bad.append(f"router weights ({bs.router.nonfinite} values)")
+    if bs.heads is not None and bs.heads.nonfinite:
+        bad.append(f"attention logits of {bs.heads.nonfinite} heads")
     bad += [f"parameter {n!r} = {v}" for n, v in bs.params.items() if not math.isfinite(v)]
     bad += [f"the gradient of parameter {n!r} (norm {v})" for n, v in bs.grad_norms.items()
             if not math.isfinite(v)]
@@ -351,8 +416,8 @@ class ProblemKind:
     Attributes:
         name: its key (``"mask_collapse"``).
         category: the warning it raises.
-        section: the statistics it reads (``"mask"``, ``"router"``, ``"param"``; ``None``:
-            all of them).
+        section: the statistics it reads (``"mask"``, ``"router"``, ``"param"``, ``"heads"``;
+            ``None``: all of them).
         title: a word for the summary table (``"collapse"``).
         phrase: the verdict's words (``"collapsed"``).
         hint: what to try, naming the argument or callback that applies the remedy.
@@ -439,6 +504,31 @@ PROBLEM_KINDS: dict[str, ProblemKind] = {k.name: k for k in (
             t.dead_branch_factor / k)] if k else [],
     ),
     ProblemKind(
+        "head_entropy_collapse", w.HeadEntropyCollapseWarning, "heads", "h.collapse",
+        "attention head collapsed onto one key",
+        "QK normalisation (timm: qk_norm=True, e.g. timm.create_model('vit_small_patch16_224', "
+        "qk_norm=True), where the model has it) or lightning_attn.callbacks.QKClip, which "
+        "rescales a head's query and key weights when its max logit passes the threshold "
+        "(the logit growth that drives the collapse); a lower learning rate or a longer "
+        "warm-up; heads that specialise on one key by design (previous-token heads of a "
+        "language model) may sit low: lower head_entropy_threshold or exclude the module",
+        _head_entropy_collapse, ("head_entropy_threshold",),
+        "head entropy (normalised: 0 one-hot, 1 uniform)",
+        lambda t, k, s: [Line("head entropy (normalised: 0 one-hot, 1 uniform)",
+                              f"collapse < {t.head_entropy_threshold:g}",
+                              t.head_entropy_threshold)],
+    ),
+    ProblemKind(
+        "logit_growth", w.LogitGrowthWarning, "heads", "logit growth", "attention logits growing",
+        "QK-clip: lightning_attn.callbacks.QKClip(threshold=100) rescales the query and key "
+        "weights of a head whose max logit passes the threshold after each optimizer step "
+        "(Kimi K2); or QK normalisation (timm: qk_norm=True, where the model has it); a "
+        "lower learning rate or more weight decay on the query and key projections",
+        _logit_growth, ("max_logit_threshold",), "max attention logit",
+        lambda t, k, s: [Line("max attention logit", f"growth > {t.max_logit_threshold:g}",
+                              t.max_logit_threshold)],
+    ),
+    ProblemKind(
         "nonfinite", w.NonFiniteWarning, None, "non-finite", "non-finite values",
         "gradient clipping (Trainer(gradient_clip_val=1.0)), a lower learning rate, float32 "
         "instead of 16-bit, the router z-loss against router-logit blow-up (aux_loss="
@@ -477,6 +567,7 @@ def _visible(bs: BlockStats, sections: frozenset[str]) -> BlockStats:
         router=bs.router if "router" in sections else None,
         params=bs.params if "param" in sections else {},
         grad_norms=bs.grad_norms if "param" in sections else {},
+        heads=bs.heads if "heads" in sections else None,
     )
 
 

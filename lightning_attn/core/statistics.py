@@ -3,12 +3,13 @@
 A statistic has two declarations, both in this file (which imports no torch: the report reads
 it without):
 
-* **Slots** (:data:`MASK_SLOTS`, :data:`ROUTER_SLOTS`): what a forward adds to the block's
+* **Slots** (:data:`MASK_SLOTS`, :data:`ROUTER_SLOTS`, :data:`HEAD_SLOTS`): what a forward
+  adds to the block's
   on-device accumulator and how accumulators combine across forwards, micro-batches and
   processes (``sum``, ``min`` or ``max``) — torchmetrics' ``add_state(dist_reduce_fx=...)``.
   :class:`~.accumulator.Accumulator` lays them out and adds them inside the forward with
   tensor operations only (each measure is a function of tensors, using their methods).
-* **Quantities**: the fields of :class:`MaskStats` and :class:`RouterStats` (and
+* **Quantities**: the fields of :class:`MaskStats`, :class:`RouterStats`, :class:`HeadStats` (and
   :data:`PARAM_QUANTITIES`), each with its :func:`quantity` metadata: how it is computed from
   the reduced slots on the host, its tag leaf, its chart and its title. Tags
   (:mod:`.tags`), the TensorBoard chart layout, the summary table (:mod:`.presentation`),
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 from .validation import check_fraction, check_int
 
 __all__ = [
+    "HEAD_SLOTS",
     "HISTOGRAM_BINS",
     "Cell",
     "Chart",
@@ -47,6 +49,7 @@ __all__ = [
     "BlockInfo",
     "BlockStats",
     "GlobalStats",
+    "HeadStats",
     "MaskStats",
     "ParameterSpec",
     "Quantity",
@@ -62,20 +65,27 @@ __all__ = [
     "router_entropy",
 ]
 
-#: The statistics a consumer can ask for: router weights, masks, scalar parameters.
-SECTIONS: tuple[str, ...] = ("router", "mask", "param")
+#: The statistics a consumer can ask for: router weights, masks, scalar parameters, and the
+#: heads of softmax attention (transformer self-attention, a gate's spatial softmax).
+SECTIONS: tuple[str, ...] = ("router", "mask", "param", "heads")
 #: The phases a forward records in, one accumulator row each (Lightning's loops).
 PHASES: tuple[str, ...] = ("train", "val", "test", "predict")
 #: Default number of equal bins over ``[0, 1]`` of the mask and router-weight histograms.
 HISTOGRAM_BINS = 50
-#: Group names a mask may not take (they name the router's and the parameters' tags).
-RESERVED_GROUPS: tuple[str, ...] = ("router", "param")
+#: Group names a mask may not take (they name the router's, the parameters' and the heads'
+#: tags).
+RESERVED_GROUPS: tuple[str, ...] = ("router", "param", "heads")
+#: Default bound on the attention logits held at once while the head statistics of one
+#: forward are computed, in elements (``2**22`` float64 values: 32 MiB per temporary).
+HEAD_CHUNK_ELEMENTS = 2**22
 
 
 
 @dataclass(frozen=True)
 class RecordingConfig:
-    """How a block records: saturation thresholds and histogram bins (``0``: none).
+    """How a block records: saturation thresholds, histogram bins (``0``: none), and how many
+    attention logits the head statistics hold at once (``head_chunk_elements``: the queries
+    are taken in chunks of ``max(1, head_chunk_elements // (batch * heads * keys))``).
 
     Frozen: its values are constants of the compiled graph, fixed for a run.
     """
@@ -83,11 +93,13 @@ class RecordingConfig:
     saturation_low: float = 0.05
     saturation_high: float = 0.95
     histogram_bins: int = HISTOGRAM_BINS
+    head_chunk_elements: int = HEAD_CHUNK_ELEMENTS
 
     def __post_init__(self) -> None:
         check_fraction("saturation_low", self.saturation_low)
         check_fraction("saturation_high", self.saturation_high)
         check_int("histogram_bins", self.histogram_bins, 0)
+        check_int("head_chunk_elements", self.head_chunk_elements, 1)
         if not self.saturation_low < self.saturation_high:
             raise ValueError(
                 f"saturation_low must be below saturation_high, got saturation_low="
@@ -107,17 +119,21 @@ class Slot:
     Attributes:
         name: its name (the quantities read it by this name).
         reduce: how two accumulators combine: ``"sum"``, ``"min"`` or ``"max"``.
-        measure: one forward's contribution, a 0-d tensor (``(K,)`` when ``per_branch``) in
-            the accumulator's dtype: ``measure(v, v64, config)`` of a mask flattened to
-            ``v`` (float32) and ``v64`` (accumulator dtype); ``measure(w, dtype)`` of router
-            weights ``w (B, K)`` (float32).
+        measure: one forward's contribution, a 0-d tensor (``(K,)`` when ``per_branch``,
+            ``(H,)`` when ``per_head``) in the accumulator's dtype: ``measure(v, v64, config)``
+            of a mask flattened to ``v`` (float32) and ``v64`` (accumulator dtype);
+            ``measure(w, dtype)`` of router weights ``w (B, K)`` (float32); ``measure(r)`` of
+            the per-head reductions ``r`` (name -> ``(H,)`` tensor,
+            :func:`~.accumulator.head_reductions`).
         per_branch: one entry per router branch.
+        per_head: one entry per attention head.
     """
 
     name: str
     reduce: str
     measure: Callable[..., torch.Tensor]
     per_branch: bool = False
+    per_head: bool = False
 
 
 def router_entropy(router_weights: torch.Tensor) -> torch.Tensor:
@@ -159,23 +175,39 @@ ROUTER_SLOTS: tuple[Slot, ...] = (
     Slot("row_sum_max", "max", lambda w, dtype: w.sum(dim=1).amax().to(dtype)),
 )
 
-def slot_width(slot: Slot, k: int) -> int:
-    """Entries of ``slot`` in a row of a block whose router has ``k`` branches."""
-    return k if slot.per_branch else 1
+#: The slots of a block's attention heads, one entry per head each. Rows are the (batch,
+#: query) pairs of every forward; ``count`` counts those that see at least two keys (a query
+#: that may see one key has no choice to measure); ``sum_entropy`` adds their entropy divided
+#: by the log of the number of keys they may see (1: uniform, 0: one-hot), ``sum_sink`` their
+#: attention mass on the first key; ``max_logit`` is the largest logit a query may see (scaled,
+#: with the biases and masks the model applies, before the softmax).
+HEAD_SLOTS: tuple[Slot, ...] = tuple(
+    Slot(name, reduce, lambda r, _name=name: r[_name], per_head=True)
+    for name, reduce in (("count", "sum"), ("sum_entropy", "sum"), ("sum_sink", "sum"),
+                         ("max_logit", "max"))
+)
+
+
+def slot_width(slot: Slot, k: int, heads: int = 0) -> int:
+    """Entries of ``slot`` in a row of a block whose router has ``k`` branches and whose
+    attention has ``heads`` heads."""
+    return k if slot.per_branch else heads if slot.per_head else 1
 
 
 @dataclass(frozen=True)
 class StatisticsLayout:
     """Where each slot of one block sits in one row of its accumulator.
 
-    Fixed by what the block declares (``mask_names``, ``num_branches``) and by the number of
-    histogram bins (``0``: no histograms), so that every process agrees on it before any
-    forward has run. A row is: the forward count, each mask's :data:`MASK_SLOTS`, the router's
-    :data:`ROUTER_SLOTS` (if any), then the histogram bins of each mask and of the router.
+    Fixed by what the block declares (``mask_names``, ``num_branches``, ``num_heads``) and by
+    the number of histogram bins (``0``: no histograms), so that every process agrees on it
+    before any forward has run. A row is: the forward count, each mask's :data:`MASK_SLOTS`,
+    the router's :data:`ROUTER_SLOTS` (if any), the heads' :data:`HEAD_SLOTS` (if any, each
+    ``num_heads`` wide), then the histogram bins of each mask and of the router.
 
     Attributes:
         mask_offsets: mask name -> offset of its slots.
         router_offset: offset of the router's slots (``None``: no router).
+        head_offset: offset of the heads' slots (``None``: no heads).
         histogram_offsets: mask name or ``"router"`` -> offset of its bins.
         size: entries in a row.
         reductions: how each entry combines (``sum``, ``min``, ``max``).
@@ -184,8 +216,10 @@ class StatisticsLayout:
     mask_names: tuple[str, ...]
     num_branches: int | None = None
     histogram_bins: int = 0
+    num_heads: int | None = None
     mask_offsets: dict[str, int] = field(init=False, repr=False, compare=False)
     router_offset: int | None = field(init=False, repr=False, compare=False)
+    head_offset: int | None = field(init=False, repr=False, compare=False)
     histogram_offsets: dict[str, int] = field(init=False, repr=False, compare=False)
     size: int = field(init=False, repr=False, compare=False)
     reductions: tuple[str, ...] = field(init=False, repr=False, compare=False)
@@ -197,7 +231,9 @@ class StatisticsLayout:
                 f"mask_names {clash} are not allowed: a mask name is a tag part, so it must "
                 f"be non-empty, without '/', and none of {list(RESERVED_GROUPS)}"
             )
-        k, bins = self.num_branches or 0, self.histogram_bins
+        if self.num_heads is not None:
+            check_int("num_heads", self.num_heads, 1)
+        k, h, bins = self.num_branches or 0, self.num_heads or 0, self.histogram_bins
         kinds = ["sum"]  # forwards
         masks = {}
         for name in self.mask_names:
@@ -207,24 +243,28 @@ class StatisticsLayout:
         if k:
             router = len(kinds)
             kinds += [s.reduce for s in ROUTER_SLOTS for _ in range(slot_width(s, k))]
+        heads = None
+        if h:
+            heads = len(kinds)
+            kinds += [s.reduce for s in HEAD_SLOTS for _ in range(slot_width(s, k, h))]
         hists = {}
         if bins:
             for name in (*self.mask_names, *(("router",) if k else ())):
                 hists[name] = len(kinds)
                 kinds += ["sum"] * bins
         for name, value in (
-            ("mask_offsets", masks), ("router_offset", router), ("histogram_offsets", hists),
-            ("size", len(kinds)), ("reductions", tuple(kinds)),
+            ("mask_offsets", masks), ("router_offset", router), ("head_offset", heads),
+            ("histogram_offsets", hists), ("size", len(kinds)), ("reductions", tuple(kinds)),
         ):
             object.__setattr__(self, name, value)
 
     def slots(self, values: Sequence[float], offset: int, declared: Sequence[Slot]) -> _Slots:
         """The host values of the slots ``declared`` starting at ``offset`` of a row."""
-        k = self.num_branches or 0
+        k, h = self.num_branches or 0, self.num_heads or 0
         out, pos = {}, offset
         for slot in declared:
-            width = slot_width(slot, k)
-            out[slot.name] = (tuple(values[pos:pos + width]) if slot.per_branch
+            width = slot_width(slot, k, h)
+            out[slot.name] = (tuple(values[pos:pos + width]) if slot.per_branch or slot.per_head
                               else values[pos])
             pos += width
         return _Slots(out)
@@ -257,14 +297,15 @@ class Chart:
 class Cell:
     """Where a quantity shows in the console's summary table: the ``column`` it joins, and
     how one value is written (``format`` over ``{value}``, and ``{branch}`` or ``{symbol}``
-    for per-branch and parameter quantities). Quantities of a mask that share a column are
-    written on one line per mask, joined by ``join`` (``"0.50±0.10"``); router and parameter
-    quantities take a line each."""
+    for per-branch and parameter quantities). Quantities that share a column and a ``line``
+    are written on one line (per mask), joined by ``join`` (``"0.50±0.10"``); a per-branch
+    quantity takes a line per branch, a parameter quantity a line per parameter."""
 
     column: str
     format: str = "{value:.2f}"
     join: str = " "
     justify: str = "left"
+    line: int = 0
 
 
 @dataclass(frozen=True)
@@ -282,7 +323,7 @@ class Quantity:
 
     Attributes:
         name: the field's name (``"std"``).
-        group: ``"mask"``, ``"router"`` or ``"param"``.
+        group: ``"mask"``, ``"router"``, ``"param"`` or ``"heads"``.
         tag: its tag leaf (``"std"``, ``"usage_{branch}"``, ``"{param}_grad_norm"``), or
             ``None`` when it is not logged.
         title: what it is, for chart titles and the docs (``"{mask} std"``).
@@ -294,6 +335,8 @@ class Quantity:
         cell: where the console's summary table shows it.
         compare: the report's comparison of runs that shows it.
         per_branch: one value per router branch (a tuple).
+        per_head: one value per attention head (a tuple; not a scalar: the per-head values
+            go to :func:`~.tags.head_record`, the scalars are their summaries).
     """
 
     name: str
@@ -307,6 +350,7 @@ class Quantity:
     cell: Cell | None = None
     compare: Comparison | None = None
     per_branch: bool = False
+    per_head: bool = False
 
     def leaf(self, branch: int | None = None, param: str | None = None) -> str:
         """The tag leaf for one branch / parameter."""
@@ -321,7 +365,8 @@ def quantity(group: str, tag: str | None, title: str, default: Any = math.nan, *
 
 @functools.cache
 def quantities(stats_class: type) -> tuple[Quantity, ...]:
-    """The :class:`Quantity` declarations of :class:`MaskStats` or :class:`RouterStats`."""
+    """The :class:`Quantity` declarations of :class:`MaskStats`, :class:`RouterStats` or
+    :class:`HeadStats`."""
     return tuple(
         Quantity(name=f.name, **f.metadata["quantity"])
         for f in dataclasses.fields(stats_class) if "quantity" in f.metadata
@@ -448,7 +493,8 @@ class RouterStats:
                                         value=lambda s: tuple(w / s.count for w in s.sum_w),
                                         chart=Chart("branch usage (mean router weight)",
                                                     "{branch}"),
-                                        cell=Cell("router\nH/logK", "{branch} {value:.2f}"),
+                                        cell=Cell("router\nH/logK", "{branch} {value:.2f}",
+                                                  line=1),
                                         per_branch=True)
     nonfinite: int = quantity("router", None, "router samples with NaN or Inf", 0,
                               value=lambda s: int(round(s.count - s.n_finite)),
@@ -466,6 +512,98 @@ class RouterStats:
         return len(self.usage)
 
 
+def _per_head(s: _Slots, name: str) -> tuple[float, ...]:
+    # A head whose queries never saw two keys has no entropy or sink share to report.
+    return tuple(v / c if c > 0 else math.nan for v, c in zip(s[name], s.count, strict=True))
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _heads_nonfinite(s: _Slots) -> int:
+    # A NaN or Inf query or key makes its head's sums (and its max logit) NaN or Inf.
+    return sum(1 for e, m in zip(s.sum_entropy, s.max_logit, strict=True)
+               if not math.isfinite(e) or math.isnan(m) or m == math.inf)
+
+
+def _of_heads(per_head: str, reduce: Callable[[Sequence[float]], float], counted: bool = True):
+    """A summary over heads of the per-head quantity ``per_head``: ``reduce`` of the heads
+    that counted a query (``counted``; every head for the max logit), NaN if one is NaN."""
+
+    def derive(q: Mapping[str, Any]) -> float:
+        values = q.get(per_head, ())
+        counts = q.get("head_count") or (1,) * len(values)
+        measured = [v for v, c in zip(values, counts, strict=True) if c > 0 or not counted]
+        if not measured or any(math.isnan(v) for v in measured):
+            return math.nan
+        return reduce(measured)
+
+    return derive
+
+
+@dataclass(frozen=True)
+class HeadStats:
+    """Statistics of a block's attention heads over the queries of a point (global batch).
+
+    Per head (tuples, one value per head): ``head_entropy``, the mean over queries of the
+    entropy of its attention divided by the log of the number of keys the query may see (1:
+    uniform, 0: one-hot); ``head_max_logit``, the largest attention logit any query may see
+    (scaled, with the biases and masks the model applies, before the softmax);
+    ``head_sink``, the mean attention mass on the first key. Queries that may see fewer than
+    two keys are left out of the entropy and the sink share (``head_count``: those counted).
+
+    Summaries over the heads (the logged scalars): ``entropy_min`` (the lowest head),
+    ``entropy_mean``, ``max_logit`` (the largest over heads), ``sink_max`` and ``sink_mean``.
+    ``nonfinite`` counts the heads whose statistics are NaN or Inf.
+    """
+
+    head_count: tuple[int, ...] = quantity(
+        "heads", None, "queries counted per head", (), per_head=True,
+        value=lambda s: tuple(int(c) for c in s.count))
+    head_entropy: tuple[float, ...] = quantity(
+        "heads", None, "normalised attention entropy of each head", (), per_head=True,
+        value=lambda s: _per_head(s, "sum_entropy"))
+    head_max_logit: tuple[float, ...] = quantity(
+        "heads", None, "max attention logit of each head", (), per_head=True,
+        value=lambda s: tuple(s.max_logit))
+    head_sink: tuple[float, ...] = quantity(
+        "heads", None, "attention mass on the first key, of each head", (), per_head=True,
+        value=lambda s: _per_head(s, "sum_sink"))
+    entropy_min: float = quantity(
+        "heads", "entropy_min", "lowest head entropy / log(keys) (1 = uniform)",
+        derive=_of_heads("head_entropy", min), inputs=("head_entropy",),
+        chart=Chart("head entropy (normalised: 0 one-hot, 1 uniform)", "lowest head"),
+        cell=Cell("heads\nH min/mean", "H {value:.2f}", "/"))
+    entropy_mean: float = quantity(
+        "heads", "entropy_mean", "mean head entropy / log(keys)",
+        derive=_of_heads("head_entropy", _mean), inputs=("head_entropy",),
+        chart=Chart("head entropy (normalised: 0 one-hot, 1 uniform)", "mean over heads"),
+        cell=Cell("heads\nH min/mean", "{value:.2f}", "/"))
+    max_logit: float = quantity(
+        "heads", "max_logit", "max attention logit over heads (before softmax)",
+        derive=_of_heads("head_max_logit", max, counted=False),
+        inputs=("head_max_logit",),
+        chart=Chart("max attention logit", "max over heads"),
+        cell=Cell("heads\nH min/mean", "logit {value:.1f}", line=1))
+    sink_max: float = quantity(
+        "heads", "sink_max", "largest head share of attention on the first key",
+        derive=_of_heads("head_sink", max), inputs=("head_sink",),
+        chart=Chart("attention sink (mass on the first key)", "largest head"),
+        cell=Cell("heads\nH min/mean", "sink {value:.2f}", line=2))
+    sink_mean: float = quantity(
+        "heads", "sink_mean", "mean head share of attention on the first key",
+        derive=_of_heads("head_sink", _mean), inputs=("head_sink",),
+        chart=Chart("attention sink (mass on the first key)", "mean over heads"))
+    nonfinite: int = quantity(
+        "heads", None, "heads with NaN or Inf statistics", 0, value=_heads_nonfinite,
+        derive=_any_nonfinite("entropy_mean", "max_logit"), inputs=("entropy_mean", "max_logit"))
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.head_entropy)
+
+
 #: The scalar parameters' quantities (temperature, alpha, ...; read outside the forward).
 PARAM_QUANTITIES: tuple[Quantity, ...] = (
     Quantity("value", "param", "{param}", "{param}", chart=Chart("parameters", "{param}"),
@@ -479,8 +617,10 @@ PARAM_QUANTITIES: tuple[Quantity, ...] = (
 @functools.cache
 def all_quantities() -> tuple[Quantity, ...]:
     """Every reported quantity, section by section (:data:`SECTIONS`: the router's, masks',
-    then the parameters'): the order of the table's columns and the report's panels."""
-    return quantities(RouterStats) + quantities(MaskStats) + PARAM_QUANTITIES
+    the heads', then the parameters'): the order of the table's columns and the report's
+    panels."""
+    return quantities(RouterStats) + quantities(MaskStats) + quantities(HeadStats) + (
+        PARAM_QUANTITIES)
 
 
 def _from_slots(stats_class: type, s: _Slots) -> Any:
@@ -495,8 +635,9 @@ def _from_slots(stats_class: type, s: _Slots) -> Any:
 
 
 def from_logged(stats_class: type, logged: Mapping[str, Any]) -> Any:
-    """A :class:`MaskStats` / :class:`RouterStats` from logged quantities (name -> value);
-    what was not logged is derived (``nonfinite``: 1 when a logged value is NaN or Inf)."""
+    """A :class:`MaskStats` / :class:`RouterStats` / :class:`HeadStats` from logged quantities
+    (name -> value); what was not logged is derived (``nonfinite``: 1 when a logged value is
+    NaN or Inf)."""
     values = {q.name: logged[q.name] for q in quantities(stats_class) if q.name in logged}
     for q in quantities(stats_class):
         if q.name not in values and q.derive is not None:
@@ -547,6 +688,8 @@ class BlockInfo:
         trainable_names: the learnable ones.
         branch_names: labels of the router's branches (``("3x3", "7x7", "7x7 d2")``), if any.
         param_specs: parameter name -> :class:`ParameterSpec` (ranges, symbols, hints).
+
+    The number of attention heads, if any, is the layout's (``layout.num_heads``).
     """
 
     name: str
@@ -563,7 +706,7 @@ class BlockInfo:
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name, "masks": list(self.layout.mask_names),
-            "num_branches": self.layout.num_branches,
+            "num_branches": self.layout.num_branches, "num_heads": self.layout.num_heads,
             "branches": list(self.branch_names or ()), "params": list(self.param_names),
             "trainable": list(self.trainable_names),
             "param_specs": {n: s.to_json() for n, s in self.param_specs.items()},
@@ -576,7 +719,8 @@ class BlockInfo:
         specs = doc.get("param_specs") or {}
         return cls(
             name=str(doc["name"]),
-            layout=StatisticsLayout(tuple(str(m) for m in doc.get("masks") or ()), k),
+            layout=StatisticsLayout(tuple(str(m) for m in doc.get("masks") or ()), k,
+                                    num_heads=doc.get("num_heads") or None),
             param_names=tuple(str(p) for p in doc.get("params") or ()),
             trainable_names=tuple(str(p) for p in doc.get("trainable") or ()),
             branch_names=branches or None,
@@ -595,7 +739,8 @@ class BlockStats:
     it (NaN or Inf when the gradient was; absent when it had none); ``histograms`` maps mask
     names and ``"router"`` to bin counts over ``[0, 1]``; ``forwards`` counts the recorded
     forwards (``0``: the block recorded nothing); ``param_specs`` what the block declares
-    about its parameters (ranges, for the drift rule).
+    about its parameters (ranges, for the drift rule); ``heads`` the statistics of its
+    attention heads, if it has any.
     """
 
     masks: dict[str, MaskStats] = field(default_factory=dict)
@@ -606,6 +751,7 @@ class BlockStats:
     trainable: frozenset[str] = frozenset()
     forwards: int = 0
     param_specs: Mapping[str, ParameterSpec] = field(default_factory=dict)
+    heads: HeadStats | None = None
 
 
 @dataclass(frozen=True)
@@ -639,6 +785,11 @@ def block_stats(
         s = layout.slots(values, layout.router_offset, ROUTER_SLOTS)
         if s.count > 0:
             router = _from_slots(RouterStats, s)
+    heads = None
+    if layout.head_offset is not None:
+        s = layout.slots(values, layout.head_offset, HEAD_SLOTS)
+        if sum(s.count) > 0 or any(math.isfinite(m) for m in s.max_logit):
+            heads = _from_slots(HeadStats, s)
     bins = layout.histogram_bins
     histograms = {
         name: list(values[off:off + bins])
@@ -648,7 +799,7 @@ def block_stats(
     return BlockStats(
         masks=masks, router=router, params=dict(params or {}), grad_norms=dict(grad_norms or {}),
         histograms=histograms, trainable=frozenset(trainable), forwards=int(values[0]),
-        param_specs=dict(param_specs or {}),
+        param_specs=dict(param_specs or {}), heads=heads,
     )
 
 

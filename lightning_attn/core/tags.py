@@ -3,8 +3,10 @@
 Training statistics (every logging step) are ``attn/<block>/<group>/<leaf>``; evaluation
 statistics (one point per validation / test run) carry the stage in front:
 ``val/attn/<block>/...``, ``test/attn/<block>/...``, like Lightning users' ``val/loss``.
-``<group>`` is ``router``, ``param`` or a mask's name; ``<leaf>`` comes from the quantity's
-declaration (:mod:`.statistics`): ``mean``, ``usage_2``, ``temperature_grad_norm``.
+``<group>`` is ``router``, ``param``, ``heads`` or a mask's name; ``<leaf>`` comes from the
+quantity's declaration (:mod:`.statistics`): ``mean``, ``usage_2``, ``temperature_grad_norm``,
+``max_logit``. The per-head values behind the ``heads`` scalars are one JSON record per point
+(:data:`HEADS_TAG`, :func:`head_record`), not a scalar each.
 :class:`ScalarTag` formats and parses them (a round trip), :func:`scalar_metrics` writes a
 point's scalars, :func:`chart_layout` the TensorBoard charts, all from the declarations.
 
@@ -27,6 +29,7 @@ from .statistics import (
     PARAM_QUANTITIES,
     BlockInfo,
     GlobalStats,
+    HeadStats,
     MaskStats,
     Quantity,
     RouterStats,
@@ -36,12 +39,14 @@ from .statistics import (
 __all__ = [
     "CONFIG_TAG",
     "EVALUATION_TAG",
+    "HEADS_TAG",
     "PREFIX",
     "PROBLEMS_TAG",
     "ScalarTag",
     "chart_layout",
     "decode_name",
     "encode_name",
+    "head_record",
     "histogram_tag",
     "is_attention_tag",
     "maps_tag",
@@ -56,13 +61,18 @@ CONFIG_TAG = f"{PREFIX}/config"
 #: One JSON record per ``validate``/``test`` call: the step of the weights it evaluated (that
 #: of their checkpoint; ``null`` when unknown) and the step Lightning logged its metrics at.
 EVALUATION_TAG = f"{PREFIX}/evaluation"
+#: One JSON record per training point: block -> each per-head quantity's values.
+HEADS_TAG = f"{PREFIX}/heads"
 _MAPS = "maps"
-#: The quantities of each tag group (a mask's name is any group but these two).
+#: The quantities of each tag group (a mask's name is any group but these).
 _GROUPS: dict[str, tuple[Quantity, ...]] = {
     "router": quantities(RouterStats),
     "param": PARAM_QUANTITIES,
+    "heads": quantities(HeadStats),
     "mask": quantities(MaskStats),
 }
+#: The groups that name a section (any other group is a mask's name).
+_NAMED = ("router", "param", "heads")
 
 
 def _percent(char: str) -> str:
@@ -120,7 +130,7 @@ class ScalarTag:
 
     @property
     def section(self) -> str:
-        return self.group if self.group in ("router", "param") else "mask"
+        return self.group if self.group in _NAMED else "mask"
 
     def declaration(self) -> Quantity:
         return next(q for q in _GROUPS[self.section] if q.name == self.quantity)
@@ -140,7 +150,7 @@ class ScalarTag:
         else:
             return None
         block, group, leaf = rest
-        section = group if group in ("router", "param") else "mask"
+        section = group if group in _NAMED else "mask"
         for q, pattern in _PATTERNS[section]:
             found = pattern.match(leaf)
             if found:
@@ -193,6 +203,8 @@ def _values(stats: GlobalStats, sections: set[str]) -> Iterator[tuple[ScalarTag,
             groups.append(("router", "router", bs.router))
         if "mask" in sections:
             groups += [(name, "mask", m) for name, m in bs.masks.items()]
+        if "heads" in sections and bs.heads is not None:
+            groups.append(("heads", "heads", bs.heads))
         for group, section, values in groups:
             for q in _GROUPS[section]:
                 if q.tag is None:
@@ -238,6 +250,10 @@ def _block_tags(info: BlockInfo, sections: set[str]) -> Iterator[tuple[str, Scal
                 if q.tag is not None:
                     yield (q.title.format(mask=mask),
                            ScalarTag("train", info.name, mask, q.name))
+    if "heads" in sections and info.layout.num_heads:
+        for q in _GROUPS["heads"]:
+            if q.tag is not None:
+                yield q.title, ScalarTag("train", info.name, "heads", q.name)
     if "param" in sections:
         for q in PARAM_QUANTITIES:
             names = info.param_names if q.name == "value" else info.trainable_names
@@ -263,12 +279,23 @@ def chart_layout(
 def tag_table() -> list[tuple[str, str]]:
     """``(tag pattern, what it is)`` for every logged quantity, for the docs."""
     rows = []
-    for section in ("mask", "router", "param"):
+    for section in ("mask", "router", "heads", "param"):
         declared = _GROUPS[section]
-        group = {"mask": "<mask>", "router": "router", "param": "param"}[section]
+        group = "<mask>" if section == "mask" else section
         for q in declared:
             if q.tag is not None:
                 leaf = q.tag.format(branch="<k>", param="<name>")
                 what = q.title.format(mask="the mask's", branch="branch <k>", param="<name>")
                 rows.append((f"attn/<block>/{group}/{leaf}", what))
     return rows
+
+
+def head_record(stats: GlobalStats) -> dict[str, dict[str, list[float]]]:
+    """The per-head values of a point, for :data:`HEADS_TAG`: block -> per-head quantity
+    (``head_entropy``, ``head_max_logit``, ``head_sink``, ``head_count``) -> one value per head.
+    Blocks without heads are left out (an empty record: nothing to write)."""
+    per_head = [q.name for q in _GROUPS["heads"] if q.per_head]
+    return {
+        block: {name: list(getattr(bs.heads, name)) for name in per_head}
+        for block, bs in stats.blocks.items() if bs.heads is not None
+    }

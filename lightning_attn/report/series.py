@@ -32,10 +32,13 @@ class BlockSeries:
     masks: dict[str, dict[str, Series]] = field(default_factory=dict)
     router: dict[str, Any] = field(default_factory=dict)
     params: dict[str, dict[str, Series]] = field(default_factory=dict)
+    heads: dict[str, Series] = field(default_factory=dict)
 
     def add(self, tag: ScalarTag, series: Series) -> None:
         if tag.section == "mask":
             self.masks.setdefault(tag.group, {})[tag.quantity] = series
+        elif tag.section == "heads":
+            self.heads[tag.quantity] = series
         elif tag.section == "router":
             if tag.branch is None:
                 self.router[tag.quantity] = series
@@ -65,6 +68,9 @@ class BlockSeries:
                     yield str(k), value[k]
             elif value is not None:
                 yield "", value
+        elif q.group == "heads":
+            if q.name in self.heads:
+                yield "", self.heads[q.name]
         else:
             yield from self.params.get(q.name, {}).items()
 
@@ -72,6 +78,7 @@ class BlockSeries:
         out = [s for stats in self.masks.values() for s in stats.values()]
         for v in self.router.values():
             out += list(v.values()) if isinstance(v, dict) else [v]
+        out += list(self.heads.values())
         return out + [s for by_param in self.params.values() for s in by_param.values()]
 
     def steps(self) -> list[int]:

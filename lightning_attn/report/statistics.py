@@ -17,6 +17,7 @@ from ..core.statistics import (
     BlockInfo,
     BlockStats,
     GlobalStats,
+    HeadStats,
     MaskStats,
     RouterStats,
     from_logged,
@@ -87,9 +88,11 @@ def stats_from_scalars(
     router_fields = _router_fields()
     blocks: dict[str, BlockStats] = {}
     for block, groups in logged.items():
-        router, masks, params, grads = None, {}, {}, {}
+        router, masks, params, grads, heads = None, {}, {}, {}, None
         for group, values in groups.items():
-            if group == "router":
+            if group == "heads":
+                heads = from_logged(HeadStats, values)
+            elif group == "router":
                 for name in router_fields & set(values):
                     by_branch = values[name]
                     values[name] = tuple(by_branch[k] for k in sorted(by_branch))
@@ -103,7 +106,7 @@ def stats_from_scalars(
         blocks[block] = BlockStats(
             masks=masks, router=router, params=params, grad_norms=grads,
             trainable=frozenset(trainable), forwards=1,
-            param_specs=dict(info.param_specs) if info is not None else {},
+            param_specs=dict(info.param_specs) if info is not None else {}, heads=heads,
         )
     return GlobalStats(step=int(step), blocks=blocks, phase=phase)
 
