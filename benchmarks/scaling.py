@@ -12,6 +12,11 @@ so that every step is a logging point. For ``N`` in 10, 100 and 300 it reports:
   forward included.
 
     python benchmarks/scaling.py [--modules 10 100 300] [--pairs 5] [--chunk 6]
+        [--logger tensorboard|none]
+
+``--logger none``: no logger, so the hooks' own cost (the scalars still go to
+``trainer.callback_metrics``); with ``tensorboard`` the hooks include writing the point's
+event (TensorBoard computes its records' checksums in Python: about 4 us per scalar).
 
 Targets (issue: cost that stays flat): hooks(300) / hooks(10) <= 4, and the callback adds at
 most 10 % to a logging step of the 300-module model. The load of the machine is printed.
@@ -119,7 +124,7 @@ def _gated(diagnostics: AttentionDiagnostics, chunks: Chunks, hook_times: list[f
         setattr(diagnostics, name, gated)
 
 
-def measure(modules: int, pairs: int, chunk: int) -> dict[str, float]:
+def measure(modules: int, pairs: int, chunk: int, logger: str) -> dict[str, float]:
     torch.manual_seed(0)
     steps = 2 * chunk * (pairs + 1)
     data = TensorDataset(torch.randn(16 * steps, 1, 8, 8), torch.randint(0, 10, (16 * steps,)))
@@ -131,7 +136,8 @@ def measure(modules: int, pairs: int, chunk: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
             max_steps=steps, accelerator="cpu", devices=1, log_every_n_steps=1,
-            logger=TensorBoardLogger(tmp), callbacks=[chunks, diagnostics, StopTimer(chunks)],
+            logger=TensorBoardLogger(tmp) if logger == "tensorboard" else False,
+            callbacks=[chunks, diagnostics, StopTimer(chunks)],
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         )
         trainer.fit(Net(modules), DataLoader(data, batch_size=16))
@@ -146,13 +152,15 @@ def main() -> None:
     parser.add_argument("--modules", type=int, nargs="+", default=[10, 100, 300])
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--chunk", type=int, default=6)
+    parser.add_argument("--logger", choices=("tensorboard", "none"), default="tensorboard")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     print(f"load at start: {os.getloadavg()[0]:.2f} (1 min), torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread")
-    rows = [measure(n, args.pairs, args.chunk) for n in args.modules]
+    rows = [measure(n, args.pairs, args.chunk, args.logger) for n in args.modules]
+    print(f"logger: {args.logger}")
     print("| modules | hooks per logging step | step without | step with | overhead |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for r in rows:

@@ -282,12 +282,15 @@ class RecordingMixin:
             self._attn_accumulator.set_phase(phase)
 
     def start_recording(
-        self, holder: Hashable = "default", histograms: bool = True, phase: str = "train"
-    ) -> None:
+        self, holder: Hashable = "default", histograms: bool = True, phase: str = "train",
+        reset: bool = True,
+    ) -> bool:
         """Turn recording on for ``holder`` in ``phase``. The first holder of a phase empties
         that phase's row; later ones share it, so several consumers can measure the same
         steps. ``histograms=False``: this holder does not need the histogram counts (eager
-        forwards then skip them unless another holder asks; compiled ones always count)."""
+        forwards then skip them unless another holder asks; compiled ones always count).
+        ``reset=False``: the caller empties the row itself (a collector empties every
+        block's in one operation); returns whether the row is to be emptied."""
         if self._attn_accumulator is None:
             raise RuntimeError(
                 f"{type(self).__name__}: call configure_recording(config, device) before "
@@ -296,13 +299,15 @@ class RecordingMixin:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {list(PHASES)}, got {phase!r}")
         holders = self.__dict__.setdefault("_attn_recording_holders", {})
-        if not holders.get(phase):
+        first = not holders.get(phase)
+        if first and reset:
             self._attn_accumulator.reset(phase)
         if not any(holders.values()):
             self._attn_histograms = False
         holders.setdefault(phase, set()).add(holder)
         self._attn_histograms = self._attn_histograms or bool(histograms)
         self._attn_recording = True
+        return first
 
     def stop_recording(self, holder: Hashable = "default", phase: str = "train") -> None:
         """Release ``holder``'s hold on ``phase`` (read :meth:`recorded_statistics` first);

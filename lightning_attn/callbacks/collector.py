@@ -1,4 +1,5 @@
-"""Reading the blocks' recordings: one vector, one collective, one host copy per point.
+"""Reading the blocks' recordings: one vector, one collective, one host copy per point, and
+the statistics of every block from it as columns (a few array operations, however many).
 
 The path of a number, from block to logger::
 
@@ -18,15 +19,17 @@ import math
 from collections.abc import Mapping
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import nn
 
+from ..core.point import PointColumns, PointPlan
 from ..core.statistics import (
+    PHASES,
     BlockInfo,
     GlobalStats,
     ParameterSpec,
     RecordingConfig,
-    block_stats,
 )
 
 __all__ = ["StatisticsCollector", "combine_processes"]
@@ -41,9 +44,9 @@ _NOT_READ = -1.0
 
 def combine_processes(
     trainer: pl.Trainer, vector: torch.Tensor, kinds: torch.Tensor
-) -> list[float]:
+) -> np.ndarray:
     """``vector`` combined over every process, slot by slot as ``kinds`` says (0: sum,
-    1: min, 2: max, 3: rank 0's value), as host floats: one collective and one
+    1: min, 2: max, 3: rank 0's value), on the host (float64): one collective and one
     device-to-host copy; on one process, only the copy.
 
     The collective is ``torch.distributed.all_gather`` itself: ``trainer.strategy.all_gather``
@@ -61,7 +64,7 @@ def combine_processes(
             torch.where(kinds == _MIN, table.amin(0),
                         torch.where(kinds == _MAX, table.amax(0), table[0])),
         )
-    return vector.tolist()
+    return vector.detach().to("cpu", torch.float64).numpy()
 
 
 def _specs(block: nn.Module) -> dict[str, ParameterSpec]:
@@ -85,7 +88,13 @@ class StatisticsCollector:
         self._grad_norms: dict[int, torch.Tensor] = {}
         self._params: dict[str, torch.Tensor | None] = {}  # phase -> values the forwards used
         self._kinds: torch.Tensor | None = None
-        self._kind_codes: list[int] = []
+        #: where each block's slots sit in the read vector, and views of every block's
+        #: accumulator rows by phase (one concatenation reads them all): made once per run
+        self._plan: PointPlan | None = None
+        self._rows: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._empty: tuple[torch.Tensor, ...] = ()
+        self._devices = 1
+        self._trainables: list[tuple[nn.Module, str]] | None = None
 
     # -- setup -------------------------------------------------------------------------------
     def bind(self, blocks: Mapping[str, nn.Module], device: torch.device) -> None:
@@ -115,7 +124,8 @@ class StatisticsCollector:
             self.close(phase)
         for block in self.blocks.values():
             block.clear_recording()
-        self.blocks, self.infos, self._kinds = {}, [], None
+        self.blocks, self.infos, self._kinds, self._plan, self._rows = {}, [], None, None, {}
+        self._trainables = None
 
     def set_phase(self, phase: str) -> None:
         """Forwards from now on record into ``phase``'s rows (Lightning entered a loop)."""
@@ -133,8 +143,15 @@ class StatisticsCollector:
         run); ``histograms``: the point writes histograms."""
         if phase in self._open:
             return
-        for block in self.blocks.values():
-            block.start_recording(self, histograms, phase)
+        self._plan_now()  # the rows of this run's accumulators
+        first = [block.start_recording(self, histograms, phase, reset=False)
+                 for block in self.blocks.values()]
+        rows, empty = self._rows[phase], self._empty
+        if all(first):  # the usual case: every row emptied in one operation
+            torch._foreach_copy_(rows, empty)
+        elif any(first):  # another consumer holds some of them: only this one's first rows
+            torch._foreach_copy_([r for r, f in zip(rows, first, strict=True) if f],
+                                 [e for e, f in zip(empty, first, strict=True) if f])
         self._open.add(phase)
         self._params.pop(phase, None)
         if phase == "train":
@@ -151,8 +168,11 @@ class StatisticsCollector:
             self._grad_norms = {}
 
     def _trainable(self) -> list[tuple[nn.Module, str]]:
-        return [(self.blocks[info.name], name) for info in self.infos
-                for name in info.trainable_names]
+        # (block, parameter name) of every learnable scalar, in order: fixed once bound
+        if self._trainables is None:
+            self._trainables = [(self.blocks[info.name], name) for info in self.infos
+                                for name in info.trainable_names]
+        return self._trainables
 
     @torch.no_grad()
     def record_gradients(self, optimizer: torch.optim.Optimizer) -> None:
@@ -163,8 +183,11 @@ class StatisticsCollector:
         if "train" not in self._open:
             return
         self.snapshot_parameters("train")  # before this (or any) optimizer updates them
+        trainable = self._trainable()
+        if not trainable:  # adapted gates have no learnable scalars: nothing to read
+            return
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for i, (block, name) in enumerate(self._trainable()):
+        for i, (block, name) in enumerate(trainable):
             param = block.trainable_attention_parameters().get(name)
             if param is None or id(param) not in owned:
                 continue
@@ -189,6 +212,8 @@ class StatisticsCollector:
         # Stacked: a copy, which an in-place update of the parameter leaves as it was.
         values = []
         for info in self.infos:
+            if not info.param_names:  # a gate without scalar parameters
+                continue
             current = self.blocks[info.name].attention_parameters()
             values += [
                 torch.as_tensor(current[n], dtype=torch.float64).to(device).reshape(())
@@ -202,7 +227,9 @@ class StatisticsCollector:
 
     @torch.no_grad()
     def finish(self, trainer: pl.Trainer, step: int, phase: str = "train") -> GlobalStats:
-        """Close ``phase``'s point and read it: parameters in, one collective, one host copy."""
+        """Close ``phase``'s point and read it: parameters in, one collective, one host copy,
+        then every block's statistics as columns (:class:`~lightning_attn.core.point.
+        PointColumns`; the per-block view is made only for the blocks asked for)."""
         if phase not in self._open:
             raise RuntimeError(f"StatisticsCollector.finish() without an open {phase} point")
         if not self.blocks:
@@ -211,50 +238,44 @@ class StatisticsCollector:
         device = self._device()
         self.snapshot_parameters(phase)  # no optimizer stepped: the values are still those
         params = self._params.pop(phase)
-        # The blocks' layouts now: another consumer may have widened one since `bind`.
-        layouts = [self.blocks[info.name].statistics_layout for info in self.infos]
-        parts = [self.blocks[info.name].recorded_statistics(phase).to(device)
-                 for info in self.infos]
+        plan = self._plan  # as the point's opening found it (recording blocks keep theirs)
+        parts = list(self._rows[phase])  # views of every accumulator's row, kept per run
         dtype = parts[0].dtype
         if params is not None:  # blocks without scalar parameters (a user's gate) have none
             parts.append(params.to(dtype))
-        n_grads = len(self._trainable())
+        n_grads = plan.num_grads
         if phase == "train" and n_grads:
             grads = [self._grad_norms.get(i) for i in range(n_grads)]
             parts.append(torch.stack([
                 torch.full((), _NOT_READ, dtype=dtype, device=device) if g is None
                 else g.to(device, dtype) for g in grads
             ]))
-        vector = torch.cat(parts)
+        vector = torch.cat([p.to(device) for p in parts] if self._devices > 1 else parts)
         self.close(phase)  # the values are in `vector`
-        host = combine_processes(trainer, vector, self._reductions(layouts, vector, phase))
-        return self._parse(host, layouts, step, phase)
+        host = combine_processes(trainer, vector, self._reductions(plan, vector))
+        return PointColumns.read(plan, host, phase == "train").stats(step, phase)
 
-    def _reductions(self, layouts: list, vector: torch.Tensor, phase: str) -> torch.Tensor:
+    def _plan_now(self) -> PointPlan:
+        """The plan of the read vector: built again only when a layout changed (another
+        consumer widened one since :meth:`bind`)."""
+        layouts = [block.statistics_layout for block in self.blocks.values()]
+        plan = self._plan
+        if plan is None or any(a is not b for a, b in zip(layouts, plan.layouts, strict=True)):
+            plan = self._plan = PointPlan(self.infos, layouts)
+            accumulators = [block.accumulator for block in self.blocks.values()]
+            self._rows = {phase: tuple(acc.row(phase) for acc in accumulators)
+                          for phase in PHASES}
+            self._empty = tuple(acc.initial for acc in accumulators)
+            self._devices = len({acc.device for acc in accumulators})
+            self._kinds = None
+        return plan
+
+    def _reductions(self, plan: PointPlan, vector: torch.Tensor) -> torch.Tensor:
         """How each slot of the read vector combines over processes: every block's row,
         then the parameters and gradient norms (identical on every process: rank 0's are
-        taken). Cached: it changes only if another consumer widens a layout."""
-        codes = [_CODES[k] for layout in layouts for k in layout.reductions]
-        codes += [_FIRST] * (vector.numel() - len(codes))
-        if self._kinds is None or self._kind_codes != codes:
-            self._kinds, self._kind_codes = torch.tensor(codes, device=vector.device), codes
+        taken). Made once per plan (and length: a training point has the norms)."""
+        if self._kinds is None or len(self._kinds) != vector.numel():
+            codes = [_CODES[k] for layout in plan.layouts for k in layout.reductions]
+            codes += [_FIRST] * (vector.numel() - len(codes))
+            self._kinds = torch.tensor(codes, device=vector.device)
         return self._kinds
-
-    def _parse(self, host: list[float], layouts: list, step: int, phase: str) -> GlobalStats:
-        pos, stats = 0, {}
-        param_pos = sum(layout.size for layout in layouts)
-        grad_pos = param_pos + sum(len(info.param_names) for info in self.infos)
-        for info, layout in zip(self.infos, layouts, strict=True):
-            values = host[pos:pos + layout.size]
-            pos += layout.size
-            params = dict(zip(info.param_names, host[param_pos:], strict=False))
-            param_pos += len(info.param_names)
-            grads = {}
-            if phase == "train":
-                read = zip(info.trainable_names, host[grad_pos:], strict=False)
-                grads = {n: g for n, g in read if g != _NOT_READ}
-                grad_pos += len(info.trainable_names)
-            stats[info.name] = block_stats(
-                layout, values, params, grads, info.trainable_names, info.param_specs
-            )
-        return GlobalStats(step=step, blocks=stats, phase=phase)

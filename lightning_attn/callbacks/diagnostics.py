@@ -40,6 +40,7 @@ from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
@@ -57,13 +58,13 @@ from ..core.categories import (
     RecordingContractWarning,
     UnsupportedAttentionWarning,
 )
-from ..core.problems import HealthThresholds, Problem, measure, problems_of
+from ..core.point import breaches
+from ..core.problems import HealthThresholds, Measured, Problem, measure, problems_of
 from ..core.statistics import (
     HISTOGRAM_BINS,
     SECTIONS,
     GlobalStats,
     RecordingConfig,
-    contract_breaches,
 )
 from ..core.tags import (
     CONFIG_TAG,
@@ -74,7 +75,7 @@ from ..core.tags import (
     head_record,
     histogram_tag,
     maps_tag,
-    scalar_metrics,
+    scalar_columns,
 )
 from ..core.validation import (
     check_bool,
@@ -88,7 +89,7 @@ from .collector import StatisticsCollector
 from .health import ProblemReporter
 from .maps import render_maps
 from .summary import render_summary
-from .writers import DiagnosticsOutput, DiagnosticsWriter, check_writers
+from .writers import DiagnosticsOutput, DiagnosticsWriter, ScalarBatch, check_writers
 
 __all__ = ["SECTIONS", "AttentionDiagnostics"]
 
@@ -247,7 +248,7 @@ class AttentionDiagnostics(Callback):
         """Forget the previous fit's run: its id, points, warnings and log directories."""
         #: The statistics and problems of the latest training point (host floats only).
         self.last_stats: GlobalStats | None = None
-        self.last_problems: list[Problem] = []
+        self._last_measured: Measured | None = None
         #: Identifies the run (one fit) across resumes and the evaluations of its
         #: checkpoints (kept in checkpoints; the report groups runs by it).
         self.run_id: str | None = None
@@ -288,6 +289,17 @@ class AttentionDiagnostics(Callback):
     def block_names(self) -> list[str]:
         """Qualified names of the blocks being watched."""
         return list(self._collector.blocks)
+
+    @property
+    def last_problems(self) -> list[Problem]:
+        """The problems of the latest training point (made from its measurements when
+        asked for)."""
+        measured = self._last_measured
+        if measured is None:
+            return []
+        if isinstance(measured, list):  # as a ddp_spawn worker sent them
+            return list(measured)
+        return problems_of(measured, self.last_stats.step)
 
     @property
     def num_points(self) -> int:
@@ -521,43 +533,50 @@ class AttentionDiagnostics(Callback):
         stats = self._collector.finish(trainer, LoggingSchedule.step(trainer), "train")
         self._warn_missing(stats)
         self._warn_contract(stats)
+        # Every block at once, on the point's columns: the rules, then the scalars.
         measured = measure(stats, self.thresholds, sections=self.sections)
-        problems = problems_of(measured, stats.step)
-        self._reporter.clear(key for key, m in measured.items() if m.clear)
-        self.last_stats, self.last_problems = stats, problems
+        self._reporter.clear(measured.clear_keys())
+        # words only for the problems a warning says (those not being reported already);
+        # every problem of the point when asked for (last_problems)
+        fresh = [measured.problem(key, stats.step)
+                 for key in self._reporter.fresh_keys(measured.bad_keys())]
+        self.last_stats, self._last_measured = stats, measured
         output = self._output
         if scalars:
             self._num_points += 1
             if self.log_statistics:
-                output.scalars(scalar_metrics(stats, self.sections), stats.step)
+                output.scalars(ScalarBatch(*scalar_columns(stats, self.sections)), stats.step)
                 heads = head_record(stats) if "heads" in self.sections else {}
                 if heads:  # the per-head values behind the heads' scalars (heatmaps, report)
                     output.json(HEADS_TAG, heads, stats.step)
         if histograms:
+            point = stats.point()
             output.histograms(
                 {
                     histogram_tag(block, name): counts
-                    for block, bs in stats.blocks.items()
-                    for name, counts in bs.histograms.items()
+                    for b, block in enumerate(point.names)
+                    for name, counts in point.histograms(b).items()
                     if ("router" if name == "router" else "mask") in self.sections
                 },
                 stats.step,
             )
-        self._report(trainer, problems)
+        self._report(trainer, fresh)
 
     def _report(self, trainer: pl.Trainer, problems: list[Problem]) -> None:
         if self.on_problem == "ignore":
             return
         fresh = self._reporter.fresh(problems)
-        for p in fresh:  # written before a "raise" can interrupt
-            self._output.json(PROBLEMS_TAG, p.to_json(), p.step)
+        if fresh:  # one record per point, written before a "raise" can interrupt
+            self._output.json(PROBLEMS_TAG, [p.to_json() for p in fresh], fresh[0].step)
         self._reporter.report(problems)
         if fresh and self.on_problem == "stop":
             trainer.should_stop = True  # same problems on every process: same step
 
     def _warn_missing(self, stats: GlobalStats) -> None:
-        for name, bs in stats.blocks.items():
-            if bs.forwards or name in self._missing_warned or name in self._averaged:
+        point = stats.point()
+        for b in np.flatnonzero(point.forwards == 0).tolist():  # usually none
+            name = point.names[b]
+            if name in self._missing_warned or name in self._averaged:
                 continue
             self._missing_warned.add(name)
             rank_zero_warn(
@@ -573,14 +592,8 @@ class AttentionDiagnostics(Callback):
     def _warn_contract(self, stats: GlobalStats) -> None:
         """Once per block: what it recorded outside ``record()``'s contract (judged on the
         host from the point's extremes: no sync in the forward)."""
-        sections = set(self.sections)
-        for name, bs in stats.blocks.items():
+        for name, seen in breaches(stats.point(), self.sections).items():
             if name in self._contract_warned:
-                continue
-            seen = contract_breaches(dataclasses.replace(
-                bs, masks=bs.masks if "mask" in sections else {},
-                router=bs.router if "router" in sections else None))
-            if not seen:
                 continue
             self._contract_warned.add(name)
             where = "" if stats.phase == "train" else f" in {stats.phase}"
@@ -674,7 +687,7 @@ class AttentionDiagnostics(Callback):
             return
         stats = self._collector.finish(trainer, self._logging_step(trainer), phase)
         self._warn_contract(stats)
-        self._output.scalars(scalar_metrics(stats, self.sections), stats.step)
+        self._output.scalars(ScalarBatch(*scalar_columns(stats, self.sections)), stats.step)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._eval_epoch_start(trainer)
@@ -775,6 +788,8 @@ class AttentionDiagnostics(Callback):
                     "_capturing", "_checkpoint", "_state_refused", "_averaged",
                     "_checkpoint_step", "_eval_step"):
             state.pop(key, None)
+        if "_last_measured" in state:  # the rules' readings hold functions: the problems
+            state["_last_measured"] = self.last_problems
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -789,7 +804,7 @@ class AttentionDiagnostics(Callback):
 
     def _restore_spawned(self, spawned: dict[str, Any]) -> None:
         self.load_state_dict(spawned["state"])
-        self.last_stats, self.last_problems = spawned["last_stats"], spawned["last_problems"]
+        self.last_stats, self._last_measured = spawned["last_stats"], spawned["last_problems"]
         self._missing_warned = spawned["missing_warned"]
 
 

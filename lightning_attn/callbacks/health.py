@@ -47,6 +47,11 @@ class ProblemReporter:
     def key(block: str, kind: str) -> str:
         return f"{block}|{kind}"
 
+    def fresh_keys(self, keys: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The ``(block, kind)`` pairs not being reported already."""
+        return [(block, kind) for block, kind in keys
+                if self.key(block, kind) not in self.active]
+
     def fresh(self, problems: Iterable[Problem]) -> list[Problem]:
         """The problems not being reported already."""
         return [p for p in problems if self.key(p.block, p.kind) not in self.active]

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_WRITERS",
     "DiagnosticsOutput",
     "DiagnosticsWriter",
+    "ScalarBatch",
     "TensorBoardWriter",
     "WriterRegistration",
     "check_writers",
@@ -45,6 +47,53 @@ __all__ = [
     "register_writer",
     "writer_for",
 ]
+
+
+class ScalarBatch(Mapping):
+    """A point's scalars: their tags and one array of values (``(n,)`` float64), readable as
+    a ``Mapping`` of tag -> value as well (made when first read so). Writers that can take
+    the arrays (TensorBoard, ``callback_metrics``) never build the mapping. ``extra``: values
+    kept as they are (a point's ``epoch``, an int in a CSV row)."""
+
+    __slots__ = ("_dict", "extra", "tags", "values")
+
+    def __init__(self, tags: Sequence[str], values: np.ndarray,
+                 extra: Mapping[str, Any] | None = None) -> None:
+        self.tags = list(tags)
+        self.values = np.asarray(values, dtype=np.float64)
+        self.extra = dict(extra or {})
+        self._dict: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, metrics: Mapping[str, float]) -> ScalarBatch:
+        if isinstance(metrics, ScalarBatch):
+            return metrics
+        return cls(list(metrics), np.asarray([float(v) for v in metrics.values()]))
+
+    def _mapping(self) -> dict[str, Any]:
+        if self._dict is None:
+            self._dict = dict(zip(self.tags, self.values.tolist(), strict=True))
+            self._dict.update(self.extra)
+        return self._dict
+
+    def __getitem__(self, tag: str) -> Any:
+        return self._mapping()[tag]
+
+    def __iter__(self):
+        return iter([*self.tags, *self.extra])
+
+    def __len__(self) -> int:
+        return len(self.tags) + len(self.extra)
+
+    def with_value(self, tag: str, value: Any) -> ScalarBatch:
+        """This batch and one more value kept as it is (a point's ``epoch``)."""
+        return ScalarBatch(self.tags, self.values, {**self.extra, tag: value})
+
+    def all_tags(self) -> list[str]:
+        return [*self.tags, *self.extra]
+
+    def all_values(self) -> list[float]:
+        return [*self.values.tolist(), *map(float, self.extra.values())]
 
 
 class DiagnosticsWriter:
@@ -89,11 +138,23 @@ class TensorBoardWriter(DiagnosticsWriter):
     def _writer(self):
         return self.logger.experiment
 
+    def __init__(self, logger: Logger) -> None:
+        super().__init__(logger)
+        self._summary: tuple[list[str], Summary] | None = None  # the last point's tags'
+
     def scalars(self, metrics: Mapping[str, float], step: int) -> None:
         if type(self.logger).log_metrics is not TensorBoardLogger.log_metrics:
             super().scalars(metrics, step)  # a subclass that changed how it logs
             return
-        tensorboard_scalars_event(self.logger, metrics, step)
+        # A run logs the same tags at every point: its event is made once and refilled.
+        batch = ScalarBatch.of(metrics)
+        tags = batch.all_tags()
+        if self._summary is None or self._summary[0] != tags:
+            self._summary = (tags, _summary(self.logger, tags))
+        summary = self._summary[1]
+        for value, v in zip(summary.value, batch.all_values(), strict=True):
+            value.simple_value = v
+        self.logger.experiment._get_file_writer().add_summary(summary, step)
 
     def layout(self, layout: Mapping[str, dict[str, list]]) -> None:
         merged = self._writer.__dict__.setdefault(self.LAYOUT_ATTRIBUTE, {})
@@ -138,11 +199,17 @@ def tensorboard_scalars_event(
     writer; listed in ``tests/test_private_apis.py``); ``tests/callbacks/test_writers.py``
     fails if Lightning or TensorBoard changes what they write.
     """
-    prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if logger._prefix else ""
-    summary = Summary(
-        value=[Summary.Value(tag=prefix + k, simple_value=float(v)) for k, v in metrics.items()]
-    )
+    summary = _summary(logger, list(metrics))
+    for value, v in zip(summary.value, metrics.values(), strict=True):
+        value.simple_value = float(v)
     logger.experiment._get_file_writer().add_summary(summary, step)
+
+
+def _summary(logger: TensorBoardLogger, tags: Sequence[str]) -> Summary:
+    """A summary of one scalar per tag (values 0), with the logger's prefix as
+    ``log_metrics`` adds it; the event copies it, so a writer refills it point after point."""
+    prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if logger._prefix else ""
+    return Summary(value=[Summary.Value(tag=prefix + tag, simple_value=0.0) for tag in tags])
 
 
 def json_text(document: Mapping[str, Any]) -> str:
@@ -235,12 +302,14 @@ class DiagnosticsOutput:
         ``EarlyStopping`` and ``ModelCheckpoint`` read them on every rank)."""
         if not metrics:
             return
-        row = {**metrics, "epoch": self.trainer.current_epoch}  # as Lightning's own rows
+        batch = ScalarBatch.of(metrics)
+        row = batch.with_value("epoch", self.trainer.current_epoch)  # as Lightning's own rows
         for writer in self.writers:
             writer.scalars(row, step)
-        # CPU tensors, as Lightning keeps its own (made in one call, split into 0-d views).
-        values = torch.tensor(list(metrics.values()), dtype=torch.float64).unbind()
-        self.trainer.callback_metrics.update(zip(metrics, values, strict=True))
+        # CPU tensors, as Lightning keeps its own (made in one call, split into 0-d views; a
+        # new buffer per point: a monitor keeps the tensor of its best score).
+        values = torch.from_numpy(batch.values.copy()).unbind()
+        self.trainer.callback_metrics.update(zip(batch.tags, values, strict=True))
 
     # -- everything else: each backend writer, rank zero ---------------------------------
     def histograms(self, tagged_counts: Mapping[str, Sequence[float]], step: int) -> None:

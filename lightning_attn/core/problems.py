@@ -12,19 +12,19 @@ Pure functions of the statistics: the callbacks and the report get the same answ
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import categories as w
+from .point import Items, PointColumns
 from .statistics import (
     SECTIONS,
-    BlockStats,
     GlobalStats,
-    HeadStats,
-    MaskStats,
     ParameterSpec,
-    RouterStats,
 )
 from .validation import check_fraction, check_int, check_positive_float
 
@@ -223,139 +223,299 @@ def _above(value: float, limit: float, t: HealthThresholds) -> tuple[bool, bool]
     return value > limit, value <= limit * (1 - t.recovery_margin)
 
 
-def _finite_masks(bs: BlockStats) -> dict[str, MaskStats]:
-    return {n: m for n, m in bs.masks.items() if not m.nonfinite}
+@dataclass(frozen=True)
+class Reading:
+    """One problem kind read on every block of a point at once (a few array operations).
+
+    Per block (``(blocks,)`` arrays): ``applies`` (the kind reads something of it), its
+    ``value`` against ``threshold``, ``bad`` and ``clear`` (see :class:`Measurement`);
+    ``quantity(b)`` and ``detail(b)`` say it in words for block ``b`` (made only for the
+    blocks that need them: a problem, or a measurement asked for).
+    """
+
+    applies: np.ndarray
+    value: np.ndarray
+    threshold: np.ndarray
+    bad: np.ndarray
+    clear: np.ndarray
+    quantity: Callable[[int], str]
+    detail: Callable[[int], str]
+
+    def measurement(self, b: int) -> Measurement:
+        return Measurement(float(self.value[b]), float(self.threshold[b]), bool(self.bad[b]),
+                           bool(self.clear[b]), self.quantity(b), self.detail(b))
 
 
-def _finite_heads(bs: BlockStats) -> HeadStats | None:
-    h = bs.heads
-    return h if h is not None and not h.nonfinite else None
+def _below(value: np.ndarray, limit: np.ndarray, t: HealthThresholds):
+    """``(bad, clear)`` for a quantity that must not fall below ``limit``."""
+    return value < limit, value >= limit * (1 + t.recovery_margin)
 
 
-def _routing(bs: BlockStats) -> RouterStats | None:
-    r = bs.router
-    return r if r is not None and not r.nonfinite and r.num_branches >= 2 else None
+def _above(value: np.ndarray, limit: np.ndarray, t: HealthThresholds):
+    """``(bad, clear)`` for a quantity that must not rise above ``limit``."""
+    return value > limit, value <= limit * (1 - t.recovery_margin)
 
 
-# -- the rules ------------------------------------------------------------------------------
+def _pick(block: np.ndarray, value: np.ndarray, valid: np.ndarray, n: int,
+          largest: bool) -> np.ndarray:
+    """For each of ``n`` blocks, the index of its valid item with the smallest (``largest``:
+    largest) value, the first such on a tie (as ``min``/``max``); ``-1`` where it has none."""
+    out = np.full(n, -1, dtype=np.int64)
+    idx = np.flatnonzero(valid)
+    if len(idx):
+        order = np.lexsort((-value[idx] if largest else value[idx], block[idx]))
+        chosen, blocks = idx[order], block[idx][order]
+        first = np.r_[True, blocks[1:] != blocks[:-1]]
+        out[blocks[first]] = chosen[first]
+    return out
 
 
-def _mask_collapse(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
-    # A std undefined at this point (one value) is not measured: no verdict either way.
-    masks = {n: m for n, m in _finite_masks(bs).items() if m.std_defined}
-    if not masks:
-        return None
-    name, m = min(masks.items(), key=lambda item: item[1].std)
+def _reading(n: int, chosen: np.ndarray, value: np.ndarray, limit: np.ndarray | float,
+             judge, t: HealthThresholds, quantity: str,
+             detail: Callable[[int, int], str]) -> Reading:
+    """A :class:`Reading` from each block's chosen item (``-1``: none) and its value."""
+    applies = chosen >= 0
+    v = np.full(n, math.nan)
+    v[applies] = value[chosen[applies]]
+    limit = np.broadcast_to(np.asarray(limit, dtype=float), (n,)).copy()
+    with np.errstate(invalid="ignore"):
+        bad, clear = judge(v, limit, t)
+    return Reading(applies, v, limit, bad & applies, clear & applies, lambda b: quantity,
+                   lambda b: detail(b, int(chosen[b])))
+
+
+def _masks(point: PointColumns, finite_std: bool = False) -> tuple[Items, np.ndarray]:
+    m = point.masks
+    valid = m.present & (m.cols["nonfinite"] == 0)
+    if finite_std:  # a std undefined at this point (one value) is not measured
+        valid &= np.isfinite(m.cols["std"])
+    return m, valid
+
+
+# -- the rules: each reads every block of a point at once ------------------------------------
+
+
+def _mask_collapse(point: PointColumns, t: HealthThresholds, step: int,
+                   sections: frozenset[str]) -> Reading | None:
+    m, valid = _masks(point, finite_std=True)
+    std, mean = m.cols["std"], m.cols["mean"]
     limit = t.std_threshold
-    return Measurement(
-        m.std, limit, *_below(m.std, limit, t), "mask std",
-        f"mask {name!r} std {_fmt(m.std)} < std_threshold={limit} (mean {_fmt(m.mean)}): the "
-        "mask is nearly constant and no longer selects",
-    )
+    chosen = _pick(m.block, std, valid, point.num_blocks, largest=False)
+    return _reading(
+        point.num_blocks, chosen, std, limit, _below, t, "mask std",
+        lambda b, i: f"mask {m.names[i]!r} std {_fmt(std[i])} < std_threshold={limit} (mean "
+                     f"{_fmt(mean[i])}): the mask is nearly constant and no longer selects")
 
 
-def _mask_saturation(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
-    masks = _finite_masks(bs)
-    if not masks:
-        return None
-    name, m = max(masks.items(), key=lambda item: item[1].saturated)
+def _mask_saturation(point: PointColumns, t: HealthThresholds, step: int,
+                     sections: frozenset[str]) -> Reading | None:
+    m, valid = _masks(point)
+    c = m.cols
     limit = t.saturation_threshold
-    return Measurement(
-        m.saturated, limit, *_above(m.saturated, limit, t), "saturated share",
-        f"mask {name!r} has {m.saturated:.1%} of its values saturated "
-        f"({m.saturation_split(t.saturation_low, t.saturation_high)}), above "
-        f"saturation_threshold={limit}: the gate passes almost no gradient",
-    )
+    chosen = _pick(m.block, c["saturated"], valid, point.num_blocks, largest=True)
+    return _reading(
+        point.num_blocks, chosen, c["saturated"], limit, _above, t, "saturated share",
+        lambda b, i: f"mask {m.names[i]!r} has {c['saturated'][i]:.1%} of its values "
+                     f"saturated ({c['sat_low'][i]:.1%} < {t.saturation_low}, "
+                     f"{c['sat_high'][i]:.1%} > {t.saturation_high}), above "
+                     f"saturation_threshold={limit}: the gate passes almost no gradient")
 
 
-def _router_collapse(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
-    r = _routing(bs)
-    if r is None:
-        return None
-    top = max(range(r.num_branches), key=r.usage.__getitem__)
+def _routers(point: PointColumns) -> list[tuple[Items, np.ndarray]]:
+    # routers that route: finite, two branches or more
+    return [(g, g.present & (g.cols["nonfinite"] == 0)) for g in point.routers if g.width >= 2]
+
+
+def _grouped_reading(n: int, groups: list[tuple[Items, np.ndarray]], value_of, limit_of,
+                     judge, t: HealthThresholds, quantity: str, detail) -> Reading:
+    """A rule over groups of blocks (routers by number of branches, heads by number of
+    heads): each block's value from its group's column, where ``groups`` marks it valid."""
+    chosen = np.full(n, -1, dtype=np.int64)
+    values = np.full(n, math.nan)
+    limits = np.full(n, math.nan)
+    group_of: dict[int, tuple[Items, int]] = {}
+    for g, valid in groups:
+        blocks, items = g.block[valid], np.flatnonzero(valid)
+        chosen[blocks] = items
+        values[blocks] = value_of(g)[valid]
+        limits[blocks] = limit_of(g)
+        for b, i in zip(blocks.tolist(), items.tolist(), strict=True):
+            group_of[b] = (g, i)
+    applies = chosen >= 0
+    with np.errstate(invalid="ignore"):
+        bad, clear = judge(values, limits, t)
+    return Reading(applies, values, limits, bad & applies, clear & applies,
+                   lambda b: quantity, lambda b: detail(*group_of[b]))
+
+
+def _router_rule(point: PointColumns, t: HealthThresholds, value_of, limit_of, judge,
+                 quantity: str, detail) -> Reading | None:
+    """A router rule over the router groups (one per number of branches) of a point."""
+    return _grouped_reading(point.num_blocks, _routers(point), value_of,
+                            lambda g: limit_of(g.width), judge, t, quantity, detail)
+
+
+def _router_collapse(point: PointColumns, t: HealthThresholds, step: int,
+                     sections: frozenset[str]) -> Reading | None:
     limit = t.router_collapse_threshold
-    return Measurement(
-        r.entropy_norm, limit, *_below(r.entropy_norm, limit, t), "normalised entropy",
-        f"normalised router entropy {_fmt(r.entropy_norm)} < router_collapse_threshold="
-        f"{limit}: the router sends nearly every sample to one branch (branch {top}, mean "
-        f"weight {_fmt(r.usage[top])})",
-    )
+
+    def detail(g: Items, i: int) -> str:
+        usage = g.cols["usage"][i]
+        top = int(np.argmax(usage))
+        return (f"normalised router entropy {_fmt(g.cols['entropy_norm'][i])} < "
+                f"router_collapse_threshold={limit}: the router sends nearly every sample to "
+                f"one branch (branch {top}, mean weight {_fmt(usage[top])})")
+
+    return _router_rule(point, t, lambda g: g.cols["entropy_norm"], lambda k: limit, _below,
+                        "normalised entropy", detail)
 
 
-def _router_indifference(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
-    r = _routing(bs)
-    if r is None or step < t.indifference_warmup_steps:
+def _router_indifference(point: PointColumns, t: HealthThresholds, step: int,
+                         sections: frozenset[str]) -> Reading | None:
+    if step < t.indifference_warmup_steps:
         return None
     limit = t.router_indifference_threshold
-    return Measurement(
-        r.entropy_norm, limit, *_above(r.entropy_norm, limit, t), "normalised entropy",
-        f"normalised router entropy {_fmt(r.entropy_norm)} > router_indifference_threshold="
-        f"{limit} after indifference_warmup_steps={t.indifference_warmup_steps}: the router "
-        "weighs all branches (nearly) equally for every input and does not route",
-    )
+    return _router_rule(
+        point, t, lambda g: g.cols["entropy_norm"], lambda k: limit, _above,
+        "normalised entropy",
+        lambda g, i: f"normalised router entropy {_fmt(g.cols['entropy_norm'][i])} > "
+                     f"router_indifference_threshold={limit} after indifference_warmup_steps="
+                     f"{t.indifference_warmup_steps}: the router weighs all branches (nearly) "
+                     "equally for every input and does not route")
 
 
-def _dead_branch(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
-    r = _routing(bs)
-    if r is None:
-        return None
-    limit = t.dead_branch_factor / r.num_branches
-    k = min(range(r.num_branches), key=r.usage.__getitem__)
-    return Measurement(
-        r.usage[k], limit, *_below(r.usage[k], limit, t), "branch weight",
-        f"branch {k} has mean router weight {_fmt(r.usage[k])} < dead_branch_factor/K="
-        f"{_fmt(limit)}: it is (almost) never used",
-    )
+def _dead_branch(point: PointColumns, t: HealthThresholds, step: int,
+                 sections: frozenset[str]) -> Reading | None:
+    def detail(g: Items, i: int) -> str:
+        usage = g.cols["usage"][i]
+        k = int(np.argmin(usage))
+        return (f"branch {k} has mean router weight {_fmt(usage[k])} < dead_branch_factor/K="
+                f"{_fmt(t.dead_branch_factor / g.width)}: it is (almost) never used")
+
+    return _router_rule(point, t, lambda g: g.cols["usage"].min(axis=1),
+                        lambda k: t.dead_branch_factor / k, _below, "branch weight", detail)
 
 
-def _worst_head(values: Sequence[float], pick: Callable) -> str:
-    # "head 3" where the per-head values are known (live); the report has the summary only.
-    if not values:
+def _worst_head(values: np.ndarray, largest: bool) -> str:
+    # "head 3 of 12": the first of the lowest (highest) finite heads
+    if len(values) == 0:
         return ""
-    h = pick(range(len(values)), key=lambda i: (math.isnan(values[i]), values[i]))
-    return f" (head {h} of {len(values)})"
+    key = np.where(np.isnan(values), math.inf, -values if largest else values)
+    return f" (head {int(np.argmin(key))} of {len(values)})"
 
 
-def _head_entropy_collapse(bs: BlockStats, t: HealthThresholds, step: int
-                           ) -> Measurement | None:
-    h = _finite_heads(bs)
-    if h is None or math.isnan(h.entropy_min):
-        return None
+def _heads(point: PointColumns, name: str) -> list[tuple[Items, np.ndarray]]:
+    return [(g, g.present & (g.cols["nonfinite"] == 0) & np.isfinite(g.cols[name]))
+            for g in point.heads]
+
+
+def _head_rule(point: PointColumns, t: HealthThresholds, name: str, limit: float, judge,
+               quantity: str, detail) -> Reading:
+    return _grouped_reading(point.num_blocks, _heads(point, name), lambda g: g.cols[name],
+                            lambda g: float(limit), judge, t, quantity, detail)
+
+
+def _head_entropy_collapse(point: PointColumns, t: HealthThresholds, step: int,
+                           sections: frozenset[str]) -> Reading | None:
     limit = t.head_entropy_threshold
-    return Measurement(
-        h.entropy_min, limit, *_below(h.entropy_min, limit, t), "lowest head entropy",
-        f"the lowest attention head entropy{_worst_head(h.head_entropy, min)} is "
-        f"{_fmt(h.entropy_min)} < head_entropy_threshold={limit} (normalised: 0 one-hot, 1 "
-        f"uniform; mean over heads {_fmt(h.entropy_mean)}): its queries attend to (nearly) "
-        "one key each",
-    )
+    return _head_rule(
+        point, t, "entropy_min", limit, _below, "lowest head entropy",
+        lambda g, i: f"the lowest attention head entropy"
+                     f"{_worst_head(g.cols['head_entropy'][i], largest=False)} is "
+                     f"{_fmt(g.cols['entropy_min'][i])} < head_entropy_threshold={limit} "
+                     f"(normalised: 0 one-hot, 1 uniform; mean over heads "
+                     f"{_fmt(g.cols['entropy_mean'][i])}): its queries attend to (nearly) one "
+                     "key each")
 
 
-def _logit_growth(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
-    h = _finite_heads(bs)
-    if h is None or not math.isfinite(h.max_logit):
-        return None
+def _logit_growth(point: PointColumns, t: HealthThresholds, step: int,
+                  sections: frozenset[str]) -> Reading | None:
     limit = t.max_logit_threshold
-    return Measurement(
-        h.max_logit, limit, *_above(h.max_logit, limit, t), "max attention logit",
-        f"the max attention logit{_worst_head(h.head_max_logit, max)} is {_fmt(h.max_logit)} "
-        f"> max_logit_threshold={limit:g} (scaled, before the softmax): the query and key "
-        "weights are growing and the softmax turns one-hot",
-    )
+    return _head_rule(
+        point, t, "max_logit", limit, _above, "max attention logit",
+        lambda g, i: f"the max attention logit"
+                     f"{_worst_head(g.cols['head_max_logit'][i], largest=True)} is "
+                     f"{_fmt(g.cols['max_logit'][i])} > max_logit_threshold={limit:g} (scaled, "
+                     "before the softmax): the query and key weights are growing and the "
+                     "softmax turns one-hot")
 
 
-def _nonfinite(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
-    bad = [f"mask {n!r} ({m.nonfinite} values)" for n, m in bs.masks.items() if m.nonfinite]
-    if bs.router is not None and bs.router.nonfinite:
-        bad.append(f"router weights ({bs.router.nonfinite} values)")
-    if bs.heads is not None and bs.heads.nonfinite:
-        bad.append(f"attention logits of {bs.heads.nonfinite} heads")
-    bad += [f"parameter {n!r} = {v}" for n, v in bs.params.items() if not math.isfinite(v)]
-    bad += [f"the gradient of parameter {n!r} (norm {v})" for n, v in bs.grad_norms.items()
-            if not math.isfinite(v)]
-    return Measurement(
-        float(len(bad)), 0.0, bool(bad), not bad, "quantities", "NaN or Inf in " + ", ".join(bad)
-    )
+def _nonfinite_parts(point: PointColumns, sections: frozenset[str]) -> list:
+    """``(block of each bad thing, its words)`` column pairs of what is NaN or Inf, in the
+    sections read."""
+    parts = []
+    if "mask" in sections:
+        m = point.masks
+        bad = m.present & (m.cols["nonfinite"] > 0)
+        parts.append((m.block[bad], [f"mask {m.names[i]!r} ({int(m.cols['nonfinite'][i])} "
+                                     "values)" for i in np.flatnonzero(bad)]))
+    if "router" in sections:
+        for g in point.routers:
+            bad = g.present & (g.cols["nonfinite"] > 0)
+            parts.append((g.block[bad], [f"router weights ({int(v)} values)"
+                                         for v in g.cols["nonfinite"][bad]]))
+    if "heads" in sections:
+        for g in point.heads:
+            bad = g.present & (g.cols["nonfinite"] > 0)
+            parts.append((g.block[bad], [f"attention logits of {int(v)} heads"
+                                         for v in g.cols["nonfinite"][bad]]))
+    if "param" in sections:
+        p = point.params
+        bad = ~np.isfinite(p.value)
+        parts.append((p.block[bad], [f"parameter {p.names[i]!r} = {p.value[i]}"
+                                     for i in np.flatnonzero(bad)]))
+        bad = p.has_grad & ~np.isfinite(p.grad)
+        parts.append((p.block[bad], [f"the gradient of parameter {p.names[i]!r} (norm "
+                                     f"{p.grad[i]})" for i in np.flatnonzero(bad)]))
+    return parts
+
+
+def _nonfinite(point: PointColumns, t: HealthThresholds, step: int,
+               sections: frozenset[str]) -> Reading | None:
+    n = point.num_blocks
+    parts = _nonfinite_parts(point, sections)
+    count = np.zeros(n)
+    for blocks, _ in parts:
+        np.add.at(count, blocks, 1)
+
+    said: dict[int, list[str]] = {}  # the words of each block with something non-finite
+    for blocks, texts in parts:
+        for blk, words in zip(blocks.tolist(), texts, strict=True):
+            said.setdefault(blk, []).append(words)
+
+    def detail(b: int) -> str:
+        return "NaN or Inf in " + ", ".join(said.get(b, ()))
+
+    return Reading(np.ones(n, dtype=bool), count, np.zeros(n), count > 0, count == 0,
+                   lambda b: "quantities", detail)
+
+
+@functools.lru_cache(maxsize=64)
+def _drift_bounds(specs: tuple[ParameterSpec | None, ...], t: HealthThresholds) -> tuple:
+    """Per parameter row: the drift limits and the band inside them that counts as clear,
+    resolved against the thresholds (fixed for a run: computed once)."""
+    lo, hi, clear_lo, clear_hi, words = [], [], [], [], []
+    for spec in specs:
+        if spec is None:
+            lo.append(-math.inf), hi.append(math.inf), clear_lo.append(-math.inf)
+            clear_hi.append(math.inf), words.append(("", "", ""))
+            continue
+        margin = t.resolve(spec.margin) or 0.0
+        low, high = t.resolve(spec.low), t.resolve(spec.high)
+        a = -math.inf if low is None else low - margin
+        z = math.inf if high is None else high + margin
+        lo.append(a), hi.append(z)
+        clear_lo.append(a + _recovery_band(t, margin, a))
+        clear_hi.append(z - _recovery_band(t, margin, z))
+        if margin:
+            where = (f"[{low:g}, {high:g}]" if low is not None and high is not None
+                     else f">= {low:g}" if low is not None else f"<= {high:g}")
+            text = f"outside {where} (by more than {spec.margin}={margin:g})"
+            words.append((text, text, spec.hint))
+        else:
+            words.append((f"< {spec.low}={a:g}", f"> {spec.high}={z:g}", spec.hint))
+    return (np.asarray(lo), np.asarray(hi), np.asarray(clear_lo), np.asarray(clear_hi),
+            tuple(words))
 
 
 def _recovery_band(t: HealthThresholds, margin: float, bound: float) -> float:
@@ -365,36 +525,53 @@ def _recovery_band(t: HealthThresholds, margin: float, bound: float) -> float:
     return t.recovery_margin * (margin if margin > 0 else abs(bound))
 
 
-def _drift(bs: BlockStats, t: HealthThresholds, step: int) -> Measurement | None:
-    found = []  # (name, value, violated or nearest limit, bad, clear, words, hint)
-    for name, v in bs.params.items():
-        spec = bs.param_specs.get(name)
-        if spec is None or name not in bs.trainable or not math.isfinite(v):
-            continue
-        margin = t.resolve(spec.margin) or 0.0
-        low, high = t.resolve(spec.low), t.resolve(spec.high)
-        lo = -math.inf if low is None else low - margin
-        hi = math.inf if high is None else high + margin
-        bad = not lo <= v <= hi
-        clear = lo + _recovery_band(t, margin, lo) <= v <= hi - _recovery_band(t, margin, hi)
-        if margin:
-            where = (f"[{low:g}, {high:g}]" if low is not None and high is not None
-                     else f">= {low:g}" if low is not None else f"<= {high:g}")
-            words = f"outside {where} (by more than {spec.margin}={margin:g})"
-        else:
-            words = (f"< {spec.low}={lo:g}" if v < lo else f"> {spec.high}={hi:g}")
-        found.append((name, v, lo if v < lo else hi, bad, clear, words, spec.hint))
-    if not found:
+def _first_per_block(block: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """For each block, its first row among ``rows`` (a boolean mask); ``-1`` where none."""
+    out = np.full(n, -1, dtype=np.int64)
+    idx = np.flatnonzero(rows)[::-1]  # assigned last to first: the first row wins
+    out[block[idx]] = idx
+    return out
+
+
+def _drift(point: PointColumns, t: HealthThresholds, step: int,
+           sections: frozenset[str]) -> Reading | None:
+    p, n = point.params, point.num_blocks
+    if not len(p):
         return None
-    bad = [f for f in found if f[3]]
-    name, v, limit, *_ = (bad or [f for f in found if not f[4]] or found)[0]
-    words = ", ".join(f"{n} = {_fmt(x)} {text}" for n, x, _, _, _, text, _ in bad)
-    hints = "; ".join(dict.fromkeys(h for *_, h in bad if h))
-    return Measurement(
-        v, limit, bool(bad), all(f[4] for f in found), name,
-        f"learnable {words}: the parameter left the range its block declares for it"
-        + (f" ({hints})" if hints else ""),
-    )
+    lo, hi, clear_lo, clear_hi, words = _drift_bounds(p.specs, t)
+    v = p.value
+    rows = p.trainable & np.asarray([s is not None for s in p.specs]) & np.isfinite(v)
+    with np.errstate(invalid="ignore"):
+        bad = rows & ~((lo <= v) & (v <= hi))
+        clear = rows & (clear_lo <= v) & (v <= clear_hi)
+    applies = np.zeros(n, dtype=bool)
+    applies[p.block[rows]] = True
+    unclear = np.zeros(n)
+    np.add.at(unclear, p.block[rows & ~clear], 1)
+    # the row a block's measurement names: its first drifted, else first not clear, else first
+    first = _first_per_block(p.block, rows, n)
+    for candidates in (rows & ~clear, bad):
+        found = _first_per_block(p.block, candidates, n)
+        first = np.where(found >= 0, found, first)
+    value = np.full(n, math.nan)
+    limit = np.full(n, math.nan)
+    has = first >= 0
+    value[has] = v[first[has]]
+    named = first[has]
+    limit[has] = np.where(v[named] < lo[named], lo[named], hi[named])
+    any_bad = np.zeros(n, dtype=bool)
+    any_bad[p.block[bad]] = True
+
+    def detail(b: int) -> str:
+        drifted = [i for i in np.flatnonzero(bad & (p.block == b)).tolist()]
+        said = ", ".join(f"{p.names[i]} = {_fmt(v[i])} "
+                         f"{words[i][0] if v[i] < lo[i] else words[i][1]}" for i in drifted)
+        hints = "; ".join(dict.fromkeys(words[i][2] for i in drifted if words[i][2]))
+        return (f"learnable {said}: the parameter left the range its block declares for it"
+                + (f" ({hints})" if hints else ""))
+
+    return Reading(applies, value, limit, any_bad, applies & (unclear == 0),
+                   lambda b: p.names[int(first[b])], detail)
 
 
 def _param_lines(t: HealthThresholds, specs: Mapping[str, ParameterSpec]) -> list[Line]:
@@ -421,7 +598,9 @@ class ProblemKind:
         title: a word for the summary table (``"collapse"``).
         phrase: the verdict's words (``"collapsed"``).
         hint: what to try, naming the argument or callback that applies the remedy.
-        rule: the measurement on one block at one step (``None``: does not apply).
+        rule: the reading of every block of a point at once (:class:`Reading`; ``None``:
+            does not apply at this step), from the point's columns, the thresholds, the step
+            and the sections read.
         thresholds: the :class:`HealthThresholds` fields it reads.
         panel: the report panel that shows its quantity (``None``: every panel of its
             section).
@@ -435,7 +614,7 @@ class ProblemKind:
     title: str
     phrase: str
     hint: str
-    rule: Callable[[BlockStats, HealthThresholds, int], Measurement | None]
+    rule: Callable[[PointColumns, HealthThresholds, int, frozenset[str]], Reading | None]
     thresholds: tuple[str, ...] = ()
     panel: str | None = None
     lines: Callable[[HealthThresholds, int, Mapping[str, ParameterSpec]], list[Line]] = (
@@ -559,16 +738,57 @@ def _reads(kind: ProblemKind, sections: frozenset[str]) -> bool:
     return kind.section is None or kind.section in sections
 
 
-def _visible(bs: BlockStats, sections: frozenset[str]) -> BlockStats:
-    # What a consumer logging only some sections sees of the block.
-    return dataclasses.replace(
-        bs,
-        masks=bs.masks if "mask" in sections else {},
-        router=bs.router if "router" in sections else None,
-        params=bs.params if "param" in sections else {},
-        grad_norms=bs.grad_norms if "param" in sections else {},
-        heads=bs.heads if "heads" in sections else None,
-    )
+class Measured(Mapping):
+    """``(block, kind) -> Measurement`` for every kind that applies to every block of a
+    point, read as columns (:class:`Reading` per kind); a :class:`Measurement` (its words
+    included) is made only when asked for. :meth:`bad` and :meth:`clear_keys` give what the
+    callback needs without making one for each block."""
+
+    def __init__(self, names: Sequence[str], readings: Mapping[str, Reading]) -> None:
+        self.names = tuple(names)
+        self.readings = dict(readings)
+        self._keys: list[tuple[str, str]] | None = None  # made when iterated
+        self._index = {name: b for b, name in enumerate(self.names)}
+
+    def _all_keys(self) -> list[tuple[str, str]]:
+        if self._keys is None:
+            self._keys = [(self.names[b], kind) for b in range(len(self.names))
+                          for kind, r in self.readings.items() if r.applies[b]]
+        return self._keys
+
+    def __getitem__(self, key: tuple[str, str]) -> Measurement:
+        block, kind = key
+        reading = self.readings[kind]
+        b = self._index[block]
+        if not reading.applies[b]:
+            raise KeyError(key)
+        return reading.measurement(b)
+
+    def __iter__(self):
+        return iter(self._all_keys())
+
+    def __len__(self) -> int:
+        return len(self._all_keys())
+
+    def bad_keys(self) -> list[tuple[str, str]]:
+        """The ``(block, kind)`` pairs of the bad measurements (no words made), in block
+        order, then kind order."""
+        order = {kind: i for i, kind in enumerate(self.readings)}
+        rows = sorted(((int(b), order[kind]) for kind, r in self.readings.items()
+                       for b in np.flatnonzero(r.bad)))
+        kinds = list(self.readings)
+        return [(self.names[b], kinds[k]) for b, k in rows]
+
+    def problem(self, key: tuple[str, str], step: int) -> Problem:
+        """The :class:`Problem` of one bad measurement."""
+        m = self[key]
+        return Problem(key[0], key[1], m.value, m.threshold, step, m.quantity, m.detail,
+                       PROBLEM_KINDS[key[1]].hint)
+
+    def clear_keys(self) -> list[tuple[str, str]]:
+        """The ``(block, kind)`` pairs whose statistic is clear of its threshold."""
+        return [(self.names[b], kind) for kind, r in self.readings.items()
+                for b in np.flatnonzero(r.clear)]
 
 
 def measure(
@@ -576,30 +796,28 @@ def measure(
     thresholds: HealthThresholds,
     kinds: Iterable[str] | None = None,
     sections: Iterable[str] | None = None,
-) -> dict[tuple[str, str], Measurement]:
-    """``(block, kind) -> Measurement`` for every kind that applies to every block."""
+) -> Measured:
+    """``(block, kind) -> Measurement`` for every kind that applies to every block: each kind
+    read once on the point's columns, whatever the number of blocks."""
     kinds = tuple(PROBLEM_KINDS if kinds is None else kinds)
     sections = frozenset(SECTIONS if sections is None else sections)
-    out = {}
-    for block, bs in stats.blocks.items():
-        visible = _visible(bs, sections)
-        for name in kinds:
-            kind = PROBLEM_KINDS[name]
-            if not _reads(kind, sections):
-                continue
-            m = kind.rule(visible, thresholds, stats.step)
-            if m is not None:
-                out[(block, name)] = m
-    return out
+    point = stats.point()
+    readings = {}
+    for name in kinds:
+        kind = PROBLEM_KINDS[name]
+        if _reads(kind, sections):
+            reading = kind.rule(point, thresholds, stats.step, sections)
+            if reading is not None:
+                readings[name] = reading
+    return Measured(point.names, readings)
 
 
 def problems_of(measured: Mapping[tuple[str, str], Measurement], step: int) -> list[Problem]:
     """The bad measurements of one point (:func:`measure`) as :class:`Problem` records."""
-    return [
-        Problem(block, kind, m.value, m.threshold, step, m.quantity, m.detail,
-                PROBLEM_KINDS[kind].hint)
-        for (block, kind), m in measured.items() if m.bad
-    ]
+    if isinstance(measured, Measured):
+        return [measured.problem(key, step) for key in measured.bad_keys()]
+    return [Problem(block, kind, m.value, m.threshold, step, m.quantity, m.detail,
+                    PROBLEM_KINDS[kind].hint) for (block, kind), m in measured.items() if m.bad]
 
 
 def find_problems(

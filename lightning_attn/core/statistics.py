@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     import torch
 
@@ -58,6 +60,8 @@ __all__ = [
     "Slot",
     "StatisticsLayout",
     "all_quantities",
+    "columns",
+    "materialize",
     "block_stats",
     "contract_breaches",
     "from_logged",
@@ -271,7 +275,9 @@ class StatisticsLayout:
 
 
 class _Slots(dict):
-    """Reduced slot values by name, readable as attributes (``s.sum / s.count``)."""
+    """Reduced slot values by name, readable as attributes (``s.sum / s.count``): columns, one
+    entry per item (a mask, a router, the heads of a block) on the first axis, ``(n,)``, or
+    ``(n, K)`` / ``(n, H)`` for the per-branch and per-head slots."""
 
     __getattr__ = dict.__getitem__
 
@@ -327,9 +333,11 @@ class Quantity:
         tag: its tag leaf (``"std"``, ``"usage_{branch}"``, ``"{param}_grad_norm"``), or
             ``None`` when it is not logged.
         title: what it is, for chart titles and the docs (``"{mask} std"``).
-        value: from the reduced slots (live), or ``None`` when derived.
-        derive: from the group's other quantities: what a reader of logged scalars uses
-            when the quantity is not logged.
+        value: from the reduced slots (live), or ``None`` when derived: a function of columns
+            (:class:`_Slots`, one entry per item on the first axis) giving a column, so one
+            call computes the quantity for every mask, router or head group of a point.
+        derive: from the group's other quantities (columns by name): what a reader of logged
+            scalars uses when the quantity is not logged.
         inputs: the quantities ``derive`` reads (a reader derives it where they are logged).
         chart: where the report's block figure draws it.
         cell: where the console's summary table shows it.
@@ -373,23 +381,47 @@ def quantities(stats_class: type) -> tuple[Quantity, ...]:
     )
 
 
-def _any_nonfinite(*names: str) -> Callable[[Mapping[str, Any]], int]:
+def _rows(q: Mapping[str, Any]) -> int:
+    """The number of items of a group of columns."""
+    return len(next(iter(q.values()))) if q else 1
+
+
+def _column(q: Mapping[str, Any], name: str, default: float) -> np.ndarray:
+    found = q.get(name)
+    return np.full(_rows(q), default) if found is None else np.asarray(found, dtype=float)
+
+
+def _any_nonfinite(*names: str) -> Callable[[Mapping[str, Any]], np.ndarray]:
     # Counts are not logged: a reader sees only whether the statistics a NaN or Inf always
     # reaches (the sums behind them) are NaN or Inf.
-    def derive(q: Mapping[str, Any]) -> int:
-        values = [q[n] for n in names if n in q]
-        flat = [x for v in values for x in (v if isinstance(v, tuple) else (v,))]
-        return int(any(not math.isfinite(x) for x in flat))
+    def derive(q: Mapping[str, Any]) -> np.ndarray:
+        bad = np.zeros(_rows(q), dtype=bool)
+        for name in names:
+            if name in q:
+                values = np.asarray(q[name], dtype=float)
+                bad |= ~np.isfinite(values).reshape(len(bad), -1).all(axis=1)
+        return bad.astype(float)
 
     return derive
 
 
-def _std(s: _Slots) -> float:
+def _ones(q: Mapping[str, Any]) -> np.ndarray:
+    return np.ones(_rows(q))
+
+
+def _divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.true_divide(a, b)
+
+
+def _std(s: _Slots) -> np.ndarray:
     # NaN for a NaN or Inf value, as the sums; NaN as well where the unbiased std is
     # undefined: one value (batch 1 and a 1x1 map, a gate of one channel).
-    if not (math.isfinite(s.sum) and math.isfinite(s.sum_sq)) or s.count <= 1:
-        return math.nan
-    return math.sqrt(max((s.sum_sq - s.sum * s.sum / s.count) / (s.count - 1), 0.0))
+    count, total, squares = s.count, s.sum, s.sum_sq
+    defined = np.isfinite(total) & np.isfinite(squares) & (count > 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = (squares - total * total / count) / (count - 1)
+    return np.where(defined, np.sqrt(np.maximum(np.where(defined, var, 0.0), 0.0)), math.nan)
 
 
 @dataclass(frozen=True)
@@ -406,8 +438,8 @@ class MaskStats:
     """
 
     count: int = quantity("mask", None, "{mask} values counted", 0,
-                          value=lambda s: int(s.count), derive=lambda q: 1)
-    mean: float = quantity("mask", "mean", "{mask} mean", value=lambda s: s.sum / s.count,
+                          value=lambda s: s.count, derive=_ones)
+    mean: float = quantity("mask", "mean", "{mask} mean", value=lambda s: _divide(s.sum, s.count),
                            chart=Chart("mask mean", "mean"),
                            cell=Cell("mean±std", join="±", justify="right"),
                            compare=Comparison("mask mean", (0.0, 1.0)))
@@ -416,17 +448,17 @@ class MaskStats:
                           cell=Cell("mean±std", join="±", justify="right"),
                           compare=Comparison("mask std"))
     sat_low: float = quantity("mask", "sat_low", "{mask} share below saturation_low", 0.0,
-                              value=lambda s: s.n_low / s.count,
+                              value=lambda s: _divide(s.n_low, s.count),
                               chart=Chart("mask saturation (share of values)",
                                           "below {saturation_low:g}"),
                               cell=Cell("sat\nlo/hi", "{value:.0%}", "/", "right"))
     sat_high: float = quantity("mask", "sat_high", "{mask} share above saturation_high", 0.0,
-                               value=lambda s: s.n_high / s.count,
+                               value=lambda s: _divide(s.n_high, s.count),
                                chart=Chart("mask saturation (share of values)",
                                            "above {saturation_high:g}"),
                                cell=Cell("sat\nlo/hi", "{value:.0%}", "/", "right"))
     nonfinite: int = quantity("mask", None, "{mask} NaN or Inf values", 0,
-                              value=lambda s: int(round(s.count - s.n_finite)),
+                              value=lambda s: np.rint(s.count - s.n_finite),
                               # the mean, not the std: a std is NaN for one value as well
                               derive=_any_nonfinite("mean"), inputs=("mean",))
     min: float = quantity("mask", "min", "{mask} min", value=lambda s: s.min,
@@ -434,7 +466,8 @@ class MaskStats:
     max: float = quantity("mask", "max", "{mask} max", value=lambda s: s.max,
                           chart=Chart("mask mean", "min to max", band="high"))
     saturated: float = quantity("mask", None, "{mask} saturated share (below + above)",
-                                derive=lambda q: q.get("sat_low", 0.0) + q.get("sat_high", 0.0),
+                                derive=lambda q: (_column(q, "sat_low", 0.0)
+                                                  + _column(q, "sat_high", 0.0)),
                                 inputs=("sat_low", "sat_high"),
                                 chart=Chart("mask saturation (share of values)",
                                             "below + above"),
@@ -457,12 +490,14 @@ class MaskStats:
         return f"{self.sat_low:.1%} < {low}, {self.sat_high:.1%} > {high}"
 
 
-def _normalised(entropy: float, k: int) -> float:
-    return entropy / math.log(k) if k > 1 else 0.0
+def _normalised(entropy: np.ndarray, k: int) -> np.ndarray:
+    return np.asarray(entropy, dtype=float) / math.log(k) if k > 1 else np.zeros_like(
+        np.asarray(entropy, dtype=float))
 
 
-def _entropy_norm(s: _Slots) -> float:
-    return _normalised(s.sum_entropy / s.count, len(s.sum_w))
+def _branches(q: Mapping[str, Any]) -> int:
+    usage = q.get("usage")
+    return 0 if usage is None else np.asarray(usage).reshape(_rows(q), -1).shape[1]
 
 
 @dataclass(frozen=True)
@@ -475,14 +510,16 @@ class RouterStats:
     """
 
     count: int = quantity("router", None, "router samples counted", 0,
-                          value=lambda s: int(s.count), derive=lambda q: 1)
+                          value=lambda s: s.count, derive=_ones)
     entropy: float = quantity("router", "entropy", "router entropy",
-                              value=lambda s: s.sum_entropy / s.count,
+                              value=lambda s: _divide(s.sum_entropy, s.count),
                               chart=Chart("router entropy", "entropy (nats)"))
     entropy_norm: float = quantity("router", "entropy_norm",
-                                   "router entropy / log K (1 = uniform)", value=_entropy_norm,
-                                   derive=lambda q: _normalised(q.get("entropy", math.nan),
-                                                                len(q.get("usage", ()))),
+                                   "router entropy / log K (1 = uniform)",
+                                   value=lambda s: _normalised(_divide(s.sum_entropy, s.count),
+                                                               s.sum_w.shape[1]),
+                                   derive=lambda q: _normalised(_column(q, "entropy", math.nan),
+                                                                _branches(q)),
                                    inputs=("entropy", "usage"),
                                    chart=Chart("router entropy",
                                                "normalised (0: one branch, 1: uniform)"),
@@ -490,14 +527,14 @@ class RouterStats:
                                    compare=Comparison("normalised router entropy",
                                                       (0.0, 1.05)))
     usage: tuple[float, ...] = quantity("router", "usage_{branch}", "usage of {branch}", (),
-                                        value=lambda s: tuple(w / s.count for w in s.sum_w),
+                                        value=lambda s: _divide(s.sum_w, s.count[:, None]),
                                         chart=Chart("branch usage (mean router weight)",
                                                     "{branch}"),
                                         cell=Cell("router\nH/logK", "{branch} {value:.2f}",
                                                   line=1),
                                         per_branch=True)
     nonfinite: int = quantity("router", None, "router samples with NaN or Inf", 0,
-                              value=lambda s: int(round(s.count - s.n_finite)),
+                              value=lambda s: np.rint(s.count - s.n_finite),
                               derive=_any_nonfinite("usage", "entropy_norm"),
                               inputs=("usage", "entropy_norm"))
     weight_min: float = quantity("router", None, "smallest router weight",
@@ -512,32 +549,40 @@ class RouterStats:
         return len(self.usage)
 
 
-def _per_head(s: _Slots, name: str) -> tuple[float, ...]:
+def _per_head(s: _Slots, name: str) -> np.ndarray:
     # A head whose queries never saw two keys has no entropy or sink share to report.
-    return tuple(v / c if c > 0 else math.nan for v, c in zip(s[name], s.count, strict=True))
+    return np.where(s.count > 0, _divide(s[name], s.count), math.nan)
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _heads_nonfinite(s: _Slots) -> int:
+def _heads_nonfinite(s: _Slots) -> np.ndarray:
     # A NaN or Inf query or key makes its head's sums (and its max logit) NaN or Inf.
-    return sum(1 for e, m in zip(s.sum_entropy, s.max_logit, strict=True)
-               if not math.isfinite(e) or math.isnan(m) or m == math.inf)
+    bad = ~np.isfinite(s.sum_entropy) | np.isnan(s.max_logit) | (s.max_logit == math.inf)
+    return bad.sum(axis=1).astype(float)
 
 
-def _of_heads(per_head: str, reduce: Callable[[Sequence[float]], float], counted: bool = True):
-    """A summary over heads of the per-head quantity ``per_head``: ``reduce`` of the heads
-    that counted a query (``counted``; every head for the max logit), NaN if one is NaN."""
+#: How :func:`_of_heads` reduces the heads: a ufunc, and what fills a head left out.
+_REDUCE = {"min": (np.min, math.inf), "max": (np.max, -math.inf), "mean": (np.sum, 0.0)}
 
-    def derive(q: Mapping[str, Any]) -> float:
-        values = q.get(per_head, ())
-        counts = q.get("head_count") or (1,) * len(values)
-        measured = [v for v, c in zip(values, counts, strict=True) if c > 0 or not counted]
-        if not measured or any(math.isnan(v) for v in measured):
-            return math.nan
-        return reduce(measured)
+
+def _of_heads(per_head: str, reduce: str, counted: bool = True):
+    """A summary over heads of the per-head quantity ``per_head``: ``reduce`` (``"min"``,
+    ``"max"``, ``"mean"``) of the heads that counted a query (``counted``; every head for the
+    max logit), NaN if one of them is NaN or none counted."""
+    ufunc, fill = _REDUCE[reduce]
+
+    def derive(q: Mapping[str, Any]) -> np.ndarray:
+        values = np.asarray(q.get(per_head, ()), dtype=float).reshape(_rows(q), -1)
+        counts = q.get("head_count")
+        measured = (np.ones_like(values, dtype=bool) if counts is None or not counted
+                    else np.asarray(counts, dtype=float).reshape(values.shape) > 0)
+        n = measured.sum(axis=1)
+        if values.shape[1] == 0:
+            return np.full(len(values), math.nan)
+        out = ufunc(np.where(measured, values, fill), axis=1)
+        if reduce == "mean":
+            out = _divide(out, n)
+        nan = (np.isnan(values) & measured).any(axis=1) | (n == 0)
+        return np.where(nan, math.nan, out)
 
     return derive
 
@@ -560,40 +605,40 @@ class HeadStats:
 
     head_count: tuple[int, ...] = quantity(
         "heads", None, "queries counted per head", (), per_head=True,
-        value=lambda s: tuple(int(c) for c in s.count))
+        value=lambda s: s.count)
     head_entropy: tuple[float, ...] = quantity(
         "heads", None, "normalised attention entropy of each head", (), per_head=True,
         value=lambda s: _per_head(s, "sum_entropy"))
     head_max_logit: tuple[float, ...] = quantity(
         "heads", None, "max attention logit of each head", (), per_head=True,
-        value=lambda s: tuple(s.max_logit))
+        value=lambda s: s.max_logit)
     head_sink: tuple[float, ...] = quantity(
         "heads", None, "attention mass on the first key, of each head", (), per_head=True,
         value=lambda s: _per_head(s, "sum_sink"))
     entropy_min: float = quantity(
         "heads", "entropy_min", "lowest head entropy / log(keys) (1 = uniform)",
-        derive=_of_heads("head_entropy", min), inputs=("head_entropy",),
+        derive=_of_heads("head_entropy", "min"), inputs=("head_entropy",),
         chart=Chart("head entropy (normalised: 0 one-hot, 1 uniform)", "lowest head"),
         cell=Cell("heads\nH min/mean", "H {value:.2f}", "/"))
     entropy_mean: float = quantity(
         "heads", "entropy_mean", "mean head entropy / log(keys)",
-        derive=_of_heads("head_entropy", _mean), inputs=("head_entropy",),
+        derive=_of_heads("head_entropy", "mean"), inputs=("head_entropy",),
         chart=Chart("head entropy (normalised: 0 one-hot, 1 uniform)", "mean over heads"),
         cell=Cell("heads\nH min/mean", "{value:.2f}", "/"))
     max_logit: float = quantity(
         "heads", "max_logit", "max attention logit over heads (before softmax)",
-        derive=_of_heads("head_max_logit", max, counted=False),
+        derive=_of_heads("head_max_logit", "max", counted=False),
         inputs=("head_max_logit",),
         chart=Chart("max attention logit", "max over heads"),
         cell=Cell("heads\nH min/mean", "logit {value:.1f}", line=1))
     sink_max: float = quantity(
         "heads", "sink_max", "largest head share of attention on the first key",
-        derive=_of_heads("head_sink", max), inputs=("head_sink",),
+        derive=_of_heads("head_sink", "max"), inputs=("head_sink",),
         chart=Chart("attention sink (mass on the first key)", "largest head"),
         cell=Cell("heads\nH min/mean", "sink {value:.2f}", line=2))
     sink_mean: float = quantity(
         "heads", "sink_mean", "mean head share of attention on the first key",
-        derive=_of_heads("head_sink", _mean), inputs=("head_sink",),
+        derive=_of_heads("head_sink", "mean"), inputs=("head_sink",),
         chart=Chart("attention sink (mass on the first key)", "mean over heads"))
     nonfinite: int = quantity(
         "heads", None, "heads with NaN or Inf statistics", 0, value=_heads_nonfinite,
@@ -623,26 +668,53 @@ def all_quantities() -> tuple[Quantity, ...]:
         PARAM_QUANTITIES)
 
 
-def _from_slots(stats_class: type, s: _Slots) -> Any:
-    values: dict[str, Any] = {}
+def columns(stats_class: type, s: _Slots) -> dict[str, np.ndarray]:
+    """Every quantity of ``stats_class`` (:class:`MaskStats`, :class:`RouterStats`,
+    :class:`HeadStats`) for every item of the slot columns ``s``, as columns: one call per
+    quantity however many masks, routers or heads a point holds."""
+    values: dict[str, np.ndarray] = {}
     for q in quantities(stats_class):
         if q.value is not None:
-            values[q.name] = q.value(s)
+            values[q.name] = np.asarray(q.value(s), dtype=float)
     for q in quantities(stats_class):
         if q.value is None and q.derive is not None:
-            values[q.name] = q.derive(values)
-    return stats_class(**values)
+            values[q.name] = np.asarray(q.derive(values), dtype=float)
+    return values
+
+
+@functools.cache
+def _integer_fields(stats_class: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(stats_class) if "int" in str(f.type))
+
+
+def materialize(stats_class: type, cols: Mapping[str, np.ndarray], i: int) -> Any:
+    """Item ``i`` of the columns ``cols`` as a ``stats_class`` (Python numbers and tuples)."""
+    ints = _integer_fields(stats_class)
+    kwargs: dict[str, Any] = {}
+    for name, col in cols.items():
+        item = col[i]
+        if np.ndim(item):
+            kwargs[name] = tuple(int(x) if name in ints else x for x in item.tolist())
+        else:
+            kwargs[name] = int(item) if name in ints else float(item)
+    return stats_class(**kwargs)
+
+
+def _one_row(values: Mapping[str, Any]) -> _Slots:
+    """Scalars and tuples by name as columns of one item."""
+    return _Slots({k: np.asarray([v], dtype=float) for k, v in values.items()})
 
 
 def from_logged(stats_class: type, logged: Mapping[str, Any]) -> Any:
     """A :class:`MaskStats` / :class:`RouterStats` / :class:`HeadStats` from logged quantities
     (name -> value); what was not logged is derived (``nonfinite``: 1 when a logged value is
     NaN or Inf)."""
-    values = {q.name: logged[q.name] for q in quantities(stats_class) if q.name in logged}
+    values = dict(_one_row({q.name: logged[q.name] for q in quantities(stats_class)
+                            if q.name in logged}))
     for q in quantities(stats_class):
         if q.name not in values and q.derive is not None:
-            values[q.name] = q.derive(values)
-    return stats_class(**values)
+            values[q.name] = np.asarray(q.derive(values), dtype=float)
+    return materialize(stats_class, values, 0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -756,11 +828,26 @@ class BlockStats:
 
 @dataclass(frozen=True)
 class GlobalStats:
-    """One point's statistics of every block, combined over all processes."""
+    """One point's statistics of every block, combined over all processes.
+
+    ``blocks``: name -> :class:`BlockStats` (made when asked for, when the point came from
+    the collector); ``columns``: the same as columns (:class:`~.point.PointColumns`), what
+    the rules and the scalars read.
+    """
 
     step: int
-    blocks: dict[str, BlockStats]
+    blocks: Mapping[str, BlockStats]
     phase: str = "train"
+    columns: Any = field(default=None, repr=False, compare=False)
+
+    def point(self) -> Any:
+        """The point as columns (:class:`~.point.PointColumns`): its own, or made from
+        ``blocks``."""
+        if self.columns is None:
+            from .point import PointColumns  # builds on this module
+
+            object.__setattr__(self, "columns", PointColumns.of_blocks(self.blocks))
+        return self.columns
 
 
 def block_stats(
@@ -775,21 +862,23 @@ def block_stats(
     ``params``/``grad_norms`` are read outside the forward."""
     if len(values) != layout.size:
         raise ValueError(f"expected {layout.size} accumulator values, got {len(values)}")
+    def stats(stats_class: type, offset: int, declared: Sequence[Slot]) -> Any:
+        return materialize(stats_class, columns(
+            stats_class, _one_row(layout.slots(values, offset, declared))), 0)
+
     masks = {}
     for name, off in layout.mask_offsets.items():
-        s = layout.slots(values, off, MASK_SLOTS)
-        if s.count > 0:
-            masks[name] = _from_slots(MaskStats, s)
+        if layout.slots(values, off, MASK_SLOTS).count > 0:
+            masks[name] = stats(MaskStats, off, MASK_SLOTS)
     router = None
     if layout.router_offset is not None:
-        s = layout.slots(values, layout.router_offset, ROUTER_SLOTS)
-        if s.count > 0:
-            router = _from_slots(RouterStats, s)
+        if layout.slots(values, layout.router_offset, ROUTER_SLOTS).count > 0:
+            router = stats(RouterStats, layout.router_offset, ROUTER_SLOTS)
     heads = None
     if layout.head_offset is not None:
         s = layout.slots(values, layout.head_offset, HEAD_SLOTS)
         if sum(s.count) > 0 or any(math.isfinite(m) for m in s.max_logit):
-            heads = _from_slots(HeadStats, s)
+            heads = stats(HeadStats, layout.head_offset, HEAD_SLOTS)
     bins = layout.histogram_bins
     histograms = {
         name: list(values[off:off + bins])
@@ -812,21 +901,7 @@ SIMPLEX_TOLERANCE = 1e-2
 
 def contract_breaches(bs: BlockStats) -> list[str]:
     """What ``bs`` shows of a recording that broke the contract of ``record()``, in words
-    (empty when kept): mask values outside ``[0, 1]``, router weights below 0 or rows not
-    summing to 1 (within :data:`SIMPLEX_TOLERANCE`: logits passed in place of softmax
-    weights). Read from the extremes, which cover every forward of the point; NaN and Inf
-    are the ``nonfinite`` rule's, not a breach. The histograms count only the finite values
-    in ``[0, 1]``.
-    """
-    found = [
-        f"mask {name!r} took values in [{m.min:.4g}, {m.max:.4g}], outside [0, 1]"
-        for name, m in bs.masks.items() if not m.nonfinite and (m.min < 0.0 or m.max > 1.0)
-    ]
-    r = bs.router
-    if r is not None and not r.nonfinite:
-        if r.weight_min < 0.0:
-            found.append(f"router weights as low as {r.weight_min:.4g}, below 0")
-        if r.row_sum_min < 1 - SIMPLEX_TOLERANCE or r.row_sum_max > 1 + SIMPLEX_TOLERANCE:
-            found.append(f"router weight rows summing to [{r.row_sum_min:.4g}, "
-                         f"{r.row_sum_max:.4g}], not 1")
-    return found
+    (empty when kept): :func:`~.point.breaches` of one block."""
+    from .point import PointColumns, breaches  # builds on this module
+
+    return breaches(PointColumns.of_blocks({"": bs})).get("", [])

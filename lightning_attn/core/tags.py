@@ -25,6 +25,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+import numpy as np
+
+from .point import PointColumns
 from .statistics import (
     PARAM_QUANTITIES,
     BlockInfo,
@@ -50,6 +53,7 @@ __all__ = [
     "histogram_tag",
     "is_attention_tag",
     "maps_tag",
+    "scalar_columns",
     "scalar_metrics",
     "stage_prefix",
     "tag_table",
@@ -196,36 +200,80 @@ def maps_stage(tag: str) -> str | None:
     return parts[0] if len(parts) == 3 and parts[1:] == [PREFIX, _MAPS] else None
 
 
-def _values(stats: GlobalStats, sections: set[str]) -> Iterator[tuple[ScalarTag, float]]:
-    for block, bs in stats.blocks.items():
-        groups = []
-        if "router" in sections and bs.router is not None:
-            groups.append(("router", "router", bs.router))
-        if "mask" in sections:
-            groups += [(name, "mask", m) for name, m in bs.masks.items()]
-        if "heads" in sections and bs.heads is not None:
-            groups.append(("heads", "heads", bs.heads))
-        for group, section, values in groups:
+def _tag_columns(point: PointColumns, stage: str, sections: frozenset[str]) -> tuple:
+    """What :func:`scalar_columns` writes, from the point's structure: the tags in block
+    order, the columns of values ``(section, group index, quantity, branch)`` (``branch``: a
+    per-branch quantity's branch; for parameters ``quantity`` is ``value`` or
+    ``grad_norm``), and the permutation that puts their concatenation in block order."""
+    tags, blocks, spec = [], [], []
+    for section in ("router", "mask", "heads"):
+        if section not in sections:
+            continue
+        for g, items in enumerate(point.groups(section)):
             for q in _GROUPS[section]:
                 if q.tag is None:
                     continue
-                value = getattr(values, q.name)
-                if q.per_branch:
-                    for k, v in enumerate(value):
-                        yield ScalarTag(stats.phase, block, group, q.name, branch=k), v
-                else:
-                    yield ScalarTag(stats.phase, block, group, q.name), value
-        if "param" in sections:
-            by_quantity = {"value": bs.params, "grad_norm": bs.grad_norms}
-            for q in PARAM_QUANTITIES:
-                for name, v in by_quantity[q.name].items():
-                    yield ScalarTag(stats.phase, block, "param", q.name, param=name), v
+                for branch in (range(items.width) if q.per_branch else (None,)):
+                    tags += [ScalarTag(stage, point.names[b],
+                                       items.names[i] if section == "mask" else section,
+                                       q.name, branch=branch).format()
+                             for i, b in enumerate(items.block.tolist())]
+                    blocks.append(items.block)
+                    spec.append((section, g, q.name, branch))
+    if "param" in sections:
+        p = point.params
+        for q in PARAM_QUANTITIES:
+            tags += [ScalarTag(stage, point.names[b], "param", q.name, param=n).format()
+                     for b, n in zip(p.block.tolist(), p.names, strict=True)]
+            blocks.append(p.block)
+            spec.append(("param", 0, q.name, None))
+    order = np.argsort(np.concatenate(blocks), kind="stable") if blocks else np.zeros(
+        0, dtype=np.int64)
+    return [tags[i] for i in order.tolist()], spec, order
+
+
+def scalar_columns(
+    stats: GlobalStats, sections: Iterable[str]
+) -> tuple[list[str], np.ndarray]:
+    """The tags and values (one array) of every logged quantity of ``stats`` in
+    ``sections``, under the point's phase, block by block: a few array operations however
+    many blocks the point has (the tags are made once per run and stage when the point
+    comes from the collector's plan)."""
+    point = stats.point()
+    key = (stats.phase, frozenset(sections))
+    cache = point.tag_cache
+    plan = cache.get(key) if cache is not None else None
+    if plan is None:
+        plan = _tag_columns(point, *key)
+        if cache is not None:
+            cache[key] = plan
+    tags, spec, order = plan
+    if not spec:
+        return [], np.zeros(0)
+    groups = {section: list(point.groups(section)) for section in ("router", "mask", "heads")}
+    values, keep = [], []
+    for section, g, quantity, branch in spec:
+        if section == "param":
+            p = point.params
+            values.append(p.value if quantity == "value" else p.grad)
+            keep.append(np.ones(len(p), dtype=bool) if quantity == "value" else p.has_grad)
+        else:
+            items = groups[section][g]
+            column = items.cols[quantity]
+            values.append(column[:, branch] if branch is not None else column)
+            keep.append(items.present)
+    kept = np.concatenate(keep)[order]
+    values = np.concatenate(values)[order]
+    if kept.all():
+        return tags, values
+    return [t for t, k in zip(tags, kept.tolist(), strict=True) if k], values[kept]
 
 
 def scalar_metrics(stats: GlobalStats, sections: Iterable[str]) -> dict[str, float]:
     """Tag -> value for every logged quantity of ``stats`` in ``sections``, under the
     point's phase (``attn/...`` for training, ``val/attn/...`` for validation)."""
-    return {tag.format(): value for tag, value in _values(stats, set(sections))}
+    tags, values = scalar_columns(stats, sections)
+    return dict(zip(tags, values.tolist(), strict=True))
 
 
 def _chart(tag: str) -> list:
@@ -295,7 +343,9 @@ def head_record(stats: GlobalStats) -> dict[str, dict[str, list[float]]]:
     (``head_entropy``, ``head_max_logit``, ``head_sink``, ``head_count``) -> one value per head.
     Blocks without heads are left out (an empty record: nothing to write)."""
     per_head = [q.name for q in _GROUPS["heads"] if q.per_head]
+    point = stats.point()
     return {
-        block: {name: list(getattr(bs.heads, name)) for name in per_head}
-        for block, bs in stats.blocks.items() if bs.heads is not None
+        point.names[b]: {name: g.cols[name][i].tolist() for name in per_head}
+        for g in point.heads
+        for i, b in enumerate(g.block.tolist()) if g.present[i]
     }

@@ -163,10 +163,12 @@ def _json_objects(texts: Iterable[tuple[int, str]], tag: str, notes: list[str]) 
         except ValueError:
             notes.append(f"{tag} at step {step} is not JSON; ignored")
             continue
-        if isinstance(doc, dict):
-            out.append(doc)
+        # one object per record, or (the problems of one point) a list of them
+        docs = doc if isinstance(doc, list) else [doc]
+        if all(isinstance(d, dict) for d in docs):
+            out += docs
         else:
-            notes.append(f"{tag} at step {step} is not a JSON object; ignored")
+            notes.append(f"{tag} at step {step} is not a JSON object (or list of them); ignored")
     return out
 
 

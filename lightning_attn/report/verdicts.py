@@ -406,14 +406,17 @@ class StreamJudge:
             doc = json.loads(text)
         except ValueError:
             return
-        if not isinstance(doc, dict):
-            return
         if tag == CONFIG_TAG:
+            if not isinstance(doc, dict):
+                return
             if self.judges and doc != self.config:
                 self.valid = False  # the points before it were judged by another one
             self.config = doc
-        elif isinstance(doc.get("block"), str) and isinstance(doc.get("step"), int):
-            self.logged.add((doc["block"], doc["step"]))
+            return
+        for problem in doc if isinstance(doc, list) else [doc]:  # a point's problems
+            if isinstance(problem, dict) and isinstance(problem.get("block"), str) and (
+                    isinstance(problem.get("step"), int)):
+                self.logged.add((problem["block"], problem["step"]))
 
     def _judge(self, phase: str) -> _Judge:
         judge = self.judges.get(phase)

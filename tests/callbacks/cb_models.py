@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_attn.blocks import RecordingMixin, attention_adapter, create_attention
 from lightning_attn.core import ParameterSpec
+from lightning_attn.core.statistics import router_entropy
 
 
 def make_data(n: int = 32, channels: int = 1, size: int = 8, classes: int = 3, seed: int = 0):
@@ -73,10 +74,15 @@ class TinyAttnNet(LightningModule):
 
 
 def offline_stats(xs: torch.Tensor, k: int, scale: float = 1.0, low=0.05, high=0.95):
-    """What the callbacks must log for a FakeBlock that saw the batches ``xs`` (concatenated)."""
+    """What the callbacks must log for a FakeBlock that saw the batches ``xs`` (concatenated).
+
+    Computed as the block records, value by value: the mask in float64, each sample's router
+    entropy in float32 from its float32 weights (:func:`router_entropy`), the means over
+    samples in float64; so the logged numbers equal these to 1e-12, whatever path sums them.
+    """
     mask = xs[:, :1].double().flatten()
-    rw = torch.softmax(scale * xs[:, 0, 0, :k].float(), dim=1).double()
-    ent = -(rw * rw.log()).sum(1)
+    rw = torch.softmax(scale * xs[:, 0, 0, :k].float(), dim=1)
+    ent = router_entropy(rw).double()
     return {
         "mask/mean": mask.mean().item(),
         "mask/std": mask.std().item(),
@@ -86,7 +92,7 @@ def offline_stats(xs: torch.Tensor, k: int, scale: float = 1.0, low=0.05, high=0
         "mask/sat_high": (mask > high).double().mean().item(),
         "router/entropy": ent.mean().item(),
         "router/entropy_norm": ent.mean().item() / math.log(k),
-        **{f"router/usage_{i}": rw[:, i].mean().item() for i in range(k)},
+        **{f"router/usage_{i}": rw[:, i].double().mean().item() for i in range(k)},
     }
 
 

@@ -112,7 +112,8 @@ def test_problems_are_written_as_json_texts(tmp_path):
         make_trainer(tmp_path, [cb], max_steps=3, logger=tb).fit(
             FakeNet(transform=lambda x: x * 0 + 0.5)
         )
-    ((step, problem),) = _texts(_events(tb.log_dir), "attn/problems")
+    ((step, problems),) = _texts(_events(tb.log_dir), "attn/problems")  # one record a point
+    (problem,) = problems
     assert step == 0 and problem["block"] == "block" and problem["kind"] == "mask_collapse"
     assert problem["threshold"] == 0.02 and "Try:" in problem["message"]
 
@@ -188,5 +189,7 @@ def test_config_and_problems_read_as_code_blocks_in_tensorboards_text_tab(tmp_pa
     for tag in ("attn/config", "attn/problems"):
         text = acc.Tensors(f"{tag}/text_summary")[0].tensor_proto.string_val[0].decode()
         html = plugin_util.markdown_to_safe_html(text)
-        assert html.startswith("<pre><code>{\n") and html.count("\n") > 5, html[:200]
-        assert isinstance(json.loads(text), dict)
+        assert html.startswith("<pre><code>" + ("{" if tag == "attn/config" else "[")) and (
+            html.count("\n") > 5), html[:200]
+        # the configuration is one object; a point's problems one list of objects
+        assert isinstance(json.loads(text), dict if tag == "attn/config" else list)

@@ -27,6 +27,7 @@ from lightning_attn.core import (
 from lightning_attn.core.accumulator import Accumulator
 
 from .cb_models import (
+    FakeBlock,
     FakeNet,
     MemoryLogger,
     PlainNet,
@@ -87,13 +88,18 @@ def test_validation_and_sanity_forwards_are_not_training_statistics(tmp_path):
 
 
 # -- values --------------------------------------------------------------------------------
-def _check_against_offline(logger, seen, k, accumulate=1):
+def _check_against_offline(logger, seen, k, accumulate=1, blocks=None):
+    """Every logged statistic equals the offline computation to 1e-12; ``blocks``: block
+    name -> (branches, router scale), one FakeBlock ``block`` with ``k`` branches if None."""
     assert logger.attn()
+    blocks = blocks or {"block": (k, 1.0)}
     for step, metrics in logger.attn():
         xs = torch.cat([x for s, x in seen if s == step])
         assert xs.shape[0] == 8 * accumulate
-        for name, value in offline_stats(xs, k).items():
-            assert metrics[f"attn/block/{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6)
+        for block, (branches, scale) in blocks.items():
+            for name, value in offline_stats(xs, branches, scale).items():
+                assert metrics[f"attn/{block}/{name}"] == pytest.approx(value, rel=1e-12,
+                                                                       abs=1e-12), (block, name)
 
 
 def test_logged_values_equal_offline_computation(tmp_path):
@@ -107,6 +113,31 @@ def test_logged_values_equal_offline_computation(tmp_path):
     # the value its forward used (before the step's update)
     assert last["attn/block/param/temperature"] == pytest.approx(dict(model.gains_used)[5])
     assert last["attn/block/param/temperature_grad_norm"] > 0
+
+
+class _ManyBlocks(FakeNet):
+    """Several FakeBlocks side by side on the same input, their branches and scales differing
+    (the point's statistics come from one computation over all of them)."""
+
+    SHAPES = {"blocks.0": (2, 1.0), "blocks.1": (3, 0.5), "blocks.2": (4, 2.0),
+              "blocks.3": (3, 3.0), "blocks.4": (5, 1.5)}
+
+    def __init__(self) -> None:
+        super().__init__(keep_batches=True)
+        self.blocks = torch.nn.ModuleList(FakeBlock(k, s) for k, s in self.SHAPES.values())
+        del self.block
+        self.block = self.blocks[0]  # what FakeNet's training step inspects
+
+    def forward(self, x):
+        return self.head(sum(block(x) for block in self.blocks).flatten(1))
+
+
+def test_many_blocks_equal_offline_computation_to_1e_12(tmp_path):
+    logger = MemoryLogger()
+    model = _ManyBlocks()
+    make_trainer(tmp_path, [_diag(on_problem="ignore")], max_steps=4, logger=logger,
+                 log_every_n_steps=1, accumulate_grad_batches=2).fit(model)
+    _check_against_offline(logger, model.seen, k=0, accumulate=2, blocks=model.SHAPES)
 
 
 def test_gradient_accumulation_gives_one_point_per_optimizer_step(tmp_path):
