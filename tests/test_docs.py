@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 # lightning and torchmetrics probe for torchvision on import: done here, before a test fakes it
 import lightning_attn.modules  # noqa: F401
+from lightning_attn.callbacks import AttentionDiagnostics
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -121,9 +122,9 @@ def test_timm_story_diagnoses_the_models_own_attention(tmp_path, monkeypatch):
     code = code.replace("num_train=320", "num_train=64, batch_size=16")
     monkeypatch.chdir(tmp_path)
     namespace = _run(code, README, "readme_timm")
-    metrics = namespace["trainer"].callback_metrics
-    se = [t for t in metrics if t.startswith("attn/") and t.endswith("/mask/mean")]
-    assert len(se) == 16 and "attn/net.blocks.1.0.se/mask/mean" in se
+    blocks = namespace["diagnostics"].last_stats.blocks
+    se = [name for name in blocks if "mask" in blocks[name].masks]
+    assert len(se) == 16 and "net.blocks.1.0.se" in se
 
 
 def test_our_blocks_in_your_models_recipe_runs_with_real_timm():
@@ -196,9 +197,10 @@ def test_options_snippet_runs_as_written(tmp_path, monkeypatch):
     page = ROOT / "docs/diagnostics.md"
     (code,) = _python(page, "## Options")
     monkeypatch.chdir(tmp_path)
-    trainer = _run(code, page, "docs_options")["trainer"]
-    assert "attn/net.features.attn2.block/mask/std" in trainer.callback_metrics
-    assert not any("attn/net.features.attn3" in k for k in trainer.callback_metrics)  # excluded
+    namespace = _run(code, page, "docs_options")
+    watched = list(namespace["diagnostics"].last_stats.blocks)
+    assert "net.features.attn2.block" in watched
+    assert not any(name.startswith("net.features.attn3") for name in watched)  # excluded
     assert (tmp_path / "logs" / "lightning_logs").exists()
 
 
@@ -246,9 +248,9 @@ def test_backbone_story_trains_a_timm_model_with_diagnostics(tmp_path, monkeypat
     trainer, model = namespace["trainer"], namespace["model"]
     assert trainer.global_step == 5
     assert model.block_names == ["net.layer2_attn", "net.layer3_attn"]
-    metrics = trainer.callback_metrics
-    assert "attn/net.layer2_attn/mask/std" in metrics, sorted(metrics)
-    assert "val/loc/net.layer3_attn" in metrics
+    (diagnostics,) = [c for c in trainer.callbacks if isinstance(c, AttentionDiagnostics)]
+    assert diagnostics.last_stats.blocks["net.layer2_attn"].masks["mask"].std > 0
+    assert "val/loc/net.layer3_attn" in trainer.callback_metrics
 
 
 def test_report_snippet_writes_a_page(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ Between points the collector holds no tensor and the blocks do not record.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping
 
 import lightning.pytorch as pl
@@ -40,6 +41,7 @@ _CODES = {"sum": _SUM, "min": _MIN, "max": _MAX}
 #: A gradient norm that was not read (no owner stepped, or no gradient): norms are >= 0 or
 #: non-finite, so a negative sentinel never collides with a reading.
 _NOT_READ = -1.0
+_ACCUMULATOR = operator.attrgetter("accumulator")
 
 
 def combine_processes(
@@ -93,6 +95,7 @@ class StatisticsCollector:
         self._plan: PointPlan | None = None
         self._rows: dict[str, tuple[torch.Tensor, ...]] = {}
         self._empty: tuple[torch.Tensor, ...] = ()
+        self._accumulators: list = []  # those the plan was made for
         self._devices = 1
         self._trainables: list[tuple[nn.Module, str]] | None = None
 
@@ -256,19 +259,19 @@ class StatisticsCollector:
         return PointColumns.read(plan, host, phase == "train").stats(step, phase)
 
     def _plan_now(self) -> PointPlan:
-        """The plan of the read vector: built again only when a layout changed (another
-        consumer widened one since :meth:`bind`)."""
-        layouts = [block.statistics_layout for block in self.blocks.values()]
-        plan = self._plan
-        if plan is None or any(a is not b for a, b in zip(layouts, plan.layouts, strict=True)):
-            plan = self._plan = PointPlan(self.infos, layouts)
-            accumulators = [block.accumulator for block in self.blocks.values()]
+        """The plan of the read vector: built again only when an accumulator changed (another
+        consumer widened one since :meth:`bind`). Compared by identity in one C-level pass
+        (the check runs at every point)."""
+        accumulators = list(map(_ACCUMULATOR, self.blocks.values()))
+        if self._plan is None or accumulators != self._accumulators:
+            self._accumulators = accumulators
+            self._plan = PointPlan(self.infos, [acc.layout for acc in accumulators])
             self._rows = {phase: tuple(acc.row(phase) for acc in accumulators)
                           for phase in PHASES}
             self._empty = tuple(acc.initial for acc in accumulators)
             self._devices = len({acc.device for acc in accumulators})
             self._kinds = None
-        return plan
+        return self._plan
 
     def _reductions(self, plan: PointPlan, vector: torch.Tensor) -> torch.Tensor:
         """How each slot of the read vector combines over processes: every block's row,

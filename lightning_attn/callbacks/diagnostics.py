@@ -197,6 +197,11 @@ class AttentionDiagnostics(Callback):
     The threshold fields used to be keyword arguments of their own (``std_threshold=...``);
     they are still accepted, with a ``FutureWarning``, until the next release.
 
+    Every statistic goes to every logger. Those that a callback or a scheduler of the Trainer
+    monitors (``EarlyStopping(monitor="attn/<block>/mask/std")``, ``ModelCheckpoint``,
+    ``ReduceLROnPlateau``) go to ``trainer.callback_metrics`` as well; all of the latest
+    training point are in :attr:`last_stats`.
+
     Several in one Trainer (the presets, say) must differ in what they watch: ``include``,
     ``exclude``, ``sections`` or ``adapters`` (their ``state_key``, under which a checkpoint
     keeps each one's state). Two that differ only in thresholds or ``on_problem`` are one
@@ -535,7 +540,8 @@ class AttentionDiagnostics(Callback):
         self._warn_contract(stats)
         # Every block at once, on the point's columns: the rules, then the scalars.
         measured = measure(stats, self.thresholds, sections=self.sections)
-        self._reporter.clear(measured.clear_keys())
+        if self._reporter.active:  # a problem being reported may have cleared
+            self._reporter.clear(measured.clear_keys())
         # words only for the problems a warning says (those not being reported already);
         # every problem of the point when asked for (last_problems)
         fresh = [measured.problem(key, stats.step)

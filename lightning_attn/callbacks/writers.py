@@ -6,8 +6,12 @@
 chart layout (and a point's scalars as one event: :func:`tensorboard_scalars_event`). Every
 point's scalars (training logging steps and evaluation runs alike) are written at
 Lightning's step number (the one the module's own ``self.log`` values of that
-batch or epoch get) and put into ``trainer.callback_metrics``, where
-``EarlyStopping``/``ModelCheckpoint`` monitor them. They are not sent through
+batch or epoch get). Those that a callback or a learning-rate scheduler of the Trainer
+monitors (``EarlyStopping``, ``ModelCheckpoint``, ``ReduceLROnPlateau``: their ``monitor``)
+are put into ``trainer.callback_metrics`` too, not all of them: each would be a tensor made
+and freed at every point, and ``ModelCheckpoint`` deep-copies the whole dict at every check,
+costs that would grow with the number of modules (Lightning's own monitors,
+``LearningRateMonitor`` and ``DeviceStatsMonitor``, put nothing there). They are not sent through
 ``LightningModule.log``: the values are already reduced over the global batch, and that path
 would cost about a millisecond per value (Lightning moves its whole result object on every
 call) and reduce them again.
@@ -44,6 +48,7 @@ __all__ = [
     "WriterRegistration",
     "check_writers",
     "json_text",
+    "monitored_metrics",
     "register_writer",
     "writer_for",
 ]
@@ -279,8 +284,18 @@ def writer_for(
     return (best or DiagnosticsWriter)(logger)
 
 
+def monitored_metrics(trainer: pl.Trainer) -> frozenset[str]:
+    """The metric names ``trainer`` reads from ``callback_metrics``: the ``monitor`` of each
+    callback (``EarlyStopping``, ``ModelCheckpoint`` and those that follow their
+    convention) and of each learning-rate scheduler (``ReduceLROnPlateau``'s)."""
+    names = {getattr(callback, "monitor", None) for callback in trainer.callbacks}
+    names |= {config.monitor for config in trainer.lr_scheduler_configs}
+    return frozenset(name for name in names if isinstance(name, str))
+
+
 class DiagnosticsOutput:
-    """Where one callback's output goes, for one Trainer (a writer per logger, rank zero)."""
+    """Where one callback's output goes, for one Trainer (a writer per logger, rank zero;
+    the monitored scalars to ``trainer.callback_metrics``, every rank)."""
 
     def __init__(
         self, trainer: pl.Trainer, writers: Sequence[type[DiagnosticsWriter]] = ()
@@ -289,6 +304,8 @@ class DiagnosticsOutput:
         self.writers: list[DiagnosticsWriter] = []
         if trainer.is_global_zero:
             self.writers = [writer_for(logger, writers) for logger in trainer.loggers]
+        #: found at the first point of each stage, when every callback and scheduler is there
+        self._monitored: frozenset[str] | None = None
 
     @property
     def rich_writers(self) -> list[DiagnosticsWriter]:
@@ -298,18 +315,25 @@ class DiagnosticsOutput:
     # -- scalars -----------------------------------------------------------------------------
     def scalars(self, metrics: Mapping[str, float], step: int) -> None:
         """A point's scalars at ``step``, identical on every process (already reduced): to
-        every logger (rank zero) and to ``trainer.callback_metrics`` (every process:
-        ``EarlyStopping`` and ``ModelCheckpoint`` read them on every rank)."""
+        every logger (rank zero) and the monitored ones to ``trainer.callback_metrics``
+        (every process: ``EarlyStopping`` and ``ModelCheckpoint`` read them on every
+        rank)."""
         if not metrics:
             return
         batch = ScalarBatch.of(metrics)
         row = batch.with_value("epoch", self.trainer.current_epoch)  # as Lightning's own rows
         for writer in self.writers:
             writer.scalars(row, step)
-        # CPU tensors, as Lightning keeps its own (made in one call, split into 0-d views; a
-        # new buffer per point: a monitor keeps the tensor of its best score).
-        values = torch.from_numpy(batch.values.copy()).unbind()
-        self.trainer.callback_metrics.update(zip(batch.tags, values, strict=True))
+        if self._monitored is None:
+            self._monitored = monitored_metrics(self.trainer)
+        # the few monitored tags found in C (list.index), not a loop over every tag
+        found = [batch.tags.index(name) for name in self._monitored if name in batch.tags]
+        if found:
+            tags, values = [batch.tags[i] for i in found], batch.values[found]
+            # CPU tensors, as Lightning keeps its own (made in one call, split into 0-d
+            # views; a new buffer per point: a monitor keeps the tensor of its best score).
+            published = torch.from_numpy(values).unbind()  # fancy indexing copied them
+            self.trainer.callback_metrics.update(zip(tags, published, strict=True))
 
     # -- everything else: each backend writer, rank zero ---------------------------------
     def histograms(self, tagged_counts: Mapping[str, Sequence[float]], step: int) -> None:

@@ -142,4 +142,3 @@ def test_blocks_without_scalar_parameters_alone_are_logged(tmp_path, sections):
     expected = torch.sigmoid(x[:, :1]).double()
     assert points[0][1]["attn/gate/mask/mean"] == pytest.approx(expected.mean().item(), rel=1e-6)
     assert points[0][1]["attn/gate/mask/std"] == pytest.approx(expected.std().item(), rel=1e-6)
-    assert "attn/gate/mask/std" in trainer.callback_metrics

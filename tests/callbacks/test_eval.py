@@ -57,7 +57,6 @@ def test_validate_and_test_log_their_statistics_and_maps_without_forward(tmp_pat
     model = NoForward()
     trainer = make_trainer(tmp_path, [cb], logger=[tb, logger], limit_val_batches=None)
     trainer.validate(model, _loader())
-    assert trainer.callback_metrics["val/attn/net.1.block/mask/std"] > 0
     trainer.test(model, _loader())
     (val,) = logger.attn(prefix="val/attn/")
     (test,) = logger.attn(prefix="test/attn/")
@@ -69,7 +68,8 @@ def test_validate_and_test_log_their_statistics_and_maps_without_forward(tmp_pat
     acc = EventAccumulator(tb.log_dir, size_guidance={"images": 0})
     acc.Reload()
     assert len(acc.Images("val/attn/maps")) == 1 and len(acc.Images("test/attn/maps")) == 1
-    assert trainer.callback_metrics["test/attn/net.1.block/mask/std"] > 0
+    assert val[1]["val/attn/net.1.block/mask/std"] > 0
+    assert test[1]["test/attn/net.1.block/mask/std"] > 0
     assert not model.net[1].block.capture and not model.net[1].block.recording
 
 
@@ -78,13 +78,13 @@ def test_eval_statistics_cover_every_batch(tmp_path):
     model = TinyAttnNet()
     seen = []
     model.dsa.register_forward_hook(lambda m, i, o: seen.append(o[1].detach()))
-    trainer = make_trainer(tmp_path, [cb], limit_val_batches=None)
+    logger = MemoryLogger()
+    trainer = make_trainer(tmp_path, [cb], limit_val_batches=None, logger=logger)
     trainer.validate(model, DataLoader(make_data(20, size=8), batch_size=8))
     masks = torch.cat(seen).double()
-    got = float(trainer.callback_metrics["val/attn/dsa/mask/std"])
-    assert got == pytest.approx(masks.std().item(), rel=1e-5)
-    assert float(trainer.callback_metrics["val/attn/dsa/mask/max"]) == pytest.approx(
-        masks.max().item(), rel=1e-6)
+    ((_, got),) = logger.attn(prefix="val/attn/")
+    assert got["val/attn/dsa/mask/std"] == pytest.approx(masks.std().item(), rel=1e-5)
+    assert got["val/attn/dsa/mask/max"] == pytest.approx(masks.max().item(), rel=1e-6)
 
 
 def test_maps_show_labelled_columns(tmp_path):

@@ -37,6 +37,30 @@ def test_values_reach_callback_metrics_for_early_stopping_and_checkpoints(tmp_pa
     assert best.best_model_path.endswith(".ckpt")
 
 
+class _PlateauNet(FakeNet):
+    """A ReduceLROnPlateau that monitors a diagnostics tag."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {
+            "scheduler": plateau, "monitor": "attn/block/router/entropy", "interval": "step"}}
+
+
+def test_callback_metrics_hold_the_monitored_statistics(tmp_path):
+    stop = EarlyStopping(monitor=TAG, mode="max", check_on_train_epoch_end=True)
+    logger = MemoryLogger()
+    trainer = make_trainer(tmp_path, [_diag(), stop], max_steps=4, log_every_n_steps=1,
+                           logger=logger)
+    trainer.fit(_PlateauNet())
+    published = {k for k in trainer.callback_metrics if k.startswith("attn/")}
+    assert published == {TAG, "attn/block/router/entropy"}  # the callback's, the scheduler's
+    (step, last), = logger.attn()[-1:]
+    assert {k: float(trainer.callback_metrics[k]) for k in published} == {
+        k: last[k] for k in published}
+    assert len(last) > 10  # every statistic went to the logger
+
+
 def test_statistics_land_on_the_modules_steps(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
     trainer = make_trainer(tmp_path, [_diag()], max_steps=6, logger=logger, log_every_n_steps=3)
@@ -78,8 +102,9 @@ def test_manual_optimization_never_repeats_a_step(tmp_path):
 
 def test_own_interval_writes_at_lightnings_step_numbers_and_stays_monitorable(tmp_path):
     logger = MemoryLogger()
-    trainer = make_trainer(tmp_path, [_diag(log_every_n_steps=4)], max_steps=8, logger=logger,
-                           log_every_n_steps=3)
+    stop = EarlyStopping(monitor=TAG, mode="max", check_on_train_epoch_end=True)
+    trainer = make_trainer(tmp_path, [_diag(log_every_n_steps=4), stop], max_steps=8,
+                           logger=logger, log_every_n_steps=3)
     trainer.fit(FakeNet())
     assert [s for s, _ in logger.attn()] == [3, 7]
     module_steps = [s for s, m in logger.records if "train/loss" in m]
