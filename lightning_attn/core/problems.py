@@ -213,16 +213,6 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def _below(value: float, limit: float, t: HealthThresholds) -> tuple[bool, bool]:
-    """``(bad, clear)`` for a quantity that must not fall below ``limit``."""
-    return value < limit, value >= limit * (1 + t.recovery_margin)
-
-
-def _above(value: float, limit: float, t: HealthThresholds) -> tuple[bool, bool]:
-    """``(bad, clear)`` for a quantity that must not rise above ``limit``."""
-    return value > limit, value <= limit * (1 - t.recovery_margin)
-
-
 @dataclass(frozen=True)
 class Reading:
     """One problem kind read on every block of a point at once (a few array operations).
@@ -246,12 +236,14 @@ class Reading:
                            bool(self.clear[b]), self.quantity(b), self.detail(b))
 
 
-def _below(value: np.ndarray, limit: np.ndarray, t: HealthThresholds):
+def _below(value: np.ndarray, limit: np.ndarray,
+           t: HealthThresholds) -> tuple[np.ndarray, np.ndarray]:
     """``(bad, clear)`` for a quantity that must not fall below ``limit``."""
     return value < limit, value >= limit * (1 + t.recovery_margin)
 
 
-def _above(value: np.ndarray, limit: np.ndarray, t: HealthThresholds):
+def _above(value: np.ndarray, limit: np.ndarray,
+           t: HealthThresholds) -> tuple[np.ndarray, np.ndarray]:
     """``(bad, clear)`` for a quantity that must not rise above ``limit``."""
     return value > limit, value <= limit * (1 - t.recovery_margin)
 
