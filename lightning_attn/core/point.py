@@ -9,7 +9,8 @@ array operations, whatever the number of modules:
   each ``H``), the parameters and gradient norms.
 * :class:`PointColumns` (one per point) gathers each group's slots with one fancy index and
   computes each declared quantity once for the whole group (:func:`~.statistics.columns`).
-  The rules (:mod:`.problems`) and the scalars (:func:`scalar_columns`) read the columns.
+  The rules (:mod:`.problems`) and the scalars (:func:`~.tags.scalar_columns`) read the
+  columns.
 * :class:`LazyBlocks` gives the per-block view (:class:`~.statistics.BlockStats`) only for
   the blocks asked for (the summary table, ``diagnostics.last_stats.blocks[name]``).
 
@@ -48,10 +49,6 @@ from .statistics import (
 )
 
 __all__ = ["Items", "LazyBlocks", "ParamRows", "PointColumns", "PointPlan", "breaches"]
-
-#: The sections whose items are groups of columns, and their statistics class.
-GROUPS: dict[str, type] = {"mask": MaskStats, "router": RouterStats, "heads": HeadStats}
-
 
 @dataclass(frozen=True)
 class Items:
