@@ -25,6 +25,7 @@ from .statistics import (
     SECTIONS,
     GlobalStats,
     ParameterSpec,
+    RecordingConfig,
 )
 from .validation import check_fraction, check_int, check_positive_float
 
@@ -74,8 +75,9 @@ class HealthThresholds:
     """
 
     std_threshold: float = 0.02
-    saturation_low: float = 0.05
-    saturation_high: float = 0.95
+    # the forward counts the saturated values: the defaults are the recording's
+    saturation_low: float = RecordingConfig.saturation_low
+    saturation_high: float = RecordingConfig.saturation_high
     saturation_threshold: float = 0.5
     router_collapse_threshold: float = 0.1
     router_indifference_threshold: float = 0.98
