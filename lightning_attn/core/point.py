@@ -179,7 +179,9 @@ class PointPlan:
         return len(self.grad_rows)
 
 
-_NOT_READ = -1.0  # a gradient norm that was not read (norms are >= 0 or non-finite)
+#: What the collector writes for a gradient norm it did not read (no owner stepped, or no
+#: gradient): norms are >= 0 or non-finite, so a negative sentinel never collides with one.
+NOT_READ = -1.0
 
 
 class PointColumns:
@@ -245,7 +247,7 @@ class PointColumns:
         has_grad = np.zeros(n_params, dtype=bool)
         if train and plan.num_grads:
             read = host[plan.rows_size + n_params:plan.rows_size + n_params + plan.num_grads]
-            taken = (read != _NOT_READ) & (plan.grad_rows >= 0)
+            taken = (read != NOT_READ) & (plan.grad_rows >= 0)
             grad[plan.grad_rows[taken]] = read[taken]
             has_grad[plan.grad_rows[taken]] = True
         params = ParamRows(plan.param_block, plan.param_names, value, grad, has_grad,

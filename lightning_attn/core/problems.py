@@ -1,8 +1,10 @@
 """Every problem kind, declared once: its rule, thresholds, words, remedy and chart lines.
 
-A :class:`ProblemKind` measures one quantity of a block against :class:`HealthThresholds`
-(:class:`Measurement`: the value, the limit, whether it is bad and whether it is *clear*, past
-the limit by the recovery margin on the healthy side). :func:`find_problems` turns the bad
+A :class:`ProblemKind`'s rule measures one quantity of every block of a point at once, from
+the point's columns (:class:`Reading`), against :class:`HealthThresholds`; a
+:class:`Measurement` is one block's reading: the value, the limit, whether it is bad and
+whether it is *clear*, past the limit by the recovery margin on the healthy side (made only
+for the blocks asked for, :class:`Measured`). :func:`find_problems` turns the bad
 measurements into :class:`Problem` records (structured: kind, block, quantity, value,
 threshold, step, detail, hint); the callbacks warn with them, the summary table shows their
 titles, the report draws their threshold lines and gives verdicts with :func:`verdict`.
