@@ -8,7 +8,8 @@ The path of a number, from block to logger::
            the forwards used them: taken before the optimizer step) and the gradient norms
            in one vector -> one all_gather across processes -> combined slot by slot on the
            device (sums added, minima and maxima taken) -> one copy to the host
-        -> GlobalStats (lightning_attn.core.statistics) -> problems, loggers, table, report
+        -> PointColumns (lightning_attn.core.point; a GlobalStats whose BlockStats are
+           made only when asked for) -> problems, loggers, table, report
 
 Between points the collector holds no tensor and the blocks do not record.
 """
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.point import PointColumns, PointPlan
+from ..core.point import NOT_READ, PointColumns, PointPlan
 from ..core.statistics import (
     PHASES,
     BlockInfo,
@@ -38,9 +39,6 @@ __all__ = ["StatisticsCollector", "combine_processes"]
 # How a slot of the read vector combines over processes.
 _SUM, _MIN, _MAX, _FIRST = 0, 1, 2, 3
 _CODES = {"sum": _SUM, "min": _MIN, "max": _MAX}
-#: A gradient norm that was not read (no owner stepped, or no gradient): norms are >= 0 or
-#: non-finite, so a negative sentinel never collides with a reading.
-_NOT_READ = -1.0
 _ACCUMULATOR = operator.attrgetter("accumulator")
 
 
@@ -196,7 +194,7 @@ class StatisticsCollector:
                 continue
             grad = param.grad
             self._grad_norms[i] = (
-                torch.full((), _NOT_READ, dtype=torch.float64, device=param.device)
+                torch.full((), NOT_READ, dtype=torch.float64, device=param.device)
                 if grad is None else torch.linalg.vector_norm(grad.detach().double())
             )
 
@@ -250,7 +248,7 @@ class StatisticsCollector:
         if phase == "train" and n_grads:
             grads = [self._grad_norms.get(i) for i in range(n_grads)]
             parts.append(torch.stack([
-                torch.full((), _NOT_READ, dtype=dtype, device=device) if g is None
+                torch.full((), NOT_READ, dtype=dtype, device=device) if g is None
                 else g.to(device, dtype) for g in grads
             ]))
         vector = torch.cat([p.to(device) for p in parts] if self._devices > 1 else parts)

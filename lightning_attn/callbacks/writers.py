@@ -3,7 +3,7 @@
 :class:`DiagnosticsOutput` is all the callbacks talk to. Each logger of the Trainer gets a
 :class:`DiagnosticsWriter`: the base one writes scalars with the logger's own
 ``log_metrics``; :class:`TensorBoardWriter` also writes histograms, images, texts and the
-chart layout (and a point's scalars as one event: :func:`tensorboard_scalars_event`). Every
+chart layout (and a point's scalars as one event: :meth:`TensorBoardWriter.scalars`). Every
 point's scalars (training logging steps and evaluation runs alike) are written at
 Lightning's step number (the one the module's own ``self.log`` values of that
 batch or epoch get). Those that a callback or a learning-rate scheduler of the Trainer
@@ -148,6 +148,12 @@ class TensorBoardWriter(DiagnosticsWriter):
         self._summary: tuple[list[str], Summary] | None = None  # the last point's tags'
 
     def scalars(self, metrics: Mapping[str, float], step: int) -> None:
+        """What ``log_metrics(metrics, step)`` writes, as one event instead of one per value:
+        0.20 ms instead of 3.85 ms for 50 values (``benchmarks/logging_cost.py``, 2-core CPU,
+        idle). The writers' private reach-ins (the logger's prefix and the
+        ``SummaryWriter``'s file writer; listed in ``tests/test_private_apis.py``);
+        ``tests/callbacks/test_writers.py`` fails if Lightning or TensorBoard changes what
+        they write."""
         if type(self.logger).log_metrics is not TensorBoardLogger.log_metrics:
             super().scalars(metrics, step)  # a subclass that changed how it logs
             return
@@ -191,23 +197,6 @@ class TensorBoardWriter(DiagnosticsWriter):
 
     def text(self, tag: str, text: str, step: int) -> None:
         self._writer.add_text(tag, text, global_step=step)
-
-
-def tensorboard_scalars_event(
-    logger: TensorBoardLogger, metrics: Mapping[str, float], step: int
-) -> None:
-    """What ``logger.log_metrics(metrics, step)`` writes, as one event instead of one per
-    value: 0.20 ms instead of 3.85 ms for 50 values (``benchmarks/logging_cost.py``, 2-core
-    CPU, idle).
-
-    The writers' private reach-ins (the logger's prefix and the ``SummaryWriter``'s file
-    writer; listed in ``tests/test_private_apis.py``); ``tests/callbacks/test_writers.py``
-    fails if Lightning or TensorBoard changes what they write.
-    """
-    summary = _summary(logger, list(metrics))
-    for value, v in zip(summary.value, metrics.values(), strict=True):
-        value.simple_value = float(v)
-    logger.experiment._get_file_writer().add_summary(summary, step)
 
 
 def _summary(logger: TensorBoardLogger, tags: Sequence[str]) -> Summary:

@@ -7,6 +7,8 @@ offline report (what the logs mean) alike:
 - :mod:`.statistics`: each statistic, declared once — its accumulator slots and how they
   reduce, the reported quantities with their tags, charts and titles.
 - :mod:`.accumulator`: the on-device accumulator that lays the slots out (torch).
+- :mod:`.point`: one point's statistics of every block as columns (what the rules and the
+  scalars read), and where each block's slots sit in the collector's read vector.
 - :mod:`.presentation`: the report's panels, the summary table's columns, short block names.
 - :mod:`.problems`: each problem kind, declared once — its rule, thresholds, words, remedy
   and chart lines; :class:`HealthThresholds`; verdicts.

@@ -9,7 +9,8 @@ array operations, whatever the number of modules:
   each ``H``), the parameters and gradient norms.
 * :class:`PointColumns` (one per point) gathers each group's slots with one fancy index and
   computes each declared quantity once for the whole group (:func:`~.statistics.columns`).
-  The rules (:mod:`.problems`) and the scalars (:func:`scalar_columns`) read the columns.
+  The rules (:mod:`.problems`) and the scalars (:func:`~.tags.scalar_columns`) read the
+  columns.
 * :class:`LazyBlocks` gives the per-block view (:class:`~.statistics.BlockStats`) only for
   the blocks asked for (the summary table, ``diagnostics.last_stats.blocks[name]``).
 
@@ -48,10 +49,6 @@ from .statistics import (
 )
 
 __all__ = ["Items", "LazyBlocks", "ParamRows", "PointColumns", "PointPlan", "breaches"]
-
-#: The sections whose items are groups of columns, and their statistics class.
-GROUPS: dict[str, type] = {"mask": MaskStats, "router": RouterStats, "heads": HeadStats}
-
 
 @dataclass(frozen=True)
 class Items:
@@ -182,7 +179,9 @@ class PointPlan:
         return len(self.grad_rows)
 
 
-_NOT_READ = -1.0  # a gradient norm that was not read (norms are >= 0 or non-finite)
+#: What the collector writes for a gradient norm it did not read (no owner stepped, or no
+#: gradient): norms are >= 0 or non-finite, so a negative sentinel never collides with one.
+NOT_READ = -1.0
 
 
 class PointColumns:
@@ -248,7 +247,7 @@ class PointColumns:
         has_grad = np.zeros(n_params, dtype=bool)
         if train and plan.num_grads:
             read = host[plan.rows_size + n_params:plan.rows_size + n_params + plan.num_grads]
-            taken = (read != _NOT_READ) & (plan.grad_rows >= 0)
+            taken = (read != NOT_READ) & (plan.grad_rows >= 0)
             grad[plan.grad_rows[taken]] = read[taken]
             has_grad[plan.grad_rows[taken]] = True
         params = ParamRows(plan.param_block, plan.param_names, value, grad, has_grad,

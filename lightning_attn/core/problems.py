@@ -1,8 +1,10 @@
 """Every problem kind, declared once: its rule, thresholds, words, remedy and chart lines.
 
-A :class:`ProblemKind` measures one quantity of a block against :class:`HealthThresholds`
-(:class:`Measurement`: the value, the limit, whether it is bad and whether it is *clear*, past
-the limit by the recovery margin on the healthy side). :func:`find_problems` turns the bad
+A :class:`ProblemKind`'s rule measures one quantity of every block of a point at once, from
+the point's columns (:class:`Reading`), against :class:`HealthThresholds`; a
+:class:`Measurement` is one block's reading: the value, the limit, whether it is bad and
+whether it is *clear*, past the limit by the recovery margin on the healthy side (made only
+for the blocks asked for, :class:`Measured`). :func:`find_problems` turns the bad
 measurements into :class:`Problem` records (structured: kind, block, quantity, value,
 threshold, step, detail, hint); the callbacks warn with them, the summary table shows their
 titles, the report draws their threshold lines and gives verdicts with :func:`verdict`.
@@ -25,6 +27,7 @@ from .statistics import (
     SECTIONS,
     GlobalStats,
     ParameterSpec,
+    RecordingConfig,
 )
 from .validation import check_fraction, check_int, check_positive_float
 
@@ -74,8 +77,9 @@ class HealthThresholds:
     """
 
     std_threshold: float = 0.02
-    saturation_low: float = 0.05
-    saturation_high: float = 0.95
+    # the forward counts the saturated values: the defaults are the recording's
+    saturation_low: float = RecordingConfig.saturation_low
+    saturation_high: float = RecordingConfig.saturation_high
     saturation_threshold: float = 0.5
     router_collapse_threshold: float = 0.1
     router_indifference_threshold: float = 0.98
@@ -213,16 +217,6 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def _below(value: float, limit: float, t: HealthThresholds) -> tuple[bool, bool]:
-    """``(bad, clear)`` for a quantity that must not fall below ``limit``."""
-    return value < limit, value >= limit * (1 + t.recovery_margin)
-
-
-def _above(value: float, limit: float, t: HealthThresholds) -> tuple[bool, bool]:
-    """``(bad, clear)`` for a quantity that must not rise above ``limit``."""
-    return value > limit, value <= limit * (1 - t.recovery_margin)
-
-
 @dataclass(frozen=True)
 class Reading:
     """One problem kind read on every block of a point at once (a few array operations).
@@ -246,12 +240,14 @@ class Reading:
                            bool(self.clear[b]), self.quantity(b), self.detail(b))
 
 
-def _below(value: np.ndarray, limit: np.ndarray, t: HealthThresholds):
+def _below(value: np.ndarray, limit: np.ndarray,
+           t: HealthThresholds) -> tuple[np.ndarray, np.ndarray]:
     """``(bad, clear)`` for a quantity that must not fall below ``limit``."""
     return value < limit, value >= limit * (1 + t.recovery_margin)
 
 
-def _above(value: np.ndarray, limit: np.ndarray, t: HealthThresholds):
+def _above(value: np.ndarray, limit: np.ndarray,
+           t: HealthThresholds) -> tuple[np.ndarray, np.ndarray]:
     """``(bad, clear)`` for a quantity that must not rise above ``limit``."""
     return value > limit, value <= limit * (1 - t.recovery_margin)
 

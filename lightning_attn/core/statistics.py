@@ -485,10 +485,6 @@ class MaskStats:
         NaN ``std`` beside a finite ``mean`` is a point of one value)."""
         return math.isfinite(self.std)
 
-    def saturation_split(self, low: float, high: float) -> str:
-        """``"12.0% < 0.05, 3.0% > 0.95"``: how the saturated share splits."""
-        return f"{self.sat_low:.1%} < {low}, {self.sat_high:.1%} > {high}"
-
 
 def _normalised(entropy: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(entropy, dtype=float) / math.log(k) if k > 1 else np.zeros_like(

@@ -30,6 +30,7 @@ import numpy as np
 from .point import PointColumns
 from .statistics import (
     PARAM_QUANTITIES,
+    RESERVED_GROUPS,
     BlockInfo,
     GlobalStats,
     HeadStats,
@@ -76,7 +77,7 @@ _GROUPS: dict[str, tuple[Quantity, ...]] = {
     "mask": quantities(MaskStats),
 }
 #: The groups that name a section (any other group is a mask's name).
-_NAMED = ("router", "param", "heads")
+_NAMED = RESERVED_GROUPS
 
 
 def _percent(char: str) -> str:
