@@ -17,7 +17,7 @@ import lightning_attn
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = read_configuration(ROOT / "pyproject.toml")["project"]
 REQUIREMENTS = {Requirement(r).name: Requirement(r) for r in PROJECT["dependencies"]}
-DIST_OF_IMPORT = {"sklearn": "scikit-learn", "PIL": "pillow"}
+DIST_OF_IMPORT = {"sklearn": "scikit-learn", "PIL": "pillow", "google_crc32c": "google-crc32c"}
 OPTIONAL = {"triton"}  # ships with CUDA builds of torch; imported only where available
 
 # The first release that has what the package uses, with the use. Lowering a floor below

@@ -30,3 +30,33 @@ def test_one_event_holds_what_log_metrics_writes(tmp_path):
         shortcut.experiment.flush()
         assert _read(shortcut.log_dir) == _read(public.log_dir)
         assert len(_read(shortcut.log_dir)) == 3
+
+
+def test_records_checksummed_in_c_are_tensorboards_bytes(tmp_path):
+    import io
+
+    import pytest
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from lightning_attn.callbacks.writers import checksum_records_in_c
+
+    logger = TensorBoardLogger(tmp_path)
+    file_writer = logger.experiment._get_file_writer()
+    records = file_writer.event_writer._async_writer._writer
+    assert checksum_records_in_c(file_writer) and records.write.checksums_in_c
+    assert checksum_records_in_c(file_writer)  # once is enough: applying again changes nothing
+    python, ours = io.BytesIO(), io.BytesIO()
+    records._writer, kept = ours, records._writer
+    try:
+        for data in (b"", b"x", bytes(range(256)) * 13, b"\xff" * 4099):
+            RecordWriter(python).write(data)
+            records.write(data)
+    finally:
+        records._writer = kept
+    assert ours.getvalue() == python.getvalue()
+    # what TensorBoard reads back (it checks every record's checksums), through the writer
+    writer = TensorBoardWriter(logger)
+    writer.scalars({"attn/b/mask/mean": 0.25}, 3)
+    logger.experiment.flush()
+    assert _read(logger.log_dir) == {"attn/b/mask/mean": [(3, pytest.approx(0.25))]}
+    assert checksum_records_in_c(object()) is False  # a writer laid out otherwise: untouched
