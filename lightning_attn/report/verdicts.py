@@ -28,14 +28,16 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
+
 from ..core.problems import (
     PROBLEM_KINDS,
     HealthThresholds,
+    Measured,
     Measurement,
     Problem,
     Verdict,
     measure,
-    problems_of,
     verdict,
 )
 from ..core.statistics import SECTIONS, Quantity, all_quantities
@@ -140,6 +142,25 @@ class _Outcomes(Mapping):
         return sum(c != _ABSENT for c in self.codes)
 
 
+class _BlockMeasurements(Mapping):
+    """kind -> :class:`Measurement` of one block of a point, each made when read."""
+
+    def __init__(self, measured: Measured, block: str) -> None:
+        self._measured, self._block = measured, block
+
+    def __getitem__(self, kind: str) -> Measurement:
+        if kind not in self._measured.readings:
+            raise KeyError(kind)
+        return self._measured[(self._block, kind)]
+
+    def __iter__(self):
+        b = self._measured.names.index(self._block)
+        return iter([k for k, r in self._measured.readings.items() if r.applies[b]])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 class CompactHistory(Sequence):
     """A block's ``(step, {kind: measurement})`` at every point, as :func:`verdict` takes it,
     in memory that grows with the changes, not the points: steps as runs of equal stride,
@@ -152,9 +173,13 @@ class CompactHistory(Sequence):
         self._count = 0
         self._last: tuple[int, dict[str, Measurement]] | None = None
 
-    def append(self, step: int, measured: dict[str, Measurement]) -> None:
-        codes = tuple(_ABSENT if (m := measured.get(k)) is None else
-                      (_CLEAR if m.clear else _NOT_CLEAR) for k in _KINDS)
+    def append(self, step: int, measured: Mapping[str, Measurement],
+               codes: tuple[int, ...] | None = None) -> None:
+        """``measured``: kind -> measurement of the point (kept whole for the last point
+        only); ``codes``: its outcome per kind of :data:`_KINDS`, when already known."""
+        if codes is None:
+            codes = tuple(_ABSENT if (m := measured.get(k)) is None else
+                          (_CLEAR if m.clear else _NOT_CLEAR) for k in _KINDS)
         if self._outcomes and self._outcomes[-1][0] == codes:
             self._outcomes[-1][1] += 1
         else:
@@ -241,20 +266,25 @@ class _Judge:
     def point(self, step: int, scalars: dict[str, float]) -> None:
         stats = stats_from_scalars(step, scalars, self.infos, self.phase)
         measured = measure(stats, self.thresholds, _KINDS, self.sections)
-        by_block: dict[str, dict[str, Measurement]] = {b: {} for b in stats.blocks}
-        for (b, k), m in measured.items():
-            by_block[b][k] = m
-        for block, ms in by_block.items():
+        # each block's outcome per kind from the readings' columns; a measurement in words
+        # only for the last point of a block (when read) and for a first problem
+        outcomes = np.full((len(_KINDS), len(measured.names)), _ABSENT)
+        for i, kind in enumerate(_KINDS):
+            r = measured.readings.get(kind)
+            if r is not None:
+                outcomes[i] = np.where(r.applies, np.where(r.clear, _CLEAR, _NOT_CLEAR),
+                                       _ABSENT)
+        for block, codes in zip(measured.names, outcomes.T.tolist(), strict=True):
             history = self.history.get(block)
             if history is None:
                 history = self.history[block] = CompactHistory()
-            history.append(step, ms)
+            history.append(step, _BlockMeasurements(measured, block), tuple(codes))
             if (block, step) in self.logged_steps:
                 self.pins.append((block, step))
-        fresh = {key: m for key, m in measured.items() if m.bad and key not in self.first}
-        for p in problems_of(fresh, step):
-            self.first[(p.block, p.kind)] = p
-            self.pins.append((p.block, step))
+        for key in measured.bad_keys():
+            if key not in self.first:
+                self.first[key] = measured.problem(key, step)
+                self.pins.append((key[0], step))
 
 
 def _envelope_groups(tags: RunTags) -> dict[tuple[str, str, str], BlockSeries]:
