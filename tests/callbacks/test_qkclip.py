@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -17,7 +18,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_attn.blocks.discovery import find_attention_blocks
-from lightning_attn.callbacks import CLIPPED_HEADS_TAG, QKClip
+from lightning_attn.callbacks import CLIPPED_HEADS_TAG, AttentionDiagnostics, QKClip
+from lightning_attn.core import LogitGrowthWarning
+from lightning_attn.data import ClutteredDigitsDataModule
+from lightning_attn.modules import AttentionClassifier
 
 from ..blocks.head_oracle import sharpen
 from .cb_models import MemoryLogger, make_trainer
@@ -151,3 +155,50 @@ def test_arguments_are_checked_and_what_cannot_be_clipped_is_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         QKClip().load_state_dict({"threshold": 100.0, "steps": 1, "clips": {"a": [0, 1]}})
+
+
+class PointMaxima(Callback):
+    """The largest head logit of each diagnostics point (after the diagnostics in the list)."""
+
+    def __init__(self, diagnostics: AttentionDiagnostics) -> None:
+        self.diagnostics, self.max_logits = diagnostics, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        blocks = self.diagnostics.last_stats.blocks.values()
+        self.max_logits.append(max(b.heads.max_logit for b in blocks if b.heads is not None))
+
+
+@pytest.mark.parametrize("remedy", [None, "QKClip", "qk_norm"])
+def test_a_too_high_learning_rate_grows_the_logits_warned_and_each_remedy_prevents_it(
+        tmp_path, remedy):
+    """The planted failure of benchmarks/accuracy.py at small scale: a one-block ViT on
+    cluttered digits at lr 0.1: its logits pass the diagnostics' threshold within a few steps
+    (warned); clipped at half the threshold they stay below it (a step adds less than the
+    clip leaves), and with qk_norm they stay near their start."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32,
+                            depth=1, num_heads=2, mlp_ratio=2.0, qk_norm=remedy == "qk_norm")
+    model = AttentionClassifier(backbone=vit, optimizer=partial(torch.optim.AdamW, lr=0.1))
+    data = ClutteredDigitsDataModule(canvas_size=16, digit_size=(10, 14), num_clutter=2,
+                                     clutter_size=(3, 4), num_train=256, num_val=16,
+                                     num_test=16, batch_size=32)
+    diagnostics = AttentionDiagnostics(summary=False, num_images=0)
+    points = PointMaxima(diagnostics)
+    threshold = diagnostics.thresholds.max_logit_threshold
+    clip = [QKClip(threshold=threshold / 2)] if remedy == "QKClip" else []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [diagnostics, points, *clip], max_steps=40,
+                     log_every_n_steps=1).fit(model, data)
+    warned = {type(w.message) for w in caught}
+    assert len(points.max_logits) == 40
+    if remedy is None:
+        assert max(points.max_logits) > 1.5 * threshold
+        assert LogitGrowthWarning in warned
+    else:
+        assert max(points.max_logits) < threshold
+        assert LogitGrowthWarning not in warned
+    if remedy == "QKClip":
+        assert sum(clip[0].clip_counts["net.blocks.0.attn"]) > 10  # it had growth to stop
