@@ -21,13 +21,13 @@ patches, class token; random init) on 32x32 cluttered digits (digits 14-24 pixel
 fragments: :data:`VIT_DATA`), trained for :data:`VIT_EPOCHS` epochs with the same AdamW and
 cosine schedule as the CNNs:
 
-- ``ViT, lr 1e-3``: a learning rate it trains at;
-- ``ViT, lr 1e-2 (too high)``: its attention logits grow past the diagnostics'
+- ``ViT lr 1e-3``: a learning rate it trains at;
+- ``ViT lr 1e-2 (too high)``: its attention logits grow past the diagnostics'
   ``max_logit_threshold`` (100) and its heads collapse onto single keys (both warned);
-- ``ViT, lr 1e-2 + QKClip(50)``: the same with :class:`~lightning_attn.callbacks.QKClip`
+- ``ViT lr 1e-2 + QKClip(50)``: the same with :class:`~lightning_attn.callbacks.QKClip`
   clipping at 50 (below the warning's 100: a clipped head's logits may grow again for one
   step before the next clip);
-- ``ViT, lr 1e-2 + qk_norm``: the same model built with timm's ``qk_norm=True``.
+- ``ViT lr 1e-2 + qk_norm``: the same model built with timm's ``qk_norm=True``.
 
 Its columns: test accuracy, warned steps, the largest attention logit of any head over every
 training step's forward (tracked by :class:`MaxLogitOverTraining`) and the lowest head entropy
@@ -70,10 +70,10 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 from lightning_attn.environment import ignore_known_warnings
 
@@ -131,8 +131,7 @@ MODELS: dict[str, tuple[str, Callable[[], dict], Callable[[], list[dict]]]] = {
 }
 
 
-@dataclass(frozen=True)
-class ViTRow:
+class ViTRow(NamedTuple):
     """A row of the planted failure: the learning rate, timm's ``qk_norm``, and the
     threshold of a :class:`QKClip` (``None``: none)."""
 
@@ -142,10 +141,10 @@ class ViTRow:
 
 
 VIT_MODELS: dict[str, ViTRow] = {
-    "ViT, lr 1e-3": ViTRow(1e-3),
-    "ViT, lr 1e-2 (too high)": ViTRow(1e-2),
-    "ViT, lr 1e-2 + QKClip(50)": ViTRow(1e-2, qkclip=50.0),
-    "ViT, lr 1e-2 + qk_norm": ViTRow(1e-2, qk_norm=True),
+    "ViT lr 1e-3": ViTRow(1e-3),
+    "ViT lr 1e-2 (too high)": ViTRow(1e-2),
+    "ViT lr 1e-2 + QKClip(50)": ViTRow(1e-2, qkclip=50.0),
+    "ViT lr 1e-2 + qk_norm": ViTRow(1e-2, qk_norm=True),
 }
 #: The ViT rows' data: larger digits on a smaller canvas than the CNNs' (a ViT this small,
 #: trained from scratch, learns the 48x48 task too slowly for a CPU benchmark).
