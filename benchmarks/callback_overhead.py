@@ -17,21 +17,30 @@ without and one with the callback, compile both graphs (recording off and on) fi
 Targets (a benchmark, not a test): eager <= 1 % slower at 50 and <= 5 % at every step;
 compiled <= 2 % and <= 10 %. ``--model efficientnet_b0``: timm's EfficientNet-B0 (16
 squeeze-excite modules, diagnosed through the adapters) on 32x32 images instead of the small
-CNN; targets <= 2 % at 50, and at every step those of the small CNN. The adapters' hooks stay
-attached in the chunks without the callback (they are attached when the fit starts), so their
-cost while recording is off is measured apart: the forward with the hooks attached against
-without, interleaved.
+CNN; targets <= 2 % at 50, and at every step those of the small CNN. ``--model vit_tiny``:
+ViT-Tiny (width 192, 12 blocks of 3 heads, 65 tokens of 32x32 images, batch 8); ``--model
+llama``: ``LlamaForCausalLM`` from a tiny config (2 layers, grouped-query attention, 128
+tokens, batch 8); their heads recorded through the adapters, target <= 2 % at 50 (every step
+reported). ``--callback qkclip``: :class:`QKClip` instead of the diagnostics, its tracking of
+the heads' max logits released in the chunks without it (its cost is every step's). The
+adapters' hooks stay attached in the chunks without the callback (they are attached when the
+fit starts), so their cost while recording is off is measured apart: the forward with the
+hooks attached against without, interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,13 +50,20 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_attn.blocks import create_attention
-from lightning_attn.callbacks import AttentionDiagnostics
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from benchmarks.measure import attached_blocks  # noqa: E402
+from lightning_attn.blocks import create_attention  # noqa: E402
+from lightning_attn.callbacks import AttentionDiagnostics, QKClip  # noqa: E402
 
 TARGETS = {("eager", 50): 0.01, ("eager", 1): 0.05, ("compiled", 50): 0.02,
            ("compiled", 1): 0.10}
 MODEL_TARGETS = {"efficientnet_b0": {("eager", 50): 0.02, ("compiled", 50): 0.02,
-                                     ("eager", 1): 0.05, ("compiled", 1): 0.10}}
+                                     ("eager", 1): 0.05, ("compiled", 1): 0.10},
+                 **{name: {("eager", 50): 0.02, ("compiled", 50): 0.02}
+                    for name in ("vit_tiny", "llama")}}
 
 
 class Body(nn.Module):
@@ -75,31 +91,72 @@ def efficientnet_b0() -> nn.Module:
     return timm.create_model("efficientnet_b0", num_classes=10, in_chans=1)
 
 
-BODIES = {"small": (Body, 32), "efficientnet_b0": (efficientnet_b0, 32)}
+def vit_tiny() -> nn.Module:
+    """ViT-Tiny (width 192, 12 blocks of 3 heads) on 32x32 grey images, 4x4 patches: 65
+    tokens."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=4, in_chans=1, num_classes=10,
+                             embed_dim=192, depth=12, num_heads=3)
+
+
+class TinyLlama(nn.Module):
+    """``LlamaForCausalLM`` from a tiny config (2 layers, 4 query heads sharing 2 key heads,
+    width 128, rotary positions, SDPA), trained on its own next-token loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256,
+                             num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=256)
+        config._attn_implementation = "sdpa"
+        self.lm = LlamaForCausalLM(config)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=tokens, labels=tokens).loss
+
+
+def _images(n: int, g: torch.Generator, size: int) -> TensorDataset:
+    return TensorDataset(torch.rand(n, 1, size, size, generator=g),
+                         torch.randint(0, 10, (n,), generator=g))
+
+
+def _tokens(n: int, g: torch.Generator, length: int) -> TensorDataset:
+    return TensorDataset(torch.randint(0, 256, (n, length), generator=g))
+
+
+#: name -> (network, its data (n, generator) -> dataset, batch size). A network that takes
+#: tokens returns its own loss.
+BODIES = {
+    "small": (Body, functools.partial(_images, size=32), 32),
+    "efficientnet_b0": (efficientnet_b0, functools.partial(_images, size=32), 32),
+    "vit_tiny": (vit_tiny, functools.partial(_images, size=32), 8),
+    "llama": (TinyLlama, functools.partial(_tokens, length=128), 8),
+}
 
 
 class SmallNet(LightningModule):
     """:class:`Body` (or another model of ``BODIES``), compiled or not, on in-memory data."""
 
-    def __init__(self, compiled: bool, model: str = "small", n: int = 2048,
-                 batch_size: int = 32):
+    def __init__(self, compiled: bool, model: str = "small", n: int = 2048):
         super().__init__()
-        make, size = BODIES[model]
+        make, data, self.batch_size = BODIES[model]
         self.body = make()
         if compiled:
             self.body = torch.compile(self.body)
-        g = torch.Generator().manual_seed(0)
-        self.data = TensorDataset(
-            torch.rand(n, 1, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
-        )
-        self.batch_size = batch_size
+        self.data = data(n, torch.Generator().manual_seed(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        if len(batch) == 1:  # tokens: the network's own loss
+            loss = self(batch[0])
+        else:
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
         self.log("loss", loss)
         return loss
 
@@ -146,6 +203,7 @@ class Interleave(Callback):
             self._active = step >= -self.warmup // 2
         else:
             self._active = (step // self.chunk) % 2 == 1
+        self.switch(self._active)
         if was_active and not self._active:
             # Lightning re-logs a step metric at every logging step until the epoch ends;
             # without the callback those values would not exist: drop them.
@@ -156,6 +214,9 @@ class Interleave(Callback):
             self._time(step, self.inner.on_train_batch_start, trainer, pl_module, batch,
                        batch_idx)
             self.timed_steps += step >= 0
+
+    def switch(self, active: bool) -> None:
+        """What the arm changes beyond calling the hooks (called at every step)."""
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._active:
@@ -182,40 +243,50 @@ class Interleave(Callback):
         return [self.chunk / t for t in times]
 
 
+class ClipInterleave(Interleave):
+    """:class:`Interleave` for :class:`QKClip`, whose heads track their max logits in every
+    forward while it holds them: the chunks without it release the tracking too."""
+
+    def switch(self, active: bool) -> None:
+        for block, _ in self.inner._blocks.values():
+            if active:
+                block.track_max_logits(self.inner)
+            else:
+                block.untrack_max_logits(self.inner)
+
+
 def hook_cost(model: str, repeats: int = 30) -> tuple[float, float]:
     """Median eager forward time (ms) of ``model`` without and with the adapters' hooks
     attached and recording off, interleaved."""
-    from lightning_attn.blocks.discovery import find_attention_blocks
     from lightning_attn.core.statistics import RecordingConfig
 
-    net = SmallNet(False, model).body.eval()
-    size = BODIES[model][1]
-    x = torch.rand(32, 1, size, size)
+    module = SmallNet(False, model, n=32)
+    net = module.body.eval()
+    x = module.data.tensors[0]
     times: dict[bool, list[float]] = {False: [], True: []}
     with torch.no_grad():
         net(x)
         for i in range(2 * repeats):
             attached = i % 2 == 1
-            blocks = {}
-            if attached:
-                blocks, _ = find_attention_blocks(net, third_party=True)
-                for b in blocks.values():
-                    b.configure_recording(RecordingConfig(), "cpu")
-            start = time.perf_counter()
-            net(x)
-            times[attached].append(time.perf_counter() - start)
-            for b in blocks.values():
-                b.clear_recording()
+            with (attached_blocks(net, RecordingConfig(), "cpu", record=False) if attached
+                  else contextlib.nullcontext()):
+                start = time.perf_counter()
+                net(x)
+                times[attached].append(time.perf_counter() - start)
     return statistics.median(times[False]) * 1e3, statistics.median(times[True]) * 1e3
 
 
 def measure(
-    mode: str, every: int, chunk: int, pairs: int, warmup: int, root: str, model: str = "small"
+    mode: str, every: int, chunk: int, pairs: int, warmup: int, root: str, model: str = "small",
+    callback: str = "diagnostics",
 ) -> list[float]:
     torch.manual_seed(0)
     torch._dynamo.reset()
-    diag = AttentionDiagnostics(num_images=0, on_problem="ignore", summary=False)
-    timer = Interleave(diag, chunk, warmup)
+    if callback == "qkclip":
+        timer = ClipInterleave(QKClip(), chunk, warmup)
+    else:
+        diag = AttentionDiagnostics(num_images=0, on_problem="ignore", summary=False)
+        timer = Interleave(diag, chunk, warmup)
     n_chunks = 2 * pairs + 1  # without, with, without, ..., without
     trainer = Trainer(
         accelerator="cpu",
@@ -229,7 +300,7 @@ def measure(
         enable_model_summary=False,
     )
     trainer.fit(SmallNet(compiled=mode == "compiled", model=model))
-    points = timer.timed_steps // every
+    points = timer.timed_steps // (every if callback == "diagnostics" else 1)
     return timer.chunk_speeds()[:n_chunks], timer.hook_seconds / max(points, 1)
 
 
@@ -240,8 +311,10 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"],
                         choices=["eager", "compiled"])
     parser.add_argument("--model", default="small", choices=list(BODIES))
+    parser.add_argument("--callback", default="diagnostics", choices=["diagnostics", "qkclip"],
+                        help="qkclip: QKClip (default threshold) instead of the diagnostics")
     args = parser.parse_args()
-    targets = MODEL_TARGETS.get(args.model, TARGETS)
+    targets = {} if args.callback == "qkclip" else MODEL_TARGETS.get(args.model, TARGETS)
 
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore")
@@ -254,7 +327,7 @@ def main() -> None:
             for every in args.intervals:
                 chunk = every * max(1, 10 // every)  # whole logging intervals, >= 10 steps
                 speeds, hook_s = measure(mode, every, chunk, args.pairs, 2 * chunk, root,
-                                         args.model)
+                                         args.model, args.callback)
                 without, with_ = speeds[0::2], speeds[1::2]
                 # each chunk with the callback against the mean of its two neighbours without
                 neighbours = zip(with_, without, without[1:], strict=False)
@@ -265,7 +338,8 @@ def main() -> None:
                       f"{[round(r, 3) for r in ratios]}", flush=True)
 
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"model {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"{args.callback}, model {args.model}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, "
           f"{args.pairs} chunks with the callback per interval; medians")
     print()
     print("| mode | log_every_n_steps | without (steps/s) | with (steps/s) | slower | target "
@@ -280,7 +354,10 @@ def main() -> None:
     print("\n'hooks per logging step': time inside the callback's hooks per logging step (the "
           "collective, the host copy, the statistics, the writers); the recording inside the "
           "forward is on top of it.")
-    if args.model != "small":
+    if args.callback == "qkclip":
+        print("(QKClip: 'hooks per logging step' is its time per step: the clip after the "
+              "optimizer step; the max-only pass over each head's logits is in the forward)")
+    elif args.model != "small":
         without, with_ = hook_cost(args.model)
         print(f"\nadapters' hooks attached, recording off (every step): eager forward "
               f"{without:.2f} ms without, {with_:.2f} ms with "

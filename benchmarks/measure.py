@@ -221,6 +221,24 @@ def peak_bytes(step: Callable, x: torch.Tensor, warm_up: bool = True) -> int:
             gc.enable()
 
 
+@contextlib.contextmanager
+def attached_blocks(model: torch.nn.Module, config, device, record: bool):
+    """The model's attention (the adapters' hooks attached, ``config`` configured), recording
+    while inside if ``record``; every hook removed on the way out."""
+    from lightning_attn.blocks.discovery import find_attention_blocks
+
+    blocks, _ = find_attention_blocks(model, third_party=True)
+    try:
+        for block in blocks.values():
+            block.configure_recording(config, device)
+            if record:
+                block.start_recording("benchmark")
+        yield blocks
+    finally:
+        for block in blocks.values():
+            block.clear_recording()
+
+
 def copy_bandwidth(device, numel: int) -> float:
     """Bytes per second of a large device copy (read + write), the peak the floor is set
     against."""

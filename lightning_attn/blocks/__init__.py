@@ -11,7 +11,8 @@
   records through hooks, without a change to its code; :mod:`.heads`: transformer attention
   measures its heads (timm, ``nn.MultiheadAttention``, Hugging Face, a user's own with
   :class:`HeadRecordingMixin`); :mod:`.discovery` finds every attention module of a model;
-  :mod:`.census` says, for every attention-like class, whether it is diagnosed or why not.
+  :mod:`.census` says, for every attention-like class, whether it is diagnosed or why not;
+  :mod:`.projections`: where a module keeps each head's query and key weights (QK-clip).
 - :mod:`.kernels`: the ``backend`` implementations (torch fused path, Triton).
 
 What the blocks measure (``RecordingConfig``, the statistics) and the warning categories are
@@ -38,6 +39,7 @@ from .discovery import find_attention_blocks
 from .dynamic_spatial import DynamicSpatialAttention
 from .heads import HEAD_ADAPTERS, HeadRecordingMixin
 from .mask_check import quick_mask_check
+from .projections import QueryKeyProjections, query_key_projections
 from .recording import AttentionBlock, RecordingMixin, spatial_map
 from .registry import (
     BUILTIN_FACTORIES,
@@ -63,6 +65,7 @@ __all__ = [
     "HSwish",
     "HeadRecordingMixin",
     "IdentityAttention",
+    "QueryKeyProjections",
     "RecordingMixin",
     "RouterAuxMixin",
     "attention_adapter",
@@ -73,6 +76,7 @@ __all__ = [
     "find_attention_blocks",
     "find_router_blocks",
     "quick_mask_check",
+    "query_key_projections",
     "register_attention",
     "register_attention_adapter",
     "router_aux_terms",

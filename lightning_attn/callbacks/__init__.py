@@ -10,6 +10,7 @@ callback                                  what it does
 :class:`AttentionMapLogger`               mask overlays on the first validation images
 :class:`AttentionSummary`                 ``rich`` table at the end of each training epoch
 :class:`TemperatureSchedule`              anneals the blocks' temperature (a remedy)
+:class:`QKClip`                           rescales a head's query / key weights (a remedy)
 ========================================  ==================================================
 
 The path of a statistic: block forward -> the block's on-device accumulator
@@ -28,6 +29,7 @@ from .presets import (
     ParameterTrajectoryMonitor,
     RouterEntropyMonitor,
 )
+from .qkclip import CLIPPED_HEADS_TAG, QKClip
 from .summary import render_summary
 from .temperature import TemperatureSchedule
 from .writers import (
@@ -39,6 +41,7 @@ from .writers import (
 )
 
 __all__ = [
+    "CLIPPED_HEADS_TAG",
     "DEFAULT_WRITERS",
     "ON_PROBLEM",
     "AttentionDiagnostics",
@@ -49,6 +52,7 @@ __all__ = [
     "MaskHealthMonitor",
     "ParameterTrajectoryMonitor",
     "ProblemReporter",
+    "QKClip",
     "RouterEntropyMonitor",
     "StatisticsCollector",
     "TemperatureSchedule",
