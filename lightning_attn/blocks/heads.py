@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.accumulator import head_reductions, logit_reductions
+from ..core.accumulator import first_query_attention, head_reductions, logit_reductions
 from .adapters import AdapterRecorder
 from .recording import RecordingMixin, recomputing
 
@@ -62,8 +62,10 @@ __all__ = [
     "transformers_attention_implementation",
 ]
 
-#: Instance attributes of the per-step max-logit tracking (never copied or pickled).
-_TRACKING_STATE = ("_attn_tracking", "_attn_tracking_holders", "_attn_logit_max")
+#: Instance attributes of the per-step max-logit tracking and of the captured first-query
+#: attention (never copied or pickled).
+_TRACKING_STATE = ("_attn_tracking", "_attn_tracking_holders", "_attn_logit_max",
+                   "_attn_captured_query")
 
 
 class HeadRecordingMixin(RecordingMixin):
@@ -79,6 +81,7 @@ class HeadRecordingMixin(RecordingMixin):
 
     _attn_tracking: bool = False
     _attn_logit_max: torch.Tensor | None = None
+    _attn_captured_query: torch.Tensor | None = None
 
     # -- inside forward -------------------------------------------------------------------
     def record_heads(
@@ -101,12 +104,18 @@ class HeadRecordingMixin(RecordingMixin):
         ``causal`` and ``softcap``: as :func:`~lightning_attn.core.accumulator.head_reductions`
         reads them. ``masks``: masks of the same forward (name -> tensor), as :meth:`record`.
 
-        Costs three attribute tests on a step that neither records nor tracks.
+        While capture is held (:meth:`start_capture`: the attention-map images), it also
+        keeps the first query's attention over the keys (:attr:`captured_query_attention`).
+
+        Costs four attribute tests on a step that neither records, tracks nor captures.
         """
         recording, tracking = self._attn_recording, self._attn_tracking
-        if not (recording or tracking) or recomputing():  # checkpointing's rerun: recorded
-            return
+        if not (recording or tracking or self._attn_capture) or recomputing():
+            return  # (checkpointing's rerun: recorded when the forward first ran)
         self._check_heads(q.shape[1])
+        if self._attn_capture:
+            self._attn_captured_query = first_query_attention(
+                q, k, scale=scale, mask=mask, bias=bias, causal=causal, softcap=softcap)
         config = self._attn_accumulator.config if self._attn_accumulator is not None else None
         chunk = config.head_chunk_elements if config is not None else 2**22
         reduced = None
@@ -201,6 +210,20 @@ class HeadRecordingMixin(RecordingMixin):
         if self._attn_logit_max is not None:
             self._attn_logit_max.fill_(-math.inf)
 
+    # -- outside forward: the first query's attention (attention-map images) ------------
+    @property
+    def captured_query_attention(self) -> torch.Tensor | None:
+        """``(B, Nk)``: the first query's attention over the keys, averaged over the heads
+        (a ViT's class token over its prefix tokens and patches), from the latest forward
+        while capture was held; ``None`` otherwise.
+        :func:`~lightning_attn.callbacks.maps.token_map` lays it over the image."""
+        return self._attn_captured_query
+
+    def stop_capture(self, holder: Hashable = "default") -> None:
+        super().stop_capture(holder)
+        if not self._attn_capture:
+            self._attn_captured_query = None
+
     def clear_recording(self) -> None:
         super().clear_recording()
         for key in _TRACKING_STATE:
@@ -288,8 +311,8 @@ class HeadRecorder(HeadRecordingMixin):
     def active(self, module: nn.Module) -> bool:
         """Whether a hook called on ``module`` (the adapted module or one of its submodules)
         should do anything now."""
-        return ((self._attn_recording or self._attn_tracking) and id(module) in self._owned
-                and not recomputing())
+        return ((self._attn_recording or self._attn_tracking or self._attn_capture)
+                and id(module) in self._owned and not recomputing())
 
     def clear_recording(self) -> None:
         super().clear_recording()

@@ -69,6 +69,7 @@ from ..core.statistics import (
 from ..core.tags import (
     CONFIG_TAG,
     EVALUATION_TAG,
+    HEADS_MAP_TAG,
     HEADS_TAG,
     PROBLEMS_TAG,
     chart_layout,
@@ -87,7 +88,7 @@ from ..core.validation import (
 from ..schedule import LoggingSchedule
 from .collector import StatisticsCollector
 from .health import ProblemReporter
-from .maps import render_maps
+from .maps import head_heatmaps, render_maps, token_map
 from .summary import render_summary
 from .writers import DiagnosticsOutput, DiagnosticsWriter, ScalarBatch, check_writers
 
@@ -169,8 +170,9 @@ class AttentionDiagnostics(Callback):
         exclude: fnmatch patterns of block names to leave out.
         log_every_n_steps: ``None`` (default) follows ``Trainer(log_every_n_steps=...)``: the
             points then share the module's own logging rows; ``0`` never.
-        histogram_every_n_steps: mask / router-weight histograms (TensorBoard); ``None``
-            (default) is ten times the scalar interval; ``0`` never.
+        histogram_every_n_steps: mask / router-weight histograms and the heads' layer x
+            head heatmaps (TensorBoard); ``None`` (default) is ten times the scalar interval;
+            ``0`` never.
         thresholds: every health threshold in one object
             (:class:`~lightning_attn.core.HealthThresholds`; on the command line
             ``--diagnostics.thresholds.std_threshold 0.05``).
@@ -180,8 +182,9 @@ class AttentionDiagnostics(Callback):
             step) or ``"ignore"``.
         sections: the statistics to log: any of ``"router"``, ``"mask"``, ``"param"``,
             ``"heads"``.
-        num_images: images of the first validation / test batch in the attention-map grid
-            (``0``: no maps).
+        num_images: images of the first validation / test batch in the attention-map grid,
+            with each block's mask over them (a ViT's: its class token's attention over the
+            patches); ``0``: no maps.
         overlay_alpha: opacity of the masks over the images.
         summary: print the ``rich`` summary table at the end of each training epoch.
         eval_statistics: also log one point per validation / test run
@@ -548,13 +551,17 @@ class AttentionDiagnostics(Callback):
                  for key in self._reporter.fresh_keys(measured.bad_keys())]
         self.last_stats, self._last_measured = stats, measured
         output = self._output
+        heads = head_record(stats) if "heads" in self.sections and (scalars or histograms) else {}
         if scalars:
             self._num_points += 1
             if self.log_statistics:
                 output.scalars(ScalarBatch(*scalar_columns(stats, self.sections)), stats.step)
-                heads = head_record(stats) if "heads" in self.sections else {}
                 if heads:  # the per-head values behind the heads' scalars (heatmaps, report)
                     output.json(HEADS_TAG, heads, stats.step)
+        if histograms and heads and output.rich_writers:  # the images of the point
+            output.image(HEADS_MAP_TAG, head_heatmaps(
+                list(heads), [h["head_entropy"] for h in heads.values()],
+                [h["head_max_logit"] for h in heads.values()]), stats.step)
         if histograms:
             point = stats.point()
             output.histograms(
@@ -667,15 +674,21 @@ class AttentionDiagnostics(Callback):
             self._collector.snapshot_parameters(self._eval_phase)
         if not self._capturing:
             return
+        images = _images_of(batch)
         maps = {}
         for name, block in self._collector.blocks.items():
+            query = getattr(block, "captured_query_attention", None)  # attention heads
             if block.captured_map is not None:
                 maps[name] = block.captured_map[: self.num_images].detach().cpu()
+            elif query is not None and images is not None:
+                # a ViT's class token over its image's patches (None: no such layout)
+                found = token_map(query[: self.num_images].cpu(), tuple(images.shape[-2:]))
+                if found is not None:
+                    maps[name] = found
         self._stop_capture()
         stage = self._stage(trainer)
         if not maps or not trainer.is_global_zero or not self._output.rich_writers:
             return
-        images = _images_of(batch)
         if images is not None and images.shape[0] != next(iter(maps.values())).shape[0]:
             images = images[: self.num_images]
         grid = render_maps(images, maps, self.overlay_alpha)

@@ -1,10 +1,13 @@
-"""Attention-map images: display normalisation, a colormap, overlays, a labelled grid.
+"""Attention-map images: display normalisation, a colormap, overlays, a labelled grid; a
+ViT's class-token attention laid over its image (:func:`token_map`); the layer x head
+heatmaps of the heads' entropy and max logit (:func:`head_heatmaps`).
 
-No torchvision: a few tensor operations and Pillow (for the column labels).
+No torchvision: a few tensor operations and Pillow (for the labels).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -16,11 +19,14 @@ from ..core.presentation import short_names
 __all__ = [
     "colormap",
     "colour_scale",
+    "head_heatmaps",
     "label_columns",
     "make_grid",
     "overlay",
     "render_maps",
     "to_display",
+    "token_grid",
+    "token_map",
     "upsample_mask",
 ]
 
@@ -104,19 +110,24 @@ def label_columns(grid: torch.Tensor, labels: Sequence[str], tile_width: int,
             text = text[:-2] + "…" if len(text) > 2 else ""
         offset = max(0, (tile_width - draw.textlength(text, font=font)) / 2)
         draw.text((x0 + offset, 2), text, fill="black", font=font)
-    top = torch.frombuffer(bytearray(header.tobytes()), dtype=torch.uint8)
-    top = top.view(_LABEL_HEIGHT, width, 3).permute(2, 0, 1).float() / 255.0
-    return torch.cat((top.to(grid.dtype), grid), dim=1)
+    return torch.cat((_tensor(header).to(grid.dtype), grid), dim=1)
+
+
+def _tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB Pillow image as ``(3, H, W)`` floats in ``[0, 1]``."""
+    out = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return out.view(image.height, image.width, 3).permute(2, 0, 1).float() / 255.0
 
 
 _SCALE_HEIGHT = 30
 _SCALE_TICKS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def colour_scale(width: int, alpha: float = 1.0) -> torch.Tensor:
-    """``(3, 30, width)``: the colormap from 0 to 1 as a bar with ticks, labelled "mask
-    value" — the key to the overlays above it (blended over white with ``alpha``)."""
-    bar_width = max(width - 120, 60)
+def colour_scale(width: int, alpha: float = 1.0, label: str = "mask value",
+                 low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """``(3, 30, width)``: the colormap as a bar with ticks from ``low`` to ``high``, labelled
+    ``label`` — the key to the colours above it (blended over white with ``alpha``)."""
+    bar_width = max(width - (120 if label else 16), 60)
     ramp = torch.linspace(0.0, 1.0, bar_width).view(1, 1, 1, -1)
     bar = colormap(ramp)[0] * alpha + (1.0 - alpha)  # (3, 1, bar_width)
     image = Image.new("RGB", (width, _SCALE_HEIGHT), "white")
@@ -129,12 +140,11 @@ def colour_scale(width: int, alpha: float = 1.0) -> torch.Tensor:
     for tick in _SCALE_TICKS:
         x = x0 + round(tick * (bar_width - 1))
         draw.line([(x, y0 + height), (x, y0 + height + 3)], fill="black")
-        text = f"{tick:g}"
+        text = f"{low + tick * (high - low):.3g}"
         draw.text((x - draw.textlength(text, font=font) / 2, y0 + height + 4), text,
                   fill="black", font=font)
-    draw.text((x0 + bar_width + 8, y0), "mask value", fill="black", font=font)
-    out = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return out.view(_SCALE_HEIGHT, width, 3).permute(2, 0, 1).float() / 255.0
+    draw.text((x0 + bar_width + 8, y0), label, fill="black", font=font)
+    return _tensor(image)
 
 
 def render_maps(
@@ -175,3 +185,95 @@ def render_maps(
     labelled = label_columns(grid, labels, shown[1])
     alpha = overlay_alpha if base is not None else 1.0
     return torch.cat((labelled, colour_scale(labelled.shape[-1], alpha)), dim=1)
+
+
+#: The most tokens before the patches that :func:`token_grid` considers (a class token,
+#: a distillation token, registers).
+MAX_PREFIX_TOKENS = 16
+
+
+def token_grid(keys: int, size: tuple[int, int]) -> tuple[int, int, int] | None:
+    """``(prefix, h, w)``: how ``keys`` tokens are ``prefix >= 1`` tokens (a class token
+    first) and the ``h x w`` square patches, of a whole number of pixels, of an image of
+    ``size (H, W)``; the fewest prefix tokens that fit. ``None`` when nothing fits (windowed
+    attention, no class token, text)."""
+    height, width = size
+    for prefix in range(1, min(MAX_PREFIX_TOKENS, keys - 1) + 1):
+        patches = keys - prefix
+        if (height * width) % patches:
+            continue
+        side = math.isqrt(height * width // patches)
+        if side * side * patches == height * width and height % side == 0 == width % side:
+            return prefix, height // side, width // side
+    return None
+
+
+def token_map(attention: torch.Tensor, size: tuple[int, int]) -> torch.Tensor | None:
+    """A class token's attention ``(N, keys)`` over its image's patches as a map
+    ``(N, 1, h, w)``, each divided by its largest patch's share (``[0, 1]``: 1 is the patch the
+    token attends to most); ``None`` when the keys are not a prefix and the image's patches
+    (:func:`token_grid`)."""
+    grid = token_grid(attention.shape[-1], size)
+    if grid is None:
+        return None
+    prefix, h, w = grid
+    patches = attention.detach().float()[:, prefix:]
+    patches = patches / patches.amax(dim=1, keepdim=True).clamp_min(1e-12)
+    return patches.reshape(-1, 1, h, w)
+
+
+_CELL = 12
+_MISSING = (214, 214, 222)  # a head the module does not have, or a non-finite value
+
+
+def head_heatmaps(
+    names: Sequence[str],
+    entropy: Sequence[Sequence[float]],
+    max_logit: Sequence[Sequence[float]],
+) -> torch.Tensor:
+    """Two layer x head heatmaps side by side: each head's normalised entropy (``[0, 1]``:
+    0 one key, 1 uniform) and its max logit (from the lowest to the highest value shown).
+    One row per module, in ``names`` order (``entropy[i]``, ``max_logit[i]``: one value per
+    head of ``names[i]``), one column per head; grey: no such head, or not finite.
+    Returns a ``(3, H, W)`` float image in ``[0, 1]``."""
+    labels = list(short_names(list(names)).values())
+    font = ImageFont.load_default(size=10)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = 8 + int(max((measure.textlength(t, font=font) for t in labels), default=0))
+    heads = max((len(v) for v in (*entropy, *max_logit)), default=0)
+    finite = [v for row in max_logit for v in row if math.isfinite(v)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    panels = [_heat_panel(entropy, heads, 0.0, 1.0, "head entropy (0 one key, 1 uniform)"),
+              _heat_panel(max_logit, heads, low, max(high, low + 1e-6), "max logit")]
+    rows = 32 + len(labels) * _CELL  # title, head numbers, cells
+    image = Image.new("RGB", (label_width, rows), "white")
+    draw = ImageDraw.Draw(image)
+    for i, text in enumerate(labels):
+        draw.text((2, 32 + i * _CELL), text, fill="black", font=font)
+    left = _tensor(image)
+    left = torch.cat((left, torch.ones(3, panels[0].shape[1] - left.shape[1], left.shape[2])),
+                     dim=1)
+    gap = torch.ones(3, panels[0].shape[1], 10)
+    return torch.cat((left, panels[0], gap, panels[1]), dim=2)
+
+
+def _heat_panel(values: Sequence[Sequence[float]], heads: int, low: float, high: float,
+                title: str) -> torch.Tensor:
+    """One heatmap with its title, head numbers and colour scale: ``(3, H, W)``."""
+    width = max(heads * _CELL, 200)
+    image = Image.new("RGB", (width, 32 + len(values) * _CELL), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=10)
+    draw.text((0, 2), title, fill="black", font=font)
+    step = 1 if heads <= 16 else 4
+    for h in range(0, heads, step):
+        draw.text((h * _CELL + 2, 18), str(h), fill="black", font=font)
+    scaled = torch.tensor([[(v - low) / (high - low) for v in row] + [math.nan] * (heads - len(row))
+                           for row in values], dtype=torch.float32).reshape(len(values), heads)
+    colours = (colormap(scaled.view(1, 1, *scaled.shape))[0] * 255).round().to(torch.uint8)
+    for i in range(scaled.shape[0]):
+        for h in range(heads):
+            fill = tuple(colours[:, i, h].tolist()) if math.isfinite(scaled[i, h]) else _MISSING
+            x, y = h * _CELL, 32 + i * _CELL
+            draw.rectangle([x, y, x + _CELL - 2, y + _CELL - 2], fill=fill)
+    return torch.cat((_tensor(image), colour_scale(width, label="", low=low, high=high)), dim=1)

@@ -35,6 +35,7 @@ __all__ = [
     "Accumulator",
     "accumulator_dtype",
     "empty_row",
+    "first_query_attention",
     "head_reductions",
     "logit_reductions",
 ]
@@ -334,13 +335,28 @@ def head_reductions(
     Returns:
         ``count``, ``sum_entropy``, ``sum_sink``, ``max_logit``: each ``(Hq,)`` in ``dtype``.
     """
+    logits_of, mask5 = _grouped_logits(q, k, scale, mask, bias, softcap, dtype)
+    batch, heads, queries, keys = max(q.shape[0], k.shape[0]), q.shape[1], q.shape[2], k.shape[2]
+    out = _start(heads, k.shape[1], dtype, q.device, max_only)
+    rows = _chunk_rows(batch, heads, queries, keys, chunk_elements)
+    return _in_chunks(logits_of, queries, rows, mask5, causal, out)
+
+
+def _grouped_logits(
+    q: torch.Tensor, k: torch.Tensor, scale: float | torch.Tensor | None,
+    mask: torch.Tensor | None, bias: torch.Tensor | None, softcap: float | None,
+    dtype: torch.dtype,
+) -> tuple[Callable[[int, int], torch.Tensor], torch.Tensor | None]:
+    """``(logits_of, mask)`` of :func:`head_reductions`' arguments: ``logits_of(start, stop)``
+    the logits of queries ``[start, stop)`` as ``(B, Hk, g, c, Nk)`` (query heads grouped by
+    their key head), with the scale, soft cap and bias applied; the mask grouped alike."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
         raise ValueError(
             f"head statistics need queries (B, Hq, Nq, D) and keys (B, Hk, Nk, D) with Hq a "
             f"multiple of Hk, got q {tuple(q.shape)} and k {tuple(k.shape)}"
         )
-    batch, heads, queries, dim = max(q.shape[0], k.shape[0]), q.shape[1], q.shape[2], q.shape[3]
-    kv_heads, keys = k.shape[1], k.shape[2]
+    heads, queries, dim = q.shape[1], q.shape[2], q.shape[3]
+    kv_heads = k.shape[1]
     group = heads // kv_heads
     q5 = q.detach().to(dtype).reshape(q.shape[0], kv_heads, group, queries, dim)
     kt = k.detach().to(dtype).unsqueeze(2).transpose(-1, -2)  # (B, Hk, 1, D, Nk)
@@ -359,9 +375,32 @@ def head_reductions(
             s = torch.tanh(s / softcap) * softcap
         return s if bias5 is None else s + _rows(bias5, start, stop)
 
-    out = _start(heads, kv_heads, dtype, q.device, max_only)
-    rows = _chunk_rows(batch, heads, queries, keys, chunk_elements)
-    return _in_chunks(logits_of, queries, rows, mask5, causal, out)
+    return logits_of, mask5
+
+
+@torch.no_grad()
+def first_query_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float | torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    causal: bool = False,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The attention of the first query (a ViT's class token) over the keys, averaged over
+    the heads: ``(B, Nk)`` float32, each row summing to 1 (0 where no key is visible).
+    Arguments as :func:`head_reductions`'s; one query's logits: ``B x H x Nk`` values."""
+    logits_of, mask5 = _grouped_logits(q, k, scale, mask, bias, softcap, torch.float32)
+    s = logits_of(0, 1)  # (B, Hk, g, 1, Nk)
+    visible, added = _visibility(_rows(mask5, 0, 1), 0, 1, s.shape[-1], causal, s.device)
+    if added is not None:
+        s = s + added.to(s.dtype)
+    if visible is not None:
+        s = s.masked_fill(~visible.expand(s.shape), -math.inf)
+    probs = torch.nan_to_num(s.softmax(dim=-1), nan=0.0)  # a row seeing no key: 0
+    return probs.mean(dim=(1, 2, 3))
 
 
 @torch.no_grad()

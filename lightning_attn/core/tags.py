@@ -6,7 +6,8 @@ statistics (one point per validation / test run) carry the stage in front:
 ``<group>`` is ``router``, ``param``, ``heads`` or a mask's name; ``<leaf>`` comes from the
 quantity's declaration (:mod:`.statistics`): ``mean``, ``usage_2``, ``temperature_grad_norm``,
 ``max_logit``. The per-head values behind the ``heads`` scalars are one JSON record per point
-(:data:`HEADS_TAG`, :func:`head_record`), not a scalar each.
+(:data:`HEADS_TAG`, :func:`head_record`), not a scalar each, and drawn as an image
+(:data:`HEADS_MAP_TAG`).
 :class:`ScalarTag` formats and parses them (a round trip), :func:`scalar_metrics` writes a
 point's scalars, :func:`chart_layout` the TensorBoard charts, all from the declarations.
 
@@ -43,6 +44,7 @@ from .statistics import (
 __all__ = [
     "CONFIG_TAG",
     "EVALUATION_TAG",
+    "HEADS_MAP_TAG",
     "HEADS_TAG",
     "PREFIX",
     "PROBLEMS_TAG",
@@ -68,6 +70,9 @@ CONFIG_TAG = f"{PREFIX}/config"
 EVALUATION_TAG = f"{PREFIX}/evaluation"
 #: One JSON record per training point: block -> each per-head quantity's values.
 HEADS_TAG = f"{PREFIX}/heads"
+#: The layer x head heatmaps of the heads' entropy and max logit: an image at the training
+#: points that write histograms.
+HEADS_MAP_TAG = f"{PREFIX}/heads_map"
 _MAPS = "maps"
 #: The quantities of each tag group (a mask's name is any group but these).
 _GROUPS: dict[str, tuple[Quantity, ...]] = {

@@ -19,11 +19,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ..core.tags import is_attention_tag
+from ..core.tags import HEADS_MAP_TAG, is_attention_tag
 from .experiments import step_unknown
 from .figures import COMPARISONS, block_figure, comparison_figure, metrics_figure
 from .images import shown_image
-from .reading import ReportError, RunLog, Series, progress_bar
+from .reading import ImageRecord, ReportError, RunLog, Series, progress_bar
 from .series import RunTags, parse_tags
 from .verdicts import RunHealth, judge_run
 
@@ -113,6 +113,7 @@ class RunReport:
     health: RunHealth
     block_figures: dict[str, FigureFile] = field(default_factory=dict)
     attention_map: FigureFile | None = None
+    heads_map: FigureFile | None = None  # the last layer x head heatmaps of its heads
     metrics: dict[str, MetricSummary] = field(default_factory=dict)
     drawing_notes: list[str] = field(default_factory=list)  # what could not be drawn
 
@@ -164,7 +165,7 @@ class Report:
         """Every figure, in page order."""
         out = [f for f in (self.metrics_figure,) if f is not None] + list(self.comparisons)
         for run in self.runs:
-            out += [f for f in (run.attention_map,) if f is not None]
+            out += [f for f in (run.attention_map, run.heads_map) if f is not None]
             out += list(run.block_figures.values())
         return out
 
@@ -187,6 +188,22 @@ class _Names:
             name, i = f"{base}-{i}.png", i + 1
         self.used.add(name)
         return name
+
+
+_HEADS_CAPTION = (
+    "attn/heads_map at step {}: one row per attention module, in module order, one column "
+    "per head; left, each head's normalised entropy (0: one key per query, 1: uniform), right, "
+    "its max logit; grey: no such head.")
+
+
+def _shown(run: RunReport, image: ImageRecord, tag: str, filename: str, what: str,
+           caption: str) -> FigureFile | None:
+    """The figure of a logged image, or ``None`` with a drawing note saying why not."""
+    png, why = shown_image(image)
+    if png is None:
+        run.drawing_notes.append(f"{tag} at step {image.step} not shown: {why}")
+        return None
+    return FigureFile(filename, f"{run.name}: {what}", png, caption)
 
 
 def _map_caption(tags: RunTags, tag: str, step: int) -> str:
@@ -275,14 +292,13 @@ def build_report(
             found = run.tags.last_map()
             if found is not None:
                 tag, image = found
-                png, why = shown_image(image)
-                if png is not None:
-                    run.attention_map = FigureFile(
-                        names(run.name, "attention-maps"), f"{run.name}: attention maps",
-                        png, _map_caption(run.tags, tag, image.step),
-                    )
-                else:
-                    run.drawing_notes.append(f"{tag} at step {image.step} not shown: {why}")
+                run.attention_map = _shown(run, image, tag, names(run.name, "attention-maps"),
+                                           "attention maps", _map_caption(run.tags, tag,
+                                                                          image.step))
+            if run.tags.heads_maps:
+                image = run.tags.heads_maps[-1]
+                run.heads_map = _shown(run, image, HEADS_MAP_TAG, names(run.name, "heads"),
+                                       "attention heads", _HEADS_CAPTION.format(image.step))
             for block in run.tags.block_names():
                 stages = {s: b[block] for s, b in run.tags.blocks.items() if block in b}
                 png = block_figure(

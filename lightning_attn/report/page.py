@@ -301,6 +301,9 @@ def _html_run(run: RunReport, several: bool, page: _Budget) -> str:
     if run.attention_map is not None:
         right = [f"<{head}>Attention maps</{head}>",
                  page.img(run.attention_map, "maps", _map_width(run.attention_map.png))]
+    if run.heads_map is not None:
+        right += [f"<{head}>Attention heads</{head}>",
+                  page.img(run.heads_map, "maps", _map_width(run.heads_map.png))]
     out.append(f'<div class="overview"><div class="verdicts">{"".join(left)}</div>'
                f'<div class="maps">{"".join(right)}</div></div>')
     out.append(f"<{head}>Warnings</{head}>")
@@ -562,6 +565,8 @@ def render_markdown(report: Report) -> str:
             out += ["No warning.", ""]
         if run.attention_map is not None:
             out += [f"{h3} Attention maps", "", _md_img(run.attention_map), ""]
+        if run.heads_map is not None:
+            out += [f"{h3} Attention heads", "", _md_img(run.heads_map), ""]
         for block in run.tags.block_names():
             v = run.health.verdicts[block]
             out += [f"{h3} {_md_code(block)}", "", f"**{v.status}**: {_md(v.text)}", ""]

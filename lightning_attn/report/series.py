@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.statistics import BlockInfo, Quantity
-from ..core.tags import CONFIG_TAG, PROBLEMS_TAG, ScalarTag, maps_stage
+from ..core.tags import CONFIG_TAG, HEADS_MAP_TAG, PROBLEMS_TAG, ScalarTag, maps_stage
 from .reading import ImageRecord, RunLog, Series, natural_key
 
 __all__ = ["MAP_STAGES", "BlockSeries", "RunTags", "parse_tags"]
@@ -100,10 +100,12 @@ def _derived(q: Quantity, stats: dict[str, Series]) -> Series | None:
 @dataclass
 class RunTags:
     """A run's diagnostics: blocks per stage (``"train"``, ``"val"``, ``"test"``, ...), the
-    attention-map images, the configuration and the problems the callbacks logged."""
+    attention-map images, the heads' heatmaps, the configuration and the problems the callbacks
+    logged."""
 
     blocks: dict[str, dict[str, BlockSeries]] = field(default_factory=dict)
     maps: dict[str, list[ImageRecord]] = field(default_factory=dict)
+    heads_maps: list[ImageRecord] = field(default_factory=list)
     config: dict[str, Any] | None = None
     problems: list[dict[str, Any]] | None = None
     notes: list[str] = field(default_factory=list)
@@ -188,6 +190,7 @@ def parse_tags(run: RunLog) -> RunTags:
             for stage, blocks in out.blocks.items()
         }
     out.maps = {tag: images for tag, images in run.images.items() if maps_stage(tag)}
+    out.heads_maps = list(run.images.get(HEADS_MAP_TAG, []))
     if CONFIG_TAG in run.texts:
         configs = _json_objects(run.texts[CONFIG_TAG], CONFIG_TAG, out.notes)
         out.config = configs[-1] if configs else None

@@ -414,3 +414,70 @@ class _Checkpointed(nn.Module):
 
     def forward(self, x):
         return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("name", ["timm vit", "llama causal gqa", "bert padded", "hf vit"])
+def test_captured_first_query_attention_equals_the_float64_softmax(name):
+    """While capture is held (the attention-map images), each head block keeps the first
+    query's attention over the keys, averaged over the heads: the oracle's materialised
+    softmax (masks honoured: a causal first query sees the first key only)."""
+    build, call, hidden_below = CASES[name]
+    torch.manual_seed(0)
+    model = build()
+    blocks, _ = find_attention_blocks(nn.ModuleList([model]), third_party=True)
+    try:
+        for block in blocks.values():
+            block.start_capture("test")
+        with torch.no_grad(), captured_sdpa() as calls:
+            call(model)
+        captured = [b.captured_query_attention for b in blocks.values()]
+        for block in blocks.values():
+            block.stop_capture("test")
+        assert all(b.captured_query_attention is None for b in blocks.values())
+    finally:
+        for block in blocks.values():
+            block.clear_recording()
+    assert len(captured) == len(calls) and captured
+    for got, sdpa in zip(captured, calls, strict=True):
+        q, k = sdpa["q"].double()[:, :, :1], sdpa["k"].double()
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        logits = q @ k.transpose(-1, -2) * (sdpa["scale"] or q.shape[-1] ** -0.5)
+        mask = sdpa["mask"]
+        if mask is not None:
+            mask = mask[..., :1, :]
+            hidden = ~mask if mask.dtype == torch.bool else mask <= hidden_below
+            added = 0.0 if mask.dtype == torch.bool else mask.double().masked_fill(hidden, 0.0)
+            logits = (logits + added).masked_fill(hidden, -math.inf)
+        if sdpa["causal"]:
+            logits[..., 1:] = -math.inf
+        want = logits.softmax(-1).mean(dim=(1, 2))
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+        assert torch.allclose(got.sum(-1), torch.ones(got.shape[0]), atol=1e-5)
+    if name == "llama causal gqa":  # the first token of a decoder sees itself only
+        assert all(torch.equal(c[:, 1:], torch.zeros_like(c[:, 1:])) for c in captured)
+
+
+def test_compiled_capture_keeps_the_first_query_attention_of_the_eager_forward():
+    """Under torch.compile(fullgraph=True) the captured first-query attention is that of the
+    eager forward: one more graph while capture is held, no break."""
+    torch.manual_seed(0)
+    model = models.timm_vit()
+    blocks, _ = find_attention_blocks(nn.ModuleList([model]), third_party=True)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            compiled(_IMAGES)  # capture off
+            for block in blocks.values():
+                block.start_capture("test")
+            compiled(_IMAGES)
+            got = [b.captured_query_attention.clone() for b in blocks.values()]
+            model(_IMAGES)
+            want = [b.captured_query_attention for b in blocks.values()]
+    finally:
+        for block in blocks.values():
+            block.clear_recording()
+    assert counter.frame_count == 2 and len(got) == 2
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
