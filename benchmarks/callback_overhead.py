@@ -304,6 +304,89 @@ def measure(
     return timer.chunk_speeds()[:n_chunks], timer.hook_seconds / max(points, 1)
 
 
+class StepClock(Callback):
+    """Wall time of every training step, from the first callback's batch start (``start``) to
+    the last one's batch end (``end``): put ``clock.start`` first and ``clock.end`` last."""
+
+    def __init__(self) -> None:
+        self.times: dict[int, float] = {}
+        self._t0 = 0.0
+        clock = self
+
+        class Start(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                clock._t0 = time.perf_counter()
+
+        class End(Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+                clock.times[trainer.global_step - 1] = time.perf_counter() - clock._t0
+
+        self.start, self.end = Start(), End()
+
+
+def measure_steps(mode: str, every: int, steps: int, root: str, model: str) -> dict[str, float]:
+    """Median step times of one run in which Lightning logs every ``every`` steps and the
+    diagnostics every ``2 * every``: ``plain`` (no logging), ``lightning`` (Lightning's
+    logging only) and ``diagnostics`` (Lightning's and the diagnostics'), all interleaved."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    clock = StepClock()
+    diag = AttentionDiagnostics(num_images=0, on_problem="ignore", summary=False,
+                                log_every_n_steps=2 * every)
+    warmup = 4 * every  # both graphs compiled (recording off and on), caches warm
+    trainer = Trainer(
+        accelerator="cpu", devices=1, max_steps=warmup + steps, log_every_n_steps=every,
+        logger=TensorBoardLogger(root, name=f"steps-{mode}"),
+        callbacks=[clock.start, diag, clock.end], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(SmallNet(compiled=mode == "compiled", model=model))
+    kinds: dict[str, list[float]] = {"plain": [], "lightning": [], "diagnostics": []}
+    for step, seconds in clock.times.items():
+        if step < warmup:
+            continue
+        kind = ("diagnostics" if (step + 1) % (2 * every) == 0
+                else "lightning" if (step + 1) % every == 0 else "plain")
+        kinds[kind].append(seconds)
+    return {kind: statistics.median(times) for kind, times in kinds.items()}
+
+
+def main_steps(args: argparse.Namespace) -> None:
+    """``--method steps``: the cost of a logging step from step times of one run, and what it
+    makes at ``log_every_n_steps`` of 50 and 1."""
+    targets = MODEL_TARGETS.get(args.model, TARGETS)
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for mode in args.modes:
+            t = measure_steps(mode, 5, args.steps, root, args.model)
+            cost = t["diagnostics"] - t["lightning"]
+            rows.append((mode, t, cost))
+            print(f"{mode}: medians {({k: round(v * 1e3, 1) for k, v in t.items()})} ms",
+                  flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"model {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.steps} timed steps (a diagnostics point every 10, Lightning's every 5)\n")
+    print("| mode | step (ms) | Lightning's logging step | with the diagnostics' point "
+          "| a point costs | at log_every_n_steps=50 | target | at every step |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for mode, t, cost in rows:
+        at50, every = cost / (50 * t["plain"]), cost / t["lightning"]
+        target = targets.get((mode, 50))
+        met = " (met)" if at50 <= target else " (missed)"
+        print(f"| {mode} | {t['plain'] * 1e3:.1f} | {t['lightning'] * 1e3:.1f} "
+              f"| {t['diagnostics'] * 1e3:.1f} | {cost * 1e3:.1f} ms | {at50:.2%}{met} "
+              f"| <= {target:.0%} | {every:.1%} |")
+    _print_hook_cost(args.model)
+
+
+def _print_hook_cost(model: str) -> None:
+    if model != "small":
+        without, with_ = hook_cost(model)
+        print(f"\nadapters' hooks attached, recording off (every step): eager forward "
+              f"{without:.2f} ms without, {with_:.2f} ms with "
+              f"({(with_ / without - 1) * 100:+.2f}%)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=12, help="chunks with the callback")
@@ -313,6 +396,12 @@ def main() -> None:
     parser.add_argument("--model", default="small", choices=list(BODIES))
     parser.add_argument("--callback", default="diagnostics", choices=["diagnostics", "qkclip"],
                         help="qkclip: QKClip (default threshold) instead of the diagnostics")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="steps a chunk (default: whole logging intervals, >= 10 steps)")
+    parser.add_argument("--method", default="chunks", choices=["chunks", "steps"],
+                        help="steps: the cost of a logging step from one run's step times "
+                        "(medians of each kind of step, interleaved step by step)")
+    parser.add_argument("--steps", type=int, default=200, help="--method steps: timed steps")
     args = parser.parse_args()
     targets = {} if args.callback == "qkclip" else MODEL_TARGETS.get(args.model, TARGETS)
 
@@ -320,12 +409,15 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     print(f"load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    if args.method == "steps":
+        main_steps(args)
+        return
 
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for mode in args.modes:
             for every in args.intervals:
-                chunk = every * max(1, 10 // every)  # whole logging intervals, >= 10 steps
+                chunk = args.chunk or every * max(1, 10 // every)  # whole logging intervals
                 speeds, hook_s = measure(mode, every, chunk, args.pairs, 2 * chunk, root,
                                          args.model, args.callback)
                 without, with_ = speeds[0::2], speeds[1::2]
@@ -357,11 +449,8 @@ def main() -> None:
     if args.callback == "qkclip":
         print("(QKClip: 'hooks per logging step' is its time per step: the clip after the "
               "optimizer step; the max-only pass over each head's logits is in the forward)")
-    elif args.model != "small":
-        without, with_ = hook_cost(args.model)
-        print(f"\nadapters' hooks attached, recording off (every step): eager forward "
-              f"{without:.2f} ms without, {with_:.2f} ms with "
-              f"({(with_ / without - 1) * 100:+.2f}%)")
+    else:
+        _print_hook_cost(args.model)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Peak extra memory of the head statistics on a logging step (not a test).
+"""Peak extra memory of the head statistics on a logging step, and QKClip's cost (not a test).
 
 One forward+backward of ViT-Tiny (timm's ``VisionTransformer``: width 192, 12 blocks of 3
 heads, random init) on a batch of images, without diagnostics (no hooks at all) and on a
@@ -14,6 +14,10 @@ extra is set against the logits of one block if they were held
 whole: ``batch x heads x N x N`` in float64, the statistics' precision.
 
     python benchmarks/heads.py [--batch 8] [--repeats 3] [--device cuda]
+    python benchmarks/heads.py --sizes --qkclip-steps 100       # QKClip's cost only
+
+Then QKClip's cost per step (:func:`qkclip_cost`): the max-logit tracking in the forward and
+the clip after the optimizer step, each against a plain training step of the same run.
 
 What the extra is made of: float64 copies of one block's queries and keys, and a few
 temporaries of one chunk of logits (logits, probabilities, their logarithms); the block's
@@ -89,6 +93,69 @@ def measure(size: int, chunk: int, batch: int, repeats: int, device: torch.devic
     }
 
 
+def qkclip_cost(steps: int, device: torch.device) -> dict[str, float]:
+    """QKClip's cost on ViT-Tiny (65 tokens of 32x32 images, batch 8, SGD): medians of
+    training steps with the heads' max-logit tracking on and off, alternating step by step,
+    and of :meth:`QKClip.clip` (the rescale after the optimizer step: one vector of every
+    head's max logit, a few in-place multiplies per module), in milliseconds."""
+    import time
+
+    import lightning.pytorch as pl
+    import torch.nn.functional as F
+
+    from benchmarks.callback_overhead import vit_tiny as small_vit_tiny
+    from lightning_attn.callbacks import QKClip
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.vit = small_vit_tiny()
+
+    module = Module().to(device)
+    x = torch.rand(8, 1, 32, 32, device=device)
+    y = torch.randint(0, 10, (8,), device=device)
+    optimizer = torch.optim.SGD(module.parameters(), lr=1e-3)
+    clip = QKClip()
+    clip.on_fit_start(None, module)
+    blocks = [block for block, _ in clip._blocks.values()]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def step() -> float:
+        sync()
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        F.cross_entropy(module.vit(x), y).backward()
+        optimizer.step()
+        sync()
+        return time.perf_counter() - start
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    try:
+        for i in range(2 * steps + 4):
+            tracking = i % 2 == 1
+            for block in blocks:
+                (block.track_max_logits if tracking else block.untrack_max_logits)(clip)
+            seconds = step()
+            if i >= 4:  # warm
+                times[tracking].append(seconds)
+        clips = []
+        for _ in range(steps):
+            sync()
+            start = time.perf_counter()
+            clip.clip()
+            sync()
+            clips.append(time.perf_counter() - start)
+    finally:
+        clip.teardown(None, module, "fit")
+    return {"step": 1e3 * statistics.median(times[False]),
+            "tracked": 1e3 * statistics.median(times[True]),
+            "clip": 1e3 * statistics.median(clips)}
+
+
 def _power(n: int) -> str:
     return f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else str(n)
 
@@ -97,10 +164,12 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
     parser.add_argument("--chunks", type=int, nargs="+", default=list(CHUNKS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--qkclip-steps", type=int, default=60,
+                        help="steps of each kind for QKClip's cost (0: not measured)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -128,6 +197,16 @@ def main(argv: list[str] | None = None) -> str:
                 f"| {r['chunk_bytes'] / MiB:.1f} MiB | {r['qk_bytes'] / MiB:.1f} MiB "
                 f"| {r['whole_bytes'] / MiB:.1f} MiB |")
             print(lines[-1], flush=True)
+    if args.qkclip_steps:
+        start_load = f"load average {os.getloadavg()[0]:.1f}"
+        c = qkclip_cost(args.qkclip_steps, device)
+        lines.append(
+            f"\nQKClip on ViT-Tiny (65 tokens, batch 8; medians of {args.qkclip_steps} steps of "
+            f"each kind, alternating; {start_load} at its start): a training step "
+            f"{c['step']:.1f} ms without the max-logit tracking, {c['tracked']:.1f} ms with it "
+            f"({100 * (c['tracked'] / c['step'] - 1):+.1f} %); the clip after the optimizer "
+            f"step {c['clip']:.2f} ms ({100 * c['clip'] / c['step']:.1f} % of a step)")
+        print(lines[-1], flush=True)
     lines.append(f"\n{load} at the end")
     text = "\n".join(lines)
     print(text)
