@@ -42,6 +42,7 @@ __all__ = [
     "ProblemKind",
     "find_problems",
     "measure",
+    "measure_point",
     "phrase",
     "problems_of",
     "verdict",
@@ -327,21 +328,20 @@ def _grouped_reading(n: int, groups: list[tuple[Items, np.ndarray]], value_of, l
     """A rule over groups of blocks (routers by number of branches, heads by number of
     heads): each block's value from its group's column, where ``groups`` marks it valid."""
     chosen = np.full(n, -1, dtype=np.int64)
+    group_of = np.full(n, -1, dtype=np.int64)
     values = np.full(n, math.nan)
     limits = np.full(n, math.nan)
-    group_of: dict[int, tuple[Items, int]] = {}
-    for g, valid in groups:
-        blocks, items = g.block[valid], np.flatnonzero(valid)
-        chosen[blocks] = items
+    for j, (g, valid) in enumerate(groups):
+        blocks = g.block[valid]
+        chosen[blocks] = np.flatnonzero(valid)
+        group_of[blocks] = j
         values[blocks] = value_of(g)[valid]
         limits[blocks] = limit_of(g)
-        for b, i in zip(blocks.tolist(), items.tolist(), strict=True):
-            group_of[b] = (g, i)
     applies = chosen >= 0
     with np.errstate(invalid="ignore"):
         bad, clear = judge(values, limits, t)
     return Reading(applies, values, limits, bad & applies, clear & applies,
-                   lambda b: quantity, lambda b: detail(*group_of[b]))
+                   lambda b: quantity, lambda b: detail(groups[group_of[b]][0], int(chosen[b])))
 
 
 def _router_rule(point: PointColumns, t: HealthThresholds, value_of, limit_of, judge,
@@ -366,18 +366,24 @@ def _router_collapse(point: PointColumns, t: HealthThresholds, step: int,
                         "normalised entropy", detail)
 
 
-def _router_indifference(point: PointColumns, t: HealthThresholds, step: int,
+def _router_indifference(point: PointColumns, t: HealthThresholds, step: int | np.ndarray,
                          sections: frozenset[str]) -> Reading | None:
-    if step < t.indifference_warmup_steps:
+    warm = np.asarray(step) >= t.indifference_warmup_steps
+    if not warm.any():
         return None
     limit = t.router_indifference_threshold
-    return _router_rule(
+    reading = _router_rule(
         point, t, lambda g: g.cols["entropy_norm"], lambda k: limit, _above,
         "normalised entropy",
         lambda g, i: f"normalised router entropy {_fmt(g.cols['entropy_norm'][i])} > "
                      f"router_indifference_threshold={limit} after indifference_warmup_steps="
                      f"{t.indifference_warmup_steps}: the router weighs all branches (nearly) "
                      "equally for every input and does not route")
+    if warm.all():
+        return reading
+    # points of several steps judged at once (the report): only those past the warm-up
+    return dataclasses.replace(reading, applies=reading.applies & warm, bad=reading.bad & warm,
+                               clear=reading.clear & warm)
 
 
 def _dead_branch(point: PointColumns, t: HealthThresholds, step: int,
@@ -596,7 +602,8 @@ class ProblemKind:
         hint: what to try, naming the argument or callback that applies the remedy.
         rule: the reading of every block of a point at once (:class:`Reading`; ``None``:
             does not apply at this step), from the point's columns, the thresholds, the step
-            and the sections read.
+            (or each block's step, ``(blocks,)``: see :func:`measure_point`) and the sections
+            read.
         thresholds: the :class:`HealthThresholds` fields it reads.
         panel: the report panel that shows its quantity (``None``: every panel of its
             section).
@@ -610,7 +617,8 @@ class ProblemKind:
     title: str
     phrase: str
     hint: str
-    rule: Callable[[PointColumns, HealthThresholds, int, frozenset[str]], Reading | None]
+    rule: Callable[[PointColumns, HealthThresholds, int | np.ndarray, frozenset[str]],
+                   Reading | None]
     thresholds: tuple[str, ...] = ()
     panel: str | None = None
     lines: Callable[[HealthThresholds, int, Mapping[str, ParameterSpec]], list[Line]] = (
@@ -777,9 +785,13 @@ class Measured(Mapping):
 
     def problem(self, key: tuple[str, str], step: int) -> Problem:
         """The :class:`Problem` of one bad measurement."""
-        m = self[key]
-        return Problem(key[0], key[1], m.value, m.threshold, step, m.quantity, m.detail,
-                       PROBLEM_KINDS[key[1]].hint)
+        return self.problem_at(self._index[key[0]], key[1], step)
+
+    def problem_at(self, b: int, kind: str, step: int) -> Problem:
+        """The :class:`Problem` of block ``b``'s bad measurement of ``kind``."""
+        m = self.readings[kind].measurement(b)
+        return Problem(self.names[b], kind, m.value, m.threshold, step, m.quantity, m.detail,
+                       PROBLEM_KINDS[kind].hint)
 
     def clear_keys(self) -> list[tuple[str, str]]:
         """The ``(block, kind)`` pairs whose statistic is clear of its threshold."""
@@ -795,14 +807,25 @@ def measure(
 ) -> Measured:
     """``(block, kind) -> Measurement`` for every kind that applies to every block: each kind
     read once on the point's columns, whatever the number of blocks."""
+    return measure_point(stats.point(), stats.step, thresholds, kinds, sections)
+
+
+def measure_point(
+    point: PointColumns,
+    step: int | np.ndarray,
+    thresholds: HealthThresholds,
+    kinds: Iterable[str] | None = None,
+    sections: Iterable[str] | None = None,
+) -> Measured:
+    """:func:`measure` on a point's columns; ``step`` may also give each block its own step
+    (``(blocks,)``: the report judges the blocks of many points as the blocks of one)."""
     kinds = tuple(PROBLEM_KINDS if kinds is None else kinds)
     sections = frozenset(SECTIONS if sections is None else sections)
-    point = stats.point()
     readings = {}
     for name in kinds:
         kind = PROBLEM_KINDS[name]
         if _reads(kind, sections):
-            reading = kind.rule(point, thresholds, stats.step, sections)
+            reading = kind.rule(point, thresholds, step, sections)
             if reading is not None:
                 readings[name] = reading
     return Measured(point.names, readings)

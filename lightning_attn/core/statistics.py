@@ -65,6 +65,7 @@ __all__ = [
     "block_stats",
     "contract_breaches",
     "from_logged",
+    "logged_quantities",
     "quantities",
     "router_entropy",
 ]
@@ -701,16 +702,36 @@ def _one_row(values: Mapping[str, Any]) -> _Slots:
     return _Slots({k: np.asarray([v], dtype=float) for k, v in values.items()})
 
 
+def logged_quantities(stats_class: type, logged: Mapping[str, np.ndarray]
+                      ) -> dict[str, np.ndarray]:
+    """Every quantity of :class:`MaskStats` / :class:`RouterStats` / :class:`HeadStats` as
+    columns, from the columns of the quantities that were logged (``(n,)``, ``(n, K)``):
+    the rest derived where they can be (``nonfinite``: 1 when a logged value is NaN or
+    Inf), else their defaults."""
+    values = dict(logged)
+    rows = _rows(values)
+    for q in quantities(stats_class):
+        if q.name not in values:
+            if q.derive is not None:
+                values[q.name] = np.asarray(q.derive(values), dtype=float)
+            else:
+                default = _defaults(stats_class)[q.name]
+                values[q.name] = (np.zeros((rows, 0)) if isinstance(default, tuple)
+                                  else np.full(rows, float(default)))
+    return values
+
+
+@functools.cache
+def _defaults(stats_class: type) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(stats_class)}
+
+
 def from_logged(stats_class: type, logged: Mapping[str, Any]) -> Any:
     """A :class:`MaskStats` / :class:`RouterStats` / :class:`HeadStats` from logged quantities
-    (name -> value); what was not logged is derived (``nonfinite``: 1 when a logged value is
-    NaN or Inf)."""
-    values = dict(_one_row({q.name: logged[q.name] for q in quantities(stats_class)
-                            if q.name in logged}))
-    for q in quantities(stats_class):
-        if q.name not in values and q.derive is not None:
-            values[q.name] = np.asarray(q.derive(values), dtype=float)
-    return materialize(stats_class, values, 0)
+    (name -> value): :func:`logged_quantities` of one item."""
+    values = _one_row({q.name: logged[q.name] for q in quantities(stats_class)
+                       if q.name in logged})
+    return materialize(stats_class, logged_quantities(stats_class, values), 0)
 
 
 # ------------------------------------------------------------------------------------------

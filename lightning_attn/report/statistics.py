@@ -7,37 +7,36 @@ it knows nothing of the statistics beyond their declarations.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
+from ..core.point import Items, ParamRows, PointColumns
 from ..core.statistics import (
     BlockInfo,
-    BlockStats,
     GlobalStats,
     HeadStats,
     MaskStats,
+    ParameterSpec,
     RouterStats,
-    from_logged,
+    logged_quantities,
     quantities,
 )
 from ..core.tags import ScalarTag
 from .reading import RunLog, sorted_points
 
-__all__ = ["parse_tag", "points", "stats_from_scalars"]
+__all__ = ["LoggedPlan", "logged_columns", "logged_plan", "parse_tag", "points",
+           "stats_from_scalars"]
 
 
 @lru_cache(maxsize=65536)
 def parse_tag(tag: str) -> ScalarTag | None:
     """:meth:`ScalarTag.parse`, remembered: a run logs the same tags at every point."""
     return ScalarTag.parse(tag)
-
-
-@lru_cache(maxsize=1)
-def _router_fields() -> frozenset[str]:
-    return frozenset(q.name for q in quantities(RouterStats) if q.per_branch)
 
 
 @lru_cache(maxsize=1024)
@@ -51,6 +50,125 @@ def _plan(tags: tuple[str, ...], phase: str) -> tuple[tuple[int, str, str, str, 
             sub = parsed.branch if parsed.branch is not None else parsed.param
             out.append((i, parsed.block, parsed.group, parsed.quantity, sub))
     return tuple(out)
+
+
+#: Where one item's logged quantities are: quantity -> column of the matrix (a tuple of
+#: columns, branch by branch, for a per-branch quantity).
+_Where = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LoggedPlan:
+    """Where each block's logged quantities sit among a point's tags (one plan for every
+    point logging the same tags; see :func:`logged_plan`).
+
+    ``names``: the blocks, in the order of their first tag; ``masks`` / ``routers`` /
+    ``heads``: ``(block index, item name, where)`` of each item, grouped by what was logged of
+    it (and by the router's number of branches); ``params``: ``(block index, name, value
+    column, gradient norm column or -1, learnable, spec)``.
+    """
+
+    names: tuple[str, ...]
+    masks: tuple[tuple[tuple[int, str, _Where], ...], ...]
+    routers: tuple[tuple[int, tuple[tuple[int, str, _Where], ...]], ...]
+    heads: tuple[tuple[tuple[int, str, _Where], ...], ...]
+    params: tuple[tuple[int, str, int, int, bool, ParameterSpec | None], ...]
+
+
+def _by_signature(items: list[tuple[int, str, _Where]]) -> tuple[tuple, ...]:
+    """Items grouped by which quantities were logged (each group's columns are made, and
+    the missing ones derived, at once), in the order of their first item."""
+    groups: dict[tuple[str, ...], list] = {}
+    for item in items:
+        groups.setdefault(tuple(item[2]), []).append(item)
+    return tuple(tuple(g) for g in groups.values())
+
+
+def logged_plan(tags: tuple[str, ...], phase: str = "train",
+                infos: Mapping[str, BlockInfo] | None = None) -> LoggedPlan:
+    """The :class:`LoggedPlan` of the points logging ``tags`` (see :func:`stats_from_scalars`
+    for ``infos`` and ``phase``)."""
+    logged: dict[str, dict[str, dict[str, Any]]] = {}
+    for i, block, group_name, quantity, sub in _plan(tags, phase):
+        group = logged.setdefault(block, {}).setdefault(group_name, {})
+        if sub is None:
+            group[quantity] = i
+        else:
+            group.setdefault(quantity, {})[sub] = i
+    masks, routers, heads, params = [], {}, [], []
+    for b, (block, groups) in enumerate(logged.items()):
+        info = (infos or {}).get(block)
+        for group, where in groups.items():
+            if group == "heads":
+                heads.append((b, "", where))
+            elif group == "router":
+                for name, by_branch in where.items():
+                    if isinstance(by_branch, dict):
+                        where[name] = tuple(by_branch[k] for k in sorted(by_branch))
+                k = len(where["usage"]) if "usage" in where else 0
+                routers.setdefault(k, []).append((b, "", where))
+            elif group == "param":
+                grads = where.get("grad_norm", {})
+                trainable = info.trainable_names if info is not None else tuple(grads)
+                specs = info.param_specs if info is not None else {}
+                params.extend((b, n, col, grads.get(n, -1), n in trainable, specs.get(n))
+                              for n, col in where.get("value", {}).items())
+            elif "mean" in where and "std" in where:
+                masks.append((b, group, where))
+    return LoggedPlan(tuple(logged), _by_signature(masks),
+                      tuple((k, g) for k, items in routers.items() for g in _by_signature(items)),
+                      _by_signature(heads), tuple(params))
+
+
+def _items(stats_class: type, groups: Sequence[tuple[tuple[int, str, _Where], ...]],
+           matrix: np.ndarray, blocks: int, width: int = 0) -> Items:
+    """One :class:`Items` of every item of ``groups`` at every point (row) of ``matrix``:
+    item ``i`` of point ``p`` belongs to pseudo-block ``p * blocks + b``."""
+    points = len(matrix)
+    parts: list[tuple[np.ndarray, tuple[str, ...], dict[str, np.ndarray]]] = []
+    for items in groups:
+        n = len(items)
+        logged = {name: matrix[:, [where[name] for _, _, where in items]]
+                  for name in items[0][2]}  # (points, n) or (points, n, K)
+        cols = logged_quantities(stats_class, {name: v.reshape(points * n, *v.shape[2:])
+                                               for name, v in logged.items()})
+        block = (np.arange(points)[:, None] * blocks
+                 + np.asarray([b for b, _, _ in items])[None, :]).reshape(-1)
+        parts.append((block, tuple(name for _, name, _ in items) * points, cols))
+    names = [q.name for q in quantities(stats_class)]
+    if not parts:
+        cols = {q.name: np.zeros((0, width) if q.per_branch or q.per_head else 0)
+                for q in quantities(stats_class)}
+        return Items(np.zeros(0, dtype=np.int64), (), cols, np.zeros(0, dtype=bool), width)
+    block = np.concatenate([p[0] for p in parts])
+    return Items(block, sum((p[1] for p in parts), ()) if stats_class is MaskStats else (),
+                 {n: np.concatenate([p[2][n] for p in parts]) for n in names},
+                 np.ones(len(block), dtype=bool), width)
+
+
+def logged_columns(plan: LoggedPlan, matrix: np.ndarray) -> PointColumns:
+    """The columns of several points logging the same tags, at once: ``matrix (points,
+    tags)`` holds their values. Point ``p``'s block ``b`` is block ``p * len(plan.names) + b``
+    of the result (its name repeats for every point), so that the rules judge every block of
+    every point in one call each."""
+    matrix = np.asarray(matrix, dtype=float)
+    points, blocks = len(matrix), len(plan.names)
+    routers = [_items(RouterStats, [g], matrix, blocks, k) for k, g in plan.routers]
+    heads = [_items(HeadStats, [g], matrix, blocks) for g in plan.heads]
+    p = plan.params
+    cols = np.asarray([r[2] for r in p], dtype=np.int64)
+    grad_cols = np.asarray([r[3] for r in p], dtype=np.int64)
+    has_grad = np.broadcast_to(grad_cols >= 0, (points, len(p)))
+    grads = np.where(has_grad, matrix[:, np.maximum(grad_cols, 0)] if len(p) else
+                     np.zeros((points, 0)), math.nan)
+    params = ParamRows(
+        (np.arange(points)[:, None] * blocks
+         + np.asarray([r[0] for r in p], dtype=np.int64)[None, :]).reshape(-1),
+        tuple(r[1] for r in p) * points, matrix[:, cols].reshape(-1), grads.reshape(-1),
+        has_grad.reshape(-1), np.tile(np.asarray([r[4] for r in p], dtype=bool), points),
+        tuple(r[5] for r in p) * points)
+    return PointColumns(plan.names * points, _items(MaskStats, plan.masks, matrix, blocks),
+                        routers, heads, params, np.ones(points * blocks), histograms={})
 
 
 def stats_from_scalars(
@@ -70,45 +188,12 @@ def stats_from_scalars(
         phase: ``"train"``, ``"val"`` or ``"test"``.
 
     Counts are not logged: each is 1, and ``nonfinite`` is 1 when a logged value of the mask /
-    router is NaN or Inf, else 0 (what the health rules read is exact).
+    router is NaN or Inf, else 0 (what the health rules read is exact). The report judges
+    many points at once the same way (:func:`logged_columns`).
     """
-    logged: dict[str, dict[str, dict[str, Any]]] = {}
-    values_ = list(scalars.values())
-    for i, block, group_name, quantity, sub in _plan(tuple(scalars), phase):
-        by_group = logged.get(block)
-        if by_group is None:
-            by_group = logged[block] = {}
-        group = by_group.get(group_name)
-        if group is None:
-            group = by_group[group_name] = {}
-        if sub is None:
-            group[quantity] = float(values_[i])
-        else:
-            group.setdefault(quantity, {})[sub] = float(values_[i])
-    router_fields = _router_fields()
-    blocks: dict[str, BlockStats] = {}
-    for block, groups in logged.items():
-        router, masks, params, grads, heads = None, {}, {}, {}, None
-        for group, values in groups.items():
-            if group == "heads":
-                heads = from_logged(HeadStats, values)
-            elif group == "router":
-                for name in router_fields & set(values):
-                    by_branch = values[name]
-                    values[name] = tuple(by_branch[k] for k in sorted(by_branch))
-                router = from_logged(RouterStats, values)
-            elif group == "param":
-                params, grads = values.get("value", {}), values.get("grad_norm", {})
-            elif "mean" in values and "std" in values:
-                masks[group] = from_logged(MaskStats, values)
-        info = (infos or {}).get(block)
-        trainable = info.trainable_names if info is not None else tuple(grads)
-        blocks[block] = BlockStats(
-            masks=masks, router=router, params=params, grad_norms=grads,
-            trainable=frozenset(trainable), forwards=1,
-            param_specs=dict(info.param_specs) if info is not None else {}, heads=heads,
-        )
-    return GlobalStats(step=int(step), blocks=blocks, phase=phase)
+    plan = logged_plan(tuple(scalars), phase, infos)
+    point = logged_columns(plan, np.asarray([list(scalars.values())], dtype=float))
+    return point.stats(int(step), phase)
 
 
 def points(run: RunLog, phase: str = "train") -> Iterator[tuple[int, dict[str, float]]]:

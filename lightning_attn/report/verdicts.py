@@ -37,7 +37,7 @@ from ..core.problems import (
     Measurement,
     Problem,
     Verdict,
-    measure,
+    measure_point,
     verdict,
 )
 from ..core.statistics import SECTIONS, Quantity, all_quantities
@@ -45,7 +45,7 @@ from ..core.tags import CONFIG_TAG, PROBLEMS_TAG
 from .curves import Series, SeriesBuilder
 from .reading import RunLog, replay
 from .series import BlockSeries, RunTags
-from .statistics import parse_tag, points, stats_from_scalars
+from .statistics import LoggedPlan, logged_columns, logged_plan, parse_tag, points
 
 __all__ = ["CompactHistory", "RunHealth", "StreamJudge", "judge_run", "thresholds_from_config"]
 
@@ -143,19 +143,19 @@ class _Outcomes(Mapping):
 
 
 class _BlockMeasurements(Mapping):
-    """kind -> :class:`Measurement` of one block of a point, each made when read."""
+    """kind -> :class:`Measurement` of block ``b`` of a judged batch, each made when read."""
 
-    def __init__(self, measured: Measured, block: str) -> None:
-        self._measured, self._block = measured, block
+    def __init__(self, measured: Measured, b: int) -> None:
+        self._readings, self._b = measured.readings, b
 
     def __getitem__(self, kind: str) -> Measurement:
-        if kind not in self._measured.readings:
+        r = self._readings.get(kind)
+        if r is None or not r.applies[self._b]:
             raise KeyError(kind)
-        return self._measured[(self._block, kind)]
+        return r.measurement(self._b)
 
     def __iter__(self):
-        b = self._measured.names.index(self._block)
-        return iter([k for k, r in self._measured.readings.items() if r.applies[b]])
+        return iter([k for k, r in self._readings.items() if r.applies[self._b]])
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
@@ -250,41 +250,108 @@ def _derived_quantities() -> tuple[Quantity, ...]:
                  and q.chart is not None)
 
 
+#: Points judged at once: their columns made, and each rule read, in one call per batch.
+JUDGE_BATCH = 256
+
+
+def _no_pin(block: str, step: int, scalars: dict[str, float]) -> None:
+    pass
+
+
 @dataclass
 class _Judge:
-    """The health rules on each point of one phase, and what the curves need of it."""
+    """The health rules on each point of one phase, and what the curves need of it.
+
+    Points are judged in batches (:data:`JUDGE_BATCH` points logging the same tags: the
+    blocks of every point as the blocks of one, each block at its own step); read
+    ``first`` and ``history`` after :meth:`flush`. ``pin(block, step, scalars)`` is told of
+    each point the curves must keep: a warning's, logged or recomputed."""
 
     thresholds: HealthThresholds
     sections: frozenset[str]
     infos: Mapping[str, Any]
     phase: str
     logged_steps: set[tuple[str, int]] = field(default_factory=set)  # warnings given
+    pin: Callable[[str, int, dict[str, float]], None] = _no_pin
     first: dict[tuple[str, str], Problem] = field(default_factory=dict)
     history: dict[str, CompactHistory] = field(default_factory=dict)
-    pins: list[tuple[str, int]] = field(default_factory=list)  # (block, step) to keep
+    _steps: list[int] = field(default_factory=list)
+    _points: list[dict[str, float]] = field(default_factory=list)
+    _plans: dict[tuple[str, ...], LoggedPlan] = field(default_factory=dict)
 
     def point(self, step: int, scalars: dict[str, float]) -> None:
-        stats = stats_from_scalars(step, scalars, self.infos, self.phase)
-        measured = measure(stats, self.thresholds, _KINDS, self.sections)
+        """Judge a point (with the next batch)."""
+        if self._points and (len(self._points) >= JUDGE_BATCH
+                             or scalars.keys() != self._points[-1].keys()):
+            self.flush()
+        self._steps.append(step)
+        self._points.append(scalars)
+
+    def flush(self) -> None:
+        """Judge the points held."""
+        if not self._points:
+            return
+        steps, points = self._steps, self._points
+        self._steps, self._points = [], []
+        tags = tuple(points[0])
+        plan = self._plans.get(tags)
+        if plan is None:
+            plan = self._plans[tags] = logged_plan(tags, self.phase, self.infos)
+        blocks = len(plan.names)
+        if not blocks:
+            return
+        columns = logged_columns(plan, [list(p.values()) for p in points])
+        measured = measure_point(columns, np.repeat(np.asarray(steps), blocks),
+                                 self.thresholds, _KINDS, self.sections)
         # each block's outcome per kind from the readings' columns; a measurement in words
         # only for the last point of a block (when read) and for a first problem
-        outcomes = np.full((len(_KINDS), len(measured.names)), _ABSENT)
+        outcomes = np.full((len(_KINDS), len(columns.names)), _ABSENT)
         for i, kind in enumerate(_KINDS):
             r = measured.readings.get(kind)
             if r is not None:
                 outcomes[i] = np.where(r.applies, np.where(r.clear, _CLEAR, _NOT_CLEAR),
                                        _ABSENT)
-        for block, codes in zip(measured.names, outcomes.T.tolist(), strict=True):
+        histories = []
+        for block in plan.names:
             history = self.history.get(block)
             if history is None:
                 history = self.history[block] = CompactHistory()
-            history.append(step, _BlockMeasurements(measured, block), tuple(codes))
-            if (block, step) in self.logged_steps:
-                self.pins.append((block, step))
-        for key in measured.bad_keys():
-            if key not in self.first:
-                self.first[key] = measured.problem(key, step)
-                self.pins.append((key[0], step))
+            histories.append(history)
+        pins: dict[tuple[str, int], int] = {}
+        codes = iter(outcomes.T.tolist())
+        for p, step in enumerate(steps):
+            for b, (block, history) in enumerate(zip(plan.names, histories, strict=True)):
+                history.append(step, _BlockMeasurements(measured, p * blocks + b),
+                               tuple(next(codes)))
+                if (block, step) in self.logged_steps:
+                    pins[(block, step)] = p
+        order = {kind: k for k, kind in enumerate(measured.readings)}
+        bad = sorted((int(i), order[kind], kind) for kind, r in measured.readings.items()
+                     for i in np.flatnonzero(r.bad))  # point, block, then kind order
+        for i, _, kind in bad:
+            p, block = divmod(i, blocks)[0], plan.names[i % blocks]
+            if (block, kind) not in self.first:
+                self.first[(block, kind)] = measured.problem_at(i, kind, steps[p])
+                pins[(block, steps[p])] = p
+        for (block, step), p in pins.items():
+            self.pin(block, step, points[p])
+
+
+def _pin(series: Callable[[str], Series], derived: Mapping[tuple[str, str, str, str],
+         SeriesBuilder], phase: str, block: str, step: int, scalars: dict[str, float]) -> None:
+    """Keep a warning's point on every curve of its block: the logged ones (``series(tag)``)
+    and the derived ones being drawn (``derived``)."""
+    tags, groups = _routes(tuple(scalars))
+    for tag, blk in tags.get(phase, ()):
+        if blk == block:
+            series(tag).pin(step, scalars[tag])
+    for (stage, blk, mask), inputs in groups.items():
+        if stage == phase and blk == block:
+            here = {quantity: scalars[tag] for tag, quantity in inputs}
+            for q in _derived_quantities():
+                b = derived.get((stage, blk, mask, q.name))
+                if b is not None and all(n in here for n in q.inputs):
+                    b.series.pin(step, q.derive(here))
 
 
 def _envelope_groups(tags: RunTags) -> dict[tuple[str, str, str], BlockSeries]:
@@ -347,6 +414,8 @@ def _replayed(run: RunLog, tags: RunTags, judge: _Judge,
                                    parsed.quantity)
         return found
 
+    judge.pin = lambda block, step, scalars: _pin(series, derived_builders, judge.phase, block,
+                                                  step, scalars)
     pending = 0
     for step, point in replay(run.streams, wanted, advance):
         judged: dict[str, float] = {}
@@ -362,15 +431,8 @@ def _replayed(run: RunLog, tags: RunTags, judge: _Judge,
             if group is not None:
                 inputs.setdefault(group, {})[quantity] = value
         pending += len(point)
-        pinned: set[str] = set()
         if judged:
-            before = len(judge.pins)
             judge.point(step, judged)
-            if len(judge.pins) > before:
-                pinned = {block for block, _ in judge.pins[before:]}
-                for tag, value in judged.items():
-                    if parse_tag(tag).block in pinned:
-                        series(tag).pin(step, value)
         for (stage, block, mask), values in inputs.items():
             for q in derived:
                 if all(n in values for n in q.inputs):
@@ -378,15 +440,13 @@ def _replayed(run: RunLog, tags: RunTags, judge: _Judge,
                     if b is None:
                         b = derived_builders[(stage, block, mask, q.name)] = SeriesBuilder(
                             groups[(stage, block, mask)].masks[mask][q.inputs[0]].limit)
-                    value = q.derive(values)
                     b.steps.append(step)
-                    b.values.append(value)
-                    if stage == judge.phase and block in pinned:
-                        b.series.pin(step, value)
+                    b.values.append(q.derive(values))
         if pending >= 1 << 16:
             for b in (*builders.values(), *derived_builders.values()):
                 b.flush()
             pending = 0
+    judge.flush()
     for tag, b in builders.items():
         run.scalars[tag].assign(b.finish())
     for (stage, block, mask, name), b in derived_builders.items():
@@ -456,7 +516,9 @@ class StreamJudge:
             tags = RunTags(config=self.config)
             judge = self.judges[phase] = _Judge(
                 thresholds, frozenset(sections if isinstance(sections, list) else SECTIONS),
-                tags.infos(), phase, self.logged if phase == "train" else set())
+                tags.infos(), phase, self.logged if phase == "train" else set(),
+                lambda block, step, scalars: _pin(self.series, self.derived, phase, block,
+                                                  step, scalars))
         return judge
 
     def point(self, step: int, values: dict[str, float]) -> None:
@@ -467,14 +529,8 @@ class StreamJudge:
             return
         self.last_step = step
         phases, groups = _routes(tuple(values))
-        for phase, tags in phases.items():
-            judge = self._judge(phase)
-            before = len(judge.pins)
-            judge.point(step, values)
-            pinned = {block for block, _ in judge.pins[before:]}
-            for tag, block in tags:
-                if block in pinned:
-                    self.series(tag).pin(step, values[tag])
+        for phase in phases:
+            self._judge(phase).point(step, values)
             for (stage, block, mask), inputs in groups.items():
                 if stage != phase:
                     continue
@@ -485,13 +541,12 @@ class StreamJudge:
                         b = self.derived.get(key)
                         if b is None:
                             b = self.derived[key] = SeriesBuilder(self.limit)
-                        value = q.derive(here)
                         b.steps.append(step)
-                        b.values.append(value)
-                        if block in pinned:
-                            b.series.pin(step, value)
+                        b.values.append(q.derive(here))
 
     def finish(self, run: RunLog) -> None:
+        for judge in self.judges.values():
+            judge.flush()
         run.watched = self if self.valid else None
 
     def usable(self, run: RunLog, tags: RunTags) -> bool:
@@ -543,6 +598,7 @@ def judge_run(run: RunLog, tags: RunTags,
     else:
         for step, scalars in points(run, phase):
             judge.point(step, scalars)
+        judge.flush()
         if not run.exact:  # what the bar counted on reading again
             advance(sum(stream.size for stream in run.streams))
 
