@@ -48,7 +48,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..core.accumulator import Accumulator
+from ..core.accumulator import CUDAGRAPH_UNSAFE, Accumulator
 from ..core.statistics import (
     PHASES,
     ParameterSpec,
@@ -93,11 +93,7 @@ def recomputing() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
-# CUDA graphs would freeze the answer (the tag is torch >= 2.7's; older ones run it eagerly).
-_CUDAGRAPH_UNSAFE = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t)
-
-
-@torch.library.custom_op("lightning_attn::first_run", mutates_args=(), tags=_CUDAGRAPH_UNSAFE)
+@torch.library.custom_op("lightning_attn::first_run", mutates_args=(), tags=CUDAGRAPH_UNSAFE)
 def first_run(like: torch.Tensor) -> torch.Tensor:
     """``not recomputing()`` as a 0-d bool tensor on ``like``'s device, asked when the op
     runs, not when it is traced: what a compiled graph (a block compiled on its own and
@@ -183,11 +179,12 @@ class RecordingMixin:
             return
         if self._attn_recording:
             self._check_recorded(masks, router_weights)
-            # Compiled, the histogram counts fuse into the graph and a flag would add a
-            # graph: always. Eager, only on the steps that write them. Compiled, whether
-            # this forward is a recomputation is asked when the graph runs.
+            # The histogram counts only at the points that write them; compiled, whether
+            # they are due and whether this forward is a recomputation are asked when the
+            # graph runs (a flag would add a graph).
             acc, compiling = self._attn_accumulator, torch.compiler.is_compiling()
-            acc.add(masks, router_weights, histograms=compiling or self._attn_histograms,
+            acc.add(masks, router_weights,
+                    histograms=acc.histograms if compiling else self._attn_histograms,
                     keep=first_run(acc.phase) if compiling else None, heads=heads)
         if self._attn_capture:
             self._attn_captured = spatial_map(masks)
@@ -287,8 +284,8 @@ class RecordingMixin:
     ) -> bool:
         """Turn recording on for ``holder`` in ``phase``. The first holder of a phase empties
         that phase's row; later ones share it, so several consumers can measure the same
-        steps. ``histograms=False``: this holder does not need the histogram counts (eager
-        forwards then skip them unless another holder asks; compiled ones always count).
+        steps. ``histograms=False``: this holder does not need the histogram counts (forwards
+        then skip them unless another holder asks).
         ``reset=False``: the caller empties the row itself (a collector empties every
         block's in one operation); returns whether the row is to be emptied."""
         if self._attn_accumulator is None:
@@ -306,6 +303,7 @@ class RecordingMixin:
             self._attn_histograms = False
         holders.setdefault(phase, set()).add(holder)
         self._attn_histograms = self._attn_histograms or bool(histograms)
+        self._attn_accumulator.histograms.fill_(self._attn_histograms)
         self._attn_recording = True
         return first
 

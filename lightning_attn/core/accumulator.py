@@ -31,12 +31,14 @@ from .statistics import (
 )
 
 __all__ = [
+    "CUDAGRAPH_UNSAFE",
     "MASKED_BELOW",
     "Accumulator",
     "accumulator_dtype",
     "empty_row",
     "first_query_attention",
     "head_reductions",
+    "histogram_counts",
     "logit_reductions",
 ]
 
@@ -76,6 +78,10 @@ class Accumulator:
         self.initial = empty_row(layout, device)  # what a reset copies from (no host copy)
         self.values = self.initial.repeat(len(PHASES), 1)
         self.phase = torch.zeros((), dtype=torch.long, device=device)
+        #: whether compiled forwards add the histogram counts (:func:`histogram_counts`): a
+        #: tensor, not a Python bool, so that changing it never recompiles; on the host, so
+        #: that reading it costs no device sync
+        self.histograms = torch.zeros((), dtype=torch.bool)
         codes = torch.tensor([("sum", "min", "max").index(k) for k in layout.reductions],
                              device=device)
         self._is_min, self._is_max = codes == 1, codes == 2
@@ -101,7 +107,7 @@ class Accumulator:
         self,
         masks: Mapping[str, torch.Tensor],
         router_weights: torch.Tensor | None,
-        histograms: bool,
+        histograms: bool | torch.Tensor,
         keep: torch.Tensor | None = None,
         heads: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
@@ -109,7 +115,8 @@ class Accumulator:
 
         ``masks``: name -> mask (any shape, values expected in ``[0, 1]``); masks the layout
         does not declare are left out. ``router_weights``: ``(B, K)`` softmax weights or
-        ``None``. ``histograms``: add the histogram counts (when the layout has bins).
+        ``None``. ``histograms``: add the histogram counts (when the layout has bins); a
+        compiled forward passes :attr:`histograms`, read as the graph runs.
         ``keep``: a 0-d bool tensor; ``False`` leaves the row as it is (decided on the device,
         where a compiled graph cannot branch on it). ``heads``: the per-head reductions of
         :func:`head_reductions` (each ``(H,)``), or ``None``.
@@ -121,7 +128,7 @@ class Accumulator:
         layout, dtype, initial = self.layout, self.values.dtype, self.initial
         bins = layout.histogram_bins
         pieces = [torch.ones(1, dtype=dtype, device=self.device)]  # forwards
-        hists: dict[str, torch.Tensor] = {}
+        counted: dict[str, torch.Tensor] = {}  # what the histograms count, by name
         for name, off in layout.mask_offsets.items():
             mask = masks.get(name)
             if mask is None or mask.numel() == 0:
@@ -130,8 +137,7 @@ class Accumulator:
             v = mask.detach().reshape(-1).float()
             v64 = v.to(dtype)
             pieces.append(torch.stack([slot.measure(v, v64, self.config) for slot in MASK_SLOTS]))
-            if bins and histograms:
-                hists[name] = _histogram(v, bins, dtype)
+            counted[name] = v
         rw = router_weights
         if layout.router_offset is not None:
             k = layout.num_branches
@@ -141,14 +147,20 @@ class Accumulator:
             else:
                 w = rw.detach().float()
                 pieces += [slot.measure(w, dtype).reshape(-1) for slot in ROUTER_SLOTS]
-                if bins and histograms:
-                    hists["router"] = _histogram(w.reshape(-1), bins, dtype)
+                counted["router"] = w.reshape(-1)
         if layout.head_offset is not None:
             if heads is None:
                 width = sum(slot_width(s, 0, layout.num_heads) for s in HEAD_SLOTS)
                 pieces.append(initial[layout.head_offset:layout.head_offset + width])
             else:
                 pieces += [slot.measure(heads).to(dtype).reshape(-1) for slot in HEAD_SLOTS]
+        if bins and counted and histograms is not False:
+            counts = (histogram_counts(list(counted.values()), histograms, bins, dtype)
+                      if isinstance(histograms, torch.Tensor)
+                      else torch.stack([_counts(v, bins, dtype) for v in counted.values()]))
+            hists = dict(zip(counted, counts.unbind(0), strict=True))
+        else:
+            hists = {}
         for name, off in layout.histogram_offsets.items():
             pieces.append(hists[name] if name in hists else initial[off:off + bins])
         contribution = torch.cat(pieces)
@@ -163,7 +175,33 @@ class Accumulator:
         self.values.index_copy_(0, phase, combined.unsqueeze(0))
 
 
-def _histogram(v: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
+#: CUDA graphs would freeze an answer decided when an op runs (the tag is torch >= 2.7's;
+#: older ones run such an op eagerly).
+CUDAGRAPH_UNSAFE = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t)
+
+
+@torch.library.custom_op("lightning_attn::histogram_counts", mutates_args=(),
+                         tags=CUDAGRAPH_UNSAFE)
+def histogram_counts(values: list[torch.Tensor], when: torch.Tensor, bins: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """``(len(values), bins)``: the counts of each of ``values`` in ``bins`` bins over
+    ``[0, 1]`` if ``when`` (a 0-d bool tensor on the host), else zeros: decided when the op
+    runs, not when it is traced. A compiled forward counts only at the points that write
+    histograms, in the one graph it has for recording (a flag would add a graph; counting at
+    every point cost more than the rest of the recording: inductor makes the scatter atomic
+    adds)."""
+    if bool(when):
+        return torch.stack([_counts(v, bins, dtype) for v in values])
+    return torch.zeros(len(values), bins, dtype=dtype, device=values[0].device)
+
+
+@histogram_counts.register_fake
+def _(values: list[torch.Tensor], when: torch.Tensor, bins: int,
+      dtype: torch.dtype) -> torch.Tensor:
+    return values[0].new_empty(len(values), bins, dtype=dtype)
+
+
+def _counts(v: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
     # Finite values in [0, 1] only (1.0 in the last bin). index_add_, not histc (its parallel
     # CPU loop stalls on busy machines) nor bincount (on CUDA it reads the index range back to
     # the host, and under torch.compile its output size is data-dependent).

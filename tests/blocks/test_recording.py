@@ -389,6 +389,31 @@ def test_blocks_record_the_same_compiled(make, dynamo_reset):
     assert got.histograms == want.histograms
 
 
+def test_compiled_forwards_count_histograms_only_when_asked_in_one_graph(dynamo_reset):
+    """The histogram counts of a compiled forward are decided as the graph runs: zeros at a
+    point that writes none, eager's counts at one that does, and no recompilation between."""
+    torch.manual_seed(4)
+    block = DynamicSpatialAttention(**DSA_CASES["all"])
+    eager = copy.deepcopy(block)
+    x = torch.randn(3, COORD_C, 6, 7)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(block, backend=counter, fullgraph=True)
+    block.configure_recording(CONFIG, "cpu")
+    seen = []
+    for histograms in (False, True, False):
+        block.start_recording(histograms=histograms)
+        compiled(x)
+        seen.append(block_stats(block.statistics_layout,
+                                block.recorded_statistics().tolist()).histograms)
+        block.stop_recording()
+    want = _record(eager, x).histograms
+    assert sum(want["mask"]) == x.shape[0] * 6 * 7 and sum(want["router"]) > 0
+    assert seen[1] == want
+    for point in (seen[0], seen[2]):
+        assert set(point) == set(want) and all(sum(c) == 0 for c in point.values())
+    assert counter.frame_count == 1
+
+
 def test_recording_what_was_not_declared_is_a_clear_error():
     block = UserGate(3)
     block.configure_recording(CONFIG, "cpu")
