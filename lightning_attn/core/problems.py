@@ -262,7 +262,8 @@ def _pick(block: np.ndarray, value: np.ndarray, valid: np.ndarray, n: int,
     if len(idx):
         order = np.lexsort((-value[idx] if largest else value[idx], block[idx]))
         chosen, blocks = idx[order], block[idx][order]
-        first = np.r_[True, blocks[1:] != blocks[:-1]]
+        first = np.empty(len(blocks), dtype=bool)
+        first[0], first[1:] = True, blocks[1:] != blocks[:-1]
         out[blocks[first]] = chosen[first]
     return out
 
@@ -274,7 +275,8 @@ def _reading(n: int, chosen: np.ndarray, value: np.ndarray, limit: np.ndarray | 
     applies = chosen >= 0
     v = np.full(n, math.nan)
     v[applies] = value[chosen[applies]]
-    limit = np.broadcast_to(np.asarray(limit, dtype=float), (n,)).copy()
+    limit = (np.full(n, float(limit)) if np.ndim(limit) == 0
+             else np.array(limit, dtype=float))
     with np.errstate(invalid="ignore"):
         bad, clear = judge(v, limit, t)
     return Reading(applies, v, limit, bad & applies, clear & applies, lambda b: quantity,
@@ -324,9 +326,12 @@ def _routers(point: PointColumns) -> list[tuple[Items, np.ndarray]]:
 
 
 def _grouped_reading(n: int, groups: list[tuple[Items, np.ndarray]], value_of, limit_of,
-                     judge, t: HealthThresholds, quantity: str, detail) -> Reading:
+                     judge, t: HealthThresholds, quantity: str, detail) -> Reading | None:
     """A rule over groups of blocks (routers by number of branches, heads by number of
-    heads): each block's value from its group's column, where ``groups`` marks it valid."""
+    heads): each block's value from its group's column, where ``groups`` marks it valid;
+    ``None`` (no block to read) without groups."""
+    if not groups:
+        return None
     chosen = np.full(n, -1, dtype=np.int64)
     group_of = np.full(n, -1, dtype=np.int64)
     values = np.full(n, math.nan)
@@ -379,7 +384,7 @@ def _router_indifference(point: PointColumns, t: HealthThresholds, step: int | n
                      f"router_indifference_threshold={limit} after indifference_warmup_steps="
                      f"{t.indifference_warmup_steps}: the router weighs all branches (nearly) "
                      "equally for every input and does not route")
-    if warm.all():
+    if reading is None or warm.all():
         return reading
     # points of several steps judged at once (the report): only those past the warm-up
     return dataclasses.replace(reading, applies=reading.applies & warm, bad=reading.bad & warm,
@@ -412,7 +417,7 @@ def _heads(point: PointColumns, name: str) -> list[tuple[Items, np.ndarray]]:
 
 
 def _head_rule(point: PointColumns, t: HealthThresholds, name: str, limit: float, judge,
-               quantity: str, detail) -> Reading:
+               quantity: str, detail) -> Reading | None:
     return _grouped_reading(point.num_blocks, _heads(point, name), lambda g: g.cols[name],
                             lambda g: float(limit), judge, t, quantity, detail)
 
@@ -517,7 +522,7 @@ def _drift_bounds(specs: tuple[ParameterSpec | None, ...], t: HealthThresholds) 
         else:
             words.append((f"< {spec.low}={a:g}", f"> {spec.high}={z:g}", spec.hint))
     return (np.asarray(lo), np.asarray(hi), np.asarray(clear_lo), np.asarray(clear_hi),
-            tuple(words))
+            tuple(words), np.asarray([s is not None for s in specs], dtype=bool))
 
 
 def _recovery_band(t: HealthThresholds, margin: float, bound: float) -> float:
@@ -540,9 +545,9 @@ def _drift(point: PointColumns, t: HealthThresholds, step: int,
     p, n = point.params, point.num_blocks
     if not len(p):
         return None
-    lo, hi, clear_lo, clear_hi, words = _drift_bounds(p.specs, t)
+    lo, hi, clear_lo, clear_hi, words, has_spec = _drift_bounds(p.specs, t)
     v = p.value
-    rows = p.trainable & np.asarray([s is not None for s in p.specs]) & np.isfinite(v)
+    rows = p.trainable & has_spec & np.isfinite(v)
     with np.errstate(invalid="ignore"):
         bad = rows & ~((lo <= v) & (v <= hi))
         clear = rows & (clear_lo <= v) & (v <= clear_hi)
