@@ -329,7 +329,7 @@ class _Judge:
         bad = sorted((int(i), order[kind], kind) for kind, r in measured.readings.items()
                      for i in np.flatnonzero(r.bad))  # point, block, then kind order
         for i, _, kind in bad:
-            p, block = divmod(i, blocks)[0], plan.names[i % blocks]
+            p, block = i // blocks, plan.names[i % blocks]
             if (block, kind) not in self.first:
                 self.first[(block, kind)] = measured.problem_at(i, kind, steps[p])
                 pins[(block, steps[p])] = p
