@@ -295,16 +295,18 @@ class RecordingMixin:
             )
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {list(PHASES)}, got {phase!r}")
-        holders = self.__dict__.setdefault("_attn_recording_holders", {})
+        # The flags are plain values: written to the instance's dict, not through
+        # nn.Module.__setattr__ (a point opens and closes every watched block).
+        state = self.__dict__
+        holders = state.setdefault("_attn_recording_holders", {})
         first = not holders.get(phase)
         if first and reset:
             self._attn_accumulator.reset(phase)
-        if not any(holders.values()):
-            self._attn_histograms = False
+        histograms = bool(histograms) or (any(holders.values()) and self._attn_histograms)
         holders.setdefault(phase, set()).add(holder)
-        self._attn_histograms = self._attn_histograms or bool(histograms)
-        self._attn_accumulator.histograms.fill_(self._attn_histograms)
-        self._attn_recording = True
+        state["_attn_histograms"] = histograms
+        self._attn_accumulator.set_histograms(histograms)
+        state["_attn_recording"] = True
         return first
 
     def stop_recording(self, holder: Hashable = "default", phase: str = "train") -> None:
@@ -314,7 +316,7 @@ class RecordingMixin:
         holders = self.__dict__.get("_attn_recording_holders", {})
         holders.get(phase, set()).discard(holder)
         if not any(holders.values()):
-            self._attn_recording = False
+            self.__dict__["_attn_recording"] = False
 
     def recorded_statistics(self, phase: str = "train") -> torch.Tensor | None:
         """``phase``'s row of the accumulator ``(statistics_layout.size,)`` on the device

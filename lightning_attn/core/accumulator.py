@@ -82,6 +82,7 @@ class Accumulator:
         #: tensor, not a Python bool, so that changing it never recompiles; on the host, so
         #: that reading it costs no device sync
         self.histograms = torch.zeros((), dtype=torch.bool)
+        self._histograms = False  # its value, known without reading it
         codes = torch.tensor([("sum", "min", "max").index(k) for k in layout.reductions],
                              device=device)
         self._is_min, self._is_max = codes == 1, codes == 2
@@ -93,6 +94,13 @@ class Accumulator:
     def set_phase(self, phase: str) -> None:
         """Later forwards add to ``phase``'s row (a device fill; outside the forward)."""
         self.phase.fill_(PHASES.index(phase))
+
+    def set_histograms(self, on: bool) -> None:
+        """Whether compiled forwards add the histogram counts from now on (a fill only when
+        it changes: the diagnostics open a point of hundreds of blocks at every step)."""
+        if on != self._histograms:
+            self.histograms.fill_(on)
+            self._histograms = on
 
     def reset(self, phase: str) -> None:
         """Empty ``phase``'s row in place (same tensor: no recompilation)."""

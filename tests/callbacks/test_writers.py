@@ -60,3 +60,25 @@ def test_records_checksummed_in_c_are_tensorboards_bytes(tmp_path):
     logger.experiment.flush()
     assert _read(logger.log_dir) == {"attn/b/mask/mean": [(3, pytest.approx(0.25))]}
     assert checksum_records_in_c(object()) is False  # a writer laid out otherwise: untouched
+
+
+def test_scalar_events_are_protobufs_bytes():
+    import math
+
+    import numpy as np
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from lightning_attn.callbacks.writers import ScalarEvents
+
+    tags = ["attn/b/mask/mean", "attn/blöck 注/router/usage_0", "x" * 200, "epoch"]
+    events = ScalarEvents(tags, "fold1/")
+    values = [0.0, -0.0, 1 / 3, math.nan, -math.nan, math.inf, -math.inf, 1e300, -1e-300,
+              np.float64(0.0) / np.float64(0.0), 2.5, 123456789.0]
+    for step in (0, 1, 127, 128, 300, 2**40, -1):
+        for start in range(0, len(values), len(tags)):
+            chunk = np.asarray((values * 2)[start:start + len(tags)])
+            want = Event(wall_time=1733377000.123456, step=step, summary=Summary(value=[
+                Summary.Value(tag="fold1/" + t, simple_value=v)
+                for t, v in zip(tags, chunk.tolist(), strict=True)]))
+            assert events.event(chunk, step, 1733377000.123456) == want.SerializeToString()
