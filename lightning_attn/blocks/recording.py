@@ -304,7 +304,8 @@ class RecordingMixin:
         if holders is None:
             holders = state["_attn_recording_holders"] = {}
         held = holders.get(phase)
-        if not held and reset:
+        first = not held  # (an emptied set is no holder)
+        if first and reset:
             acc.reset(phase)
         histograms = bool(histograms) or (state.get("_attn_histograms", False)
                                           and any(holders.values()))
@@ -315,7 +316,7 @@ class RecordingMixin:
         state["_attn_histograms"] = histograms
         acc.set_histograms(histograms)
         state["_attn_recording"] = True
-        return not held
+        return first
 
     def stop_recording(self, holder: Hashable = "default", phase: str = "train") -> None:
         """Release ``holder``'s hold on ``phase`` (read :meth:`recorded_statistics` first);

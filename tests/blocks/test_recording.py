@@ -140,9 +140,9 @@ def test_holders_share_one_window_and_the_first_empties_it():
     with pytest.raises(RuntimeError, match="configure_recording"):
         block.start_recording()
     block.configure_recording(CONFIG, "cpu")
-    block.start_recording("a")
+    assert block.start_recording("a") is True
     block(x)
-    block.start_recording("b")  # joins the open window: nothing emptied
+    assert block.start_recording("b") is False  # joins the open window: nothing emptied
     block(x)
     assert block.recorded_statistics()[0] == 2
     block.stop_recording("a")
@@ -151,7 +151,7 @@ def test_holders_share_one_window_and_the_first_empties_it():
     assert not block.recording and block.recorded_statistics()[0] == 2  # kept until next window
     block(x)
     assert block.recorded_statistics()[0] == 2  # off: nothing added
-    block.start_recording("a")
+    assert block.start_recording("a") is True  # the first holder of a new window
     assert block.recorded_statistics()[0] == 0
     with pytest.raises(RuntimeError, match="reconfigured"):  # wider, while recording
         block.configure_recording(RecordingConfig(histogram_bins=20), "cpu")
