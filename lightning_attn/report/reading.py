@@ -130,8 +130,14 @@ class RunSource:
 @dataclass(frozen=True)
 class LogStream:
     """What one run was read from: ``(path, start, end)`` byte ranges of its files, in
-    order (a run sharing a file with another holds only its own ranges), and whether its
-    scalars came in step order (:func:`replay` reads them again)."""
+    order (a run sharing a file with another holds only its own ranges), whether its
+    scalars came in step order (:func:`replay` reads them again), and its first and last
+    steps (the smallest and largest).
+
+    In step order means: the diagnostics' scalars in step order, and the others in step
+    order. The diagnostics write a batch of training points together, a few dozen steps
+    after the first (``AttentionDiagnostics`` reads its points in batches), so they may
+    come after the module's own scalars of later steps."""
 
     kind: str
     files: tuple[tuple[Path, int, int], ...]
@@ -360,6 +366,9 @@ class _Collector:
         self.last_step: int | None = None
         self.watcher: PointWatcher | None = None
         self.point: dict[str, float] = {}
+        self._ours: dict[str, bool] = {}  # tag -> whether the diagnostics logged it
+        self._last: dict[bool, int] = {}  # the last step of each family of tags
+        self._point_step: int | None = None  # of the diagnostics' point being gathered
 
     def series(self, tag: str) -> Series:
         """The series being built for ``tag`` (a watcher pins points on it)."""
@@ -367,6 +376,10 @@ class _Collector:
 
     def scalars(self, step: int, found: list[tuple[str, float]]) -> None:
         """The scalars of one event or row."""
+        if found[-1][0] == "epoch":  # Lightning's and the diagnostics' (last): not a metric
+            found = found[:-1]
+            if not found:
+                return
         builders = self.builders
         for tag, value in found:
             b = builders.get(tag)
@@ -374,22 +387,39 @@ class _Collector:
                 b = builders[tag] = SeriesBuilder(self.limit)
             b.steps.append(step)
             b.values.append(value)
-        if self.last_step is not None and step != self.last_step:
-            if step < self.last_step:
+        # in step order within each family (see LogStream); the watcher's points are the
+        # diagnostics'
+        families = self._families(found)
+        for ours in families:
+            last = self._last.get(ours)
+            if last is not None and step < last:
                 self.ordered = False
-            if self.watcher is not None:
-                self.watcher.point(self.last_step, self.point)
+            self._last[ours] = step
+        if True in families and self.watcher is not None:
+            if self._point_step is not None and step != self._point_step:
+                self.watcher.point(self._point_step, self.point)
                 self.point = {}
-        if self.watcher is not None:
-            self.point.update(found)
-        if self.first_step is None:
-            self.first_step = step
-        self.last_step = step
+            self.point.update(found if len(families) == 1 else (
+                (tag, v) for tag, v in found if is_attention_tag(tag)))
+            self._point_step = step
+        self.first_step = step if self.first_step is None else min(self.first_step, step)
+        self.last_step = step if self.last_step is None else max(self.last_step, step)
         self.pending += len(found)
         if self.pending >= _PENDING_POINTS:
             for b in builders.values():
                 b.flush()
             self.pending = 0
+
+    def _families(self, found: list[tuple[str, float]]) -> set[bool]:
+        """Whether the diagnostics logged ``found``'s tags, as a set: one logger call is
+        one family, which its first and last tags tell (both when they differ)."""
+        ours, edges = self._ours, set()
+        for tag, _ in (found[0], found[-1]):
+            known = ours.get(tag)
+            if known is None:
+                known = ours[tag] = is_attention_tag(tag)
+            edges.add(known)
+        return edges
 
     def text(self, tag: str, step: int, texts: list[str]) -> None:
         tag = _strip_text_suffix(tag)
@@ -400,7 +430,7 @@ class _Collector:
 
     def finish(self) -> None:
         if self.watcher is not None and self.point:
-            self.watcher.point(self.last_step, self.point)
+            self.watcher.point(self._point_step, self.point)
         for tag, b in self.builders.items():
             self.run.scalars[tag] = b.finish()
         for tag in self.run.images:
@@ -796,16 +826,34 @@ def _sorted(rows: Iterator[tuple[int, list[tuple[str, float]]]]) -> Iterator[Poi
 
 
 def replay(streams: Sequence[LogStream], wanted: Callable[[str], bool] = lambda tag: True,
-           advance: Callable[[int], None] = lambda n: None) -> Iterator[Point]:
+           advance: Callable[[int], None] = lambda n: None,
+           tags: Iterable[str] | None = None) -> Iterator[Point]:
     """Every point of the wanted scalars, ``(step, {tag: value})``, in step order.
 
     Several streams (the versions of one run) are merged by step; at a step logged by more
     than one, each tag takes the later stream's value, as when the run's series were joined.
-    A stream read out of step order is held in memory by columns and sorted.
+    A stream read out of step order is held in memory by columns and sorted. One in step
+    order family by family (:class:`LogStream`) is read once for each family whose tags are
+    wanted, and the two merged: ``tags`` (those the streams hold, known from the first
+    reading) says which are; ``None``: both.
     """
+    families = (True, False) if tags is None else tuple(sorted(
+        {is_attention_tag(t) for t in tags if wanted(t)}, reverse=True))
+
+    def family(ours: bool) -> Callable[[str], bool]:
+        def chosen(tag: str) -> bool:
+            return wanted(tag) and is_attention_tag(tag) == ours
+        return chosen
+
     def points(stream: LogStream) -> Iterator[Point]:
-        rows = _stream_rows(stream, wanted, advance)
-        return grouped(rows) if stream.ordered else _sorted(rows)
+        if not stream.ordered:
+            return _sorted(_stream_rows(stream, wanted, advance))
+        if len(families) < 2:
+            return grouped(_stream_rows(stream, wanted, advance))
+        # the progress bar counts the first family's pass
+        passes = [_stream_rows(stream, family(ours), advance if i == 0 else lambda n: None)
+                  for i, ours in enumerate(families)]
+        return grouped(heapq.merge(*passes, key=lambda row: row[0]))
 
     if len(streams) == 1:
         yield from points(streams[0])

@@ -417,7 +417,7 @@ def _replayed(run: RunLog, tags: RunTags, judge: _Judge,
     judge.pin = lambda block, step, scalars: _pin(series, derived_builders, judge.phase, block,
                                                   step, scalars)
     pending = 0
-    for step, point in replay(run.streams, wanted, advance):
+    for step, point in replay(run.streams, wanted, advance, run.scalars):
         judged: dict[str, float] = {}
         inputs: dict[tuple[str, str, str], dict[str, float]] = {}
         for tag, value in point.items():

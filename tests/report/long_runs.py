@@ -112,12 +112,15 @@ def write_long_run(
     phase: str = "train",
     texts: Sequence[tuple[str, int, str]] = (),
     blocks: Sequence[str] = BLOCKS,
+    batch: int = 1,
 ) -> Planted:
     """An event file in ``path``: the config first, a point per step (one event holding the
     diagnostics, as the callback writes; the loss in its own, as Lightning does), a problem
     record right after its point, validation points and ``val/acc`` every ``val_every``
     steps, ``extra`` events appended at the end (out of order if their steps are lower),
-    then ``texts`` (tag, step, text)."""
+    then ``texts`` (tag, step, text). ``batch``: the diagnostics' events (points and problem
+    records) written ``batch`` points at a time, after the loss of the batch's last point,
+    as the callback writes them when it reads its points in batches."""
     path.mkdir(parents=True, exist_ok=True)
     s = np.asarray(steps, dtype=np.int64)
     values = series_values(s, seed, shift, blocks)
@@ -130,12 +133,17 @@ def write_long_run(
     if conf is not None:
         payloads.append(_text_event("attn/config", 0, json.dumps(conf)))
     diag = [t for t in values if "attn/" in t]
+    held: list[bytes] = []  # the diagnostics' events not written yet
     for j, step in enumerate(s.tolist()):
-        payloads.append(_scalar_event(step, {t: float(values[t][j]) for t in diag}))
+        held.append(_scalar_event(step, {t: float(values[t][j]) for t in diag}))
+        for p in by_step.get(step, ()):
+            held.append(_text_event("attn/problems", step, json.dumps(p)))
         if "train/loss" in values:
             payloads.append(_scalar_event(step, {"train/loss": float(values["train/loss"][j])}))
-        for p in by_step.get(step, ()):
-            payloads.append(_text_event("attn/problems", step, json.dumps(p)))
+        if (j + 1) % batch == 0 or j == len(s) - 1 or (
+                val_every and s[min(j + 1, len(s) - 1)] % val_every == 0):
+            payloads += held  # all of them before a validation (as the callback does)
+            held = []
         if val_every and step % val_every == 0 and step:
             val = {f"val/{t}": float(values[t][j]) for t in diag
                    if t.endswith(("mask/mean", "mask/std", "mask/sat_low", "mask/sat_high"))}
@@ -180,6 +188,8 @@ def accumulated(directories: Sequence[Path]) -> tuple[dict[str, dict[int, float]
         acc = EventAccumulator(str(directory), size_guidance={"scalars": 0, "tensors": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
+            if tag == "epoch":  # Lightning's epoch counter: not a metric to the report
+                continue
             for e in acc.Scalars(tag):
                 scalars.setdefault(tag, {})[int(e.step)] = float(e.value)
         for tag in acc.Tags()["tensors"]:

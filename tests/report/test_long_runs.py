@@ -12,11 +12,12 @@ import csv
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lightning_attn.report.document import MetricSummary
 from lightning_attn.report.experiments import group_experiments
-from lightning_attn.report.reading import find_runs, read_runs
+from lightning_attn.report.reading import find_runs, read_runs, replay
 from lightning_attn.report.series import parse_tags
 from lightning_attn.report.verdicts import StreamJudge, judge_run
 
@@ -57,6 +58,15 @@ def _joined(tmp: Path) -> list[Path]:
     return [tmp / "exp" / "version_0", tmp / "exp" / "version_1"]
 
 
+def _joined_batches(tmp: Path) -> list[Path]:
+    # as the callback writes: each batch of diagnostics points after the module's losses
+    conf = config(run_id="resumed", on_problem="ignore")
+    write_long_run(tmp / "exp" / "version_0", tuple(range(0, 2000, 10)), conf=conf, batch=32)
+    write_long_run(tmp / "exp" / "version_1", tuple(range(1500, 3000, 10)), conf=conf, seed=1,
+                   shift=0.01, batch=32)
+    return [tmp / "exp" / "version_0", tmp / "exp" / "version_1"]
+
+
 def _disordered(tmp: Path) -> list[Path]:
     # steps 100-140 written again at the end, with other values: the later ones count
     extra = [(s, {f"attn/{D}/mask/std": 0.0005, f"attn/{D}/mask/mean": 0.4})
@@ -76,6 +86,9 @@ CASES = {
         _problem("mask_saturation", 2000), _problem("dead_branch", 2800, B)]),
     "no config": lambda t: _single(t),
     "versions joined": _joined,
+    "written in batches": lambda t: _single(t, conf=config(), batch=32, problems=[
+        _problem("mask_collapse", 800, C), _problem("mask_saturation", 1600)]),
+    "versions joined, written in batches": _joined_batches,
     "steps out of order": _disordered,
 }
 #: (name, most points kept per series, judge while reading)
@@ -145,12 +158,27 @@ def test_verdicts_warnings_and_numbers_are_those_of_every_point(written, case, m
 
 
 def test_a_usual_run_is_judged_while_it_is_read(written):
-    root, _ = written["logged warnings"]
-    (run,) = _load(root, 16, True)
-    assert run.watched is not None and run.watched.usable(run, parse_tags(run))
+    for case in ("logged warnings", "written in batches"):
+        (run,) = _load(written[case][0], 16, True)
+        assert run.streams[0].ordered
+        assert run.watched is not None and run.watched.usable(run, parse_tags(run))
     for case in ("versions joined", "steps out of order"):  # these are read again
         (run,) = _load(written[case][0], 16, True)
         assert run.watched is None or not run.watched.usable(run, parse_tags(run))
+
+
+@pytest.mark.parametrize("known", [True, False], ids=["tags known", "tags unknown"])
+def test_a_run_written_in_batches_is_replayed_in_step_order(written, known):
+    # the diagnostics' points come after the module's losses of later steps: replayed
+    # family by family and merged, every step is one point holding both
+    root, scalars = written["written in batches"]
+    (run,) = _load(root, 16, False)
+    points = list(replay(run.streams, tags=run.scalars if known else None))
+    assert [step for step, _ in points] == sorted({s for p in scalars.values() for s in p})
+    for step, point in points:
+        want = {tag: p[step] for tag, p in scalars.items() if step in p}
+        assert point.keys() == want.keys()
+        np.testing.assert_array_equal([point[t] for t in want], list(want.values()))
 
 
 def test_an_evaluation_run_is_judged_on_its_points(tmp_path):
