@@ -1,17 +1,22 @@
-"""Reading the blocks' recordings: one vector, one collective, one host copy per point, and
-the statistics of every block from it as columns (a few array operations, however many).
+"""Reading the blocks' recordings: one vector and one collective per point, one host copy
+per batch of points, and the statistics of every block from it as columns (a few array
+operations, however many blocks and points).
 
 The path of a number, from block to logger::
 
     block.forward -> block.record() -> the block's accumulator row of the current phase
-        -> StatisticsCollector.finish(phase): every block's row, the scalar parameters (as
+        -> StatisticsCollector.finish_later(): every block's row, the scalar parameters (as
            the forwards used them: taken before the optimizer step) and the gradient norms
            in one vector -> one all_gather across processes -> combined slot by slot on the
-           device (sums added, minima and maxima taken) -> one copy to the host
-        -> PointColumns (lightning_attn.core.point; a GlobalStats whose BlockStats are
-           made only when asked for) -> problems, loggers, table, report
+           device (sums added, minima and maxima taken), kept there
+        -> StatisticsCollector.read_later(): the batch's vectors stacked, one copy to the
+           host -> PointColumns of every point's blocks at once (lightning_attn.core.point;
+           the rules read them so), cut into each point's columns (a GlobalStats whose
+           BlockStats are made only when asked for) -> problems, loggers, table, report
 
-Between points the collector holds no tensor and the blocks do not record.
+An evaluation point (one per validation / test run) is read at once (:meth:`finish`).
+Between points the collector holds no tensor but the finished vectors, and the blocks do not
+record.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import nn
 
@@ -34,7 +40,7 @@ from ..core.statistics import (
     RecordingConfig,
 )
 
-__all__ = ["StatisticsCollector", "combine_processes"]
+__all__ = ["PointBatch", "StatisticsCollector", "combine_processes"]
 
 # How a slot of the read vector combines over processes.
 _SUM, _MIN, _MAX, _FIRST = 0, 1, 2, 3
@@ -42,12 +48,30 @@ _CODES = {"sum": _SUM, "min": _MIN, "max": _MAX}
 _ACCUMULATOR = operator.attrgetter("accumulator")
 
 
+@dataclass(frozen=True)
+class PointBatch:
+    """Training points read together (:meth:`StatisticsCollector.read_later`).
+
+    Attributes:
+        columns: every point's blocks as the blocks of one point (block ``b`` of point ``p``
+            is block ``p * B + b``, ``B`` blocks a point): the rules read them all at once.
+        points: each point's own columns (views of ``columns``).
+        steps: each point's step.
+        tags: what :meth:`StatisticsCollector.finish_later` was given with each point.
+    """
+
+    columns: PointColumns
+    points: list[PointColumns]
+    steps: list[int]
+    tags: list[Any]
+
+
 def combine_processes(
     trainer: pl.Trainer, vector: torch.Tensor, kinds: torch.Tensor
-) -> np.ndarray:
+) -> torch.Tensor:
     """``vector`` combined over every process, slot by slot as ``kinds`` says (0: sum,
-    1: min, 2: max, 3: rank 0's value), on the host (float64): one collective and one
-    device-to-host copy; on one process, only the copy.
+    1: min, 2: max, 3: rank 0's value), on the device: one collective, no host sync of its
+    own; on one process, ``vector`` itself.
 
     The collective is ``torch.distributed.all_gather`` itself: ``trainer.strategy.all_gather``
     first runs a barrier and an all-gather of the shapes (with two host syncs), three
@@ -64,7 +88,7 @@ def combine_processes(
             torch.where(kinds == _MIN, table.amin(0),
                         torch.where(kinds == _MAX, table.amax(0), table[0])),
         )
-    return vector.detach().to("cpu", torch.float64).numpy()
+    return vector
 
 
 def _specs(block: nn.Module) -> dict[str, ParameterSpec]:
@@ -96,6 +120,8 @@ class StatisticsCollector:
         self._accumulators: list = []  # those the plan was made for
         self._devices = 1
         self._trainables: list[tuple[nn.Module, str]] | None = None
+        #: training points finished, not read yet: (plan, vector on the device, step, tag)
+        self._later: list[tuple[PointPlan, torch.Tensor, int, Any]] = []
 
     # -- setup -------------------------------------------------------------------------------
     def bind(self, blocks: Mapping[str, nn.Module], device: torch.device) -> None:
@@ -127,6 +153,7 @@ class StatisticsCollector:
             block.clear_recording()
         self.blocks, self.infos, self._kinds, self._plan, self._rows = {}, [], None, None, {}
         self._trainables = None
+        self._later = []
 
     def set_phase(self, phase: str) -> None:
         """Forwards from now on record into ``phase``'s rows (Lightning entered a loop)."""
@@ -231,15 +258,64 @@ class StatisticsCollector:
         """Close ``phase``'s point and read it: parameters in, one collective, one host copy,
         then every block's statistics as columns (:class:`~lightning_attn.core.point.
         PointColumns`; the per-block view is made only for the blocks asked for)."""
+        plan = self._plan  # as the point's opening found it (recording blocks keep theirs)
+        vector = self._combined(trainer, phase)
+        if vector is None:
+            return GlobalStats(step=step, blocks={}, phase=phase)
+        host = vector.to("cpu", torch.float64).numpy()
+        return PointColumns.read(plan, host, phase == "train").stats(step, phase)
+
+    @torch.no_grad()
+    def finish_later(self, trainer: pl.Trainer, step: int, tag: Any = None) -> None:
+        """Close the training point and combine it over the processes now (the one
+        collective of the point, at the same step on every process), on the device; it is
+        read with the others by :meth:`read_later`: one host copy for them all. ``tag``:
+        what the caller wants back with the point."""
+        plan = self._plan
+        vector = self._combined(trainer, "train")
+        if vector is not None:
+            self._later.append((plan, vector, step, tag))
+
+    @property
+    def num_later(self) -> int:
+        """Training points finished and not read yet."""
+        return len(self._later)
+
+    @torch.no_grad()
+    def read_later(self) -> list[PointBatch]:
+        """The points :meth:`finish_later` holds, in order, in as few batches as their plans
+        allow (one unless an accumulator changed between them): each batch one stack on the
+        device, one host copy, and every point's blocks read as those of one point
+        (:meth:`~lightning_attn.core.point.PointPlan.tiled`)."""
+        later, self._later = self._later, []
+        batches, start = [], 0
+        while start < len(later):
+            plan, size = later[start][0], later[start][1].numel()
+            stop = start + 1
+            while stop < len(later) and later[stop][0] is plan and (
+                    later[stop][1].numel() == size):
+                stop += 1
+            points = later[start:stop]
+            host = torch.stack([p[1] for p in points]).to("cpu", torch.float64).numpy()
+            columns = PointColumns.read(plan.tiled(*host.shape), host.reshape(-1), True)
+            batches.append(PointBatch(columns, columns.split(plan, host),
+                                      [p[2] for p in points], [p[3] for p in points]))
+            start = stop
+        return batches
+
+    def _combined(self, trainer: pl.Trainer, phase: str) -> torch.Tensor | None:
+        """Close ``phase``'s point: its vector (every block's row, the parameters, on a
+        training point the gradient norms) combined over the processes, on the device
+        (``None``: no block)."""
         if phase not in self._open:
             raise RuntimeError(f"StatisticsCollector.finish() without an open {phase} point")
         if not self.blocks:
             self.close(phase)
-            return GlobalStats(step=step, blocks={}, phase=phase)
+            return None
         device = self._device()
         self.snapshot_parameters(phase)  # no optimizer stepped: the values are still those
         params = self._params.pop(phase)
-        plan = self._plan  # as the point's opening found it (recording blocks keep theirs)
+        plan = self._plan
         parts = list(self._rows[phase])  # views of every accumulator's row, kept per run
         dtype = parts[0].dtype
         if params is not None:  # blocks without scalar parameters (a user's gate) have none
@@ -253,8 +329,7 @@ class StatisticsCollector:
             ]))
         vector = torch.cat([p.to(device) for p in parts] if self._devices > 1 else parts)
         self.close(phase)  # the values are in `vector`
-        host = combine_processes(trainer, vector, self._reductions(plan, vector))
-        return PointColumns.read(plan, host, phase == "train").stats(step, phase)
+        return combine_processes(trainer, vector, self._reductions(plan, vector))
 
     def _plan_now(self) -> PointPlan:
         """The plan of the read vector: built again only when an accumulator changed (another

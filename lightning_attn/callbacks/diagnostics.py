@@ -59,7 +59,7 @@ from ..core.categories import (
     UnsupportedAttentionWarning,
 )
 from ..core.point import breaches
-from ..core.problems import HealthThresholds, Measured, Problem, measure, problems_of
+from ..core.problems import HealthThresholds, Measured, Problem, measure_point, problems_of
 from ..core.statistics import (
     HISTOGRAM_BINS,
     SECTIONS,
@@ -71,6 +71,7 @@ from ..core.tags import (
     EVALUATION_TAG,
     HEADS_MAP_TAG,
     HEADS_TAG,
+    PREFIX,
     PROBLEMS_TAG,
     chart_layout,
     head_record,
@@ -90,9 +91,21 @@ from .collector import StatisticsCollector
 from .health import ProblemReporter
 from .maps import head_heatmaps, render_maps, token_map
 from .summary import render_summary
-from .writers import DiagnosticsOutput, DiagnosticsWriter, ScalarBatch, check_writers
+from .writers import (
+    DiagnosticsOutput,
+    DiagnosticsWriter,
+    ScalarBatch,
+    check_writers,
+    monitored_metrics,
+)
 
-__all__ = ["SECTIONS", "AttentionDiagnostics"]
+__all__ = ["READ_EVERY_N_STEPS", "SECTIONS", "AttentionDiagnostics"]
+
+#: Training points are read, judged and written in batches: the points of this many steps
+#: (one host copy and one pass of the rules for the batch). Logging at every step, a warning
+#: comes up to this many steps after the point it names. A point that must act at its step
+#: (``on_problem`` ``"raise"`` / ``"stop"``, a monitored statistic) is read as it ends.
+READ_EVERY_N_STEPS = 32
 
 Section = Literal["router", "mask", "param", "heads"]
 OnProblem = Literal["warn", "raise", "stop", "ignore"]
@@ -203,7 +216,9 @@ class AttentionDiagnostics(Callback):
     Every statistic goes to every logger. Those that a callback or a scheduler of the Trainer
     monitors (``EarlyStopping(monitor="attn/<block>/mask/std")``, ``ModelCheckpoint``,
     ``ReduceLROnPlateau``) go to ``trainer.callback_metrics`` as well; all of the latest
-    training point are in :attr:`last_stats`.
+    training point are in :attr:`last_stats`. Training points are read in batches of up to
+    :data:`READ_EVERY_N_STEPS` steps (:meth:`read_points`), each point as it ends when it
+    must act at its step.
 
     Several in one Trainer (the presets, say) must differ in what they watch: ``include``,
     ``exclude``, ``sections`` or ``adapters`` (their ``state_key``, under which a checkpoint
@@ -254,8 +269,8 @@ class AttentionDiagnostics(Callback):
 
     def _new_run(self) -> None:
         """Forget the previous fit's run: its id, points, warnings and log directories."""
-        #: The statistics and problems of the latest training point (host floats only).
-        self.last_stats: GlobalStats | None = None
+        # The statistics and problems of the latest training point read (host floats only).
+        self._last_stats: GlobalStats | None = None
         self._last_measured: Measured | None = None
         #: Identifies the run (one fit) across resumes and the evaluations of its
         #: checkpoints (kept in checkpoints; the report groups runs by it).
@@ -274,6 +289,7 @@ class AttentionDiagnostics(Callback):
         self._output: DiagnosticsOutput | None = None
         self._module_ref: weakref.ref | None = None
         self._point: tuple[bool, bool] | None = None  # (scalars, histograms) being recorded
+        self._point_batch: int | None = None  # points read at once (set by the first)
         self._eval_phase: str | None = None  # the evaluation point being recorded
         self._checkpoint_step: int | None = None  # of the checkpoint this call loaded
         self._eval_step: int | None = None  # where this validate / test call logs
@@ -299,19 +315,28 @@ class AttentionDiagnostics(Callback):
         return list(self._collector.blocks)
 
     @property
+    def last_stats(self) -> GlobalStats | None:
+        """The statistics of the latest training point (host floats only; reads the points
+        not read yet first)."""
+        self.read_points()
+        return self._last_stats
+
+    @property
     def last_problems(self) -> list[Problem]:
         """The problems of the latest training point (made from its measurements when
         asked for)."""
+        self.read_points()
         measured = self._last_measured
         if measured is None:
             return []
         if isinstance(measured, list):  # as a ddp_spawn worker sent them
             return list(measured)
-        return problems_of(measured, self.last_stats.step)
+        return problems_of(measured, self._last_stats.step)
 
     @property
     def num_points(self) -> int:
         """Training logging points measured so far (continues across a resume)."""
+        self.read_points()
         return self._num_points
 
     @property
@@ -332,6 +357,7 @@ class AttentionDiagnostics(Callback):
             self._new_run()
         self._checkpoint, self._state_refused = None, None
         self._checkpoint_step = None  # on_load_checkpoint, after setup, sets this call's
+        self._point_batch = None  # the Trainer's schedule and monitors may differ
         _return_state_from_spawn(trainer, self)
         self._output = DiagnosticsOutput(trainer, self.writers)
         owner = type(self).__name__
@@ -423,6 +449,7 @@ class AttentionDiagnostics(Callback):
         self._bind(trainer, pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.read_points()  # the training points before this validation, in order
         self._start(trainer, pl_module)
         self._collector.set_phase("val")
         if trainer.state.fn == "validate":
@@ -475,6 +502,9 @@ class AttentionDiagnostics(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ensure_run(trainer)
         self._write_config(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.read_points()
 
     def _write_config(self, trainer: pl.Trainer) -> None:
         """The chart layout and the run's configuration, once per log directory."""
@@ -536,26 +566,61 @@ class AttentionDiagnostics(Callback):
     ) -> None:
         if self._point is None or not LoggingSchedule.steps_optimizer(trainer):
             return  # not a point, or more micro-batches of this optimizer step to come
-        scalars, histograms = self._point
-        self._point = None
-        stats = self._collector.finish(trainer, LoggingSchedule.step(trainer), "train")
+        (scalars, histograms), self._point = self._point, None
+        # the collective now (every process at this step); read with the batch's others
+        self._collector.finish_later(trainer, LoggingSchedule.step(trainer),
+                                     (scalars, histograms, trainer.current_epoch))
+        if self._point_batch is None:
+            self._point_batch = self._batch_size(trainer)
+        if self._collector.num_later >= self._point_batch:
+            self.read_points()
+
+    def _batch_size(self, trainer: pl.Trainer) -> int:
+        """Points read at once: those of :data:`READ_EVERY_N_STEPS` steps; one where a
+        problem must act at its step (``on_problem`` ``"raise"`` / ``"stop"``) or where a
+        callback or scheduler monitors one of the statistics."""
+        interval = self._schedule.interval(trainer)
+        monitored = any(name.startswith(f"{PREFIX}/") for name in monitored_metrics(trainer))
+        if self.on_problem in ("raise", "stop") or monitored or interval <= 0:
+            return 1
+        return max(1, READ_EVERY_N_STEPS // interval)
+
+    def read_points(self) -> None:
+        """Read, judge and write the training points finished so far (the callback does this
+        every :data:`READ_EVERY_N_STEPS` steps, at the end of each epoch, before validation
+        and before a checkpoint is saved; reading :attr:`last_stats` does it too). Local:
+        the points were combined over the processes when they finished."""
+        if not self._collector.num_later:
+            return
+        for batch in self._collector.read_later():
+            size = len(batch.points[0].names)
+            # the rules on every point's blocks at once, each block at its point's step
+            measured = measure_point(batch.columns, np.repeat(np.asarray(batch.steps), size),
+                                     self.thresholds, sections=self.sections)
+            for p, (point, step, tag) in enumerate(
+                    zip(batch.points, batch.steps, batch.tags, strict=True)):
+                self._write_point(point.stats(step, "train"),
+                                  measured.window(p * size, (p + 1) * size), *tag)
+
+    def _write_point(self, stats: GlobalStats, measured: Measured, scalars: bool,
+                     histograms: bool, epoch: int) -> None:
+        """One training point's warnings, problems and output (``epoch``: the point's)."""
         self._warn_missing(stats)
         self._warn_contract(stats)
-        # Every block at once, on the point's columns: the rules, then the scalars.
-        measured = measure(stats, self.thresholds, sections=self.sections)
         if self._reporter.active:  # a problem being reported may have cleared
             self._reporter.clear(measured.clear_keys())
         # words only for the problems a warning says (those not being reported already);
         # every problem of the point when asked for (last_problems)
         fresh = [measured.problem(key, stats.step)
                  for key in self._reporter.fresh_keys(measured.bad_keys())]
-        self.last_stats, self._last_measured = stats, measured
+        self._last_stats, self._last_measured = stats, measured
         output = self._output
         heads = head_record(stats) if "heads" in self.sections and (scalars or histograms) else {}
         if scalars:
             self._num_points += 1
             if self.log_statistics:
-                output.scalars(ScalarBatch(*scalar_columns(stats, self.sections)), stats.step)
+                output.scalars(ScalarBatch(*scalar_columns(stats, self.sections)), stats.step,
+                               epoch)
                 if heads:  # the per-head values behind the heads' scalars (heatmaps, report)
                     output.json(HEADS_TAG, heads, stats.step)
         if histograms and heads and output.rich_writers:  # the images of the point
@@ -573,7 +638,7 @@ class AttentionDiagnostics(Callback):
                 },
                 stats.step,
             )
-        self._report(trainer, fresh)
+        self._report(output.trainer, fresh)
 
     def _report(self, trainer: pl.Trainer, problems: list[Problem]) -> None:
         if self.on_problem == "ignore":
@@ -626,12 +691,13 @@ class AttentionDiagnostics(Callback):
         if self._point is not None:
             self._point = None
             self._collector.close("train")
+        self.read_points()
         if self.summary and trainer.is_global_zero and self._collector.blocks:
             self._print_summary(trainer)
 
     def _print_summary(self, trainer: pl.Trainer) -> None:
         console = Console()
-        stats, epoch = self.last_stats, trainer.current_epoch
+        stats, epoch = self._last_stats, trainer.current_epoch
         if stats is None:
             console.print(
                 f"Attention summary (epoch {epoch}): no statistics yet - no logging step so "
@@ -746,6 +812,7 @@ class AttentionDiagnostics(Callback):
 
     # -- cleanup ---------------------------------------------------------------------------
     def _release(self) -> None:
+        self.read_points()  # the points finished before the end (or the exception)
         self._point, self._eval_phase = None, None
         self._stop_capture()
         self._collector.unbind()  # recording off, accumulators dropped
@@ -762,6 +829,7 @@ class AttentionDiagnostics(Callback):
 
     # -- checkpointing and pickling --------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        self.read_points()  # a checkpoint holds the state after every point before it
         return {
             "version": __version__,
             "reported": self._reporter.state_dict(),
@@ -817,13 +885,13 @@ class AttentionDiagnostics(Callback):
 
     # -- ddp_spawn: the run's state back to the main process ----------------------------
     def _spawn_state(self) -> dict[str, Any]:
-        return {"state": self.state_dict(), "last_stats": self.last_stats,
+        return {"state": self.state_dict(), "last_stats": self._last_stats,
                 "last_problems": list(self.last_problems),
                 "missing_warned": set(self._missing_warned)}
 
     def _restore_spawned(self, spawned: dict[str, Any]) -> None:
         self.load_state_dict(spawned["state"])
-        self.last_stats, self._last_measured = spawned["last_stats"], spawned["last_problems"]
+        self._last_stats, self._last_measured = spawned["last_stats"], spawned["last_problems"]
         self._missing_warned = spawned["missing_warned"]
 
 

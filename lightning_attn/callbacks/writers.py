@@ -385,15 +385,16 @@ class DiagnosticsOutput:
         return [w for w in self.writers if type(w) is not DiagnosticsWriter]
 
     # -- scalars -----------------------------------------------------------------------------
-    def scalars(self, metrics: Mapping[str, float], step: int) -> None:
+    def scalars(self, metrics: Mapping[str, float], step: int, epoch: int | None = None) -> None:
         """A point's scalars at ``step``, identical on every process (already reduced): to
         every logger (rank zero) and the monitored ones to ``trainer.callback_metrics``
         (every process: ``EarlyStopping`` and ``ModelCheckpoint`` read them on every
-        rank)."""
+        rank). ``epoch``: the point's (``None``: the Trainer's now)."""
         if not metrics:
             return
         batch = ScalarBatch.of(metrics)
-        row = batch.with_value("epoch", self.trainer.current_epoch)  # as Lightning's own rows
+        # an epoch column, as Lightning's own rows have
+        row = batch.with_value("epoch", self.trainer.current_epoch if epoch is None else epoch)
         for writer in self.writers:
             writer.scalars(row, step)
         if self._monitored is None:

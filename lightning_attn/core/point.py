@@ -20,6 +20,7 @@ objects (the report reads a run's logged scalars that way): one set of rules for
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -171,12 +172,63 @@ class PointPlan:
         trainable = [(b, n) for b, info in enumerate(infos) for n in info.trainable_names]
         where = {key: i for i, key in enumerate(params)}
         self.grad_rows = np.asarray([where.get(key, -1) for key in trainable], dtype=np.int64)
+        # where the parameters and the gradient norms sit in the vector
+        self.param_index = base + np.arange(len(params), dtype=np.int64)
+        self.grad_index = base + len(params) + np.arange(len(trainable), dtype=np.int64)
         #: the scalars' tags by (stage, sections), made on the run's first point of each
         self.tags: dict = {}
+        self._tiled: dict[tuple[int, int], PointPlan] = {}
 
     @property
     def num_grads(self) -> int:
         return len(self.grad_rows)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.names)
+
+    def tiled(self, points: int, stride: int) -> PointPlan:
+        """The plan of ``points`` read vectors of ``stride`` entries each, laid end to end
+        (a ``(points, stride)`` array, flattened), read as one point whose blocks are every
+        point's blocks in turn: block ``b`` of point ``p`` is block ``p * num_blocks + b``.
+        The collector reads a batch of training points this way (one host copy, one run of
+        the rules); :meth:`PointColumns.split` cuts the columns back into points. Index
+        arithmetic only; the latest two are kept."""
+        key = (points, stride)
+        found = self._tiled.get(key)
+        if found is not None:
+            return found
+        if len(self._tiled) >= 2:
+            self._tiled.clear()
+        blocks = self.num_blocks
+        at = np.arange(points, dtype=np.int64)[:, None]
+        step, shift = at * stride, at * blocks
+
+        def group(g: tuple[np.ndarray, tuple[str, ...], np.ndarray]) -> tuple:
+            block, names, index = g
+            return ((block[None, :] + shift).reshape(-1), names * points,
+                    (index[None] + step[:, :, None]).reshape(points * len(index), -1)
+                    if len(index) else index)
+
+        tiled = copy.copy(self)
+        tiled.infos, tiled.layouts = self.infos * points, self.layouts * points
+        tiled.names = self.names * points
+        tiled.bases = (self.bases[None, :] + step).reshape(-1)
+        tiled.masks = group(self.masks)
+        tiled.routers = {k: group(g) for k, g in self.routers.items()}
+        tiled.heads = {h: group(g) for h, g in self.heads.items()}
+        tiled.param_block = (self.param_block[None, :] + shift).reshape(-1)
+        tiled.param_names = self.param_names * points
+        tiled.param_trainable = np.tile(self.param_trainable, points)
+        tiled.param_specs = self.param_specs * points
+        tiled.param_index = (self.param_index[None, :] + step).reshape(-1)
+        tiled.grad_index = (self.grad_index[None, :] + step).reshape(-1)
+        params = len(self.param_names)
+        tiled.grad_rows = np.where(self.grad_rows[None, :] >= 0,
+                                   self.grad_rows[None, :] + at * params, -1).reshape(-1)
+        tiled.tags, tiled._tiled = {}, {}
+        self._tiled[key] = tiled
+        return tiled
 
 
 #: What the collector writes for a gradient norm it did not read (no owner stepped, or no
@@ -242,11 +294,11 @@ class PointColumns:
             present = (slots.count.sum(axis=1) > 0) | np.isfinite(slots.max_logit).any(axis=1)
             heads.append(Items(blocks, (), columns(HeadStats, slots), present, h))
         n_params = len(plan.param_names)
-        value = host[plan.rows_size:plan.rows_size + n_params]
+        value = host[plan.param_index]
         grad = np.full(n_params, math.nan)
         has_grad = np.zeros(n_params, dtype=bool)
         if train and plan.num_grads:
-            read = host[plan.rows_size + n_params:plan.rows_size + n_params + plan.num_grads]
+            read = host[plan.grad_index]
             taken = (read != NOT_READ) & (plan.grad_rows >= 0)
             grad[plan.grad_rows[taken]] = read[taken]
             has_grad[plan.grad_rows[taken]] = True
@@ -255,6 +307,32 @@ class PointColumns:
         forwards = host[plan.bases] if len(plan.bases) else np.zeros(0)
         return cls(plan.names, masks, routers, heads, params, forwards, infos=plan.infos,
                    read=(plan, host))
+
+    def split(self, plan: PointPlan, host: np.ndarray) -> list[PointColumns]:
+        """The points of a batch that was read with ``plan.tiled(*host.shape)`` (``host``:
+        the batch's ``(points, stride)`` vectors): each point's columns are views of these,
+        with ``plan``'s blocks and tags; its histograms are cut from its own vector."""
+
+        def part(items: Items, single: tuple, p: int) -> Items:
+            block, names, _ = single
+            start, stop = p * len(block), (p + 1) * len(block)
+            return Items(block, names, {q: c[start:stop] for q, c in items.cols.items()},
+                         items.present[start:stop], items.width)
+
+        blocks, params, out = plan.num_blocks, len(plan.param_names), []
+        for p in range(len(host)):
+            rows = slice(p * params, (p + 1) * params)
+            pr = self.params
+            out.append(PointColumns(
+                plan.names, part(self.masks, plan.masks, p),
+                [part(g, s, p) for g, s in zip(self.routers, plan.routers.values(), strict=True)],
+                [part(g, s, p) for g, s in zip(self.heads, plan.heads.values(), strict=True)],
+                ParamRows(plan.param_block, plan.param_names, pr.value[rows], pr.grad[rows],
+                          pr.has_grad[rows], plan.param_trainable, plan.param_specs),
+                self.forwards[p * blocks:(p + 1) * blocks], infos=plan.infos,
+                read=(plan, host[p]),
+            ))
+        return out
 
     # -- from per-block objects (the report; tests) ----------------------------------------
     @classmethod

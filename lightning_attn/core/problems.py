@@ -240,6 +240,14 @@ class Reading:
         return Measurement(float(self.value[b]), float(self.threshold[b]), bool(self.bad[b]),
                            bool(self.clear[b]), self.quantity(b), self.detail(b))
 
+    def window(self, start: int, stop: int) -> Reading:
+        """Blocks ``[start, stop)`` of this reading (views), numbered from 0."""
+        cut = slice(start, stop)
+        quantity, detail = self.quantity, self.detail
+        return Reading(self.applies[cut], self.value[cut], self.threshold[cut], self.bad[cut],
+                       self.clear[cut], lambda b: quantity(start + b),
+                       lambda b: detail(start + b))
+
 
 def _below(value: np.ndarray, limit: np.ndarray,
            t: HealthThresholds) -> tuple[np.ndarray, np.ndarray]:
@@ -797,6 +805,12 @@ class Measured(Mapping):
         m = self.readings[kind].measurement(b)
         return Problem(self.names[b], kind, m.value, m.threshold, step, m.quantity, m.detail,
                        PROBLEM_KINDS[kind].hint)
+
+    def window(self, start: int, stop: int) -> Measured:
+        """Blocks ``[start, stop)`` as a measurement of their own: one point of a batch of
+        points judged at once (:meth:`~.point.PointPlan.tiled`)."""
+        return Measured(self.names[start:stop],
+                        {kind: r.window(start, stop) for kind, r in self.readings.items()})
 
     def clear_keys(self) -> list[tuple[str, str]]:
         """The ``(block, kind)`` pairs whose statistic is clear of its threshold."""

@@ -22,8 +22,9 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from lightning_attn.callbacks import AttentionDiagnostics  # noqa: E402
 from lightning_attn.callbacks.collector import StatisticsCollector  # noqa: E402
 
-#: Collectives run inside each StatisticsCollector.finish (one entry per logging point).
-COLLECTIVES: list[int] = []
+#: Collectives run inside each StatisticsCollector.finish / finish_later (one entry per
+#: logging point) and read_later (one per batch of training points read): (method, count).
+COLLECTIVES: list[tuple[str, int]] = []
 _NAMES = ("all_gather", "all_gather_into_tensor", "all_reduce", "barrier", "broadcast",
           "reduce", "gather", "scatter", "all_gather_object", "broadcast_object_list")
 
@@ -39,17 +40,18 @@ def _count_collectives() -> None:
             return _original(*args, **kwargs)
 
         setattr(torch.distributed, name, wrapped)
-    finish = StatisticsCollector.finish
+    for method in ("finish", "finish_later", "read_later"):
+        original = getattr(StatisticsCollector, method)
 
-    def counted(self, *args, **kwargs):
-        counting.update(on=True, n=0)
-        try:
-            return finish(self, *args, **kwargs)
-        finally:
-            counting["on"] = False
-            COLLECTIVES.append(counting["n"])
+        def counted(self, *args, _original=original, _method=method, **kwargs):
+            counting.update(on=True, n=0)
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                counting["on"] = False
+                COLLECTIVES.append((_method, counting["n"]))
 
-    StatisticsCollector.finish = counted
+        setattr(StatisticsCollector, method, counted)
 
 
 class TwoBlockNet(FakeNet):
