@@ -271,7 +271,8 @@ class AttentionDiagnostics(Callback):
         """Forget the previous fit's run: its id, points, warnings and log directories."""
         # The statistics and problems of the latest training point read (host floats only).
         self._last_stats: GlobalStats | None = None
-        self._last_measured: Measured | None = None
+        # its measurements: (its batch's, where its blocks start and stop in them)
+        self._last_measured: tuple[Measured, int, int] | list[Problem] | None = None
         #: Identifies the run (one fit) across resumes and the evaluations of its
         #: checkpoints (kept in checkpoints; the report groups runs by it).
         self.run_id: str | None = None
@@ -331,7 +332,8 @@ class AttentionDiagnostics(Callback):
             return []
         if isinstance(measured, list):  # as a ddp_spawn worker sent them
             return list(measured)
-        return problems_of(measured, self._last_stats.step)
+        batch, start, stop = measured  # the point's blocks among its batch's
+        return problems_of(batch.window(start, stop), self._last_stats.step)
 
     @property
     def num_points(self) -> int:
@@ -597,23 +599,36 @@ class AttentionDiagnostics(Callback):
             # the rules on every point's blocks at once, each block at its point's step
             measured = measure_point(batch.columns, np.repeat(np.asarray(batch.steps), size),
                                      self.thresholds, sections=self.sections)
+            bad = measured.bad_by_window(size)
+            # what breaks the recording contract, looked for point by point only if anywhere
+            breached = bool(breaches(batch.columns, self.sections))
+            index = {name: b for b, name in enumerate(batch.points[0].names)}
             for p, (point, step, tag) in enumerate(
                     zip(batch.points, batch.steps, batch.tags, strict=True)):
-                self._write_point(point.stats(step, "train"),
-                                  measured.window(p * size, (p + 1) * size), *tag)
+                self._write_point(point.stats(step, "train"), (measured, p * size, size, index),
+                                  bad.get(p, []), breached, *tag)
 
-    def _write_point(self, stats: GlobalStats, measured: Measured, scalars: bool,
-                     histograms: bool, epoch: int) -> None:
-        """One training point's warnings, problems and output (``epoch``: the point's)."""
+    def _write_point(self, stats: GlobalStats, judged: tuple, bad: list[tuple[int, str]],
+                     breached: bool, scalars: bool, histograms: bool, epoch: int) -> None:
+        """One training point's warnings, problems and output. ``judged``: the batch's
+        measurements, where this point's blocks start in them, how many, and their index by
+        name; ``bad``: this point's bad measurements ``(index in the batch, kind)``;
+        ``epoch``: the point's."""
+        measured, start, size, index = judged
         self._warn_missing(stats)
-        self._warn_contract(stats)
-        if self._reporter.active:  # a problem being reported may have cleared
-            self._reporter.clear(measured.clear_keys())
+        if breached:
+            self._warn_contract(stats)
+        reporter = self._reporter
+        if reporter.active:  # a problem being reported may have cleared
+            reporter.clear([(block, kind) for block, kind in reporter.active_keys()
+                            if block in index and measured.clear_at(start + index[block], kind)])
         # words only for the problems a warning says (those not being reported already);
         # every problem of the point when asked for (last_problems)
-        fresh = [measured.problem(key, stats.step)
-                 for key in self._reporter.fresh_keys(measured.bad_keys())]
-        self._last_stats, self._last_measured = stats, measured
+        names = stats.point().names
+        fresh_keys = set(reporter.fresh_keys([(names[i - start], kind) for i, kind in bad]))
+        fresh = [measured.problem_at(i, kind, stats.step) for i, kind in bad
+                 if (names[i - start], kind) in fresh_keys]
+        self._last_stats, self._last_measured = stats, (measured, start, start + size)
         output = self._output
         heads = head_record(stats) if "heads" in self.sections and (scalars or histograms) else {}
         if scalars:

@@ -47,6 +47,10 @@ class ProblemReporter:
     def key(block: str, kind: str) -> str:
         return f"{block}|{kind}"
 
+    def active_keys(self) -> list[tuple[str, str]]:
+        """The ``(block, kind)`` pairs being reported (not clear since)."""
+        return [tuple(key.rsplit("|", 1)) for key in self.active]
+
     def fresh_keys(self, keys: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
         """The ``(block, kind)`` pairs not being reported already."""
         return [(block, kind) for block, kind in keys

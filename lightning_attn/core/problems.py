@@ -758,8 +758,8 @@ def _reads(kind: ProblemKind, sections: frozenset[str]) -> bool:
 class Measured(Mapping):
     """``(block, kind) -> Measurement`` for every kind that applies to every block of a
     point, read as columns (:class:`Reading` per kind); a :class:`Measurement` (its words
-    included) is made only when asked for. :meth:`bad` and :meth:`clear_keys` give what the
-    callback needs without making one for each block."""
+    included) is made only when asked for. :meth:`bad_by_window` and :meth:`clear_at` give
+    what the callback needs without making one for each block."""
 
     def __init__(self, names: Sequence[str], readings: Mapping[str, Reading]) -> None:
         self.names = tuple(names)
@@ -790,11 +790,14 @@ class Measured(Mapping):
     def bad_keys(self) -> list[tuple[str, str]]:
         """The ``(block, kind)`` pairs of the bad measurements (no words made), in block
         order, then kind order."""
+        return [(self.names[b], kind) for b, kind in self._bad()]
+
+    def _bad(self) -> list[tuple[int, str]]:
+        # (block, kind) of each bad measurement, in block order, then kind order
         order = {kind: i for i, kind in enumerate(self.readings)}
-        rows = sorted(((int(b), order[kind]) for kind, r in self.readings.items()
-                       for b in np.flatnonzero(r.bad)))
-        kinds = list(self.readings)
-        return [(self.names[b], kinds[k]) for b, k in rows]
+        rows = sorted((int(b), order[kind], kind) for kind, r in self.readings.items()
+                      for b in np.flatnonzero(r.bad))
+        return [(b, kind) for b, _, kind in rows]
 
     def problem(self, key: tuple[str, str], step: int) -> Problem:
         """The :class:`Problem` of one bad measurement."""
@@ -806,16 +809,26 @@ class Measured(Mapping):
         return Problem(self.names[b], kind, m.value, m.threshold, step, m.quantity, m.detail,
                        PROBLEM_KINDS[kind].hint)
 
+    def bad_by_window(self, size: int) -> dict[int, list[tuple[int, str]]]:
+        """The bad measurements of a batch of points of ``size`` blocks each
+        (:meth:`~.point.PointPlan.tiled`): point -> ``[(block index, kind)]``, in block
+        order, then kind order (as :meth:`bad_keys`)."""
+        out: dict[int, list[tuple[int, str]]] = {}
+        for b, kind in self._bad():
+            out.setdefault(b // size, []).append((b, kind))
+        return out
+
+    def clear_at(self, b: int, kind: str) -> bool:
+        """Whether block ``b``'s statistic of ``kind`` is clear (``False`` where the kind
+        does not apply)."""
+        reading = self.readings.get(kind)
+        return reading is not None and bool(reading.clear[b])
+
     def window(self, start: int, stop: int) -> Measured:
         """Blocks ``[start, stop)`` as a measurement of their own: one point of a batch of
         points judged at once (:meth:`~.point.PointPlan.tiled`)."""
         return Measured(self.names[start:stop],
                         {kind: r.window(start, stop) for kind, r in self.readings.items()})
-
-    def clear_keys(self) -> list[tuple[str, str]]:
-        """The ``(block, kind)`` pairs whose statistic is clear of its threshold."""
-        return [(self.names[b], kind) for kind, r in self.readings.items()
-                for b in np.flatnonzero(r.clear)]
 
 
 def measure(
