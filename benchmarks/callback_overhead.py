@@ -196,6 +196,10 @@ class Interleave(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step - self.warmup
+        if self._active and step % self.chunk == 0:
+            # an active chunk ends: the points it holds are read in it (the diagnostics
+            # read theirs in batches; more often so than in a run, never less)
+            self._time(step - 1, getattr(self.inner, "read_points", lambda: None))
         if step >= 0 and step % self.chunk == 0:
             self.boundaries.append(time.perf_counter())
         was_active = self._active
@@ -229,6 +233,9 @@ class Interleave(Callback):
             self._time(trainer.global_step - 1 - self.warmup, self.inner.on_train_batch_end,
                        trainer, pl_module, outputs, batch, batch_idx)
         if trainer.global_step == trainer.max_steps:
+            if self._active:  # the last chunk's points, read in it
+                self._time(trainer.global_step - 1 - self.warmup,
+                           getattr(self.inner, "read_points", lambda: None))
             self.boundaries.append(time.perf_counter())  # end of the last chunk
 
     def _time(self, step: int, hook, *args) -> None:

@@ -6,8 +6,9 @@ so that every step is a logging point. For ``N`` in 10, 100 and 300 it reports:
 
 - **hooks**: the time spent in AttentionDiagnostics' own hooks per logging step (reading the
   accumulators, the collective, the statistics, the rules, writing the scalars), measured
-  around each hook call: the median over the logging steps;
-- **step**: the median training step with the callback against without it, interleaved in
+  around each hook call: the mean over the logging steps (the points are read in batches,
+  at the end of each chunk here: one step of a chunk holds the chunk's reading);
+- **step**: the mean training step with the callback against without it, interleaved in
   chunks (as ``callback_overhead.py``), and the overhead it adds — the recording inside the
   forward included.
 
@@ -114,12 +115,16 @@ def _gated(diagnostics: AttentionDiagnostics, chunks: Chunks,
         original = getattr(diagnostics, name)
 
         @functools.wraps(original)
-        def gated(trainer, *args, _original=original, **kwargs):
-            step = trainer.global_step
+        def gated(trainer, *args, _original=original, _end=name == "on_train_batch_end",
+                  **kwargs):
+            # at the batch's end the optimizer has stepped: global_step is the next step's
+            step = trainer.global_step - 1 if _end else trainer.global_step
             if not chunks.active(step):
                 return None
             start = time.perf_counter()
             out = _original(trainer, *args, **kwargs)
+            if _end and not chunks.active(step + 1):
+                diagnostics.read_points()  # the chunk's points, read in its last step
             if step >= 2 * chunks.chunk:
                 hook_times[step] = hook_times.get(step, 0.0) + time.perf_counter() - start
             return out
@@ -144,8 +149,8 @@ def measure(modules: int, pairs: int, chunk: int, logger: str) -> dict[str, floa
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         )
         trainer.fit(Net(modules), DataLoader(data, batch_size=16))
-    on, off = statistics.median(chunks.times[True]), statistics.median(chunks.times[False])
-    return {"modules": modules, "hooks_ms": 1e3 * statistics.median(hook_times.values()),
+    on, off = statistics.fmean(chunks.times[True]), statistics.fmean(chunks.times[False])
+    return {"modules": modules, "hooks_ms": 1e3 * statistics.fmean(hook_times.values()),
             "step_on_ms": 1e3 * on, "step_off_ms": 1e3 * off, "overhead": on / off - 1}
 
 

@@ -48,7 +48,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..core.accumulator import CUDAGRAPH_UNSAFE, Accumulator
+from ..core.accumulator import CUDAGRAPH_UNSAFE, Accumulator, HeldForwards
 from ..core.statistics import (
     PHASES,
     ParameterSpec,
@@ -334,7 +334,11 @@ class RecordingMixin:
         """``phase``'s row of the accumulator ``(statistics_layout.size,)`` on the device
         (``None`` before :meth:`configure_recording`)."""
         acc = self._attn_accumulator
-        return None if acc is None else acc.row(phase)
+        if acc is None:
+            return None
+        if acc.pending:  # the forwards it holds back
+            HeldForwards([acc]).settle()
+        return acc.row(phase)
 
     @property
     def capture(self) -> bool:

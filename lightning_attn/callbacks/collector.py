@@ -31,6 +31,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from ..core.accumulator import HeldForwards
 from ..core.point import NOT_READ, PointColumns, PointPlan
 from ..core.statistics import (
     PHASES,
@@ -118,6 +119,7 @@ class StatisticsCollector:
         self._rows: dict[str, tuple[torch.Tensor, ...]] = {}
         self._empty: tuple[torch.Tensor, ...] = ()
         self._accumulators: list = []  # those the plan was made for
+        self._held: HeldForwards | None = None  # their training rows, for settle
         self._devices = 1
         self._trainables: list[tuple[nn.Module, str]] | None = None
         self._owned: tuple[tuple, set[int]] | None = None  # an optimizer's parameters
@@ -153,6 +155,7 @@ class StatisticsCollector:
         for block in self.blocks.values():
             block.clear_recording()
         self.blocks, self.infos, self._kinds, self._plan, self._rows = {}, [], None, None, {}
+        self._accumulators, self._held = [], None
         self._trainables = None
         self._later = []
 
@@ -181,13 +184,30 @@ class StatisticsCollector:
         elif any(first):  # another consumer holds some of them: only this one's first rows
             torch._foreach_copy_([r for r, f in zip(rows, first, strict=True) if f],
                                  [e for e, f in zip(empty, first, strict=True) if f])
+        if phase == "train" and self._held is not None:
+            # eager forwards of masks only: reduced together (settle)
+            for acc, f in zip(self._accumulators, first, strict=True):
+                if f:
+                    acc.pending = []
+                acc.deferred = True
         self._open.add(phase)
         self._params.pop(phase, None)
         if phase == "train":
             self._grad_norms = {}
 
+    def settle(self) -> None:
+        """Reduce the eager training forwards the blocks hold back (:func:`~lightning_attn.
+        core.accumulator.settle`): at the end of the point, or earlier to free the masks they
+        keep (after the forward, before the backward)."""
+        if self._held is not None:
+            self._held.settle()
+
     def close(self, phase: str = "train") -> None:
         """Stop recording ``phase`` without reading (an interrupted point)."""
+        if phase == "train" and self._held is not None:
+            self.settle()  # into the row, which another holder may read
+            for acc in self._accumulators:
+                acc.deferred = False
         if phase in self._open:
             for block in self.blocks.values():
                 block.stop_recording(self, phase)
@@ -323,6 +343,8 @@ class StatisticsCollector:
         if not self.blocks:
             self.close(phase)
             return None
+        if phase == "train":
+            self.settle()
         device = self._device()
         self.snapshot_parameters(phase)  # no optimizer stepped: the values are still those
         params = self._params.pop(phase)
@@ -354,6 +376,9 @@ class StatisticsCollector:
                           for phase in PHASES}
             self._empty = tuple(acc.initial for acc in accumulators)
             self._devices = len({acc.device for acc in accumulators})
+            # held-back forwards are reduced on one device (a model split over several
+            # records each forward as it runs)
+            self._held = HeldForwards(accumulators) if self._devices == 1 else None
             self._kinds = None
         return self._plan
 

@@ -552,6 +552,12 @@ class AttentionDiagnostics(Callback):
             self._point = (scalars, histograms)
             self._collector.open("train", histograms)
 
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if self._point is not None:  # the masks the forward held back: reduced, let go
+            self._collector.settle()
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "first_query_attention",
     "head_reductions",
     "histogram_counts",
+    "HeldForwards",
     "logit_reductions",
 ]
 
@@ -86,6 +87,12 @@ class Accumulator:
         codes = torch.tensor([("sum", "min", "max").index(k) for k in layout.reductions],
                              device=device)
         self._is_min, self._is_max = codes == 1, codes == 2
+        self._phase_name = "train"  # :attr:`phase`, known on the host
+        #: eager training forwards that record masks only are kept as they are (``pending``)
+        #: and reduced with every other watched block's by :class:`HeldForwards`: a few operations
+        #: for hundreds of blocks, where each forward's own would cost a few dozen
+        self.deferred = False
+        self.pending: list[tuple[dict[str, torch.Tensor], bool]] = []
 
     @property
     def device(self) -> torch.device:
@@ -94,6 +101,7 @@ class Accumulator:
     def set_phase(self, phase: str) -> None:
         """Later forwards add to ``phase``'s row (a device fill; outside the forward)."""
         self.phase.fill_(PHASES.index(phase))
+        self._phase_name = phase
 
     def set_histograms(self, on: bool) -> None:
         """Whether compiled forwards add the histogram counts from now on (a fill only when
@@ -105,6 +113,8 @@ class Accumulator:
     def reset(self, phase: str) -> None:
         """Empty ``phase``'s row in place (same tensor: no recompilation)."""
         self.values[PHASES.index(phase)].copy_(self.initial)
+        if phase == "train":
+            self.pending = []
 
     def row(self, phase: str) -> torch.Tensor:
         """``phase``'s row ``(layout.size,)``, a view on the device."""
@@ -131,8 +141,15 @@ class Accumulator:
 
         One contribution row is built (few whole-tensor ops per mask: each costs a dispatch,
         or a kernel launch on a GPU in eager mode), then combined with the phase's row slot by
-        slot and written back: three ops whatever the number of statistics.
+        slot and written back: three ops whatever the number of statistics. With
+        :attr:`deferred` on, an eager training forward that records masks only is kept
+        (``pending``) for :meth:`HeldForwards.settle`.
         """
+        if (self.deferred and router_weights is None and heads is None and keep is None
+                and self._phase_name == "train" and not isinstance(histograms, torch.Tensor)):
+            self.pending.append(({name: m.detach() for name, m in masks.items()},
+                                 bool(histograms)))
+            return
         layout, dtype, initial = self.layout, self.values.dtype, self.initial
         bins = layout.histogram_bins
         pieces = [torch.ones(1, dtype=dtype, device=self.device)]  # forwards
@@ -181,6 +198,120 @@ class Accumulator:
         if keep is not None:
             combined = torch.where(keep, combined, row)
         self.values.index_copy_(0, phase, combined.unsqueeze(0))
+
+
+class HeldForwards:
+    """The training rows of a fixed list of accumulators on one device, laid end to end, and
+    :meth:`settle`, which adds the forwards they hold back (``pending``) to them with a few
+    operations for them all: every mask's values in one vector, each slot's terms
+    (:data:`~.statistics.MASK_SLOTS`) summed per mask in one ``index_add_`` and the extremes in
+    one ``scatter_reduce_`` each, the histogram counts in one more; then every row combined
+    with its contribution (sums added, extremes kept) and written back at once. The same
+    numbers as :meth:`Accumulator.add` (to the order of float64 summation)."""
+
+    def __init__(self, accumulators: list[Accumulator]) -> None:
+        self.accumulators = list(accumulators)
+        train = PHASES.index("train")
+        self.rows = [acc.values[train] for acc in self.accumulators]
+        self.sizes = [acc.layout.size for acc in self.accumulators]
+        self.bases = [0]
+        for size in self.sizes[:-1]:
+            self.bases.append(self.bases[-1] + size)
+        if self.accumulators:
+            self.initial = torch.cat([acc.initial for acc in self.accumulators])
+            self.is_min = torch.cat([acc._is_min for acc in self.accumulators])
+            self.is_max = torch.cat([acc._is_max for acc in self.accumulators])
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        """Add the held-back forwards to the rows (nothing when none is held)."""
+        accumulators = self.accumulators
+        if not any(acc.pending for acc in accumulators):
+            return
+        first = accumulators[0]
+        config, device, dtype = first.config, first.device, first.values.dtype
+        bases = self.bases
+        # every recorded mask's values, and which (block, mask) each belongs to
+        segments: dict[tuple[int, str], int] = {}
+        pieces, owners, sizes, forwards, counted = [], [], [], [], set()
+        for a, acc in enumerate(accumulators):
+            if not acc.pending:
+                continue
+            offsets, bins = acc.layout.mask_offsets, acc.layout.histogram_bins
+            for masks, histograms in acc.pending:
+                forwards.append(bases[a])
+                for name in offsets:
+                    mask = masks.get(name)
+                    if mask is None or mask.numel() == 0:
+                        continue
+                    s = segments.setdefault((a, name), len(segments))
+                    if histograms and bins:
+                        counted.add(s)
+                    pieces.append(mask.reshape(-1))
+                    owners.append(s)
+                    sizes.append(mask.numel())
+            acc.pending = []
+        contribution = self.initial.clone()
+        contribution.index_put_((torch.tensor(forwards, device=device),),
+                                torch.ones(len(forwards), dtype=dtype, device=device),
+                                accumulate=True)
+        if segments:
+            v = torch.cat(pieces).float()
+            v64 = v.to(dtype)
+            seg = torch.repeat_interleave(torch.tensor(owners, device=device),
+                                          torch.tensor(sizes, device=device),
+                                          output_size=len(v))
+            keys = list(segments)
+            table = _segment_slots(v, v64, seg, len(keys), config)  # (S, slots)
+            where = [bases[a] + accumulators[a].layout.mask_offsets[name] for a, name in keys]
+            contribution.index_put_((_spans(where, len(MASK_SLOTS), device),),
+                                    table.reshape(-1))
+            for bins in sorted({accumulators[keys[s][0]].layout.histogram_bins
+                                for s in counted}):
+                chosen = [s for s in sorted(counted)
+                          if accumulators[keys[s][0]].layout.histogram_bins == bins]
+                hist = _segment_counts(v, seg, len(keys), bins, dtype)[chosen]
+                starts = [bases[keys[s][0]]
+                          + accumulators[keys[s][0]].layout.histogram_offsets[keys[s][1]]
+                          for s in chosen]
+                contribution.index_put_((_spans(starts, bins, device),), hist.reshape(-1))
+        flat = torch.cat(self.rows)
+        combined = torch.where(self.is_min, torch.minimum(flat, contribution),
+                               torch.where(self.is_max, torch.maximum(flat, contribution),
+                                           flat + contribution))
+        torch._foreach_copy_(self.rows, list(combined.split(self.sizes)))
+
+
+def _spans(starts: list[int], width: int, device: torch.device) -> torch.Tensor:
+    """The indices ``start .. start + width - 1`` of each start, one after the other."""
+    return (torch.tensor(starts, device=device)[:, None]
+            + torch.arange(width, device=device)).reshape(-1)
+
+
+def _segment_slots(v: torch.Tensor, v64: torch.Tensor, seg: torch.Tensor, segments: int,
+                   config: RecordingConfig) -> torch.Tensor:
+    """``(segments, len(MASK_SLOTS))``: each slot of each segment of ``v`` (``seg``: the
+    segment of each value), from the slots' terms."""
+    sums = [slot for slot in MASK_SLOTS if slot.reduce == "sum"]
+    terms = torch.stack([slot.term(v, v64, config) for slot in sums], dim=1)
+    summed = v64.new_zeros(segments, len(sums)).index_add_(0, seg, terms).unbind(1)
+    by_name = dict(zip((slot.name for slot in sums), summed, strict=True))
+    for slot in MASK_SLOTS:
+        if slot.reduce != "sum":
+            neutral = math.inf if slot.reduce == "min" else -math.inf
+            by_name[slot.name] = v.new_full((segments,), neutral).scatter_reduce_(
+                0, seg, slot.term(v, v64, config), "amin" if slot.reduce == "min" else "amax",
+            ).to(v64.dtype)
+    return torch.stack([by_name[slot.name] for slot in MASK_SLOTS], dim=1)
+
+
+def _segment_counts(v: torch.Tensor, seg: torch.Tensor, segments: int, bins: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """``(segments, bins)``: :func:`_counts` of each segment of ``v``."""
+    inside = torch.isfinite(v) & (v >= 0.0) & (v <= 1.0)
+    index = (torch.where(inside, v, 0.0) * bins).long().clamp_(0, bins - 1) + seg * bins
+    return torch.zeros(segments * bins, dtype=dtype, device=v.device).index_add_(
+        0, index, inside.to(dtype)).reshape(segments, bins)
 
 
 #: CUDA graphs would freeze an answer decided when an op runs (the tag is torch >= 2.7's;

@@ -132,6 +132,10 @@ class Slot:
             :func:`~.accumulator.head_reductions`).
         per_branch: one entry per router branch.
         per_head: one entry per attention head.
+        term: a mask slot's part of each value, ``term(v, v64, config)`` ``(n,)``: float64
+            values whose sum is ``measure``'s (a ``"sum"`` slot), or the values whose extreme
+            it is (``"min"`` / ``"max"``); the forwards recorded in batches
+            (:func:`~.accumulator.settle`) reduce it over many masks at once.
     """
 
     name: str
@@ -139,6 +143,7 @@ class Slot:
     measure: Callable[..., torch.Tensor]
     per_branch: bool = False
     per_head: bool = False
+    term: Callable[..., torch.Tensor] | None = None
 
 
 def router_entropy(router_weights: torch.Tensor) -> torch.Tensor:
@@ -158,19 +163,23 @@ def _count(v: torch.Tensor, v64: torch.Tensor, config: RecordingConfig) -> torch
 #: or Inf turns the sums and extremes non-finite, as the value they stand for is; ``n_finite``
 #: says how many.
 MASK_SLOTS: tuple[Slot, ...] = (
-    Slot("count", "sum", _count),
-    Slot("sum", "sum", lambda v, v64, c: v64.sum()),
-    Slot("sum_sq", "sum", lambda v, v64, c: v64.dot(v64)),  # one pass, no temporary
+    Slot("count", "sum", _count, term=lambda v, v64, c: v64.new_ones(()).expand_as(v64)),
+    Slot("sum", "sum", lambda v, v64, c: v64.sum(), term=lambda v, v64, c: v64),
+    Slot("sum_sq", "sum", lambda v, v64, c: v64.dot(v64),  # one pass, no temporary
+         term=lambda v, v64, c: v64 * v64),
     # counted, then cast (a float sum of booleans first casts every value)
-    Slot("n_low", "sum", lambda v, v64, c: (v < c.saturation_low).count_nonzero().to(v64.dtype)),
+    Slot("n_low", "sum", lambda v, v64, c: (v < c.saturation_low).count_nonzero().to(v64.dtype),
+         term=lambda v, v64, c: (v < c.saturation_low).to(v64.dtype)),
     Slot("n_high", "sum",
-         lambda v, v64, c: (v > c.saturation_high).count_nonzero().to(v64.dtype)),
+         lambda v, v64, c: (v > c.saturation_high).count_nonzero().to(v64.dtype),
+         term=lambda v, v64, c: (v > c.saturation_high).to(v64.dtype)),
     # x - x is 0, NaN for NaN and Inf: the non-finite counted in float arithmetic, cheaper on
     # the CPU than a comparison's booleans (and than isfinite's four passes)
     Slot("n_finite", "sum", lambda v, v64, c: (
-        (v - v).nan_to_num(nan=1.0).sum(dtype=v64.dtype).neg().add(v.numel()))),
-    Slot("min", "min", lambda v, v64, c: v.amin().to(v64.dtype)),
-    Slot("max", "max", lambda v, v64, c: v.amax().to(v64.dtype)),
+        (v - v).nan_to_num(nan=1.0).sum(dtype=v64.dtype).neg().add(v.numel())),
+         term=lambda v, v64, c: ((v - v) == 0).to(v64.dtype)),
+    Slot("min", "min", lambda v, v64, c: v.amin().to(v64.dtype), term=lambda v, v64, c: v),
+    Slot("max", "max", lambda v, v64, c: v.amax().to(v64.dtype), term=lambda v, v64, c: v),
 )
 
 #: A router's slots (``count`` counts samples). The extremes of the weights and of their row

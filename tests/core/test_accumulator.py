@@ -1,0 +1,102 @@
+"""Forwards held back and reduced together (``HeldForwards.settle``) add what each forward's
+own ``Accumulator.add`` adds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_attn.core.accumulator import Accumulator, HeldForwards
+from lightning_attn.core.statistics import MASK_SLOTS, RecordingConfig, StatisticsLayout
+
+CONFIG = RecordingConfig(saturation_low=0.05, saturation_high=0.95, histogram_bins=8)
+
+
+def _accumulators(bins: tuple[int, ...]) -> list[Accumulator]:
+    names = [("mask",), ("mask_h", "mask_w"), ("mask",), ("a", "b", "c")]
+    return [Accumulator(StatisticsLayout(n, None, histogram_bins=b), CONFIG, "cpu")
+            for n, b in zip(names, bins, strict=True)]
+
+
+def _forwards(seed: int) -> list[tuple[int, dict[str, torch.Tensor], bool]]:
+    """(accumulator, masks, histograms) of a few forwards: several per block, one mask left
+    out, one empty, NaN and Inf among the values, bf16 and float32, values outside [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+
+    def mask(*shape, dtype=torch.float32):
+        return torch.rand(*shape, generator=g).to(dtype)
+
+    bad = mask(4, 3, 5, 5)
+    bad[0, 0, 0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+    wide = mask(2, 1, 6, 6) * 1.4 - 0.2  # beyond [0, 1]: counted, not in the histograms
+    flat = torch.full((3, 8, 1, 1), 0.5)
+    return [
+        (0, {"mask": mask(4, 1, 8, 8)}, True),
+        (1, {"mask_h": mask(4, 6, 8, 1), "mask_w": mask(4, 6, 1, 8, dtype=torch.bfloat16)}, True),
+        (0, {"mask": wide}, True),
+        (2, {"mask": bad}, False),
+        (3, {"a": flat, "c": mask(3, 8, 1, 1)}, True),  # "b" not recorded
+        (3, {"a": mask(0, 8, 1, 1), "b": mask(3, 8, 1, 1)}, True),  # "a" empty
+        (1, {"mask_h": mask(2, 6, 8, 1), "mask_w": mask(2, 6, 1, 8)}, True),
+    ]
+
+
+@pytest.mark.parametrize("bins", [(8, 8, 8, 8), (8, 0, 8, 4)], ids=["same bins", "mixed bins"])
+def test_held_forwards_add_what_each_forward_adds(bins):
+    immediate, held = _accumulators(bins), _accumulators(bins)
+    for accs in (immediate, held):
+        g = torch.Generator().manual_seed(1)
+        for acc in accs:  # rows that already hold a forward: combined, not replaced
+            acc.add({name: torch.rand(2, 3, generator=g) for name in acc.layout.mask_offsets},
+                    None, True)
+    for acc in held:
+        acc.deferred = True
+    for a, masks, histograms in _forwards(0):
+        immediate[a].add(masks, None, histograms)
+        held[a].add(masks, None, histograms)
+    assert all(acc.pending for acc in held)  # held back, not added
+    rows = HeldForwards(held)
+    before = [acc.row("train").clone() for acc in held]
+    rows.settle()
+    assert not any(acc.pending for acc in held)
+    for a, b, earlier in zip(immediate, held, before, strict=True):
+        want, got = a.row("train"), b.row("train")
+        assert not torch.equal(got, earlier)
+        exact = torch.ones_like(want, dtype=torch.bool)
+        for off in b.layout.mask_offsets.values():  # the float64 sums: to summation order
+            exact[off + 1:off + 3] = False
+        torch.testing.assert_close(got[exact], want[exact], rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(got[~exact], want[~exact], rtol=1e-12, atol=1e-12,
+                                   equal_nan=True)
+    settled = [acc.row("train").clone() for acc in held]
+    rows.settle()  # nothing held: nothing changes
+    for acc, row in zip(held, settled, strict=True):
+        torch.testing.assert_close(acc.row("train"), row, rtol=0, atol=0, equal_nan=True)
+
+
+def test_only_training_forwards_of_masks_alone_are_held_back():
+    acc = _accumulators((8, 8, 8, 8))[0]
+    acc.deferred = True
+    acc.add({"mask": torch.rand(2, 4)}, torch.softmax(torch.rand(2, 3), 1), False)  # a router
+    acc.add({"mask": torch.rand(2, 4)}, None, torch.tensor(True))  # compiled: in the graph
+    acc.set_phase("val")
+    acc.add({"mask": torch.rand(2, 4)}, None, False)
+    assert not acc.pending
+    acc.set_phase("train")
+    acc.add({"mask": torch.rand(2, 4)}, None, False)
+    assert len(acc.pending) == 1
+    acc.reset("train")  # a new window forgets what the last one held
+    assert not acc.pending
+
+
+def test_the_slots_terms_are_their_measures():
+    v = torch.tensor([0.0, 0.01, 0.5, 0.97, 1.0, math.nan, math.inf, -math.inf, 1.3, -0.2])
+    v64 = v.double()
+    for slot in MASK_SLOTS:
+        term = slot.term(v, v64, CONFIG)
+        reduced = (term.sum() if slot.reduce == "sum" else
+                   term.amin() if slot.reduce == "min" else term.amax()).double()
+        torch.testing.assert_close(reduced, slot.measure(v, v64, CONFIG).double(),
+                                   equal_nan=True, rtol=0, atol=0)
