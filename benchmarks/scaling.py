@@ -8,6 +8,9 @@ so that every step is a logging point. For ``N`` in 10, 100 and 300 it reports:
   accumulators, the collective, the statistics, the rules, writing the scalars), measured
   around each hook call: the mean over the logging steps (the points are read in batches,
   at the end of each chunk here: one step of a chunk holds the chunk's reading);
+- **held-back forwards reduced**: ``on_before_backward``'s time per logging step: the
+  eager forwards that recorded masks only, reduced together (recording work moved out of
+  the forward, so part of the step's overhead, not of the hooks above);
 - **step**: the mean training step with the callback against without it, interleaved in
   chunks (as ``callback_overhead.py``), and the overhead it adds — the recording inside the
   forward included.
@@ -44,7 +47,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_attn.callbacks import AttentionDiagnostics
 
 TARGETS = {"hooks ratio 300/10": 4.0, "overhead at 300": 0.10}
-_HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
+_HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step",
+          "on_train_batch_end")
 
 
 class Stage(nn.Module):
@@ -108,9 +112,10 @@ class StopTimer(Callback):
 
 
 def _gated(diagnostics: AttentionDiagnostics, chunks: Chunks,
-           hook_times: dict[int, float]) -> None:
+           hook_times: dict[int, float], held_times: dict[int, float]) -> None:
     """Each of the diagnostics' step hooks runs only in active chunks, and is timed (the
-    seconds of each step's hooks, by step)."""
+    seconds of each step's hooks, by step; ``on_before_backward``'s, which reduces the
+    forwards held back, apart)."""
     for name in _HOOKS:
         original = getattr(diagnostics, name)
 
@@ -126,7 +131,8 @@ def _gated(diagnostics: AttentionDiagnostics, chunks: Chunks,
             if _end and not chunks.active(step + 1):
                 diagnostics.read_points()  # the chunk's points, read in its last step
             if step >= 2 * chunks.chunk:
-                hook_times[step] = hook_times.get(step, 0.0) + time.perf_counter() - start
+                times = held_times if _original.__name__ == "on_before_backward" else hook_times
+                times[step] = times.get(step, 0.0) + time.perf_counter() - start
             return out
 
         setattr(diagnostics, name, gated)
@@ -140,7 +146,8 @@ def measure(modules: int, pairs: int, chunk: int, logger: str) -> dict[str, floa
                                        log_every_n_steps=1)
     chunks = Chunks(diagnostics, chunk)
     hook_times: dict[int, float] = {}
-    _gated(diagnostics, chunks, hook_times)
+    held_times: dict[int, float] = {}
+    _gated(diagnostics, chunks, hook_times, held_times)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
             max_steps=steps, accelerator="cpu", devices=1, log_every_n_steps=1,
@@ -151,6 +158,7 @@ def measure(modules: int, pairs: int, chunk: int, logger: str) -> dict[str, floa
         trainer.fit(Net(modules), DataLoader(data, batch_size=16))
     on, off = statistics.fmean(chunks.times[True]), statistics.fmean(chunks.times[False])
     return {"modules": modules, "hooks_ms": 1e3 * statistics.fmean(hook_times.values()),
+            "held_ms": 1e3 * statistics.fmean(held_times.values()) if held_times else 0.0,
             "step_on_ms": 1e3 * on, "step_off_ms": 1e3 * off, "overhead": on / off - 1}
 
 
@@ -168,11 +176,13 @@ def main() -> None:
           f"{torch.get_num_threads()} thread")
     rows = [measure(n, args.pairs, args.chunk, args.logger) for n in args.modules]
     print(f"logger: {args.logger}")
-    print("| modules | hooks per logging step | step without | step with | overhead |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
+    print("| modules | hooks per logging step | held-back forwards reduced | step without | "
+          "step with | overhead |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['modules']} | {r['hooks_ms']:.1f} ms | {r['step_off_ms']:.1f} ms | "
-              f"{r['step_on_ms']:.1f} ms | {100 * r['overhead']:+.1f} % |")
+        print(f"| {r['modules']} | {r['hooks_ms']:.1f} ms | {r['held_ms']:.1f} ms | "
+              f"{r['step_off_ms']:.1f} ms | {r['step_on_ms']:.1f} ms | "
+              f"{100 * r['overhead']:+.1f} % |")
     by = {r["modules"]: r for r in rows}
     if 10 in by and 300 in by:
         ratio = by[300]["hooks_ms"] / by[10]["hooks_ms"]

@@ -185,11 +185,9 @@ class StatisticsCollector:
             torch._foreach_copy_([r for r, f in zip(rows, first, strict=True) if f],
                                  [e for e, f in zip(empty, first, strict=True) if f])
         if phase == "train" and self._held is not None:
-            # eager forwards of masks only: reduced together (settle)
             for acc, f in zip(self._accumulators, first, strict=True):
-                if f:
+                if f:  # a new window: nothing of the last one is held
                     acc.pending = []
-                acc.deferred = True
         self._open.add(phase)
         self._params.pop(phase, None)
         if phase == "train":
@@ -201,13 +199,15 @@ class StatisticsCollector:
         keep (after the forward, before the backward)."""
         if self._held is not None:
             self._held.settle()
+            return
+        for acc in self._accumulators:  # on several devices: each alone (another consumer
+            if acc.pending:             # of a shared block held them back)
+                HeldForwards([acc]).settle()
 
     def close(self, phase: str = "train") -> None:
         """Stop recording ``phase`` without reading (an interrupted point)."""
-        if phase == "train" and self._held is not None:
+        if phase == "train":
             self.settle()  # into the row, which another holder may read
-            for acc in self._accumulators:
-                acc.deferred = False
         if phase in self._open:
             for block in self.blocks.values():
                 block.stop_recording(self, phase)
@@ -379,6 +379,8 @@ class StatisticsCollector:
             # held-back forwards are reduced on one device (a model split over several
             # records each forward as it runs)
             self._held = HeldForwards(accumulators) if self._devices == 1 else None
+            for acc in accumulators:  # eager forwards of masks only: reduced together
+                acc.deferred = self._held is not None
             self._kinds = None
         return self._plan
 
