@@ -57,6 +57,7 @@ if str(_ROOT) not in sys.path:
 from benchmarks.measure import attached_blocks  # noqa: E402
 from lightning_attn.blocks import create_attention  # noqa: E402
 from lightning_attn.callbacks import AttentionDiagnostics, QKClip  # noqa: E402
+from lightning_attn.callbacks.diagnostics import READ_EVERY_N_STEPS  # noqa: E402
 
 TARGETS = {("eager", 50): 0.01, ("eager", 1): 0.05, ("compiled", 50): 0.02,
            ("compiled", 1): 0.10}
@@ -404,7 +405,8 @@ def main() -> None:
     parser.add_argument("--callback", default="diagnostics", choices=["diagnostics", "qkclip"],
                         help="qkclip: QKClip (default threshold) instead of the diagnostics")
     parser.add_argument("--chunk", type=int, default=None,
-                        help="steps a chunk (default: whole logging intervals, >= 10 steps)")
+                        help="steps a chunk (default: whole logging intervals, >= 10 "
+                             "steps, and whole batches of points read together)")
     parser.add_argument("--method", default="chunks", choices=["chunks", "steps"],
                         help="steps: the cost of a logging step from one run's step times "
                         "(medians of each kind of step, interleaved step by step)")
@@ -424,7 +426,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         for mode in args.modes:
             for every in args.intervals:
-                chunk = args.chunk or every * max(1, 10 // every)  # whole logging intervals
+                # whole logging intervals, whole batches of points read together
+                chunk = args.chunk or every * max(1, 10 // every,
+                                                  READ_EVERY_N_STEPS // every)
                 speeds, hook_s = measure(mode, every, chunk, args.pairs, 2 * chunk, root,
                                          args.model, args.callback)
                 without, with_ = speeds[0::2], speeds[1::2]

@@ -88,7 +88,8 @@ class Accumulator:
                              device=device)
         self._is_min, self._is_max = codes == 1, codes == 2
         self._phase_name = "train"  # :attr:`phase`, known on the host
-        #: eager training forwards that record masks only are kept as they are (``pending``)
+        #: eager training forwards that record small masks only (at most
+        #: :data:`HELD_ELEMENTS` values each) are kept as they are (``pending``)
         #: and reduced with every other watched block's by :class:`HeldForwards`: a few operations
         #: for hundreds of blocks, where each forward's own would cost a few dozen
         self.deferred = False
@@ -146,7 +147,8 @@ class Accumulator:
         (``pending``) for :meth:`HeldForwards.settle`.
         """
         if (self.deferred and router_weights is None and heads is None and keep is None
-                and self._phase_name == "train" and not isinstance(histograms, torch.Tensor)):
+                and self._phase_name == "train" and not isinstance(histograms, torch.Tensor)
+                and all(m.numel() <= HELD_ELEMENTS for m in masks.values())):
             self.pending.append(({name: m.detach() for name, m in masks.items()},
                                  bool(histograms)))
             return
@@ -312,6 +314,13 @@ def _segment_counts(v: torch.Tensor, seg: torch.Tensor, segments: int, bins: int
     index = (torch.where(inside, v, 0.0) * bins).long().clamp_(0, bins - 1) + seg * bins
     return torch.zeros(segments * bins, dtype=dtype, device=v.device).index_add_(
         0, index, inside.to(dtype)).reshape(segments, bins)
+
+
+#: The largest mask a held-back forward may record (elements): below it a forward's own
+#: reduction costs its few dozen operations' overhead, which the batch shares; above it the
+#: values' own passes dominate, and a forward reduces them faster itself (on this project's
+#: 2-core CPU the batch's per-value cost caught up near 8k values).
+HELD_ELEMENTS = 4096
 
 
 #: CUDA graphs would freeze an answer decided when an op runs (the tag is torch >= 2.7's;

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lightning_attn.core.accumulator import Accumulator, HeldForwards
+from lightning_attn.core.accumulator import HELD_ELEMENTS, Accumulator, HeldForwards
 from lightning_attn.core.statistics import MASK_SLOTS, RecordingConfig, StatisticsLayout
 
 CONFIG = RecordingConfig(saturation_low=0.05, saturation_high=0.95, histogram_bins=8)
@@ -76,11 +76,12 @@ def test_held_forwards_add_what_each_forward_adds(bins):
         torch.testing.assert_close(acc.row("train"), row, rtol=0, atol=0, equal_nan=True)
 
 
-def test_only_training_forwards_of_masks_alone_are_held_back():
+def test_only_training_forwards_of_small_masks_alone_are_held_back():
     acc = _accumulators((8, 8, 8, 8))[0]
     acc.deferred = True
     acc.add({"mask": torch.rand(2, 4)}, torch.softmax(torch.rand(2, 3), 1), False)  # a router
     acc.add({"mask": torch.rand(2, 4)}, None, torch.tensor(True))  # compiled: in the graph
+    acc.add({"mask": torch.rand(HELD_ELEMENTS + 1)}, None, False)  # large: reduced at once
     acc.set_phase("val")
     acc.add({"mask": torch.rand(2, 4)}, None, False)
     assert not acc.pending
