@@ -122,7 +122,6 @@ class StatisticsCollector:
         self._held: HeldForwards | None = None  # their training rows, for settle
         self._devices = 1
         self._trainables: list[tuple[nn.Module, str]] | None = None
-        self._owned: tuple[tuple, set[int]] | None = None  # an optimizer's parameters
         #: training points finished, not read yet: (plan, vector on the device, step, tag)
         self._later: list[tuple[PointPlan, torch.Tensor, int, Any]] = []
 
@@ -150,6 +149,8 @@ class StatisticsCollector:
 
     def unbind(self) -> None:
         """Stop watching: recording off, accumulators and captured maps dropped."""
+        for acc in self._accumulators:  # dropped with them: nothing to reduce
+            acc.pending = []
         for phase in list(self._open):
             self.close(phase)
         for block in self.blocks.values():
@@ -235,7 +236,7 @@ class StatisticsCollector:
         trainable = self._trainable()
         if not trainable:  # adapted gates have no learnable scalars: nothing to read
             return
-        owned = self._owned_by(optimizer)
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for i, (block, name) in enumerate(trainable):
             param = block.trainable_attention_parameters().get(name)
             if param is None or id(param) not in owned:
@@ -245,16 +246,6 @@ class StatisticsCollector:
                 torch.full((), NOT_READ, dtype=torch.float64, device=param.device)
                 if grad is None else torch.linalg.vector_norm(grad.detach().double())
             )
-
-    def _owned_by(self, optimizer: torch.optim.Optimizer) -> set[int]:
-        """The ids of ``optimizer``'s parameters: made again only when its groups change (a
-        model's thousands of tensors are not walked at every point)."""
-        groups = optimizer.param_groups
-        key = (id(optimizer), tuple((id(g["params"]), len(g["params"]), *map(id, g["params"][:1]),
-                                     *map(id, g["params"][-1:])) for g in groups))
-        if self._owned is None or self._owned[0] != key:
-            self._owned = (key, {id(p) for g in groups for p in g["params"]})
-        return self._owned[1]
 
     @torch.no_grad()
     def snapshot_parameters(self, phase: str = "train") -> None:

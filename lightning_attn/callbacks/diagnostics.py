@@ -585,11 +585,15 @@ class AttentionDiagnostics(Callback):
 
     def _batch_size(self, trainer: pl.Trainer) -> int:
         """Points read at once: those of :data:`READ_EVERY_N_STEPS` steps; one where a
-        problem must act at its step (``on_problem`` ``"raise"`` / ``"stop"``) or where a
-        callback or scheduler monitors one of the statistics."""
+        problem must act at its step (``on_problem`` ``"raise"`` / ``"stop"``), where a
+        callback or scheduler monitors one of the statistics, or where the Trainer has
+        another diagnostics callback."""
         interval = self._schedule.interval(trainer)
         monitored = any(name.startswith(f"{PREFIX}/") for name in monitored_metrics(trainer))
-        if self.on_problem in ("raise", "stop") or monitored or interval <= 0:
+        # several of these callbacks would write their batches one after the other, each
+        # going back to the batch's first step: the log would leave step order
+        peers = sum(isinstance(cb, AttentionDiagnostics) for cb in trainer.callbacks) > 1
+        if self.on_problem in ("raise", "stop") or monitored or peers or interval <= 0:
             return 1
         return max(1, READ_EVERY_N_STEPS // interval)
 
@@ -833,11 +837,16 @@ class AttentionDiagnostics(Callback):
 
     # -- cleanup ---------------------------------------------------------------------------
     def _release(self) -> None:
-        self.read_points()  # the points finished before the end (or the exception)
-        self._point, self._eval_phase = None, None
-        self._stop_capture()
-        self._collector.unbind()  # recording off, accumulators dropped
-        self._module_ref = None
+        try:  # the points finished before the end (or the exception), if they can be
+            self.read_points()
+        except Exception as err:  # never instead of the error being handled, nor the cleanup
+            rank_zero_warn(f"{type(self).__name__}: the last training points could not be "
+                           f"written ({type(err).__name__}: {err})")
+        finally:
+            self._point, self._eval_phase = None, None
+            self._stop_capture()
+            self._collector.unbind()  # recording off, accumulators dropped
+            self._module_ref = None
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -891,6 +900,7 @@ class AttentionDiagnostics(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         # Configuration and history travel (ddp_spawn); modules, tensors and writers do not.
+        self.read_points()  # the history complete: every finished point in it
         state = self.__dict__.copy()
         for key in ("_collector", "_output", "_module_ref", "_point", "_eval_phase",
                     "_capturing", "_checkpoint", "_state_refused", "_averaged",

@@ -148,9 +148,12 @@ class Accumulator:
         """
         if (self.deferred and router_weights is None and heads is None and keep is None
                 and self._phase_name == "train" and not isinstance(histograms, torch.Tensor)
-                and all(m.numel() <= HELD_ELEMENTS for m in masks.values())):
-            self.pending.append(({name: m.detach() for name, m in masks.items()},
-                                 bool(histograms)))
+                and all(m is None or m.numel() <= HELD_ELEMENTS for m in masks.values())):
+            # copies: what the forward recorded, whatever happens to its tensors later
+            self.pending.append(({name: m.detach().clone() for name, m in masks.items()
+                                  if m is not None}, bool(histograms)))
+            if len(self.pending) >= HELD_FORWARDS:  # a consumer that never reads: bounded
+                HeldForwards([self]).settle()
             return
         layout, dtype, initial = self.layout, self.values.dtype, self.initial
         bins = layout.histogram_bins
@@ -321,6 +324,9 @@ def _segment_counts(v: torch.Tensor, seg: torch.Tensor, segments: int, bins: int
 #: values' own passes dominate, and a forward reduces them faster itself (on this project's
 #: 2-core CPU the batch's per-value cost caught up near 8k values).
 HELD_ELEMENTS = 4096
+#: Forwards one accumulator holds back at most (then it reduces them itself): a point usually
+#: holds one or a few; a consumer that records for long without reading stays bounded.
+HELD_FORWARDS = 64
 
 
 #: CUDA graphs would freeze an answer decided when an op runs (the tag is torch >= 2.7's;

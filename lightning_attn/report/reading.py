@@ -837,19 +837,22 @@ def replay(streams: Sequence[LogStream], wanted: Callable[[str], bool] = lambda 
     wanted, and the two merged: ``tags`` (those the streams hold, known from the first
     reading) says which are; ``None``: both.
     """
+    def metric(tag: str) -> bool:  # Lightning's epoch counter is no metric (as in CSV)
+        return tag != "epoch" and wanted(tag)
+
     families = (True, False) if tags is None else tuple(sorted(
-        {is_attention_tag(t) for t in tags if wanted(t)}, reverse=True))
+        {is_attention_tag(t) for t in tags if metric(t)}, reverse=True))
 
     def family(ours: bool) -> Callable[[str], bool]:
         def chosen(tag: str) -> bool:
-            return wanted(tag) and is_attention_tag(tag) == ours
+            return metric(tag) and is_attention_tag(tag) == ours
         return chosen
 
     def points(stream: LogStream) -> Iterator[Point]:
         if not stream.ordered:
-            return _sorted(_stream_rows(stream, wanted, advance))
+            return _sorted(_stream_rows(stream, metric, advance))
         if len(families) < 2:
-            return grouped(_stream_rows(stream, wanted, advance))
+            return grouped(_stream_rows(stream, metric, advance))
         # the progress bar counts the first family's pass
         passes = [_stream_rows(stream, family(ours), advance if i == 0 else lambda n: None)
                   for i, ours in enumerate(families)]

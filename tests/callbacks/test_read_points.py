@@ -16,7 +16,14 @@ from lightning_attn.callbacks import diagnostics as diagnostics_module
 from lightning_attn.callbacks.collector import StatisticsCollector
 from lightning_attn.core.tags import CONFIG_TAG
 
-from .cb_models import FakeNet, MemoryLogger, ValidatedNet, make_data, make_trainer
+from .cb_models import (
+    FakeNet,
+    MemoryLogger,
+    TinyAttnNet,
+    ValidatedNet,
+    make_data,
+    make_trainer,
+)
 
 #: Steps whose batches are constant: the mask collapses there and clears after, so the
 #: collapse is warned about at 5, 14 and 33 (each inside a batch of points, none at its
@@ -158,6 +165,7 @@ def test_the_latest_point_is_read_when_asked_for(tmp_path, monkeypatch):
     ({"on_problem": "stop"}, 1, [1] * 40),  # a stop acts at the point's step
     ({"on_problem": "raise"}, 1, [1] * 40),
     ({"monitor": True}, 1, [1] * 40),  # a monitored statistic is there at its step
+    ({"peer": True}, 1, [1] * 80),  # two callbacks: their batches would leave step order
 ])
 def test_when_points_are_read(tmp_path, monkeypatch, options, interval, expected):
     sizes = _batches(monkeypatch)
@@ -165,8 +173,25 @@ def test_when_points_are_read(tmp_path, monkeypatch, options, interval, expected
     if options.pop("monitor", False):
         callbacks.append(EarlyStopping(monitor="attn/block/mask/std", mode="max",
                                        patience=1000, check_on_train_epoch_end=True))
+    if options.pop("peer", False):
+        callbacks.append(AttentionDiagnostics(summary=False, sections=["mask"]))
     cb = AttentionDiagnostics(summary=False, **options)
     trainer = make_trainer(tmp_path, [cb, *callbacks], max_steps=40,
                            log_every_n_steps=interval)
     trainer.fit(FakeNet(data=make_data(160), batch_size=4))  # healthy: nothing stops it
     assert sizes == expected
+
+
+def test_a_failure_to_write_never_hides_the_error_nor_skips_the_cleanup(tmp_path, monkeypatch):
+    def fail(self):
+        if self._collector.num_later:
+            raise OSError("disk full")
+
+    monkeypatch.setattr(AttentionDiagnostics, "read_points", fail)
+    cb = AttentionDiagnostics(summary=False)
+    trainer = make_trainer(tmp_path, [cb], max_steps=8, log_every_n_steps=1)
+    model = TinyAttnNet(n=96, fail_at_step=5)  # fails before the epoch ends
+    with pytest.warns(UserWarning, match="could not be written .OSError: disk full"):
+        with pytest.raises(RuntimeError, match="planned failure"):
+            trainer.fit(model)
+    assert not cb._collector.blocks and not model.dsa.recording  # released all the same

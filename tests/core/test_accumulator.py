@@ -8,7 +8,12 @@ import math
 import pytest
 import torch
 
-from lightning_attn.core.accumulator import HELD_ELEMENTS, Accumulator, HeldForwards
+from lightning_attn.core.accumulator import (
+    HELD_ELEMENTS,
+    HELD_FORWARDS,
+    Accumulator,
+    HeldForwards,
+)
 from lightning_attn.core.statistics import MASK_SLOTS, RecordingConfig, StatisticsLayout
 
 CONFIG = RecordingConfig(saturation_low=0.05, saturation_high=0.95, histogram_bins=8)
@@ -40,6 +45,7 @@ def _forwards(seed: int) -> list[tuple[int, dict[str, torch.Tensor], bool]]:
         (3, {"a": flat, "c": mask(3, 8, 1, 1)}, True),  # "b" not recorded
         (3, {"a": mask(0, 8, 1, 1), "b": mask(3, 8, 1, 1)}, True),  # "a" empty
         (1, {"mask_h": mask(2, 6, 8, 1), "mask_w": mask(2, 6, 1, 8)}, True),
+        (2, {"mask": None}, True),  # a forward that recorded nothing of its mask
     ]
 
 
@@ -90,6 +96,27 @@ def test_only_training_forwards_of_small_masks_alone_are_held_back():
     assert len(acc.pending) == 1
     acc.reset("train")  # a new window forgets what the last one held
     assert not acc.pending
+
+
+def test_a_held_mask_is_what_the_forward_recorded():
+    immediate, held = _accumulators((8, 8, 8, 8))[0], _accumulators((8, 8, 8, 8))[0]
+    held.deferred = True
+    mask = torch.rand(4, 1, 8, 8)
+    immediate.add({"mask": mask}, None, True)
+    held.add({"mask": mask}, None, True)
+    mask.mul_(0.0)  # changed in place after the forward recorded it
+    HeldForwards([held]).settle()
+    torch.testing.assert_close(held.row("train"), immediate.row("train"), rtol=1e-12, atol=0)
+
+
+def test_what_one_accumulator_holds_is_bounded():
+    acc = _accumulators((8, 8, 8, 8))[0]
+    acc.deferred = True
+    for _ in range(HELD_FORWARDS + 5):  # a consumer that records and never reads
+        acc.add({"mask": torch.rand(2, 4)}, None, False)
+    assert len(acc.pending) == 5
+    HeldForwards([acc]).settle()
+    assert acc.row("train")[0] == HELD_FORWARDS + 5  # every forward counted
 
 
 def test_the_slots_terms_are_their_measures():

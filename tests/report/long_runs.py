@@ -135,7 +135,10 @@ def write_long_run(
     diag = [t for t in values if "attn/" in t]
     held: list[bytes] = []  # the diagnostics' events not written yet
     for j, step in enumerate(s.tolist()):
-        held.append(_scalar_event(step, {t: float(values[t][j]) for t in diag}))
+        point = {t: float(values[t][j]) for t in diag}
+        if batch > 1:  # with Lightning's epoch counter last, as the callback writes it
+            point["epoch"] = 0.0
+        held.append(_scalar_event(step, point))
         for p in by_step.get(step, ()):
             held.append(_text_event("attn/problems", step, json.dumps(p)))
         if "train/loss" in values:
