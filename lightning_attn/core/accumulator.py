@@ -313,10 +313,9 @@ def _segment_slots(v: torch.Tensor, v64: torch.Tensor, seg: torch.Tensor, segmen
 def _segment_counts(v: torch.Tensor, seg: torch.Tensor, segments: int, bins: int,
                     dtype: torch.dtype) -> torch.Tensor:
     """``(segments, bins)``: :func:`_counts` of each segment of ``v``."""
-    inside = torch.isfinite(v) & (v >= 0.0) & (v <= 1.0)
-    index = (torch.where(inside, v, 0.0) * bins).long().clamp_(0, bins - 1) + seg * bins
+    index, inside = _bin_index(v, bins)
     return torch.zeros(segments * bins, dtype=dtype, device=v.device).index_add_(
-        0, index, inside.to(dtype)).reshape(segments, bins)
+        0, index + seg * bins, inside.to(dtype)).reshape(segments, bins)
 
 
 #: The largest mask a held-back forward may record (elements): below it a forward's own
@@ -355,12 +354,18 @@ def _(values: list[torch.Tensor], when: torch.Tensor, bins: int,
     return values[0].new_empty(len(values), bins, dtype=dtype)
 
 
-def _counts(v: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
-    # Finite values in [0, 1] only (1.0 in the last bin). index_add_, not histc (its parallel
-    # CPU loop stalls on busy machines) nor bincount (on CUDA it reads the index range back to
-    # the host, and under torch.compile its output size is data-dependent).
+def _bin_index(v: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Each value's bin over [0, 1] (1.0 in the last), and whether it is counted: finite
+    # values in [0, 1] only.
     inside = torch.isfinite(v) & (v >= 0.0) & (v <= 1.0)
-    index = (torch.where(inside, v, 0.0) * bins).long().clamp_(0, bins - 1)
+    return (torch.where(inside, v, 0.0) * bins).long().clamp_(0, bins - 1), inside
+
+
+def _counts(v: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
+    # index_add_, not histc (its parallel CPU loop stalls on busy machines) nor bincount (on
+    # CUDA it reads the index range back to the host, and under torch.compile its output size
+    # is data-dependent).
+    index, inside = _bin_index(v, bins)
     return torch.zeros(bins, dtype=dtype, device=v.device).index_add_(0, index, inside.to(dtype))
 
 
