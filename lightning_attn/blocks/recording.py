@@ -48,7 +48,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..core.accumulator import CUDAGRAPH_UNSAFE, Accumulator, HeldForwards
+from ..core.accumulator import CUDAGRAPH_UNSAFE, Accumulator
 from ..core.statistics import (
     PHASES,
     ParameterSpec,
@@ -336,8 +336,8 @@ class RecordingMixin:
         acc = self._attn_accumulator
         if acc is None:
             return None
-        if acc.pending:  # the forwards it holds back
-            HeldForwards([acc]).settle()
+        if acc.table is not None:  # the forwards held back
+            acc.table.settle()
         return acc.row(phase)
 
     @property

@@ -31,10 +31,9 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from ..core.accumulator import HeldForwards
+from ..core.accumulator import AccumulatorTable
 from ..core.point import NOT_READ, PointColumns, PointPlan
 from ..core.statistics import (
-    PHASES,
     BlockInfo,
     GlobalStats,
     ParameterSpec,
@@ -47,6 +46,7 @@ __all__ = ["PointBatch", "StatisticsCollector", "combine_processes"]
 _SUM, _MIN, _MAX, _FIRST = 0, 1, 2, 3
 _CODES = {"sum": _SUM, "min": _MIN, "max": _MAX}
 _ACCUMULATOR = operator.attrgetter("accumulator")
+_TABLE = operator.attrgetter("table")
 
 
 @dataclass(frozen=True)
@@ -113,14 +113,16 @@ class StatisticsCollector:
         self._grad_norms: dict[int, torch.Tensor] = {}
         self._params: dict[str, torch.Tensor | None] = {}  # phase -> values the forwards used
         self._kinds: torch.Tensor | None = None
-        #: where each block's slots sit in the read vector, and views of every block's
-        #: accumulator rows by phase (one concatenation reads them all): made once per run
+        #: where each block's slots sit in the read vector: made once per run
         self._plan: PointPlan | None = None
-        self._rows: dict[str, tuple[torch.Tensor, ...]] = {}
-        self._empty: tuple[torch.Tensor, ...] = ()
         self._accumulators: list = []  # those the plan was made for
-        self._held: HeldForwards | None = None  # their training rows, for settle
-        self._devices = 1
+        #: their values in one tensor per device (every block's row read or emptied in one
+        #: operation); the blocks (plan indices) of each; each accumulator's table, as made
+        self._tables: list[AccumulatorTable] = []
+        self._members: list[list[int]] = []
+        self._table_of: list[AccumulatorTable | None] = []
+        #: on several devices: the tables' rows, put back in the plan's order of blocks
+        self._order: torch.Tensor | None = None
         self._trainables: list[tuple[nn.Module, str]] | None = None
         #: training points finished, not read yet: (plan, vector on the device, step, tag)
         self._later: list[tuple[PointPlan, torch.Tensor, int, Any]] = []
@@ -149,14 +151,15 @@ class StatisticsCollector:
 
     def unbind(self) -> None:
         """Stop watching: recording off, accumulators and captured maps dropped."""
-        for acc in self._accumulators:  # dropped with them: nothing to reduce
-            acc.pending = []
+        for table in self._tables:  # what they hold is dropped with them: nothing to reduce
+            table.detach()
         for phase in list(self._open):
             self.close(phase)
         for block in self.blocks.values():
             block.clear_recording()
-        self.blocks, self.infos, self._kinds, self._plan, self._rows = {}, [], None, None, {}
-        self._accumulators, self._held = [], None
+        self.blocks, self.infos, self._kinds, self._plan = {}, [], None, None
+        self._accumulators, self._tables, self._members, self._table_of = [], [], [], []
+        self._order = None
         self._trainables = None
         self._later = []
 
@@ -179,31 +182,24 @@ class StatisticsCollector:
         self._plan_now()  # the rows of this run's accumulators
         first = [block.start_recording(self, histograms, phase, reset=False)
                  for block in self.blocks.values()]
-        rows, empty = self._rows[phase], self._empty
         if all(first):  # the usual case: every row emptied in one operation
-            torch._foreach_copy_(rows, empty)
+            for table in self._tables:
+                table.empty(phase)
         elif any(first):  # another consumer holds some of them: only this one's first rows
-            torch._foreach_copy_([r for r, f in zip(rows, first, strict=True) if f],
-                                 [e for e, f in zip(empty, first, strict=True) if f])
-        if phase == "train" and self._held is not None:
-            for acc, f in zip(self._accumulators, first, strict=True):
-                if f:  # a new window: nothing of the last one is held
-                    acc.pending = []
+            for table, members in zip(self._tables, self._members, strict=True):
+                table.empty(phase, [first[i] for i in members])
         self._open.add(phase)
         self._params.pop(phase, None)
         if phase == "train":
             self._grad_norms = {}
 
     def settle(self) -> None:
-        """Reduce the eager training forwards the blocks hold back (:func:`~lightning_attn.
-        core.accumulator.settle`): at the end of the point, or earlier to free the masks they
-        keep (after the forward, before the backward)."""
-        if self._held is not None:
-            self._held.settle()
-            return
-        for acc in self._accumulators:  # on several devices: each alone (another consumer
-            if acc.pending:             # of a shared block held them back)
-                HeldForwards([acc]).settle()
+        """Reduce the eager training forwards the blocks hold back (:meth:`~lightning_attn.
+        core.accumulator.AccumulatorTable.settle`): at the end of the point, or earlier to
+        free the masks they keep (after the forward, before the backward)."""
+        self._tables_now()
+        for table in self._tables:
+            table.settle()
 
     def close(self, phase: str = "train") -> None:
         """Stop recording ``phase`` without reading (an interrupted point)."""
@@ -336,12 +332,17 @@ class StatisticsCollector:
             return None
         if phase == "train":
             self.settle()
+        else:
+            self._tables_now()
         device = self._device()
         self.snapshot_parameters(phase)  # no optimizer stepped: the values are still those
         params = self._params.pop(phase)
         plan = self._plan
-        parts = list(self._rows[phase])  # views of every accumulator's row, kept per run
-        dtype = parts[0].dtype
+        rows = [table.gather(phase) for table in self._tables]  # one operation a device
+        if self._order is not None:
+            rows = [torch.cat([r.to(device) for r in rows]).index_select(0, self._order)]
+        parts = rows
+        dtype = rows[0].dtype
         if params is not None:  # blocks without scalar parameters (a user's gate) have none
             parts.append(params.to(dtype))
         n_grads = plan.num_grads
@@ -351,7 +352,7 @@ class StatisticsCollector:
                 torch.full((), NOT_READ, dtype=dtype, device=device) if g is None
                 else g.to(device, dtype) for g in grads
             ]))
-        vector = torch.cat([p.to(device) for p in parts] if self._devices > 1 else parts)
+        vector = torch.cat(parts)
         self.close(phase)  # the values are in `vector`
         return combine_processes(trainer, vector, self._reductions(plan, vector))
 
@@ -363,17 +364,40 @@ class StatisticsCollector:
         if self._plan is None or accumulators != self._accumulators:
             self._accumulators = accumulators
             self._plan = PointPlan(self.infos, [acc.layout for acc in accumulators])
-            self._rows = {phase: tuple(acc.row(phase) for acc in accumulators)
-                          for phase in PHASES}
-            self._empty = tuple(acc.initial for acc in accumulators)
-            self._devices = len({acc.device for acc in accumulators})
-            # held-back forwards are reduced on one device (a model split over several
-            # records each forward as it runs)
-            self._held = HeldForwards(accumulators) if self._devices == 1 else None
-            for acc in accumulators:  # eager forwards of masks only: reduced together
-                acc.deferred = self._held is not None
+            self._table_of = []  # made again
             self._kinds = None
+        self._tables_now()
         return self._plan
+
+    def _tables_now(self) -> None:
+        """The accumulators' tables (:class:`~lightning_attn.core.accumulator.
+        AccumulatorTable`), one per device, made again when one changed: another collector
+        watching other blocks made its own over some of them (one watching the same blocks
+        shares them), or an accumulator was replaced."""
+        accumulators = self._accumulators
+        if list(map(_TABLE, accumulators)) == self._table_of:
+            return
+        for old in {acc.table for acc in accumulators} - {None}:
+            old.settle()  # what it holds belongs to the rows, wherever they move
+        members: dict[torch.device, list[int]] = {}
+        for i, acc in enumerate(accumulators):
+            members.setdefault(acc.device, []).append(i)
+        self._tables, self._members = [], list(members.values())
+        for indices in self._members:
+            chosen = [accumulators[i] for i in indices]
+            table = chosen[0].table
+            if table is None or table.accumulators != chosen:
+                table = AccumulatorTable(chosen)
+            self._tables.append(table)
+        self._table_of = list(map(_TABLE, accumulators))
+        self._order = None
+        if len(self._tables) > 1:  # each device's rows, then the plan's order
+            sizes = [acc.layout.size for acc in accumulators]
+            starts, at = [0] * len(accumulators), 0
+            for i in (i for indices in self._members for i in indices):
+                starts[i], at = at, at + sizes[i]
+            self._order = torch.cat([torch.arange(s, s + n) for s, n in zip(
+                starts, sizes, strict=True)]).to(self._device())
 
     def _reductions(self, plan: PointPlan, vector: torch.Tensor) -> torch.Tensor:
         """How each slot of the read vector combines over processes: every block's row,

@@ -34,12 +34,12 @@ __all__ = [
     "CUDAGRAPH_UNSAFE",
     "MASKED_BELOW",
     "Accumulator",
+    "AccumulatorTable",
     "accumulator_dtype",
     "empty_row",
     "first_query_attention",
     "head_reductions",
     "histogram_counts",
-    "HeldForwards",
     "logit_reductions",
 ]
 
@@ -88,12 +88,11 @@ class Accumulator:
                              device=device)
         self._is_min, self._is_max = codes == 1, codes == 2
         self._phase_name = "train"  # :attr:`phase`, known on the host
-        #: eager training forwards that record small masks only (at most
-        #: :data:`HELD_ELEMENTS` values each) are kept as they are (``pending``)
-        #: and reduced with every other watched block's by :class:`HeldForwards`: a few operations
-        #: for hundreds of blocks, where each forward's own would cost a few dozen
-        self.deferred = False
-        self.pending: list[tuple[dict[str, torch.Tensor], bool]] = []
+        #: the :class:`AccumulatorTable` whose ``base`` holds :attr:`values` (set by it), which
+        #: holds back this block's eager training forwards of small masks; where they go in it
+        self.table: AccumulatorTable | None = None
+        self.held_forward = 0
+        self.held_segments: dict[str, int] = {}
 
     @property
     def device(self) -> torch.device:
@@ -113,9 +112,9 @@ class Accumulator:
 
     def reset(self, phase: str) -> None:
         """Empty ``phase``'s row in place (same tensor: no recompilation)."""
+        if phase == "train" and self.table is not None:
+            self.table.settle()  # held-back forwards reduced, then emptied with the rest
         self.values[PHASES.index(phase)].copy_(self.initial)
-        if phase == "train":
-            self.pending = []
 
     def row(self, phase: str) -> torch.Tensor:
         """``phase``'s row ``(layout.size,)``, a view on the device."""
@@ -142,18 +141,16 @@ class Accumulator:
 
         One contribution row is built (few whole-tensor ops per mask: each costs a dispatch,
         or a kernel launch on a GPU in eager mode), then combined with the phase's row slot by
-        slot and written back: three ops whatever the number of statistics. With
-        :attr:`deferred` on, an eager training forward that records masks only is kept
-        (``pending``) for :meth:`HeldForwards.settle`.
+        slot and written back: three ops whatever the number of statistics. In a
+        :attr:`table`, an eager training forward that records small masks only is held back
+        there (:meth:`AccumulatorTable.hold`) and reduced with the other blocks'.
         """
-        if (self.deferred and router_weights is None and heads is None and keep is None
-                and self._phase_name == "train" and not isinstance(histograms, torch.Tensor)
+        # a compiled forward (``keep`` given) is decided first: its graph never reads the table
+        if (keep is None and self.table is not None and router_weights is None
+                and heads is None and self._phase_name == "train"
+                and not isinstance(histograms, torch.Tensor)
                 and all(m is None or m.numel() <= HELD_ELEMENTS for m in masks.values())):
-            # copies: what the forward recorded, whatever happens to its tensors later
-            self.pending.append(({name: m.detach().clone() for name, m in masks.items()
-                                  if m is not None}, bool(histograms)))
-            if len(self.pending) >= HELD_FORWARDS:  # a consumer that never reads: bounded
-                HeldForwards([self]).settle()
+            self.table.hold(self, masks, bool(histograms))
             return
         layout, dtype, initial = self.layout, self.values.dtype, self.initial
         bins = layout.histogram_bins
@@ -205,92 +202,165 @@ class Accumulator:
         self.values.index_copy_(0, phase, combined.unsqueeze(0))
 
 
-class HeldForwards:
-    """The training rows of a fixed list of accumulators on one device, laid end to end, and
-    :meth:`settle`, which adds the forwards they hold back (``pending``) to them with a few
-    operations for them all: every mask's values in one vector, each slot's terms
-    (:data:`~.statistics.MASK_SLOTS`) summed per mask in one ``index_add_`` and the extremes in
-    one ``scatter_reduce_`` each, the histogram counts in one more; then every row combined
-    with its contribution (sums added, extremes kept) and written back at once. The same
-    numbers as :meth:`Accumulator.add` (to the order of float64 summation)."""
+class AccumulatorTable:
+    """The accumulators of a fixed list of blocks on one device, their values in one tensor:
+    each accumulator's :attr:`~Accumulator.values` becomes a view of :attr:`base` (moved
+    there once, when the table is made before the first forward; a compiled forward adds to
+    its view as before). Every block's row of a phase is then read (:meth:`gather`) or
+    emptied (:meth:`empty`) with one operation, however many blocks there are.
+
+    The eager training forwards that record small masks only (:data:`HELD_ELEMENTS` values
+    each at most: squeeze-excite gates) are held back (:meth:`hold`, from
+    :meth:`Accumulator.add`) and reduced together by :meth:`settle`: every mask's values in
+    one vector, each slot's terms (:data:`~.statistics.MASK_SLOTS`) summed per (block, mask)
+    in one ``index_add_`` and the extremes in one ``scatter_reduce_`` each, combined with the
+    rows in :attr:`base` at once, the histogram counts in one more ``index_add_``. The same
+    numbers as :meth:`Accumulator.add` (to the order of float64 summation), and no Python
+    loop over the blocks.
+
+    Args:
+        accumulators: on one device (one config's saturation thresholds: a block refuses
+            another's).
+    """
 
     def __init__(self, accumulators: list[Accumulator]) -> None:
         self.accumulators = list(accumulators)
+        first = self.accumulators[0]
+        device, self.config = first.device, first.config
+        values = [acc.values for acc in self.accumulators]
+        base = values[0]._base
+        if base is None or base.dim() != 1 or any(v._base is not base for v in values):
+            # moved into one tensor (another table's base, holding them all, is kept)
+            base = torch.cat([v.reshape(-1) for v in values])
+            offset = 0
+            for acc in self.accumulators:
+                n = acc.values.numel()
+                acc.values = base[offset:offset + n].view(acc.values.shape)
+                offset += n
+        self.base = base
+        starts = [acc.values.storage_offset() - base.storage_offset()
+                  for acc in self.accumulators]
+        sizes = [acc.layout.size for acc in self.accumulators]
+        #: each phase's row of every block, one after the other: indices into ``base``
+        self.rows = {phase: torch.cat([torch.arange(s + p * n, s + (p + 1) * n)
+                                       for s, n in zip(starts, sizes, strict=True)]).to(device)
+                     for p, phase in enumerate(PHASES)}
+        self.initial = torch.cat([acc.initial for acc in self.accumulators])
+        self._sizes = sizes
+        # Where a held-back forward's numbers go (the training row): its forward count, and
+        # each (block, mask) segment's slots and histogram bins.
         train = PHASES.index("train")
-        self.rows = [acc.values[train] for acc in self.accumulators]
-        self.sizes = [acc.layout.size for acc in self.accumulators]
-        self.bases = [0]
-        for size in self.sizes[:-1]:
-            self.bases.append(self.bases[-1] + size)
-        if self.accumulators:
-            self.initial = torch.cat([acc.initial for acc in self.accumulators])
-            self.is_min = torch.cat([acc._is_min for acc in self.accumulators])
-            self.is_max = torch.cat([acc._is_max for acc in self.accumulators])
+        width = len(MASK_SLOTS)
+        slots, hist_start, bins = [], [], []
+        for acc, s, n in zip(self.accumulators, starts, sizes, strict=True):
+            row = s + train * n
+            acc.held_forward = row  # the forward count leads the row
+            acc.held_segments = {}
+            for name, off in acc.layout.mask_offsets.items():
+                acc.held_segments[name] = len(slots)
+                slots.append([row + off + i for i in range(width)])
+                # no bins: counted with weight 0 into the segment's own first slot
+                hist_start.append(row + acc.layout.histogram_offsets.get(name, off))
+                bins.append(acc.layout.histogram_bins if name in acc.layout.histogram_offsets
+                            else 0)
+            acc.table = self
+        self._slots = torch.tensor(slots, dtype=torch.long, device=device).reshape(-1, width)
+        kinds = [slot.reduce for slot in MASK_SLOTS]
+        self._slot_is_min = torch.tensor([k == "min" for k in kinds], device=device)
+        self._slot_is_max = torch.tensor([k == "max" for k in kinds], device=device)
+        self._hist_start = torch.tensor(hist_start, dtype=torch.long, device=device)
+        self._bins = torch.tensor([max(b, 1) for b in bins], device=device)
+        self._has_bins = torch.tensor([b > 0 for b in bins], device=device)
+        self._drop()
+
+    def _drop(self) -> None:
+        self._forwards: list[int] = []  # each held forward's count position
+        self._pieces: list[torch.Tensor] = []  # each held mask's values (copies)
+        self._owners: list[int] = []  # its segment
+        self._sizes_held: list[int] = []
+        self._counted: list[bool] = []  # whether its forward counts histograms
+        self._held_values = 0
+
+    @property
+    def holding(self) -> bool:
+        """Whether forwards are held back, not reduced yet."""
+        return bool(self._forwards)
+
+    def detach(self) -> None:
+        """The accumulators record each forward as it runs again (what is held is dropped)."""
+        self._drop()
+        for acc in self.accumulators:
+            if acc.table is self:
+                acc.table = None
+
+    def gather(self, phase: str) -> torch.Tensor:
+        """``phase``'s rows of every block, one after the other (a copy, on the device)."""
+        return self.base.index_select(0, self.rows[phase])
+
+    def empty(self, phase: str, which: list[bool] | None = None) -> None:
+        """Empty ``phase``'s rows (``which``: of the blocks marked ``True``; all by default) in
+        one operation. The training rows' held-back forwards are reduced first (then emptied
+        with the rest)."""
+        if phase == "train":
+            self.settle()
+        if which is None:
+            self.base.index_copy_(0, self.rows[phase], self.initial)
+            return
+        keep = torch.tensor([w for w, n in zip(which, self._sizes, strict=True)
+                             for _ in range(n)], device=self.base.device)
+        self.base.index_copy_(0, self.rows[phase][keep], self.initial[keep])
+
+    def hold(self, acc: Accumulator, masks: Mapping[str, torch.Tensor | None],
+             histograms: bool) -> None:
+        """Keep one eager training forward of ``acc`` (one of this table's) for
+        :meth:`settle`: copies of its masks, so that what the forward recorded is measured
+        whatever happens to its tensors later."""
+        counted = histograms and acc.layout.histogram_bins > 0
+        for name, segment in acc.held_segments.items():
+            mask = masks.get(name)
+            if mask is None or mask.numel() == 0:
+                continue
+            self._pieces.append(mask.detach().reshape(-1).clone())
+            self._owners.append(segment)
+            self._sizes_held.append(mask.numel())
+            self._counted.append(counted)
+            self._held_values += mask.numel()
+        self._forwards.append(acc.held_forward)
+        self._held_values += 1
+        if self._held_values >= HELD_VALUES:  # a consumer that never reads: bounded
+            self.settle()
 
     @torch.no_grad()
     def settle(self) -> None:
-        """Add the held-back forwards to the rows (nothing when none is held)."""
-        accumulators = self.accumulators
-        if not any(acc.pending for acc in accumulators):
+        """Add the held-back forwards to the training rows (nothing when none is held)."""
+        if not self._forwards:
             return
-        first = accumulators[0]
-        config, device, dtype = first.config, first.device, first.values.dtype
-        bases = self.bases
-        # every recorded mask's values, and which (block, mask) each belongs to
-        segments: dict[tuple[int, str], int] = {}
-        pieces, owners, sizes, forwards, counted = [], [], [], [], set()
-        for a, acc in enumerate(accumulators):
-            if not acc.pending:
-                continue
-            offsets, bins = acc.layout.mask_offsets, acc.layout.histogram_bins
-            for masks, histograms in acc.pending:
-                forwards.append(bases[a])
-                for name in offsets:
-                    mask = masks.get(name)
-                    if mask is None or mask.numel() == 0:
-                        continue
-                    s = segments.setdefault((a, name), len(segments))
-                    if histograms and bins:
-                        counted.add(s)
-                    pieces.append(mask.reshape(-1))
-                    owners.append(s)
-                    sizes.append(mask.numel())
-            acc.pending = []
-        contribution = self.initial.clone()
-        contribution.index_put_((torch.tensor(forwards, device=device),),
-                                torch.ones(len(forwards), dtype=dtype, device=device),
-                                accumulate=True)
-        if segments:
-            v = torch.cat(pieces).float()
-            v64 = v.to(dtype)
-            seg = torch.repeat_interleave(torch.tensor(owners, device=device),
-                                          torch.tensor(sizes, device=device),
-                                          output_size=len(v))
-            keys = list(segments)
-            table = _segment_slots(v, v64, seg, len(keys), config)  # (S, slots)
-            where = [bases[a] + accumulators[a].layout.mask_offsets[name] for a, name in keys]
-            contribution.index_put_((_spans(where, len(MASK_SLOTS), device),),
-                                    table.reshape(-1))
-            for bins in sorted({accumulators[keys[s][0]].layout.histogram_bins
-                                for s in counted}):
-                chosen = [s for s in sorted(counted)
-                          if accumulators[keys[s][0]].layout.histogram_bins == bins]
-                hist = _segment_counts(v, seg, len(keys), bins, dtype)[chosen]
-                starts = [bases[keys[s][0]]
-                          + accumulators[keys[s][0]].layout.histogram_offsets[keys[s][1]]
-                          for s in chosen]
-                contribution.index_put_((_spans(starts, bins, device),), hist.reshape(-1))
-        flat = torch.cat(self.rows)
-        combined = torch.where(self.is_min, torch.minimum(flat, contribution),
-                               torch.where(self.is_max, torch.maximum(flat, contribution),
-                                           flat + contribution))
-        torch._foreach_copy_(self.rows, list(combined.split(self.sizes)))
-
-
-def _spans(starts: list[int], width: int, device: torch.device) -> torch.Tensor:
-    """The indices ``start .. start + width - 1`` of each start, one after the other."""
-    return (torch.tensor(starts, device=device)[:, None]
-            + torch.arange(width, device=device)).reshape(-1)
+        forwards, pieces, owners, sizes, counted = (
+            self._forwards, self._pieces, self._owners, self._sizes_held, self._counted)
+        self._drop()
+        base = self.base
+        device, dtype = base.device, base.dtype
+        base.index_put_((torch.tensor(forwards, device=device),),
+                        base.new_ones(len(forwards)), accumulate=True)
+        if not pieces:
+            return
+        v = torch.cat(pieces).float()
+        v64 = v.to(dtype)
+        lengths = torch.tensor(sizes, device=device)
+        seg = torch.repeat_interleave(torch.tensor(owners, device=device), lengths,
+                                      output_size=len(v))
+        table = _segment_slots(v, v64, seg, len(self._slots), self.config)  # (S, slots)
+        row = base[self._slots]
+        base[self._slots] = torch.where(
+            self._slot_is_min, torch.minimum(row, table),
+            torch.where(self._slot_is_max, torch.maximum(row, table), row + table))
+        if any(counted):
+            index, inside = _bin_index(v, self._bins[seg])
+            weight = inside & self._has_bins[seg]
+            if not all(counted):
+                weight &= torch.repeat_interleave(torch.tensor(counted, device=device),
+                                                  lengths, output_size=len(v))
+            base.index_add_(0, self._hist_start[seg] + index, weight.to(dtype))
 
 
 def _segment_slots(v: torch.Tensor, v64: torch.Tensor, seg: torch.Tensor, segments: int,
@@ -310,22 +380,15 @@ def _segment_slots(v: torch.Tensor, v64: torch.Tensor, seg: torch.Tensor, segmen
     return torch.stack([by_name[slot.name] for slot in MASK_SLOTS], dim=1)
 
 
-def _segment_counts(v: torch.Tensor, seg: torch.Tensor, segments: int, bins: int,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """``(segments, bins)``: :func:`_counts` of each segment of ``v``."""
-    index, inside = _bin_index(v, bins)
-    return torch.zeros(segments * bins, dtype=dtype, device=v.device).index_add_(
-        0, index + seg * bins, inside.to(dtype)).reshape(segments, bins)
-
-
 #: The largest mask a held-back forward may record (elements): below it a forward's own
 #: reduction costs its few dozen operations' overhead, which the batch shares; above it the
 #: values' own passes dominate, and a forward reduces them faster itself (on this project's
 #: 2-core CPU the batch's per-value cost caught up near 8k values).
 HELD_ELEMENTS = 4096
-#: Forwards one accumulator holds back at most (then it reduces them itself): a point usually
-#: holds one or a few; a consumer that records for long without reading stays bounded.
-HELD_FORWARDS = 64
+#: Values (and forwards) a table holds back at most, then it reduces them: a point usually
+#: holds a forward or a few of each block; a consumer that records for long without reading
+#: stays bounded (a megabyte of float32 masks).
+HELD_VALUES = 1 << 18
 
 
 #: CUDA graphs would freeze an answer decided when an op runs (the tag is torch >= 2.7's;
@@ -354,11 +417,14 @@ def _(values: list[torch.Tensor], when: torch.Tensor, bins: int,
     return values[0].new_empty(len(values), bins, dtype=dtype)
 
 
-def _bin_index(v: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _bin_index(v: torch.Tensor, bins: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Each value's bin over [0, 1] (1.0 in the last), and whether it is counted: finite
-    # values in [0, 1] only.
+    # values in [0, 1] only. ``bins``: one number, or each value's (at least 1).
     inside = torch.isfinite(v) & (v >= 0.0) & (v <= 1.0)
-    return (torch.where(inside, v, 0.0) * bins).long().clamp_(0, bins - 1), inside
+    index = (torch.where(inside, v, 0.0) * bins).long()
+    if isinstance(bins, torch.Tensor):
+        return torch.minimum(index, bins - 1), inside
+    return index.clamp_(max=bins - 1), inside
 
 
 def _counts(v: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:

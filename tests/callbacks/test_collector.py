@@ -1,5 +1,5 @@
 """The collector holds back the eager training forwards that record masks only and reduces
-them together (``HeldForwards``): the logged statistics are those of recording each forward."""
+them together (``AccumulatorTable``): the logged statistics are those of recording each forward."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import torch
 
 from lightning_attn.callbacks import AttentionDiagnostics
-from lightning_attn.callbacks import collector as collector_module
-from lightning_attn.core.accumulator import HeldForwards
+from lightning_attn.core import accumulator as accumulator_module
+from lightning_attn.core.accumulator import AccumulatorTable
 
 from .cb_models import MemoryLogger, TinyAttnNet, make_trainer
 
@@ -27,21 +27,21 @@ def _logged(tmp_path, name: str) -> list[tuple[int, dict[str, float]]]:
 
 def test_held_back_forwards_log_what_each_forward_logs(tmp_path, monkeypatch):
     held = []
-    settle = HeldForwards.settle
+    settle = AccumulatorTable.settle
 
     def counted(self):
-        held.append(sum(len(acc.pending) for acc in self.accumulators))
+        held.append(len(self._forwards))
         settle(self)
 
-    monkeypatch.setattr(HeldForwards, "settle", counted)
+    monkeypatch.setattr(AccumulatorTable, "settle", counted)
     together = _logged(tmp_path, "together")
     # the coordinate block (masks only) was held back, a forward at a time (each settled
     # before its backward); the DSA block (a router) recorded as it ran
     assert held and max(held) == 1 and sum(held) == 12
-    monkeypatch.setattr(collector_module, "HeldForwards", lambda accumulators: None)
+    monkeypatch.setattr(accumulator_module, "HELD_ELEMENTS", -1)  # nothing small enough
     held.clear()
     alone = _logged(tmp_path, "alone")
-    assert not held
+    assert sum(held) == 0
     assert [s for s, _ in together] == [s for s, _ in alone] == list(range(6))
     for (_, a), (_, b) in zip(together, alone, strict=True):
         assert a.keys() == b.keys() and any("coord" in k for k in a)

@@ -1,5 +1,6 @@
-"""Forwards held back and reduced together (``HeldForwards.settle``) add what each forward's
-own ``Accumulator.add`` adds."""
+"""An ``AccumulatorTable`` keeps its blocks' values in one tensor, and the forwards it holds
+back and reduces together (``settle``) add what each forward's own ``Accumulator.add``
+adds."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import torch
 
 from lightning_attn.core.accumulator import (
     HELD_ELEMENTS,
-    HELD_FORWARDS,
+    HELD_VALUES,
     Accumulator,
-    HeldForwards,
+    AccumulatorTable,
 )
 from lightning_attn.core.statistics import MASK_SLOTS, RecordingConfig, StatisticsLayout
 
@@ -57,16 +58,16 @@ def test_held_forwards_add_what_each_forward_adds(bins):
         for acc in accs:  # rows that already hold a forward: combined, not replaced
             acc.add({name: torch.rand(2, 3, generator=g) for name in acc.layout.mask_offsets},
                     None, True)
-    for acc in held:
-        acc.deferred = True
+    table = AccumulatorTable(held)
+    before = [acc.row("train").clone() for acc in held]
     for a, masks, histograms in _forwards(0):
         immediate[a].add(masks, None, histograms)
         held[a].add(masks, None, histograms)
-    assert all(acc.pending for acc in held)  # held back, not added
-    rows = HeldForwards(held)
-    before = [acc.row("train").clone() for acc in held]
-    rows.settle()
-    assert not any(acc.pending for acc in held)
+    assert table.holding  # held back, not added
+    for acc, row in zip(held, before, strict=True):
+        torch.testing.assert_close(acc.row("train"), row, rtol=0, atol=0, equal_nan=True)
+    table.settle()
+    assert not table.holding
     for a, b, earlier in zip(immediate, held, before, strict=True):
         want, got = a.row("train"), b.row("train")
         assert not torch.equal(got, earlier)
@@ -77,46 +78,78 @@ def test_held_forwards_add_what_each_forward_adds(bins):
         torch.testing.assert_close(got[~exact], want[~exact], rtol=1e-12, atol=1e-12,
                                    equal_nan=True)
     settled = [acc.row("train").clone() for acc in held]
-    rows.settle()  # nothing held: nothing changes
+    table.settle()  # nothing held: nothing changes
     for acc, row in zip(held, settled, strict=True):
         torch.testing.assert_close(acc.row("train"), row, rtol=0, atol=0, equal_nan=True)
 
 
 def test_only_training_forwards_of_small_masks_alone_are_held_back():
     acc = _accumulators((8, 8, 8, 8))[0]
-    acc.deferred = True
+    table = AccumulatorTable([acc])
     acc.add({"mask": torch.rand(2, 4)}, torch.softmax(torch.rand(2, 3), 1), False)  # a router
     acc.add({"mask": torch.rand(2, 4)}, None, torch.tensor(True))  # compiled: in the graph
     acc.add({"mask": torch.rand(HELD_ELEMENTS + 1)}, None, False)  # large: reduced at once
     acc.set_phase("val")
     acc.add({"mask": torch.rand(2, 4)}, None, False)
-    assert not acc.pending
+    assert not table.holding
     acc.set_phase("train")
     acc.add({"mask": torch.rand(2, 4)}, None, False)
-    assert len(acc.pending) == 1
+    assert table.holding
     acc.reset("train")  # a new window forgets what the last one held
-    assert not acc.pending
+    assert not table.holding
+    torch.testing.assert_close(acc.row("train"), acc.initial, rtol=0, atol=0)
 
 
 def test_a_held_mask_is_what_the_forward_recorded():
     immediate, held = _accumulators((8, 8, 8, 8))[0], _accumulators((8, 8, 8, 8))[0]
-    held.deferred = True
+    table = AccumulatorTable([held])
     mask = torch.rand(4, 1, 8, 8)
     immediate.add({"mask": mask}, None, True)
     held.add({"mask": mask}, None, True)
     mask.mul_(0.0)  # changed in place after the forward recorded it
-    HeldForwards([held]).settle()
+    table.settle()
     torch.testing.assert_close(held.row("train"), immediate.row("train"), rtol=1e-12, atol=0)
 
 
-def test_what_one_accumulator_holds_is_bounded():
+def test_what_a_table_holds_is_bounded():
     acc = _accumulators((8, 8, 8, 8))[0]
-    acc.deferred = True
-    for _ in range(HELD_FORWARDS + 5):  # a consumer that records and never reads
-        acc.add({"mask": torch.rand(2, 4)}, None, False)
-    assert len(acc.pending) == 5
-    HeldForwards([acc]).settle()
-    assert acc.row("train")[0] == HELD_FORWARDS + 5  # every forward counted
+    table = AccumulatorTable([acc])
+    forwards = HELD_VALUES // HELD_ELEMENTS + 5
+    for _ in range(forwards):  # a consumer that records and never reads
+        acc.add({"mask": torch.rand(HELD_ELEMENTS)}, None, False)
+        assert table._held_values < HELD_VALUES
+    assert table.holding
+    table.settle()
+    assert acc.row("train")[0] == forwards  # every forward counted
+
+
+def test_a_table_holds_its_blocks_values_in_one_tensor():
+    accs = _accumulators((8, 0, 8, 4))
+    g = torch.Generator().manual_seed(3)
+    for acc in accs:
+        for phase in ("train", "val"):
+            acc.set_phase(phase)
+            acc.add({name: torch.rand(5, generator=g) for name in acc.layout.mask_offsets},
+                    None, True)
+        acc.set_phase("train")
+    rows = {phase: [acc.row(phase).clone() for acc in accs] for phase in ("train", "val")}
+    table = AccumulatorTable(accs)
+    assert all(acc.values._base is table.base and acc.table is table for acc in accs)
+    for phase, want in rows.items():  # moved as they were
+        torch.testing.assert_close(table.gather(phase), torch.cat(want), rtol=0, atol=0)
+    accs[2].add({"mask": torch.rand(3, generator=g)}, None, True)  # held back, then added
+    assert table.holding
+    table.settle()
+    assert table.gather("train")[sum(a.layout.size for a in accs[:2])] == 2 == accs[2].row(
+        "train")[0]
+    again = AccumulatorTable(accs[1:])  # another table over some of them: the same tensor
+    assert again.base is table.base and accs[0].table is table and accs[1].table is again
+    table.empty("val", [True, False, True, False])
+    for i, acc in enumerate(accs):
+        want = acc.initial if i in (0, 2) else rows["val"][i]
+        torch.testing.assert_close(acc.row("val"), want, rtol=0, atol=0)
+    table.empty("train")
+    torch.testing.assert_close(table.gather("train"), table.initial, rtol=0, atol=0)
 
 
 def test_the_slots_terms_are_their_measures():
