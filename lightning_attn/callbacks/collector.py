@@ -31,6 +31,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from ..blocks.recording import start_recording_of, stop_recording_of
 from ..core.accumulator import AccumulatorTable
 from ..core.point import NOT_READ, PointColumns, PointPlan
 from ..core.statistics import (
@@ -46,7 +47,6 @@ __all__ = ["PointBatch", "StatisticsCollector", "combine_processes"]
 _SUM, _MIN, _MAX, _FIRST = 0, 1, 2, 3
 _CODES = {"sum": _SUM, "min": _MIN, "max": _MAX}
 _ACCUMULATOR = operator.attrgetter("accumulator")
-_TABLE = operator.attrgetter("table")
 
 
 @dataclass(frozen=True)
@@ -117,10 +117,9 @@ class StatisticsCollector:
         self._plan: PointPlan | None = None
         self._accumulators: list = []  # those the plan was made for
         #: their values in one tensor per device (every block's row read or emptied in one
-        #: operation); the blocks (plan indices) of each; each accumulator's table, as made
+        #: operation), and the blocks (plan indices) of each
         self._tables: list[AccumulatorTable] = []
         self._members: list[list[int]] = []
-        self._table_of: list[AccumulatorTable | None] = []
         #: on several devices: the tables' rows, put back in the plan's order of blocks
         self._order: torch.Tensor | None = None
         self._trainables: list[tuple[nn.Module, str]] | None = None
@@ -158,7 +157,7 @@ class StatisticsCollector:
         for block in self.blocks.values():
             block.clear_recording()
         self.blocks, self.infos, self._kinds, self._plan = {}, [], None, None
-        self._accumulators, self._tables, self._members, self._table_of = [], [], [], []
+        self._accumulators, self._tables, self._members = [], [], []
         self._order = None
         self._trainables = None
         self._later = []
@@ -180,8 +179,7 @@ class StatisticsCollector:
         if phase in self._open:
             return
         self._plan_now()  # the rows of this run's accumulators
-        first = [block.start_recording(self, histograms, phase, reset=False)
-                 for block in self.blocks.values()]
+        first = start_recording_of(self.blocks.values(), self, histograms, phase, reset=False)
         if all(first):  # the usual case: every row emptied in one operation
             for table in self._tables:
                 table.empty(phase)
@@ -197,7 +195,8 @@ class StatisticsCollector:
         """Reduce the eager training forwards the blocks hold back (:meth:`~lightning_attn.
         core.accumulator.AccumulatorTable.settle`): at the end of the point, or earlier to
         free the masks they keep (after the forward, before the backward)."""
-        self._tables_now()
+        if self._plan is not None:
+            self._plan_now()  # another collector may have taken some of the blocks
         for table in self._tables:
             table.settle()
 
@@ -206,8 +205,7 @@ class StatisticsCollector:
         if phase == "train":
             self.settle()  # into the row, which another holder may read
         if phase in self._open:
-            for block in self.blocks.values():
-                block.stop_recording(self, phase)
+            stop_recording_of(self.blocks.values(), self, phase)
         self._open.discard(phase)
         self._params.pop(phase, None)
         if phase == "train":
@@ -333,7 +331,7 @@ class StatisticsCollector:
         if phase == "train":
             self.settle()
         else:
-            self._tables_now()
+            self._plan_now()
         device = self._device()
         self.snapshot_parameters(phase)  # no optimizer stepped: the values are still those
         params = self._params.pop(phase)
@@ -357,39 +355,27 @@ class StatisticsCollector:
         return combine_processes(trainer, vector, self._reductions(plan, vector))
 
     def _plan_now(self) -> PointPlan:
-        """The plan of the read vector: built again only when an accumulator changed (another
-        consumer widened one since :meth:`bind`). Compared by identity in one C-level pass
-        (the check runs at every point)."""
+        """The plan of the read vector and the accumulators' tables: made again only when a
+        table went stale (an accumulator was replaced, as when another consumer widened it,
+        or another collector watching other blocks made its own table over some of them),
+        which costs no look at each block (the check runs several times a point)."""
+        if self._plan is not None and not any(t.stale for t in self._tables):
+            return self._plan
         accumulators = list(map(_ACCUMULATOR, self.blocks.values()))
         if self._plan is None or accumulators != self._accumulators:
             self._accumulators = accumulators
             self._plan = PointPlan(self.infos, [acc.layout for acc in accumulators])
-            self._table_of = []  # made again
             self._kinds = None
-        self._tables_now()
-        return self._plan
-
-    def _tables_now(self) -> None:
-        """The accumulators' tables (:class:`~lightning_attn.core.accumulator.
-        AccumulatorTable`), one per device, made again when one changed: another collector
-        watching other blocks made its own over some of them (one watching the same blocks
-        shares them), or an accumulator was replaced."""
-        accumulators = self._accumulators
-        if list(map(_TABLE, accumulators)) == self._table_of:
-            return
-        for old in {acc.table for acc in accumulators} - {None}:
-            old.settle()  # what it holds belongs to the rows, wherever they move
         members: dict[torch.device, list[int]] = {}
         for i, acc in enumerate(accumulators):
             members.setdefault(acc.device, []).append(i)
         self._tables, self._members = [], list(members.values())
         for indices in self._members:
             chosen = [accumulators[i] for i in indices]
-            table = chosen[0].table
-            if table is None or table.accumulators != chosen:
+            table = chosen[0].table  # one watching the same blocks shares it
+            if table is None or table.stale or table.accumulators != chosen:
                 table = AccumulatorTable(chosen)
             self._tables.append(table)
-        self._table_of = list(map(_TABLE, accumulators))
         self._order = None
         if len(self._tables) > 1:  # each device's rows, then the plan's order
             sizes = [acc.layout.size for acc in accumulators]
@@ -398,6 +384,7 @@ class StatisticsCollector:
                 starts[i], at = at, at + sizes[i]
             self._order = torch.cat([torch.arange(s, s + n) for s, n in zip(
                 starts, sizes, strict=True)]).to(self._device())
+        return self._plan
 
     def _reductions(self, plan: PointPlan, vector: torch.Tensor) -> torch.Tensor:
         """How each slot of the read vector combines over processes: every block's row,

@@ -110,6 +110,12 @@ class Accumulator:
             self.histograms.fill_(on)
             self._histograms = on
 
+    def retire(self) -> None:
+        """This accumulator is replaced (its block was configured anew): its table, if any,
+        goes stale."""
+        if self.table is not None:
+            self.table.stale = True
+
     def reset(self, phase: str) -> None:
         """Empty ``phase``'s row in place (same tensor: no recompilation)."""
         if phase == "train" and self.table is not None:
@@ -225,6 +231,12 @@ class AccumulatorTable:
 
     def __init__(self, accumulators: list[Accumulator]) -> None:
         self.accumulators = list(accumulators)
+        #: whether an accumulator of it was replaced (:meth:`Accumulator.retire`) or taken
+        #: by another table: whoever uses it makes a new one
+        self.stale = False
+        for old in {acc.table for acc in self.accumulators} - {None, self}:
+            old.settle()  # what it holds belongs to the rows, wherever they move
+            old.stale = True
         first = self.accumulators[0]
         device, self.config = first.device, first.config
         values = [acc.values for acc in self.accumulators]
@@ -275,10 +287,9 @@ class AccumulatorTable:
 
     def _drop(self) -> None:
         self._forwards: list[int] = []  # each held forward's count position
-        self._pieces: list[torch.Tensor] = []  # each held mask's values (copies)
-        self._owners: list[int] = []  # its segment
-        self._sizes_held: list[int] = []
-        self._counted: list[bool] = []  # whether its forward counts histograms
+        #: held masks by their number of values: each mask's values (a copy), its segment,
+        #: and whether its forward counts histograms (masks of one size reduce as a matrix)
+        self._held: dict[int, tuple[list[torch.Tensor], list[int], list[bool]]] = {}
         self._held_values = 0
 
     @property
@@ -289,6 +300,7 @@ class AccumulatorTable:
     def detach(self) -> None:
         """The accumulators record each forward as it runs again (what is held is dropped)."""
         self._drop()
+        self.stale = True
         for acc in self.accumulators:
             if acc.table is self:
                 acc.table = None
@@ -320,11 +332,14 @@ class AccumulatorTable:
             mask = masks.get(name)
             if mask is None or mask.numel() == 0:
                 continue
-            self._pieces.append(mask.detach().reshape(-1).clone())
-            self._owners.append(segment)
-            self._sizes_held.append(mask.numel())
-            self._counted.append(counted)
-            self._held_values += mask.numel()
+            n = mask.numel()
+            group = self._held.get(n)
+            if group is None:
+                group = self._held[n] = ([], [], [])
+            group[0].append(mask.detach().reshape(-1).clone())
+            group[1].append(segment)
+            group[2].append(counted)
+            self._held_values += n
         self._forwards.append(acc.held_forward)
         self._held_values += 1
         if self._held_values >= HELD_VALUES:  # a consumer that never reads: bounded
@@ -335,49 +350,55 @@ class AccumulatorTable:
         """Add the held-back forwards to the training rows (nothing when none is held)."""
         if not self._forwards:
             return
-        forwards, pieces, owners, sizes, counted = (
-            self._forwards, self._pieces, self._owners, self._sizes_held, self._counted)
+        forwards, held = self._forwards, self._held
         self._drop()
         base = self.base
         device, dtype = base.device, base.dtype
         base.index_put_((torch.tensor(forwards, device=device),),
                         base.new_ones(len(forwards)), accumulate=True)
-        if not pieces:
+        if not held:
             return
-        v = torch.cat(pieces).float()
-        v64 = v.to(dtype)
-        lengths = torch.tensor(sizes, device=device)
-        seg = torch.repeat_interleave(torch.tensor(owners, device=device), lengths,
-                                      output_size=len(v))
-        table = _segment_slots(v, v64, seg, len(self._slots), self.config)  # (S, slots)
+        tables, owners = [], []
+        for pieces, segments, counted in held.values():  # one matrix per mask size
+            v = torch.stack(pieces).float()  # (masks, values)
+            owner = torch.tensor(segments, device=device)
+            tables.append(_row_slots(v, v.to(dtype), self.config))
+            owners.append(owner)
+            if any(counted):
+                index, inside = _bin_index(v, self._bins[owner, None])
+                weight = inside & self._has_bins[owner, None]
+                if not all(counted):
+                    weight &= torch.tensor(counted, device=device)[:, None]
+                base.index_add_(0, (self._hist_start[owner, None] + index).reshape(-1),
+                                weight.reshape(-1).to(dtype))
+        table = _by_segment(torch.cat(tables), torch.cat(owners), len(self._slots))
         row = base[self._slots]
         base[self._slots] = torch.where(
             self._slot_is_min, torch.minimum(row, table),
             torch.where(self._slot_is_max, torch.maximum(row, table), row + table))
-        if any(counted):
-            index, inside = _bin_index(v, self._bins[seg])
-            weight = inside & self._has_bins[seg]
-            if not all(counted):
-                weight &= torch.repeat_interleave(torch.tensor(counted, device=device),
-                                                  lengths, output_size=len(v))
-            base.index_add_(0, self._hist_start[seg] + index, weight.to(dtype))
 
 
-def _segment_slots(v: torch.Tensor, v64: torch.Tensor, seg: torch.Tensor, segments: int,
-                   config: RecordingConfig) -> torch.Tensor:
-    """``(segments, len(MASK_SLOTS))``: each slot of each segment of ``v`` (``seg``: the
-    segment of each value), from the slots' terms."""
-    sums = [slot for slot in MASK_SLOTS if slot.reduce == "sum"]
-    terms = torch.stack([slot.term(v, v64, config) for slot in sums], dim=1)
-    summed = v64.new_zeros(segments, len(sums)).index_add_(0, seg, terms).unbind(1)
-    by_name = dict(zip((slot.name for slot in sums), summed, strict=True))
-    for slot in MASK_SLOTS:
-        if slot.reduce != "sum":
-            neutral = math.inf if slot.reduce == "min" else -math.inf
-            by_name[slot.name] = v.new_full((segments,), neutral).scatter_reduce_(
-                0, seg, slot.term(v, v64, config), "amin" if slot.reduce == "min" else "amax",
-            ).to(v64.dtype)
-    return torch.stack([by_name[slot.name] for slot in MASK_SLOTS], dim=1)
+def _row_slots(v: torch.Tensor, v64: torch.Tensor, config: RecordingConfig) -> torch.Tensor:
+    """``(rows, len(MASK_SLOTS))``: each slot of each row of ``v`` ``(rows, values)`` (float32,
+    ``v64`` the same in the accumulator's dtype), from the slots' terms."""
+    reduce = {"sum": lambda t: t.sum(1), "min": lambda t: t.amin(1), "max": lambda t: t.amax(1)}
+    return torch.stack([reduce[slot.reduce](slot.term(v, v64, config)).to(v64.dtype)
+                        for slot in MASK_SLOTS], dim=1)
+
+
+def _by_segment(table: torch.Tensor, owners: torch.Tensor, segments: int) -> torch.Tensor:
+    """``(segments, len(MASK_SLOTS))``: the rows of ``table`` (each the slots of one mask,
+    ``owners`` its segment) combined per segment (sums added, extremes kept); an empty segment
+    holds each slot's neutral value."""
+    columns = []
+    for j, slot in enumerate(MASK_SLOTS):
+        column = table[:, j]
+        if slot.reduce == "sum":
+            columns.append(column.new_zeros(segments).index_add_(0, owners, column))
+        else:
+            columns.append(column.new_full((segments,), _NEUTRAL[slot.reduce]).scatter_reduce_(
+                0, owners, column, "amin" if slot.reduce == "min" else "amax"))
+    return torch.stack(columns, dim=1)
 
 
 #: The largest mask a held-back forward may record (elements): below it a forward's own

@@ -48,3 +48,42 @@ def test_held_back_forwards_log_what_each_forward_logs(tmp_path, monkeypatch):
         for tag in a:
             assert math.isclose(a[tag], b[tag], rel_tol=1e-12, abs_tol=1e-12) or (
                 math.isnan(a[tag]) and math.isnan(b[tag])), tag
+
+
+def _two_collectors(monkeypatch, held: bool) -> list[dict[str, tuple[int, float, float]]]:
+    """Two collectors over blocks they partly share ({a, b} and {b, c}): the second takes the
+    shared block into its own table while the first's point is open."""
+    from types import SimpleNamespace
+
+    from lightning_attn.blocks import create_attention
+    from lightning_attn.callbacks.collector import StatisticsCollector
+    from lightning_attn.core.statistics import RecordingConfig
+
+    if not held:
+        monkeypatch.setattr(accumulator_module, "HELD_ELEMENTS", -1)
+    torch.manual_seed(0)
+    blocks = {name: create_attention("coord", 4) for name in "abc"}
+    first, second = StatisticsCollector(RecordingConfig()), StatisticsCollector(RecordingConfig())
+    first.bind({n: blocks[n] for n in "ab"}, torch.device("cpu"))
+    second.bind({n: blocks[n] for n in "bc"}, torch.device("cpu"))
+    first.open("train")
+    second.open("train")
+    for _ in range(2):
+        for block in blocks.values():
+            block(torch.rand(2, 4, 6, 6))
+    trainer = SimpleNamespace(world_size=1)
+    read = [first.finish(trainer, 0), second.finish(trainer, 0)]
+    assert not any(t.holding for c in (first, second) for t in c._tables)
+    return [{name: (b.forwards, b.masks["mask_h"].mean, b.masks["mask_w"].std)
+             for name, b in stats.blocks.items()} for stats in read]
+
+
+def test_collectors_sharing_blocks_read_every_held_forward(monkeypatch):
+    together = _two_collectors(monkeypatch, held=True)
+    alone = _two_collectors(monkeypatch, held=False)
+    assert [sorted(s) for s in together] == [["a", "b"], ["b", "c"]]
+    for t, a in zip(together, alone, strict=True):
+        for name in t:
+            assert t[name][0] == a[name][0] == 2
+            for x, y in zip(t[name][1:], a[name][1:], strict=True):
+                assert math.isclose(x, y, rel_tol=1e-12)
