@@ -108,6 +108,7 @@ class StatisticsCollector:
     def __init__(self, config: RecordingConfig) -> None:
         self.config = config
         self.blocks: dict[str, nn.Module] = {}
+        self._recorders: list[nn.Module] = []
         self.infos: list[BlockInfo] = []
         self._open: set[str] = set()
         self._grad_norms: dict[int, torch.Tensor] = {}
@@ -125,6 +126,12 @@ class StatisticsCollector:
         self._trainables: list[tuple[nn.Module, str]] | None = None
         #: training points finished, not read yet: (plan, vector on the device, step, tag)
         self._later: list[tuple[PointPlan, torch.Tensor, int, Any]] = []
+        #: the histograms flag of the training point whose hold is kept until the next step
+        #: starts (:meth:`release`), ``None`` when none is kept
+        self._lingering: bool | None = None
+        self._histograms = False  # the open training point's
+        #: vectors of training points already read, filled again by later points
+        self._spare: list[torch.Tensor] = []
 
     # -- setup -------------------------------------------------------------------------------
     def bind(self, blocks: Mapping[str, nn.Module], device: torch.device) -> None:
@@ -135,6 +142,9 @@ class StatisticsCollector:
         """
         self.unbind()
         self.blocks = dict(blocks)
+        # the modules that hold the recording state: a block compiled on its own is an
+        # OptimizedModule, whose recording methods are those of the module it wraps
+        self._recorders = [block.start_recording.__self__ for block in self.blocks.values()]
         self.infos = []
         for name, block in self.blocks.items():
             param = next(block.parameters(), None)
@@ -152,18 +162,21 @@ class StatisticsCollector:
         """Stop watching: recording off, accumulators and captured maps dropped."""
         for table in self._tables:  # what they hold is dropped with them: nothing to reduce
             table.detach()
+        self.release()
         for phase in list(self._open):
             self.close(phase)
         for block in self.blocks.values():
             block.clear_recording()
         self.blocks, self.infos, self._kinds, self._plan = {}, [], None, None
+        self._recorders = []
         self._accumulators, self._tables, self._members = [], [], []
         self._order = None
         self._trainables = None
-        self._later = []
+        self._later, self._spare = [], []
 
     def set_phase(self, phase: str) -> None:
         """Forwards from now on record into ``phase``'s rows (Lightning entered a loop)."""
+        self.release()  # an evaluation's forwards record only for an evaluation point
         for block in self.blocks.values():
             block.set_recording_phase(phase)
 
@@ -179,17 +192,38 @@ class StatisticsCollector:
         if phase in self._open:
             return
         self._plan_now()  # the rows of this run's accumulators
-        first = start_recording_of(self.blocks.values(), self, histograms, phase, reset=False)
+        if phase == "train" and self._lingering is not None:
+            if self._lingering == bool(histograms):  # every block still held, as this point wants
+                self._lingering = None
+                for table in self._tables:
+                    table.empty(phase)
+                self._begin(phase)
+                return
+            self.release()
+        if phase == "train":
+            self._histograms = bool(histograms)
+        first = start_recording_of(self._recorders, self, histograms, phase, reset=False)
         if all(first):  # the usual case: every row emptied in one operation
             for table in self._tables:
                 table.empty(phase)
         elif any(first):  # another consumer holds some of them: only this one's first rows
             for table, members in zip(self._tables, self._members, strict=True):
                 table.empty(phase, [first[i] for i in members])
+        self._begin(phase)
+
+    def _begin(self, phase: str) -> None:
         self._open.add(phase)
         self._params.pop(phase, None)
         if phase == "train":
             self._grad_norms = {}
+
+    def release(self) -> None:
+        """Let go of the hold a training point kept (``close(linger=True)``): call it before a
+        forward that is not part of the next point (a step that logs nothing, an evaluation).
+        Nothing when none is kept."""
+        if self._lingering is not None:
+            self._lingering = None
+            stop_recording_of(self._recorders, self, "train")
 
     def settle(self) -> None:
         """Reduce the eager training forwards the blocks hold back (:meth:`~lightning_attn.
@@ -200,12 +234,20 @@ class StatisticsCollector:
         for table in self._tables:
             table.settle()
 
-    def close(self, phase: str = "train") -> None:
-        """Stop recording ``phase`` without reading (an interrupted point)."""
+    def close(self, phase: str = "train", linger: bool = False) -> None:
+        """Stop recording ``phase`` without reading (an interrupted point). ``linger``: a
+        training point keeps every block's hold until :meth:`open` starts the next point
+        (its rows then emptied in one operation) or :meth:`release` lets go: at every-step
+        logging, no block is switched off and on between two points."""
         if phase == "train":
             self.settle()  # into the row, which another holder may read
+            if not linger:
+                self.release()
         if phase in self._open:
-            stop_recording_of(self.blocks.values(), self, phase)
+            if linger and phase == "train":
+                self._lingering = self._histograms
+            else:
+                stop_recording_of(self._recorders, self, phase)
         self._open.discard(phase)
         self._params.pop(phase, None)
         if phase == "train":
@@ -238,7 +280,7 @@ class StatisticsCollector:
             grad = param.grad
             self._grad_norms[i] = (
                 torch.full((), NOT_READ, dtype=torch.float64, device=param.device)
-                if grad is None else torch.linalg.vector_norm(grad.detach().double())
+                if grad is None else torch.linalg.vector_norm(grad.detach(), dtype=torch.float64)
             )
 
     @torch.no_grad()
@@ -260,11 +302,12 @@ class StatisticsCollector:
                 continue
             current = self.blocks[info.name].attention_parameters()
             values += [
-                torch.as_tensor(current[n], dtype=torch.float64).to(device).reshape(())
+                torch.as_tensor(current[n]).to(device).reshape(())
                 if n in current else torch.full((), math.nan, dtype=torch.float64, device=device)
                 for n in info.param_names
             ]
-        return torch.stack(values) if values else None
+        # one cast for them all (the stack promotes mixed dtypes exactly)
+        return torch.stack(values).to(torch.float64) if values else None
 
     def _device(self) -> torch.device:
         return next(iter(self.blocks.values())).accumulator.device
@@ -288,7 +331,7 @@ class StatisticsCollector:
         read with the others by :meth:`read_later`: one host copy for them all. ``tag``:
         what the caller wants back with the point."""
         plan = self._plan
-        vector = self._combined(trainer, "train")
+        vector = self._combined(trainer, "train", linger=True)
         if vector is not None:
             self._later.append((plan, vector, step, tag))
 
@@ -313,13 +356,15 @@ class StatisticsCollector:
                 stop += 1
             points = later[start:stop]
             host = torch.stack([p[1] for p in points]).to("cpu", torch.float64).numpy()
+            self._spare += [p[1] for p in points]  # copied: theirs to fill again
             columns = PointColumns.read(plan.tiled(*host.shape), host.reshape(-1), True)
             batches.append(PointBatch(columns, columns.split(plan, host),
                                       [p[2] for p in points], [p[3] for p in points]))
             start = stop
         return batches
 
-    def _combined(self, trainer: pl.Trainer, phase: str) -> torch.Tensor | None:
+    def _combined(self, trainer: pl.Trainer, phase: str, linger: bool = False
+                  ) -> torch.Tensor | None:
         """Close ``phase``'s point: its vector (every block's row, the parameters, on a
         training point the gradient norms) combined over the processes, on the device
         (``None``: no block)."""
@@ -336,11 +381,8 @@ class StatisticsCollector:
         self.snapshot_parameters(phase)  # no optimizer stepped: the values are still those
         params = self._params.pop(phase)
         plan = self._plan
-        rows = [table.gather(phase) for table in self._tables]  # one operation a device
-        if self._order is not None:
-            rows = [torch.cat([r.to(device) for r in rows]).index_select(0, self._order)]
-        parts = rows
-        dtype = rows[0].dtype
+        dtype = self._tables[0].base.dtype
+        parts = []  # after the rows
         if params is not None:  # blocks without scalar parameters (a user's gate) have none
             parts.append(params.to(dtype))
         n_grads = plan.num_grads
@@ -350,9 +392,24 @@ class StatisticsCollector:
                 torch.full((), NOT_READ, dtype=dtype, device=device) if g is None
                 else g.to(device, dtype) for g in grads
             ]))
-        vector = torch.cat(parts)
-        self.close(phase)  # the values are in `vector`
-        return combine_processes(trainer, vector, self._reductions(plan, vector))
+        size = sum(table.rows[phase].numel() for table in self._tables)
+        total = size + sum(p.numel() for p in parts)
+        # A training point's vector is a spare one of the points already read: no allocation
+        # here (on the CPU, the first allocation after a backward sorts every chunk it freed).
+        vector = self._spare.pop() if linger and self._spare and (
+            self._spare[-1].numel() == total) else torch.empty(total, dtype=dtype, device=device)
+        if self._order is None:  # one operation a device
+            self._tables[0].gather(phase, out=vector[:size])
+        else:
+            vector[:size] = torch.cat([t.gather(phase).to(device) for t in self._tables]
+                                      ).index_select(0, self._order)
+        if parts:
+            vector[size:] = torch.cat(parts) if len(parts) > 1 else parts[0]
+        self.close(phase, linger)  # the values are in `vector`
+        combined = combine_processes(trainer, vector, self._reductions(plan, vector))
+        if combined is not vector and linger:
+            self._spare.append(vector)
+        return combined
 
     def _plan_now(self) -> PointPlan:
         """The plan of the read vector and the accumulators' tables: made again only when a

@@ -551,6 +551,8 @@ class AttentionDiagnostics(Callback):
         if scalars or histograms:
             self._point = (scalars, histograms)
             self._collector.open("train", histograms)
+        else:  # the last point kept its hold for a point at this step: none, so let go
+            self._collector.release()
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor

@@ -305,9 +305,12 @@ class AccumulatorTable:
             if acc.table is self:
                 acc.table = None
 
-    def gather(self, phase: str) -> torch.Tensor:
-        """``phase``'s rows of every block, one after the other (a copy, on the device)."""
-        return self.base.index_select(0, self.rows[phase])
+    def gather(self, phase: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``phase``'s rows of every block, one after the other (a copy, on the device; into
+        ``out`` if given)."""
+        if out is None:
+            return self.base.index_select(0, self.rows[phase])
+        return torch.index_select(self.base, 0, self.rows[phase], out=out)
 
     def empty(self, phase: str, which: list[bool] | None = None) -> None:
         """Empty ``phase``'s rows (``which``: of the blocks marked ``True``; all by default) in

@@ -158,28 +158,31 @@ def _count(v: torch.Tensor, v64: torch.Tensor, config: RecordingConfig) -> torch
     return v64.new_full((), v.numel())
 
 
+def _flags_counted(flags: torch.Tensor) -> torch.Tensor:
+    # The number of 1.0s in a tensor of 0.0 / 1.0: summed in float32 (exact below 2**24
+    # values), in float64 for a larger mask.
+    return flags.sum() if flags.numel() < 1 << 24 else flags.double().sum()
+
+
 #: A mask's slots. float64 sums: the std comes from E[x^2] - E[x]^2, which loses digits to
 #: cancellation when the mask barely varies, exactly where the collapse warning decides. A NaN
 #: or Inf turns the sums and extremes non-finite, as the value they stand for is; ``n_finite``
-#: says how many.
+#: says how many. A measure may give a 0-d tensor of any dtype (the row's ``torch.stack``
+#: promotes it, exactly): a cast per slot cost as much as the slot.
 MASK_SLOTS: tuple[Slot, ...] = (
     Slot("count", "sum", _count, term=lambda v, v64, c: v64.new_ones(()).expand_as(v64)),
     Slot("sum", "sum", lambda v, v64, c: v64.sum(), term=lambda v, v64, c: v64),
     Slot("sum_sq", "sum", lambda v, v64, c: v64.dot(v64),  # one pass, no temporary
          term=lambda v, v64, c: v64 * v64),
-    # counted, then cast (a float sum of booleans first casts every value)
-    Slot("n_low", "sum", lambda v, v64, c: (v < c.saturation_low).count_nonzero().to(v64.dtype),
+    Slot("n_low", "sum", lambda v, v64, c: (v < c.saturation_low).count_nonzero(),
          term=lambda v, v64, c: (v < c.saturation_low).to(v64.dtype)),
-    Slot("n_high", "sum",
-         lambda v, v64, c: (v > c.saturation_high).count_nonzero().to(v64.dtype),
+    Slot("n_high", "sum", lambda v, v64, c: (v > c.saturation_high).count_nonzero(),
          term=lambda v, v64, c: (v > c.saturation_high).to(v64.dtype)),
-    # x - x is 0, NaN for NaN and Inf: the non-finite counted in float arithmetic, cheaper on
-    # the CPU than a comparison's booleans (and than isfinite's four passes)
-    Slot("n_finite", "sum", lambda v, v64, c: (
-        (v - v).nan_to_num(nan=1.0).sum(dtype=v64.dtype).neg().add(v.numel())),
+    # x - x is 0, NaN for NaN and Inf
+    Slot("n_finite", "sum", lambda v, v64, c: _flags_counted((v - v).eq_(0.0)),
          term=lambda v, v64, c: ((v - v) == 0).to(v64.dtype)),
-    Slot("min", "min", lambda v, v64, c: v.amin().to(v64.dtype), term=lambda v, v64, c: v),
-    Slot("max", "max", lambda v, v64, c: v.amax().to(v64.dtype), term=lambda v, v64, c: v),
+    Slot("min", "min", lambda v, v64, c: v.amin(), term=lambda v, v64, c: v),
+    Slot("max", "max", lambda v, v64, c: v.amax(), term=lambda v, v64, c: v),
 )
 
 #: A router's slots (``count`` counts samples). The extremes of the weights and of their row
@@ -189,9 +192,9 @@ ROUTER_SLOTS: tuple[Slot, ...] = (
     Slot("sum_entropy", "sum", lambda w, dtype: router_entropy(w).sum(dtype=dtype)),
     Slot("n_finite", "sum", lambda w, dtype: w.isfinite().all(dim=1).sum(dtype=dtype)),
     Slot("sum_w", "sum", lambda w, dtype: w.sum(dim=0, dtype=dtype), per_branch=True),
-    Slot("w_min", "min", lambda w, dtype: w.amin().to(dtype)),
-    Slot("row_sum_min", "min", lambda w, dtype: w.sum(dim=1).amin().to(dtype)),
-    Slot("row_sum_max", "max", lambda w, dtype: w.sum(dim=1).amax().to(dtype)),
+    Slot("w_min", "min", lambda w, dtype: w.amin()),  # float32: the row's cat promotes it
+    Slot("row_sum_min", "min", lambda w, dtype: w.sum(dim=1).amin()),
+    Slot("row_sum_max", "max", lambda w, dtype: w.sum(dim=1).amax()),
 )
 
 #: The slots of a block's attention heads, one entry per head each. Rows are the (batch,

@@ -87,3 +87,99 @@ def test_collectors_sharing_blocks_read_every_held_forward(monkeypatch):
             assert t[name][0] == a[name][0] == 2
             for x, y in zip(t[name][1:], a[name][1:], strict=True):
                 assert math.isclose(x, y, rel_tol=1e-12)
+
+
+def _fit_counting(tmp_path, name: str, monkeypatch, every: int, linger: bool = True,
+                  histograms: int = 3, diagnostics_kwargs: dict | None = None,
+                  **kwargs) -> tuple[list[tuple[int, dict[str, float]]], dict[str, list]]:
+    """A fit logging every ``every`` steps: what it logs, the steps whose forwards recorded,
+    and how often the blocks were switched off."""
+    from lightning_attn.callbacks import collector as collector_module
+    from lightning_attn.core.accumulator import Accumulator
+
+    seen: dict[str, list] = {"recorded": [], "stops": []}
+    trainer_ref = {}
+    add = Accumulator.add
+
+    def counted_add(self, *args, **kw):
+        seen["recorded"].append((trainer_ref["t"].global_step, self._phase_name))
+        return add(self, *args, **kw)
+
+    stop = collector_module.stop_recording_of
+
+    def counted_stop(blocks, holder, phase):
+        seen["stops"].append(phase)
+        return stop(blocks, holder, phase)
+
+    monkeypatch.setattr(Accumulator, "add", counted_add)
+    monkeypatch.setattr(collector_module, "stop_recording_of", counted_stop)
+    if not linger:
+        close = collector_module.StatisticsCollector.close
+        monkeypatch.setattr(collector_module.StatisticsCollector, "close",
+                            lambda self, phase="train", linger=False: close(self, phase))
+    torch.manual_seed(0)
+    logger = MemoryLogger()
+    diagnostics = AttentionDiagnostics(summary=False, histogram_every_n_steps=histograms,
+                                       **(diagnostics_kwargs or {}))
+    trainer = make_trainer(tmp_path / name, [diagnostics], logger=logger,
+                           log_every_n_steps=every, **kwargs)
+    trainer_ref["t"] = trainer
+    trainer.fit(TinyAttnNet(n=96))
+    monkeypatch.undo()
+    return logger.attn(), seen
+
+
+def test_every_step_points_keep_the_blocks_held_and_log_the_same(tmp_path, monkeypatch):
+    _, seen = _fit_counting(tmp_path, "plain", monkeypatch, every=1, histograms=0, max_steps=8)
+    # two blocks recording at each of 8 steps; switched off once, when the fit ends
+    assert [s for s, _ in seen["recorded"]] == [s for s in range(8) for _ in range(2)]
+    assert seen["stops"] == ["train"]
+    # histograms at steps 0, 3 and 6: switched off and on where the flag changes
+    held, seen = _fit_counting(tmp_path, "held", monkeypatch, every=1, max_steps=8)
+    assert 1 < len(seen["stops"]) < 8
+    alone, seen = _fit_counting(tmp_path, "alone", monkeypatch, every=1, linger=False,
+                                max_steps=8)
+    assert len(seen["stops"]) >= 8  # switched off after every point
+    assert [s for s, _ in held] == [s for s, _ in alone] == list(range(8))
+    for (_, a), (_, b) in zip(held, alone, strict=True):
+        assert a == b
+
+
+def test_a_step_that_logs_nothing_records_nothing(tmp_path, monkeypatch):
+    # validation right after each point (steps 3 and 7), without statistics of its own
+    logged, seen = _fit_counting(tmp_path, "every4", monkeypatch, every=4, histograms=0,
+                                 max_steps=8,
+                                 limit_val_batches=2, val_check_interval=4,
+                                 check_val_every_n_epoch=None,
+                                 diagnostics_kwargs={"eval_statistics": False})
+    assert sorted({s for s, _ in seen["recorded"]}) == [s for s, _ in logged] == [3, 7]
+    assert {phase for _, phase in seen["recorded"]} == {"train"}  # the hold let go
+
+
+def test_spare_vectors_keep_each_point_its_own(monkeypatch):
+    """Points read in batches, their vectors filled again by later points: each point reads
+    what its own forwards recorded."""
+    from types import SimpleNamespace
+
+    from lightning_attn.blocks import create_attention
+    from lightning_attn.callbacks.collector import StatisticsCollector
+    from lightning_attn.core.statistics import RecordingConfig
+
+    torch.manual_seed(0)
+    blocks = {"coord": create_attention("coord", 4)}
+    collector = StatisticsCollector(RecordingConfig())
+    collector.bind(blocks, torch.device("cpu"))
+    trainer = SimpleNamespace(world_size=1)
+    forwards = []
+    for batch in range(3):
+        for point in range(3):
+            n = 3 * batch + point + 1
+            collector.open("train")
+            for _ in range(n):
+                blocks["coord"](torch.rand(2, 4, 6, 6))
+            collector.finish_later(trainer, n)
+        for read in collector.read_later():
+            forwards += [p.stats(s, "train").blocks["coord"].forwards
+                         for p, s in zip(read.points, read.steps, strict=True)]
+    assert forwards == list(range(1, 10))
+    assert len(collector._spare) == 3  # the first batch's vectors served the later ones
