@@ -221,7 +221,14 @@ class Interleave(Callback):
             self.timed_steps += step >= 0
 
     def switch(self, active: bool) -> None:
-        """What the arm changes beyond calling the hooks (called at every step)."""
+        """What the arm changes beyond calling the hooks (called at every step). The
+        diagnostics' last point keeps every block held for a point at the next step, and
+        lets go in that step's ``on_train_batch_start`` if it is none: a chunk without the
+        callback, whose hooks are not called, lets go itself (else its forwards would
+        record)."""
+        collector = getattr(self.inner, "_collector", None)
+        if not active and collector is not None:
+            collector.release()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._active:

@@ -121,10 +121,12 @@ def _gated(diagnostics: AttentionDiagnostics, chunks: Chunks,
 
         @functools.wraps(original)
         def gated(trainer, *args, _original=original, _end=name == "on_train_batch_end",
-                  **kwargs):
+                  _start=name == "on_train_batch_start", **kwargs):
             # at the batch's end the optimizer has stepped: global_step is the next step's
             step = trainer.global_step - 1 if _end else trainer.global_step
             if not chunks.active(step):
+                if _start:  # the last point's hold, kept for a point at this step: none
+                    diagnostics._collector.release()
                 return None
             start = time.perf_counter()
             out = _original(trainer, *args, **kwargs)

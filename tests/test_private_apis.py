@@ -96,9 +96,6 @@ PRIVATE_APIS: dict[str, tuple[str, str, str]] = {
     "_local_mapping": (
         "transformers AttentionInterface", "blocks/heads.py",
         "whether 'sdpa' was overridden before ours, to restore exactly what was there"),
-    "_foreach_copy_": (
-        "torch", "callbacks/collector.py",
-        "every accumulator row of a point emptied in one operation, not one copy per row"),
     "_async_writer": (
         "TensorBoard EventFileWriter", "callbacks/writers.py",
         "the queue of the run's file: a point's event serialized without protobuf, and the "
@@ -228,14 +225,6 @@ def test_autograd_graph_task_id_says_whether_a_backward_runs():
     assert torch._C._current_graph_task_id() == -1
     Probe.apply(torch.ones(2, requires_grad=True)).sum().backward()
     assert seen and seen[0] != -1
-
-
-def test_foreach_copy_copies_every_pair_in_place():
-    rows, empty = [torch.ones(3), torch.ones(2, 2)], [torch.zeros(3), torch.full((2, 2), 5.0)]
-    storage = [r.data_ptr() for r in rows]
-    torch._foreach_copy_(rows, empty)
-    assert [r.data_ptr() for r in rows] == storage  # the views into the stack stay views
-    assert all(torch.equal(r, e) for r, e in zip(rows, empty, strict=True))
 
 
 def test_callback_state_key_helper():

@@ -157,6 +157,7 @@ class StatisticsCollector:
                 tuple(branch_names) if branch_names else None,
                 {n: s for n, s in _specs(block).items() if n in params},
             ))
+        self._plan_now()  # the accumulators in their tables now, before any graph sees them
 
     def unbind(self) -> None:
         """Stop watching: recording off, accumulators and captured maps dropped."""

@@ -91,6 +91,7 @@ class Accumulator:
         #: the :class:`AccumulatorTable` whose ``base`` holds :attr:`values` (set by it), which
         #: holds back this block's eager training forwards of small masks; where they go in it
         self.table: AccumulatorTable | None = None
+        self.home: torch.Tensor | None = None  # the table's tensor that :attr:`values` views
         self.held_forward = 0
         self.held_segments: dict[str, int] = {}
 
@@ -239,15 +240,15 @@ class AccumulatorTable:
             old.stale = True
         first = self.accumulators[0]
         device, self.config = first.device, first.config
-        values = [acc.values for acc in self.accumulators]
-        base = values[0]._base
-        if base is None or base.dim() != 1 or any(v._base is not base for v in values):
-            # moved into one tensor (another table's base, holding them all, is kept)
-            base = torch.cat([v.reshape(-1) for v in values])
+        base = first.home
+        if base is None or any(acc.home is not base for acc in self.accumulators):
+            # moved into one tensor (another table's, holding them all, is kept)
+            base = torch.cat([acc.values.reshape(-1) for acc in self.accumulators])
             offset = 0
             for acc in self.accumulators:
                 n = acc.values.numel()
                 acc.values = base[offset:offset + n].view(acc.values.shape)
+                acc.home = base
                 offset += n
         self.base = base
         starts = [acc.values.storage_offset() - base.storage_offset()

@@ -134,7 +134,9 @@ def test_a_table_holds_its_blocks_values_in_one_tensor():
         acc.set_phase("train")
     rows = {phase: [acc.row(phase).clone() for acc in accs] for phase in ("train", "val")}
     table = AccumulatorTable(accs)
-    assert all(acc.values._base is table.base and acc.table is table for acc in accs)
+    assert all(acc.home is table.base and acc.table is table for acc in accs)
+    assert all(acc.values.untyped_storage().data_ptr() == table.base.untyped_storage().data_ptr()
+               for acc in accs)  # views of it
     for phase, want in rows.items():  # moved as they were
         torch.testing.assert_close(table.gather(phase), torch.cat(want), rtol=0, atol=0)
     accs[2].add({"mask": torch.rand(3, generator=g)}, None, True)  # held back, then added
