@@ -399,6 +399,8 @@ def start_recording_of(
             holders = state["_attn_recording_holders"] = {}
         held = holders.get(phase)
         empty = not held  # (an emptied set is no holder)
+        if held and holder not in held and acc.table is not None:
+            acc.table.shared = True  # the window is shared with another holder
         if empty and reset:
             acc.reset(phase)
         on = histograms or (state.get("_attn_histograms", False) and any(holders.values()))

@@ -15,8 +15,10 @@ The path of a number, from block to logger::
            BlockStats are made only when asked for) -> problems, loggers, table, report
 
 An evaluation point (one per validation / test run) is read at once (:meth:`finish`).
-Between points the collector holds no tensor but the finished vectors, and the blocks do not
-record.
+Between points the collector holds no tensor but the finished vectors (and spare ones to fill
+again), and the blocks do not record, but for the step after a training point: its blocks stay
+held until that step starts (:meth:`StatisticsCollector.release`), so that consecutive points
+switch nothing.
 """
 
 from __future__ import annotations
@@ -164,8 +166,10 @@ class StatisticsCollector:
         for table in self._tables:  # what they hold is dropped with them: nothing to reduce
             table.detach()
         self.release()
-        for phase in list(self._open):
-            self.close(phase)
+        for phase in self._open:  # dropped, not read (a peer may have dropped the blocks'
+            stop_recording_of(self._recorders, self, phase)  # accumulators already)
+        self._open.clear()
+        self._params, self._grad_norms = {}, {}
         for block in self.blocks.values():
             block.clear_recording()
         self.blocks, self.infos, self._kinds, self._plan = {}, [], None, None
@@ -194,7 +198,8 @@ class StatisticsCollector:
             return
         self._plan_now()  # the rows of this run's accumulators
         if phase == "train" and self._lingering is not None:
-            if self._lingering == bool(histograms):  # every block still held, as this point wants
+            if self._lingering == bool(histograms) and not any(t.shared for t in self._tables):
+                # every block still held by this collector alone, as this point wants
                 self._lingering = None
                 for table in self._tables:
                     table.empty(phase)
@@ -303,7 +308,8 @@ class StatisticsCollector:
                 continue
             current = self.blocks[info.name].attention_parameters()
             values += [
-                torch.as_tensor(current[n]).to(device).reshape(())
+                (current[n] if isinstance(current[n], torch.Tensor)
+                 else torch.tensor(current[n], dtype=torch.float64)).to(device).reshape(())
                 if n in current else torch.full((), math.nan, dtype=torch.float64, device=device)
                 for n in info.param_names
             ]
@@ -407,10 +413,8 @@ class StatisticsCollector:
         if parts:
             vector[size:] = torch.cat(parts) if len(parts) > 1 else parts[0]
         self.close(phase, linger)  # the values are in `vector`
-        combined = combine_processes(trainer, vector, self._reductions(plan, vector))
-        if combined is not vector and linger:
-            self._spare.append(vector)
-        return combined
+        # several processes: the combined vector is kept, and given back once read
+        return combine_processes(trainer, vector, self._reductions(plan, vector))
 
     def _plan_now(self) -> PointPlan:
         """The plan of the read vector and the accumulators' tables: made again only when a

@@ -718,6 +718,7 @@ class AttentionDiagnostics(Callback):
         if self._point is not None:
             self._point = None
             self._collector.close("train")
+        self._collector.release()  # the last point's hold: the epoch's own hooks may run forwards
         self.read_points()
         if self.summary and trainer.is_global_zero and self._collector.blocks:
             self._print_summary(trainer)

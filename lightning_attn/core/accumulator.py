@@ -230,8 +230,13 @@ class AccumulatorTable:
             another's).
     """
 
+    @torch.inference_mode(False)  # made during an evaluation, used in training too
+    @torch.no_grad()
     def __init__(self, accumulators: list[Accumulator]) -> None:
         self.accumulators = list(accumulators)
+        #: whether a holder joined one of its blocks' training windows: the collector then
+        #: lets go and starts anew at each point rather than empty every row itself
+        self.shared = False
         #: whether an accumulator of it was replaced (:meth:`Accumulator.retire`) or taken
         #: by another table: whoever uses it makes a new one
         self.stale = False

@@ -160,8 +160,8 @@ def _count(v: torch.Tensor, v64: torch.Tensor, config: RecordingConfig) -> torch
 
 def _flags_counted(flags: torch.Tensor) -> torch.Tensor:
     # The number of 1.0s in a tensor of 0.0 / 1.0: summed in float32 (exact below 2**24
-    # values), in float64 for a larger mask.
-    return flags.sum() if flags.numel() < 1 << 24 else flags.double().sum()
+    # values), as integers for a larger mask (int64 exists on every device).
+    return flags.sum() if flags.numel() < 1 << 24 else flags.long().sum()
 
 
 #: A mask's slots. float64 sums: the std comes from E[x^2] - E[x]^2, which loses digits to

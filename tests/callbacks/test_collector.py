@@ -183,3 +183,82 @@ def test_spare_vectors_keep_each_point_its_own(monkeypatch):
                          for p, s in zip(read.points, read.steps, strict=True)]
     assert forwards == list(range(1, 10))
     assert len(collector._spare) == 3  # the first batch's vectors served the later ones
+
+
+def _collectors_over(blocks, *names):
+    from lightning_attn.callbacks.collector import StatisticsCollector
+    from lightning_attn.core.statistics import RecordingConfig
+
+    collectors = []
+    for chosen in names:
+        c = StatisticsCollector(RecordingConfig())
+        c.bind({n: blocks[n] for n in chosen}, torch.device("cpu"))
+        collectors.append(c)
+    return collectors
+
+
+def test_spare_vectors_stay_bounded_when_points_are_combined_over_processes(monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning_attn.blocks import create_attention
+    from lightning_attn.callbacks import collector as collector_module
+
+    # several processes: the combined vector is a new tensor, as all_gather makes it
+    monkeypatch.setattr(collector_module, "combine_processes",
+                        lambda trainer, vector, kinds: vector.clone())
+    blocks = {"coord": create_attention("coord", 4)}
+    (collector,) = _collectors_over(blocks, ["coord"])
+    trainer = SimpleNamespace(world_size=2)
+    for step in range(12):
+        collector.open("train")
+        blocks["coord"](torch.rand(2, 4, 6, 6))
+        collector.finish_later(trainer, step)
+        if step % 3 == 2:
+            collector.read_later()
+    assert len(collector._spare) <= 3
+
+
+def test_peers_sharing_blocks_let_go_in_any_order():
+    from lightning_attn.blocks import create_attention
+
+    blocks = {name: create_attention("coord", 4) for name in "abc"}
+    first, second = _collectors_over(blocks, "ab", "bc")
+    first.open("train")
+    second.open("train")
+    blocks["b"](torch.rand(2, 4, 6, 6))
+    first.unbind()  # drops the blocks' accumulators, the peer's too
+    second.unbind()  # an exception in one callback: the other must let go cleanly
+    assert not any(b.recording for b in blocks.values())
+
+
+def test_a_table_made_during_an_evaluation_serves_training():
+    from lightning_attn.core.accumulator import Accumulator
+    from lightning_attn.core.statistics import RecordingConfig, StatisticsLayout
+
+    acc = Accumulator(StatisticsLayout(("mask",), None, 0), RecordingConfig(), "cpu")
+    with torch.inference_mode():  # a validation point's open rebuilt the tables
+        table = AccumulatorTable([acc])
+    acc.add({"mask": torch.rand(64, 128)}, None, False)  # in place, outside inference mode
+    table.settle()
+    assert acc.row("train")[0] == 1
+
+
+def test_a_holder_that_joins_a_kept_hold_keeps_its_window():
+    """Another holder joins while the collector keeps its hold between two points: the next
+    point does not empty the window they share (as if the collector had let go)."""
+    from types import SimpleNamespace
+
+    from lightning_attn.blocks import create_attention
+
+    blocks = {"coord": create_attention("coord", 4)}
+    (collector,) = _collectors_over(blocks, ["coord"])
+    trainer, block = SimpleNamespace(world_size=1), blocks["coord"]
+    collector.open("train")
+    block(torch.rand(2, 4, 6, 6))
+    collector.finish_later(trainer, 0)
+    assert block.recording  # kept for a point at the next step
+    block.start_recording("mine")  # shares the kept window
+    block(torch.rand(2, 4, 6, 6))
+    collector.open("train")
+    assert block.recorded_statistics("train")[0] == 2  # its forwards are still there
+    block.stop_recording("mine")
