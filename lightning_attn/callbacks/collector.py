@@ -250,7 +250,9 @@ class StatisticsCollector:
             if not linger:
                 self.release()
         if phase in self._open:
-            if linger and phase == "train":
+            # kept only while this collector holds the blocks alone: holders that share a
+            # window must each let go for the next one to start it (and empty the rows)
+            if linger and phase == "train" and not any(t.shared for t in self._tables):
                 self._lingering = self._histograms
             else:
                 stop_recording_of(self._recorders, self, phase)
