@@ -334,13 +334,15 @@ class StatisticsCollector:
         return PointColumns.read(plan, host, phase == "train").stats(step, phase)
 
     @torch.no_grad()
-    def finish_later(self, trainer: pl.Trainer, step: int, tag: Any = None) -> None:
+    def finish_later(self, trainer: pl.Trainer, step: int, tag: Any = None,
+                     linger: bool = True) -> None:
         """Close the training point and combine it over the processes now (the one
         collective of the point, at the same step on every process), on the device; it is
         read with the others by :meth:`read_later`: one host copy for them all. ``tag``:
-        what the caller wants back with the point."""
+        what the caller wants back with the point; ``linger``: keep the blocks held for a
+        point at the next step (:meth:`close`)."""
         plan = self._plan
-        vector = self._combined(trainer, "train", linger=True)
+        vector = self._combined(trainer, "train", linger=linger, later=True)
         if vector is not None:
             self._later.append((plan, vector, step, tag))
 
@@ -372,8 +374,8 @@ class StatisticsCollector:
             start = stop
         return batches
 
-    def _combined(self, trainer: pl.Trainer, phase: str, linger: bool = False
-                  ) -> torch.Tensor | None:
+    def _combined(self, trainer: pl.Trainer, phase: str, linger: bool = False,
+                  later: bool = False) -> torch.Tensor | None:
         """Close ``phase``'s point: its vector (every block's row, the parameters, on a
         training point the gradient norms) combined over the processes, on the device
         (``None``: no block)."""
@@ -405,7 +407,7 @@ class StatisticsCollector:
         total = size + sum(p.numel() for p in parts)
         # A training point's vector is a spare one of the points already read: no allocation
         # here (on the CPU, the first allocation after a backward sorts every chunk it freed).
-        vector = self._spare.pop() if linger and self._spare and (
+        vector = self._spare.pop() if later and self._spare and (
             self._spare[-1].numel() == total) else torch.empty(total, dtype=dtype, device=device)
         if self._order is None:  # one operation a device
             self._tables[0].gather(phase, out=vector[:size])

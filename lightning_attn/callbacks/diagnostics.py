@@ -578,8 +578,11 @@ class AttentionDiagnostics(Callback):
             return  # not a point, or more micro-batches of this optimizer step to come
         (scalars, histograms), self._point = self._point, None
         # the collective now (every process at this step); read with the batch's others
+        # the blocks stay held for the next step only when it logs too: a step that logs
+        # nothing never pays for letting go
         self._collector.finish_later(trainer, LoggingSchedule.step(trainer),
-                                     (scalars, histograms, trainer.current_epoch))
+                                     (scalars, histograms, trainer.current_epoch),
+                                     linger=self._schedule.interval(trainer) == 1)
         if self._point_batch is None:
             self._point_batch = self._batch_size(trainer)
         if self._collector.num_later >= self._point_batch:

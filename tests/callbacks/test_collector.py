@@ -97,7 +97,7 @@ def _fit_counting(tmp_path, name: str, monkeypatch, every: int, linger: bool = T
     from lightning_attn.callbacks import collector as collector_module
     from lightning_attn.core.accumulator import Accumulator
 
-    seen: dict[str, list] = {"recorded": [], "stops": []}
+    seen: dict[str, list] = {"recorded": [], "stops": [], "kept": []}
     trainer_ref = {}
     add = Accumulator.add
 
@@ -111,6 +111,14 @@ def _fit_counting(tmp_path, name: str, monkeypatch, every: int, linger: bool = T
         seen["stops"].append(phase)
         return stop(blocks, holder, phase)
 
+    release = collector_module.StatisticsCollector.release
+
+    def counted_release(self):
+        if self._lingering is not None:  # a hold kept past its point is let go
+            seen["kept"].append(trainer_ref["t"].global_step)
+        return release(self)
+
+    monkeypatch.setattr(collector_module.StatisticsCollector, "release", counted_release)
     monkeypatch.setattr(Accumulator, "add", counted_add)
     monkeypatch.setattr(collector_module, "stop_recording_of", counted_stop)
     if not linger:
@@ -153,7 +161,8 @@ def test_a_step_that_logs_nothing_records_nothing(tmp_path, monkeypatch):
                                  check_val_every_n_epoch=None,
                                  diagnostics_kwargs={"eval_statistics": False})
     assert sorted({s for s, _ in seen["recorded"]}) == [s for s, _ in logged] == [3, 7]
-    assert {phase for _, phase in seen["recorded"]} == {"train"}  # the hold let go
+    assert {phase for _, phase in seen["recorded"]} == {"train"}
+    assert seen["kept"] == []  # the next step logs nothing: each point let go at its own step
 
 
 def test_spare_vectors_keep_each_point_its_own(monkeypatch):
